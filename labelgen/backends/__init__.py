@@ -1,0 +1,59 @@
+"""The teacher interface every backend implements (one file per backend).
+
+    teacher = load_teacher(cfg)
+    teacher.score(windows, k)   -> [TopK]         teacher-forced top-k per position
+    teacher.sample(requests)    -> [Completion]   one completion per request
+
+vLLM is imported only inside its backend, so everything else runs without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass
+class TopK:
+    """Labels for one window of L tokens: L-1 next-token predictions."""
+    ids: np.ndarray              # [L-1, k] int64, sorted by logprob descending
+    logprobs: np.ndarray         # [L-1, k] float32
+    coverage: np.ndarray         # [L-1] float32, sum of exp(logprobs) over the full-precision top-k
+    target_logprob: np.ndarray   # [L-1] float32, logprob of the token that came next
+    target_rank: np.ndarray      # [L-1] int64, 0 = the teacher's argmax
+
+
+@dataclass
+class SampleRequest:
+    prompt_ids: list[int]
+    seed: int
+    temperature: float   # 0 = greedy
+    top_p: float
+    max_new_tokens: int
+
+
+@dataclass
+class Completion:
+    ids: list[int]
+    logprobs: list[float]   # the teacher's untempered logprob of each sampled token
+    finish_reason: str      # "stop" (end-of-sequence token) or "length"
+
+
+class Teacher(Protocol):
+    vocab_size: int       # the tokenizer's
+    logits_size: int      # the model's output width (>= vocab_size when padded)
+    max_positions: int    # longest sequence the model accepts
+
+    def score(self, windows: list[np.ndarray], k: int) -> list[TopK]: ...
+    def sample(self, requests: list[SampleRequest]) -> list[Completion]: ...
+    def info(self) -> dict: ...
+
+
+def load_teacher(cfg, tokenizer) -> Teacher:
+    if cfg.backend == "hf":
+        from labelgen.backends.hf import HFTeacher
+        return HFTeacher(cfg.teacher, tokenizer, dtype=cfg.dtype, device=cfg.device)
+    from labelgen.backends.vllm import VLLMTeacher
+    return VLLMTeacher(cfg.teacher, tokenizer, dtype=cfg.dtype, max_logprobs=cfg.k, engine=cfg.engine)

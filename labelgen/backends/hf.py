@@ -1,0 +1,165 @@
+"""transformers teacher backend: CPU or GPU, fp32 on CPU and bf16 on GPU.
+
+Scoring runs the decoder body once per batch, then the LM head over the
+scored positions in chunks, in fp32: top-k, logsumexp, the actual token's
+logit and its rank are computed on the device chunk by chunk, so a full
+[batch, seq, vocab] log-softmax never exists and only [positions, k] tensors
+cross to the host. Sampling is a KV-cached loop with one RNG stream per
+request (Gumbel-max), so a completion depends only on its own seed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from labelgen.backends import Completion, SampleRequest, TopK
+
+# Bytes of fp32 logits materialised at once by the chunked head.
+LOGITS_CHUNK_BYTES = 256 << 20
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+class HFTeacher:
+    def __init__(self, path: str, tokenizer, dtype: str = "auto", device: str = "auto"):
+        from transformers import AutoModelForCausalLM
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
+        self.path = path
+        head = self.model.get_output_embeddings()
+        # The head runs in fp32 whatever the body's dtype: bf16 logits would
+        # put ~0.1-nat errors into every stored logprob.
+        self.head_weight = head.weight.detach().float()
+        self.head_bias = None if getattr(head, "bias", None) is None else head.bias.detach().float()
+        cfg = self.model.config
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.logit_scale = getattr(cfg, "logit_scale", None)
+        self.logits_size = self.head_weight.shape[0]
+        self.vocab_size = len(tokenizer)
+        self.max_positions = int(getattr(cfg, "max_position_embeddings", 1 << 30))
+        eos = self.model.generation_config.eos_token_id
+        eos = tokenizer.eos_token_id if eos is None else eos
+        self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+    def info(self) -> dict:
+        import transformers
+        return {"backend": "hf", "backend_version": transformers.__version__, "dtype": str(self.dtype).removeprefix("torch."),
+                "device": str(self.device), "head_dtype": "float32"}
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = torch.nn.functional.linear(h.float(), self.head_weight, self.head_bias)
+        if self.logit_scale:
+            logits = logits * self.logit_scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    @torch.inference_mode()
+    def score(self, windows: list[np.ndarray], k: int) -> list[TopK]:
+        B, lengths = len(windows), [len(w) for w in windows]
+        T = max(lengths)
+        ids = torch.zeros(B, T, dtype=torch.long)
+        mask = torch.zeros(B, T, dtype=torch.long)
+        for i, w in enumerate(windows):
+            ids[i, : len(w)] = torch.as_tensor(w, dtype=torch.long)
+            mask[i, : len(w)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        lens = torch.as_tensor(lengths, device=self.device)
+        scored = torch.arange(T, device=self.device)[None, :] < (lens - 1)[:, None]   # [B, T]
+        h = hidden[scored]                                                              # [N, H]
+        targets = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)[scored]                    # [N]
+        del hidden
+        chunk = max(1, LOGITS_CHUNK_BYTES // (4 * self.logits_size))
+        parts = []
+        for hc, tc in zip(h.split(chunk), targets.split(chunk)):
+            logits = self._logits(hc)                                   # [c, V] fp32
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            top_v, top_i = logits.topk(k, dim=-1)
+            top_lp = top_v - lse
+            tgt_logit = logits.gather(1, tc[:, None])
+            rank = (logits > tgt_logit).sum(-1)
+            parts.append((top_i, top_lp, top_lp.exp().sum(-1), (tgt_logit - lse)[:, 0], rank))
+            del logits
+        top_i, top_lp, cov, tgt_lp, rank = (torch.cat(x).cpu().numpy() for x in zip(*parts))
+        out, start = [], 0
+        for L in lengths:
+            s = slice(start, start + L - 1)
+            out.append(TopK(top_i[s].astype(np.int64), top_lp[s], cov[s], tgt_lp[s], rank[s].astype(np.int64)))
+            start += L - 1
+        return out
+
+    @torch.inference_mode()
+    def sample(self, requests: list[SampleRequest]) -> list[Completion]:
+        B = len(requests)
+        P = max(len(r.prompt_ids) for r in requests)
+        ids = torch.zeros(B, P, dtype=torch.long)
+        mask = torch.zeros(B, P, dtype=torch.long)
+        for i, r in enumerate(requests):  # left-pad so every row's next token is at -1
+            ids[i, P - len(r.prompt_ids):] = torch.as_tensor(r.prompt_ids, dtype=torch.long)
+            mask[i, P - len(r.prompt_ids):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        body = self.model.base_model
+        out = body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        gens = [torch.Generator(device=self.device).manual_seed(r.seed) for r in requests]
+        temps = torch.tensor([r.temperature for r in requests], device=self.device)[:, None]
+        top_p = torch.tensor([r.top_p for r in requests], device=self.device)[:, None]
+        greedy = temps[:, 0] == 0
+        max_new = max(r.max_new_tokens for r in requests)
+        toks, lps = [], []
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        eos = torch.tensor(sorted(self.eos_ids), device=self.device, dtype=torch.long)
+        for step in range(max_new):
+            logits = self._logits(out.last_hidden_state[:, -1])
+            logprobs = torch.log_softmax(logits, dim=-1)
+            z = torch.log_softmax(logits / temps.clamp(min=1e-6), dim=-1)
+            z = _top_p_filter(z, top_p)
+            noise = torch.stack([_gumbel(logits.shape[-1], g, self.device) for g in gens])
+            tok = torch.where(greedy, logits.argmax(-1), (z + noise).argmax(-1))
+            toks.append(tok)
+            lps.append(logprobs.gather(1, tok[:, None])[:, 0])
+            done |= torch.isin(tok, eos)
+            if bool(done.all()) or step == max_new - 1:
+                break
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=self.device)], dim=1)
+            pos = pos[:, -1:] + 1
+            out = body(input_ids=tok[:, None], attention_mask=mask, position_ids=pos,
+                       past_key_values=out.past_key_values, use_cache=True)
+        toks_np = torch.stack(toks, 1).cpu().numpy()
+        lps_np = torch.stack(lps, 1).float().cpu().numpy()
+        results = []
+        for i, r in enumerate(requests):
+            row, finish = toks_np[i, : r.max_new_tokens].tolist(), "length"
+            for j, t in enumerate(row):
+                if t in self.eos_ids:
+                    row, finish = row[: j + 1], "stop"
+                    break
+            results.append(Completion(row, lps_np[i, : len(row)].tolist(), finish))
+        return results
+
+
+def _top_p_filter(logprobs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep the smallest set of tokens whose mass reaches top_p (per row)."""
+    sorted_lp, order = logprobs.sort(dim=-1, descending=True)
+    mass_before = sorted_lp.exp().cumsum(-1) - sorted_lp.exp()
+    drop_sorted = mass_before >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logprobs.masked_fill(drop, float("-inf"))
+
+
+def _gumbel(n: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    u = torch.rand(n, generator=gen, device=device).clamp_(1e-20, 1.0)
+    return -torch.log(-torch.log(u))

@@ -1,0 +1,202 @@
+"""`labelgen` command line: a thin shell over the library.
+
+    labelgen demo-teacher OUT                      # a small local teacher, no downloads
+    labelgen generate --teacher DIR --input PATH --out DIR --mode topk --k 64
+    labelgen finalize DIR                          # merge workers' partial manifests
+    labelgen validate DIR | inspect DIR | estimate --tokens 5e12 --vocab 100000 --k 64
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+import os
+from typing import List, Optional
+
+import typer
+
+from labelgen.format import FormatError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Teacher labels for LLM distillation: generate, validate and inspect label shards.")
+
+
+def cli_errors(fn):
+    """Turn expected failures into one line on stderr and exit code 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (FormatError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+            typer.echo(f"labelgen: error: {e}", err=True)
+            raise typer.Exit(2)
+    return wrapper
+
+
+def _print_json(obj) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=float))
+
+
+@app.command()
+@cli_errors
+def validate(label_dir: Path = typer.Argument(..., help="label set directory"),
+             as_json: bool = typer.Option(False, "--json", help="print a JSON report"),
+             max_problems: int = typer.Option(20, help="stop listing after this many problems")):
+    """Check a label set: manifest vs files, checksums, schema, ids, logprobs, coverage."""
+    from labelgen.inspect import validate as run
+    r = run(label_dir, max_problems)
+    if as_json:
+        _print_json(r)
+    elif r["ok"]:
+        typer.echo(f"{label_dir}: OK ({r['shards']} shards, {r['rows']:,} rows)")
+    else:
+        for p in r["problems"]:
+            where = p["file"] + (f": row {p['row']}" if p["row"] is not None else "")
+            typer.echo(f"{where}: {p['problem']}", err=True)
+    if not r["ok"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+@cli_errors
+def inspect(label_dir: Path = typer.Argument(..., help="label set directory"),
+            as_json: bool = typer.Option(False, "--json", help="print JSON"),
+            plot: Optional[Path] = typer.Option(None, help="write a coverage histogram PNG (needs matplotlib)")):
+    """Sizes, bytes per position/entry, compression ratios and top-k coverage."""
+    from labelgen.inspect import format_inspect, inspect as run, plot_inspect
+    r = run(label_dir)
+    typer.echo(json.dumps(r, indent=2) if as_json else format_inspect(r))
+    if plot:
+        plot_inspect(r, plot)
+
+
+@app.command()
+@cli_errors
+def estimate(tokens: float = typer.Option(..., help="tokens in the corpus, e.g. 5e12"),
+             vocab: int = typer.Option(..., help="vocabulary size"),
+             k: int = typer.Option(64, help="top-k entries per position"),
+             from_dir: Optional[Path] = typer.Option(None, "--from", help="measure bytes per entry from this label set"),
+             as_json: bool = typer.Option(False, "--json")):
+    """Storage of full-vocabulary soft labels against top-k labels."""
+    from labelgen.inspect import estimate as run, format_estimate
+    r = run(tokens, vocab, k, from_dir)
+    typer.echo(json.dumps(r, indent=2) if as_json else format_estimate(r))
+
+
+def _kv(pairs: list[str] | None, option: str) -> dict | None:
+    """KEY=VALUE pairs; values parsed as JSON when they can be (numbers, bools)."""
+    if not pairs:
+        return None
+    out = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{option}: expected KEY=VALUE, got {p!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def _worker_from_env() -> tuple[int | None, int | None]:
+    """(num_workers, worker_index) from a Slurm array or torchrun, if present."""
+    env = os.environ
+    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        first = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+        return int(env["SLURM_ARRAY_TASK_COUNT"]), int(env["SLURM_ARRAY_TASK_ID"]) - first
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["WORLD_SIZE"]), int(env["RANK"])
+    return None, None
+
+
+@app.command()
+@cli_errors
+def generate(
+    config: Optional[Path] = typer.Argument(None, help="YAML/JSON config file; flags override its keys"),
+    teacher: Optional[str] = typer.Option(None, help="teacher model directory (HF format)"),
+    input: Optional[List[str]] = typer.Option(None, "--input", help="input file or directory (repeatable)"),
+    out: Optional[str] = typer.Option(None, help="output label directory"),
+    mode: Optional[str] = typer.Option(None, help="topk | sample | greedy"),
+    backend: Optional[str] = typer.Option(None, help="hf | vllm"),
+    k: Optional[int] = typer.Option(None, help="top-k entries per position"),
+    max_seq_len: Optional[int] = typer.Option(None, help="window length in tokens"),
+    stride: Optional[int] = typer.Option(None, help="tokens between window starts"),
+    batch_tokens: Optional[int] = typer.Option(None, help="padded tokens per teacher batch"),
+    n: Optional[int] = typer.Option(None, help="completions per prompt"),
+    temperature: Optional[float] = typer.Option(None),
+    top_p: Optional[float] = typer.Option(None),
+    max_new_tokens: Optional[int] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None),
+    text_field: Optional[str] = typer.Option(None),
+    prompt_field: Optional[str] = typer.Option(None),
+    messages_field: Optional[str] = typer.Option(None),
+    id_field: Optional[str] = typer.Option(None),
+    rows_per_shard: Optional[int] = typer.Option(None, help="input records per shard"),
+    dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16"),
+    device: Optional[str] = typer.Option(None, help="hf backend: auto | cpu | cuda[:N]"),
+    engine: Optional[List[str]] = typer.Option(None, help="vLLM engine option KEY=VALUE (repeatable)"),
+    encoding: Optional[List[str]] = typer.Option(None, help="shard encoding option KEY=VALUE (repeatable)"),
+    skip_bad: Optional[bool] = typer.Option(None, "--skip-bad", help="skip bad records and count them"),
+    resume: Optional[bool] = typer.Option(None, "--resume", help="continue a run in --out"),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="replace what --out holds"),
+    num_workers: Optional[int] = typer.Option(None, help="data-parallel workers (default: Slurm array / WORLD_SIZE)"),
+    worker_index: Optional[int] = typer.Option(None, help="this worker (default: Slurm array task / RANK)"),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and exit"),
+):
+    """Run a teacher over inputs and write label shards (top-k soft labels or completions)."""
+    from labelgen.config import GenerateConfig
+    env_workers, env_index = _worker_from_env()
+    overrides = dict(
+        teacher=teacher, inputs=input, out=out, mode=mode, backend=backend, k=k, max_seq_len=max_seq_len,
+        stride=stride, batch_tokens=batch_tokens, n=n, temperature=temperature, top_p=top_p,
+        max_new_tokens=max_new_tokens, seed=seed, text_field=text_field, prompt_field=prompt_field,
+        messages_field=messages_field, id_field=id_field, rows_per_shard=rows_per_shard, dtype=dtype,
+        device=device, engine=_kv(engine, "--engine"), encoding=_kv(encoding, "--encoding"), skip_bad=skip_bad,
+        resume=resume, overwrite=overwrite, progress=progress,
+        num_workers=num_workers if num_workers is not None else env_workers,
+        worker_index=worker_index if worker_index is not None else env_index,
+    )
+    cfg = GenerateConfig.from_sources(str(config) if config else None, overrides)
+    if dry_run:
+        _print_json(cfg.to_dict())
+        return
+    from labelgen.generate import run
+    m = run(cfg)
+    s = m["summary"]
+    typer.echo(f"wrote {m['counts']['rows']:,} rows ({m['counts']['positions']:,} {'positions' if cfg.mode == 'topk' else 'completion tokens'}) "
+               f"in {len(m['shards'])} shards to {cfg.out}; {m['counts']['skipped']} skipped; "
+               f"{s['teacher_tokens']:,} teacher tokens in {s['seconds']:.1f}s ({s['tokens_per_second']:,.0f} tok/s)")
+
+
+@app.command()
+@cli_errors
+def finalize(label_dir: Path = typer.Argument(..., help="label directory written by several workers")):
+    """Merge the workers' partial manifests into manifest.json (fails if any slice is missing)."""
+    from labelgen.generate import finalize as run
+    m = run(label_dir)
+    typer.echo(f"{label_dir}: {len(m['shards'])} shards, {m['counts']['rows']:,} rows; manifest written")
+
+
+@app.command("demo-teacher")
+@cli_errors
+def demo_teacher(out: Path = typer.Argument(..., help="where to save the teacher (HF format)"),
+                 corpus: Optional[List[str]] = typer.Option(None, help="text files/directories (default: Python's stdlib source)"),
+                 steps: Optional[int] = typer.Option(None, help="training steps"),
+                 seed: Optional[int] = typer.Option(None)):
+    """Build and briefly train a small Llama-style teacher locally (no downloads)."""
+    from labelgen.demo import DemoTeacherConfig, build_demo_teacher
+    cfg = DemoTeacherConfig(**{k: v for k, v in dict(steps=steps, seed=seed).items() if v is not None})
+    build_demo_teacher(out, corpus, cfg, log=lambda m: typer.echo(m, err=True))
+    typer.echo(f"teacher saved to {out}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,160 @@
+"""GenerateConfig: every setting of a generation run, with its default, in one
+place. The CLI and config files (YAML/JSON) only fill it in; the resolved
+config is written into the manifest and, hashed, into every shard."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from labelgen.format import Encoding
+
+MODES = ("topk", "sample", "greedy")
+BACKENDS = ("hf", "vllm")
+# Settings that change how a run executes but not a single byte of its output.
+EXECUTION_ONLY = ("resume", "overwrite", "num_workers", "worker_index", "progress", "dry_run", "skip_bad")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    teacher: str
+    """HF model directory of the teacher (config, weights, tokenizer)."""
+    inputs: tuple[str, ...]
+    """Input files or directories: .jsonl, .jsonl.zst, .parquet, or plain text."""
+    out: str
+    """Output label directory."""
+    mode: str = "topk"
+    """topk: score text, keep the teacher's top-k per position. sample: the
+    teacher writes `n` completions per prompt. greedy: one argmax completion."""
+    backend: str = "hf"
+    """hf (transformers; CPU or GPU) or vllm."""
+    k: int = 64
+    """Top-k entries kept per position (topk mode)."""
+    max_seq_len: int = 2048
+    """Longest window scored at once; longer documents are split into windows."""
+    stride: int | None = None
+    """Tokens between window starts; default max_seq_len - 1, so consecutive
+    windows share one token and every token is predicted exactly once."""
+    batch_tokens: int = 16384
+    """Padded tokens per teacher batch (hf backend)."""
+    n: int = 4
+    """Completions per prompt (sample mode)."""
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+    seed: int = 0
+    """Global seed; each completion's seed derives from (seed, example_id, sample_index)."""
+    text_field: str = "text"
+    prompt_field: str | None = None
+    messages_field: str | None = None
+    """A list of {role, content} rendered with the teacher's chat template."""
+    id_field: str | None = None
+    """Field holding a stable example id; default file:line."""
+    rows_per_shard: int = 1000
+    """Input records per shard. Shard i holds records [i*R, (i+1)*R)."""
+    dtype: str = "auto"
+    """auto (fp32 on CPU, bf16 on GPU), float32, bfloat16 or float16."""
+    device: str = "auto"
+    """hf backend: auto, cpu, cuda, cuda:N."""
+    engine: dict = field(default_factory=dict)
+    """Extra keyword arguments for vllm.LLM (tensor_parallel_size, gpu_memory_utilization, ...)."""
+    encoding: dict = field(default_factory=dict)
+    """Overrides of labelgen.format.Encoding (logprob_step, zstd_level, ...)."""
+    skip_bad: bool = False
+    """Skip bad input records (counted in the manifest) instead of failing."""
+    resume: bool = False
+    overwrite: bool = False
+    num_workers: int = 1
+    worker_index: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        def bad(option, msg):
+            raise ValueError(f"{option}: {msg}")
+        if self.mode not in MODES:
+            bad("--mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.backend not in BACKENDS:
+            bad("--backend", f"must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if not self.inputs:
+            bad("--input", "at least one input file or directory is required")
+        if self.k < 1:
+            bad("--k", f"must be >= 1, got {self.k}")
+        if self.max_seq_len < 2:
+            bad("--max-seq-len", f"must be >= 2, got {self.max_seq_len}")
+        if self.stride is not None and not 1 <= self.stride <= self.max_seq_len - 1:
+            bad("--stride", f"must be in [1, max_seq_len - 1 = {self.max_seq_len - 1}], got {self.stride}")
+        if self.batch_tokens < self.max_seq_len:
+            bad("--batch-tokens", f"must be >= --max-seq-len ({self.max_seq_len}), got {self.batch_tokens}")
+        if self.n < 1:
+            bad("--n", f"must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            bad("--temperature", f"must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            bad("--top-p", f"must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            bad("--max-new-tokens", f"must be >= 1, got {self.max_new_tokens}")
+        if self.rows_per_shard < 1:
+            bad("--rows-per-shard", f"must be >= 1, got {self.rows_per_shard}")
+        if self.resume and self.overwrite:
+            bad("--resume/--overwrite", "pass one, not both")
+        if self.num_workers < 1 or not 0 <= self.worker_index < self.num_workers:
+            bad("--worker-index", f"must be in [0, {self.num_workers}) with --num-workers {self.num_workers}")
+        if self.overwrite and self.num_workers > 1:
+            bad("--overwrite", "with several workers each would delete the others' shards; empty the directory once before launching them")
+        if sum(f is not None for f in (self.prompt_field, self.messages_field)) > 1:
+            bad("--prompt-field/--messages-field", "pass one, not both")
+        if self.mode == "topk" and (self.prompt_field or self.messages_field):
+            bad("--mode", "topk scores text (--text-field); --prompt-field/--messages-field are for sample/greedy")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            bad("--dtype", f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        Encoding(**self.encoding)  # fails early with a message naming the field
+
+    @property
+    def window_stride(self) -> int:
+        return self.stride or self.max_seq_len - 1
+
+    @property
+    def kind(self) -> str:
+        return "topk" if self.mode == "topk" else "samples"
+
+    @property
+    def samples_per_prompt(self) -> int:
+        return 1 if self.mode == "greedy" else self.n
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["inputs"] = list(self.inputs)
+        return d
+
+    def output_hash(self) -> str:
+        """Hash of every setting that shapes the output (not how it runs)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in EXECUTION_ONLY}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_sources(cls, config_file: str | None, overrides: dict) -> "GenerateConfig":
+        """Keys from a YAML/JSON file, then flags that were actually given."""
+        d: dict = {}
+        if config_file:
+            path = Path(config_file)
+            try:
+                d = yaml.safe_load(path.read_text()) or {}
+            except (OSError, yaml.YAMLError) as e:
+                raise ValueError(f"{path}: cannot read config ({e})") from None
+            if not isinstance(d, dict):
+                raise ValueError(f"{path}: a config file must hold a mapping of settings")
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(d) - known)
+            if unknown:
+                raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+        d.update({k: v for k, v in overrides.items() if v is not None})
+        for req in ("teacher", "inputs", "out"):
+            if not d.get(req):
+                raise ValueError(f"--{req.rstrip('s') if req == 'inputs' else req}: required (flag or config key {req!r})")
+        d["inputs"] = tuple(d["inputs"]) if isinstance(d["inputs"], (list, tuple)) else (d["inputs"],)
+        return cls(**d)

@@ -1,0 +1,514 @@
+"""The label shard format: the one place that defines what a label shard is.
+
+Every reader and writer imports this module; nobody re-declares a column name.
+A label set is a directory of zstd-compressed Parquet shards plus a
+``manifest.json`` written last (see docs/format.md). Two record kinds:
+
+``topk``     one row per token window: the input ids and, for each of the
+             L-1 next-token predictions, the teacher's top-k (id, logprob)
+             sorted by logprob descending, the mass they cover, and the
+             logprob and rank of the token that actually came next.
+``samples``  one row per teacher completion of a prompt (hard labels).
+
+Encoding (chosen by benchmarks/bench_storage.py, documented in docs/format.md):
+ids use the narrowest unsigned width the vocabulary allows; top-k logprobs are
+quantised to a fixed step in nats and gap-coded along k (they are sorted, so
+the gaps are small non-negative integers that zstd packs tightly). Decoding
+always returns int64 ids and float32 logprobs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+
+FORMAT_NAME = "labelgen"
+FORMAT_VERSION = "1.0"
+READABLE_MAJOR_VERSIONS = (1,)
+MANIFEST_NAME = "manifest.json"
+SHARD_SUFFIX = ".parquet"
+TMP_SUFFIX = ".tmp"
+FILE_META_KEY = b"labelgen"
+
+KINDS = ("topk", "samples")
+
+# Column names. Per-position columns of a topk row hold L-1 entries for a
+# window of L input ids: position t predicts input_ids[t + 1].
+EXAMPLE_ID = "example_id"
+WINDOW_OFFSET = "window_offset"
+INPUT_IDS = "input_ids"
+TOPK_IDS = "topk_ids"
+TOPK_LOGPROBS = "topk_logprobs"
+COVERAGE = "coverage"
+TARGET_LOGPROB = "target_logprob"
+TARGET_RANK = "target_rank"
+
+SAMPLE_INDEX = "sample_index"
+PROMPT = "prompt"
+PROMPT_IDS = "prompt_ids"
+COMPLETION = "completion"
+COMPLETION_IDS = "completion_ids"
+COMPLETION_LOGPROBS = "completion_logprobs"
+FINISH_REASON = "finish_reason"
+SEED = "seed"
+
+# Logprobs below this are stored as this (it stands for "impossible": -inf
+# logits of padded vocabulary slots land here). exp(-1000) is 0 in float32.
+LOGPROB_FLOOR = -1000.0
+# Writers accept tiny positive logprobs from float rounding and clip them to 0.
+POSITIVE_TOLERANCE = 1e-4
+LOGPROB_CODECS = ("gap", "u8", "f32")
+ID_ENCODINGS = ("byte_stream_split", "plain", "dictionary")
+
+
+class FormatError(ValueError):
+    """A shard, manifest or row that breaks the format. The message says where."""
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How top-k entries are laid out on disk. Stored in the manifest and in
+    every shard's Parquet metadata, so a reader never guesses."""
+
+    logprob_codec: str = "gap"
+    """gap: quantise to `logprob_step`, store the gaps along k as uint16 (max
+    error step/2 per logprob). u8: quantise to uint8 with 255 steps down to
+    -`u8_range` (max error u8_range/510; clipped below). f32: exact."""
+    logprob_step: float = 1 / 32
+    """Quantisation step in nats for the gap codec."""
+    u8_range: float = 20.0
+    """Lowest logprob the u8 codec represents; lower values are clipped to it."""
+    id_encoding: str = "byte_stream_split"
+    """Parquet encoding of the id columns."""
+    zstd_level: int = 3
+    """zstd level for every column."""
+    row_group_rows: int = 128
+    """Rows per Parquet row group: the unit a reader holds in memory."""
+
+    def __post_init__(self):
+        if self.logprob_codec not in LOGPROB_CODECS:
+            raise FormatError(f"logprob_codec must be one of {LOGPROB_CODECS}, got {self.logprob_codec!r}")
+        if self.id_encoding not in ID_ENCODINGS:
+            raise FormatError(f"id_encoding must be one of {ID_ENCODINGS}, got {self.id_encoding!r}")
+        if not (-LOGPROB_FLOOR / 65535 <= self.logprob_step <= 1.0):
+            raise FormatError(f"logprob_step must be in [{-LOGPROB_FLOOR / 65535:.4f}, 1] nats, got {self.logprob_step}")
+        if not 0 < self.u8_range <= -LOGPROB_FLOOR:
+            raise FormatError(f"u8_range must be in (0, {-LOGPROB_FLOOR}], got {self.u8_range}")
+        if not 1 <= self.zstd_level <= 22:
+            raise FormatError(f"zstd_level must be in [1, 22], got {self.zstd_level}")
+        if self.row_group_rows < 1:
+            raise FormatError(f"row_group_rows must be >= 1, got {self.row_group_rows}")
+
+    @property
+    def max_logprob_error(self) -> float:
+        """Bound on |decoded - exact| for logprobs above the codec's floor."""
+        return {"gap": self.logprob_step / 2, "u8": self.u8_range / 510, "f32": 0.0}[self.logprob_codec]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Encoding":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+    """Narrowest unsigned integer that holds every id below vocab_size."""
+    if vocab_size <= 0:
+        raise FormatError(f"vocab_size must be positive, got {vocab_size}")
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if vocab_size - 1 <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    raise FormatError(f"vocab_size {vocab_size} does not fit in uint32")
+
+
+def _logprob_dtype(enc: Encoding) -> np.dtype:
+    return np.dtype({"gap": np.uint16, "u8": np.uint8, "f32": np.float32}[enc.logprob_codec])
+
+
+def schema(kind: str, vocab_size: int, enc: Encoding) -> pa.Schema:
+    """Arrow schema of a shard of `kind` whose ids are below `vocab_size`."""
+    ids = pa.list_(pa.from_numpy_dtype(id_dtype(vocab_size)))
+    if kind == "topk":
+        return pa.schema([
+            (EXAMPLE_ID, pa.string()),
+            (WINDOW_OFFSET, pa.int64()),
+            (INPUT_IDS, ids),
+            (TOPK_IDS, ids),
+            (TOPK_LOGPROBS, pa.list_(pa.from_numpy_dtype(_logprob_dtype(enc)))),
+            (COVERAGE, pa.list_(pa.float32())),
+            (TARGET_LOGPROB, pa.list_(pa.float32())),
+            (TARGET_RANK, pa.list_(pa.uint32())),
+        ])
+    if kind == "samples":
+        return pa.schema([
+            (EXAMPLE_ID, pa.string()),
+            (SAMPLE_INDEX, pa.int32()),
+            (PROMPT, pa.string()),
+            (PROMPT_IDS, ids),
+            (COMPLETION, pa.string()),
+            (COMPLETION_IDS, ids),
+            (COMPLETION_LOGPROBS, pa.list_(pa.float32())),
+            (FINISH_REASON, pa.string()),
+            (SEED, pa.int64()),
+        ])
+    raise FormatError(f"unknown record kind {kind!r}; this version knows {KINDS}")
+
+
+def parquet_writer_options(kind: str, enc: Encoding) -> dict:
+    """Keyword arguments for pyarrow.parquet.ParquetWriter."""
+    dict_cols = [EXAMPLE_ID] + ([FINISH_REASON] if kind == "samples" else [])
+    col_enc = {}
+    if kind == "topk":
+        floats = [f"{c}.list.element" for c in (COVERAGE, TARGET_LOGPROB)]
+        col_enc.update({c: "BYTE_STREAM_SPLIT" for c in floats})
+        id_cols = [f"{c}.list.element" for c in (INPUT_IDS, TOPK_IDS)]
+        if enc.id_encoding == "dictionary":
+            dict_cols += id_cols
+        else:
+            col_enc.update({c: enc.id_encoding.upper() for c in id_cols})
+        if enc.logprob_codec != "u8":
+            col_enc[f"{TOPK_LOGPROBS}.list.element"] = "BYTE_STREAM_SPLIT"
+    return dict(
+        compression="zstd",
+        compression_level=enc.zstd_level,
+        use_dictionary=dict_cols,
+        column_encoding=col_enc or None,
+        write_statistics=[EXAMPLE_ID, WINDOW_OFFSET] if kind == "topk" else [EXAMPLE_ID, SAMPLE_INDEX],
+    )
+
+
+# ---------------------------------------------------------------- logprobs
+
+
+def encode_logprobs(lp: np.ndarray, enc: Encoding) -> np.ndarray:
+    """[n, k] sorted-descending float logprobs -> [n, k] stored values."""
+    lp = np.maximum(np.asarray(lp, dtype=np.float64), LOGPROB_FLOOR)
+    if enc.logprob_codec == "f32":
+        return lp.astype(np.float32)
+    if enc.logprob_codec == "u8":
+        step = enc.u8_range / 255
+        return np.clip(np.rint(-lp / step), 0, 255).astype(np.uint8)
+    q = np.rint(-lp / enc.logprob_step).astype(np.int64)
+    # Gaps of the quantised values, not of the floats: no error accumulates.
+    gaps = np.diff(q, axis=1, prepend=0)
+    return gaps.astype(np.uint16)
+
+
+def decode_logprobs(stored: np.ndarray, enc: Encoding) -> np.ndarray:
+    """[n, k] stored values -> [n, k] float32 logprobs (sorted descending)."""
+    if enc.logprob_codec == "f32":
+        return stored.astype(np.float32, copy=False)
+    if enc.logprob_codec == "u8":
+        return (stored.astype(np.float32) * np.float32(-enc.u8_range / 255)).astype(np.float32)
+    q = np.cumsum(stored, axis=1, dtype=np.int64)
+    return (q * -enc.logprob_step).astype(np.float32)
+
+
+# ---------------------------------------------------------------- rows
+
+
+def _fail(example_id: Any, msg: str):
+    raise FormatError(f"example {example_id!r}: {msg}")
+
+
+def _list_array(flat: np.ndarray, lengths: Iterable[int], dtype: pa.DataType) -> pa.ListArray:
+    lengths = np.fromiter(lengths, dtype=np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=dtype))
+
+
+def _check_ids(ex, name, ids, vocab_size):
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        _fail(ex, f"{name} has ids outside [0, {vocab_size}) (min {ids.min()}, max {ids.max()})")
+
+
+def encode_topk_rows(rows: list[dict], k: int, vocab_size: int, enc: Encoding) -> pa.RecordBatch:
+    """Validate and encode topk rows (see module docstring) into one batch.
+
+    Each row: example_id, window_offset (default 0), input_ids [L],
+    topk_ids [L-1, k], topk_logprobs [L-1, k] (sorted descending, <= 0),
+    coverage [L-1], target_logprob [L-1], target_rank [L-1].
+    """
+    sch = schema("topk", vocab_size, enc)
+    ids_t = sch.field(INPUT_IDS).type.value_type
+    inputs, tids, tlps, covs, tgt_lp, tgt_rank, n_pos = [], [], [], [], [], [], []
+    for r in rows:
+        ex = r.get(EXAMPLE_ID)
+        if not isinstance(ex, str) or not ex:
+            _fail(ex, "example_id must be a non-empty string")
+        inp = np.asarray(r[INPUT_IDS]).reshape(-1)
+        p = inp.size - 1
+        if p < 1:
+            _fail(ex, f"needs at least 2 input ids, got {inp.size}")
+        ti = np.asarray(r[TOPK_IDS])
+        tl = np.asarray(r[TOPK_LOGPROBS], dtype=np.float32)
+        if ti.shape != (p, k) or tl.shape != (p, k):
+            _fail(ex, f"topk_ids {ti.shape} and topk_logprobs {tl.shape} must both be ({p}, {k}) for {inp.size} input ids")
+        cov = np.asarray(r[COVERAGE], dtype=np.float32).reshape(-1)
+        tlp = np.asarray(r[TARGET_LOGPROB], dtype=np.float32).reshape(-1)
+        trk = np.asarray(r[TARGET_RANK]).reshape(-1)
+        for name, a in ((COVERAGE, cov), (TARGET_LOGPROB, tlp), (TARGET_RANK, trk)):
+            if a.size != p:
+                _fail(ex, f"{name} has {a.size} entries, expected {p} (one per predicted position)")
+        _check_ids(ex, INPUT_IDS, inp, vocab_size)
+        _check_ids(ex, TOPK_IDS, ti, vocab_size)
+        if np.isnan(tl).any() or np.isnan(cov).any() or np.isnan(tlp).any():
+            _fail(ex, "NaN in logprobs or coverage")
+        if (tl > POSITIVE_TOLERANCE).any() or (tlp > POSITIVE_TOLERANCE).any():
+            _fail(ex, f"positive logprob (max {max(tl.max(), tlp.max()):.4g})")
+        if k > 1 and (np.diff(tl, axis=1) > 1e-6).any():
+            pos = int(np.argwhere(np.diff(tl, axis=1) > 1e-6)[0, 0])
+            _fail(ex, f"topk_logprobs not sorted descending at position {pos}")
+        if (cov < 0).any() or (cov > 1 + POSITIVE_TOLERANCE).any():
+            _fail(ex, f"coverage outside [0, 1] (min {cov.min():.4g}, max {cov.max():.4g})")
+        if trk.size and trk.min() < 0:
+            _fail(ex, "negative target_rank")
+        inputs.append(inp)
+        tids.append(ti.reshape(-1))
+        tlps.append(np.minimum(tl, 0))
+        covs.append(np.minimum(cov, 1))
+        tgt_lp.append(np.clip(tlp, LOGPROB_FLOOR, 0))
+        tgt_rank.append(trk)
+        n_pos.append(p)
+    stored = encode_logprobs(np.concatenate(tlps), enc).reshape(-1)
+    lp_t = sch.field(TOPK_LOGPROBS).type.value_type
+    return pa.RecordBatch.from_arrays(
+        [
+            pa.array([r[EXAMPLE_ID] for r in rows], pa.string()),
+            pa.array([int(r.get(WINDOW_OFFSET, 0)) for r in rows], pa.int64()),
+            _list_array(np.concatenate(inputs), (p + 1 for p in n_pos), ids_t),
+            _list_array(np.concatenate(tids), (p * k for p in n_pos), ids_t),
+            _list_array(stored, (p * k for p in n_pos), lp_t),
+            _list_array(np.concatenate(covs), n_pos, pa.float32()),
+            _list_array(np.concatenate(tgt_lp), n_pos, pa.float32()),
+            _list_array(np.concatenate(tgt_rank), n_pos, pa.uint32()),
+        ],
+        schema=sch,
+    )
+
+
+def encode_samples_rows(rows: list[dict], vocab_size: int, enc: Encoding) -> pa.RecordBatch:
+    """Validate and encode samples rows into one batch. Each row: example_id,
+    sample_index, prompt, prompt_ids, completion, completion_ids,
+    completion_logprobs (one per completion id), finish_reason, seed."""
+    sch = schema("samples", vocab_size, enc)
+    for r in rows:
+        ex = r.get(EXAMPLE_ID)
+        if not isinstance(ex, str) or not ex:
+            _fail(ex, "example_id must be a non-empty string")
+        cids = np.asarray(r[COMPLETION_IDS]).reshape(-1)
+        clp = np.asarray(r[COMPLETION_LOGPROBS], dtype=np.float32).reshape(-1)
+        if cids.size != clp.size:
+            _fail(ex, f"{cids.size} completion ids but {clp.size} completion logprobs")
+        _check_ids(ex, PROMPT_IDS, np.asarray(r[PROMPT_IDS]).reshape(-1), vocab_size)
+        _check_ids(ex, COMPLETION_IDS, cids, vocab_size)
+        if np.isnan(clp).any() or (clp > POSITIVE_TOLERANCE).any():
+            _fail(ex, "completion_logprobs must be <= 0 and not NaN")
+    table = {
+        EXAMPLE_ID: [r[EXAMPLE_ID] for r in rows],
+        SAMPLE_INDEX: [int(r[SAMPLE_INDEX]) for r in rows],
+        PROMPT: [r[PROMPT] for r in rows],
+        PROMPT_IDS: [np.asarray(r[PROMPT_IDS]).reshape(-1) for r in rows],
+        COMPLETION: [r[COMPLETION] for r in rows],
+        COMPLETION_IDS: [np.asarray(r[COMPLETION_IDS]).reshape(-1) for r in rows],
+        COMPLETION_LOGPROBS: [np.minimum(np.asarray(r[COMPLETION_LOGPROBS], np.float32).reshape(-1), 0) for r in rows],
+        FINISH_REASON: [str(r[FINISH_REASON]) for r in rows],
+        SEED: [int(r[SEED]) for r in rows],
+    }
+    return pa.RecordBatch.from_arrays(
+        [pa.array(table[f.name], type=f.type) for f in sch], schema=sch
+    )
+
+
+def encode_rows(kind: str, rows: list[dict], k: int, vocab_size: int, enc: Encoding) -> pa.RecordBatch:
+    if kind == "topk":
+        return encode_topk_rows(rows, k, vocab_size, enc)
+    if kind == "samples":
+        return encode_samples_rows(rows, vocab_size, enc)
+    raise FormatError(f"unknown record kind {kind!r}; this version knows {KINDS}")
+
+
+def _flat(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(values, offsets starting at 0) of a list column."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    offsets = col.offsets.to_numpy().astype(np.int64)
+    values = col.flatten().to_numpy(zero_copy_only=False)
+    return values, offsets - offsets[0]
+
+
+def decode_batch(batch: pa.RecordBatch | pa.Table, kind: str, k: int, enc: Encoding) -> dict[str, Any]:
+    """Decode the columns present in `batch` into flat numpy arrays.
+
+    Returns, per column present: list columns as (values, offsets) where
+    offsets has rows+1 entries; topk_ids/topk_logprobs values shaped
+    [positions, k] (int64 / float32) with offsets counted in positions;
+    scalar columns as numpy arrays or lists of str.
+    """
+    out: dict[str, Any] = {}
+    for name in batch.schema.names:
+        col = batch.column(name)
+        if not pa.types.is_list(col.type):
+            out[name] = col.to_pylist() if pa.types.is_string(col.type) else col.to_numpy()
+            continue
+        values, offsets = _flat(col)
+        if name in (TOPK_IDS, TOPK_LOGPROBS):
+            values = values.reshape(-1, k)
+            offsets = offsets // k
+            values = decode_logprobs(values, enc) if name == TOPK_LOGPROBS else values.astype(np.int64)
+        elif name in (INPUT_IDS, PROMPT_IDS, COMPLETION_IDS, TARGET_RANK):
+            values = values.astype(np.int64)
+        else:
+            values = values.astype(np.float32, copy=False)
+        out[name] = (values, offsets)
+    return out
+
+
+def rows_from_decoded(decoded: dict[str, Any]) -> list[dict]:
+    """Split decode_batch output into one dict per row (views, no copies)."""
+    n = next(len(v[1]) - 1 if isinstance(v, tuple) else len(v) for v in decoded.values())
+    rows = [{} for _ in range(n)]
+    for name, v in decoded.items():
+        if isinstance(v, tuple):
+            values, off = v
+            for i in range(n):
+                rows[i][name] = values[off[i]:off[i + 1]]
+        else:
+            for i in range(n):
+                rows[i][name] = v[i].item() if isinstance(v, np.ndarray) else v[i]
+    return rows
+
+
+# ---------------------------------------------------------------- naming
+
+
+def shard_name(index: int, worker: int | None = None) -> str:
+    """File name of shard `index` (a pure function of its input slice)."""
+    return f"shard-{index:06d}{SHARD_SUFFIX}" if worker is None else f"shard-w{worker:04d}-{index:06d}{SHARD_SUFFIX}"
+
+
+def partial_manifest_name(worker: int, num_workers: int) -> str:
+    return f"manifest.worker-{worker:04d}-of-{num_workers:04d}.json"
+
+
+# ---------------------------------------------------------------- manifest
+
+
+def file_metadata(kind: str, k: int, vocab_size: int, enc: Encoding, extra: dict | None = None) -> dict[bytes, bytes]:
+    """Key-value metadata stored in every shard so a lone file is self-describing."""
+    return {FILE_META_KEY: json.dumps({
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": kind,
+        "k": k, "vocab_size": vocab_size, "encoding": enc.to_dict(), **(extra or {}),
+    }).encode()}
+
+
+def check_version(version: Any, where: str) -> None:
+    try:
+        major = int(str(version).split(".")[0])
+    except ValueError:
+        raise FormatError(f"{where}: unreadable format_version {version!r}") from None
+    if major not in READABLE_MAJOR_VERSIONS:
+        readable = ", ".join(f"{m}.x" for m in READABLE_MAJOR_VERSIONS)
+        raise FormatError(f"{where}: format version {version} is not supported; this labelgen reads {readable}")
+
+
+def read_file_metadata(meta: dict[bytes, bytes] | None, where: str) -> dict:
+    if not meta or FILE_META_KEY not in meta:
+        raise FormatError(f"{where}: not a labelgen shard (no '{FILE_META_KEY.decode()}' metadata)")
+    try:
+        info = json.loads(meta[FILE_META_KEY])
+    except ValueError as e:
+        raise FormatError(f"{where}: corrupt labelgen metadata ({e})") from None
+    check_version(info.get("format_version"), where)
+    return info
+
+
+def dataset_fingerprint(manifest: dict) -> str:
+    """Identity of a label set: format, kind, tokenizer and every shard's bytes."""
+    ident = {
+        "format_version": manifest["format_version"],
+        "kind": manifest["kind"],
+        "tokenizer": manifest.get("tokenizer", {}).get("fingerprint"),
+        "shards": [(s["name"], s["bytes"], s["sha256"]) for s in manifest["shards"]],
+    }
+    return "sha256:" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """tmp + fsync + rename + fsync(dir): a reader sees the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(out_dir: Path, manifest: dict, name: str = MANIFEST_NAME) -> dict:
+    manifest = dict(manifest)
+    manifest["fingerprint"] = dataset_fingerprint(manifest)
+    atomic_write_bytes(Path(out_dir) / name, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
+    return manifest
+
+
+def read_manifest(label_dir: Path | str) -> dict:
+    path = Path(label_dir) / MANIFEST_NAME
+    if not path.is_file():
+        hint = " (the job did not finish, or run `labelgen finalize` after all workers)" if Path(label_dir).is_dir() else ""
+        raise FormatError(f"{path}: no manifest; not a complete label set{hint}")
+    try:
+        m = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path}: manifest is not valid JSON ({e})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
+        raise FormatError(f"{path}: not a labelgen manifest (missing \"format\": \"{FORMAT_NAME}\")")
+    check_version(m.get("format_version"), str(path))
+    for key in ("kind", "k", "vocab_size", "encoding", "shards"):
+        if key not in m:
+            raise FormatError(f"{path}: manifest lacks {key!r}")
+    if m["kind"] not in KINDS:
+        raise FormatError(f"{path}: unknown record kind {m['kind']!r}; this version knows {KINDS}")
+    return m
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> dict:
+    """Fingerprint of a HF tokenizer: vocabulary, merges, special tokens and
+    normalisation. Two tokenizers with equal fingerprints tokenize alike."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        ident = {k: spec.get(k) for k in ("model", "added_tokens", "normalizer", "pre_tokenizer", "post_processor")}
+    else:
+        ident = {"vocab": sorted(tokenizer.get_vocab().items())}
+    ident["special_tokens"] = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+    return {"fingerprint": f"sha256:{digest}", "vocab_size": len(tokenizer)}

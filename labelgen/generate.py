@@ -1,0 +1,466 @@
+"""The generation job: a teacher over a corpus or prompt set -> label shards.
+
+    labelgen generate --teacher DIR --input data/ --out labels/ --mode topk --k 64
+
+Three stages run concurrently so the teacher never waits on input or disk:
+a reader thread (read + tokenize + window), the teacher in the main thread,
+and a writer thread (encode + compress + write) behind a bounded queue.
+
+Input records are cut into shards of `rows_per_shard` records in input order,
+so shard i is a pure function of (its input slice, the config). Worker w of N
+takes the shards i with i % N == w; a rerun skips finished shards; a shard
+only appears under its final name once complete; the manifest comes last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from labelgen import format as fmt
+from labelgen.backends import SampleRequest, Teacher, load_teacher
+from labelgen.config import EXECUTION_ONLY, GenerateConfig
+from labelgen.format import Encoding, FormatError
+from labelgen.inputs import FieldSpec, InputError, Record, read_records
+from labelgen.shards import ShardFile, ShardInfo, build_manifest, prepare_output_dir, shard_info_from_file
+
+RUN_FILE = "run.json"
+QUEUE_DEPTH = 4
+
+
+def derive_seed(seed: int, example_id: str, sample_index: int) -> int:
+    """A 63-bit seed per completion: reruns reproduce it, and neighbouring
+    examples get unrelated streams (a shared request seed makes a weak teacher
+    write near-identical text for every prompt)."""
+    h = hashlib.sha256(f"{seed}\0{example_id}\0{sample_index}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & (2**63 - 1)
+
+
+def windows(ids: np.ndarray, size: int, stride: int) -> list[tuple[int, np.ndarray]]:
+    """(offset, window) pairs covering `ids`; with stride = size - 1 every
+    token after the first is predicted exactly once."""
+    out, start = [], 0
+    while True:
+        out.append((start, ids[start:start + size]))
+        if start + size >= len(ids):
+            return out
+        start += stride
+
+
+@dataclass
+class ShardWork:
+    index: int
+    items: list = field(default_factory=list)   # topk: (example_id, offset, ids); samples: (example_id, prompt, ids)
+    examples: int = 0
+    skipped: int = 0
+    done: bool = False                          # already finished by an earlier run
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+    if not (Path(path) / "config.json").is_file():
+        raise ValueError(f"--teacher: {path} is not a model directory (no config.json)")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--teacher: cannot load the tokenizer from {path} ({e})") from None
+
+
+def check_output_dir(cfg: GenerateConfig) -> None:
+    """Refuse a non-empty output directory unless resuming the same run or
+    overwriting; refuse to resume under a changed config."""
+    out = Path(cfg.out)
+    run_file = out / RUN_FILE
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        if not run_file.is_file():
+            raise ValueError(f"--out: {out} is not empty and holds no labelgen run; choose another directory or pass --overwrite")
+        previous = json.loads(run_file.read_text())
+        if previous.get("config_hash") != cfg.output_hash():
+            prev_cfg = previous.get("config", {})
+            changed = sorted(k for k, v in cfg.to_dict().items() if k not in EXECUTION_ONLY and prev_cfg.get(k) != v)
+            raise ValueError(f"--out: {out} holds a run with a different config (changed: {', '.join(changed) or 'unknown'}); "
+                             "pass --overwrite to replace it")
+        if not cfg.resume and cfg.num_workers == 1:
+            raise ValueError(f"--out: {out} already holds this run; pass --resume to continue it or --overwrite to redo it")
+    prepare_output_dir(out, "overwrite" if cfg.overwrite else "resume")
+    fmt.atomic_write_bytes(run_file, json.dumps({"config_hash": cfg.output_hash(), "config": cfg.to_dict()}, indent=2).encode())
+
+
+def run(cfg: GenerateConfig) -> dict:
+    """Run the job; returns the manifest (or the worker's partial manifest)."""
+    tokenizer = load_tokenizer(cfg.teacher)
+    _check_k(cfg, tokenizer)
+    check_output_dir(cfg)
+    teacher = load_teacher(cfg, tokenizer)
+    if cfg.mode == "topk" and cfg.max_seq_len > teacher.max_positions:
+        raise ValueError(f"--max-seq-len {cfg.max_seq_len} exceeds the teacher's {teacher.max_positions} positions")
+    enc = Encoding(**cfg.encoding)
+    id_bound = max(teacher.logits_size, teacher.vocab_size)
+    out = Path(cfg.out)
+    t0 = time.time()
+    progress = _Progress(cfg)
+
+    work_q: queue.Queue = queue.Queue(maxsize=2)
+    write_q: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
+    reader = _Thread(_read_shards, cfg, tokenizer, teacher.max_positions, work_q)
+    writer = _Thread(_write_shards, cfg, out, id_bound, enc, write_q)
+    shards: dict[int, ShardInfo] = {}
+    counts = {"examples": 0, "skipped": 0}
+    total_shards = 0
+    try:
+        while True:
+            work = _get(work_q, reader)
+            if work is None:
+                break
+            if isinstance(work, int):          # the reader's last word: how many shards exist
+                total_shards = work
+                continue
+            counts["examples"] += work.examples
+            counts["skipped"] += work.skipped
+            if work.done:
+                shards[work.index] = shard_info_from_file(out / fmt.shard_name(work.index), cfg.kind)
+                progress.update(work.examples, 0)
+                continue
+            write_q.put(("open", work.index, None))
+            batches = _topk_batches(work.items, cfg) if cfg.mode == "topk" else _sample_batches(work.items, cfg)
+            for batch in batches:
+                rows, tokens = (_score(teacher, batch, cfg) if cfg.mode == "topk"
+                                else _sample(teacher, tokenizer, batch, cfg))
+                _put(write_q, ("rows", work.index, rows), writer)
+                progress.update(0, tokens)
+            _put(write_q, ("close", work.index, None), writer)
+            progress.update(work.examples, 0)
+        _put(write_q, None, writer)
+        writer.join_checked()
+    except BaseException:
+        writer.stop(write_q)
+        reader.stop(work_q)
+        raise
+    finally:
+        progress.close()
+    shards.update(writer.result)
+    manifest = _write_manifest(cfg, out, teacher, tokenizer, enc, id_bound, shards, counts, total_shards)
+    elapsed = time.time() - t0
+    manifest["summary"] = {"seconds": round(elapsed, 2), "teacher_tokens": progress.tokens,
+                           "tokens_per_second": progress.tokens / elapsed if elapsed else 0.0}
+    return manifest
+
+
+def _check_k(cfg: GenerateConfig, tokenizer) -> None:
+    if cfg.mode != "topk":
+        return
+    from transformers import AutoConfig
+    vocab = getattr(AutoConfig.from_pretrained(cfg.teacher), "vocab_size", None) or len(tokenizer)
+    if cfg.k > vocab:
+        raise ValueError(f"--k {cfg.k} is larger than the teacher's vocabulary ({vocab})")
+
+
+def _write_manifest(cfg, out, teacher: Teacher, tokenizer, enc, id_bound, shards, counts, total_shards) -> dict:
+    config_file = Path(cfg.teacher) / "config.json"
+    header = {
+        "mode": cfg.mode,
+        "teacher": {"path": str(Path(cfg.teacher).resolve()),
+                    "config_sha256": fmt.sha256_file(config_file),
+                    "vocab_size": teacher.vocab_size, "logits_size": teacher.logits_size, **teacher.info()},
+        "tokenizer": fmt.tokenizer_fingerprint(tokenizer),
+        "config": cfg.to_dict(),
+        "config_hash": cfg.output_hash(),
+        "counts": counts,
+    }
+    if cfg.mode != "topk":
+        header["sampling"] = {"n": cfg.samples_per_prompt, "temperature": 0.0 if cfg.mode == "greedy" else cfg.temperature,
+                              "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
+                              "seed_rule": "sha256(seed, example_id, sample_index)[:8] & (2**63-1)"}
+    ordered = [shards[i] for i in sorted(shards)]
+    manifest = build_manifest(cfg.kind, cfg.k if cfg.mode == "topk" else 0, id_bound, enc, ordered, header)
+    if cfg.num_workers == 1:
+        return fmt.write_manifest(out, manifest)
+    manifest["worker"] = {"index": cfg.worker_index, "num_workers": cfg.num_workers, "total_shards": total_shards}
+    return fmt.write_manifest(out, manifest, fmt.partial_manifest_name(cfg.worker_index, cfg.num_workers))
+
+
+# ---------------------------------------------------------------- reader
+
+
+def _read_shards(cfg: GenerateConfig, tokenizer, max_positions: int, work_q: queue.Queue, stop: threading.Event):
+    spec = FieldSpec(cfg.text_field, cfg.prompt_field, cfg.messages_field, cfg.id_field)
+    out = Path(cfg.out)
+    work, index, n = None, -1, 0
+    for n, rec in enumerate(read_records(list(cfg.inputs), spec)):
+        if stop.is_set():
+            return
+        if n % cfg.rows_per_shard == 0:
+            if work is not None:
+                work_q.put(work)
+            index = n // cfg.rows_per_shard
+            mine = index % cfg.num_workers == cfg.worker_index
+            work = ShardWork(index, done=_finished(out / fmt.shard_name(index), cfg)) if mine else None
+        if work is None:
+            continue
+        work.examples += 1
+        if work.done:
+            continue
+        try:
+            if isinstance(rec, InputError):
+                raise rec
+            work.items.extend(_tokenize(rec, tokenizer, cfg, max_positions))
+        except InputError as e:
+            if not cfg.skip_bad:
+                raise InputError(f"{e} (pass --skip-bad to skip bad records)") from None
+            work.skipped += 1
+    if work is not None:
+        work_q.put(work)
+    work_q.put(index + 1)
+    work_q.put(None)
+
+
+def _finished(path: Path, cfg: GenerateConfig) -> bool:
+    """A shard is finished when it exists under its final name and was made
+    by this config (a stale shard from another config is redone)."""
+    if not path.is_file():
+        return False
+    import pyarrow.parquet as pq
+    try:
+        meta = fmt.read_file_metadata(pq.read_schema(path).metadata, str(path))
+    except Exception:
+        return False
+    return meta.get("config_hash") == cfg.output_hash()
+
+
+def _tokenize(rec: Record, tokenizer, cfg: GenerateConfig, max_positions: int) -> list[tuple]:
+    if cfg.mode == "topk":
+        ids = np.asarray(tokenizer(rec.text)["input_ids"], dtype=np.int64)
+        if len(ids) < 2:
+            raise InputError(f"{rec.where}: text has {len(ids)} token(s); at least 2 are needed to predict one")
+        return [(rec.example_id, off, w) for off, w in windows(ids, cfg.max_seq_len, cfg.window_stride)]
+    if rec.messages is not None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise InputError(f"{rec.where}: --messages-field needs a chat template and the teacher's tokenizer has none")
+        prompt = tokenizer.apply_chat_template(rec.messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    else:
+        prompt = rec.prompt if rec.prompt is not None else rec.text
+        ids = tokenizer(prompt)["input_ids"]
+    if len(ids) + cfg.max_new_tokens > max_positions:
+        raise InputError(f"{rec.where}: prompt has {len(ids)} tokens; with --max-new-tokens {cfg.max_new_tokens} "
+                         f"that exceeds the teacher's {max_positions} positions")
+    return [(rec.example_id, prompt, list(ids))]
+
+
+# ---------------------------------------------------------------- teacher
+
+
+def _topk_batches(items: list, cfg: GenerateConfig):
+    """Windows sorted by length, packed so padded tokens stay under batch_tokens."""
+    order = sorted(range(len(items)), key=lambda i: -len(items[i][2]))
+    batch: list = []
+    for i in order:
+        if batch and (len(batch) + 1) * len(items[batch[0]][2]) > cfg.batch_tokens:
+            yield [items[j] for j in batch]
+            batch = []
+        batch.append(i)
+    if batch:
+        yield [items[j] for j in batch]
+
+
+def _score(teacher: Teacher, batch: list, cfg: GenerateConfig) -> tuple[list[dict], int]:
+    labels = teacher.score([w for _, _, w in batch], cfg.k)
+    rows = [{fmt.EXAMPLE_ID: ex, fmt.WINDOW_OFFSET: off, fmt.INPUT_IDS: w, fmt.TOPK_IDS: t.ids,
+             fmt.TOPK_LOGPROBS: t.logprobs, fmt.COVERAGE: t.coverage, fmt.TARGET_LOGPROB: t.target_logprob,
+             fmt.TARGET_RANK: t.target_rank} for (ex, off, w), t in zip(batch, labels)]
+    return rows, sum(len(w) for _, _, w in batch)
+
+
+def _sample_batches(items: list, cfg: GenerateConfig):
+    """(item, sample_index) requests, sorted by prompt length, batched so that
+    prompt + completion tokens stay under batch_tokens."""
+    reqs = [(it, j) for it in items for j in range(cfg.samples_per_prompt)]
+    reqs.sort(key=lambda r: -len(r[0][2]))
+    batch: list = []
+    for r in reqs:
+        if batch and (len(batch) + 1) * (len(batch[0][0][2]) + cfg.max_new_tokens) > cfg.batch_tokens:
+            yield batch
+            batch = []
+        batch.append(r)
+    if batch:
+        yield batch
+
+
+def _sample(teacher: Teacher, tokenizer, batch: list, cfg: GenerateConfig) -> tuple[list[dict], int]:
+    temperature = 0.0 if cfg.mode == "greedy" else cfg.temperature
+    seeds = [derive_seed(cfg.seed, ex, j) for (ex, _, _), j in batch]
+    comps = teacher.sample([SampleRequest(ids, s, temperature, cfg.top_p, cfg.max_new_tokens)
+                            for ((_, _, ids), _), s in zip(batch, seeds)])
+    rows = [{fmt.EXAMPLE_ID: ex, fmt.SAMPLE_INDEX: j, fmt.PROMPT: prompt, fmt.PROMPT_IDS: ids,
+             fmt.COMPLETION: tokenizer.decode(c.ids, skip_special_tokens=True), fmt.COMPLETION_IDS: c.ids,
+             fmt.COMPLETION_LOGPROBS: c.logprobs, fmt.FINISH_REASON: c.finish_reason, fmt.SEED: s}
+            for ((ex, prompt, ids), j), c, s in zip(batch, comps, seeds)]
+    return rows, sum(len(ids) + len(c.ids) for ((_, _, ids), _), c in zip(batch, comps))
+
+
+# ---------------------------------------------------------------- writer
+
+
+def _write_shards(cfg: GenerateConfig, out: Path, id_bound: int, enc: Encoding, write_q: queue.Queue,
+                  stop: threading.Event) -> dict[int, ShardInfo]:
+    done: dict[int, ShardInfo] = {}
+    current: ShardFile | None = None
+    k = cfg.k if cfg.mode == "topk" else 0
+    try:
+        while (msg := write_q.get()) is not None:
+            op, index, rows = msg
+            if op == "open":
+                current = ShardFile(out / fmt.shard_name(index), cfg.kind, k, id_bound, enc,
+                                    extra_meta={"config_hash": cfg.output_hash(), "shard_index": index})
+            elif op == "rows":
+                for row in rows:
+                    current.write(row)
+            else:
+                done[index] = current.close()
+                current = None
+    finally:
+        if current is not None:
+            current.abort()
+    return done
+
+
+# ---------------------------------------------------------------- plumbing
+
+
+class _Thread(threading.Thread):
+    """A worker thread whose exception re-raises in the main thread."""
+
+    def __init__(self, fn, *args):
+        super().__init__(daemon=True)
+        self.stop_event = threading.Event()
+        self.fn, self.args, self.error, self.result = fn, args, None, None
+        self.start()
+
+    def run(self):
+        try:
+            self.result = self.fn(*self.args, self.stop_event)
+        except BaseException as e:  # re-raised by the main thread
+            self.error = e
+
+    def join_checked(self):
+        self.join()
+        if self.error:
+            raise self.error
+
+    def stop(self, q: queue.Queue):
+        self.stop_event.set()
+        while self.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                pass
+            try:
+                q.put_nowait(None)
+            except queue.Full:
+                pass
+            self.join(timeout=0.05)
+
+
+def _get(q: queue.Queue, producer: _Thread):
+    while True:
+        try:
+            return q.get(timeout=0.1)
+        except queue.Empty:
+            if producer.error:
+                raise producer.error
+            if not producer.is_alive() and q.empty():
+                raise RuntimeError("input reader stopped unexpectedly")
+
+
+def _put(q: queue.Queue, item, consumer: _Thread):
+    while True:
+        if consumer.error:
+            raise consumer.error
+        try:
+            return q.put(item, timeout=0.1)
+        except queue.Full:
+            continue
+
+
+class _Progress:
+    """Examples done, teacher tokens/s and ETA (when the input size is known)."""
+
+    def __init__(self, cfg: GenerateConfig):
+        self.tokens = 0
+        self.bar = None
+        if cfg.progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=_count_records(cfg), unit="ex", desc=f"labelgen {cfg.mode}", dynamic_ncols=True)
+            self.t0 = time.time()
+
+    def update(self, examples: int, tokens: int):
+        self.tokens += tokens
+        if self.bar is not None:
+            self.bar.update(examples)
+            self.bar.set_postfix_str(f"{self.tokens / max(time.time() - self.t0, 1e-9):,.0f} tok/s", refresh=False)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _count_records(cfg: GenerateConfig) -> int | None:
+    """Cheap record count for the ETA: newlines, Parquet footers, files. None
+    for compressed inputs (counting them would mean decompressing twice)."""
+    import pyarrow.parquet as pq
+    from labelgen.inputs import _kind, expand_paths
+    total = 0
+    try:
+        for path in expand_paths(list(cfg.inputs)):
+            kind = _kind(path)
+            if kind == "jsonl.zst":
+                return None
+            if kind == "parquet":
+                total += pq.ParquetFile(path).metadata.num_rows
+            elif kind == "jsonl":
+                with open(path, "rb") as f:
+                    total += sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+            else:
+                total += 1
+    except Exception:
+        return None
+    return total
+
+
+# ---------------------------------------------------------------- finalize
+
+
+def finalize(label_dir: Path | str) -> dict:
+    """Merge the workers' partial manifests into manifest.json; fail if any
+    worker or any shard is missing."""
+    out = Path(label_dir)
+    partials = sorted(out.glob("manifest.worker-*-of-*.json"))
+    if not partials:
+        raise FormatError(f"{out}: no partial manifests (manifest.worker-*.json); did the workers finish?")
+    parts = [json.loads(p.read_text()) for p in partials]
+    n = parts[0]["worker"]["num_workers"]
+    if any(p["worker"]["num_workers"] != n or p["config_hash"] != parts[0]["config_hash"] for p in parts):
+        raise FormatError(f"{out}: partial manifests come from different runs (worker counts or configs differ)")
+    seen = {p["worker"]["index"] for p in parts}
+    missing_workers = sorted(set(range(n)) - seen)
+    if missing_workers:
+        raise FormatError(f"{out}: no manifest from worker(s) {', '.join(map(str, missing_workers))} of {n}; rerun them with --resume")
+    total = max(p["worker"]["total_shards"] for p in parts)
+    shards = {s["name"]: s for p in parts for s in p["shards"]}
+    missing = [fmt.shard_name(i) for i in range(total) if fmt.shard_name(i) not in shards]
+    if missing:
+        raise FormatError(f"{out}: shard(s) missing: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    merged = {k: v for k, v in parts[0].items() if k not in ("worker", "fingerprint")}
+    merged["shards"] = [shards[fmt.shard_name(i)] for i in range(total)]
+    merged["counts"] = {k: sum(p["counts"].get(k, 0) for p in parts) for k in parts[0]["counts"]}
+    merged["counts"]["rows"] = sum(s["rows"] for s in merged["shards"])
+    merged["counts"]["positions"] = sum(s["positions"] for s in merged["shards"])
+    merged["config"] = {**merged["config"], "num_workers": n, "worker_index": None}
+    return fmt.write_manifest(out, merged)

@@ -1,0 +1,189 @@
+"""Input records for generation: JSONL, JSONL.zst (streamed), Parquet and
+plain-text files, or directories of them.
+
+Each record gets a stable `example_id`: the value of `id_field` when given,
+else `<file>:<line>` (JSONL), `<file>:<row>` (Parquet) or `<file>` (a text
+file is one document). Files are read in sorted order, so the sequence of
+records, and hence the partition into shards, is a pure function of the
+inputs. Nothing is loaded whole: every reader streams.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+
+
+class InputError(ValueError):
+    """A bad input record or file; the message starts with file:line."""
+
+
+@dataclass
+class Record:
+    example_id: str
+    where: str
+    text: str | None = None
+    prompt: str | None = None
+    messages: list | None = None
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    text_field: str = "text"
+    prompt_field: str | None = None
+    messages_field: str | None = None
+    id_field: str | None = None
+
+    @property
+    def wanted(self) -> str:
+        return self.messages_field or self.prompt_field or self.text_field
+
+
+def expand_paths(paths: list[str]) -> list[Path]:
+    """Files named, plus every non-hidden file under directories named, sorted."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file()
+                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise InputError(f"{p}: no such file or directory (--input)")
+    if not files:
+        raise InputError(f"no input files under {', '.join(paths)} (--input)")
+    return files
+
+
+def _kind(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(".zst") and name[:-4].endswith(JSONL_SUFFIXES):
+        return "jsonl.zst"
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    return "text"
+
+
+def _record(obj, where: str, default_id: str, spec: FieldSpec) -> Record:
+    if not isinstance(obj, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    field = spec.wanted
+    if field not in obj or obj[field] is None:
+        raise InputError(f"{where}: no field {field!r} (fields: {', '.join(map(str, obj)) or 'none'})")
+    value = obj[field]
+    ex_id = default_id
+    if spec.id_field:
+        if obj.get(spec.id_field) in (None, ""):
+            raise InputError(f"{where}: no id field {spec.id_field!r}")
+        ex_id = str(obj[spec.id_field])
+    if spec.messages_field:
+        if not isinstance(value, list) or not value or not all(isinstance(m, dict) and "role" in m for m in value):
+            raise InputError(f"{where}: field {field!r} must be a non-empty list of {{role, content}} messages")
+        return Record(ex_id, where, messages=value)
+    if not isinstance(value, str):
+        raise InputError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise InputError(f"{where}: field {field!r} is empty")
+    return Record(ex_id, where, **{"prompt" if spec.prompt_field else "text": value})
+
+
+def _safe_record(obj, where: str, spec: FieldSpec) -> Record | InputError:
+    try:
+        return _record(obj, where, where, spec)
+    except InputError as e:
+        return e
+
+
+def _jsonl_lines(path: Path, binary: io.RawIOBase | io.BufferedIOBase) -> Iterator[tuple[int, str | InputError]]:
+    for n, raw in enumerate(binary, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield n, InputError(f"{path}:{n}: not valid UTF-8 ({e.reason} at byte {e.start})")
+            continue
+        if line.strip():
+            yield n, line
+
+
+def _read_jsonl(path: Path, spec: FieldSpec, compressed: bool) -> Iterator[Record | InputError]:
+    with open(path, "rb") as f:
+        if compressed:
+            import zstandard
+            stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True))
+        else:
+            stream = f
+        try:
+            for n, line in _jsonl_lines(path, stream):
+                where = f"{path}:{n}"
+                if isinstance(line, InputError):
+                    yield line
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield InputError(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+                    continue
+                yield _safe_record(obj, where, spec)
+        except Exception as e:
+            if type(e).__name__ == "ZstdError":
+                raise InputError(f"{path}: corrupt zstd stream ({e})") from None
+            raise
+
+
+def _read_parquet(path: Path, spec: FieldSpec) -> Iterator[Record | InputError]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise InputError(f"{path}: unreadable Parquet ({e})") from None
+    cols = [c for c in (spec.wanted, spec.id_field) if c]
+    missing = [c for c in cols if c not in pf.schema_arrow.names]
+    if missing:
+        raise InputError(f"{path}: no column {missing[0]!r} (columns: {', '.join(pf.schema_arrow.names)})")
+    row = 0
+    for batch in pf.iter_batches(batch_size=1024, columns=cols):
+        for obj in batch.to_pylist():
+            yield _safe_record(obj, f"{path}:{row}", spec)
+            row += 1
+
+
+def _read_text(path: Path) -> Iterator[Record]:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise InputError(f"{path}:{line}: not valid UTF-8 ({e.reason})") from None
+    if not text.strip():
+        raise InputError(f"{path}:1: empty text file")
+    yield Record(str(path), f"{path}:1", text=text)
+
+
+def read_records(paths: list[str], spec: FieldSpec = FieldSpec()) -> Iterator[Record | InputError]:
+    """All records of all inputs in a fixed order. A bad record is yielded as
+    an InputError (not raised) so the caller decides whether to skip it; a bad
+    file (unreadable, corrupt) is yielded once and ends that file."""
+    for path in expand_paths(paths):
+        kind = _kind(path)
+        if kind == "text" and (spec.prompt_field or spec.messages_field):
+            yield InputError(f"{path}: plain-text files hold corpora; --prompt-field/--messages-field need JSONL or Parquet")
+            continue
+        try:
+            if kind == "text":
+                yield from _read_text(path)
+            elif kind == "parquet":
+                yield from _read_parquet(path, spec)
+            else:
+                yield from _read_jsonl(path, spec, kind == "jsonl.zst")
+        except InputError as e:
+            yield e
+        except OSError as e:
+            yield InputError(f"{path}: cannot read ({e.strerror or e})")

@@ -1,0 +1,276 @@
+"""Looking at label sets: `validate` (is it intact and well-formed?), `inspect`
+(what does it cost and how much of the teacher does it keep?) and `estimate`
+(what would a corpus cost?). Run through the CLI: `labelgen validate DIR`,
+`labelgen inspect DIR`, `labelgen estimate --tokens N --vocab V --k K`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from labelgen import format as fmt
+from labelgen.format import FormatError
+from labelgen.shards import ShardReader
+
+# Coverage percentiles come from a fixed histogram, so memory stays bounded
+# however many positions a label set has; the bin width bounds their error.
+COVERAGE_BINS = 10_000
+
+
+# ---------------------------------------------------------------- validate
+
+
+def validate(label_dir: Path | str, max_problems: int = 20) -> dict:
+    """Check a label set. Returns {"ok", "problems": [{"file", "row", "problem"}], ...}."""
+    label_dir = Path(label_dir)
+    problems: list[dict] = []
+
+    def add(file, row, problem):
+        if len(problems) < max_problems:
+            problems.append({"file": str(file), "row": row, "problem": problem})
+
+    try:
+        reader = ShardReader(label_dir)
+    except FormatError as e:
+        where = str(label_dir / fmt.MANIFEST_NAME)
+        add(where, None, str(e).removeprefix(f"{where}: "))
+        return {"ok": False, "problems": problems, "shards": 0, "rows": 0}
+
+    listed = {s["name"] for s in reader.shards}
+    for extra in sorted(p.name for p in label_dir.glob("*" + fmt.SHARD_SUFFIX) if p.name not in listed):
+        add(label_dir / extra, None, "shard file not listed in the manifest")
+    rows_checked = 0
+    for si, shard in enumerate(reader.shards):
+        path = label_dir / shard["name"]
+        try:
+            pf = reader.open_shard(shard)
+        except FormatError as e:
+            add(path, None, str(e).removeprefix(f"{path}: "))
+            continue
+        if fmt.sha256_file(path) != shard["sha256"]:
+            add(path, None, "sha256 does not match the manifest (corrupted)")
+            continue
+        if pf.metadata.num_rows != shard["rows"]:
+            add(path, None, f"{pf.metadata.num_rows} rows, manifest says {shard['rows']}")
+        expected = fmt.schema(reader.kind, reader.vocab_size, reader.encoding)
+        if not pf.schema_arrow.remove_metadata().equals(expected):
+            add(path, None, "schema differs from the format's schema for this kind and vocabulary")
+            continue
+        row0 = 0
+        for rg in range(pf.num_row_groups):
+            try:
+                d = reader.read_row_group(si, rg, pf=pf)
+            except FormatError as e:
+                add(path, row0, str(e))
+                break
+            n = pf.metadata.row_group(rg).num_rows
+            for i, problem in _check_rows(d, reader):
+                add(path, row0 + i, problem)
+            row0 += n
+        rows_checked += row0
+    return {"ok": not problems, "problems": problems, "shards": len(reader.shards), "rows": rows_checked}
+
+
+def _row_of(offsets: np.ndarray, flat_index: int) -> int:
+    return int(np.searchsorted(offsets, flat_index, side="right") - 1)
+
+
+def _check_rows(d: dict, reader: ShardReader):
+    """Yield (row in row group, problem) for decoded columns `d`."""
+    V = reader.vocab_size
+    id_cols = [c for c in (fmt.INPUT_IDS, fmt.TOPK_IDS, fmt.PROMPT_IDS, fmt.COMPLETION_IDS) if c in d]
+    for col in id_cols:
+        values, off = d[col]
+        bad = np.flatnonzero(values.reshape(len(values), -1).max(axis=1) >= V) if values.size else []
+        if len(bad):
+            yield _row_of(off, bad[0]), f"{col} has an id >= vocab_size {V}"
+    if reader.kind != "topk":
+        return
+    lp, off = d[fmt.TOPK_LOGPROBS]
+    cov, _ = d[fmt.COVERAGE]
+    ids_off = d[fmt.INPUT_IDS][1]
+    if not np.array_equal(np.diff(ids_off) - 1, np.diff(off)):
+        yield 0, "per-position columns do not have len(input_ids) - 1 entries"
+        return
+    checks = [
+        (lp > 0, "positive logprob"),
+        (np.diff(lp, axis=1) > 1e-6 if lp.shape[1] > 1 else np.zeros_like(lp, bool), "top-k logprobs not sorted descending"),
+        ((cov < 0) | (cov > 1) | np.isnan(cov), "coverage outside [0, 1]"),
+    ]
+    err = reader.encoding.max_logprob_error
+    mass = np.exp(lp.astype(np.float64)).sum(axis=1)
+    floor = reader.encoding.u8_range if reader.encoding.logprob_codec == "u8" else -fmt.LOGPROB_FLOOR
+    slack = 1e-5 + reader.k * math.exp(-floor)
+    inconsistent = (mass > cov * math.exp(err) + slack) | (mass < cov * math.exp(-err) - slack)
+    checks.append((inconsistent, f"coverage differs from the sum of exp(top-k logprobs) by more than the codec's error ({err:.3g} nats)"))
+    for mask, problem in checks:
+        bad = np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1))
+        if len(bad):
+            yield _row_of(off, bad[0]), problem
+
+
+# ---------------------------------------------------------------- inspect
+
+
+def _percentile_from_hist(hist: np.ndarray, q: float) -> float:
+    total = hist.sum()
+    if total == 0:
+        return float("nan")
+    idx = int(np.searchsorted(np.cumsum(hist), q / 100 * total, side="left"))
+    return (idx + 0.5) / len(hist)
+
+
+def inspect(label_dir: Path | str) -> dict:
+    """Sizes, compression and (for topk) coverage statistics of a label set."""
+    reader = ShardReader(label_dir)
+    kind, k, V = reader.kind, reader.k, reader.vocab_size
+    id_bytes = fmt.id_dtype(V).itemsize
+    shards, hist = [], np.zeros(COVERAGE_BINS, dtype=np.int64)
+    cov_sum, in_topk, finish = 0.0, 0, {}
+    for si, shard in enumerate(reader.shards):
+        pf = reader.open_shard(shard)
+        cols = [fmt.COVERAGE, fmt.TARGET_RANK] if kind == "topk" else [fmt.FINISH_REASON]
+        for rg in range(pf.num_row_groups):
+            d = reader.read_row_group(si, rg, cols, pf)
+            if kind == "topk":
+                cov = d[fmt.COVERAGE][0].astype(np.float64)
+                cov_sum += cov.sum()
+                hist += np.bincount(np.clip((cov * COVERAGE_BINS).astype(np.int64), 0, COVERAGE_BINS - 1),
+                                    minlength=COVERAGE_BINS)
+                in_topk += int((d[fmt.TARGET_RANK][0] < k).sum())
+            else:
+                for r in d[fmt.FINISH_REASON]:
+                    finish[r] = finish.get(r, 0) + 1
+        shards.append(_sizes(shard, k if kind == "topk" else 1, V, id_bytes))
+    total = _sizes({"name": "total", "rows": sum(s["rows"] for s in shards),
+                    "positions": sum(s["positions"] for s in shards),
+                    "bytes": sum(s["bytes"] for s in shards)}, k if kind == "topk" else 1, V, id_bytes)
+    out = {"dir": str(label_dir), "kind": kind, "k": k, "vocab_size": V, "encoding": reader.encoding.to_dict(),
+           **{key: total[key] for key in total if key != "name"}, "shards": shards}
+    if kind == "topk":
+        n = max(total["positions"], 1)
+        out.update({
+            "coverage_mean": cov_sum / n,
+            "coverage_p1": _percentile_from_hist(hist, 1),
+            "coverage_p5": _percentile_from_hist(hist, 5),
+            "coverage_p50": _percentile_from_hist(hist, 50),
+            "coverage_below_0.9": float(hist[: int(0.9 * COVERAGE_BINS)].sum() / n),
+            "coverage_below_0.99": float(hist[: int(0.99 * COVERAGE_BINS)].sum() / n),
+            "target_in_topk": in_topk / n,
+            "coverage_histogram": hist.reshape(20, -1).sum(axis=1).tolist(),
+        })
+    else:
+        out["finish_reasons"] = finish
+    return out
+
+
+def _sizes(s: dict, k: int, V: int, id_bytes: int) -> dict:
+    pos, b = s["positions"], s["bytes"]
+    raw_topk = pos * k * 8  # int32 id + float32 logprob per entry
+    return {
+        "name": s["name"], "rows": s["rows"], "positions": pos, "bytes": b,
+        "bytes_per_position": b / pos if pos else float("nan"),
+        "bytes_per_entry": b / (pos * k) if pos else float("nan"),
+        "ratio_vs_raw_topk": raw_topk / b if b else float("nan"),
+        "ratio_vs_full_fp8": pos * V / b if b else float("nan"),
+        "ratio_vs_full_bf16": pos * V * 2 / b if b else float("nan"),
+    }
+
+
+def format_inspect(r: dict) -> str:
+    lines = [f"{r['dir']}: {r['kind']} labels, k={r['k']}, vocab {r['vocab_size']}, "
+             f"logprobs {r['encoding']['logprob_codec']}, zstd {r['encoding']['zstd_level']}"]
+    if r["kind"] == "topk":
+        lines.append(f"{'shard':<24}{'rows':>10}{'positions':>12}{'bytes':>14}{'B/pos':>9}{'B/entry':>9}{'vs raw':>8}{'vs bf16':>10}")
+        for s in r["shards"] + [dict(r, name="total")]:
+            lines.append(f"{s['name']:<24}{s['rows']:>10,}{s['positions']:>12,}{s['bytes']:>14,}"
+                         f"{s['bytes_per_position']:>9.2f}{s['bytes_per_entry']:>9.3f}"
+                         f"{s['ratio_vs_raw_topk']:>7.1f}x{s['ratio_vs_full_bf16']:>9.0f}x")
+    else:
+        lines.append(f"{'shard':<24}{'rows':>10}{'tokens':>12}{'bytes':>14}{'B/token':>9}")
+        for s in r["shards"] + [dict(r, name="total")]:
+            lines.append(f"{s['name']:<24}{s['rows']:>10,}{s['positions']:>12,}{s['bytes']:>14,}{s['bytes_per_position']:>9.2f}")
+    if r["kind"] == "topk":
+        lines.append(f"coverage: mean {r['coverage_mean']:.4f}  p1 {r['coverage_p1']:.4f}  p5 {r['coverage_p5']:.4f}  "
+                     f"p50 {r['coverage_p50']:.4f}  below 0.9: {r['coverage_below_0.9']:.1%}  "
+                     f"below 0.99: {r['coverage_below_0.99']:.1%}")
+        lines.append(f"actual next token inside the top-{r['k']}: {r['target_in_topk']:.1%}")
+        h = np.asarray(r["coverage_histogram"], dtype=float)
+        for i, c in enumerate(h):
+            bar = "#" * int(round(40 * c / h.max())) if h.max() else ""
+            lines.append(f"  [{i / 20:.2f}, {(i + 1) / 20:.2f}) {int(c):>10,} {bar}")
+    else:
+        lines.append("finish reasons: " + ", ".join(f"{k}={v}" for k, v in sorted(r["finish_reasons"].items())))
+    return "\n".join(lines)
+
+
+def plot_inspect(r: dict, path: Path | str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise FormatError("--plot needs matplotlib: pip install 'labelgen[plot]'") from None
+    if r["kind"] != "topk":
+        raise FormatError("--plot draws the top-k coverage histogram; this label set holds samples")
+    h = np.asarray(r["coverage_histogram"], dtype=float)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(np.arange(20) / 20, h / max(h.sum(), 1), width=0.05, align="edge")
+    ax.set_xlabel(f"teacher probability mass inside the top-{r['k']}")
+    ax.set_ylabel("share of positions")
+    ax.set_title(f"coverage (mean {r['coverage_mean']:.3f}, {r['bytes_per_position']:.1f} B/position)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- estimate
+
+
+def estimate(tokens: float, vocab: int, k: int, from_dir: Path | str | None = None) -> dict:
+    """Storage of full-vocabulary soft labels against top-k labels."""
+    if tokens <= 0 or vocab <= 0 or k <= 0:
+        raise FormatError("--tokens, --vocab and --k must be positive")
+    if k > vocab:
+        raise FormatError(f"--k {k} is larger than --vocab {vocab}")
+    if from_dir is not None:
+        measured = inspect(from_dir)
+        if measured["kind"] != "topk":
+            raise FormatError(f"{from_dir}: holds {measured['kind']} labels; --from needs topk labels")
+        per_entry, source = measured["bytes_per_entry"], f"measured from {from_dir} (k={measured['k']})"
+    else:
+        # Uncompressed size of this format's layout: id + uint16 gap per entry,
+        # coverage, target logprob and rank (3 x 4 bytes) per position.
+        per_entry = fmt.id_dtype(vocab).itemsize + 2 + 12 / k
+        source = "uncompressed layout (an upper bound; use --from DIR for a measured figure)"
+    rows = {
+        "full_fp32": tokens * vocab * 4,
+        "full_bf16": tokens * vocab * 2,
+        "full_fp8": tokens * vocab * 1,
+        "topk": tokens * k * per_entry,
+    }
+    return {"tokens": tokens, "vocab": vocab, "k": k, "topk_bytes_per_entry": per_entry,
+            "topk_bytes_per_position": per_entry * k, "source": source, "bytes": rows,
+            "topk_vs_full_fp8": rows["full_fp8"] / rows["topk"]}
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB", "EB"):
+        if abs(n) < 1000 or unit == "EB":
+            return f"{n:,.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def format_estimate(e: dict) -> str:
+    lines = [f"{e['tokens']:.3g} tokens, vocabulary {e['vocab']:,}, k={e['k']}"]
+    for name, label in (("full_fp32", "full vocabulary, fp32"), ("full_bf16", "full vocabulary, bf16"),
+                        ("full_fp8", "full vocabulary, fp8"), ("topk", f"top-{e['k']} (this format)")):
+        b = e["bytes"][name]
+        lines.append(f"  {label:<28}{b:>14.3e} B  {human_bytes(b):>12}  ({b / 1e9:,.0f} GB)")
+    lines.append(f"  top-k at {e['topk_bytes_per_entry']:.3f} B/entry, {e['source']}; "
+                 f"{e['topk_vs_full_fp8']:,.0f}x smaller than fp8 full labels")
+    return "\n".join(lines)

@@ -1,0 +1,274 @@
+"""Writing and reading label shards (the layout itself lives in format.py).
+
+    with ShardWriter("labels/", kind="topk", k=64, vocab_size=32000) as w:
+        for row in rows:
+            w.write(row)                      # manifest.json appears on exit
+    for row in ShardReader("labels/").rows(columns=["input_ids", "topk_ids"]):
+        ...
+
+A shard is written to `NAME.tmp`, fsynced and renamed; the manifest is written
+last, so a directory with a manifest is a complete label set and an
+interrupted writer leaves only `.tmp` files, which nothing reads.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from labelgen import format as fmt
+from labelgen.format import Encoding, FormatError
+
+
+@dataclass
+class ShardInfo:
+    name: str
+    rows: int
+    positions: int
+    bytes: int
+    sha256: str
+
+    def to_dict(self) -> dict:
+        return dict(name=self.name, rows=self.rows, positions=self.positions, bytes=self.bytes, sha256=self.sha256)
+
+
+def _positions(batch: pa.RecordBatch, kind: str) -> int:
+    """Stored positions: next-token predictions (topk) or completion tokens (samples)."""
+    col = batch.column(fmt.COVERAGE if kind == "topk" else fmt.COMPLETION_IDS)
+    return int(pc.sum(pc.list_value_length(col)).as_py() or 0)
+
+
+def shard_info_from_file(path: Path, kind: str) -> ShardInfo:
+    """ShardInfo of a finished shard on disk (used when a job resumes)."""
+    pf = pq.ParquetFile(path)
+    col = fmt.COVERAGE if kind == "topk" else fmt.COMPLETION_IDS
+    positions = sum(_positions(pf.read_row_group(i, columns=[col]), kind) for i in range(pf.num_row_groups))
+    return ShardInfo(path.name, pf.metadata.num_rows, positions, path.stat().st_size, fmt.sha256_file(path))
+
+
+class ShardFile:
+    """One shard, written atomically. Rows are buffered into row groups of
+    `encoding.row_group_rows`; `close()` renames the finished file into place
+    and returns its ShardInfo; `abort()` (or an exception inside `with`)
+    removes the temporary file."""
+
+    def __init__(self, path: Path, kind: str, k: int, vocab_size: int, enc: Encoding, extra_meta: dict | None = None):
+        self.path, self.kind, self.k, self.vocab_size, self.enc = Path(path), kind, k, vocab_size, enc
+        self.tmp = self.path.with_name(self.path.name + fmt.TMP_SUFFIX)
+        sch = fmt.schema(kind, vocab_size, enc).with_metadata(fmt.file_metadata(kind, k, vocab_size, enc, extra_meta))
+        self._writer = pq.ParquetWriter(self.tmp, sch, **fmt.parquet_writer_options(kind, enc))
+        self._buf: list[dict] = []
+        self.rows = 0
+        self.positions = 0
+
+    def write(self, row: dict) -> None:
+        self._buf.append(row)
+        if len(self._buf) >= self.enc.row_group_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buf:
+            return
+        batch = fmt.encode_rows(self.kind, self._buf, self.k, self.vocab_size, self.enc)
+        self._buf = []
+        self._writer.write_batch(batch, row_group_size=batch.num_rows)
+        self.rows += batch.num_rows
+        self.positions += _positions(batch, self.kind)
+
+    @property
+    def approx_bytes(self) -> int:
+        return self.tmp.stat().st_size if self.tmp.exists() else 0
+
+    def close(self) -> ShardInfo:
+        try:
+            self._flush()
+            self._writer.close()
+        except BaseException:
+            self.abort()
+            raise
+        with open(self.tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        info = ShardInfo(self.path.name, self.rows, self.positions, self.tmp.stat().st_size, fmt.sha256_file(self.tmp))
+        os.replace(self.tmp, self.path)
+        fmt.fsync_dir(self.path.parent)
+        return info
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+        except Exception:
+            pass
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ShardFile":
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+
+
+def prepare_output_dir(out_dir: Path, exist: str) -> None:
+    """Create `out_dir`; refuse a non-empty one unless exist is 'resume' (keep
+    it) or 'overwrite' (delete it). Leftover `.tmp` files are always removed."""
+    if exist not in ("error", "resume", "overwrite"):
+        raise ValueError(f"exist must be error, resume or overwrite, got {exist!r}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FormatError(f"{out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if exist == "error":
+            raise FormatError(f"{out_dir}: output directory is not empty; pass --resume to continue it or --overwrite to replace it")
+        if exist == "overwrite":
+            shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for tmp in out_dir.glob("*" + fmt.TMP_SUFFIX):
+        tmp.unlink()
+
+
+class ShardWriter:
+    """A label set: rolls a new shard at `max_rows` rows or `max_bytes` bytes
+    and writes the manifest on a clean exit (never after an exception).
+    `header` goes into the manifest as is (teacher, tokenizer, config, ...)."""
+
+    def __init__(self, out_dir: Path | str, kind: str, k: int, vocab_size: int, *,
+                 encoding: Encoding = Encoding(), header: dict | None = None,
+                 max_rows: int = 100_000, max_bytes: int = 512 << 20, exist: str = "error"):
+        if kind not in fmt.KINDS:
+            raise FormatError(f"unknown record kind {kind!r}; this version knows {fmt.KINDS}")
+        if kind == "topk" and k < 1:
+            raise FormatError(f"k must be >= 1, got {k}")
+        self.out_dir, self.kind, self.k, self.vocab_size, self.enc = Path(out_dir), kind, k, vocab_size, encoding
+        self.header, self.max_rows, self.max_bytes = header or {}, max_rows, max_bytes
+        prepare_output_dir(self.out_dir, "overwrite" if exist == "overwrite" else "error")
+        self.shards: list[ShardInfo] = []
+        self._file: ShardFile | None = None
+        self.manifest: dict | None = None
+
+    def write(self, row: dict) -> None:
+        if self._file is None:
+            path = self.out_dir / fmt.shard_name(len(self.shards))
+            self._file = ShardFile(path, self.kind, self.k, self.vocab_size, self.enc)
+        self._file.write(row)
+        f = self._file
+        if f.rows + len(f._buf) >= self.max_rows or f.approx_bytes >= self.max_bytes:
+            self.shards.append(f.close())
+            self._file = None
+
+    def close(self) -> dict:
+        if self._file is not None:
+            self.shards.append(self._file.close())
+            self._file = None
+        self.manifest = fmt.write_manifest(self.out_dir, build_manifest(
+            self.kind, self.k, self.vocab_size, self.enc, self.shards, self.header))
+        return self.manifest
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.abort()
+            self._file = None
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def build_manifest(kind: str, k: int, vocab_size: int, enc: Encoding, shards: list[ShardInfo], header: dict) -> dict:
+    m = {
+        "format": fmt.FORMAT_NAME,
+        "format_version": fmt.FORMAT_VERSION,
+        "kind": kind,
+        "k": k,
+        "vocab_size": vocab_size,
+        "encoding": enc.to_dict(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    m.update(header)
+    m["counts"] = {**header.get("counts", {}), "rows": sum(s.rows for s in shards),
+                   "positions": sum(s.positions for s in shards)}
+    m["shards"] = [s.to_dict() for s in shards]
+    return m
+
+
+class ShardReader:
+    """Lazy reader of a label set, driven by its manifest. Holds at most one
+    row group in memory. Checks each shard's size on open (`verify=True`
+    also checks its sha256) and its format metadata."""
+
+    def __init__(self, label_dir: Path | str, verify: bool = False):
+        self.dir = Path(label_dir)
+        self.manifest = fmt.read_manifest(self.dir)
+        m = self.manifest
+        self.kind, self.k, self.vocab_size = m["kind"], int(m["k"]), int(m["vocab_size"])
+        self.encoding = Encoding.from_dict(m["encoding"])
+        self.verify = verify
+
+    @property
+    def shards(self) -> list[dict]:
+        return self.manifest["shards"]
+
+    def open_shard(self, shard: dict) -> pq.ParquetFile:
+        path = self.dir / shard["name"]
+        if not path.is_file():
+            raise FormatError(f"{path}: listed in the manifest but missing")
+        size = path.stat().st_size
+        if size != shard["bytes"]:
+            raise FormatError(f"{path}: {size} bytes, manifest says {shard['bytes']} (truncated or replaced)")
+        if self.verify and fmt.sha256_file(path) != shard["sha256"]:
+            raise FormatError(f"{path}: sha256 does not match the manifest (corrupted)")
+        try:
+            pf = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as e:
+            raise FormatError(f"{path}: unreadable Parquet ({e})") from None
+        info = fmt.read_file_metadata(pf.schema_arrow.metadata, str(path))
+        if info.get("kind") != self.kind:
+            raise FormatError(f"{path}: holds {info.get('kind')!r} records, manifest says {self.kind!r}")
+        return pf
+
+    def row_groups(self) -> Iterator[tuple[int, int]]:
+        """(shard index, row group index) for every row group, in order."""
+        for si, shard in enumerate(self.shards):
+            for rg in range(self.open_shard(shard).num_row_groups):
+                yield si, rg
+
+    def read_row_group(self, shard_index: int, row_group: int, columns: list[str] | None = None,
+                       pf: pq.ParquetFile | None = None) -> dict[str, Any]:
+        """Decoded columns of one row group (see format.decode_batch)."""
+        shard = self.shards[shard_index]
+        pf = pf or self.open_shard(shard)
+        try:
+            table = pf.read_row_group(row_group, columns=columns)
+        except (pa.ArrowException, OSError) as e:
+            raise FormatError(f"{self.dir / shard['name']}: row group {row_group}: {e}") from None
+        return fmt.decode_batch(table, self.kind, self.k, self.encoding)
+
+    def batches(self, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
+        """Decoded row groups, one at a time."""
+        for si, shard in enumerate(self.shards):
+            pf = self.open_shard(shard)
+            for rg in range(pf.num_row_groups):
+                yield self.read_row_group(si, rg, columns, pf)
+
+    def rows(self, columns: list[str] | None = None, as_torch: bool = False) -> Iterator[dict[str, Any]]:
+        """Rows as dicts of numpy arrays (or torch tensors with as_torch)."""
+        for decoded in self.batches(columns):
+            for row in fmt.rows_from_decoded(decoded):
+                if as_torch:
+                    import torch
+                    row = {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+                           for k, v in row.items()}
+                yield row

@@ -1,0 +1,31 @@
+"""Synthetic label rows for format tests: Zipf-like ids, peaked logprobs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def peaked_logprobs(rng: np.random.Generator, positions: int, vocab: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids [P,k], sorted logprobs [P,k], coverage [P]) from random peaked
+    distributions over `vocab` (exact log-softmax, then top-k)."""
+    logits = rng.standard_normal((positions, vocab)) * 3.0
+    logits[np.arange(positions), rng.integers(0, vocab, positions)] += 8.0
+    lp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    ids = np.argsort(-lp, axis=1, kind="stable")[:, :k]
+    top = np.take_along_axis(lp, ids, axis=1)
+    return ids, top.astype(np.float32), np.exp(top).sum(1).astype(np.float32)
+
+
+def topk_row(rng: np.random.Generator, example_id: str, length: int, vocab: int, k: int) -> dict:
+    ids, lp, cov = peaked_logprobs(rng, length - 1, vocab, k)
+    inp = rng.integers(0, vocab, length)
+    return {
+        "example_id": example_id,
+        "window_offset": 0,
+        "input_ids": inp,
+        "topk_ids": ids,
+        "topk_logprobs": lp,
+        "coverage": cov,
+        "target_logprob": lp[:, 0] - 1.0,
+        "target_rank": rng.integers(0, 2 * k, length - 1),
+    }

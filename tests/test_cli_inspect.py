@@ -1,0 +1,61 @@
+import json
+
+import numpy as np
+from typer.testing import CliRunner
+
+from helpers import topk_row
+from labelgen.cli import app
+from labelgen.shards import ShardWriter
+
+runner = CliRunner()
+
+
+def make_set(path, rng, n=5):
+    with ShardWriter(path, "topk", 8, 300) as w:
+        for i in range(n):
+            w.write(topk_row(rng, f"e{i}", 20, 300, 8))
+
+
+def test_validate_exits_zero_on_a_good_set_and_one_listing_problems(tmp_path, rng):
+    make_set(tmp_path / "l", rng)
+    ok = runner.invoke(app, ["validate", str(tmp_path / "l")])
+    assert ok.exit_code == 0 and "OK (1 shards, 5 rows)" in ok.output
+    (tmp_path / "l" / "shard-000000.parquet").unlink()
+    bad = runner.invoke(app, ["validate", str(tmp_path / "l"), "--json"])
+    assert bad.exit_code == 1
+    report = json.loads(bad.stdout)
+    assert not report["ok"] and "missing" in report["problems"][0]["problem"]
+
+
+def test_inspect_json_has_the_documented_keys(tmp_path, rng):
+    make_set(tmp_path / "l", rng)
+    r = runner.invoke(app, ["inspect", str(tmp_path / "l"), "--json"])
+    assert r.exit_code == 0
+    d = json.loads(r.stdout)
+    for key in ("rows", "positions", "bytes", "bytes_per_position", "k", "coverage_mean", "coverage_p5"):
+        assert key in d
+    assert d["rows"] == 5 and d["positions"] == 5 * 19 and d["k"] == 8
+
+
+def test_inspect_plot_writes_a_png(tmp_path, rng):
+    make_set(tmp_path / "l", rng)
+    r = runner.invoke(app, ["inspect", str(tmp_path / "l"), "--plot", str(tmp_path / "cov.png")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "cov.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_input_gives_one_line_and_a_nonzero_exit(tmp_path):
+    r = runner.invoke(app, ["inspect", str(tmp_path / "nope")])
+    assert r.exit_code == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("labelgen: error:") and "no manifest" in lines[0]
+    assert "Traceback" not in r.output
+
+
+def test_estimate_prints_full_and_topk_storage():
+    r = runner.invoke(app, ["estimate", "--tokens", "5e12", "--vocab", "100000", "--k", "64", "--json"])
+    assert r.exit_code == 0
+    d = json.loads(r.stdout)
+    assert d["bytes"]["full_fp8"] == 5e17 and d["bytes"]["full_bf16"] == 1e18
+    bad = runner.invoke(app, ["estimate", "--tokens", "1e9", "--vocab", "100", "--k", "500"])
+    assert bad.exit_code == 2 and "larger than --vocab" in bad.stderr

@@ -1,0 +1,223 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import topk_row
+from labelgen import format as fmt
+from labelgen.format import Encoding, FormatError
+from labelgen.shards import ShardReader, ShardWriter
+
+
+def write_set(path, rows, k, vocab, **kw):
+    with ShardWriter(path, "topk", k, vocab, **kw) as w:
+        for r in rows:
+            w.write(r)
+    return w.manifest
+
+
+@pytest.mark.parametrize("codec", ["gap", "u8", "f32"])
+def test_topk_round_trip_within_documented_error(tmp_path, rng, codec):
+    k, V = 8, 500
+    rows = [topk_row(rng, f"ex{i}", int(rng.integers(2, 40)), V, k) for i in range(30)]
+    enc = Encoding(logprob_codec=codec, row_group_rows=7)
+    write_set(tmp_path / "l", rows, k, V, encoding=enc, max_rows=11)
+    out = list(ShardReader(tmp_path / "l", verify=True).rows())
+    assert [r["example_id"] for r in out] == [r["example_id"] for r in rows]
+    floor = -enc.u8_range if codec == "u8" else fmt.LOGPROB_FLOOR
+    for a, b in zip(rows, out):
+        assert b["topk_ids"].dtype == np.int64 and b["topk_logprobs"].dtype == np.float32
+        np.testing.assert_array_equal(a["topk_ids"], b["topk_ids"])
+        np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+        err = np.abs(np.maximum(a["topk_logprobs"], floor) - b["topk_logprobs"])
+        assert err.max() <= enc.max_logprob_error + 1e-6
+        assert (np.diff(b["topk_logprobs"], axis=1) <= 0).all()
+        np.testing.assert_allclose(a["coverage"], b["coverage"], rtol=0, atol=0)
+        np.testing.assert_array_equal(a["target_rank"], b["target_rank"])
+
+
+def test_ids_use_the_narrowest_width_the_vocabulary_allows():
+    assert fmt.id_dtype(256) == np.uint8
+    assert fmt.id_dtype(257) == np.uint16
+    assert fmt.id_dtype(65536) == np.uint16
+    assert fmt.id_dtype(65537) == np.uint32
+    assert fmt.id_dtype(152064) == np.uint32
+
+
+def test_large_vocabulary_ids_survive_the_round_trip(tmp_path, rng):
+    V, k = 152064, 4
+    row = topk_row(rng, "big", 6, 1000, k)
+    row["topk_ids"] = row["topk_ids"] + (V - 1000)
+    write_set(tmp_path / "l", [row], k, V)
+    (out,) = ShardReader(tmp_path / "l").rows()
+    np.testing.assert_array_equal(out["topk_ids"], row["topk_ids"])
+    assert out["topk_ids"].max() == row["topk_ids"].max() > 131072
+
+
+def test_reader_projects_columns_and_holds_one_row_group(tmp_path, rng):
+    rows = [topk_row(rng, f"e{i}", 10, 300, 4) for i in range(20)]
+    write_set(tmp_path / "l", rows, 4, 300, encoding=Encoding(row_group_rows=5))
+    reader = ShardReader(tmp_path / "l")
+    batches = list(reader.batches(columns=["example_id", "coverage"]))
+    assert len(batches) == 4
+    assert set(batches[0]) == {"example_id", "coverage"}
+    assert len(batches[0]["example_id"]) == 5
+    rows_t = list(reader.rows(columns=["topk_ids"], as_torch=True))
+    assert rows_t[0]["topk_ids"].shape == (9, 4) and str(rows_t[0]["topk_ids"].dtype) == "torch.int64"
+
+
+def test_reader_refuses_an_unknown_major_version(tmp_path, rng):
+    write_set(tmp_path / "l", [topk_row(rng, "a", 5, 100, 2)], 2, 100)
+    m = json.loads((tmp_path / "l" / "manifest.json").read_text())
+    m["format_version"] = "2.0"
+    (tmp_path / "l" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(FormatError, match=r"format version 2.0 is not supported; this labelgen reads 1.x"):
+        ShardReader(tmp_path / "l")
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda r: r.update(topk_ids=r["topk_ids"][:, :3]), "must both be"),
+    (lambda r: r.update(topk_logprobs=r["topk_logprobs"][:, ::-1].copy()), "not sorted descending"),
+    (lambda r: r.update(topk_logprobs=r["topk_logprobs"] + 5), "positive logprob"),
+    (lambda r: r["topk_ids"].__setitem__((0, 0), 100), r"outside \[0, 100\)"),
+    (lambda r: r["topk_logprobs"].__setitem__((1, 1), np.nan), "NaN"),
+    (lambda r: r.update(coverage=r["coverage"][:-1]), "expected 4"),
+    (lambda r: r.update(coverage=r["coverage"] + 2), r"coverage outside \[0, 1\]"),
+])
+def test_writer_rejects_a_bad_row_naming_the_example(tmp_path, rng, mutate, message):
+    row = topk_row(rng, "doc-7", 5, 100, 4)
+    mutate(row)
+    with pytest.raises(FormatError, match=rf"example 'doc-7': .*{message}"):
+        write_set(tmp_path / "l", [row], 4, 100)
+    assert not (tmp_path / "l" / "manifest.json").exists()
+    assert not list((tmp_path / "l").glob("*.parquet"))
+
+
+def test_writer_refuses_a_non_empty_directory_unless_told(tmp_path, rng):
+    (tmp_path / "l").mkdir()
+    (tmp_path / "l" / "keep.txt").write_text("x")
+    with pytest.raises(FormatError, match="not empty"):
+        ShardWriter(tmp_path / "l", "topk", 2, 100)
+    write_set(tmp_path / "l", [topk_row(rng, "a", 5, 100, 2)], 2, 100, exist="overwrite")
+    assert not (tmp_path / "l" / "keep.txt").exists()
+
+
+def test_validate_accepts_a_good_set_and_detects_sha256_mismatch(tmp_path, rng):
+    from labelgen.inspect import validate
+    write_set(tmp_path / "l", [topk_row(rng, f"e{i}", 30, 300, 8) for i in range(10)], 8, 300)
+    assert validate(tmp_path / "l")["ok"]
+    shard = tmp_path / "l" / "shard-000000.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    r = validate(tmp_path / "l")
+    assert not r["ok"] and "sha256" in r["problems"][0]["problem"]
+    assert r["problems"][0]["file"].endswith("shard-000000.parquet")
+
+
+def test_truncated_shard_is_named_by_reader_and_validate(tmp_path, rng):
+    from labelgen.inspect import validate
+    write_set(tmp_path / "l", [topk_row(rng, f"e{i}", 30, 300, 8) for i in range(10)], 8, 300)
+    shard = tmp_path / "l" / "shard-000000.parquet"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(FormatError, match=r"shard-000000.parquet: .* bytes, manifest says .* \(truncated"):
+        list(ShardReader(tmp_path / "l").rows())
+    assert "truncated" in validate(tmp_path / "l")["problems"][0]["problem"]
+
+
+def test_validate_finds_logical_faults_by_file_and_row(tmp_path, rng):
+    from labelgen.inspect import validate
+    rows = [topk_row(rng, f"e{i}", 12, 300, 8) for i in range(6)]
+    rows[4]["coverage"] = rows[4]["coverage"] * 0.5  # inconsistent with its logprobs
+    write_set(tmp_path / "l", rows, 8, 300)
+    (p,) = validate(tmp_path / "l")["problems"]
+    assert p["row"] == 4 and "coverage differs" in p["problem"]
+
+
+def test_foreign_and_extra_files_are_reported(tmp_path, rng):
+    from labelgen.inspect import validate
+    write_set(tmp_path / "l", [topk_row(rng, "a", 5, 100, 2)], 2, 100)
+    pq.write_table(pa.table({"x": [1, 2]}), tmp_path / "l" / "stray.parquet")
+    problems = validate(tmp_path / "l")["problems"]
+    assert any(p["file"].endswith("stray.parquet") and "not listed" in p["problem"] for p in problems)
+    # A foreign file in place of a shard: same name and size in the manifest.
+    m = json.loads((tmp_path / "l" / "manifest.json").read_text())
+    foreign = tmp_path / "l" / "stray.parquet"
+    m["shards"][0].update(name="stray.parquet", bytes=foreign.stat().st_size, sha256=fmt.sha256_file(foreign))
+    (tmp_path / "l" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(FormatError, match="stray.parquet: not a labelgen shard"):
+        list(ShardReader(tmp_path / "l").rows())
+
+
+def test_kill_during_writing_leaves_no_finished_shard_and_no_manifest(tmp_path):
+    out = tmp_path / "l"
+    script = textwrap.dedent(f"""
+        import sys, numpy as np
+        sys.path.insert(0, {str(os.path.dirname(__file__))!r})
+        from helpers import topk_row
+        from labelgen.format import Encoding
+        from labelgen.shards import ShardWriter
+        rng = np.random.default_rng(0)
+        with ShardWriter({str(out)!r}, "topk", 8, 300, encoding=Encoding(row_group_rows=4)) as w:
+            for i in range(10**9):
+                w.write(topk_row(rng, f"e{{i}}", 20, 300, 8))
+                if i == 50:
+                    print("writing", flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(out.glob("*.tmp")), "the shard in progress should exist only as .tmp"
+    assert not list(out.glob("*.parquet"))
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(FormatError, match="no manifest"):
+        ShardReader(out)
+
+
+def test_inspect_numbers_match_hand_computed_values(tmp_path):
+    k, V = 2, 100
+    # Four positions with coverage 0.5, 0.8, 0.95, 1.0; ranks 0, 1, 2, 5 (two inside top-2).
+    lps = np.log(np.array([[0.3, 0.2], [0.5, 0.3], [0.6, 0.35], [0.5, 0.5]], dtype=np.float64)).astype(np.float32)
+    row = {"example_id": "a", "input_ids": np.array([1, 2, 3, 4, 5]), "topk_ids": np.array([[1, 2]] * 4),
+           "topk_logprobs": lps, "coverage": np.exp(lps.astype(np.float64)).sum(1),
+           "target_logprob": lps[:, 0], "target_rank": np.array([0, 1, 2, 5])}
+    from labelgen.inspect import inspect
+    write_set(tmp_path / "l", [row], k, V)
+    r = inspect(tmp_path / "l")
+    size = (tmp_path / "l" / "shard-000000.parquet").stat().st_size
+    assert r["positions"] == 4 and r["rows"] == 1 and r["bytes"] == size
+    assert r["bytes_per_position"] == pytest.approx(size / 4)
+    assert r["bytes_per_entry"] == pytest.approx(size / 8)
+    assert r["ratio_vs_raw_topk"] == pytest.approx(4 * 2 * 8 / size)
+    assert r["ratio_vs_full_bf16"] == pytest.approx(4 * V * 2 / size)
+    assert r["coverage_mean"] == pytest.approx((0.5 + 0.8 + 0.95 + 1.0) / 4, abs=1e-6)
+    assert r["coverage_p50"] == pytest.approx(0.8, abs=2e-4)
+    assert r["coverage_below_0.9"] == pytest.approx(0.5)
+    assert r["coverage_below_0.99"] == pytest.approx(0.75)
+    assert r["target_in_topk"] == pytest.approx(0.5)
+
+
+def test_estimate_shows_the_5e17_byte_figure():
+    from labelgen.inspect import estimate, format_estimate
+    e = estimate(5e12, 100_000, 64)
+    assert e["bytes"]["full_fp8"] == 5e17
+    assert e["bytes"]["full_bf16"] == 1e18
+    # uint32 ids (100k > 65536) + uint16 gap, plus 12 bytes per position.
+    assert e["bytes"]["topk"] == pytest.approx(5e12 * (64 * 6 + 12))
+    assert "500,000,000 GB" in format_estimate(e)
+
+
+def test_estimate_from_a_label_set_uses_its_measured_bytes(tmp_path, rng):
+    from labelgen.inspect import estimate, inspect
+    write_set(tmp_path / "l", [topk_row(rng, f"e{i}", 30, 300, 8) for i in range(5)], 8, 300)
+    e = estimate(1e9, 300, 8, tmp_path / "l")
+    assert e["topk_bytes_per_entry"] == pytest.approx(inspect(tmp_path / "l")["bytes_per_entry"])
+    assert e["bytes"]["topk"] == pytest.approx(1e9 * 8 * e["topk_bytes_per_entry"])
