@@ -17,6 +17,7 @@ from labelgen.format import Encoding
 MODES = ("topk", "sample", "greedy")
 BACKENDS = ("hf", "vllm")
 # Settings that change how a run executes but not a single byte of its output.
+DEFAULT_MAX_SEQ_LEN = 2048
 EXECUTION_ONLY = ("resume", "overwrite", "num_workers", "worker_index", "progress", "dry_run", "skip_bad")
 
 
@@ -35,8 +36,9 @@ class GenerateConfig:
     """hf (transformers; CPU or GPU) or vllm."""
     k: int = 64
     """Top-k entries kept per position (topk mode)."""
-    max_seq_len: int = 2048
-    """Longest window scored at once; longer documents are split into windows."""
+    max_seq_len: int | None = None
+    """Longest window scored at once; longer documents are split into windows.
+    Default: the teacher's context length, at most 2048."""
     stride: int | None = None
     """Tokens between window starts; default max_seq_len - 1, so consecutive
     windows share one token and every token is predicted exactly once."""
@@ -84,12 +86,13 @@ class GenerateConfig:
             bad("--input", "at least one input file or directory is required")
         if self.k < 1:
             bad("--k", f"must be >= 1, got {self.k}")
-        if self.max_seq_len < 2:
-            bad("--max-seq-len", f"must be >= 2, got {self.max_seq_len}")
-        if self.stride is not None and not 1 <= self.stride <= self.max_seq_len - 1:
-            bad("--stride", f"must be in [1, max_seq_len - 1 = {self.max_seq_len - 1}], got {self.stride}")
-        if self.batch_tokens < self.max_seq_len:
-            bad("--batch-tokens", f"must be >= --max-seq-len ({self.max_seq_len}), got {self.batch_tokens}")
+        seq = self.max_seq_len  # None until resolved against the teacher (generate.resolve)
+        if seq is not None and seq < 2:
+            bad("--max-seq-len", f"must be >= 2, got {seq}")
+        if seq is not None and self.stride is not None and not 1 <= self.stride <= seq - 1:
+            bad("--stride", f"must be in [1, max_seq_len - 1 = {seq - 1}], got {self.stride}")
+        if seq is not None and self.batch_tokens < seq:
+            bad("--batch-tokens", f"must be >= --max-seq-len ({seq}), got {self.batch_tokens}")
         if self.n < 1:
             bad("--n", f"must be >= 1, got {self.n}")
         if self.temperature < 0:

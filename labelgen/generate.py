@@ -14,6 +14,7 @@ only appears under its final name once complete; the manifest comes last.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import queue
@@ -26,7 +27,7 @@ import numpy as np
 
 from labelgen import format as fmt
 from labelgen.backends import SampleRequest, Teacher, load_teacher
-from labelgen.config import EXECUTION_ONLY, GenerateConfig
+from labelgen.config import DEFAULT_MAX_SEQ_LEN, EXECUTION_ONLY, GenerateConfig
 from labelgen.format import Encoding, FormatError
 from labelgen.inputs import FieldSpec, InputError, Record, read_records
 from labelgen.shards import ShardFile, ShardInfo, build_manifest, prepare_output_dir, shard_info_from_file
@@ -93,14 +94,24 @@ def check_output_dir(cfg: GenerateConfig) -> None:
     fmt.atomic_write_bytes(run_file, json.dumps({"config_hash": cfg.output_hash(), "config": cfg.to_dict()}, indent=2).encode())
 
 
-def run(cfg: GenerateConfig) -> dict:
-    """Run the job; returns the manifest (or the worker's partial manifest)."""
+def run(cfg: GenerateConfig, teacher: Teacher | None = None) -> dict:
+    """Run the job; returns the manifest (or the worker's partial manifest).
+    `teacher` reuses an already loaded backend (it must be cfg.teacher)."""
+    from labelgen.inputs import expand_paths
+    expand_paths(list(cfg.inputs))   # fail on a missing input before loading anything
     tokenizer = load_tokenizer(cfg.teacher)
-    _check_k(cfg, tokenizer)
+    cfg = resolve(cfg, tokenizer)
     check_output_dir(cfg)
-    teacher = load_teacher(cfg, tokenizer)
-    if cfg.mode == "topk" and cfg.max_seq_len > teacher.max_positions:
-        raise ValueError(f"--max-seq-len {cfg.max_seq_len} exceeds the teacher's {teacher.max_positions} positions")
+    if teacher is None:
+        teacher = load_teacher(cfg, tokenizer)
+        try:
+            return _generate(cfg, teacher, tokenizer)
+        finally:
+            teacher.close()
+    return _generate(cfg, teacher, tokenizer)
+
+
+def _generate(cfg: GenerateConfig, teacher: Teacher, tokenizer) -> dict:
     enc = Encoding(**cfg.encoding)
     id_bound = max(teacher.logits_size, teacher.vocab_size)
     out = Path(cfg.out)
@@ -153,13 +164,19 @@ def run(cfg: GenerateConfig) -> dict:
     return manifest
 
 
-def _check_k(cfg: GenerateConfig, tokenizer) -> None:
-    if cfg.mode != "topk":
-        return
+def resolve(cfg: GenerateConfig, tokenizer) -> GenerateConfig:
+    """Fill settings that depend on the teacher and check them against it."""
     from transformers import AutoConfig
-    vocab = getattr(AutoConfig.from_pretrained(cfg.teacher), "vocab_size", None) or len(tokenizer)
-    if cfg.k > vocab:
+    mcfg = AutoConfig.from_pretrained(cfg.teacher)
+    positions = int(getattr(mcfg, "max_position_embeddings", 0) or 1 << 30)
+    vocab = getattr(mcfg, "vocab_size", None) or len(tokenizer)
+    if cfg.max_seq_len is None:
+        cfg = dataclasses.replace(cfg, max_seq_len=min(DEFAULT_MAX_SEQ_LEN, positions))
+    if cfg.mode == "topk" and cfg.max_seq_len > positions:
+        raise ValueError(f"--max-seq-len {cfg.max_seq_len} exceeds the teacher's {positions} positions")
+    if cfg.mode == "topk" and cfg.k > vocab:
         raise ValueError(f"--k {cfg.k} is larger than the teacher's vocabulary ({vocab})")
+    return cfg
 
 
 def _write_manifest(cfg, out, teacher: Teacher, tokenizer, enc, id_bound, shards, counts, total_shards) -> dict:

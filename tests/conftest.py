@@ -12,3 +12,41 @@ import pytest
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+TINY = dict(vocab_size=512, hidden_size=128, layers=2, heads=2, seq_len=64, batch_size=8, steps=40,
+            corpus_bytes=300_000, max_positions=512)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    """A 2-layer Llama (head_dim 64) and BPE tokenizer trained briefly on stdlib source."""
+    from labelgen.demo import DemoTeacherConfig, build_demo_teacher
+    return str(build_demo_teacher(tmp_path_factory.mktemp("teacher"), None, DemoTeacherConfig(**TINY), log=None))
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """JSONL documents of Python source (long ones get split into windows) and prompts."""
+    import json
+    from labelgen.demo import read_corpus
+    d = tmp_path_factory.mktemp("corpus")
+    texts = read_corpus(None, 2_000_000)
+    with open(d / "docs.jsonl", "w") as f:
+        for i, t in enumerate(texts[:24]):
+            f.write(json.dumps({"id": f"doc{i}", "text": t[: 200 + 97 * i]}) + "\n")
+    with open(d / "prompts.jsonl", "w") as f:
+        for i in range(5):
+            f.write(json.dumps({"prompt": f"def function_{i}(", "messages": [{"role": "user", "content": f"write f{i}"}]}) + "\n")
+    return d
+
+
+@pytest.fixture(scope="session")
+def vllm_teacher(tiny_teacher):
+    """One vLLM engine (CPU build here) shared by every vLLM test."""
+    from transformers import AutoTokenizer
+    from labelgen.backends.vllm import VLLMTeacher
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    teacher = VLLMTeacher(tiny_teacher, tok, max_logprobs=64, engine={"gpu_memory_utilization": 0.2, "max_model_len": 512})
+    yield teacher
+    teacher.close()

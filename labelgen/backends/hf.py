@@ -34,6 +34,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 class HFTeacher:
     def __init__(self, path: str, tokenizer, dtype: str = "auto", device: str = "auto"):
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()   # the job's own bar is the one to watch
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
@@ -52,6 +54,9 @@ class HFTeacher:
         eos = self.model.generation_config.eos_token_id
         eos = tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+    def close(self) -> None:
+        self.model = self.head_weight = self.head_bias = None
 
     def info(self) -> dict:
         import transformers

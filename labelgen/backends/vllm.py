@@ -33,6 +33,12 @@ class VLLMTeacher:
         self.max_positions = int(mcfg.max_model_len)
         self.max_logprobs = kwargs["max_logprobs"]
 
+    def close(self) -> None:
+        """Stop the engine process now rather than at interpreter exit."""
+        core = getattr(self.llm.llm_engine, "engine_core", None)
+        if core is not None:
+            core.shutdown()
+
     def info(self) -> dict:
         return {"backend": "vllm", "backend_version": self.version, "dtype": str(self.llm.llm_engine.model_config.dtype).removeprefix("torch."),
                 "engine": {k: v for k, v in self.engine_kwargs.items() if isinstance(v, (int, float, str, bool))}}
@@ -53,7 +59,7 @@ class VLLMTeacher:
         params = [SamplingParams(n=1, temperature=r.temperature, top_p=r.top_p if r.temperature > 0 else 1.0,
                                  max_tokens=r.max_new_tokens, seed=r.seed, logprobs=0,
                                  flat_logprobs=True, detokenize=False) for r in requests]
-        prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests]
+        prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in r.prompt_ids]) for r in requests]
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         results = []
         for o in outs:

@@ -1,0 +1,194 @@
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from labelgen.cli import app
+from labelgen.config import GenerateConfig
+from labelgen.generate import derive_seed, finalize, run, windows
+from labelgen.inspect import validate
+from labelgen.shards import ShardReader
+
+runner = CliRunner()
+
+
+def cfg(teacher, inputs, out, **kw):
+    base = dict(teacher=teacher, inputs=tuple(map(str, inputs)), out=str(out), k=16, max_seq_len=64,
+                batch_tokens=256, rows_per_shard=5, progress=False)
+    base.update(kw)
+    return GenerateConfig(**base)
+
+
+def rows_of(d, columns=None):
+    return sorted(ShardReader(d).rows(columns), key=lambda r: (r["example_id"], r.get("window_offset", 0), r.get("sample_index", 0)))
+
+
+def assert_same_rows(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def test_windows_predict_every_token_after_the_first_exactly_once():
+    ids = np.arange(100)
+    ws = windows(ids, 16, 15)
+    targets = np.concatenate([w[1:] for _, w in ws])
+    np.testing.assert_array_equal(targets, np.arange(1, 100))
+    assert [o for o, _ in ws][:3] == [0, 15, 30]
+    assert windows(np.arange(5), 16, 15)[0][1].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_topk_labels_match_a_plain_forward_pass(tiny_teacher, corpus, tmp_path):
+    from transformers import AutoModelForCausalLM
+    run(cfg(tiny_teacher, [corpus / "docs.jsonl"], tmp_path / "l", id_field="id"))
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
+    rows = rows_of(tmp_path / "l")
+    assert {r["example_id"] for r in rows} == {f"doc{i}" for i in range(24)}
+    for r in rows[:6]:
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.as_tensor(r["input_ids"])[None]).logits[0, :-1].float(), -1)
+        top = lp.topk(16, -1)
+        np.testing.assert_array_equal(r["topk_ids"], top.indices.numpy())
+        assert np.abs(r["topk_logprobs"] - top.values.numpy()).max() <= 1 / 64 + 1e-4   # gap codec, step 1/32
+        np.testing.assert_allclose(r["coverage"], top.values.exp().sum(-1).numpy(), atol=1e-5)
+        actual = lp.gather(1, torch.as_tensor(r["input_ids"][1:])[:, None])[:, 0].numpy()
+        np.testing.assert_allclose(r["target_logprob"], actual, atol=1e-4)
+        ranks = (lp > lp.gather(1, torch.as_tensor(r["input_ids"][1:])[:, None])).sum(-1).numpy()
+        np.testing.assert_array_equal(r["target_rank"], ranks)
+
+
+def test_generated_labels_validate_and_cover_every_document_token(tiny_teacher, corpus, tmp_path):
+    from transformers import AutoTokenizer
+    m = run(cfg(tiny_teacher, [corpus / "docs.jsonl"], tmp_path / "l", id_field="id"))
+    assert validate(tmp_path / "l")["ok"]
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    docs = [json.loads(line) for line in open(corpus / "docs.jsonl")]
+    expected = sum(len(tok(d["text"])["input_ids"]) - 1 for d in docs)
+    assert m["counts"]["positions"] == expected
+    assert m["counts"]["examples"] == 24 and len(m["shards"]) == 5
+    man = json.loads((tmp_path / "l" / "manifest.json").read_text())
+    assert man["teacher"]["backend"] == "hf" and man["tokenizer"]["fingerprint"].startswith("sha256:")
+    assert man["teacher"]["logits_size"] == 512 and man["config"]["k"] == 16
+
+
+def test_sampled_completions_reproduce_with_the_same_seed_and_differ_across_examples(tiny_teacher, corpus, tmp_path):
+    c = dict(mode="sample", prompt_field="prompt", n=2, max_new_tokens=12, temperature=1.0, top_p=1.0)
+    run(cfg(tiny_teacher, [corpus / "prompts.jsonl"], tmp_path / "a", **c))
+    run(cfg(tiny_teacher, [corpus / "prompts.jsonl"], tmp_path / "b", **c))
+    a, b = rows_of(tmp_path / "a"), rows_of(tmp_path / "b")
+    assert_same_rows(a, b)
+    assert len(a) == 10
+    assert all(r["seed"] == derive_seed(0, r["example_id"], r["sample_index"]) for r in a)
+    completions = {tuple(r["completion_ids"]) for r in a}
+    assert len(completions) == 10, "every (example, sample) pair should get its own stream"
+    run(cfg(tiny_teacher, [corpus / "prompts.jsonl"], tmp_path / "c", seed=1, **c))
+    assert {tuple(r["completion_ids"]) for r in rows_of(tmp_path / "c")} != completions
+    assert all(r["completion_logprobs"].shape == r["completion_ids"].shape for r in a)
+
+
+def test_greedy_mode_writes_one_argmax_completion_per_prompt(tiny_teacher, corpus, tmp_path):
+    from transformers import AutoModelForCausalLM
+    run(cfg(tiny_teacher, [corpus / "prompts.jsonl"], tmp_path / "g", mode="greedy", prompt_field="prompt", max_new_tokens=8))
+    rows = rows_of(tmp_path / "g")
+    assert len(rows) == 5 and all(r["sample_index"] == 0 for r in rows)
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
+    r = rows[0]
+    out = model.generate(torch.as_tensor(r["prompt_ids"])[None], max_new_tokens=8, do_sample=False)
+    np.testing.assert_array_equal(out[0, len(r["prompt_ids"]):].numpy()[: len(r["completion_ids"])], r["completion_ids"])
+
+
+def test_messages_are_rendered_with_the_chat_template(tiny_teacher, corpus, tmp_path):
+    run(cfg(tiny_teacher, [corpus / "prompts.jsonl"], tmp_path / "m", mode="greedy", messages_field="messages", max_new_tokens=4))
+    r = rows_of(tmp_path / "m")[0]
+    assert r["prompt"].startswith("<|user|>\nwrite f") and r["prompt"].endswith("<|assistant|>\n")
+
+
+def test_jsonl_zst_and_parquet_inputs_give_the_same_labels_as_jsonl(tiny_teacher, corpus, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+    raw = (corpus / "docs.jsonl").read_bytes()
+    (tmp_path / "docs.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
+    docs = [json.loads(line) for line in raw.decode().splitlines()]
+    pq.write_table(pa.Table.from_pylist(docs), tmp_path / "docs.parquet")
+    outs = []
+    for name in ("docs.jsonl.zst", "docs.parquet"):
+        run(cfg(tiny_teacher, [tmp_path / name], tmp_path / name.replace(".", "_"), id_field="id"))
+        outs.append(rows_of(tmp_path / name.replace(".", "_")))
+    run(cfg(tiny_teacher, [corpus / "docs.jsonl"], tmp_path / "ref", id_field="id"))
+    ref = rows_of(tmp_path / "ref")
+    for o in outs:
+        assert_same_rows(o, ref)
+
+
+def test_two_workers_and_finalize_give_the_same_rows_as_one_worker(tiny_teacher, corpus, tmp_path):
+    run(cfg(tiny_teacher, [corpus / "docs.jsonl"], tmp_path / "one"))
+    for w in range(2):
+        run(cfg(tiny_teacher, [corpus / "docs.jsonl"], tmp_path / "two", num_workers=2, worker_index=w))
+    assert not (tmp_path / "two" / "manifest.json").exists()
+    finalize(tmp_path / "two")
+    assert validate(tmp_path / "two")["ok"]
+    assert_same_rows(rows_of(tmp_path / "two"), rows_of(tmp_path / "one"))
+
+
+def test_finalize_fails_when_a_worker_is_missing(tiny_teacher, corpus, tmp_path):
+    from labelgen.format import FormatError
+    run(cfg(tiny_teacher, [corpus / "docs.jsonl"], tmp_path / "two", num_workers=2, worker_index=0))
+    with pytest.raises(FormatError, match=r"no manifest from worker\(s\) 1 of 2"):
+        finalize(tmp_path / "two")
+
+
+def test_resume_after_kill_writes_each_row_once(tiny_teacher, corpus, tmp_path):
+    args = [sys.executable, "-m", "labelgen.cli", "generate", "--teacher", tiny_teacher,
+            "--input", str(corpus / "docs.jsonl"), "--out", str(tmp_path / "killed"), "--k", "16",
+            "--max-seq-len", "64", "--batch-tokens", "64", "--rows-per-shard", "2", "--no-progress"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "killed" / "shard-000001.parquet").exists() and time.time() < deadline:
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    assert not (tmp_path / "killed" / "manifest.json").exists(), "killed too late to test resume"
+    assert not validate(tmp_path / "killed")["ok"]
+    done_before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "killed").glob("*.parquet")}
+    r = runner.invoke(app, args[3:] + ["--resume"])
+    assert r.exit_code == 0, r.output
+    for name, mtime in done_before.items():   # finished shards were kept, not redone
+        assert (tmp_path / "killed" / name).stat().st_mtime_ns == mtime
+    assert validate(tmp_path / "killed")["ok"]
+    run(cfg(tiny_teacher, [corpus / "docs.jsonl"], tmp_path / "whole", batch_tokens=64, rows_per_shard=2))
+    assert_same_rows(rows_of(tmp_path / "killed"), rows_of(tmp_path / "whole"))
+
+
+def test_rerun_is_refused_without_resume_and_with_a_changed_config(tiny_teacher, corpus, tmp_path):
+    run(cfg(tiny_teacher, [corpus / "docs.jsonl"], tmp_path / "l"))
+    with pytest.raises(ValueError, match="already holds this run; pass --resume"):
+        run(cfg(tiny_teacher, [corpus / "docs.jsonl"], tmp_path / "l"))
+    with pytest.raises(ValueError, match=r"different config \(changed: k\)"):
+        run(cfg(tiny_teacher, [corpus / "docs.jsonl"], tmp_path / "l", k=8, resume=True))
+    m = run(cfg(tiny_teacher, [corpus / "docs.jsonl"], tmp_path / "l", k=8, overwrite=True))
+    assert m["k"] == 8 and validate(tmp_path / "l")["ok"]
+
+
+def test_dry_run_prints_the_resolved_config_from_file_and_flags(tmp_path):
+    (tmp_path / "gen.yaml").write_text("teacher: t\ninputs: [a.jsonl]\nout: o\nk: 8\n")
+    r = runner.invoke(app, ["generate", str(tmp_path / "gen.yaml"), "--k", "32", "--dry-run", "--engine", "tensor_parallel_size=2"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["k"] == 32 and d["inputs"] == ["a.jsonl"] and d["engine"] == {"tensor_parallel_size": 2} and d["mode"] == "topk"
+
+
+def test_slurm_array_variables_pick_the_worker(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "0")
+    r = runner.invoke(app, ["generate", "--teacher", "t", "--input", "a", "--out", "o", "--dry-run"])
+    d = json.loads(r.stdout)
+    assert (d["num_workers"], d["worker_index"]) == (4, 3)
