@@ -34,6 +34,7 @@ FORMAT_NAME = "labelgen"
 FORMAT_VERSION = "1.0"
 READABLE_MAJOR_VERSIONS = (1,)
 MANIFEST_NAME = "manifest.json"
+TOKENIZER_DIR = "tokenizer"   # the labels' tokenizer, saved beside the shards
 SHARD_SUFFIX = ".parquet"
 TMP_SUFFIX = ".tmp"
 FILE_META_KEY = b"labelgen"
@@ -502,13 +503,29 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def tokenizer_fingerprint(tokenizer) -> dict:
     """Fingerprint of a HF tokenizer: vocabulary, merges, special tokens and
-    normalisation. Two tokenizers with equal fingerprints tokenize alike."""
+    normalisation, with a hash per part so a mismatch can say what differs.
+    Two tokenizers with equal fingerprints tokenize alike."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         spec = json.loads(backend.to_str())
         ident = {k: spec.get(k) for k in ("model", "added_tokens", "normalizer", "pre_tokenizer", "post_processor")}
     else:
-        ident = {"vocab": sorted(tokenizer.get_vocab().items())}
+        ident = {"model": sorted(tokenizer.get_vocab().items())}
     ident["special_tokens"] = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
-    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
-    return {"fingerprint": f"sha256:{digest}", "vocab_size": len(tokenizer)}
+
+    def h(obj) -> str:
+        return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+    return {"fingerprint": f"sha256:{h(ident)}", "vocab_size": len(tokenizer),
+            "parts": {k: h(v)[:16] for k, v in ident.items()}, "special_tokens": ident["special_tokens"]}
+
+
+def tokenizer_difference(a: dict, b: dict) -> str:
+    """What differs between two tokenizer fingerprints, in words."""
+    diffs = []
+    if a.get("vocab_size") != b.get("vocab_size"):
+        diffs.append(f"vocabulary size {a.get('vocab_size')} vs {b.get('vocab_size')}")
+    names = {"model": "vocabulary/merges", "added_tokens": "added tokens", "normalizer": "normalizer",
+             "pre_tokenizer": "pre-tokenizer", "post_processor": "post-processor", "special_tokens": "special tokens"}
+    pa_, pb_ = a.get("parts", {}), b.get("parts", {})
+    diffs += [names[k] for k in names if k in pa_ and k in pb_ and pa_[k] != pb_[k]]
+    return ", ".join(diffs) or "fingerprints differ"

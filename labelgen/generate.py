@@ -195,6 +195,8 @@ def _write_manifest(cfg, out, teacher: Teacher, tokenizer, enc, id_bound, shards
         header["sampling"] = {"n": cfg.samples_per_prompt, "temperature": 0.0 if cfg.mode == "greedy" else cfg.temperature,
                               "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
                               "seed_rule": "sha256(seed, example_id, sample_index)[:8] & (2**63-1)"}
+    if cfg.worker_index == 0:   # the labels carry their tokenizer, so a student can be built from them anywhere
+        tokenizer.save_pretrained(out / fmt.TOKENIZER_DIR)
     ordered = [shards[i] for i in sorted(shards)]
     manifest = build_manifest(cfg.kind, cfg.k if cfg.mode == "topk" else 0, id_bound, enc, ordered, header)
     if cfg.num_workers == 1:

@@ -36,9 +36,11 @@ class ShardInfo:
     positions: int
     bytes: int
     sha256: str
+    row_groups: int
 
     def to_dict(self) -> dict:
-        return dict(name=self.name, rows=self.rows, positions=self.positions, bytes=self.bytes, sha256=self.sha256)
+        return dict(name=self.name, rows=self.rows, positions=self.positions, bytes=self.bytes, sha256=self.sha256,
+                    row_groups=self.row_groups)
 
 
 def _positions(batch: pa.RecordBatch, kind: str) -> int:
@@ -52,7 +54,8 @@ def shard_info_from_file(path: Path, kind: str) -> ShardInfo:
     pf = pq.ParquetFile(path)
     col = fmt.COVERAGE if kind == "topk" else fmt.COMPLETION_IDS
     positions = sum(_positions(pf.read_row_group(i, columns=[col]), kind) for i in range(pf.num_row_groups))
-    return ShardInfo(path.name, pf.metadata.num_rows, positions, path.stat().st_size, fmt.sha256_file(path))
+    return ShardInfo(path.name, pf.metadata.num_rows, positions, path.stat().st_size, fmt.sha256_file(path),
+                     pf.num_row_groups)
 
 
 class ShardFile:
@@ -69,6 +72,7 @@ class ShardFile:
         self._buf: list[dict] = []
         self.rows = 0
         self.positions = 0
+        self.row_groups = 0
 
     def write(self, row: dict) -> None:
         self._buf.append(row)
@@ -83,6 +87,7 @@ class ShardFile:
         self._writer.write_batch(batch, row_group_size=batch.num_rows)
         self.rows += batch.num_rows
         self.positions += _positions(batch, self.kind)
+        self.row_groups += 1
 
     @property
     def approx_bytes(self) -> int:
@@ -97,7 +102,8 @@ class ShardFile:
             raise
         with open(self.tmp, "rb+") as f:
             os.fsync(f.fileno())
-        info = ShardInfo(self.path.name, self.rows, self.positions, self.tmp.stat().st_size, fmt.sha256_file(self.tmp))
+        info = ShardInfo(self.path.name, self.rows, self.positions, self.tmp.stat().st_size, fmt.sha256_file(self.tmp),
+                         self.row_groups)
         os.replace(self.tmp, self.path)
         fmt.fsync_dir(self.path.parent)
         return info

@@ -14,7 +14,7 @@ def rng():
     return np.random.default_rng(0)
 
 
-TINY = dict(vocab_size=512, hidden_size=128, layers=2, heads=2, seq_len=64, batch_size=8, steps=40,
+TINY = dict(vocab_size=512, hidden_size=128, layers=2, heads=2, seq_len=64, batch_size=8, steps=150,
             corpus_bytes=300_000, max_positions=512)
 
 
@@ -50,3 +50,24 @@ def vllm_teacher(tiny_teacher):
     teacher = VLLMTeacher(tiny_teacher, tok, max_logprobs=64, engine={"gpu_memory_utilization": 0.2, "max_model_len": 512})
     yield teacher
     teacher.close()
+
+
+@pytest.fixture(scope="session")
+def topk_labels(tiny_teacher, corpus, tmp_path_factory):
+    """Top-16 labels of the tiny teacher over the corpus: 6 shards, small row groups."""
+    from labelgen.config import GenerateConfig
+    from labelgen.generate import run
+    out = tmp_path_factory.mktemp("labels") / "topk"
+    run(GenerateConfig(teacher=tiny_teacher, inputs=(str(corpus / "docs.jsonl"),), out=str(out), k=16, max_seq_len=64,
+                       rows_per_shard=4, progress=False, encoding={"row_group_rows": 4}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def student_config(tmp_path_factory):
+    import json
+    path = tmp_path_factory.mktemp("student") / "student.json"
+    path.write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                                "num_hidden_layers": 1, "num_attention_heads": 1, "num_key_value_heads": 1,
+                                "max_position_embeddings": 512, "tie_word_embeddings": True}))
+    return str(path)

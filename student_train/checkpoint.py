@@ -1,0 +1,91 @@
+"""Checkpoints: `OUT/step_NNNNNN/` holds the model and tokenizer in HF format
+(safetensors), optimizer and scheduler state, RNG state, loader positions and
+meta.json (config, step, data fingerprints). Written to a temporary directory
+and renamed, so a checkpoint directory that exists is complete. Nothing is
+unpickled on load: torch.load(weights_only=True) and JSON only."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from labelgen.format import fsync_dir
+
+STEP_RE = re.compile(r"^step_(\d{6,})$")
+
+
+def checkpoint_dir(out: Path, step: int) -> Path:
+    return Path(out) / f"step_{step:06d}"
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = [(int(m.group(1)), p) for p in Path(out).glob("step_*")
+             if (m := STEP_RE.match(p.name)) and (p / "meta.json").is_file()]
+    return max(found)[1] if found else None
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    cuda = [state[k] for k in sorted(state) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_checkpoint(out: Path, step: int, models: dict, optimizers: dict, schedulers: dict, tokenizer,
+                    loader_state: dict, meta: dict) -> Path:
+    """`models` etc. map a name ("student", "teacher") to the object; a single
+    model is saved at the top level, several in subdirectories."""
+    final = checkpoint_dir(out, step)
+    tmp = final.with_name("." + final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, model in models.items():
+        where = tmp if len(models) == 1 else tmp / name
+        model.save_pretrained(where, safe_serialization=True)
+        tokenizer.save_pretrained(where)
+        torch.save(optimizers[name].state_dict(), where / "optimizer.pt")
+        (where / "scheduler.json").write_text(json.dumps(schedulers[name].state_dict(), default=float))
+    torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / "loader.json").write_text(json.dumps(loader_state))
+    (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2, default=str))
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    return final
+
+
+def load_checkpoint(path: Path, models: dict, optimizers: dict, schedulers: dict) -> tuple[dict, dict]:
+    """Load weights and states in place; returns (meta, loader_state)."""
+    from safetensors.torch import load_file
+    for name, model in models.items():
+        where = path if len(models) == 1 else path / name
+        files = sorted(where.glob("*.safetensors"))
+        state = {}
+        for f in files:
+            state.update(load_file(f))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        # Tied embeddings are saved once; everything else must be there.
+        missing = [m for m in missing if not (getattr(model.config, "tie_word_embeddings", False) and "lm_head" in m)]
+        if missing or unexpected:
+            raise ValueError(f"{where}: checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        optimizers[name].load_state_dict(torch.load(where / "optimizer.pt", weights_only=True))
+        schedulers[name].load_state_dict(json.loads((where / "scheduler.json").read_text()))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return json.loads((path / "meta.json").read_text()), json.loads((path / "loader.json").read_text())

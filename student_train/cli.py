@@ -1,0 +1,83 @@
+"""`student-train` command line: a thin shell over TrainConfig and train().
+
+    student-train train [CONFIG.yaml] --labels DIR --student-config cfg.json --out runs/a --loss kd
+    torchrun --nproc-per-node 8 -m student_train.cli train CONFIG.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from labelgen.cli import cli_errors
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train a student LLM on label shards written by `labelgen generate`.")
+
+
+@app.command("train")
+@cli_errors
+def train_cmd(
+    config: Optional[Path] = typer.Argument(None, help="YAML/JSON config file; flags override its keys"),
+    labels: Optional[List[str]] = typer.Option(None, "--labels", help="label directory (repeatable)"),
+    eval_labels: Optional[List[str]] = typer.Option(None, "--eval-labels", help="held-out label directory (repeatable)"),
+    eval_holdout: Optional[int] = typer.Option(None, help="hold out this many shards of --labels for evaluation"),
+    student: Optional[str] = typer.Option(None, help="student model directory (HF format)"),
+    student_config: Optional[str] = typer.Option(None, help="HF config JSON: train a student from scratch"),
+    out: Optional[str] = typer.Option(None, help="run directory"),
+    max_steps: Optional[int] = typer.Option(None),
+    loss: Optional[str] = typer.Option(None, help="kd | ce | sft"),
+    kd_kind: Optional[str] = typer.Option(None, help="forward | reverse | jsd"),
+    tail: Optional[str] = typer.Option(None, help="renorm | tail"),
+    temperature: Optional[float] = typer.Option(None),
+    beta: Optional[float] = typer.Option(None, help="JSD mixing weight"),
+    k: Optional[int] = typer.Option(None, help="use the first k stored top-k entries"),
+    alpha: Optional[float] = typer.Option(None, help="weight of CE on actual tokens (kd loss)"),
+    alpha_end: Optional[float] = typer.Option(None, help="alpha moves linearly to this value over the run"),
+    lr: Optional[float] = typer.Option(None),
+    warmup_steps: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None, help="rows per micro-batch per rank"),
+    grad_accum: Optional[int] = typer.Option(None),
+    eval_every: Optional[int] = typer.Option(None),
+    eval_batches: Optional[int] = typer.Option(None),
+    save_every: Optional[int] = typer.Option(None),
+    log_every: Optional[int] = typer.Option(None),
+    num_workers: Optional[int] = typer.Option(None, help="DataLoader workers per rank"),
+    seed: Optional[int] = typer.Option(None),
+    device: Optional[str] = typer.Option(None),
+    fsdp: Optional[bool] = typer.Option(None, "--fsdp", help="shard the student with FSDP"),
+    verify: Optional[bool] = typer.Option(None, "--verify", help="check shard checksums first"),
+    resume: Optional[bool] = typer.Option(None, "--resume", help="continue from the latest checkpoint in --out"),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="start over in a non-empty --out"),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and exit"),
+):
+    """Fit a student to top-k soft labels (kd), actual tokens (ce) or teacher completions (sft)."""
+    from student_train.config import TrainConfig
+    overrides = dict(labels=labels, eval_labels=eval_labels, eval_holdout=eval_holdout, student=student,
+                     student_config=student_config, out=out, max_steps=max_steps, loss=loss, kd_kind=kd_kind,
+                     tail=tail, temperature=temperature, beta=beta, k=k, alpha=alpha, alpha_end=alpha_end, lr=lr,
+                     warmup_steps=warmup_steps, batch_size=batch_size, grad_accum=grad_accum, eval_every=eval_every,
+                     eval_batches=eval_batches, save_every=save_every, log_every=log_every, num_workers=num_workers,
+                     seed=seed, device=device, fsdp=fsdp, verify=verify, resume=resume, overwrite=overwrite,
+                     progress=progress)
+    cfg = TrainConfig.from_sources(str(config) if config else None, overrides)
+    if dry_run:
+        typer.echo(json.dumps(cfg.to_dict(), indent=2))
+        return
+    from student_train.train import train
+    r = train(cfg)
+    typer.echo(f"trained to step {r['step']}; checkpoints and metrics.jsonl in {r['out']}")
+
+
+@app.command("version", hidden=True)
+def version():
+    typer.echo("student-train 0.1.0")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,147 @@
+"""TrainConfig: every setting of a student run, with its default, in one place.
+The CLI and YAML/JSON config files only fill it in; the resolved config is
+written into every checkpoint's meta.json."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from student_train.losses import KINDS, TAILS
+
+LOSSES = ("kd", "ce", "sft")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    labels: tuple[str, ...]
+    """Label directories to train on (written by `labelgen generate`)."""
+    out: str
+    """Run directory: metrics.jsonl and step_NNNNNN/ checkpoints."""
+    student: str | None = None
+    """HF model directory to start from."""
+    student_config: str | None = None
+    """HF config JSON to build a student from scratch (uses the labels' tokenizer)."""
+    eval_labels: tuple[str, ...] = ()
+    """Held-out label directories for evaluation."""
+    eval_holdout: int = 0
+    """Or hold out this many shards at the end of --labels for evaluation."""
+    loss: str = "kd"
+    """kd: alpha*CE + (1-alpha)*top-k KD (topk labels). ce: CE on the actual
+    tokens. sft: CE on teacher completions, prompt masked (samples labels)."""
+    kd_kind: str = "forward"
+    """forward KL(teacher||student), reverse KL, or jsd."""
+    tail: str = "tail"
+    """tail: top-k plus one bucket for the missing mass (also pins the student's
+    total mass on the top-k); renorm: renormalised top-k only."""
+    temperature: float = 1.0
+    beta: float = 0.5
+    """JSD mixing weight."""
+    k: int | None = None
+    """Use the first k stored entries (default: all the labels hold)."""
+    alpha: float = 0.0
+    """Weight of CE on actual tokens in the kd loss."""
+    alpha_end: float | None = None
+    """If set, alpha moves linearly to this value over the run."""
+    max_steps: int = 1000
+    batch_size: int = 8
+    """Rows per micro-batch per rank."""
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 20
+    save_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    group_units: int = 4
+    """Row groups shuffled together: the shuffle buffer, in row groups."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+    dtype: str = "auto"
+    """auto: bf16 autocast on GPU, fp32 on CPU."""
+    device: str = "auto"
+    fsdp: bool = False
+    """Shard the student with FSDP (for students that do not fit one GPU)."""
+    verify: bool = False
+    """Check every shard's sha256 before training (sizes are always checked)."""
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        def bad(option, msg):
+            raise ValueError(f"{option}: {msg}")
+        if not self.labels:
+            bad("--labels", "at least one label directory is required")
+        if (self.student is None) == (self.student_config is None):
+            bad("--student/--student-config", "pass exactly one")
+        if self.loss not in LOSSES:
+            bad("--loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.kd_kind not in KINDS:
+            bad("--kd-kind", f"must be one of {', '.join(KINDS)}, got {self.kd_kind!r}")
+        if self.tail not in TAILS:
+            bad("--tail", f"must be one of {', '.join(TAILS)}, got {self.tail!r}")
+        if self.tail == "tail" and self.temperature != 1.0:
+            bad("--temperature", "must be 1 with --tail tail (the shape of the missing mass is unknown)")
+        if self.temperature <= 0:
+            bad("--temperature", f"must be > 0, got {self.temperature}")
+        for name in ("alpha", "alpha_end", "beta"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v <= 1:
+                bad(f"--{name.replace('_', '-')}", f"must be in [0, 1], got {v}")
+        if self.k is not None and self.k < 1:
+            bad("--k", f"must be >= 1, got {self.k}")
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_batches", "log_every", "group_units"):
+            if getattr(self, name) < 1:
+                bad(f"--{name.replace('_', '-')}", f"must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every", "warmup_steps", "num_workers", "eval_holdout"):
+            if getattr(self, name) < 0:
+                bad(f"--{name.replace('_', '-')}", f"must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            bad("--lr", f"must be > 0, got {self.lr}")
+        if self.resume and self.overwrite:
+            bad("--resume/--overwrite", "pass one, not both")
+        if self.eval_labels and self.eval_holdout:
+            bad("--eval-labels/--eval-holdout", "pass one, not both")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["labels"], d["eval_labels"] = list(self.labels), list(self.eval_labels)
+        return d
+
+    @classmethod
+    def from_sources(cls, config_file: str | None, overrides: dict) -> "TrainConfig":
+        return from_sources(cls, config_file, overrides, tuple_fields=("labels", "eval_labels"))
+
+
+def from_sources(cls, config_file: str | None, overrides: dict, tuple_fields=()):
+    """Keys from a YAML/JSON file, then the flags that were given."""
+    d: dict = {}
+    if config_file:
+        path = Path(config_file)
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"{path}: cannot read config ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: a config file must hold a mapping of settings")
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+    d.update({k: v for k, v in overrides.items() if v is not None and v != ()})
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in d]
+    if missing:
+        raise ValueError(f"--{missing[0].replace('_', '-')}: required (flag or config key {missing[0]!r})")
+    for name in tuple_fields:
+        if name in d:
+            d[name] = tuple(d[name]) if isinstance(d[name], (list, tuple)) else (d[name],)
+    return cls(**d)

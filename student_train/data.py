@@ -1,0 +1,196 @@
+"""Streaming label data for the student: row groups in, padded batches out.
+
+The unit of work is a Parquet row group. Each epoch the units of all label
+sets are shuffled with (seed, epoch) and dealt to consumers — one consumer
+per (DDP rank, DataLoader worker) — by stride, so consumers never overlap and
+together miss nothing. A consumer reads `group_units` units at a time, shuffles
+their rows with (seed, epoch, consumer, group) and cuts batches: memory is
+bounded by that group, never by the dataset.
+
+Every batch comes with the consumer's position after it, (epoch, group, row).
+The training loop keeps the latest position of each consumer (LoaderState);
+restarting the stream from those positions yields exactly the batches that
+would have come next, in the same order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from labelgen import format as fmt
+from labelgen.format import FormatError
+from labelgen.shards import ShardReader
+
+TOPK_COLUMNS = [fmt.INPUT_IDS, fmt.TOPK_IDS, fmt.TOPK_LOGPROBS, fmt.COVERAGE]
+SAMPLES_COLUMNS = [fmt.PROMPT_IDS, fmt.COMPLETION_IDS]
+
+
+def open_label_sets(dirs: list[str], verify: bool = False) -> list[ShardReader]:
+    """Readers for label dirs that can be trained on together (same kind and tokenizer)."""
+    if not dirs:
+        raise FormatError("--labels: at least one label directory is required")
+    readers = [ShardReader(d, verify=verify) for d in dirs]
+    first = readers[0]
+    for r in readers[1:]:
+        if r.kind != first.kind:
+            raise FormatError(f"--labels: {r.dir} holds {r.kind} labels, {first.dir} holds {first.kind}; train on one kind at a time")
+        fp_a = first.manifest.get("tokenizer", {}).get("fingerprint")
+        fp_b = r.manifest.get("tokenizer", {}).get("fingerprint")
+        if fp_a != fp_b:
+            raise FormatError(f"--labels: {r.dir} and {first.dir} were made with different tokenizers")
+    return readers
+
+
+def collate(rows: list[dict], kind: str, k: int | None = None, vocab_limit: int | None = None) -> dict[str, torch.Tensor]:
+    """Pad rows into a batch. Position t of a row predicts input_ids[t + 1].
+
+    Returns input_ids, attention_mask [B, T]; targets, mask [B, T-1]; and for
+    topk rows topk_ids (long), topk_logprobs (float32, -inf for empty slots),
+    coverage [B, T-1, k] / [B, T-1]. Label ids at or above `vocab_limit` (the
+    teacher's padded vocabulary slots) are emptied: they carry no mass the
+    student could match.
+    """
+    if kind == "topk":
+        seqs = [r[fmt.INPUT_IDS] for r in rows]
+    else:
+        seqs = [np.concatenate([r[fmt.PROMPT_IDS], r[fmt.COMPLETION_IDS]]) for r in rows]
+    B, T = len(rows), max(len(s) for s in seqs)
+    ids = np.zeros((B, T), np.int64)
+    attn = np.zeros((B, T), np.int64)
+    mask = np.zeros((B, T - 1), bool)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+        attn[i, : len(s)] = 1
+        first = len(rows[i][fmt.PROMPT_IDS]) - 1 if kind == "samples" else 0   # prompt tokens are not targets
+        mask[i, max(first, 0): len(s) - 1] = True
+    out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn),
+           "targets": torch.from_numpy(ids[:, 1:].copy()), "mask": torch.from_numpy(mask)}
+    if kind == "topk":
+        K = k or rows[0][fmt.TOPK_IDS].shape[1]
+        tids = np.zeros((B, T - 1, K), np.int64)
+        tlp = np.zeros((B, T - 1, K), np.float32)
+        cov = np.ones((B, T - 1), np.float32)
+        for i, r in enumerate(rows):
+            p = len(r[fmt.COVERAGE])
+            tids[i, :p] = r[fmt.TOPK_IDS][:, :K]
+            tlp[i, :p] = r[fmt.TOPK_LOGPROBS][:, :K]
+            dropped = np.exp(r[fmt.TOPK_LOGPROBS][:, K:].astype(np.float64)).sum(1)   # mass of entries beyond k
+            cov[i, :p] = np.clip(r[fmt.COVERAGE] - dropped, 0, 1)
+        if vocab_limit is not None:
+            outside = tids >= vocab_limit
+            tids[outside] = 0
+            tlp[outside] = -np.inf
+        out.update(topk_ids=torch.from_numpy(tids), topk_logprobs=torch.from_numpy(tlp), coverage=torch.from_numpy(cov))
+    return out
+
+
+@dataclass
+class LoaderState:
+    """Positions of every consumer, kept by the training loop from the batches it receives."""
+    slots: dict[int, list[int]] = field(default_factory=dict)
+    next_local: int = 0
+    num_local: int = 1
+
+    def update(self, meta: dict) -> None:
+        self.slots[int(meta["slot"])] = list(meta["position"])
+        self.num_local = int(meta["num_local"])
+        self.next_local = (int(meta["local"]) + 1) % self.num_local
+
+    def state_dict(self) -> dict:
+        return {"slots": {str(k): v for k, v in self.slots.items()}, "next_local": self.next_local, "num_local": self.num_local}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoaderState":
+        return cls({int(k): v for k, v in d["slots"].items()}, int(d["next_local"]), int(d["num_local"]))
+
+    def merge(self, other: "LoaderState") -> None:
+        self.slots.update(other.slots)
+
+
+class LabelStream(torch.utils.data.IterableDataset):
+    """Batches from label sets, split across ranks and DataLoader workers.
+    Use with DataLoader(stream, batch_size=None, num_workers=W)."""
+
+    def __init__(self, readers: list[ShardReader], batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                 group_units: int = 4, rank: int = 0, world_size: int = 1, max_epochs: int | None = None,
+                 k: int | None = None, vocab_limit: int | None = None, shards: list[tuple[int, int]] | None = None):
+        self.readers, self.batch_size, self.seed, self.shuffle = readers, batch_size, seed, shuffle
+        self.group_units, self.rank, self.world_size, self.max_epochs = group_units, rank, world_size, max_epochs
+        self.kind, self.k, self.vocab_limit = readers[0].kind, k, vocab_limit
+        self.columns = TOPK_COLUMNS if self.kind == "topk" else SAMPLES_COLUMNS
+        selected = shards if shards is not None else [(d, s) for d, r in enumerate(readers) for s in range(len(r.shards))]
+        self.units = [(d, s, g) for d, s in selected for g in range(self._row_groups(d, s))]
+        self.start = LoaderState()
+
+    def _row_groups(self, d: int, s: int) -> int:
+        shard = self.readers[d].shards[s]
+        return shard["row_groups"] if "row_groups" in shard else self.readers[d].open_shard(shard).num_row_groups
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start = LoaderState.from_dict(state)
+
+    def _consumer(self) -> tuple[int, int, int, int]:
+        info = torch.utils.data.get_worker_info()
+        num_local = info.num_workers if info else 1
+        worker = info.id if info else 0
+        # After a resume the DataLoader asks worker 0 first; give it the role
+        # of the consumer whose batch was due next, so the order is unchanged.
+        offset = self.start.next_local if self.start.num_local == num_local else 0
+        local = (worker + offset) % num_local
+        return self.rank * num_local + local, self.world_size * num_local, local, num_local
+
+    def consumer_units(self, epoch: int, slot: int, n_slots: int) -> list[tuple[int, int, int]]:
+        order = np.arange(len(self.units))
+        if self.shuffle:
+            np.random.default_rng([self.seed, epoch]).shuffle(order)
+        return [self.units[i] for i in order[slot::n_slots]]
+
+    def _rows(self, units) -> list[dict]:
+        rows = []
+        for d, s, g in units:
+            rows.extend(fmt.rows_from_decoded(self.readers[d].read_row_group(s, g, self.columns)))
+        return rows
+
+    def __iter__(self):
+        slot, n_slots, local, num_local = self._consumer()
+        if len(self.units) < n_slots:
+            raise FormatError(f"{len(self.units)} row groups cannot feed {n_slots} consumers "
+                              f"(ranks x DataLoader workers); use fewer workers or more, smaller row groups")
+        epoch, group, row = self.start.slots.get(slot, [0, 0, 0])
+        batch: list[dict] = []
+        while self.max_epochs is None or epoch < self.max_epochs:
+            units = self.consumer_units(epoch, slot, n_slots)
+            for gi in range(group, -(-len(units) // self.group_units)):
+                rows = self._rows(units[gi * self.group_units:(gi + 1) * self.group_units])
+                order = np.arange(len(rows))
+                if self.shuffle:
+                    np.random.default_rng([self.seed, epoch, slot, gi]).shuffle(order)
+                for ri in range(row, len(rows)):
+                    batch.append(rows[order[ri]])
+                    if len(batch) == self.batch_size:
+                        yield (collate(batch, self.kind, self.k, self.vocab_limit),
+                               {"slot": slot, "local": local, "num_local": num_local, "position": [epoch, gi, ri + 1]})
+                        batch = []
+                row = 0
+            epoch, group = epoch + 1, 0
+        if batch:
+            yield (collate(batch, self.kind, self.k, self.vocab_limit),
+                   {"slot": slot, "local": local, "num_local": num_local, "position": [epoch, 0, 0]})
+
+
+def holdout_split(readers: list[ShardReader], holdout: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(train shards, eval shards): the last `holdout` shards of the last label set are held out."""
+    all_shards = [(d, s) for d, r in enumerate(readers) for s in range(len(r.shards))]
+    if holdout <= 0:
+        return all_shards, []
+    if holdout >= len(all_shards):
+        raise FormatError(f"--eval-holdout {holdout} leaves no training shards (the labels have {len(all_shards)})")
+    return all_shards[:-holdout], all_shards[-holdout:]
+
+
+def label_dir_names(readers: list[ShardReader]) -> list[str]:
+    return [str(Path(r.dir)) for r in readers]

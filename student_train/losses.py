@@ -1,0 +1,123 @@
+"""Distillation losses, all in one place.
+
+Shapes: B batch, T positions, V student vocabulary, K stored top-k entries.
+Every loss takes a boolean `mask` [B, T] of positions that count, returns a
+scalar normalised per counted position, and returns 0 (with a gradient path)
+when nothing counts.
+
+Top-k KD compares the teacher's stored top-k with the student on a shared
+support, chosen by `tail`:
+  renorm  the teacher's top-k renormalised to sum to 1, against the student's
+          softmax restricted to the same K ids;
+  tail    K+1 buckets: the K teacher probabilities plus the missing mass
+          1 - coverage, against the student's probabilities of those K ids
+          plus all of its remaining mass.
+`temperature` T re-tempers both sides: p_i ∝ p_i^(1/T) and q ∝ softmax(z/T).
+On the renorm support this is exact — tempering and renormalising over a
+fixed set of ids commute — but it is the tempered *truncated* teacher, not
+the truncation of the tempered full teacher (whose top-k mass would differ).
+With `tail` the shape of the missing mass is unknown, so re-tempering it is
+undefined and only T = 1 is accepted. Losses at T != 1 are multiplied by T²
+(Hinton et al.) so gradient scales stay comparable across temperatures.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+KINDS = ("forward", "reverse", "jsd")
+TAILS = ("renorm", "tail")
+# Bytes of fp32 logits processed at once by the full-vocabulary reductions.
+CHUNK_BYTES = 256 << 20
+
+
+def masked_mean(per_position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over counted positions; 0 when none count."""
+    m = mask.to(per_position.dtype)
+    return (per_position * m).sum() / m.sum().clamp(min=1)
+
+
+def logsumexp_chunked(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dim in fp32 without an fp32 copy of all logits."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    chunk = max(1, CHUNK_BYTES // (4 * logits.shape[-1]))
+    out = torch.cat([torch.logsumexp(c.float(), dim=-1) for c in flat.split(chunk)])
+    return out.reshape(logits.shape[:-1])
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """CE of the student's logits [B,T,V] against token ids [B,T]."""
+    lse = logsumexp_chunked(logits)
+    tgt = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1).float()
+    return masked_mean(lse - tgt, mask)
+
+
+def _divergence(logp: torch.Tensor, logq: torch.Tensor, kind: str, beta: float) -> torch.Tensor:
+    """Per-position divergence between log-distributions over the last dim.
+    Entries with p = 0 (logp = -inf) contribute 0 to forward KL."""
+    p, q = logp.exp(), logq.exp()
+    if kind == "forward":
+        return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+    if kind == "reverse":
+        return torch.where(q > 0, q * (logq - logp.clamp(min=-1e4)), torch.zeros_like(q)).sum(-1)
+    m = beta * p + (1 - beta) * q
+    logm = m.clamp(min=1e-30).log()
+    kl_pm = torch.where(p > 0, p * (logp - logm), torch.zeros_like(p)).sum(-1)
+    kl_qm = torch.where(q > 0, q * (logq - logm), torch.zeros_like(q)).sum(-1)
+    return beta * kl_pm + (1 - beta) * kl_qm
+
+
+def topk_kd(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, coverage: torch.Tensor,
+            mask: torch.Tensor, kind: str = "forward", tail: str = "renorm", temperature: float = 1.0,
+            beta: float = 0.5) -> torch.Tensor:
+    """KD against stored top-k labels.
+
+    logits [B,T,V] student; topk_ids [B,T,K] (long); topk_logprobs [B,T,K]
+    teacher logprobs, -inf for empty slots; coverage [B,T] teacher mass in the
+    top-k; mask [B,T].
+    """
+    if kind not in KINDS or tail not in TAILS:
+        raise ValueError(f"kind must be one of {KINDS} and tail one of {TAILS}")
+    if tail == "tail" and temperature != 1.0:
+        raise ValueError("--temperature must be 1 with --tail tail: the shape of the missing mass is unknown")
+    t_lp = topk_logprobs.float()
+    s = logits.gather(-1, topk_ids).float() / temperature                   # [B,T,K]
+    if tail == "renorm":
+        logp = torch.log_softmax(t_lp / temperature, dim=-1)
+        logq = torch.log_softmax(s, dim=-1)
+    else:
+        lse = logsumexp_chunked(logits)                                      # [B,T]
+        logq_k = s - lse.unsqueeze(-1)
+        # log(1 - sum q_k), computed stably; the clamp keeps a student that
+        # puts all its mass on the K ids from producing log(0).
+        logq_tail = torch.log1p(-logq_k.exp().sum(-1).clamp(max=1 - 1e-6))
+        logp_tail = torch.log1p(-coverage.float().clamp(max=1.0))           # -inf when coverage is 1
+        logp = torch.cat([t_lp, logp_tail.unsqueeze(-1)], dim=-1)
+        logq = torch.cat([logq_k, logq_tail.unsqueeze(-1)], dim=-1)
+    per_pos = _divergence(logp, logq, kind, beta)
+    # Padding positions hold filler labels; keep whatever they compute out of the sum.
+    per_pos = torch.where(mask, per_pos, torch.zeros_like(per_pos))
+    return masked_mean(per_pos, mask) * temperature ** 2
+
+
+def full_kd(logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, kind: str = "forward",
+            temperature: float = 1.0, beta: float = 0.5) -> torch.Tensor:
+    """KD against the teacher's full distribution (online distillation)."""
+    logq = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return masked_mean(_divergence(logp, logq, kind, beta), mask) * temperature ** 2
+
+
+def topk_agreement(logits: torch.Tensor, topk_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Share of counted positions where the student's argmax is the teacher's top-1."""
+    hit = (logits.argmax(-1) == topk_ids[..., 0]).float()
+    return masked_mean(hit, mask)
+
+
+def alpha_at(step: int, max_steps: int, alpha: float, alpha_end: float | None) -> float:
+    """CE weight α(step): constant, or linear from alpha to alpha_end over the run."""
+    if alpha_end is None or max_steps <= 1:
+        return alpha
+    frac = min(step, max_steps - 1) / (max_steps - 1)
+    return alpha + (alpha_end - alpha) * frac

@@ -1,0 +1,83 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from student_train.cli import app
+from student_train.config import TrainConfig
+from student_train.train import train
+
+runner = CliRunner()
+
+
+def tcfg(labels, student_config, out, **kw):
+    base = dict(labels=(str(labels),), student_config=student_config, out=str(out), max_steps=12, batch_size=4,
+                lr=3e-3, warmup_steps=2, eval_holdout=1, eval_every=4, eval_batches=4, save_every=6, log_every=1,
+                progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def metrics(out):
+    return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def test_resume_reproduces_the_losses_of_an_uninterrupted_run(topk_labels, student_config, tmp_path):
+    train(tcfg(topk_labels, student_config, tmp_path / "straight"))
+    train(tcfg(topk_labels, student_config, tmp_path / "stopped", max_steps=12))
+    # Simulate a preemption after step 6: drop the later checkpoint and keep the log as it was.
+    shutil.rmtree(tmp_path / "stopped" / "step_000012")
+    train(tcfg(topk_labels, student_config, tmp_path / "stopped", resume=True))
+    a, b = metrics(tmp_path / "straight"), metrics(tmp_path / "stopped")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        for key in ("loss", "ce", "kd", "eval_ce", "eval_kl"):
+            if x.get(key) is not None:
+                assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), (x["step"], key)
+
+
+def test_checkpoints_hold_an_hf_model_and_the_run_state(topk_labels, student_config, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    train(tcfg(topk_labels, student_config, tmp_path / "r", max_steps=6))
+    ck = tmp_path / "r" / "step_000006"
+    assert AutoModelForCausalLM.from_pretrained(ck).config.vocab_size == 512
+    assert len(AutoTokenizer.from_pretrained(ck)) == 512
+    meta = json.loads((ck / "meta.json").read_text())
+    assert meta["step"] == 6 and meta["config"]["loss"] == "kd" and meta["labels_fingerprints"][0].startswith("sha256:")
+    for f in ("optimizer.pt", "scheduler.json", "rng.pt", "loader.json"):
+        assert (ck / f).is_file()
+
+
+def test_topk_kd_brings_the_student_closer_to_the_teacher_than_ce(topk_labels, student_config, tmp_path):
+    common = dict(max_steps=40, eval_every=40, save_every=0, lr=5e-3)
+    train(tcfg(topk_labels, student_config, tmp_path / "kd", loss="kd", **common))
+    train(tcfg(topk_labels, student_config, tmp_path / "ce", loss="ce", **common))
+    kd, ce = metrics(tmp_path / "kd"), metrics(tmp_path / "ce")
+    start, kd_end, ce_end = kd[0]["eval_kl"], kd[-1]["eval_kl"], ce[-1]["eval_kl"]
+    assert kd_end < 0.5 * start, (start, kd_end)
+    assert kd_end < ce_end, (kd_end, ce_end)
+
+
+def test_two_process_torchrun_on_gloo_ends_with_identical_weights(topk_labels, student_config, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "student_train.cli", "train", "--labels", str(topk_labels), "--student-config", student_config,
+           "--out", str(tmp_path / "ddp"), "--max-steps", "6", "--batch-size", "2", "--save-every", "6",
+           "--eval-holdout", "1", "--eval-every", "3", "--eval-batches", "2", "--no-progress"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = metrics(tmp_path / "ddp")[-1]
+    assert last["step"] == 6 and len(last["weight_digests"]) == 2
+    assert last["weight_digests"][0] == last["weight_digests"][1]
+    assert (tmp_path / "ddp" / "step_000006" / "model.safetensors").is_file()
+
+
+def test_dry_run_prints_the_resolved_config(tmp_path):
+    (tmp_path / "t.yaml").write_text("labels: [a]\nstudent_config: s.json\nout: o\nloss: ce\n")
+    r = runner.invoke(app, ["train", str(tmp_path / "t.yaml"), "--lr", "0.01", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["labels"] == ["a"] and d["lr"] == 0.01 and d["loss"] == "ce" and d["max_steps"] == 1000
