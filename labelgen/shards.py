@@ -227,6 +227,18 @@ class ShardReader:
     def shards(self) -> list[dict]:
         return self.manifest["shards"]
 
+    def check_files(self) -> None:
+        """Every listed shard exists with its manifest size (and sha256 with
+        verify=True): a training job fails before its first step, not hours in."""
+        for shard in self.shards:
+            path = self.dir / shard["name"]
+            if not path.is_file():
+                raise FormatError(f"{path}: listed in the manifest but missing")
+            if path.stat().st_size != shard["bytes"]:
+                raise FormatError(f"{path}: {path.stat().st_size} bytes, manifest says {shard['bytes']} (truncated or replaced)")
+            if self.verify and fmt.sha256_file(path) != shard["sha256"]:
+                raise FormatError(f"{path}: sha256 does not match the manifest (corrupted)")
+
     def open_shard(self, shard: dict) -> pq.ParquetFile:
         path = self.dir / shard["name"]
         if not path.is_file():
@@ -234,8 +246,6 @@ class ShardReader:
         size = path.stat().st_size
         if size != shard["bytes"]:
             raise FormatError(f"{path}: {size} bytes, manifest says {shard['bytes']} (truncated or replaced)")
-        if self.verify and fmt.sha256_file(path) != shard["sha256"]:
-            raise FormatError(f"{path}: sha256 does not match the manifest (corrupted)")
         try:
             pf = pq.ParquetFile(path)
         except (pa.ArrowException, OSError) as e:

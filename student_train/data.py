@@ -34,6 +34,8 @@ def open_label_sets(dirs: list[str], verify: bool = False) -> list[ShardReader]:
     if not dirs:
         raise FormatError("--labels: at least one label directory is required")
     readers = [ShardReader(d, verify=verify) for d in dirs]
+    for r in readers:
+        r.check_files()
     first = readers[0]
     for r in readers[1:]:
         if r.kind != first.kind:

@@ -271,9 +271,13 @@ def check_loss_fits_labels(cfg: TrainConfig, kind: str, stored_k: int) -> int:
 
 
 def train(cfg: TrainConfig) -> dict:
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()   # checkpoint saves would print bars of their own
     d = setup_distributed(cfg.device)
     readers = open_label_sets(list(cfg.labels), cfg.verify)
     manifest = readers[0].manifest
+    if sum(r.manifest["counts"]["positions"] for r in readers) == 0:
+        raise FormatError(f"--labels: {', '.join(cfg.labels)} hold no positions to train on (empty, or every completion is empty)")
     k = check_loss_fits_labels(cfg, readers[0].kind, readers[0].k)
     tokenizer = load_tokenizer_for(cfg.student, readers[0].dir)
     model = build_model(cfg.student, cfg.student_config, tokenizer, cfg.seed)
@@ -281,8 +285,6 @@ def train(cfg: TrainConfig) -> dict:
     train_shards, eval_shards = holdout_split(readers, cfg.eval_holdout)
     stream = LabelStream(readers, cfg.batch_size, seed=cfg.seed, group_units=cfg.group_units, rank=d.rank,
                          world_size=d.world, k=k, vocab_limit=width, shards=train_shards)
-    if not stream.units:
-        raise FormatError(f"--labels: {cfg.labels[0]} holds no rows")
     eval_stream = None
     if cfg.eval_labels or eval_shards:
         eval_readers = open_label_sets(list(cfg.eval_labels), cfg.verify) if cfg.eval_labels else readers

@@ -1,0 +1,106 @@
+import json
+import re
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from student_train.cli import app
+
+runner = CliRunner()
+
+
+def run_train(labels, student_config, out, *extra):
+    return runner.invoke(app, ["train", "--labels", str(labels), "--student-config", student_config,
+                               "--out", str(out), "--max-steps", "2", "--no-progress", *extra])
+
+
+def copy_labels(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_manifest(d, fn):
+    m = json.loads((d / "manifest.json").read_text())
+    fn(m)
+    (d / "manifest.json").write_text(json.dumps(m))
+
+
+def assert_one_line_error(r, pattern):
+    assert r.exit_code == 2, r.output
+    lines = [l for l in r.stderr.splitlines() if l.startswith("labelgen: error:")]
+    assert len(lines) == 1 and re.search(pattern, lines[0]), r.stderr
+    assert "Traceback" not in r.output
+
+
+def test_missing_manifest(student_config, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run_train(tmp_path / "empty", student_config, tmp_path / "o"), "no manifest")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_format_version(topk_labels, student_config, tmp_path):
+    d = copy_labels(topk_labels, tmp_path / "l")
+    edit_manifest(d, lambda m: m.update(format_version="9.0"))
+    assert_one_line_error(run_train(d, student_config, tmp_path / "o"), r"format version 9.0 is not supported; this labelgen reads 1.x")
+
+
+def test_truncated_shard_is_found_before_the_first_step(topk_labels, student_config, tmp_path):
+    d = copy_labels(topk_labels, tmp_path / "l")
+    last = sorted(d.glob("shard-*.parquet"))[-1]
+    last.write_bytes(last.read_bytes()[:-10])
+    assert_one_line_error(run_train(d, student_config, tmp_path / "o"), r"shard-000005.parquet: .* \(truncated or replaced\)")
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
+def test_corrupted_shard_is_found_with_verify(topk_labels, student_config, tmp_path):
+    d = copy_labels(topk_labels, tmp_path / "l")
+    shard = sorted(d.glob("shard-*.parquet"))[2]
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 1
+    shard.write_bytes(bytes(data))
+    assert_one_line_error(run_train(d, student_config, tmp_path / "o", "--verify"), r"shard-000002.parquet: sha256 does not match")
+
+
+def test_tokenizer_mismatch_is_refused_saying_what_differs(topk_labels, tmp_path):
+    from labelgen.demo import DemoTeacherConfig, build_model, train_tokenizer
+    tok = train_tokenizer(["completely different text " * 50, "zebra quartz " * 40], 300)
+    model = build_model(DemoTeacherConfig(vocab_size=300, hidden_size=64, layers=1, heads=1), len(tok))
+    model.save_pretrained(tmp_path / "student")
+    tok.save_pretrained(tmp_path / "student")
+    r = runner.invoke(app, ["train", "--labels", str(topk_labels), "--student", str(tmp_path / "student"),
+                            "--out", str(tmp_path / "o"), "--max-steps", "2", "--no-progress"])
+    assert_one_line_error(r, r"different tokenizer than the student's \(differs in: vocabulary size 512 vs \d+, vocabulary/merges")
+
+
+def test_k_larger_than_the_labels_hold(topk_labels, student_config, tmp_path):
+    assert_one_line_error(run_train(topk_labels, student_config, tmp_path / "o", "--k", "17"),
+                          r"--k 17 is larger than the 16 entries the labels hold")
+
+
+def test_a_loss_the_labels_cannot_feed(topk_labels, student_config, tmp_path):
+    assert_one_line_error(run_train(topk_labels, student_config, tmp_path / "o", "--loss", "sft"),
+                          r"--loss sft needs samples labels")
+
+
+def test_an_empty_label_set(topk_labels, student_config, tmp_path):
+    from labelgen.shards import ShardWriter
+    with ShardWriter(tmp_path / "empty", "topk", 16, 512, header={"tokenizer": json.loads(
+            (topk_labels / "manifest.json").read_text())["tokenizer"]}):
+        pass
+    assert_one_line_error(run_train(tmp_path / "empty", student_config, tmp_path / "o"), "hold no positions to train on")
+
+
+def test_a_non_empty_run_directory_needs_resume_or_overwrite(topk_labels, student_config, tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "x").write_text("1")
+    assert_one_line_error(run_train(topk_labels, student_config, tmp_path / "o"), r"pass --resume .* or --overwrite")
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    (["--alpha", "1.5"], r"--alpha: must be in \[0, 1\]"),
+    (["--tail", "tail", "--temperature", "2"], r"--temperature: must be 1 with --tail tail"),
+    (["--loss", "distill"], r"--loss: must be one of kd, ce, sft"),
+])
+def test_bad_options(topk_labels, student_config, tmp_path, extra, pattern):
+    assert_one_line_error(run_train(topk_labels, student_config, tmp_path / "o", *extra), pattern)
