@@ -24,13 +24,15 @@ from labelgen.format import Encoding
 from labelgen.shards import ShardReader, ShardWriter
 
 ENCODINGS = {
-    "f32+plain (lossless)": Encoding(logprob_codec="f32", id_encoding="plain"),
-    "u8+bss": Encoding(logprob_codec="u8", id_encoding="byte_stream_split"),
-    "gap/32+plain": Encoding(logprob_codec="gap", logprob_step=1 / 32, id_encoding="plain"),
-    "gap/32+dict": Encoding(logprob_codec="gap", logprob_step=1 / 32, id_encoding="dictionary"),
-    "gap/32+bss (default)": Encoding(),
-    "gap/16+bss": Encoding(logprob_codec="gap", logprob_step=1 / 16),
-    "gap/32+bss zstd9": Encoding(zstd_level=9),
+    "rank, f32, plain ids (lossless)": Encoding(id_order="rank", logprob_codec="f32", id_encoding="plain"),
+    "rank, u8": Encoding(id_order="rank", logprob_codec="u8"),
+    "rank, gap 1/32, plain ids": Encoding(id_order="rank", logprob_codec="gap", id_encoding="plain"),
+    "rank, gap 1/32, dict ids": Encoding(id_order="rank", logprob_codec="gap", id_encoding="dictionary"),
+    "rank, gap 1/32": Encoding(id_order="rank", logprob_codec="gap"),
+    "rank, gap 1/16": Encoding(id_order="rank", logprob_codec="gap", logprob_step=1 / 16),
+    "sorted, f32": Encoding(id_order="sorted", logprob_codec="f32"),
+    "sorted, u8 (default)": Encoding(),
+    "sorted, u8, zstd 9": Encoding(zstd_level=9),
 }
 
 

@@ -11,10 +11,13 @@ A label set is a directory of zstd-compressed Parquet shards plus a
 ``samples``  one row per teacher completion of a prompt (hard labels).
 
 Encoding (chosen by benchmarks/bench_storage.py, documented in docs/format.md):
-ids use the narrowest unsigned width the vocabulary allows; top-k logprobs are
-quantised to a fixed step in nats and gap-coded along k (they are sorted, so
-the gaps are small non-negative integers that zstd packs tightly). Decoding
-always returns int64 ids and float32 logprobs.
+ids use the narrowest unsigned width the vocabulary allows. By default each
+position's top-k is stored in id order — ids as ascending deltas, logprobs
+quantised to uint8 beside them — because a teacher's candidate sets cluster on
+frequent tokens and sorted deltas compress far better than ids in rank order.
+The alternative layout keeps rank order and gap-codes the sorted logprobs.
+Decoding always returns rank order (logprob descending), int64 ids and
+float32 logprobs.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ LOGPROB_FLOOR = -1000.0
 # Writers accept tiny positive logprobs from float rounding and clip them to 0.
 POSITIVE_TOLERANCE = 1e-4
 LOGPROB_CODECS = ("gap", "u8", "f32")
+ID_ORDERS = ("sorted", "rank")
 ID_ENCODINGS = ("byte_stream_split", "plain", "dictionary")
 
 
@@ -79,10 +83,14 @@ class Encoding:
     """How top-k entries are laid out on disk. Stored in the manifest and in
     every shard's Parquet metadata, so a reader never guesses."""
 
-    logprob_codec: str = "gap"
-    """gap: quantise to `logprob_step`, store the gaps along k as uint16 (max
-    error step/2 per logprob). u8: quantise to uint8 with 255 steps down to
-    -`u8_range` (max error u8_range/510; clipped below). f32: exact."""
+    id_order: str = "sorted"
+    """sorted: each position's entries in id order, ids stored as deltas.
+    rank: entries in rank order, ids stored as they are."""
+    logprob_codec: str = "u8"
+    """u8: quantise to uint8 with 255 steps down to -`u8_range` (max error
+    u8_range/510; clipped below). gap (rank order only): quantise to
+    `logprob_step` and store the gaps along k as uint16 (max error step/2).
+    f32: exact."""
     logprob_step: float = 1 / 32
     """Quantisation step in nats for the gap codec."""
     u8_range: float = 20.0
@@ -97,6 +105,10 @@ class Encoding:
     def __post_init__(self):
         if self.logprob_codec not in LOGPROB_CODECS:
             raise FormatError(f"logprob_codec must be one of {LOGPROB_CODECS}, got {self.logprob_codec!r}")
+        if self.id_order not in ID_ORDERS:
+            raise FormatError(f"id_order must be one of {ID_ORDERS}, got {self.id_order!r}")
+        if self.id_order == "sorted" and self.logprob_codec == "gap":
+            raise FormatError("logprob_codec 'gap' needs id_order 'rank' (gaps need logprobs in sorted order)")
         if self.id_encoding not in ID_ENCODINGS:
             raise FormatError(f"id_encoding must be one of {ID_ENCODINGS}, got {self.id_encoding!r}")
         if not (-LOGPROB_FLOOR / 65535 <= self.logprob_step <= 1.0):
@@ -170,6 +182,8 @@ def parquet_writer_options(kind: str, enc: Encoding) -> dict:
     dict_cols = [EXAMPLE_ID] + ([FINISH_REASON] if kind == "samples" else [])
     col_enc = {}
     if kind == "topk":
+        # ids (or id deltas) and gap-coded logprobs are integers whose high
+        # bytes are mostly zero: byte-stream-split lets zstd drop them.
         floats = [f"{c}.list.element" for c in (COVERAGE, TARGET_LOGPROB)]
         col_enc.update({c: "BYTE_STREAM_SPLIT" for c in floats})
         id_cols = [f"{c}.list.element" for c in (INPUT_IDS, TOPK_IDS)]
@@ -192,7 +206,7 @@ def parquet_writer_options(kind: str, enc: Encoding) -> dict:
 
 
 def encode_logprobs(lp: np.ndarray, enc: Encoding) -> np.ndarray:
-    """[n, k] sorted-descending float logprobs -> [n, k] stored values."""
+    """[n, k] float logprobs (sorted descending for the gap codec) -> [n, k] stored values."""
     lp = np.maximum(np.asarray(lp, dtype=np.float64), LOGPROB_FLOOR)
     if enc.logprob_codec == "f32":
         return lp.astype(np.float32)
@@ -206,7 +220,7 @@ def encode_logprobs(lp: np.ndarray, enc: Encoding) -> np.ndarray:
 
 
 def decode_logprobs(stored: np.ndarray, enc: Encoding) -> np.ndarray:
-    """[n, k] stored values -> [n, k] float32 logprobs (sorted descending)."""
+    """[n, k] stored values -> [n, k] float32 logprobs, in stored order."""
     if enc.logprob_codec == "f32":
         return stored.astype(np.float32, copy=False)
     if enc.logprob_codec == "u8":
@@ -275,6 +289,10 @@ def encode_topk_rows(rows: list[dict], k: int, vocab_size: int, enc: Encoding) -
             _fail(ex, f"coverage outside [0, 1] (min {cov.min():.4g}, max {cov.max():.4g})")
         if trk.size and trk.min() < 0:
             _fail(ex, "negative target_rank")
+        if enc.id_order == "sorted":
+            order = np.argsort(ti, axis=1, kind="stable")
+            ti = np.diff(np.take_along_axis(ti, order, 1), axis=1, prepend=0)
+            tl = np.take_along_axis(tl, order, 1)
         inputs.append(inp)
         tids.append(ti.reshape(-1))
         tlps.append(np.minimum(tl, 0))
@@ -354,8 +372,10 @@ def decode_batch(batch: pa.RecordBatch | pa.Table, kind: str, k: int, enc: Encod
 
     Returns, per column present: list columns as (values, offsets) where
     offsets has rows+1 entries; topk_ids/topk_logprobs values shaped
-    [positions, k] (int64 / float32) with offsets counted in positions;
-    scalar columns as numpy arrays or lists of str.
+    [positions, k] (int64 / float32, rank order) with offsets counted in
+    positions; scalar columns as numpy arrays or lists of str. With the sorted
+    id layout, topk_ids can only be put in rank order together with
+    topk_logprobs (ShardReader reads both when either is asked for).
     """
     out: dict[str, Any] = {}
     for name in batch.schema.names:
@@ -373,6 +393,14 @@ def decode_batch(batch: pa.RecordBatch | pa.Table, kind: str, k: int, enc: Encod
         else:
             values = values.astype(np.float32, copy=False)
         out[name] = (values, offsets)
+    if kind == "topk" and enc.id_order == "sorted" and TOPK_IDS in out:
+        if TOPK_LOGPROBS not in out:
+            raise FormatError("the sorted id layout needs topk_logprobs to decode topk_ids")
+        (deltas, off), (lp, _) = out[TOPK_IDS], out[TOPK_LOGPROBS]
+        ids = np.cumsum(deltas, axis=1)
+        order = np.argsort(-lp, axis=1, kind="stable")   # ties keep id order
+        out[TOPK_IDS] = (np.take_along_axis(ids, order, 1), off)
+        out[TOPK_LOGPROBS] = (np.take_along_axis(lp, order, 1), off)
     return out
 
 

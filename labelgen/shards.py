@@ -266,11 +266,16 @@ class ShardReader:
         """Decoded columns of one row group (see format.decode_batch)."""
         shard = self.shards[shard_index]
         pf = pf or self.open_shard(shard)
+        wanted = columns
+        if columns is not None and self.kind == "topk" and self.encoding.id_order == "sorted" \
+                and fmt.TOPK_IDS in columns and fmt.TOPK_LOGPROBS not in columns:
+            columns = list(columns) + [fmt.TOPK_LOGPROBS]   # ids are put in rank order by their logprobs
         try:
             table = pf.read_row_group(row_group, columns=columns)
         except (pa.ArrowException, OSError) as e:
             raise FormatError(f"{self.dir / shard['name']}: row group {row_group}: {e}") from None
-        return fmt.decode_batch(table, self.kind, self.k, self.encoding)
+        decoded = fmt.decode_batch(table, self.kind, self.k, self.encoding)
+        return decoded if wanted is None else {c: decoded[c] for c in wanted}
 
     def batches(self, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
         """Decoded row groups, one at a time."""

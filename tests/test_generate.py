@@ -10,6 +10,8 @@ from typer.testing import CliRunner
 
 from labelgen.cli import app
 from labelgen.config import GenerateConfig
+from labelgen.format import Encoding
+from test_format import assert_same_entries
 from labelgen.generate import derive_seed, finalize, run, windows
 from labelgen.inspect import validate
 from labelgen.shards import ShardReader
@@ -55,8 +57,8 @@ def test_topk_labels_match_a_plain_forward_pass(tiny_teacher, corpus, tmp_path):
         with torch.no_grad():
             lp = torch.log_softmax(model(torch.as_tensor(r["input_ids"])[None]).logits[0, :-1].float(), -1)
         top = lp.topk(16, -1)
-        np.testing.assert_array_equal(r["topk_ids"], top.indices.numpy())
-        assert np.abs(r["topk_logprobs"] - top.values.numpy()).max() <= 1 / 64 + 1e-4   # gap codec, step 1/32
+        assert_same_entries(top.indices.numpy(), top.values.numpy(), r["topk_ids"], r["topk_logprobs"],
+                            Encoding().max_logprob_error + 1e-4)
         np.testing.assert_allclose(r["coverage"], top.values.exp().sum(-1).numpy(), atol=1e-5)
         actual = lp.gather(1, torch.as_tensor(r["input_ids"][1:])[:, None])[:, 0].numpy()
         np.testing.assert_allclose(r["target_logprob"], actual, atol=1e-4)

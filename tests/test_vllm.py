@@ -6,6 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from labelgen.backends.hf import HFTeacher
+from labelgen.format import Encoding
 from labelgen.generate import run
 from labelgen.inspect import validate
 from test_generate import assert_same_rows, cfg, rows_of
@@ -37,9 +38,11 @@ def test_generate_with_vllm_matches_generate_with_hf(tiny_teacher, corpus, vllm_
     assert [r["example_id"] for r in v] == [r["example_id"] for r in h]
     for a, b in zip(v, h):
         np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
-        # stored logprobs are quantised to 1/32 nat: allow one step for values near a boundary
-        assert np.abs(a["topk_logprobs"] - b["topk_logprobs"]).max() <= 1 / 32 + 1e-6
-        assert (a["topk_ids"] == b["topk_ids"]).mean() > 0.99
+        # both sides are quantised: allow one step for values that fall on either side of a boundary
+        step = 2 * Encoding().max_logprob_error
+        assert np.abs(np.sort(a["topk_logprobs"], 1) - np.sort(b["topk_logprobs"], 1)).max() <= step + 1e-6
+        same_set = [set(x) == set(y) for x, y in zip(a["topk_ids"], b["topk_ids"])]
+        assert np.mean(same_set) > 0.99
         np.testing.assert_allclose(a["target_logprob"], b["target_logprob"], atol=1e-4)
 
 
