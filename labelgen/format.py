@@ -191,8 +191,7 @@ def parquet_writer_options(kind: str, enc: Encoding) -> dict:
             dict_cols += id_cols
         else:
             col_enc.update({c: enc.id_encoding.upper() for c in id_cols})
-        if enc.logprob_codec != "u8":
-            col_enc[f"{TOPK_LOGPROBS}.list.element"] = "BYTE_STREAM_SPLIT"
+        col_enc[f"{TOPK_LOGPROBS}.list.element"] = "BYTE_STREAM_SPLIT"
     return dict(
         compression="zstd",
         compression_level=enc.zstd_level,
@@ -393,14 +392,15 @@ def decode_batch(batch: pa.RecordBatch | pa.Table, kind: str, k: int, enc: Encod
         else:
             values = values.astype(np.float32, copy=False)
         out[name] = (values, offsets)
-    if kind == "topk" and enc.id_order == "sorted" and TOPK_IDS in out:
+    if kind == "topk" and enc.id_order == "sorted" and (TOPK_IDS in out or TOPK_LOGPROBS in out):
         if TOPK_LOGPROBS not in out:
             raise FormatError("the sorted id layout needs topk_logprobs to decode topk_ids")
-        (deltas, off), (lp, _) = out[TOPK_IDS], out[TOPK_LOGPROBS]
-        ids = np.cumsum(deltas, axis=1)
+        lp, off = out[TOPK_LOGPROBS]
         order = np.argsort(-lp, axis=1, kind="stable")   # ties keep id order
-        out[TOPK_IDS] = (np.take_along_axis(ids, order, 1), off)
         out[TOPK_LOGPROBS] = (np.take_along_axis(lp, order, 1), off)
+        if TOPK_IDS in out:
+            ids = np.cumsum(out[TOPK_IDS][0], axis=1)
+            out[TOPK_IDS] = (np.take_along_axis(ids, order, 1), off)
     return out
 
 
