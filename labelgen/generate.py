@@ -211,33 +211,42 @@ def _write_manifest(cfg, out, teacher: Teacher, tokenizer, enc, id_bound, shards
 def _read_shards(cfg: GenerateConfig, tokenizer, max_positions: int, work_q: queue.Queue, stop: threading.Event):
     spec = FieldSpec(cfg.text_field, cfg.prompt_field, cfg.messages_field, cfg.id_field)
     out = Path(cfg.out)
-    work, index, n = None, -1, 0
+    work, records, index = None, [], -1
     for n, rec in enumerate(read_records(list(cfg.inputs), spec)):
         if stop.is_set():
             return
         if n % cfg.rows_per_shard == 0:
             if work is not None:
-                work_q.put(work)
-            index = n // cfg.rows_per_shard
+                work_q.put(_prepare(work, records, tokenizer, cfg, max_positions))
+            index, records = n // cfg.rows_per_shard, []
             mine = index % cfg.num_workers == cfg.worker_index
             work = ShardWork(index, done=_finished(out / fmt.shard_name(index), cfg)) if mine else None
-        if work is None:
-            continue
-        work.examples += 1
-        if work.done:
-            continue
+        if work is not None:
+            work.examples += 1
+            if not work.done:
+                records.append(rec)
+    if work is not None:
+        work_q.put(_prepare(work, records, tokenizer, cfg, max_positions))
+    work_q.put(index + 1)
+    work_q.put(None)
+
+
+def _prepare(work: ShardWork, records: list, tokenizer, cfg: GenerateConfig, max_positions: int) -> ShardWork:
+    """Tokenize a shard's records in one batch call (the fast tokenizer then
+    uses all cores) and cut them into teacher items; bad records fail the run
+    or, with --skip-bad, are counted."""
+    good = [r for r in records if not isinstance(r, InputError)]
+    ids_of = dict(zip(map(id, good), _tokenize_batch(good, tokenizer)))
+    for rec in records:
         try:
             if isinstance(rec, InputError):
                 raise rec
-            work.items.extend(_tokenize(rec, tokenizer, cfg, max_positions))
+            work.items.extend(_items(rec, ids_of[id(rec)], cfg, max_positions))
         except InputError as e:
             if not cfg.skip_bad:
                 raise InputError(f"{e} (pass --skip-bad to skip bad records)") from None
             work.skipped += 1
-    if work is not None:
-        work_q.put(work)
-    work_q.put(index + 1)
-    work_q.put(None)
+    return work
 
 
 def _finished(path: Path, cfg: GenerateConfig) -> bool:
@@ -253,24 +262,36 @@ def _finished(path: Path, cfg: GenerateConfig) -> bool:
     return meta.get("config_hash") == cfg.output_hash()
 
 
-def _tokenize(rec: Record, tokenizer, cfg: GenerateConfig, max_positions: int) -> list[tuple]:
+def _tokenize_batch(records: list[Record], tokenizer) -> list[tuple[str, list[int]]]:
+    """(text the teacher sees, its ids) per record; chat messages are rendered
+    with the tokenizer's template (which brings its own special tokens)."""
+    texts, plain = [], []
+    for rec in records:
+        if rec.messages is not None:
+            if not getattr(tokenizer, "chat_template", None):
+                raise InputError(f"{rec.where}: --messages-field needs a chat template and the teacher's tokenizer has none")
+            texts.append(tokenizer.apply_chat_template(rec.messages, tokenize=False, add_generation_prompt=True))
+        else:
+            texts.append(rec.text if rec.text is not None else rec.prompt)
+        plain.append(rec.messages is None)
+    if not texts:
+        return []
+    with_specials = tokenizer(texts)["input_ids"] if any(plain) else [None] * len(texts)
+    without = tokenizer(texts, add_special_tokens=False)["input_ids"] if not all(plain) else [None] * len(texts)
+    return [(t, a if p else b) for t, p, a, b in zip(texts, plain, with_specials, without)]
+
+
+def _items(rec: Record, text_ids: tuple[str, list[int]], cfg: GenerateConfig, max_positions: int) -> list[tuple]:
+    text, ids = text_ids
     if cfg.mode == "topk":
-        ids = np.asarray(tokenizer(rec.text)["input_ids"], dtype=np.int64)
         if len(ids) < 2:
             raise InputError(f"{rec.where}: text has {len(ids)} token(s); at least 2 are needed to predict one")
-        return [(rec.example_id, off, w) for off, w in windows(ids, cfg.max_seq_len, cfg.window_stride)]
-    if rec.messages is not None:
-        if not getattr(tokenizer, "chat_template", None):
-            raise InputError(f"{rec.where}: --messages-field needs a chat template and the teacher's tokenizer has none")
-        prompt = tokenizer.apply_chat_template(rec.messages, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    else:
-        prompt = rec.prompt if rec.prompt is not None else rec.text
-        ids = tokenizer(prompt)["input_ids"]
+        arr = np.asarray(ids, dtype=np.int64)
+        return [(rec.example_id, off, w) for off, w in windows(arr, cfg.max_seq_len, cfg.window_stride)]
     if len(ids) + cfg.max_new_tokens > max_positions:
         raise InputError(f"{rec.where}: prompt has {len(ids)} tokens; with --max-new-tokens {cfg.max_new_tokens} "
                          f"that exceeds the teacher's {max_positions} positions")
-    return [(rec.example_id, prompt, list(ids))]
+    return [(rec.example_id, text, list(ids))]
 
 
 # ---------------------------------------------------------------- teacher

@@ -59,7 +59,7 @@ def topk_labels(tiny_teacher, corpus, tmp_path_factory):
     from labelgen.generate import run
     out = tmp_path_factory.mktemp("labels") / "topk"
     run(GenerateConfig(teacher=tiny_teacher, inputs=(str(corpus / "docs.jsonl"),), out=str(out), k=16, max_seq_len=64,
-                       rows_per_shard=4, progress=False, encoding={"row_group_rows": 4}))
+                       rows_per_shard=4, progress=False, encoding={"row_group_rows": 4}, device="cpu"))
     return out
 
 

@@ -21,7 +21,7 @@ runner = CliRunner()
 
 def cfg(teacher, inputs, out, **kw):
     base = dict(teacher=teacher, inputs=tuple(map(str, inputs)), out=str(out), k=16, max_seq_len=64,
-                batch_tokens=256, rows_per_shard=5, progress=False)
+                batch_tokens=256, rows_per_shard=5, progress=False, device="cpu")
     base.update(kw)
     return GenerateConfig(**base)
 
@@ -150,7 +150,7 @@ def test_finalize_fails_when_a_worker_is_missing(tiny_teacher, corpus, tmp_path)
 def test_resume_after_kill_writes_each_row_once(tiny_teacher, corpus, tmp_path):
     args = [sys.executable, "-m", "labelgen.cli", "generate", "--teacher", tiny_teacher,
             "--input", str(corpus / "docs.jsonl"), "--out", str(tmp_path / "killed"), "--k", "16",
-            "--max-seq-len", "64", "--batch-tokens", "64", "--rows-per-shard", "2", "--no-progress"]
+            "--max-seq-len", "64", "--batch-tokens", "64", "--rows-per-shard", "2", "--no-progress", "--device", "cpu"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (tmp_path / "killed" / "shard-000001.parquet").exists() and time.time() < deadline:

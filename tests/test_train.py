@@ -17,7 +17,7 @@ runner = CliRunner()
 def tcfg(labels, student_config, out, **kw):
     base = dict(labels=(str(labels),), student_config=student_config, out=str(out), max_steps=12, batch_size=4,
                 lr=3e-3, warmup_steps=2, eval_holdout=1, eval_every=4, eval_batches=4, save_every=6, log_every=1,
-                progress=False)
+                progress=False, device="cpu")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -66,7 +66,7 @@ def test_two_process_torchrun_on_gloo_ends_with_identical_weights(topk_labels, s
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
            "-m", "student_train.cli", "train", "--labels", str(topk_labels), "--student-config", student_config,
            "--out", str(tmp_path / "ddp"), "--max-steps", "6", "--batch-size", "2", "--save-every", "6",
-           "--eval-holdout", "1", "--eval-every", "3", "--eval-batches", "2", "--no-progress"]
+           "--eval-holdout", "1", "--eval-every", "3", "--eval-batches", "2", "--no-progress", "--device", "cpu"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     last = metrics(tmp_path / "ddp")[-1]

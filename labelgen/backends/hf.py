@@ -16,7 +16,7 @@ import torch
 from labelgen.backends import Completion, SampleRequest, TopK
 
 # Bytes of fp32 logits materialised at once by the chunked head.
-LOGITS_CHUNK_BYTES = 256 << 20
+LOGITS_CHUNK_BYTES = 512 << 20
 
 
 def resolve_device(device: str) -> torch.device:
@@ -41,14 +41,17 @@ class HFTeacher:
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
         self.path = path
         head = self.model.get_output_embeddings()
-        # The head runs in fp32 whatever the body's dtype: bf16 logits would
-        # put ~0.1-nat errors into every stored logprob.
-        self.head_weight = head.weight.detach().float()
+        # Logits are produced in fp32 whatever the body's dtype: bf16 logits
+        # would put ~0.1-nat errors into every stored logprob. For a half-
+        # precision model on GPU a half x half GEMM with fp32 output is exact
+        # (products of 8/11-bit mantissas fit fp32) and runs on tensor cores.
         self.head_bias = None if getattr(head, "bias", None) is None else head.bias.detach().float()
+        self.half_head = self.dtype != torch.float32 and self.device.type == "cuda" and _mm_fp32_out_works(self.device)
+        self.head_weight = head.weight.detach() if self.half_head else head.weight.detach().float()
         cfg = self.model.config
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
         self.logit_scale = getattr(cfg, "logit_scale", None)
-        self.logits_size = self.head_weight.shape[0]
+        self.logits_size = head.weight.shape[0]
         self.vocab_size = len(tokenizer)
         self.max_positions = int(getattr(cfg, "max_position_embeddings", 1 << 30))
         eos = self.model.generation_config.eos_token_id
@@ -64,7 +67,13 @@ class HFTeacher:
                 "device": str(self.device), "head_dtype": "float32"}
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        logits = torch.nn.functional.linear(h.float(), self.head_weight, self.head_bias)
+        if self.half_head:
+            logits = torch.mm(h.reshape(-1, h.shape[-1]), self.head_weight.t(), out_dtype=torch.float32)
+            logits = logits.reshape(*h.shape[:-1], -1)
+            if self.head_bias is not None:
+                logits = logits + self.head_bias
+        else:
+            logits = torch.nn.functional.linear(h.float(), self.head_weight, self.head_bias)
         if self.logit_scale:
             logits = logits * self.logit_scale
         if self.softcap:
@@ -154,6 +163,15 @@ class HFTeacher:
                     break
             results.append(Completion(row, lps_np[i, : len(row)].tolist(), finish))
         return results
+
+
+def _mm_fp32_out_works(device: torch.device) -> bool:
+    """torch.mm(..., out_dtype=float32) exists for half inputs on this build."""
+    try:
+        a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError):
+        return False
 
 
 def _top_p_filter(logprobs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

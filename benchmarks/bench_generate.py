@@ -1,0 +1,198 @@
+"""Generation throughput, measured side by side in one run on one teacher.
+
+    python benchmarks/bench_generate.py --teacher demo/teacher            # CPU: hf and vLLM
+    python benchmarks/bench_generate.py --random-teacher 0.5b --backends hf   # GPU: a ~0.6B bf16 teacher
+
+Rows (tokens/s of teacher input, same windows for every row):
+  (a) bare loop: HF forward + log_softmax + top-k, batches of the same windows
+  (b) `labelgen generate --mode topk` end to end (read, tokenize, teacher, encode, write), per backend
+  (c) vLLM prompt logprobs (k) called directly
+  (d) sample mode: `labelgen generate --mode sample` vs a direct LLM.generate with the same requests
+and the ratios the targets are stated in: (b hf)/(a) >= 0.90, (b vllm)/(c) >= 0.95, (d) >= 0.95.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+H100_BF16_PEAK = 989e12   # dense bf16 FLOP/s, H100 SXM
+
+
+def make_corpus(path: Path, tokens_target: int, tokenizer) -> None:
+    """JSONL of stdlib source, about tokens_target tokens."""
+    from labelgen.demo import read_corpus
+    n = 0
+    with open(path, "w") as f:
+        for t in read_corpus(None, 64 << 20):
+            f.write(json.dumps({"text": t}) + "\n")
+            n += len(tokenizer(t)["input_ids"])
+            if n >= tokens_target:
+                return
+
+
+def random_teacher(out: Path, size: str) -> Path:
+    """A randomly initialised Llama of about 0.6B parameters (Qwen-like vocab), bf16, with the demo tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from labelgen.demo import DemoTeacherConfig, read_corpus, train_tokenizer
+    assert size == "0.5b"
+    cfg = LlamaConfig(vocab_size=151936, hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
+                      num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(out)
+    train_tokenizer(read_corpus(None, 2 << 20), DemoTeacherConfig().vocab_size).save_pretrained(out)
+    return out
+
+
+def windows_of(corpus: Path, tokenizer, seq_len: int) -> list[np.ndarray]:
+    from labelgen.generate import windows
+    out = []
+    for line in open(corpus):
+        ids = np.asarray(tokenizer(json.loads(line)["text"])["input_ids"])
+        if len(ids) >= 2:
+            out += [w for _, w in windows(ids, seq_len, seq_len - 1)]
+    return out
+
+
+def bare_loop(teacher: str, wins: list[np.ndarray], k: int, batch_tokens: int, device: str) -> float:
+    """(a): the simplest thing a person would write, batched the same way."""
+    from transformers import AutoModelForCausalLM
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=dtype).to(dev).eval()
+    from labelgen.generate import GenerateConfig, _topk_batches
+    cfg = GenerateConfig(teacher=teacher, inputs=("x",), out="x", k=k, max_seq_len=max(len(w) for w in wins),
+                         batch_tokens=batch_tokens)
+    batches = list(_topk_batches([("x", 0, w) for w in wins], cfg))
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    tokens, t0 = 0, time.perf_counter()
+    with torch.inference_mode():
+        for batch in batches:
+            ws = [w for _, _, w in batch]
+            T = max(len(w) for w in ws)
+            ids = torch.zeros(len(ws), T, dtype=torch.long)
+            mask = torch.zeros(len(ws), T, dtype=torch.long)
+            for i, w in enumerate(ws):
+                ids[i, : len(w)] = torch.as_tensor(w)
+                mask[i, : len(w)] = 1
+            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
+            top = torch.log_softmax(logits.float(), -1).topk(k, -1)
+            top.values.cpu(), top.indices.cpu()
+            tokens += sum(len(w) for w in ws)
+    sync()
+    return tokens / (time.perf_counter() - t0)
+
+
+def pipeline(teacher: str, corpus: Path, out: Path, backend: str, k: int, seq_len: int, batch_tokens: int,
+             mode: str = "topk", engine: dict | None = None, vllm_teacher=None, **kw) -> float:
+    from labelgen.config import GenerateConfig
+    from labelgen.generate import run
+    cfg = GenerateConfig(teacher=teacher, inputs=(str(corpus),), out=str(out), backend=backend, k=k, mode=mode,
+                         max_seq_len=seq_len, batch_tokens=batch_tokens, rows_per_shard=64, progress=False,
+                         overwrite=True, engine=engine or {}, **kw)
+    t0 = time.perf_counter()
+    m = run(cfg, teacher=vllm_teacher)
+    return m["summary"]["teacher_tokens"] / (time.perf_counter() - t0)
+
+
+def vllm_direct_topk(llm, wins: list[np.ndarray], k: int) -> float:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    params = SamplingParams(max_tokens=1, prompt_logprobs=k, flat_logprobs=True, detokenize=False)
+    prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in w]) for w in wins]
+    t0 = time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=False)
+    return sum(len(w) for w in wins) / (time.perf_counter() - t0)
+
+
+def vllm_direct_sample(llm, prompts_ids: list[list[int]], n: int, max_new: int) -> float:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    from labelgen.generate import derive_seed
+    reqs, params = [], []
+    for i, ids in enumerate(prompts_ids):
+        for j in range(n):
+            reqs.append(TokensPrompt(prompt_token_ids=ids))
+            params.append(SamplingParams(n=1, temperature=0.8, top_p=0.95, max_tokens=max_new,
+                                         seed=derive_seed(0, str(i), j), logprobs=0, flat_logprobs=True, detokenize=False))
+    t0 = time.perf_counter()
+    outs = llm.generate(reqs, params, use_tqdm=False)
+    tokens = sum(len(r["prompt_token_ids"]) for r in reqs) + sum(len(o.outputs[0].token_ids) for o in outs)
+    return tokens / (time.perf_counter() - t0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", default="demo/teacher")
+    ap.add_argument("--random-teacher", choices=["0.5b"], help="time a random-init ~0.6B Llama instead (GPU)")
+    ap.add_argument("--backends", nargs="+", default=["hf", "vllm"])
+    ap.add_argument("--tokens", type=int, default=60_000, help="corpus size in teacher tokens")
+    ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-tokens", type=int, default=4096)
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    args = ap.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers import AutoTokenizer
+    work = Path(tempfile.mkdtemp(prefix="bench_generate_"))
+    teacher = str(random_teacher(work / "teacher", args.random_teacher)) if args.random_teacher else args.teacher
+    tok = AutoTokenizer.from_pretrained(teacher)
+    corpus = work / "corpus.jsonl"
+    make_corpus(corpus, args.tokens, tok)
+    wins = windows_of(corpus, tok, args.seq_len)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n_tokens = sum(len(w) for w in wins)
+    print(f"teacher {teacher} on {device}; {len(wins)} windows, {n_tokens:,} tokens; k={args.k}\n")
+    rows = {}
+    rows["(a) bare loop: HF forward + log_softmax + top-k"] = bare_loop(teacher, wins, args.k, args.batch_tokens, device)
+    if "hf" in args.backends:
+        rows["(b) labelgen generate --backend hf"] = pipeline(teacher, corpus, work / "hf", "hf", args.k, args.seq_len,
+                                                             args.batch_tokens)
+    if "vllm" in args.backends:
+        from labelgen.backends.vllm import VLLMTeacher
+        engine = {"gpu_memory_utilization": 0.2} if device == "cpu" else {}
+        vt = VLLMTeacher(teacher, tok, max_logprobs=args.k, engine={**engine, "max_model_len": 1024})
+        rows["(c) vLLM prompt logprobs, direct"] = vllm_direct_topk(vt.llm, wins, args.k)
+        rows["(b) labelgen generate --backend vllm"] = pipeline(teacher, corpus, work / "vllm", "vllm", args.k,
+                                                               args.seq_len, args.batch_tokens, vllm_teacher=vt)
+        prompts = [json.dumps({"prompt": json.loads(l)["text"][:200]}) for l in open(corpus)][: args.prompts]
+        (work / "prompts.jsonl").write_text("\n".join(prompts) + "\n")
+        p_ids = [tok(json.loads(p)["prompt"])["input_ids"] for p in prompts]
+        rows["(d) LLM.generate direct, n=4"] = vllm_direct_sample(vt.llm, p_ids, 4, args.max_new_tokens)
+        rows["(d) labelgen generate --mode sample --backend vllm, n=4"] = pipeline(
+            teacher, work / "prompts.jsonl", work / "samples", "vllm", args.k, None, args.batch_tokens * 4,
+            mode="sample", vllm_teacher=vt, prompt_field="prompt", n=4, max_new_tokens=args.max_new_tokens)
+        vt.close()
+    print("| run | tokens/s |\n|---|---:|")
+    for name, v in rows.items():
+        print(f"| {name} | {v:,.0f} |")
+    a = rows["(a) bare loop: HF forward + log_softmax + top-k"]
+    print()
+    if "(b) labelgen generate --backend hf" in rows:
+        print(f"hf pipeline / bare loop = {rows['(b) labelgen generate --backend hf'] / a:.2f}  (target >= 0.90)")
+    if "(c) vLLM prompt logprobs, direct" in rows:
+        print(f"vllm pipeline / direct vLLM = {rows['(b) labelgen generate --backend vllm'] / rows['(c) vLLM prompt logprobs, direct']:.2f}  (target >= 0.95)")
+        print(f"sample pipeline / direct LLM.generate = {rows['(d) labelgen generate --mode sample --backend vllm, n=4'] / rows['(d) LLM.generate direct, n=4']:.2f}  (target >= 0.95)")
+    if device == "cuda":
+        from transformers import AutoConfig
+        params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(teacher)).parameters())
+        for name in ("(a) bare loop: HF forward + log_softmax + top-k", "(b) labelgen generate --backend hf"):
+            if name in rows:
+                print(f"{name}: model FLOPs utilisation {rows[name] * 2 * params / H100_BF16_PEAK:.1%} "
+                      f"({params / 1e9:.2f}B params, 2*N FLOPs/token, {torch.cuda.get_device_name()})")
+
+
+if __name__ == "__main__":
+    main()

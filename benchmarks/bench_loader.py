@@ -1,0 +1,147 @@
+"""Loader and student-step benchmark, measured side by side in one run.
+
+    python benchmarks/bench_loader.py [--labels DIR] [--teacher demo/teacher]
+
+Prints: rows/s and positions/s of the label loader alone against the
+positions/s a small student consumes (target: loader >= 10x); peak RSS of a
+process that reads a label set of N shards and of one 10x as large (target:
+within +10 %); and the student's step time with top-k KD (k = 64) against
+CE only (target: KD <= 1.15x CE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+STUDENT = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
+           "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 1024,
+           "tie_word_embeddings": True}
+
+
+def make_labels(teacher: str, out: Path) -> Path:
+    from labelgen.config import GenerateConfig
+    from labelgen.demo import read_corpus
+    from labelgen.generate import run
+    corpus = out.parent / "corpus.jsonl"
+    with open(corpus, "w") as f:
+        for t in read_corpus(None, 1_500_000):
+            f.write(json.dumps({"text": t}) + "\n")
+    run(GenerateConfig(teacher=teacher, inputs=(str(corpus),), out=str(out), k=64, max_seq_len=256,
+                       rows_per_shard=16, progress=False, encoding={"row_group_rows": 32}))
+    return out
+
+
+def replicate(src: Path, dst: Path, times: int) -> Path:
+    """A label set listing every shard of `src` `times` times (hard links)."""
+    m = json.loads((src / "manifest.json").read_text())
+    dst.mkdir(parents=True)
+    shards = []
+    for rep in range(times):
+        for s in m["shards"]:
+            name = f"rep{rep:02d}-{s['name']}"
+            os.link(src / s["name"], dst / name)
+            shards.append({**s, "name": name})
+    shutil.copytree(src / "tokenizer", dst / "tokenizer")
+    (dst / "manifest.json").write_text(json.dumps({**m, "shards": shards}))
+    return dst
+
+
+def loader_rate(label_dir: Path, batch_size: int, num_workers: int) -> tuple[float, float]:
+    from student_train.data import LabelStream, open_label_sets
+    stream = LabelStream(open_label_sets([str(label_dir)]), batch_size, max_epochs=1, k=64)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers)
+    rows = positions = 0
+    t0 = time.perf_counter()
+    for batch, _ in loader:
+        rows += len(batch["input_ids"])
+        positions += int(batch["mask"].sum())
+    dt = time.perf_counter() - t0
+    return rows / dt, positions / dt
+
+
+def peak_rss_mb(label_dir: Path) -> float:
+    """Peak RSS of a fresh process that streams the whole label set once."""
+    code = ("import resource, sys, torch\n"
+            "from student_train.data import LabelStream, open_label_sets\n"
+            f"s = LabelStream(open_label_sets([{str(label_dir)!r}]), 8, max_epochs=1, k=64)\n"
+            "n = sum(len(b['input_ids']) for b, _ in s)\n"
+            "print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    return float(out[1])
+
+
+def student_rate(label_dir: Path, loss: str, batch_size: int, steps: int) -> tuple[float, float]:
+    """(seconds per optimizer step, positions per second) of a small student."""
+    from student_train.config import TrainConfig
+    from student_train.data import LabelStream, open_label_sets
+    from student_train.train import build_model, load_tokenizer_for, loss_step, make_optimizer
+    cfg_path = label_dir.parent / "student.json"
+    cfg_path.write_text(json.dumps(STUDENT))
+    cfg = TrainConfig(labels=(str(label_dir),), out="unused", student_config=str(cfg_path), loss=loss,
+                      batch_size=batch_size, max_steps=steps)
+    readers = open_label_sets([str(label_dir)])
+    tok = load_tokenizer_for(None, readers[0].dir)
+    model = build_model(None, str(cfg_path), tok, 0)
+    opt, _ = make_optimizer(model, 1e-3, 0.1, 1, steps, 0.1)
+    it = iter(LabelStream(readers, batch_size, k=64))
+    times, positions = [], 0
+    for i in range(steps + 2):
+        batch, _ = next(it)
+        t0 = time.perf_counter()
+        ce, kd = loss_step(model, batch, cfg)
+        (ce if loss == "ce" else kd).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= 2:   # warm-up steps excluded
+            times.append(time.perf_counter() - t0)
+            positions += int(batch["mask"].sum())
+    return sum(times) / len(times), positions / sum(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--labels", help="a topk label set with k >= 64 (default: made from --teacher)")
+    ap.add_argument("--teacher", default="demo/teacher")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10)
+    args = ap.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    work = Path(tempfile.mkdtemp(prefix="bench_loader_"))
+    labels = Path(args.labels) if args.labels else make_labels(args.teacher, work / "labels")
+    m = json.loads((labels / "manifest.json").read_text())
+    print(f"labels {labels}: {len(m['shards'])} shards, {m['counts']['rows']:,} rows, "
+          f"{m['counts']['positions']:,} positions, k={m['k']}; torch threads {torch.get_num_threads()}\n")
+
+    rows0, pos0 = loader_rate(labels, args.batch_size, 0)
+    rows2, pos2 = loader_rate(labels, args.batch_size, 2)
+    ce_step, ce_pos = student_rate(labels, "ce", args.batch_size, args.steps)
+    kd_step, kd_pos = student_rate(labels, "kd", args.batch_size, args.steps)
+    print("| what | rows/s | positions/s |\n|---|---:|---:|")
+    print(f"| loader, main process | {rows0:,.0f} | {pos0:,.0f} |")
+    print(f"| loader, 2 DataLoader workers | {rows2:,.0f} | {pos2:,.0f} |")
+    print(f"| student step, CE only | {args.batch_size / ce_step:,.1f} | {ce_pos:,.0f} |")
+    print(f"| student step, top-64 KD | {args.batch_size / kd_step:,.1f} | {kd_pos:,.0f} |")
+    print(f"\nloader (main process) / student consumption (KD) = {pos0 / kd_pos:,.1f}x  (target >= 10x)")
+    print(f"student step: CE {ce_step * 1000:.0f} ms, KD {kd_step * 1000:.0f} ms; KD/CE = {kd_step / ce_step:.2f}  (target <= 1.15)")
+
+    big = replicate(labels, work / "x10", 10)
+    rss1, rss10 = peak_rss_mb(labels), peak_rss_mb(big)
+    print(f"\npeak RSS streaming {len(m['shards'])} shards: {rss1:,.0f} MB; {10 * len(m['shards'])} shards (10x): "
+          f"{rss10:,.0f} MB; ratio {rss10 / rss1:.3f}  (target <= 1.10)")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
