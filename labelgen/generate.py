@@ -17,9 +17,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -353,12 +355,15 @@ def _write_shards(cfg: GenerateConfig, out: Path, id_bound: int, enc: Encoding, 
     done: dict[int, ShardInfo] = {}
     current: ShardFile | None = None
     k = cfg.k if cfg.mode == "topk" else 0
+    # Encoding (sorting, quantising) runs on a few threads: one thread cannot
+    # keep up with a GPU teacher.
+    encoder = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="labelgen-encode")
     try:
         while (msg := write_q.get()) is not None:
             op, index, rows = msg
             if op == "open":
                 current = ShardFile(out / fmt.shard_name(index), cfg.kind, k, id_bound, enc,
-                                    extra_meta={"config_hash": cfg.output_hash(), "shard_index": index})
+                                    extra_meta={"config_hash": cfg.output_hash(), "shard_index": index}, encoder=encoder)
             elif op == "rows":
                 for row in rows:
                     current.write(row)
@@ -368,6 +373,7 @@ def _write_shards(cfg: GenerateConfig, out: Path, id_bound: int, enc: Encoding, 
     finally:
         if current is not None:
             current.abort()
+        encoder.shutdown(wait=True, cancel_futures=True)
     return done
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections import deque
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -64,7 +66,12 @@ class ShardFile:
     and returns its ShardInfo; `abort()` (or an exception inside `with`)
     removes the temporary file."""
 
-    def __init__(self, path: Path, kind: str, k: int, vocab_size: int, enc: Encoding, extra_meta: dict | None = None):
+    def __init__(self, path: Path, kind: str, k: int, vocab_size: int, enc: Encoding, extra_meta: dict | None = None,
+                 encoder: Executor | None = None):
+        """`encoder`: encode row groups on this executor's threads (numpy and
+        Arrow release the GIL), writing them in order as they finish."""
+        self.encoder = encoder
+        self._pending: deque[Future] = deque()
         self.path, self.kind, self.k, self.vocab_size, self.enc = Path(path), kind, k, vocab_size, enc
         self.tmp = self.path.with_name(self.path.name + fmt.TMP_SUFFIX)
         sch = fmt.schema(kind, vocab_size, enc).with_metadata(fmt.file_metadata(kind, k, vocab_size, enc, extra_meta))
@@ -79,11 +86,19 @@ class ShardFile:
         if len(self._buf) >= self.enc.row_group_rows:
             self._flush()
 
-    def _flush(self) -> None:
-        if not self._buf:
-            return
-        batch = fmt.encode_rows(self.kind, self._buf, self.k, self.vocab_size, self.enc)
-        self._buf = []
+    def _flush(self, wait: bool = False) -> None:
+        if self._buf:
+            rows, self._buf = self._buf, []
+            args = (self.kind, rows, self.k, self.vocab_size, self.enc)
+            if self.encoder is None:
+                self._write(fmt.encode_rows(*args))
+            else:
+                self._pending.append(self.encoder.submit(fmt.encode_rows, *args))
+        limit = 0 if wait else 2 * getattr(self.encoder, "_max_workers", 1)
+        while self._pending and (self._pending[0].done() or len(self._pending) > limit):
+            self._write(self._pending.popleft().result())
+
+    def _write(self, batch: pa.RecordBatch) -> None:
         self._writer.write_batch(batch, row_group_size=batch.num_rows)
         self.rows += batch.num_rows
         self.positions += _positions(batch, self.kind)
@@ -95,7 +110,7 @@ class ShardFile:
 
     def close(self) -> ShardInfo:
         try:
-            self._flush()
+            self._flush(wait=True)
             self._writer.close()
         except BaseException:
             self.abort()
@@ -109,6 +124,9 @@ class ShardFile:
         return info
 
     def abort(self) -> None:
+        for f in self._pending:
+            f.cancel()
+        self._pending.clear()
         try:
             self._writer.close()
         except Exception:

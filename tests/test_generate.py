@@ -194,3 +194,17 @@ def test_slurm_array_variables_pick_the_worker(tmp_path, monkeypatch):
     r = runner.invoke(app, ["generate", "--teacher", "t", "--input", "a", "--out", "o", "--dry-run"])
     d = json.loads(r.stdout)
     assert (d["num_workers"], d["worker_index"]) == (4, 3)
+
+
+def test_blocked_topk_equals_torch_topk():
+    from labelgen.backends.hf import _row_stats, _topk_blocked
+    torch.manual_seed(0)
+    for V in (1000, 32001, 151936):
+        logits = torch.randn(64, V) * 3
+        ref = logits.topk(64, -1)
+        v, i = _topk_blocked(logits, 64)
+        assert torch.equal(v, ref.values) and torch.equal(i, ref.indices)
+    tgt = logits.gather(1, torch.arange(64)[:, None])
+    lse, rank = _row_stats(logits, tgt)
+    torch.testing.assert_close(lse[:, 0], torch.logsumexp(logits, -1))
+    assert torch.equal(rank, (logits > tgt).sum(-1))
