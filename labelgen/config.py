@@ -14,7 +14,7 @@ import yaml
 
 from labelgen.format import Encoding
 
-MODES = ("topk", "sample", "greedy")
+MODES = ("topk", "sample", "greedy", "tokens")
 BACKENDS = ("hf", "vllm")
 # Settings that change how a run executes but not a single byte of its output.
 DEFAULT_MAX_SEQ_LEN = 2048
@@ -31,7 +31,9 @@ class GenerateConfig:
     """Output label directory."""
     mode: str = "topk"
     """topk: score text, keep the teacher's top-k per position. sample: the
-    teacher writes `n` completions per prompt. greedy: one argmax completion."""
+    teacher writes `n` completions per prompt. greedy: one argmax completion.
+    tokens: tokenize and window the text only (no teacher runs; --teacher
+    names the tokenizer), e.g. for co-distillation or a CE baseline."""
     backend: str = "hf"
     """hf (transformers; CPU or GPU) or vllm."""
     k: int = 64
@@ -111,8 +113,8 @@ class GenerateConfig:
             bad("--overwrite", "with several workers each would delete the others' shards; empty the directory once before launching them")
         if sum(f is not None for f in (self.prompt_field, self.messages_field)) > 1:
             bad("--prompt-field/--messages-field", "pass one, not both")
-        if self.mode == "topk" and (self.prompt_field or self.messages_field):
-            bad("--mode", "topk scores text (--text-field); --prompt-field/--messages-field are for sample/greedy")
+        if self.mode in ("topk", "tokens") and (self.prompt_field or self.messages_field):
+            bad("--mode", f"{self.mode} reads text (--text-field); --prompt-field/--messages-field are for sample/greedy")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             bad("--dtype", f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         Encoding(**self.encoding)  # fails early with a message naming the field
@@ -123,7 +125,12 @@ class GenerateConfig:
 
     @property
     def kind(self) -> str:
-        return "topk" if self.mode == "topk" else "samples"
+        return {"topk": "topk", "tokens": "tokens"}.get(self.mode, "samples")
+
+    @property
+    def windowed(self) -> bool:
+        """Text cut into windows (topk, tokens), rather than prompts."""
+        return self.mode in ("topk", "tokens")
 
     @property
     def samples_per_prompt(self) -> int:

@@ -9,6 +9,8 @@ A label set is a directory of zstd-compressed Parquet shards plus a
              sorted by logprob descending, the mass they cover, and the
              logprob and rank of the token that actually came next.
 ``samples``  one row per teacher completion of a prompt (hard labels).
+``tokens``   one row per token window, ids only (a tokenized corpus, for
+             co-distillation and CE baselines; added in format 1.1).
 
 Encoding (chosen by benchmarks/bench_storage.py, documented in docs/format.md):
 ids use the narrowest unsigned width the vocabulary allows. By default each
@@ -34,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 
 FORMAT_NAME = "labelgen"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 READABLE_MAJOR_VERSIONS = (1,)
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_DIR = "tokenizer"   # the labels' tokenizer, saved beside the shards
@@ -42,7 +44,7 @@ SHARD_SUFFIX = ".parquet"
 TMP_SUFFIX = ".tmp"
 FILE_META_KEY = b"labelgen"
 
-KINDS = ("topk", "samples")
+KINDS = ("topk", "samples", "tokens")
 
 # Column names. Per-position columns of a topk row hold L-1 entries for a
 # window of L input ids: position t predicts input_ids[t + 1].
@@ -162,6 +164,8 @@ def schema(kind: str, vocab_size: int, enc: Encoding) -> pa.Schema:
             (TARGET_LOGPROB, pa.list_(pa.float32())),
             (TARGET_RANK, pa.list_(pa.uint32())),
         ])
+    if kind == "tokens":
+        return pa.schema([(EXAMPLE_ID, pa.string()), (WINDOW_OFFSET, pa.int64()), (INPUT_IDS, ids)])
     if kind == "samples":
         return pa.schema([
             (EXAMPLE_ID, pa.string()),
@@ -181,6 +185,8 @@ def parquet_writer_options(kind: str, enc: Encoding) -> dict:
     """Keyword arguments for pyarrow.parquet.ParquetWriter."""
     dict_cols = [EXAMPLE_ID] + ([FINISH_REASON] if kind == "samples" else [])
     col_enc = {}
+    if kind == "tokens":
+        col_enc[f"{INPUT_IDS}.list.element"] = "BYTE_STREAM_SPLIT"
     if kind == "topk":
         # ids (or id deltas) and gap-coded logprobs are integers whose high
         # bytes are mostly zero: byte-stream-split lets zstd drop them.
@@ -197,7 +203,7 @@ def parquet_writer_options(kind: str, enc: Encoding) -> dict:
         compression_level=enc.zstd_level,
         use_dictionary=dict_cols,
         column_encoding=col_enc or None,
-        write_statistics=[EXAMPLE_ID, WINDOW_OFFSET] if kind == "topk" else [EXAMPLE_ID, SAMPLE_INDEX],
+        write_statistics=[EXAMPLE_ID, SAMPLE_INDEX] if kind == "samples" else [EXAMPLE_ID, WINDOW_OFFSET],
     )
 
 
@@ -350,9 +356,31 @@ def encode_samples_rows(rows: list[dict], vocab_size: int, enc: Encoding) -> pa.
     )
 
 
+def encode_tokens_rows(rows: list[dict], vocab_size: int, enc: Encoding) -> pa.RecordBatch:
+    """Validate and encode tokens rows: example_id, window_offset, input_ids (>= 2 ids)."""
+    sch = schema("tokens", vocab_size, enc)
+    arrays = []
+    for r in rows:
+        ex = r.get(EXAMPLE_ID)
+        if not isinstance(ex, str) or not ex:
+            _fail(ex, "example_id must be a non-empty string")
+        inp = np.asarray(r[INPUT_IDS]).reshape(-1)
+        if inp.size < 2:
+            _fail(ex, f"needs at least 2 input ids, got {inp.size}")
+        _check_ids(ex, INPUT_IDS, inp, vocab_size)
+        arrays.append(inp)
+    return pa.RecordBatch.from_arrays([
+        pa.array([r[EXAMPLE_ID] for r in rows], pa.string()),
+        pa.array([int(r.get(WINDOW_OFFSET, 0)) for r in rows], pa.int64()),
+        _list_array(np.concatenate(arrays), (a.size for a in arrays), sch.field(INPUT_IDS).type.value_type),
+    ], schema=sch)
+
+
 def encode_rows(kind: str, rows: list[dict], k: int, vocab_size: int, enc: Encoding) -> pa.RecordBatch:
     if kind == "topk":
         return encode_topk_rows(rows, k, vocab_size, enc)
+    if kind == "tokens":
+        return encode_tokens_rows(rows, vocab_size, enc)
     if kind == "samples":
         return encode_samples_rows(rows, vocab_size, enc)
     raise FormatError(f"unknown record kind {kind!r}; this version knows {KINDS}")

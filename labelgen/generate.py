@@ -66,10 +66,13 @@ class ShardWork:
     done: bool = False                          # already finished by an earlier run
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, need_model: bool = True):
     from transformers import AutoTokenizer
-    if not (Path(path) / "config.json").is_file():
+    p = Path(path)
+    if need_model and not (p / "config.json").is_file():
         raise ValueError(f"--teacher: {path} is not a model directory (no config.json)")
+    if not need_model and not any((p / f).is_file() for f in ("config.json", "tokenizer.json", "tokenizer_config.json")):
+        raise ValueError(f"--teacher: {path} holds neither a model nor a tokenizer")
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -101,9 +104,11 @@ def run(cfg: GenerateConfig, teacher: Teacher | None = None) -> dict:
     `teacher` reuses an already loaded backend (it must be cfg.teacher)."""
     from labelgen.inputs import expand_paths
     expand_paths(list(cfg.inputs))   # fail on a missing input before loading anything
-    tokenizer = load_tokenizer(cfg.teacher)
+    tokenizer = load_tokenizer(cfg.teacher, need_model=cfg.mode != "tokens")
     cfg = resolve(cfg, tokenizer)
     check_output_dir(cfg)
+    if teacher is None and cfg.mode == "tokens":
+        teacher = _TokenizerOnly(cfg.teacher, tokenizer)
     if teacher is None:
         teacher = load_teacher(cfg, tokenizer)
         try:
@@ -142,10 +147,14 @@ def _generate(cfg: GenerateConfig, teacher: Teacher, tokenizer) -> dict:
                 progress.update(work.examples, 0)
                 continue
             write_q.put(("open", work.index, None))
-            batches = _topk_batches(work.items, cfg) if cfg.mode == "topk" else _sample_batches(work.items, cfg)
+            batches = _topk_batches(work.items, cfg) if cfg.windowed else _sample_batches(work.items, cfg)
             for batch in batches:
-                rows, tokens = (_score(teacher, batch, cfg) if cfg.mode == "topk"
-                                else _sample(teacher, tokenizer, batch, cfg))
+                if cfg.mode == "tokens":
+                    rows, tokens = _windows_only(batch)
+                elif cfg.mode == "topk":
+                    rows, tokens = _score(teacher, batch, cfg)
+                else:
+                    rows, tokens = _sample(teacher, tokenizer, batch, cfg)
                 _put(write_q, ("rows", work.index, rows), writer)
                 progress.update(0, tokens)
             _put(write_q, ("close", work.index, None), writer)
@@ -166,15 +175,20 @@ def _generate(cfg: GenerateConfig, teacher: Teacher, tokenizer) -> dict:
     return manifest
 
 
+def _model_config(path: str):
+    """The model's HF config, or None for a tokenizer-only directory."""
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(path) if (Path(path) / "config.json").is_file() else None
+
+
 def resolve(cfg: GenerateConfig, tokenizer) -> GenerateConfig:
     """Fill settings that depend on the teacher and check them against it."""
-    from transformers import AutoConfig
-    mcfg = AutoConfig.from_pretrained(cfg.teacher)
+    mcfg = _model_config(cfg.teacher)
     positions = int(getattr(mcfg, "max_position_embeddings", 0) or 1 << 30)
     vocab = getattr(mcfg, "vocab_size", None) or len(tokenizer)
     if cfg.max_seq_len is None:
         cfg = dataclasses.replace(cfg, max_seq_len=min(DEFAULT_MAX_SEQ_LEN, positions))
-    if cfg.mode == "topk" and cfg.max_seq_len > positions:
+    if cfg.windowed and cfg.max_seq_len > positions:
         raise ValueError(f"--max-seq-len {cfg.max_seq_len} exceeds the teacher's {positions} positions")
     if cfg.mode == "topk" and cfg.k > vocab:
         raise ValueError(f"--k {cfg.k} is larger than the teacher's vocabulary ({vocab})")
@@ -186,14 +200,14 @@ def _write_manifest(cfg, out, teacher: Teacher, tokenizer, enc, id_bound, shards
     header = {
         "mode": cfg.mode,
         "teacher": {"path": str(Path(cfg.teacher).resolve()),
-                    "config_sha256": fmt.sha256_file(config_file),
+                    "config_sha256": fmt.sha256_file(config_file) if config_file.is_file() else None,
                     "vocab_size": teacher.vocab_size, "logits_size": teacher.logits_size, **teacher.info()},
         "tokenizer": fmt.tokenizer_fingerprint(tokenizer),
         "config": cfg.to_dict(),
         "config_hash": cfg.output_hash(),
         "counts": counts,
     }
-    if cfg.mode != "topk":
+    if cfg.kind == "samples":
         header["sampling"] = {"n": cfg.samples_per_prompt, "temperature": 0.0 if cfg.mode == "greedy" else cfg.temperature,
                               "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
                               "seed_rule": "sha256(seed, example_id, sample_index)[:8] & (2**63-1)"}
@@ -285,7 +299,7 @@ def _tokenize_batch(records: list[Record], tokenizer) -> list[tuple[str, list[in
 
 def _items(rec: Record, text_ids: tuple[str, list[int]], cfg: GenerateConfig, max_positions: int) -> list[tuple]:
     text, ids = text_ids
-    if cfg.mode == "topk":
+    if cfg.windowed:
         if len(ids) < 2:
             raise InputError(f"{rec.where}: text has {len(ids)} token(s); at least 2 are needed to predict one")
         arr = np.asarray(ids, dtype=np.int64)
@@ -318,6 +332,27 @@ def _score(teacher: Teacher, batch: list, cfg: GenerateConfig) -> tuple[list[dic
              fmt.TOPK_LOGPROBS: t.logprobs, fmt.COVERAGE: t.coverage, fmt.TARGET_LOGPROB: t.target_logprob,
              fmt.TARGET_RANK: t.target_rank} for (ex, off, w), t in zip(batch, labels)]
     return rows, sum(len(w) for _, _, w in batch)
+
+
+def _windows_only(batch: list) -> tuple[list[dict], int]:
+    rows = [{fmt.EXAMPLE_ID: ex, fmt.WINDOW_OFFSET: off, fmt.INPUT_IDS: w} for ex, off, w in batch]
+    return rows, sum(len(w) for _, _, w in batch)
+
+
+class _TokenizerOnly:
+    """The teacher of `--mode tokens`: a tokenizer and a context length, no model."""
+
+    def __init__(self, path: str, tokenizer):
+        mcfg = _model_config(path)
+        self.vocab_size = len(tokenizer)
+        self.logits_size = int(getattr(mcfg, "vocab_size", 0) or self.vocab_size)
+        self.max_positions = int(getattr(mcfg, "max_position_embeddings", 0) or 1 << 30)
+
+    def info(self) -> dict:
+        return {"backend": "none (tokens only)"}
+
+    def close(self) -> None:
+        pass
 
 
 def _sample_batches(items: list, cfg: GenerateConfig):

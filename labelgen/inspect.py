@@ -132,8 +132,8 @@ def inspect(label_dir: Path | str) -> dict:
     cov_sum, in_topk, finish = 0.0, 0, {}
     for si, shard in enumerate(reader.shards):
         pf = reader.open_shard(shard)
-        cols = [fmt.COVERAGE, fmt.TARGET_RANK] if kind == "topk" else [fmt.FINISH_REASON]
-        for rg in range(pf.num_row_groups):
+        cols = {"topk": [fmt.COVERAGE, fmt.TARGET_RANK], "samples": [fmt.FINISH_REASON], "tokens": []}[kind]
+        for rg in range(pf.num_row_groups if cols else 0):
             d = reader.read_row_group(si, rg, cols, pf)
             if kind == "topk":
                 cov = d[fmt.COVERAGE][0].astype(np.float64)
@@ -141,7 +141,7 @@ def inspect(label_dir: Path | str) -> dict:
                 hist += np.bincount(np.clip((cov * COVERAGE_BINS).astype(np.int64), 0, COVERAGE_BINS - 1),
                                     minlength=COVERAGE_BINS)
                 in_topk += int((d[fmt.TARGET_RANK][0] < k).sum())
-            else:
+            elif kind == "samples":
                 for r in d[fmt.FINISH_REASON]:
                     finish[r] = finish.get(r, 0) + 1
         shards.append(_sizes(shard, k if kind == "topk" else 1, V, id_bytes))
@@ -162,7 +162,7 @@ def inspect(label_dir: Path | str) -> dict:
             "target_in_topk": in_topk / n,
             "coverage_histogram": hist.reshape(20, -1).sum(axis=1).tolist(),
         })
-    else:
+    elif kind == "samples":
         out["finish_reasons"] = finish
     return out
 
@@ -190,7 +190,7 @@ def format_inspect(r: dict) -> str:
                          f"{s['bytes_per_position']:>9.2f}{s['bytes_per_entry']:>9.3f}"
                          f"{s['ratio_vs_raw_topk']:>7.1f}x{s['ratio_vs_full_bf16']:>9.0f}x")
     else:
-        lines.append(f"{'shard':<24}{'rows':>10}{'tokens':>12}{'bytes':>14}{'B/token':>9}")
+        lines.append(f"{'shard':<24}{'rows':>10}{'positions' if r['kind'] == 'tokens' else 'tokens':>12}{'bytes':>14}{'B/token':>9}")
         for s in r["shards"] + [dict(r, name="total")]:
             lines.append(f"{s['name']:<24}{s['rows']:>10,}{s['positions']:>12,}{s['bytes']:>14,}{s['bytes_per_position']:>9.2f}")
     if r["kind"] == "topk":
@@ -202,7 +202,7 @@ def format_inspect(r: dict) -> str:
         for i, c in enumerate(h):
             bar = "#" * int(round(40 * c / h.max())) if h.max() else ""
             lines.append(f"  [{i / 20:.2f}, {(i + 1) / 20:.2f}) {int(c):>10,} {bar}")
-    else:
+    elif r["kind"] == "samples":
         lines.append("finish reasons: " + ", ".join(f"{k}={v}" for k, v in sorted(r["finish_reasons"].items())))
     return "\n".join(lines)
 

@@ -46,15 +46,20 @@ class ShardInfo:
 
 
 def _positions(batch: pa.RecordBatch, kind: str) -> int:
-    """Stored positions: next-token predictions (topk) or completion tokens (samples)."""
-    col = batch.column(fmt.COVERAGE if kind == "topk" else fmt.COMPLETION_IDS)
-    return int(pc.sum(pc.list_value_length(col)).as_py() or 0)
+    """Stored positions: next-token predictions (topk, tokens) or completion tokens (samples)."""
+    col = batch.column(_POSITION_COLUMN[kind])
+    n = int(pc.sum(pc.list_value_length(col)).as_py() or 0)
+    return n - batch.num_rows if kind == "tokens" else n
+
+
+# The column whose list lengths count a shard's positions.
+_POSITION_COLUMN = {"topk": fmt.COVERAGE, "samples": fmt.COMPLETION_IDS, "tokens": fmt.INPUT_IDS}
 
 
 def shard_info_from_file(path: Path, kind: str) -> ShardInfo:
     """ShardInfo of a finished shard on disk (used when a job resumes)."""
     pf = pq.ParquetFile(path)
-    col = fmt.COVERAGE if kind == "topk" else fmt.COMPLETION_IDS
+    col = _POSITION_COLUMN[kind]
     positions = sum(_positions(pf.read_row_group(i, columns=[col]), kind) for i in range(pf.num_row_groups))
     return ShardInfo(path.name, pf.metadata.num_rows, positions, path.stat().st_size, fmt.sha256_file(path),
                      pf.num_row_groups)

@@ -74,9 +74,63 @@ def train_cmd(
     typer.echo(f"trained to step {r['step']}; checkpoints and metrics.jsonl in {r['out']}")
 
 
-@app.command("version", hidden=True)
-def version():
-    typer.echo("student-train 0.1.0")
+@app.command("codistill")
+@cli_errors
+def codistill_cmd(
+    config: Optional[Path] = typer.Argument(None, help="YAML/JSON config file; flags override its keys"),
+    input: Optional[List[str]] = typer.Option(None, "--input", help="raw text file or directory (repeatable)"),
+    eval_input: Optional[List[str]] = typer.Option(None, "--eval-input", help="held-out raw text (repeatable)"),
+    teacher: Optional[str] = typer.Option(None, help="teacher model directory (HF format)"),
+    teacher_config: Optional[str] = typer.Option(None, help="HF config JSON: the teacher starts untrained"),
+    student: Optional[str] = typer.Option(None, help="student model directory"),
+    student_config: Optional[str] = typer.Option(None, help="HF config JSON for the student"),
+    tokenizer: Optional[str] = typer.Option(None, help="tokenizer directory (when both models come from configs)"),
+    out: Optional[str] = typer.Option(None, help="run directory"),
+    max_steps: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    max_seq_len: Optional[int] = typer.Option(None),
+    alpha: Optional[float] = typer.Option(None, help="target CE weight of the student's loss"),
+    alpha_warmup_steps: Optional[int] = typer.Option(None, help="alpha = 1 for these first steps"),
+    alpha_ramp_steps: Optional[int] = typer.Option(None, help="then ramp to --alpha over these steps"),
+    alpha_schedule: Optional[str] = typer.Option(None, help="linear | cosine"),
+    kd: Optional[str] = typer.Option(None, help="full | topk"),
+    k: Optional[int] = typer.Option(None),
+    kd_kind: Optional[str] = typer.Option(None, help="forward | reverse | jsd"),
+    temperature: Optional[float] = typer.Option(None),
+    teacher_lr: Optional[float] = typer.Option(None, help="0 freezes the teacher"),
+    student_lr: Optional[float] = typer.Option(None),
+    teacher_grad_accum: Optional[int] = typer.Option(None),
+    student_grad_accum: Optional[int] = typer.Option(None),
+    warmup_steps: Optional[int] = typer.Option(None),
+    eval_every: Optional[int] = typer.Option(None),
+    eval_batches: Optional[int] = typer.Option(None),
+    save_every: Optional[int] = typer.Option(None),
+    log_every: Optional[int] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None),
+    device: Optional[str] = typer.Option(None),
+    resume: Optional[bool] = typer.Option(None, "--resume"),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite"),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and exit"),
+):
+    """Train a teacher and a student together: the teacher on CE, the student on CE + the teacher's live soft labels."""
+    from student_train.config import CodistillConfig
+    overrides = dict(inputs=input, eval_input=eval_input, teacher=teacher, teacher_config=teacher_config,
+                     student=student, student_config=student_config, tokenizer=tokenizer, out=out,
+                     max_steps=max_steps, batch_size=batch_size, max_seq_len=max_seq_len, alpha=alpha,
+                     alpha_warmup_steps=alpha_warmup_steps, alpha_ramp_steps=alpha_ramp_steps,
+                     alpha_schedule=alpha_schedule, kd=kd, k=k, kd_kind=kd_kind, temperature=temperature,
+                     teacher_lr=teacher_lr, student_lr=student_lr, teacher_grad_accum=teacher_grad_accum,
+                     student_grad_accum=student_grad_accum, warmup_steps=warmup_steps, eval_every=eval_every,
+                     eval_batches=eval_batches, save_every=save_every, log_every=log_every, seed=seed,
+                     device=device, resume=resume, overwrite=overwrite, progress=progress)
+    cfg = CodistillConfig.from_sources(str(config) if config else None, overrides)
+    if dry_run:
+        typer.echo(json.dumps(cfg.to_dict(), indent=2))
+        return
+    from student_train.codistill import codistill
+    r = codistill(cfg)
+    typer.echo(f"co-distilled to step {r['step']}; checkpoints (teacher/ and student/) and metrics.jsonl in {r['out']}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -31,7 +31,8 @@ class TrainConfig:
     """Or hold out this many shards at the end of --labels for evaluation."""
     loss: str = "kd"
     """kd: alpha*CE + (1-alpha)*top-k KD (topk labels). ce: CE on the actual
-    tokens. sft: CE on teacher completions, prompt masked (samples labels)."""
+    tokens (topk or tokens labels). sft: CE on teacher completions, prompt
+    masked (samples labels)."""
     kd_kind: str = "forward"
     """forward KL(teacher||student), reverse KL, or jsd."""
     tail: str = "tail"
@@ -145,3 +146,110 @@ def from_sources(cls, config_file: str | None, overrides: dict, tuple_fields=())
         if name in d:
             d[name] = tuple(d[name]) if isinstance(d[name], (list, tuple)) else (d[name],)
     return cls(**d)
+
+
+ALPHA_SCHEDULES = ("linear", "cosine")
+KD_SUPPORTS = ("full", "topk")
+
+
+@dataclass(frozen=True)
+class CodistillConfig:
+    inputs: tuple[str, ...]
+    """Raw text (the inputs `labelgen generate` reads), tokenized with the shared tokenizer."""
+    out: str
+    """Run directory: data/ (the tokenized corpus), metrics.jsonl, step_NNNNNN/."""
+    teacher: str | None = None
+    teacher_config: str | None = None
+    """HF config JSON: the teacher starts untrained."""
+    student: str | None = None
+    student_config: str | None = None
+    tokenizer: str | None = None
+    """Tokenizer directory (needed when neither model directory has one)."""
+    eval_input: tuple[str, ...] = ()
+    """Held-out raw text for evaluation."""
+    text_field: str = "text"
+    max_seq_len: int = 256
+    rows_per_shard: int = 1000
+    max_steps: int = 1000
+    """Batches seen by both models."""
+    batch_size: int = 8
+    alpha: float = 0.5
+    """Target weight of CE in the student's loss alpha*CE + (1-alpha)*KD."""
+    alpha_warmup_steps: int = 0
+    """alpha = 1 for these first steps (the teacher's labels are noise early)."""
+    alpha_ramp_steps: int = 0
+    """Then alpha moves from 1 to --alpha over these steps."""
+    alpha_schedule: str = "linear"
+    kd: str = "full"
+    """full: KD against the teacher's whole distribution. topk: only its top-k
+    (comparable with offline labels of that k)."""
+    k: int = 64
+    kd_kind: str = "forward"
+    tail: str = "tail"
+    temperature: float = 1.0
+    beta: float = 0.5
+    teacher_lr: float = 3e-4
+    student_lr: float = 3e-4
+    teacher_grad_accum: int = 1
+    student_grad_accum: int = 1
+    """Each model steps its optimizer every this many batches."""
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 20
+    save_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    group_units: int = 4
+    num_workers: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        def bad(option, msg):
+            raise ValueError(f"{option}: {msg}")
+        if not self.inputs:
+            bad("--input", "at least one input file or directory is required")
+        if (self.teacher is None) == (self.teacher_config is None):
+            bad("--teacher/--teacher-config", "pass exactly one")
+        if (self.student is None) == (self.student_config is None):
+            bad("--student/--student-config", "pass exactly one")
+        if self.teacher is None and self.student is None and self.tokenizer is None:
+            bad("--tokenizer", "required when both models are built from configs")
+        if not 0 <= self.alpha <= 1:
+            bad("--alpha", f"must be in [0, 1], got {self.alpha}")
+        if self.alpha_warmup_steps < 0 or self.alpha_ramp_steps < 0:
+            bad("--alpha-warmup-steps/--alpha-ramp-steps", "must be >= 0")
+        if self.alpha_warmup_steps + self.alpha_ramp_steps > self.max_steps:
+            bad("--alpha-warmup-steps", f"the alpha schedule ({self.alpha_warmup_steps} + {self.alpha_ramp_steps} steps) "
+                                        f"is longer than the run (--max-steps {self.max_steps})")
+        if self.alpha_schedule not in ALPHA_SCHEDULES:
+            bad("--alpha-schedule", f"must be one of {', '.join(ALPHA_SCHEDULES)}")
+        if self.kd not in KD_SUPPORTS:
+            bad("--kd", f"must be one of {', '.join(KD_SUPPORTS)}")
+        if self.kd_kind not in KINDS or self.tail not in TAILS:
+            bad("--kd-kind/--tail", f"must be one of {KINDS} / {TAILS}")
+        if self.tail == "tail" and self.kd == "topk" and self.temperature != 1.0:
+            bad("--temperature", "must be 1 with --tail tail")
+        for name in ("max_steps", "batch_size", "teacher_grad_accum", "student_grad_accum", "eval_batches",
+                     "log_every", "k", "max_seq_len", "rows_per_shard"):
+            if getattr(self, name) < 1:
+                bad(f"--{name.replace('_', '-')}", f"must be >= 1, got {getattr(self, name)}")
+        if self.teacher_lr < 0 or self.student_lr <= 0:
+            bad("--teacher-lr/--student-lr", "the student's must be > 0, the teacher's >= 0 (0 freezes it)")
+        if self.resume and self.overwrite:
+            bad("--resume/--overwrite", "pass one, not both")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["inputs"], d["eval_input"] = list(self.inputs), list(self.eval_input)
+        return d
+
+    @classmethod
+    def from_sources(cls, config_file: str | None, overrides: dict) -> "CodistillConfig":
+        return from_sources(cls, config_file, overrides, tuple_fields=("inputs", "eval_input"))

@@ -25,8 +25,9 @@ from labelgen import format as fmt
 from labelgen.format import FormatError
 from labelgen.shards import ShardReader
 
-TOPK_COLUMNS = [fmt.INPUT_IDS, fmt.TOPK_IDS, fmt.TOPK_LOGPROBS, fmt.COVERAGE]
-SAMPLES_COLUMNS = [fmt.PROMPT_IDS, fmt.COMPLETION_IDS]
+COLUMNS = {"topk": [fmt.INPUT_IDS, fmt.TOPK_IDS, fmt.TOPK_LOGPROBS, fmt.COVERAGE],
+           "samples": [fmt.PROMPT_IDS, fmt.COMPLETION_IDS],
+           "tokens": [fmt.INPUT_IDS]}
 
 
 def open_label_sets(dirs: list[str], verify: bool = False) -> list[ShardReader]:
@@ -50,16 +51,17 @@ def open_label_sets(dirs: list[str], verify: bool = False) -> list[ShardReader]:
 def collate(rows: list[dict], kind: str, k: int | None = None, vocab_limit: int | None = None) -> dict[str, torch.Tensor]:
     """Pad rows into a batch. Position t of a row predicts input_ids[t + 1].
 
+    Rows are topk, tokens (windows of ids) or samples (prompt + completion).
     Returns input_ids, attention_mask [B, T]; targets, mask [B, T-1]; and for
     topk rows topk_ids (long), topk_logprobs (float32, -inf for empty slots),
     coverage [B, T-1, k] / [B, T-1]. Label ids at or above `vocab_limit` (the
     teacher's padded vocabulary slots) are emptied: they carry no mass the
     student could match.
     """
-    if kind == "topk":
-        seqs = [r[fmt.INPUT_IDS] for r in rows]
-    else:
+    if kind == "samples":
         seqs = [np.concatenate([r[fmt.PROMPT_IDS], r[fmt.COMPLETION_IDS]]) for r in rows]
+    else:
+        seqs = [r[fmt.INPUT_IDS] for r in rows]
     B, T = len(rows), max(len(s) for s in seqs)
     ids = np.zeros((B, T), np.int64)
     attn = np.zeros((B, T), np.int64)
@@ -123,7 +125,7 @@ class LabelStream(torch.utils.data.IterableDataset):
         self.readers, self.batch_size, self.seed, self.shuffle = readers, batch_size, seed, shuffle
         self.group_units, self.rank, self.world_size, self.max_epochs = group_units, rank, world_size, max_epochs
         self.kind, self.k, self.vocab_limit = readers[0].kind, k, vocab_limit
-        self.columns = TOPK_COLUMNS if self.kind == "topk" else SAMPLES_COLUMNS
+        self.columns = COLUMNS[self.kind]
         selected = shards if shards is not None else [(d, s) for d, r in enumerate(readers) for s in range(len(r.shards))]
         self.units = [(d, s, g) for d, s in selected for g in range(self._row_groups(d, s))]
         self.start = LoaderState()

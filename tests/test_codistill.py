@@ -1,0 +1,106 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from labelgen.config import GenerateConfig
+from labelgen.generate import run as generate
+from student_train.codistill import alpha_at, codistill
+from student_train.config import CodistillConfig, TrainConfig
+from student_train.train import train
+
+
+def metrics(out):
+    return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def ccfg(tiny_teacher, corpus, student_config, out, **kw):
+    base = dict(inputs=(str(corpus / "docs.jsonl"),), out=str(out), teacher=tiny_teacher, student_config=student_config,
+                max_steps=8, batch_size=4, max_seq_len=64, rows_per_shard=4, student_lr=3e-3, teacher_lr=1e-3,
+                warmup_steps=2, eval_every=0, save_every=4, log_every=1, progress=False, device="cpu")
+    base.update(kw)
+    return CodistillConfig(**base)
+
+
+def test_alpha_is_one_during_warmup_then_ramps_to_the_target():
+    cfg = CodistillConfig(inputs=("x",), out="o", teacher="t", student="s", max_steps=20, alpha=0.2,
+                          alpha_warmup_steps=5, alpha_ramp_steps=10)
+    assert [alpha_at(s, cfg) for s in (0, 4)] == [1.0, 1.0]
+    assert alpha_at(10, cfg) == pytest.approx(0.6)
+    assert alpha_at(15, cfg) == alpha_at(19, cfg) == pytest.approx(0.2)
+    cos = CodistillConfig(**{**cfg.__dict__, "alpha_schedule": "cosine"})
+    assert alpha_at(10, cos) == pytest.approx(0.6) and alpha_at(7, cos) > alpha_at(7, cfg)
+
+
+def test_with_alpha_one_the_student_follows_a_plain_ce_run(tiny_teacher, corpus, student_config, tmp_path):
+    codistill(ccfg(tiny_teacher, corpus, student_config, tmp_path / "co", alpha=1.0))
+    train(TrainConfig(labels=(str(tmp_path / "co" / "data"),), student_config=student_config, out=str(tmp_path / "ce"),
+                      loss="ce", max_steps=8, batch_size=4, lr=3e-3, warmup_steps=2, eval_every=0, save_every=0,
+                      log_every=1, progress=False, device="cpu"))
+    co, ce = metrics(tmp_path / "co"), metrics(tmp_path / "ce")
+    assert [r["student_ce"] for r in co] == pytest.approx([r["ce"] for r in ce], rel=1e-5)
+    assert co[-1]["teacher_ce"] != co[0]["teacher_ce"]   # the teacher trained alongside
+
+
+def test_a_frozen_pretrained_teacher_gives_online_kd_equal_to_offline_full_labels(tiny_teacher, corpus, student_config,
+                                                                                  tmp_path):
+    codistill(ccfg(tiny_teacher, corpus, student_config, tmp_path / "co", alpha=0.5, teacher_lr=0.0, kd="full"))
+    # Offline: the same windows labelled with all 512 logprobs, exactly (f32, rank order).
+    generate(GenerateConfig(teacher=tiny_teacher, inputs=(str(corpus / "docs.jsonl"),), out=str(tmp_path / "labels"),
+                            k=512, max_seq_len=64, rows_per_shard=4, progress=False, device="cpu",
+                            encoding={"id_order": "rank", "logprob_codec": "f32"}))
+    train(TrainConfig(labels=(str(tmp_path / "labels"),), student_config=student_config, out=str(tmp_path / "kd"),
+                      loss="kd", alpha=0.5, max_steps=8, batch_size=4, lr=3e-3, warmup_steps=2, eval_every=0,
+                      save_every=0, log_every=1, progress=False, device="cpu"))
+    co, kd = metrics(tmp_path / "co"), metrics(tmp_path / "kd")
+    assert [r["student_ce"] for r in co] == pytest.approx([r["ce"] for r in kd], rel=1e-4)
+    assert [r["kd"] for r in co] == pytest.approx([r["kd"] for r in kd], rel=1e-3, abs=1e-5)
+    assert co[0]["teacher_ce"] < 6.0   # pretrained (log 512 = 6.24), and its weights stay as they were:
+    from safetensors.torch import load_file
+    a = load_file(os.path.join(tiny_teacher, "model.safetensors"))
+    b = load_file(str(tmp_path / "co" / "step_000008" / "teacher" / "model.safetensors"))
+    assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_resume_reproduces_an_uninterrupted_codistill_run(tiny_teacher, corpus, student_config, tmp_path):
+    c = dict(alpha=0.5, alpha_warmup_steps=2, alpha_ramp_steps=2, teacher_config=None)
+    codistill(ccfg(tiny_teacher, corpus, student_config, tmp_path / "a", **c))
+    codistill(ccfg(tiny_teacher, corpus, student_config, tmp_path / "b", **c))
+    shutil.rmtree(tmp_path / "b" / "step_000008")
+    codistill(ccfg(tiny_teacher, corpus, student_config, tmp_path / "b", resume=True, **c))
+    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    for x, y in zip(a, b):
+        for key in ("loss", "student_ce", "teacher_ce", "kd"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), (x["step"], key)
+    assert (tmp_path / "b" / "step_000008" / "teacher" / "config.json").is_file()
+
+
+def test_two_process_torchrun_codistill_ends_with_identical_weights(tiny_teacher, corpus, student_config, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29519",
+           "-m", "student_train.cli", "codistill", "--input", str(corpus / "docs.jsonl"), "--teacher", tiny_teacher,
+           "--student-config", student_config, "--out", str(tmp_path / "ddp"), "--max-steps", "4", "--batch-size", "2",
+           "--max-seq-len", "64", "--alpha", "0.5", "--save-every", "4", "--no-progress", "--device", "cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = metrics(tmp_path / "ddp")[-1]["weight_digests"]
+    assert len(d) == 4 and d[0] == d[1] and d[2] == d[3]
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(alpha=1.5), r"--alpha: must be in \[0, 1\]"),
+    (dict(alpha_warmup_steps=6, alpha_ramp_steps=6), r"the alpha schedule \(6 \+ 6 steps\) is longer than the run"),
+    (dict(teacher=None, teacher_config="t.json"), r"--tokenizer: required when both models are built from configs"),
+])
+def test_bad_codistill_settings_fail_before_the_first_step(tiny_teacher, corpus, student_config, tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        ccfg(tiny_teacher, corpus, student_config, tmp_path / "x", **kw)
+
+
+def test_mismatched_tokenizers_are_refused(tiny_teacher, corpus, student_config, tmp_path):
+    from labelgen.demo import train_tokenizer
+    train_tokenizer(["something else entirely " * 30], 300).save_pretrained(tmp_path / "tok")
+    with pytest.raises(ValueError, match=r"different tokenizers \(differ in: vocabulary size"):
+        codistill(ccfg(tiny_teacher, corpus, student_config, tmp_path / "x", tokenizer=str(tmp_path / "tok")))
