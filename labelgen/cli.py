@@ -119,9 +119,11 @@ def generate(
     teacher: Optional[str] = typer.Option(None, help="teacher model directory (HF format)"),
     input: Optional[List[str]] = typer.Option(None, "--input", help="input file or directory (repeatable)"),
     out: Optional[str] = typer.Option(None, help="output label directory"),
-    mode: Optional[str] = typer.Option(None, help="topk | sample | greedy"),
+    mode: Optional[str] = typer.Option(None, help="topk | sampled | sample | greedy | tokens"),
     backend: Optional[str] = typer.Option(None, help="hf | vllm"),
     k: Optional[int] = typer.Option(None, help="top-k entries per position"),
+    draws: Optional[int] = typer.Option(None, help="sampled mode: draws per position"),
+    proposal_temperature: Optional[float] = typer.Option(None, help="sampled mode: draw from softmax(logits / T)"),
     max_seq_len: Optional[int] = typer.Option(None, help="window length in tokens"),
     stride: Optional[int] = typer.Option(None, help="tokens between window starts"),
     batch_tokens: Optional[int] = typer.Option(None, help="padded tokens per teacher batch"),
@@ -151,7 +153,8 @@ def generate(
     from labelgen.config import GenerateConfig
     env_workers, env_index = _worker_from_env()
     overrides = dict(
-        teacher=teacher, inputs=input, out=out, mode=mode, backend=backend, k=k, max_seq_len=max_seq_len,
+        teacher=teacher, inputs=input, out=out, mode=mode, backend=backend, k=k, draws=draws,
+        proposal_temperature=proposal_temperature, max_seq_len=max_seq_len,
         stride=stride, batch_tokens=batch_tokens, n=n, temperature=temperature, top_p=top_p,
         max_new_tokens=max_new_tokens, seed=seed, text_field=text_field, prompt_field=prompt_field,
         messages_field=messages_field, id_field=id_field, rows_per_shard=rows_per_shard, dtype=dtype,
@@ -167,7 +170,7 @@ def generate(
     from labelgen.generate import run
     m = run(cfg)
     s = m["summary"]
-    typer.echo(f"wrote {m['counts']['rows']:,} rows ({m['counts']['positions']:,} {'positions' if cfg.mode == 'topk' else 'completion tokens'}) "
+    typer.echo(f"wrote {m['counts']['rows']:,} rows ({m['counts']['positions']:,} {'completion tokens' if cfg.kind == 'samples' else 'positions'}) "
                f"in {len(m['shards'])} shards to {cfg.out}; {m['counts']['skipped']} skipped; "
                f"{s['teacher_tokens']:,} teacher tokens in {s['seconds']:.1f}s ({s['tokens_per_second']:,.0f} tok/s)")
 

@@ -14,7 +14,7 @@ import yaml
 
 from labelgen.format import Encoding
 
-MODES = ("topk", "sample", "greedy", "tokens")
+MODES = ("topk", "sampled", "sample", "greedy", "tokens")
 BACKENDS = ("hf", "vllm")
 # Settings that change how a run executes but not a single byte of its output.
 DEFAULT_MAX_SEQ_LEN = 2048
@@ -32,12 +32,19 @@ class GenerateConfig:
     mode: str = "topk"
     """topk: score text, keep the teacher's top-k per position. sample: the
     teacher writes `n` completions per prompt. greedy: one argmax completion.
+    sampled: score text, keep `draws` samples from the teacher's distribution
+    per position (distinct ids with counts: sparse, unbiased soft labels).
     tokens: tokenize and window the text only (no teacher runs; --teacher
     names the tokenizer), e.g. for co-distillation or a CE baseline."""
     backend: str = "hf"
     """hf (transformers; CPU or GPU) or vllm."""
     k: int = 64
     """Top-k entries kept per position (topk mode)."""
+    draws: int = 50
+    """Samples per position (sampled mode), at most 255."""
+    proposal_temperature: float = 1.0
+    """sampled mode: draw from softmax(logits / T). T != 1 also stores each
+    drawn id's logprob so training can correct back to the teacher (T = 1)."""
     max_seq_len: int | None = None
     """Longest window scored at once; longer documents are split into windows.
     Default: the teacher's context length, at most 2048."""
@@ -88,6 +95,10 @@ class GenerateConfig:
             bad("--input", "at least one input file or directory is required")
         if self.k < 1:
             bad("--k", f"must be >= 1, got {self.k}")
+        if not 1 <= self.draws <= 255:
+            bad("--draws", f"must be in [1, 255] (counts are stored as uint8), got {self.draws}")
+        if self.proposal_temperature <= 0:
+            bad("--proposal-temperature", f"must be > 0, got {self.proposal_temperature}")
         seq = self.max_seq_len  # None until resolved against the teacher (generate.resolve)
         if seq is not None and seq < 2:
             bad("--max-seq-len", f"must be >= 2, got {seq}")
@@ -113,7 +124,7 @@ class GenerateConfig:
             bad("--overwrite", "with several workers each would delete the others' shards; empty the directory once before launching them")
         if sum(f is not None for f in (self.prompt_field, self.messages_field)) > 1:
             bad("--prompt-field/--messages-field", "pass one, not both")
-        if self.mode in ("topk", "tokens") and (self.prompt_field or self.messages_field):
+        if self.mode in ("topk", "sampled", "tokens") and (self.prompt_field or self.messages_field):
             bad("--mode", f"{self.mode} reads text (--text-field); --prompt-field/--messages-field are for sample/greedy")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             bad("--dtype", f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
@@ -125,12 +136,17 @@ class GenerateConfig:
 
     @property
     def kind(self) -> str:
-        return {"topk": "topk", "tokens": "tokens"}.get(self.mode, "samples")
+        return {"topk": "topk", "tokens": "tokens", "sampled": "sampled"}.get(self.mode, "samples")
 
     @property
     def windowed(self) -> bool:
-        """Text cut into windows (topk, tokens), rather than prompts."""
-        return self.mode in ("topk", "tokens")
+        """Text cut into windows (topk, sampled, tokens), rather than prompts."""
+        return self.mode in ("topk", "sampled", "tokens")
+
+    @property
+    def entries(self) -> int:
+        """The manifest's `k`: top-k entries, or draws per position."""
+        return {"topk": self.k, "sampled": self.draws}.get(self.mode, 0)
 
     @property
     def samples_per_prompt(self) -> int:

@@ -11,6 +11,9 @@ A label set is a directory of zstd-compressed Parquet shards plus a
 ``samples``  one row per teacher completion of a prompt (hard labels).
 ``tokens``   one row per token window, ids only (a tokenized corpus, for
              co-distillation and CE baselines; added in format 1.1).
+``sampled``  one row per token window: at each of its L-1 positions, the
+             distinct ids among N draws from the teacher's distribution and
+             how often each was drawn (sparse unbiased soft labels; 1.1).
 
 Encoding (chosen by benchmarks/bench_storage.py, documented in docs/format.md):
 ids use the narrowest unsigned width the vocabulary allows. By default each
@@ -44,7 +47,7 @@ SHARD_SUFFIX = ".parquet"
 TMP_SUFFIX = ".tmp"
 FILE_META_KEY = b"labelgen"
 
-KINDS = ("topk", "samples", "tokens")
+KINDS = ("topk", "samples", "tokens", "sampled")
 
 # Column names. Per-position columns of a topk row hold L-1 entries for a
 # window of L input ids: position t predicts input_ids[t + 1].
@@ -65,6 +68,11 @@ COMPLETION_IDS = "completion_ids"
 COMPLETION_LOGPROBS = "completion_logprobs"
 FINISH_REASON = "finish_reason"
 SEED = "seed"
+
+SAMPLED_IDS = "sampled_ids"            # per position, distinct drawn ids ascending (stored as deltas)
+SAMPLED_COUNTS = "sampled_counts"      # how often each was drawn; a position's counts sum to N
+SAMPLED_LENGTHS = "sampled_lengths"    # distinct ids per position
+SAMPLED_LOGPROBS = "sampled_logprobs"  # teacher logprob of each id (u8), only when the proposal temperature != 1
 
 # Logprobs below this are stored as this (it stands for "impossible": -inf
 # logits of padded vocabulary slots land here). exp(-1000) is 0 in float32.
@@ -166,6 +174,16 @@ def schema(kind: str, vocab_size: int, enc: Encoding) -> pa.Schema:
         ])
     if kind == "tokens":
         return pa.schema([(EXAMPLE_ID, pa.string()), (WINDOW_OFFSET, pa.int64()), (INPUT_IDS, ids)])
+    if kind == "sampled":
+        return pa.schema([
+            (EXAMPLE_ID, pa.string()),
+            (WINDOW_OFFSET, pa.int64()),
+            (INPUT_IDS, ids),
+            (SAMPLED_IDS, ids),
+            (SAMPLED_COUNTS, pa.list_(pa.uint8())),
+            (SAMPLED_LENGTHS, pa.list_(pa.uint8())),
+            (SAMPLED_LOGPROBS, pa.list_(pa.uint8())),
+        ])
     if kind == "samples":
         return pa.schema([
             (EXAMPLE_ID, pa.string()),
@@ -185,8 +203,11 @@ def parquet_writer_options(kind: str, enc: Encoding) -> dict:
     """Keyword arguments for pyarrow.parquet.ParquetWriter."""
     dict_cols = [EXAMPLE_ID] + ([FINISH_REASON] if kind == "samples" else [])
     col_enc = {}
-    if kind == "tokens":
+    if kind in ("tokens", "sampled"):
         col_enc[f"{INPUT_IDS}.list.element"] = "BYTE_STREAM_SPLIT"
+    if kind == "sampled":
+        col_enc.update({f"{c}.list.element": "BYTE_STREAM_SPLIT"
+                        for c in (SAMPLED_IDS, SAMPLED_COUNTS, SAMPLED_LENGTHS, SAMPLED_LOGPROBS)})
     if kind == "topk":
         # ids (or id deltas) and gap-coded logprobs are integers whose high
         # bytes are mostly zero: byte-stream-split lets zstd drop them.
@@ -376,9 +397,57 @@ def encode_tokens_rows(rows: list[dict], vocab_size: int, enc: Encoding) -> pa.R
     ], schema=sch)
 
 
+def encode_sampled_rows(rows: list[dict], draws: int, vocab_size: int, enc: Encoding) -> pa.RecordBatch:
+    """Validate and encode sampled rows. Each row: example_id, window_offset,
+    input_ids [L], sampled_lengths [L-1], sampled_ids and sampled_counts
+    [sum of lengths] (per position ascending ids, counts summing to `draws`),
+    sampled_logprobs [same] or empty."""
+    sch = schema("sampled", vocab_size, enc)
+    u8 = Encoding(logprob_codec="u8", u8_range=enc.u8_range)
+    cols: dict[str, list] = {c: [] for c in (INPUT_IDS, SAMPLED_IDS, SAMPLED_COUNTS, SAMPLED_LENGTHS, SAMPLED_LOGPROBS)}
+    for r in rows:
+        ex = r.get(EXAMPLE_ID)
+        if not isinstance(ex, str) or not ex:
+            _fail(ex, "example_id must be a non-empty string")
+        inp = np.asarray(r[INPUT_IDS]).reshape(-1)
+        lengths = np.asarray(r[SAMPLED_LENGTHS]).reshape(-1)
+        ids = np.asarray(r[SAMPLED_IDS]).reshape(-1)
+        counts = np.asarray(r[SAMPLED_COUNTS]).reshape(-1)
+        lps = np.asarray(r.get(SAMPLED_LOGPROBS, ()), dtype=np.float32).reshape(-1)
+        if inp.size < 2 or lengths.size != inp.size - 1:
+            _fail(ex, f"sampled_lengths has {lengths.size} entries for {inp.size} input ids (expected {inp.size - 1})")
+        if ids.size != lengths.sum() or counts.size != ids.size or lps.size not in (0, ids.size):
+            _fail(ex, f"sampled_ids ({ids.size}), sampled_counts ({counts.size}) and sampled_logprobs ({lps.size}) "
+                      f"must match the {int(lengths.sum())} entries sampled_lengths counts")
+        _check_ids(ex, INPUT_IDS, inp, vocab_size)
+        _check_ids(ex, SAMPLED_IDS, ids, vocab_size)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        if (lengths < 1).any() or counts.min(initial=1) < 1 or (np.add.reduceat(counts, starts) != draws).any():
+            _fail(ex, f"every position needs >= 1 distinct id and counts summing to {draws}")
+        first = np.zeros(ids.size, bool)
+        first[starts] = True
+        deltas = np.diff(ids, prepend=0)
+        if (deltas[~first] <= 0).any():
+            _fail(ex, "sampled_ids must ascend strictly within a position")
+        deltas[first] = ids[first]
+        cols[INPUT_IDS].append(inp)
+        cols[SAMPLED_IDS].append(deltas)
+        cols[SAMPLED_COUNTS].append(counts)
+        cols[SAMPLED_LENGTHS].append(lengths)
+        cols[SAMPLED_LOGPROBS].append(encode_logprobs(lps[None, :], u8)[0] if lps.size else np.zeros(0, np.uint8))
+    return pa.RecordBatch.from_arrays(
+        [pa.array([r[EXAMPLE_ID] for r in rows], pa.string()),
+         pa.array([int(r.get(WINDOW_OFFSET, 0)) for r in rows], pa.int64())]
+        + [_list_array(np.concatenate(cols[c]), (a.size for a in cols[c]), sch.field(c).type.value_type)
+           for c in (INPUT_IDS, SAMPLED_IDS, SAMPLED_COUNTS, SAMPLED_LENGTHS, SAMPLED_LOGPROBS)],
+        schema=sch)
+
+
 def encode_rows(kind: str, rows: list[dict], k: int, vocab_size: int, enc: Encoding) -> pa.RecordBatch:
     if kind == "topk":
         return encode_topk_rows(rows, k, vocab_size, enc)
+    if kind == "sampled":
+        return encode_sampled_rows(rows, k, vocab_size, enc)
     if kind == "tokens":
         return encode_tokens_rows(rows, vocab_size, enc)
     if kind == "samples":
@@ -421,8 +490,10 @@ def decode_batch(batch: pa.RecordBatch | pa.Table, kind: str, k: int, enc: Encod
                 values = decode_logprobs(values, enc)
             else:
                 values = values.astype(np.int64)
-        elif name in (INPUT_IDS, PROMPT_IDS, COMPLETION_IDS, TARGET_RANK):
+        elif name in (INPUT_IDS, PROMPT_IDS, COMPLETION_IDS, TARGET_RANK, SAMPLED_IDS, SAMPLED_COUNTS, SAMPLED_LENGTHS):
             values = values.astype(np.int64)
+        elif name == SAMPLED_LOGPROBS:
+            values = decode_logprobs(values[None, :], Encoding(logprob_codec="u8", u8_range=enc.u8_range))[0]
         else:
             values = values.astype(np.float32, copy=False)
         out[name] = (values, offsets)
@@ -438,6 +509,14 @@ def decode_batch(batch: pa.RecordBatch | pa.Table, kind: str, k: int, enc: Encod
         if TOPK_IDS in out:
             ids = np.cumsum(out[TOPK_IDS][0], axis=1)
             out[TOPK_IDS] = (np.take_along_axis(ids, order, 1), off)
+    if kind == "sampled" and SAMPLED_IDS in out:
+        if SAMPLED_LENGTHS not in out:
+            raise FormatError("sampled_ids need sampled_lengths to decode")
+        deltas, off = out[SAMPLED_IDS]
+        lengths = out[SAMPLED_LENGTHS][0]
+        total = np.cumsum(deltas)
+        before = np.concatenate([[0], total])[np.concatenate([[0], np.cumsum(lengths)[:-1]])]
+        out[SAMPLED_IDS] = (total - np.repeat(before, lengths), off)
     return out
 
 

@@ -153,6 +153,8 @@ def _generate(cfg: GenerateConfig, teacher: Teacher, tokenizer) -> dict:
                     rows, tokens = _windows_only(batch)
                 elif cfg.mode == "topk":
                     rows, tokens = _score(teacher, batch, cfg)
+                elif cfg.mode == "sampled":
+                    rows, tokens = _draw(teacher, batch, cfg)
                 else:
                     rows, tokens = _sample(teacher, tokenizer, batch, cfg)
                 _put(write_q, ("rows", work.index, rows), writer)
@@ -214,7 +216,10 @@ def _write_manifest(cfg, out, teacher: Teacher, tokenizer, enc, id_bound, shards
     if cfg.worker_index == 0:   # the labels carry their tokenizer, so a student can be built from them anywhere
         tokenizer.save_pretrained(out / fmt.TOKENIZER_DIR)
     ordered = [shards[i] for i in sorted(shards)]
-    manifest = build_manifest(cfg.kind, cfg.k if cfg.mode == "topk" else 0, id_bound, enc, ordered, header)
+    if cfg.mode == "sampled":
+        header["sampling"] = {"draws": cfg.draws, "proposal_temperature": cfg.proposal_temperature, "seed": cfg.seed,
+                              "seed_rule": "sha256(seed, example_id, window_offset)[:8] & (2**63-1), one stream per window"}
+    manifest = build_manifest(cfg.kind, cfg.entries, id_bound, enc, ordered, header)
     if cfg.num_workers == 1:
         return fmt.write_manifest(out, manifest)
     manifest["worker"] = {"index": cfg.worker_index, "num_workers": cfg.num_workers, "total_shards": total_shards}
@@ -334,6 +339,15 @@ def _score(teacher: Teacher, batch: list, cfg: GenerateConfig) -> tuple[list[dic
     return rows, sum(len(w) for _, _, w in batch)
 
 
+def _draw(teacher: Teacher, batch: list, cfg: GenerateConfig) -> tuple[list[dict], int]:
+    seeds = [derive_seed(cfg.seed, ex, off) for ex, off, _ in batch]
+    labels = teacher.draw([w for _, _, w in batch], cfg.draws, cfg.proposal_temperature, seeds)
+    rows = [{fmt.EXAMPLE_ID: ex, fmt.WINDOW_OFFSET: off, fmt.INPUT_IDS: w, fmt.SAMPLED_IDS: s.ids,
+             fmt.SAMPLED_COUNTS: s.counts, fmt.SAMPLED_LENGTHS: s.lengths, fmt.SAMPLED_LOGPROBS: s.logprobs}
+            for (ex, off, w), s in zip(batch, labels)]
+    return rows, sum(len(w) for _, _, w in batch)
+
+
 def _windows_only(batch: list) -> tuple[list[dict], int]:
     rows = [{fmt.EXAMPLE_ID: ex, fmt.WINDOW_OFFSET: off, fmt.INPUT_IDS: w} for ex, off, w in batch]
     return rows, sum(len(w) for _, _, w in batch)
@@ -389,7 +403,7 @@ def _write_shards(cfg: GenerateConfig, out: Path, id_bound: int, enc: Encoding, 
                   stop: threading.Event) -> dict[int, ShardInfo]:
     done: dict[int, ShardInfo] = {}
     current: ShardFile | None = None
-    k = cfg.k if cfg.mode == "topk" else 0
+    k = cfg.entries
     # Encoding (sorting, quantising) runs on a few threads: one thread cannot
     # keep up with a GPU teacher.
     encoder = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="labelgen-encode")

@@ -130,9 +130,11 @@ def inspect(label_dir: Path | str) -> dict:
     id_bytes = fmt.id_dtype(V).itemsize
     shards, hist = [], np.zeros(COVERAGE_BINS, dtype=np.int64)
     cov_sum, in_topk, finish = 0.0, 0, {}
+    unique_sum, unique_hist = 0, np.zeros(256, dtype=np.int64)
     for si, shard in enumerate(reader.shards):
         pf = reader.open_shard(shard)
-        cols = {"topk": [fmt.COVERAGE, fmt.TARGET_RANK], "samples": [fmt.FINISH_REASON], "tokens": []}[kind]
+        cols = {"topk": [fmt.COVERAGE, fmt.TARGET_RANK], "samples": [fmt.FINISH_REASON], "tokens": [],
+                "sampled": [fmt.SAMPLED_LENGTHS]}[kind]
         for rg in range(pf.num_row_groups if cols else 0):
             d = reader.read_row_group(si, rg, cols, pf)
             if kind == "topk":
@@ -141,6 +143,10 @@ def inspect(label_dir: Path | str) -> dict:
                 hist += np.bincount(np.clip((cov * COVERAGE_BINS).astype(np.int64), 0, COVERAGE_BINS - 1),
                                     minlength=COVERAGE_BINS)
                 in_topk += int((d[fmt.TARGET_RANK][0] < k).sum())
+            elif kind == "sampled":
+                lengths = d[fmt.SAMPLED_LENGTHS][0]
+                unique_sum += int(lengths.sum())
+                unique_hist += np.bincount(lengths, minlength=256)[:256]
             elif kind == "samples":
                 for r in d[fmt.FINISH_REASON]:
                     finish[r] = finish.get(r, 0) + 1
@@ -162,6 +168,12 @@ def inspect(label_dir: Path | str) -> dict:
             "target_in_topk": in_topk / n,
             "coverage_histogram": hist.reshape(20, -1).sum(axis=1).tolist(),
         })
+    elif kind == "sampled":
+        n = max(total["positions"], 1)
+        cum = np.cumsum(unique_hist)
+        out.update({"draws": k, "unique_per_position": unique_sum / n,
+                    "unique_p50": int(np.searchsorted(cum, 0.5 * n)), "unique_p95": int(np.searchsorted(cum, 0.95 * n)),
+                    "bytes_per_unique_id": total["bytes"] / max(unique_sum, 1)})
     elif kind == "samples":
         out["finish_reasons"] = finish
     return out
@@ -190,9 +202,10 @@ def format_inspect(r: dict) -> str:
                          f"{s['bytes_per_position']:>9.2f}{s['bytes_per_entry']:>9.3f}"
                          f"{s['ratio_vs_raw_topk']:>7.1f}x{s['ratio_vs_full_bf16']:>9.0f}x")
     else:
-        lines.append(f"{'shard':<24}{'rows':>10}{'positions' if r['kind'] == 'tokens' else 'tokens':>12}{'bytes':>14}{'B/token':>9}")
+        unit = "tokens" if r["kind"] == "samples" else "positions"
+        lines.append(f"{'shard':<24}{'rows':>10}{unit:>12}{'bytes':>14}{'B/' + unit[:-1]:>11}")
         for s in r["shards"] + [dict(r, name="total")]:
-            lines.append(f"{s['name']:<24}{s['rows']:>10,}{s['positions']:>12,}{s['bytes']:>14,}{s['bytes_per_position']:>9.2f}")
+            lines.append(f"{s['name']:<24}{s['rows']:>10,}{s['positions']:>12,}{s['bytes']:>14,}{s['bytes_per_position']:>11.2f}")
     if r["kind"] == "topk":
         lines.append(f"coverage: mean {r['coverage_mean']:.4f}  p1 {r['coverage_p1']:.4f}  p5 {r['coverage_p5']:.4f}  "
                      f"p50 {r['coverage_p50']:.4f}  below 0.9: {r['coverage_below_0.9']:.1%}  "
@@ -202,6 +215,9 @@ def format_inspect(r: dict) -> str:
         for i, c in enumerate(h):
             bar = "#" * int(round(40 * c / h.max())) if h.max() else ""
             lines.append(f"  [{i / 20:.2f}, {(i + 1) / 20:.2f}) {int(c):>10,} {bar}")
+    elif r["kind"] == "sampled":
+        lines.append(f"{r['draws']} draws per position: {r['unique_per_position']:.1f} distinct ids per position "
+                     f"(p50 {r['unique_p50']}, p95 {r['unique_p95']}), {r['bytes_per_unique_id']:.2f} B per distinct id")
     elif r["kind"] == "samples":
         lines.append("finish reasons: " + ", ".join(f"{k}={v}" for k, v in sorted(r["finish_reasons"].items())))
     return "\n".join(lines)

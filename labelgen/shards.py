@@ -53,7 +53,8 @@ def _positions(batch: pa.RecordBatch, kind: str) -> int:
 
 
 # The column whose list lengths count a shard's positions.
-_POSITION_COLUMN = {"topk": fmt.COVERAGE, "samples": fmt.COMPLETION_IDS, "tokens": fmt.INPUT_IDS}
+_POSITION_COLUMN = {"topk": fmt.COVERAGE, "samples": fmt.COMPLETION_IDS, "tokens": fmt.INPUT_IDS,
+                    "sampled": fmt.SAMPLED_LENGTHS}
 
 
 def shard_info_from_file(path: Path, kind: str) -> ShardInfo:
@@ -293,6 +294,8 @@ class ShardReader:
         if columns is not None and self.kind == "topk" and self.encoding.id_order == "sorted" \
                 and fmt.TOPK_IDS in columns and fmt.TOPK_LOGPROBS not in columns:
             columns = list(columns) + [fmt.TOPK_LOGPROBS]   # ids are put in rank order by their logprobs
+        if columns is not None and fmt.SAMPLED_IDS in columns and fmt.SAMPLED_LENGTHS not in columns:
+            columns = list(columns) + [fmt.SAMPLED_LENGTHS]  # deltas restart at every position
         try:
             table = pf.read_row_group(row_group, columns=columns)
         except (pa.ArrowException, OSError) as e:

@@ -26,6 +26,7 @@ from labelgen.format import FormatError
 from labelgen.shards import ShardReader
 
 COLUMNS = {"topk": [fmt.INPUT_IDS, fmt.TOPK_IDS, fmt.TOPK_LOGPROBS, fmt.COVERAGE],
+           "sampled": [fmt.INPUT_IDS, fmt.SAMPLED_IDS, fmt.SAMPLED_COUNTS, fmt.SAMPLED_LENGTHS, fmt.SAMPLED_LOGPROBS],
            "samples": [fmt.PROMPT_IDS, fmt.COMPLETION_IDS],
            "tokens": [fmt.INPUT_IDS]}
 
@@ -48,7 +49,20 @@ def open_label_sets(dirs: list[str], verify: bool = False) -> list[ShardReader]:
     return readers
 
 
-def collate(rows: list[dict], kind: str, k: int | None = None, vocab_limit: int | None = None) -> dict[str, torch.Tensor]:
+def sampled_weights(counts: np.ndarray, logprobs: np.ndarray, starts: np.ndarray, temperature: float) -> np.ndarray:
+    """Empirical probabilities of the distinct drawn ids of each position.
+    Draws from softmax(z / T) over-represent (T > 1) or under-represent
+    (T < 1) the tail; self-normalised importance weights p/q ∝ p^(1 - 1/T)
+    turn them back into an estimate of the teacher's own distribution."""
+    w = counts.astype(np.float64)
+    if temperature != 1.0:
+        w = w * np.exp(logprobs.astype(np.float64) * (1.0 - 1.0 / temperature))
+    totals = np.add.reduceat(w, starts) if len(starts) else w
+    return (w / np.repeat(totals, np.diff(np.append(starts, len(w))))).astype(np.float32)
+
+
+def collate(rows: list[dict], kind: str, k: int | None = None, vocab_limit: int | None = None,
+            proposal_temperature: float = 1.0) -> dict[str, torch.Tensor]:
     """Pad rows into a batch. Position t of a row predicts input_ids[t + 1].
 
     Rows are topk, tokens (windows of ids) or samples (prompt + completion).
@@ -89,6 +103,21 @@ def collate(rows: list[dict], kind: str, k: int | None = None, vocab_limit: int 
             tids[outside] = 0
             tlp[outside] = -np.inf
         out.update(topk_ids=torch.from_numpy(tids), topk_logprobs=torch.from_numpy(tlp), coverage=torch.from_numpy(cov))
+    if kind == "sampled":
+        M = max(int(r[fmt.SAMPLED_LENGTHS].max()) for r in rows)
+        sids = np.zeros((B, T - 1, M), np.int64)
+        sw = np.zeros((B, T - 1, M), np.float32)
+        for i, r in enumerate(rows):
+            lengths = r[fmt.SAMPLED_LENGTHS]
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+            pos = np.repeat(np.arange(len(lengths)), lengths)
+            slot = np.arange(int(lengths.sum())) - np.repeat(starts, lengths)
+            sids[i, pos, slot] = r[fmt.SAMPLED_IDS]
+            sw[i, pos, slot] = sampled_weights(r[fmt.SAMPLED_COUNTS], r[fmt.SAMPLED_LOGPROBS], starts, proposal_temperature)
+        if vocab_limit is not None:
+            outside = sids >= vocab_limit
+            sids[outside], sw[outside] = 0, 0.0
+        out.update(sampled_ids=torch.from_numpy(sids), sampled_weights=torch.from_numpy(sw))
     return out
 
 
@@ -125,6 +154,7 @@ class LabelStream(torch.utils.data.IterableDataset):
         self.readers, self.batch_size, self.seed, self.shuffle = readers, batch_size, seed, shuffle
         self.group_units, self.rank, self.world_size, self.max_epochs = group_units, rank, world_size, max_epochs
         self.kind, self.k, self.vocab_limit = readers[0].kind, k, vocab_limit
+        self.proposal_temperature = float(readers[0].manifest.get("sampling", {}).get("proposal_temperature", 1.0))
         self.columns = COLUMNS[self.kind]
         selected = shards if shards is not None else [(d, s) for d, r in enumerate(readers) for s in range(len(r.shards))]
         self.units = [(d, s, g) for d, s in selected for g in range(self._row_groups(d, s))]
@@ -176,13 +206,13 @@ class LabelStream(torch.utils.data.IterableDataset):
                 for ri in range(row, len(rows)):
                     batch.append(rows[order[ri]])
                     if len(batch) == self.batch_size:
-                        yield (collate(batch, self.kind, self.k, self.vocab_limit),
+                        yield (collate(batch, self.kind, self.k, self.vocab_limit, self.proposal_temperature),
                                {"slot": slot, "local": local, "num_local": num_local, "position": [epoch, gi, ri + 1]})
                         batch = []
                 row = 0
             epoch, group = epoch + 1, 0
         if batch:
-            yield (collate(batch, self.kind, self.k, self.vocab_limit),
+            yield (collate(batch, self.kind, self.k, self.vocab_limit, self.proposal_temperature),
                    {"slot": slot, "local": local, "num_local": num_local, "position": [epoch, 0, 0]})
 
 

@@ -5,6 +5,9 @@ Every loss takes a boolean `mask` [B, T] of positions that count, returns a
 scalar normalised per counted position, and returns 0 (with a gradient path)
 when nothing counts.
 
+Sampled KD (`sampled_kd`) is the cross-entropy against the empirical
+distribution of N teacher draws per position.
+
 Top-k KD compares the teacher's stored top-k with the student on a shared
 support, chosen by `tail`:
   renorm  the teacher's top-k renormalised to sum to 1, against the student's
@@ -97,6 +100,18 @@ def topk_kd(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.T
         logq = torch.cat([logq_k, logq_tail.unsqueeze(-1)], dim=-1)
     per_pos = _divergence(logp, logq, kind, beta)
     # Padding positions hold filler labels; keep whatever they compute out of the sum.
+    per_pos = torch.where(mask, per_pos, torch.zeros_like(per_pos))
+    return masked_mean(per_pos, mask) * temperature ** 2
+
+
+def sampled_kd(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
+               temperature: float = 1.0) -> torch.Tensor:
+    """Cross-entropy of the student against sampled soft labels: ids [B,T,M]
+    drawn from the teacher, weights [B,T,M] their (importance-corrected)
+    empirical probabilities, 0 in empty slots. Its gradient is an unbiased
+    estimate of the full forward-KL gradient (Anshumann et al., 2025)."""
+    logq = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, ids)
+    per_pos = -(weights.float() * logq).sum(-1)
     per_pos = torch.where(mask, per_pos, torch.zeros_like(per_pos))
     return masked_mean(per_pos, mask) * temperature ** 2
 

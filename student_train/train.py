@@ -224,6 +224,9 @@ def loss_step(model, batch: dict, cfg: TrainConfig) -> tuple[torch.Tensor, torch
     ce = losses.cross_entropy(logits, batch["targets"], batch["mask"])
     if cfg.loss != "kd":
         return ce, torch.zeros_like(ce)
+    if "sampled_ids" in batch:
+        return ce, losses.sampled_kd(logits, batch["sampled_ids"], batch["sampled_weights"], batch["mask"],
+                                     temperature=cfg.temperature)
     kd = losses.topk_kd(logits, batch["topk_ids"], batch["topk_logprobs"], batch["coverage"], batch["mask"],
                         kind=cfg.kd_kind, tail=cfg.tail, temperature=cfg.temperature, beta=cfg.beta)
     return ce, kd
@@ -257,11 +260,14 @@ def evaluate(model, batches, d: Dist, dtype: str) -> dict:
 
 
 def check_loss_fits_labels(cfg: TrainConfig, kind: str, stored_k: int) -> int:
-    if cfg.loss == "kd" and kind != "topk":
-        raise FormatError(f"--loss kd needs topk labels; {cfg.labels[0]} holds {kind} (use --loss sft)")
+    if cfg.loss == "kd" and kind not in ("topk", "sampled"):
+        raise FormatError(f"--loss kd needs topk or sampled labels; {cfg.labels[0]} holds {kind} "
+                          f"(use --loss {'sft' if kind == 'samples' else 'ce'})")
     if cfg.loss == "sft" and kind != "samples":
         raise FormatError(f"--loss sft needs samples labels (teacher completions); {cfg.labels[0]} holds {kind}")
     k = cfg.k or stored_k
+    if cfg.k and kind == "sampled":
+        raise FormatError("--k applies to topk labels; sampled labels are used as drawn")
     if kind == "topk" and k > stored_k:
         raise FormatError(f"--k {k} is larger than the {stored_k} entries the labels hold")
     return k

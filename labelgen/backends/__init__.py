@@ -3,6 +3,7 @@
     teacher = load_teacher(cfg)
     teacher.score(windows, k)   -> [TopK]         teacher-forced top-k per position
     teacher.sample(requests)    -> [Completion]   one completion per request
+    teacher.draw(windows, n, T, seeds) -> [Sampled]  n draws per position (sampled soft labels)
 
 vLLM is imported only inside its backend, so everything else runs without it.
 """
@@ -23,6 +24,15 @@ class TopK:
     coverage: np.ndarray         # [L-1] float32, sum of exp(logprobs) over the full-precision top-k
     target_logprob: np.ndarray   # [L-1] float32, logprob of the token that came next
     target_rank: np.ndarray      # [L-1] int64, 0 = the teacher's argmax
+
+
+@dataclass
+class Sampled:
+    """N draws per position of one window of L tokens, as distinct ids with counts."""
+    ids: np.ndarray        # [U] int64, ascending within each position
+    counts: np.ndarray     # [U] int64, summing to N per position
+    lengths: np.ndarray    # [L-1] distinct ids per position
+    logprobs: np.ndarray   # [U] float32 untempered teacher logprobs of the ids (empty when T = 1)
 
 
 @dataclass
@@ -48,6 +58,7 @@ class Teacher(Protocol):
 
     def score(self, windows: list[np.ndarray], k: int) -> list[TopK]: ...
     def sample(self, requests: list[SampleRequest]) -> list[Completion]: ...
+    def draw(self, windows: list[np.ndarray], draws: int, temperature: float, seeds: list[int]) -> list[Sampled]: ...
     def info(self) -> dict: ...
     def close(self) -> None: ...
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from labelgen.backends import Completion, SampleRequest, TopK
+from labelgen.backends import Completion, Sampled, SampleRequest, TopK
 
 # Bytes of fp32 logits materialised at once by the chunked head.
 LOGITS_CHUNK_BYTES = 512 << 20
@@ -121,6 +121,32 @@ class HFTeacher:
         return out
 
     @torch.inference_mode()
+    def draw(self, windows: list[np.ndarray], draws: int, temperature: float, seeds: list[int]) -> list[Sampled]:
+        """`draws` samples per position from softmax(logits / temperature), on
+        the device, from one RNG stream per window (seeded by `seeds`), so a
+        window's labels do not depend on the batch it was in."""
+        lengths = [len(w) for w in windows]
+        T = max(lengths)
+        ids = torch.zeros(len(windows), T, dtype=torch.long)
+        mask = torch.zeros(len(windows), T, dtype=torch.long)
+        for i, w in enumerate(windows):
+            ids[i, : len(w)] = torch.as_tensor(w, dtype=torch.long)
+            mask[i, : len(w)] = 1
+        hidden = self.model.base_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+        chunk = max(1, LOGITS_CHUNK_BYTES // (4 * self.logits_size))
+        out = []
+        for i, L in enumerate(lengths):
+            gen = torch.Generator(device=self.device).manual_seed(seeds[i])
+            parts = []
+            for h in hidden[i, : L - 1].split(chunk):
+                logits = self._logits(h)
+                probs = torch.softmax(logits / temperature, dim=-1)
+                drawn = torch.multinomial(probs, draws, replacement=True, generator=gen)      # [c, N]
+                parts.append((drawn, logits if temperature != 1.0 else None))
+            out.append(_distinct(parts, draws))
+        return out
+
+    @torch.inference_mode()
     def sample(self, requests: list[SampleRequest]) -> list[Completion]:
         B = len(requests)
         P = max(len(r.prompt_ids) for r in requests)
@@ -208,6 +234,22 @@ def _topk_blocked(logits: torch.Tensor, k: int, block: int = 128) -> tuple[torch
         idx = torch.cat([idx, torch.arange(nb * block, V, device=logits.device).expand(n, -1)], dim=1)
     values, j = logits.gather(1, idx).topk(k, dim=-1)
     return values, idx.gather(1, j)
+
+
+def _distinct(parts: list, draws: int) -> Sampled:
+    """Per-position distinct ids (ascending) and their counts from [c, N] draws."""
+    drawn = torch.cat([p[0] for p in parts]).sort(dim=-1).values                 # [P, N]
+    new = torch.ones_like(drawn, dtype=torch.bool)
+    new[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
+    starts = new.flatten().nonzero()[:, 0]
+    counts = torch.diff(starts, append=torch.tensor([drawn.numel()], device=drawn.device))
+    ids = drawn[new]
+    logprobs = np.zeros(0, np.float32)
+    if parts[0][1] is not None:   # untempered logprobs, for the importance weights of a tempered proposal
+        logits = torch.cat([p[1] for p in parts])
+        lp = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+        logprobs = lp.gather(1, drawn)[new].cpu().numpy().astype(np.float32)
+    return Sampled(ids.cpu().numpy(), counts.cpu().numpy(), new.sum(-1).cpu().numpy(), logprobs)
 
 
 def _mm_fp32_out_works(device: torch.device) -> bool:

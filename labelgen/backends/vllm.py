@@ -71,6 +71,14 @@ class VLLMTeacher:
         return results
 
 
+def _unsupported_draw(*_args, **_kwargs):
+    raise ValueError("--mode sampled needs --backend hf: vLLM returns top-k prompt logprobs, not draws from the "
+                     "teacher's full distribution at every prompt position")
+
+
+VLLMTeacher.draw = _unsupported_draw
+
+
 def _topk_from_flat(flat, length: int, k: int) -> TopK:
     """vLLM flat prompt logprobs -> TopK. Position 0 is None (no context);
     each later position holds the actual token (with its 1-based rank) first,

@@ -1,0 +1,103 @@
+"""Sampled soft labels (Anshumann et al. 2025): N teacher draws per position."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from labelgen.backends.hf import _distinct
+from labelgen.config import GenerateConfig
+from labelgen.generate import run
+from labelgen.inspect import inspect, validate
+from labelgen.shards import ShardReader
+from student_train.data import collate
+from student_train.losses import full_kd, sampled_kd, topk_kd
+
+
+def grad_of(loss_fn, logits):
+    s = logits.clone().requires_grad_(True)
+    loss_fn(s).backward()
+    return s.grad.flatten()
+
+
+def cosine(a, b):
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+
+def sampled_batch(p_teacher, n, seed, temperature=1.0):
+    """Draw like the hf backend, store like the writer, load like the trainer."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.softmax(torch.log(p_teacher) / temperature, -1)
+    drawn = torch.multinomial(q, n, replacement=True, generator=g)
+    s = _distinct([(drawn, torch.log(p_teacher) if temperature != 1.0 else None)], n)
+    row = {"input_ids": np.zeros(len(p_teacher) + 1, np.int64), "sampled_ids": s.ids, "sampled_counts": s.counts,
+           "sampled_lengths": s.lengths, "sampled_logprobs": s.logprobs}
+    return collate([row], "sampled", proposal_temperature=temperature)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_mean_sampled_gradient_converges_to_the_full_kd_gradient_and_topk_does_not(temperature):
+    torch.manual_seed(0)
+    P, V = 6, 40
+    p = torch.softmax(torch.randn(P, V) * 2.0, -1)                   # a peaked teacher with a real tail
+    student = torch.randn(1, P, V)
+    mask = torch.ones(1, P, dtype=torch.bool)
+    full = grad_of(lambda s: full_kd(s, torch.log(p)[None], mask), student)
+    mean = sum(grad_of(lambda s: sampled_kd(s, b["sampled_ids"], b["sampled_weights"], mask), student)
+               for b in (sampled_batch(p, 50, seed, temperature) for seed in range(300))) / 300
+    top = torch.log(p).topk(3, -1)
+    topk = grad_of(lambda s: topk_kd(s, top.indices[None], top.values[None], top.values.exp().sum(-1)[None], mask,
+                                     tail="renorm"), student)
+    assert cosine(mean, full) > 0.99
+    assert cosine(topk, full) < 0.9
+
+
+def test_sampled_labels_reproduce_per_window_and_round_trip(tiny_teacher, corpus, tmp_path):
+    common = dict(teacher=tiny_teacher, inputs=(str(corpus / "docs.jsonl"),), mode="sampled", draws=50, max_seq_len=64,
+                  rows_per_shard=6, progress=False, device="cpu", id_field="id")
+    run(GenerateConfig(out=str(tmp_path / "a"), batch_tokens=512, **common))
+    run(GenerateConfig(out=str(tmp_path / "b"), batch_tokens=64, **common))   # other batches, same windows
+    assert validate(tmp_path / "a")["ok"]
+
+    def rows(d):
+        return sorted(ShardReader(d).rows(), key=lambda r: (r["example_id"], r["window_offset"]))
+    a, b = rows(tmp_path / "a"), rows(tmp_path / "b")
+    assert len(a) == len(b) > 20
+    for x, y in zip(a, b):
+        for key in ("sampled_ids", "sampled_counts", "sampled_lengths", "input_ids"):
+            np.testing.assert_array_equal(x[key], y[key])
+        starts = np.concatenate([[0], np.cumsum(x["sampled_lengths"])[:-1]])
+        assert (np.add.reduceat(x["sampled_counts"], starts) == 50).all()
+        assert len(x["sampled_lengths"]) == len(x["input_ids"]) - 1
+    run(GenerateConfig(out=str(tmp_path / "c"), batch_tokens=512, seed=1, **common))
+    assert any(not np.array_equal(x["sampled_ids"], y["sampled_ids"]) for x, y in zip(a, rows(tmp_path / "c")))
+    r = inspect(tmp_path / "a")
+    assert 1 <= r["unique_per_position"] <= 50 and r["draws"] == 50
+    assert json.loads((tmp_path / "a" / "manifest.json").read_text())["sampling"]["draws"] == 50
+
+
+def test_a_tempered_proposal_stores_logprobs_for_the_correction(tiny_teacher, corpus, tmp_path):
+    run(GenerateConfig(teacher=tiny_teacher, inputs=(str(corpus / "docs.jsonl"),), out=str(tmp_path / "t"),
+                       mode="sampled", draws=20, proposal_temperature=2.0, max_seq_len=64, progress=False, device="cpu"))
+    row = next(iter(ShardReader(tmp_path / "t").rows()))
+    assert len(row["sampled_logprobs"]) == len(row["sampled_ids"]) and (row["sampled_logprobs"] <= 0).all()
+
+
+def test_the_vllm_backend_points_to_hf_for_sampled_labels():
+    from labelgen.backends.vllm import VLLMTeacher
+    with pytest.raises(ValueError, match="--mode sampled needs --backend hf"):
+        VLLMTeacher.draw(None, [np.arange(3)], 50, 1.0, [0])
+
+
+def test_training_on_sampled_labels_lowers_the_kl_to_the_teacher(tiny_teacher, corpus, student_config, topk_labels,
+                                                                tmp_path):
+    from student_train.config import TrainConfig
+    from student_train.train import train
+    run(GenerateConfig(teacher=tiny_teacher, inputs=(str(corpus / "docs.jsonl"),), out=str(tmp_path / "s"),
+                       mode="sampled", draws=50, max_seq_len=64, rows_per_shard=4, progress=False, device="cpu"))
+    train(TrainConfig(labels=(str(tmp_path / "s"),), eval_labels=(str(topk_labels),), student_config=student_config,
+                      out=str(tmp_path / "run"), loss="kd", max_steps=40, batch_size=4, lr=5e-3, warmup_steps=2,
+                      eval_every=40, eval_batches=4, save_every=0, progress=False, device="cpu"))
+    m = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    assert m[-1]["eval_kl"] < 0.5 * m[0]["eval_kl"]
