@@ -115,6 +115,25 @@ def evaluate(teacher, student, batches, d, cfg: CodistillConfig, n_vocab: int) -
     return {"teacher_eval_ce": t_ce / n, "student_eval_ce": s_ce / n, "eval_kl": kl / n}
 
 
+def forward_backward(t_model, s_model, batch: dict, alpha: float, cfg: CodistillConfig, n_vocab: int,
+                     frozen: bool, d) -> tuple[torch.Tensor, ...]:
+    """One batch: the teacher's forward and CE backward, then the student's
+    loss against the same (detached) teacher logits. Returns (teacher CE,
+    student CE, KD, student loss)."""
+    with autocast(d, cfg.dtype), (torch.no_grad() if frozen else contextlib.nullcontext()):
+        t_logits = t_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :n_vocab]
+        t_ce = losses.cross_entropy(t_logits, batch["targets"], batch["mask"])
+        if not frozen:
+            (t_ce / cfg.teacher_grad_accum).backward()
+    with autocast(d, cfg.dtype):
+        s_logits = s_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :n_vocab]
+        s_ce = losses.cross_entropy(s_logits, batch["targets"], batch["mask"])
+        kd = kd_loss(s_logits, t_logits.detach(), batch["mask"], cfg) if alpha < 1 else torch.zeros_like(s_ce)
+        s_loss = alpha * s_ce + (1 - alpha) * kd
+        (s_loss / cfg.student_grad_accum).backward()
+    return t_ce, s_ce, kd, s_loss
+
+
 def _optimizer_step(model, opt, sched, clip: float) -> None:
     if clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -192,17 +211,8 @@ def codistill(cfg: CodistillConfig) -> dict:
         s_step = (step + 1) % cfg.student_grad_accum == 0
         t_sync = contextlib.nullcontext() if t_step or frozen or d.world == 1 else t_model.no_sync()
         s_sync = contextlib.nullcontext() if s_step or d.world == 1 else s_model.no_sync()
-        with autocast(d, cfg.dtype), t_sync, (torch.no_grad() if frozen else contextlib.nullcontext()):
-            t_logits = t_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :n_vocab]
-            t_ce = losses.cross_entropy(t_logits, batch["targets"], batch["mask"])
-            if not frozen:
-                (t_ce / cfg.teacher_grad_accum).backward()
-        with autocast(d, cfg.dtype), s_sync:
-            s_logits = s_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :n_vocab]
-            s_ce = losses.cross_entropy(s_logits, batch["targets"], batch["mask"])
-            kd = kd_loss(s_logits, t_logits.detach(), batch["mask"], cfg) if alpha < 1 else torch.zeros_like(s_ce)
-            s_loss = alpha * s_ce + (1 - alpha) * kd
-            (s_loss / cfg.student_grad_accum).backward()
+        with t_sync, s_sync:
+            t_ce, s_ce, kd, s_loss = forward_backward(t_model, s_model, batch, alpha, cfg, n_vocab, frozen, d)
         if t_step and not frozen:
             _optimizer_step(t_model, t_opt, t_sched, cfg.grad_clip)
         if s_step:

@@ -104,3 +104,35 @@ def test_mismatched_tokenizers_are_refused(tiny_teacher, corpus, student_config,
     train_tokenizer(["something else entirely " * 30], 300).save_pretrained(tmp_path / "tok")
     with pytest.raises(ValueError, match=r"different tokenizers \(differ in: vocabulary size"):
         codistill(ccfg(tiny_teacher, corpus, student_config, tmp_path / "x", tokenizer=str(tmp_path / "tok")))
+
+
+@pytest.mark.slow
+def test_codistilled_student_beats_a_ce_only_student_of_the_same_budget(tmp_path):
+    """A 2-layer teacher trained alongside a 1-layer student on 300 steps of
+    stdlib source: the student's held-out CE ends lower than with CE alone,
+    for each of two seeds (measured margin ~0.05 nats; asserted > 0.01)."""
+    from labelgen.demo import DemoTeacherConfig, read_corpus, train_tokenizer
+    texts = read_corpus(None, 400_000)
+    train_tokenizer(texts, 512).save_pretrained(tmp_path / "tok")
+    for name, part in (("train", texts[:-5]), ("eval", texts[-5:])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
+    arch = dict(model_type="llama", max_position_embeddings=512)
+    (tmp_path / "teacher.json").write_text(json.dumps({**arch, "hidden_size": 128, "intermediate_size": 384,
+                                                       "num_hidden_layers": 2, "num_attention_heads": 2}))
+    (tmp_path / "student.json").write_text(json.dumps({**arch, "hidden_size": 64, "intermediate_size": 128,
+                                                       "num_hidden_layers": 1, "num_attention_heads": 1,
+                                                       "tie_word_embeddings": True}))
+    gains = []
+    for seed in (0, 1):
+        ce = {}
+        for name, kw in (("ce_only", dict(alpha=1.0)), ("codistill", dict(alpha=0.5, alpha_warmup_steps=60, alpha_ramp_steps=60))):
+            out = tmp_path / f"{name}{seed}"
+            codistill(CodistillConfig(inputs=(str(tmp_path / "train.jsonl"),), eval_input=(str(tmp_path / "eval.jsonl"),),
+                                      tokenizer=str(tmp_path / "tok"), teacher_config=str(tmp_path / "teacher.json"),
+                                      student_config=str(tmp_path / "student.json"), out=str(out), max_steps=300,
+                                      batch_size=8, max_seq_len=128, student_lr=3e-3, teacher_lr=3e-3, warmup_steps=10,
+                                      eval_every=300, eval_batches=10, save_every=0, progress=False, device="cpu",
+                                      seed=seed, **kw))
+            ce[name] = metrics(out)[-1]["student_eval_ce"]
+        gains.append(ce["ce_only"] - ce["codistill"])
+    assert min(gains) > 0.01, gains
