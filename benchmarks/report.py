@@ -1,0 +1,330 @@
+"""The evidence report: one command measures storage, teacher throughput and
+student quality for every distillation method on real text, and writes
+docs/results.md with PNG plots. Every figure comes from this run's own logs.
+
+    bash jobs/report.sh            # ~40 min on 2 CPU cores
+    bash jobs/report.sh --quick    # ~5 min smoke version (run in CI)
+    python benchmarks/report.py --corpus DIR ... --out docs/
+
+Steps: a demo teacher is trained on the Python standard library's source (or
+--corpus); the last files are held out and never used for labels or
+training. The teacher labels the training text in each mode; students of one
+size and one budget are trained on each; all are evaluated on held-out top-64
+labels of the same teacher (CE on the actual tokens, KL over the top-64 plus
+a tail bucket, top-1 agreement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+STUDENT = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 2,
+           "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+           "tie_word_embeddings": True}
+
+
+@dataclass(frozen=True)
+class Scale:
+    corpus_bytes: int
+    teacher_steps: int
+    label_docs: int
+    label_chars: int
+    """Each labelled document is cut to this many characters."""
+    student_steps: int
+    eval_batches: int
+    max_seq_len: int = 256
+    batch_size: int = 8
+
+
+FULL = Scale(corpus_bytes=6 << 20, teacher_steps=1000, label_docs=150, label_chars=8000, student_steps=400, eval_batches=20)
+QUICK = Scale(corpus_bytes=1 << 20, teacher_steps=40, label_docs=30, label_chars=2000, student_steps=20, eval_batches=3)
+
+
+def log(msg: str) -> None:
+    print(f"[report {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def split_corpus(paths: list[str] | None, scale: Scale, work: Path) -> tuple[list[str], Path, Path]:
+    """(teacher training texts, label JSONL, held-out JSONL): files in sorted order, the last 5% held out."""
+    from labelgen.demo import read_corpus
+    texts = read_corpus(paths, scale.corpus_bytes)
+    n_eval = max(2, len(texts) // 20)
+    train, held = texts[:-n_eval], texts[-n_eval:]
+    (work / "labels_text.jsonl").write_text("".join(json.dumps({"text": t[: scale.label_chars]}) + "\n"
+                                                    for t in train[: scale.label_docs]))
+    (work / "heldout.jsonl").write_text("".join(json.dumps({"text": t[: scale.label_chars]}) + "\n" for t in held))
+    prompts = [t[: 300] for t in train[: scale.label_docs]]
+    (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return train, work / "labels_text.jsonl", work / "heldout.jsonl"
+
+
+def make_labels(teacher: str, text: Path, prompts: Path, out: Path, scale: Scale) -> dict:
+    """Every label set the students need. Returns name -> (dir, manifest with summary)."""
+    from labelgen.config import GenerateConfig
+    from labelgen.generate import run
+    common = dict(teacher=teacher, max_seq_len=scale.max_seq_len, batch_tokens=4096, rows_per_shard=64,
+                  progress=False, device="cpu")
+    sets = {
+        "tokens": dict(inputs=(str(text),), mode="tokens"),
+        "top1": dict(inputs=(str(text),), mode="topk", k=1),
+        "top8": dict(inputs=(str(text),), mode="topk", k=8),
+        "top64": dict(inputs=(str(text),), mode="topk", k=64),
+        "sampled50": dict(inputs=(str(text),), mode="sampled", draws=50),
+        "samples": dict(inputs=(str(prompts),), mode="sample", prompt_field="prompt", n=1, temperature=0.8,
+                        max_new_tokens=scale.max_seq_len // 2, max_seq_len=None),
+    }
+    labels = {}
+    for name, kw in sets.items():
+        t0 = time.time()
+        m = run(GenerateConfig(out=str(out / name), **{**common, **kw}))
+        labels[name] = {"dir": out / name, "manifest": m, "seconds": time.time() - t0}
+        log(f"labels {name}: {m['counts']['rows']} rows, {m['counts']['positions']:,} positions, "
+            f"{m['summary']['tokens_per_second']:,.0f} teacher tok/s")
+    return labels
+
+
+def eval_checkpoint(ckpt: Path, eval_labels: Path, scale: Scale) -> dict:
+    """The training stage's evaluation of a saved student on the held-out labels."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from student_train.data import LabelStream, open_label_sets
+    from student_train.train import Dist, evaluate
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    stream = LabelStream(open_label_sets([str(eval_labels)]), scale.batch_size, shuffle=False, max_epochs=1)
+    batches = (b for b, _ in (x for _, x in zip(range(scale.eval_batches), stream)))
+    return evaluate(model, batches, Dist(), "float32")
+
+
+def train_students(labels: dict, eval_labels: Path, teacher: str, text: Path, heldout: Path, out: Path,
+                   scale: Scale, teacher_arch: dict) -> dict:
+    from student_train.codistill import codistill
+    from student_train.config import CodistillConfig, TrainConfig
+    from student_train.train import train
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "student.json").write_text(json.dumps(STUDENT))
+    (out / "teacher_arch.json").write_text(json.dumps(teacher_arch))
+    every = max(1, scale.student_steps // 10)
+    common = dict(student_config=str(out / "student.json"), max_steps=scale.student_steps, batch_size=scale.batch_size,
+                  lr=3e-3, warmup_steps=max(1, scale.student_steps // 20), eval_labels=(str(eval_labels),),
+                  eval_every=every, eval_batches=scale.eval_batches, save_every=0, log_every=every,
+                  progress=False, device="cpu")
+    runs = {
+        "CE only": dict(labels="tokens", loss="ce"),
+        "SFT on teacher samples": dict(labels="samples", loss="sft"),
+        "top-1 KD (tail)": dict(labels="top1", loss="kd", tail="tail"),
+        "top-8 KD (renorm)": dict(labels="top8", loss="kd", tail="renorm"),
+        "top-8 KD (tail)": dict(labels="top8", loss="kd", tail="tail"),
+        "top-64 KD (renorm)": dict(labels="top64", loss="kd", tail="renorm"),
+        "top-64 KD (tail)": dict(labels="top64", loss="kd", tail="tail"),
+        "sampled KD (N=50)": dict(labels="sampled50", loss="kd"),
+    }
+    results = {}
+    for name, kw in runs.items():
+        run_dir = out / slug(name)
+        t0 = time.time()
+        label_set = kw["labels"]
+        train(TrainConfig(labels=(str(labels[label_set]["dir"]),), out=str(run_dir), **common,
+                          **{k: v for k, v in kw.items() if k != "labels"}))
+        results[name] = {"dir": run_dir, "seconds": time.time() - t0, "label_set": label_set}
+        log(f"student {name}: {final_metrics(run_dir)}")
+    co = dict(inputs=(str(text),), eval_input=(str(heldout),), student_config=str(out / "student.json"),
+              max_steps=scale.student_steps, batch_size=scale.batch_size, max_seq_len=scale.max_seq_len,
+              student_lr=3e-3, warmup_steps=max(1, scale.student_steps // 20), eval_every=every,
+              eval_batches=scale.eval_batches, save_every=scale.student_steps, log_every=every, progress=False,
+              device="cpu")
+    for name, kw in {
+        "online full KD (frozen teacher)": dict(teacher=teacher, teacher_lr=0.0, alpha=0.0, kd="full"),
+        "co-distillation from scratch": dict(teacher_config=str(out / "teacher_arch.json"), tokenizer=teacher,
+                                             teacher_lr=3e-3, alpha=0.5, alpha_warmup_steps=scale.student_steps // 5,
+                                             alpha_ramp_steps=scale.student_steps // 5),
+    }.items():
+        run_dir = out / slug(name)
+        t0 = time.time()
+        codistill(CodistillConfig(out=str(run_dir), **co, **kw))
+        ckpt = run_dir / f"step_{scale.student_steps:06d}" / "student"
+        results[name] = {"dir": run_dir, "seconds": time.time() - t0, "label_set": None,
+                         "final": eval_checkpoint(ckpt, eval_labels, scale)}
+        log(f"student {name}: {results[name]['final']}")
+    return results
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+
+
+def final_metrics(run_dir: Path) -> dict:
+    rows = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
+    last = [r for r in rows if "eval_ce" in r][-1]
+    return {k: last[k] for k in ("eval_ce", "eval_kl", "eval_top1") if k in last}
+
+
+def curves(run_dir: Path) -> tuple[list[int], list[float]]:
+    rows = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
+    pts = [(r["step"], r.get("eval_ce", r.get("student_eval_ce"))) for r in rows
+           if "eval_ce" in r or "student_eval_ce" in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def write_report(labels: dict, students: dict, teacher_info: dict, scale: Scale, args, out_dir: Path,
+                 elapsed: float) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from labelgen.inspect import inspect
+    out_dir.mkdir(parents=True, exist_ok=True)
+    finals = {name: r.get("final") or final_metrics(r["dir"]) for name, r in students.items()}
+    base, upper = finals["CE only"]["eval_ce"], finals["online full KD (frozen teacher)"]["eval_ce"]
+    rows = []
+    for name, r in students.items():
+        f = finals[name]
+        ls = labels.get(r["label_set"]) if r["label_set"] and name != "CE only" else None   # CE reads the text itself
+        info = inspect(ls["dir"]) if ls else None
+        # Meaningless when online KD does not beat CE-only (too short a run).
+        gain = (base - f["eval_ce"]) / (base - upper) if base - upper > 1e-3 else None
+        rows.append({"method": name, "bytes_per_position": info["bytes_per_position"] if info else None,
+                     "label_bytes": info["bytes"] if info else None,
+                     "gen_tok_s": ls["manifest"]["summary"]["tokens_per_second"] if ls else None,
+                     "eval_ce": f["eval_ce"], "eval_kl": f.get("eval_kl"), "eval_top1": f.get("eval_top1"),
+                     "recovered": gain})
+
+    def fmt(v, spec):
+        return "—" if v is None else format(v, spec)
+    lines = [
+        "# Results: what each distillation method costs and what the student keeps",
+        "",
+        f"Produced by `{args.command}` in {elapsed / 60:.1f} min on {os.cpu_count()} CPU cores; every number below "
+        "comes from that run's logs (`benchmarks/report.py`).",
+        "",
+        f"* **Teacher**: a {teacher_info['params'] / 1e6:.1f}M-parameter Llama-style model with a byte-level BPE "
+        f"vocabulary of {teacher_info['vocab']:,}, trained {scale.teacher_steps} steps on "
+        f"{teacher_info['corpus']} ({teacher_info['train_docs']} files); held-out CE {teacher_info['heldout_ce']:.3f}.",
+        f"* **Held out**: the last {teacher_info['heldout_docs']} files, never used for labels or training; "
+        f"all students are evaluated on the teacher's top-64 labels of that text.",
+        f"* **Students**: Llama, {STUDENT['num_hidden_layers']} layers of width {STUDENT['hidden_size']} "
+        f"({teacher_info['student_params'] / 1e6:.2f}M parameters), {scale.student_steps} steps of "
+        f"{scale.batch_size} windows of {scale.max_seq_len} tokens each, lr 3e-3, the same seed.",
+        f"* **KL** is KL(teacher ‖ student) over the teacher's top-64 plus one bucket for the rest; **recovered** "
+        "is the share of the CE gain of online full-vocabulary KD over CE-only that a method achieves.",
+        "",
+        "| method | bytes/position | label bytes | generation tok/s | held-out CE | KL to teacher | top-1 agreement | recovered |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['method']} | {fmt(r['bytes_per_position'], '.1f')} | {fmt(r['label_bytes'], ',')} | "
+                     f"{fmt(r['gen_tok_s'], ',.0f')} | {r['eval_ce']:.3f} | {fmt(r['eval_kl'], '.3f')} | "
+                     f"{fmt(r['eval_top1'], '.3f')} | {fmt(r['recovered'], '.0%')} |")
+    top64 = inspect(labels["top64"]["dir"])
+    sampled = inspect(labels["sampled50"]["dir"])
+    lines += [
+        "",
+        f"Top-64 labels keep a mean {top64['coverage_mean']:.3f} of the teacher's probability mass "
+        f"(p5 {top64['coverage_p5']:.3f}); the actual next token is inside the top-64 at "
+        f"{top64['target_in_topk']:.1%} of positions. Sampled labels hold {sampled['unique_per_position']:.1f} "
+        "distinct ids per position out of 50 draws. CE-only and online KD need no stored labels "
+        "(the online run pays a teacher forward at every student step instead).",
+        "",
+        "![held-out CE per method](results_ce_curves.png)",
+        "![top-64 coverage](results_coverage.png)",
+        "![bytes per position against recovered gain](results_bytes_vs_gain.png)",
+        "",
+    ]
+    report = out_dir / "results.md"
+    report.write_text("\n".join(lines))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in students.items():
+        x, y = curves(r["dir"])
+        ax.plot(x, y, label=name, marker=".")
+    ax.set_xlabel("student step")
+    ax.set_ylabel("held-out CE (nats/token)")
+    ax.legend(fontsize=7)
+    ax.set_title("Held-out CE by distillation method")
+    fig.tight_layout()
+    fig.savefig(out_dir / "results_ce_curves.png", dpi=110)
+    plt.close(fig)
+
+    h = top64["coverage_histogram"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar([i / 20 for i in range(20)], [c / max(sum(h), 1) for c in h], width=0.05, align="edge")
+    ax.set_xlabel("teacher probability mass inside the top-64")
+    ax.set_ylabel("share of positions")
+    ax.set_title(f"Top-64 coverage (mean {top64['coverage_mean']:.3f})")
+    fig.tight_layout()
+    fig.savefig(out_dir / "results_coverage.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        if r["bytes_per_position"] is not None and r["recovered"] is not None:
+            ax.scatter(r["bytes_per_position"], r["recovered"])
+            ax.annotate(r["method"], (r["bytes_per_position"], r["recovered"]), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("label bytes per position")
+    ax.set_ylabel("share of full-KD gain recovered")
+    ax.set_title("Storage against student quality")
+    fig.tight_layout()
+    fig.savefig(out_dir / "results_bytes_vs_gain.png", dpi=110)
+    plt.close(fig)
+    return report
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="the small smoke version (about 5 minutes)")
+    ap.add_argument("--corpus", nargs="*", help="text files or directories (default: Python's stdlib source)")
+    ap.add_argument("--out", default="docs", help="where results.md and the plots go")
+    ap.add_argument("--work", help="working directory (default: a fresh one under /tmp)")
+    args = ap.parse_args()
+    args.command = "bash jobs/report.sh" + (" --quick" if args.quick else "")
+    scale = QUICK if args.quick else FULL
+    import tempfile
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+    from labelgen.demo import DemoTeacherConfig, build_demo_teacher
+    hf_logging.disable_progress_bar()
+    work = Path(args.work or tempfile.mkdtemp(prefix="labelgen_report_"))
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    t_start = time.time()
+    texts, label_text, heldout = split_corpus(args.corpus, scale, work)
+    log(f"corpus: {len(texts)} training files, held-out in {heldout}")
+    tcfg = DemoTeacherConfig(steps=scale.teacher_steps, corpus_bytes=scale.corpus_bytes, batch_size=16)
+    corpus_dir = work / "teacher_corpus"
+    corpus_dir.mkdir()
+    for i, t in enumerate(texts):
+        (corpus_dir / f"{i:05d}.txt").write_text(t)
+    teacher = str(build_demo_teacher(work / "teacher", [str(corpus_dir)], tcfg, log=log))
+    labels = make_labels(teacher, label_text, work / "prompts.jsonl", work / "labels", scale)
+    from labelgen.config import GenerateConfig
+    from labelgen.generate import run
+    run(GenerateConfig(teacher=teacher, inputs=(str(heldout),), out=str(work / "eval_labels"), k=64,
+                       max_seq_len=scale.max_seq_len, progress=False, device="cpu"))
+    teacher_arch = {"model_type": "llama", "hidden_size": tcfg.hidden_size, "num_hidden_layers": tcfg.layers,
+                    "num_attention_heads": tcfg.heads, "intermediate_size": int(tcfg.hidden_size * 8 / 3) // 32 * 32,
+                    "max_position_embeddings": tcfg.max_positions}
+    students = train_students(labels, work / "eval_labels", teacher, label_text, heldout, work / "students", scale,
+                              teacher_arch)
+    from student_train.train import build_model
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(teacher)
+    teacher_eval = eval_checkpoint(Path(teacher), work / "eval_labels", scale)
+    info = {"params": sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(teacher).parameters()),
+            "vocab": len(tok), "corpus": "the Python standard library's source" if not args.corpus else ", ".join(args.corpus),
+            "train_docs": len(texts), "heldout_docs": sum(1 for _ in open(heldout)), "heldout_ce": teacher_eval["eval_ce"],
+            "student_params": sum(p.numel() for p in build_model(None, str(work / "students" / "student.json"), tok, 0).parameters())}
+    report = write_report(labels, students, info, scale, args, Path(args.out), time.time() - t_start)
+    log(f"wrote {report} in {(time.time() - t_start) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
