@@ -67,21 +67,27 @@ def split_corpus(paths: list[str] | None, scale: Scale, work: Path) -> tuple[lis
     return train, work / "labels_text.jsonl", work / "heldout.jsonl"
 
 
-def make_labels(teacher: str, text: Path, prompts: Path, out: Path, scale: Scale) -> dict:
-    """Every label set the students need. Returns name -> (dir, manifest with summary)."""
-    from labelgen.config import GenerateConfig
-    from labelgen.generate import run
-    common = dict(teacher=teacher, max_seq_len=scale.max_seq_len, batch_tokens=4096, rows_per_shard=64,
-                  progress=False, device="cpu")
-    sets = {
+def label_sets(text: Path, prompts: Path, scale: Scale) -> dict:
+    """GenerateConfig settings of every label set, by name."""
+    return {
         "tokens": dict(inputs=(str(text),), mode="tokens"),
         "top1": dict(inputs=(str(text),), mode="topk", k=1),
         "top8": dict(inputs=(str(text),), mode="topk", k=8),
+        "top12": dict(inputs=(str(text),), mode="topk", k=12),
+        "top32": dict(inputs=(str(text),), mode="topk", k=32),
         "top64": dict(inputs=(str(text),), mode="topk", k=64),
         "sampled50": dict(inputs=(str(text),), mode="sampled", draws=50),
         "samples": dict(inputs=(str(prompts),), mode="sample", prompt_field="prompt", n=1, temperature=0.8,
                         max_new_tokens=scale.max_seq_len // 2, max_seq_len=None),
     }
+
+
+def make_labels(teacher: str, sets: dict, out: Path, scale: Scale) -> dict:
+    """The label sets `sets` (name -> GenerateConfig settings). Returns name -> {dir, manifest with summary}."""
+    from labelgen.config import GenerateConfig
+    from labelgen.generate import run
+    common = dict(teacher=teacher, max_seq_len=scale.max_seq_len, batch_tokens=4096, rows_per_shard=64,
+                  progress=False, device="cpu")
     labels = {}
     for name, kw in sets.items():
         t0 = time.time()
@@ -104,29 +110,35 @@ def eval_checkpoint(ckpt: Path, eval_labels: Path, scale: Scale) -> dict:
     return evaluate(model, batches, Dist(), "float32")
 
 
-def train_students(labels: dict, eval_labels: Path, teacher: str, text: Path, heldout: Path, out: Path,
-                   scale: Scale, teacher_arch: dict) -> dict:
+REPORT_RUNS = {
+    "CE only": dict(labels="tokens", loss="ce"),
+    "SFT on teacher samples": dict(labels="samples", loss="sft"),
+    "top-1 KD (tail)": dict(labels="top1", loss="kd", tail="tail"),
+    "top-8 KD (renorm)": dict(labels="top8", loss="kd", tail="renorm"),
+    "top-8 KD (tail)": dict(labels="top8", loss="kd", tail="tail"),
+    "top-64 KD (renorm)": dict(labels="top64", loss="kd", tail="renorm"),
+    "top-64 KD (tail)": dict(labels="top64", loss="kd", tail="tail"),
+    "sampled KD (N=50)": dict(labels="sampled50", loss="kd"),
+}
+REPORT_LABELS = ("tokens", "top1", "top8", "top64", "sampled50", "samples")
+
+
+def train_students(labels: dict, runs: dict, eval_labels: Path, teacher: str, text: Path, heldout: Path, out: Path,
+                   scale: Scale, teacher_arch: dict | None) -> dict:
+    """Offline runs (`runs`: name -> TrainConfig settings plus the label set),
+    then online full KD from the frozen teacher and, with teacher_arch,
+    co-distillation from scratch."""
     from student_train.codistill import codistill
     from student_train.config import CodistillConfig, TrainConfig
     from student_train.train import train
     out.mkdir(parents=True, exist_ok=True)
     (out / "student.json").write_text(json.dumps(STUDENT))
-    (out / "teacher_arch.json").write_text(json.dumps(teacher_arch))
+    (out / "teacher_arch.json").write_text(json.dumps(teacher_arch or {}))
     every = max(1, scale.student_steps // 10)
     common = dict(student_config=str(out / "student.json"), max_steps=scale.student_steps, batch_size=scale.batch_size,
                   lr=3e-3, warmup_steps=max(1, scale.student_steps // 20), eval_labels=(str(eval_labels),),
                   eval_every=every, eval_batches=scale.eval_batches, save_every=0, log_every=every,
                   progress=False, device="cpu")
-    runs = {
-        "CE only": dict(labels="tokens", loss="ce"),
-        "SFT on teacher samples": dict(labels="samples", loss="sft"),
-        "top-1 KD (tail)": dict(labels="top1", loss="kd", tail="tail"),
-        "top-8 KD (renorm)": dict(labels="top8", loss="kd", tail="renorm"),
-        "top-8 KD (tail)": dict(labels="top8", loss="kd", tail="tail"),
-        "top-64 KD (renorm)": dict(labels="top64", loss="kd", tail="renorm"),
-        "top-64 KD (tail)": dict(labels="top64", loss="kd", tail="tail"),
-        "sampled KD (N=50)": dict(labels="sampled50", loss="kd"),
-    }
     results = {}
     for name, kw in runs.items():
         run_dir = out / slug(name)
@@ -141,12 +153,12 @@ def train_students(labels: dict, eval_labels: Path, teacher: str, text: Path, he
               student_lr=3e-3, warmup_steps=max(1, scale.student_steps // 20), eval_every=every,
               eval_batches=scale.eval_batches, save_every=scale.student_steps, log_every=every, progress=False,
               device="cpu")
-    for name, kw in {
-        "online full KD (frozen teacher)": dict(teacher=teacher, teacher_lr=0.0, alpha=0.0, kd="full"),
-        "co-distillation from scratch": dict(teacher_config=str(out / "teacher_arch.json"), tokenizer=teacher,
-                                             teacher_lr=3e-3, alpha=0.5, alpha_warmup_steps=scale.student_steps // 5,
-                                             alpha_ramp_steps=scale.student_steps // 5),
-    }.items():
+    online = {"online full KD (frozen teacher)": dict(teacher=teacher, teacher_lr=0.0, alpha=0.0, kd="full")}
+    if teacher_arch:
+        online["co-distillation from scratch"] = dict(
+            teacher_config=str(out / "teacher_arch.json"), tokenizer=teacher, teacher_lr=3e-3, alpha=0.5,
+            alpha_warmup_steps=scale.student_steps // 5, alpha_ramp_steps=scale.student_steps // 5)
+    for name, kw in online.items():
         run_dir = out / slug(name)
         t0 = time.time()
         codistill(CodistillConfig(out=str(run_dir), **co, **kw))
@@ -304,7 +316,8 @@ def main():
     for i, t in enumerate(texts):
         (corpus_dir / f"{i:05d}.txt").write_text(t)
     teacher = str(build_demo_teacher(work / "teacher", [str(corpus_dir)], tcfg, log=log))
-    labels = make_labels(teacher, label_text, work / "prompts.jsonl", work / "labels", scale)
+    sets = label_sets(label_text, work / "prompts.jsonl", scale)
+    labels = make_labels(teacher, {n: sets[n] for n in REPORT_LABELS}, work / "labels", scale)
     from labelgen.config import GenerateConfig
     from labelgen.generate import run
     run(GenerateConfig(teacher=teacher, inputs=(str(heldout),), out=str(work / "eval_labels"), k=64,
@@ -312,8 +325,8 @@ def main():
     teacher_arch = {"model_type": "llama", "hidden_size": tcfg.hidden_size, "num_hidden_layers": tcfg.layers,
                     "num_attention_heads": tcfg.heads, "intermediate_size": int(tcfg.hidden_size * 8 / 3) // 32 * 32,
                     "max_position_embeddings": tcfg.max_positions}
-    students = train_students(labels, work / "eval_labels", teacher, label_text, heldout, work / "students", scale,
-                              teacher_arch)
+    students = train_students(labels, REPORT_RUNS, work / "eval_labels", teacher, label_text, heldout,
+                              work / "students", scale, teacher_arch)
     from student_train.train import build_model
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(teacher)
