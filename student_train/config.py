@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
-import yaml
-
+from labelgen.config import config_from_sources
 from student_train.losses import KINDS, TAILS
 
 LOSSES = ("kd", "ce", "sft")
@@ -120,32 +118,7 @@ class TrainConfig:
 
     @classmethod
     def from_sources(cls, config_file: str | None, overrides: dict) -> "TrainConfig":
-        return from_sources(cls, config_file, overrides, tuple_fields=("labels", "eval_labels"))
-
-
-def from_sources(cls, config_file: str | None, overrides: dict, tuple_fields=()):
-    """Keys from a YAML/JSON file, then the flags that were given."""
-    d: dict = {}
-    if config_file:
-        path = Path(config_file)
-        try:
-            d = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ValueError(f"{path}: cannot read config ({e})") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: a config file must hold a mapping of settings")
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)}")
-    d.update({k: v for k, v in overrides.items() if v is not None and v != ()})
-    missing = [f.name for f in dataclasses.fields(cls)
-               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in d]
-    if missing:
-        raise ValueError(f"--{missing[0].replace('_', '-')}: required (flag or config key {missing[0]!r})")
-    for name in tuple_fields:
-        if name in d:
-            d[name] = tuple(d[name]) if isinstance(d[name], (list, tuple)) else (d[name],)
-    return cls(**d)
+        return config_from_sources(cls, config_file, overrides, tuple_fields=("labels", "eval_labels"))
 
 
 ALPHA_SCHEDULES = ("linear", "cosine")
@@ -252,4 +225,4 @@ class CodistillConfig:
 
     @classmethod
     def from_sources(cls, config_file: str | None, overrides: dict) -> "CodistillConfig":
-        return from_sources(cls, config_file, overrides, tuple_fields=("inputs", "eval_input"))
+        return config_from_sources(cls, config_file, overrides, tuple_fields=("inputs", "eval_input"))

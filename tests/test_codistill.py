@@ -111,7 +111,7 @@ def test_codistilled_student_beats_a_ce_only_student_of_the_same_budget(tmp_path
     """A 2-layer teacher trained alongside a 1-layer student on 300 steps of
     stdlib source: the student's held-out CE ends lower than with CE alone,
     for each of two seeds (measured margin ~0.05 nats; asserted > 0.01)."""
-    from labelgen.demo import DemoTeacherConfig, read_corpus, train_tokenizer
+    from labelgen.demo import read_corpus, train_tokenizer
     texts = read_corpus(None, 400_000)
     train_tokenizer(texts, 512).save_pretrained(tmp_path / "tok")
     for name, part in (("train", texts[:-5]), ("eval", texts[-5:])):

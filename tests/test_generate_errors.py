@@ -49,7 +49,7 @@ def test_bad_input_fails_with_one_line_naming_file_and_line(tiny_teacher, bad_in
 @pytest.mark.parametrize("extra, message", [
     (["--teacher", "/no/such/teacher"], r"--teacher: /no/such/teacher is not a model directory"),
     (["--k", "1000"], r"--k 1000 is larger than the teacher's vocabulary \(512\)"),
-    (["--mode", "beam"], r"--mode: must be one of topk, sample, greedy"),
+    (["--mode", "beam"], r"--mode: must be one of topk, sampled, sample, greedy, tokens"),
     (["--top-p", "0"], r"--top-p: must be in \(0, 1\]"),
     (["--max-seq-len", "4096", "--batch-tokens", "4096"], r"--max-seq-len 4096 exceeds the teacher's 512 positions"),
     (["--encoding", "zstd_level=40"], r"zstd_level must be in \[1, 22\]"),
