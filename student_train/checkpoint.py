@@ -44,18 +44,21 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 
 def save_checkpoint(out: Path, step: int, models: dict, optimizers: dict, schedulers: dict, tokenizer,
-                    loader_state: dict, meta: dict) -> Path:
+                    loader_state: dict, meta: dict, full_states: dict | None = None) -> Path:
     """`models` etc. map a name ("student", "teacher") to the object; a single
-    model is saved at the top level, several in subdirectories."""
+    model is saved at the top level, several in subdirectories. `full_states`
+    (name -> (model state, optimizer state)) replaces what the objects hold:
+    FSDP gathers full state dicts on every rank before rank 0 saves."""
     final = checkpoint_dir(out, step)
     tmp = final.with_name("." + final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name, model in models.items():
         where = tmp if len(models) == 1 else tmp / name
-        model.save_pretrained(where, safe_serialization=True)
+        model_state, opt_state = (full_states or {}).get(name, (None, optimizers[name].state_dict()))
+        model.save_pretrained(where, safe_serialization=True, state_dict=model_state)
         tokenizer.save_pretrained(where)
-        torch.save(optimizers[name].state_dict(), where / "optimizer.pt")
+        torch.save(opt_state, where / "optimizer.pt")
         (where / "scheduler.json").write_text(json.dumps(schedulers[name].state_dict(), default=float))
     torch.save(rng_state(), tmp / "rng.pt")
     (tmp / "loader.json").write_text(json.dumps(loader_state))
@@ -71,21 +74,38 @@ def save_checkpoint(out: Path, step: int, models: dict, optimizers: dict, schedu
     return final
 
 
-def load_checkpoint(path: Path, models: dict, optimizers: dict, schedulers: dict) -> tuple[dict, dict]:
-    """Load weights and states in place; returns (meta, loader_state)."""
+def load_weights(path: Path, models: dict) -> None:
+    """Load saved weights into unwrapped models (before DDP/FSDP wraps them)."""
     from safetensors.torch import load_file
     for name, model in models.items():
         where = path if len(models) == 1 else path / name
-        files = sorted(where.glob("*.safetensors"))
         state = {}
-        for f in files:
+        for f in sorted(where.glob("*.safetensors")):
             state.update(load_file(f))
         missing, unexpected = model.load_state_dict(state, strict=False)
         # Tied embeddings are saved once; everything else must be there.
         missing = [m for m in missing if not (getattr(model.config, "tie_word_embeddings", False) and "lm_head" in m)]
         if missing or unexpected:
             raise ValueError(f"{where}: checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-        optimizers[name].load_state_dict(torch.load(where / "optimizer.pt", weights_only=True))
+
+
+def load_states(path: Path, optimizers: dict, schedulers: dict, fsdp_models: dict | None = None) -> tuple[dict, dict]:
+    """Load optimizer, scheduler and RNG state; returns (meta, loader_state).
+    With `fsdp_models` the full optimizer state is sharded onto them."""
+    for name, opt in optimizers.items():
+        where = path if len(optimizers) == 1 else path / name
+        state = torch.load(where / "optimizer.pt", weights_only=True)
+        if fsdp_models:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(fsdp_models[name], opt, state, options=StateDictOptions(full_state_dict=True))
+        else:
+            opt.load_state_dict(state)
         schedulers[name].load_state_dict(json.loads((where / "scheduler.json").read_text()))
     set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     return json.loads((path / "meta.json").read_text()), json.loads((path / "loader.json").read_text())
+
+
+def load_checkpoint(path: Path, models: dict, optimizers: dict, schedulers: dict) -> tuple[dict, dict]:
+    """Weights and states at once, for unwrapped models; returns (meta, loader_state)."""
+    load_weights(path, models)
+    return load_states(path, optimizers, schedulers)

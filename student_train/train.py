@@ -22,7 +22,7 @@ import torch.distributed as dist
 from labelgen import format as fmt
 from labelgen.format import FormatError
 from student_train import losses
-from student_train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from student_train.checkpoint import latest_checkpoint, load_states, load_weights, save_checkpoint
 from student_train.config import TrainConfig
 from student_train.data import LabelStream, LoaderState, holdout_split, open_label_sets
 
@@ -135,12 +135,13 @@ def wrap(model, d: Dist, fsdp: bool):
     return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
 
-def full_state_model(model, fsdp: bool):
-    """The plain HF model to save (all ranks must call this under FSDP)."""
-    if fsdp and dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return None
+def full_states(model, opt) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state of an FSDP model, on the CPU
+    (a collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, opt, options=options)
 
 
 def autocast(d: Dist, dtype: str):
@@ -301,16 +302,21 @@ def train(cfg: TrainConfig) -> dict:
 
     out = Path(cfg.out)
     ckpt = prepare_out_dir(out, cfg.resume, cfg.overwrite, d.main)
+    if ckpt is not None:
+        load_weights(ckpt, {"student": model})
     model.to(d.device)
-    opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+    ddp_model = wrap(model, d, cfg.fsdp)
+    # Created after wrapping: FSDP replaces the parameters with sharded ones.
+    opt, sched = make_optimizer(ddp_model, cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+    fsdp = cfg.fsdp and dist.is_initialized()
     step = 0
     if ckpt is not None:
-        meta, loader_state = load_checkpoint(ckpt, {"student": model}, {"student": opt}, {"student": sched})
+        meta, loader_state = load_states(ckpt, {"student": opt}, {"student": sched},
+                                         {"student": ddp_model} if fsdp else None)
         if meta.get("labels_fingerprints") != [r.manifest["fingerprint"] for r in readers]:
             raise FormatError(f"--resume: {ckpt} was trained on other labels (fingerprints differ)")
         step = int(meta["step"])
         stream.load_state_dict(loader_state)
-    ddp_model = wrap(model, d, cfg.fsdp)
     log = MetricsLog(out / "metrics.jsonl", d.main, step if ckpt is not None else None)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
                                          persistent_workers=cfg.num_workers > 0)
@@ -369,12 +375,10 @@ def train(cfg: TrainConfig) -> dict:
             bar.set_postfix_str(f"loss {record['loss']:.3f}", refresh=False)
         if (cfg.save_every and step % cfg.save_every == 0) or last:
             loader_state = gather_loader_state(tracker)
-            full = full_state_model(ddp_model, cfg.fsdp)
+            full = {"student": full_states(ddp_model, opt)} if fsdp else None
             if d.main:
-                if full is not None:
-                    model.load_state_dict(full)
                 save_checkpoint(out, step, {"student": model}, {"student": opt}, {"student": sched}, tokenizer,
-                                loader_state, meta_base)
+                                loader_state, meta_base, full)
             if dist.is_initialized():
                 dist.barrier()
     if bar is not None:

@@ -81,3 +81,22 @@ def test_dry_run_prints_the_resolved_config(tmp_path):
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     assert d["labels"] == ["a"] and d["lr"] == 0.01 and d["loss"] == "ce" and d["max_steps"] == 1000
+
+
+def test_fsdp_two_process_run_resumes_to_the_same_losses(topk_labels, student_config, tmp_path):
+    def torchrun(out, port, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+               "-m", "student_train.cli", "train", "--labels", str(topk_labels), "--student-config", student_config,
+               "--out", str(out), "--max-steps", "6", "--batch-size", "2", "--save-every", "3", "--log-every", "1",
+               "--eval-every", "0", "--fsdp", "--no-progress", "--device", "cpu", *extra]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr[-3000:]
+    torchrun(tmp_path / "straight", 29521)
+    torchrun(tmp_path / "resumed", 29522)
+    shutil.rmtree(tmp_path / "resumed" / "step_000006")
+    torchrun(tmp_path / "resumed", 29523, "--resume")
+    a, b = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5)
+    assert a[-1]["weight_digests"][0] == a[-1]["weight_digests"][1]
+    from transformers import AutoModelForCausalLM
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "step_000006").num_parameters() > 0
