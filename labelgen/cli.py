@@ -197,9 +197,5 @@ def demo_teacher(out: Path = typer.Argument(..., help="where to save the teacher
     typer.echo(f"teacher saved to {out}")
 
 
-def main() -> None:  # pragma: no cover
-    app()
-
-
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -510,11 +510,11 @@ def _count_records(cfg: GenerateConfig) -> int | None:
     """Cheap record count for the ETA: newlines, Parquet footers, files. None
     for compressed inputs (counting them would mean decompressing twice)."""
     import pyarrow.parquet as pq
-    from labelgen.inputs import _kind, expand_paths
+    from labelgen.inputs import expand_paths, file_kind
     total = 0
     try:
         for path in expand_paths(list(cfg.inputs)):
-            kind = _kind(path)
+            kind = file_kind(path)
             if kind == "jsonl.zst":
                 return None
             if kind == "parquet":

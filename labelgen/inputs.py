@@ -60,7 +60,8 @@ def expand_paths(paths: list[str]) -> list[Path]:
     return files
 
 
-def _kind(path: Path) -> str:
+def file_kind(path: Path) -> str:
+    """jsonl, jsonl.zst, parquet or text, by file name."""
     name = path.name.lower()
     if name.endswith(".zst") and name[:-4].endswith(JSONL_SUFFIXES):
         return "jsonl.zst"
@@ -172,7 +173,7 @@ def read_records(paths: list[str], spec: FieldSpec = FieldSpec()) -> Iterator[Re
     an InputError (not raised) so the caller decides whether to skip it; a bad
     file (unreadable, corrupt) is yielded once and ends that file."""
     for path in expand_paths(paths):
-        kind = _kind(path)
+        kind = file_kind(path)
         if kind == "text" and (spec.prompt_field or spec.messages_field):
             yield InputError(f"{path}: plain-text files hold corpora; --prompt-field/--messages-field need JSONL or Parquet")
             continue
