@@ -46,6 +46,7 @@ TOKENIZER_DIR = "tokenizer"   # the labels' tokenizer, saved beside the shards
 SHARD_SUFFIX = ".parquet"
 TMP_SUFFIX = ".tmp"
 FILE_META_KEY = b"labelgen"
+COUNTS_META_KEY = b"labelgen_counts"   # footer metadata: the input records a shard covers and skipped
 
 KINDS = ("topk", "samples", "tokens", "sampled")
 

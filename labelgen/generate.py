@@ -32,7 +32,8 @@ from labelgen.backends import SampleRequest, Teacher, load_teacher
 from labelgen.config import DEFAULT_MAX_SEQ_LEN, EXECUTION_ONLY, GenerateConfig
 from labelgen.format import Encoding, FormatError
 from labelgen.inputs import FieldSpec, InputError, Record, read_records
-from labelgen.shards import ShardFile, ShardInfo, build_manifest, prepare_output_dir, shard_info_from_file
+from labelgen.shards import (ShardFile, ShardInfo, build_manifest, prepare_output_dir, shard_counts,
+                             shard_info_from_file)
 
 RUN_FILE = "run.json"
 QUEUE_DEPTH = 4
@@ -141,12 +142,14 @@ def _generate(cfg: GenerateConfig, teacher: Teacher, tokenizer) -> dict:
                 total_shards = work
                 continue
             counts["examples"] += work.examples
-            counts["skipped"] += work.skipped
-            if work.done:
-                shards[work.index] = shard_info_from_file(out / fmt.shard_name(work.index), cfg.kind)
+            if work.done:   # finished by an earlier run: its skip count is in its footer
+                path = out / fmt.shard_name(work.index)
+                shards[work.index] = shard_info_from_file(path, cfg.kind)
+                counts["skipped"] += shard_counts(path).get("skipped", 0)
                 progress.update(work.examples, 0)
                 continue
-            write_q.put(("open", work.index, None))
+            counts["skipped"] += work.skipped
+            _put(write_q, ("open", work.index, None), writer)
             batches = _topk_batches(work.items, cfg) if cfg.windowed else _sample_batches(work.items, cfg)
             for batch in batches:
                 if cfg.mode == "tokens":
@@ -159,7 +162,7 @@ def _generate(cfg: GenerateConfig, teacher: Teacher, tokenizer) -> dict:
                     rows, tokens = _sample(teacher, tokenizer, batch, cfg)
                 _put(write_q, ("rows", work.index, rows), writer)
                 progress.update(0, tokens)
-            _put(write_q, ("close", work.index, None), writer)
+            _put(write_q, ("close", work.index, {"examples": work.examples, "skipped": work.skipped}), writer)
             progress.update(work.examples, 0)
         _put(write_q, None, writer)
         writer.join_checked()
@@ -409,15 +412,15 @@ def _write_shards(cfg: GenerateConfig, out: Path, id_bound: int, enc: Encoding, 
     encoder = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="labelgen-encode")
     try:
         while (msg := write_q.get()) is not None:
-            op, index, rows = msg
+            op, index, payload = msg   # payload: rows, or the shard's counts on close
             if op == "open":
                 current = ShardFile(out / fmt.shard_name(index), cfg.kind, k, id_bound, enc,
                                     extra_meta={"config_hash": cfg.output_hash(), "shard_index": index}, encoder=encoder)
             elif op == "rows":
-                for row in rows:
+                for row in payload:
                     current.write(row)
             else:
-                done[index] = current.close()
+                done[index] = current.close(counts=payload)
                 current = None
     finally:
         if current is not None:

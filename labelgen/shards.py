@@ -13,6 +13,7 @@ interrupted writer leaves only `.tmp` files, which nothing reads.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -55,6 +56,12 @@ def _positions(batch: pa.RecordBatch, kind: str) -> int:
 # The column whose list lengths count a shard's positions.
 _POSITION_COLUMN = {"topk": fmt.COVERAGE, "samples": fmt.COMPLETION_IDS, "tokens": fmt.INPUT_IDS,
                     "sampled": fmt.SAMPLED_LENGTHS}
+
+
+def shard_counts(path: Path) -> dict:
+    """The counts a writer stored in a finished shard's footer ({} if none)."""
+    meta = pq.ParquetFile(path).metadata.metadata or {}
+    return json.loads(meta[fmt.COUNTS_META_KEY]) if fmt.COUNTS_META_KEY in meta else {}
 
 
 def shard_info_from_file(path: Path, kind: str) -> ShardInfo:
@@ -114,9 +121,13 @@ class ShardFile:
     def approx_bytes(self) -> int:
         return self.tmp.stat().st_size if self.tmp.exists() else 0
 
-    def close(self) -> ShardInfo:
+    def close(self, counts: dict | None = None) -> ShardInfo:
+        """Finish the file; `counts` (e.g. examples, skipped) are stored in its
+        footer so a resumed job can total them without redoing the shard."""
         try:
             self._flush(wait=True)
+            if counts:
+                self._writer.add_key_value_metadata({fmt.COUNTS_META_KEY.decode(): json.dumps(counts)})
             self._writer.close()
         except BaseException:
             self.abort()

@@ -67,6 +67,12 @@ def test_skip_bad_skips_and_counts_bad_records(tiny_teacher, bad_inputs):
     assert r.exit_code == 0, r.output
     m = json.loads((bad_inputs / "out" / "manifest.json").read_text())
     assert m["counts"]["skipped"] == 2 and m["counts"]["examples"] == 6 and m["counts"]["rows"] == 4
+    # A resume that finds every shard finished still reports the skips (kept in each shard's footer).
+    (bad_inputs / "out" / "manifest.json").unlink()
+    r = gen(tiny_teacher, bad_inputs, "--input", str(bad_inputs / "invalid_json.jsonl"),
+            "--input", str(bad_inputs / "not_utf8.jsonl"), "--skip-bad", "--resume")
+    assert r.exit_code == 0, r.output
+    assert json.loads((bad_inputs / "out" / "manifest.json").read_text())["counts"] == m["counts"]
 
 
 def test_a_non_empty_foreign_output_directory_is_refused(tiny_teacher, corpus, tmp_path):
