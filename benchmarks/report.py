@@ -102,12 +102,11 @@ def eval_checkpoint(ckpt: Path, eval_labels: Path, scale: Scale) -> dict:
     """The training stage's evaluation of a saved student on the held-out labels."""
     import torch
     from transformers import AutoModelForCausalLM
-    from student_train.data import LabelStream, open_label_sets
+    from student_train.data import LabelStream, open_label_sets, take_batches
     from student_train.train import Dist, evaluate
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     stream = LabelStream(open_label_sets([str(eval_labels)]), scale.batch_size, shuffle=False, max_epochs=1)
-    batches = (b for b, _ in (x for _, x in zip(range(scale.eval_batches), stream)))
-    return evaluate(model, batches, Dist(), "float32")
+    return evaluate(model, take_batches(stream, scale.eval_batches), Dist(), "float32")
 
 
 REPORT_RUNS = {

@@ -25,7 +25,7 @@ from labelgen.format import FormatError
 from student_train import losses
 from student_train.checkpoint import load_checkpoint, save_checkpoint
 from student_train.config import CodistillConfig
-from student_train.data import LabelStream, LoaderState, open_label_sets
+from student_train.data import LabelStream, LoaderState, open_label_sets, take_batches
 from student_train.train import (MetricsLog, all_reduce_sum, autocast, build_model, gather_loader_state,
                                  gather_weight_digests, make_optimizer, prepare_out_dir, setup_distributed, wrap)
 
@@ -190,16 +190,13 @@ def codistill(cfg: CodistillConfig) -> dict:
     meta_base = {"config": cfg.to_dict(), "data_fingerprint": readers[0].manifest["fingerprint"],
                  "tokenizer": fmt.tokenizer_fingerprint(tokenizer)["fingerprint"]}
 
-    def eval_batches():
-        it = iter(torch.utils.data.DataLoader(eval_stream, batch_size=None))
-        return (b for b, _ in (next(it, (None, None)) for _ in range(cfg.eval_batches)) if b is not None)
-
     bar = None
     if cfg.progress and d.main:
         from tqdm import tqdm
         bar = tqdm(total=cfg.max_steps, initial=step, unit="step", desc="codistill", dynamic_ncols=True)
     if eval_stream is not None and ckpt is None:
-        log.write({"step": 0, "loss": None, **evaluate(t_model, s_model, eval_batches(), d, cfg, n_vocab)})
+        log.write({"step": 0, "loss": None,
+                   **evaluate(t_model, s_model, take_batches(eval_stream, cfg.eval_batches), d, cfg, n_vocab)})
 
     t0, start = time.time(), step
     while step < cfg.max_steps:
@@ -223,7 +220,8 @@ def codistill(cfg: CodistillConfig) -> dict:
                   "teacher_ce": t_ce.item(), "alpha": alpha, "steps_per_s": (step - start) / max(time.time() - t0, 1e-9)}
         last = step == cfg.max_steps
         if eval_stream is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
-            record.update(evaluate(t_model, s_model, eval_batches(), d, cfg, n_vocab))
+            record.update(evaluate(t_model, s_model, take_batches(eval_stream, cfg.eval_batches), d, cfg,
+                                   n_vocab))
         if last and dist.is_initialized():
             record["weight_digests"] = gather_weight_digests(student) + gather_weight_digests(teacher)
         if step % cfg.log_every == 0 or "student_eval_ce" in record or last:

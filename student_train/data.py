@@ -216,6 +216,12 @@ class LabelStream(torch.utils.data.IterableDataset):
                    {"slot": slot, "local": local, "num_local": num_local, "position": [epoch, 0, 0]})
 
 
+def take_batches(stream: LabelStream, n: int):
+    """The first n batches of a stream (fewer if it ends), without their positions."""
+    import itertools
+    return (batch for batch, _ in itertools.islice(iter(torch.utils.data.DataLoader(stream, batch_size=None)), n))
+
+
 def holdout_split(readers: list[ShardReader], holdout: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """(train shards, eval shards): the last `holdout` shards of the last label set are held out."""
     all_shards = [(d, s) for d, r in enumerate(readers) for s in range(len(r.shards))]

@@ -24,7 +24,7 @@ from labelgen.format import FormatError
 from student_train import losses
 from student_train.checkpoint import latest_checkpoint, load_states, load_weights, save_checkpoint
 from student_train.config import TrainConfig
-from student_train.data import LabelStream, LoaderState, holdout_split, open_label_sets
+from student_train.data import LabelStream, LoaderState, holdout_split, open_label_sets, take_batches
 
 
 # ---------------------------------------------------------------- setup helpers (shared with codistill)
@@ -325,16 +325,13 @@ def train(cfg: TrainConfig) -> dict:
     meta_base = {"config": cfg.to_dict(), "labels_fingerprints": [r.manifest["fingerprint"] for r in readers],
                  "tokenizer": manifest["tokenizer"]["fingerprint"]}
 
-    def eval_batches():
-        it = iter(torch.utils.data.DataLoader(eval_stream, batch_size=None))
-        return (b for b, _ in (next(it, (None, None)) for _ in range(cfg.eval_batches)) if b is not None)
-
     bar = None
     if cfg.progress and d.main:
         from tqdm import tqdm
         bar = tqdm(total=cfg.max_steps, initial=step, unit="step", desc="student-train", dynamic_ncols=True)
     if eval_stream is not None and ckpt is None:
-        log.write({"step": 0, "loss": None, **evaluate(ddp_model, eval_batches(), d, cfg.dtype)})
+        log.write({"step": 0, "loss": None,
+                   **evaluate(ddp_model, take_batches(eval_stream, cfg.eval_batches), d, cfg.dtype)})
 
     t0, tokens = time.time(), 0
     while step < cfg.max_steps:
@@ -365,7 +362,7 @@ def train(cfg: TrainConfig) -> dict:
                   "tokens_per_s": tokens * d.world / max(time.time() - t0, 1e-9)}
         last = step == cfg.max_steps
         if eval_stream is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
-            record.update(evaluate(ddp_model, eval_batches(), d, cfg.dtype))
+            record.update(evaluate(ddp_model, take_batches(eval_stream, cfg.eval_batches), d, cfg.dtype))
         if last and dist.is_initialized():
             record["weight_digests"] = gather_weight_digests(model)
         if step % cfg.log_every == 0 or "eval_ce" in record or last:
