@@ -172,6 +172,7 @@ def main():
         from labelgen.backends.vllm import VLLMTeacher
         engine = {"gpu_memory_utilization": 0.2} if device == "cpu" else {}
         vt = VLLMTeacher(teacher, tok, max_logprobs=args.k, engine={**engine, "max_model_len": 1024})
+        vllm_direct_topk(vt.llm, wins[:16], args.k)   # warm-up (first-call compilation), not timed
         rows["(c) vLLM prompt logprobs, direct"] = vllm_direct_topk(vt.llm, wins, args.k)
         rows["(b) labelgen generate --backend vllm"] = pipeline(teacher, corpus, work / "vllm", "vllm", args.k,
                                                                args.seq_len, args.batch_tokens, teacher_obj=vt)
