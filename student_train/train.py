@@ -337,39 +337,42 @@ def train(cfg: TrainConfig) -> dict:
     while step < cfg.max_steps:
         alpha = 1.0 if cfg.loss != "kd" else losses.alpha_at(step, cfg.max_steps, cfg.alpha, cfg.alpha_end)
         opt.zero_grad(set_to_none=True)
-        ce_sum = kd_sum = 0.0
+        ce_sum = kd_sum = torch.zeros((), device=d.device)   # summed on the device: no sync per micro-step
         for micro in range(cfg.grad_accum):
             batch, meta = next(batches)
             tracker.update(meta)
+            tokens += int(batch["mask"].sum())   # still on the host
             batch = {key: v.to(d.device, non_blocking=True) for key, v in batch.items()}
-            tokens += int(batch["mask"].sum())
             sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 or d.world == 1 or cfg.fsdp \
                 else ddp_model.no_sync()
             with sync, autocast(d, cfg.dtype):
                 ce, kd = loss_step(ddp_model, batch, cfg)
                 loss = (alpha * ce + (1 - alpha) * kd) / cfg.grad_accum
                 loss.backward()
-            ce_sum += ce.item() / cfg.grad_accum
-            kd_sum += kd.item() / cfg.grad_accum
+            ce_sum = ce_sum + ce.detach() / cfg.grad_accum
+            kd_sum = kd_sum + kd.detach() / cfg.grad_accum
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
         step += 1
 
-        record = {"step": step, "loss": alpha * ce_sum + (1 - alpha) * kd_sum, "ce": ce_sum, "kd": kd_sum,
-                  "alpha": alpha, "lr": sched.get_last_lr()[0],
-                  "tokens_per_s": tokens * d.world / max(time.time() - t0, 1e-9)}
         last = step == cfg.max_steps
-        if eval_stream is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
-            record.update(evaluate(ddp_model, take_batches(eval_stream, cfg.eval_batches), d, cfg.dtype))
-        if last and dist.is_initialized():
-            record["weight_digests"] = gather_weight_digests(model)
-        if step % cfg.log_every == 0 or "eval_ce" in record or last:
+        evaluating = eval_stream is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or last)
+        if step % cfg.log_every == 0 or evaluating or last:
+            ce_v, kd_v = ce_sum.item(), kd_sum.item()
+            record = {"step": step, "loss": alpha * ce_v + (1 - alpha) * kd_v, "ce": ce_v, "kd": kd_v,
+                      "alpha": alpha, "lr": sched.get_last_lr()[0],
+                      "tokens_per_s": tokens * d.world / max(time.time() - t0, 1e-9)}
+            if evaluating:
+                record.update(evaluate(ddp_model, take_batches(eval_stream, cfg.eval_batches), d, cfg.dtype))
+            if last and dist.is_initialized():
+                record["weight_digests"] = gather_weight_digests(model)
             log.write(record)
+            if bar is not None:
+                bar.set_postfix_str(f"loss {record['loss']:.3f}", refresh=False)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix_str(f"loss {record['loss']:.3f}", refresh=False)
         if (cfg.save_every and step % cfg.save_every == 0) or last:
             loader_state = gather_loader_state(tracker)
             full = {"student": full_states(ddp_model, opt)} if fsdp else None
