@@ -23,10 +23,10 @@ import torch.distributed as dist
 from labelgen import format as fmt
 from labelgen.format import FormatError
 from student_train import losses
-from student_train.checkpoint import load_checkpoint, save_checkpoint
+from student_train.checkpoint import load_checkpoint
 from student_train.config import CodistillConfig
 from student_train.data import LabelStream, LoaderState, open_label_sets, take_batches
-from student_train.train import (MetricsLog, all_reduce_sum, autocast, build_model, gather_loader_state,
+from student_train.train import (MetricsLog, all_reduce_sum, autocast, build_model, checkpoint, finish,
                                  gather_weight_digests, make_optimizer, prepare_out_dir, setup_distributed, wrap)
 
 
@@ -230,13 +230,5 @@ def codistill(cfg: CodistillConfig) -> dict:
             bar.update(1)
             bar.set_postfix_str(f"student {record['student_ce']:.3f} teacher {record['teacher_ce']:.3f}", refresh=False)
         if (cfg.save_every and step % cfg.save_every == 0) or last:
-            loader_state = gather_loader_state(tracker)
-            if d.main:
-                save_checkpoint(out, step, models, opts, scheds, tokenizer, loader_state, meta_base)
-            if dist.is_initialized():
-                dist.barrier()
-    if bar is not None:
-        bar.close()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return {"step": step, "out": str(out)}
+            checkpoint(out, step, d, tracker, models, opts, scheds, tokenizer, meta_base)
+    return finish(bar, step, out)

@@ -208,6 +208,24 @@ def gather_weight_digests(model) -> list[str]:
     return parts
 
 
+def checkpoint(out: Path, step: int, d: Dist, tracker: LoaderState, models: dict, opts: dict, scheds: dict,
+               tokenizer, meta: dict, full: dict | None = None) -> None:
+    """Every rank's loader positions gathered, rank 0 saves, the others wait."""
+    loader_state = gather_loader_state(tracker)
+    if d.main:
+        save_checkpoint(out, step, models, opts, scheds, tokenizer, loader_state, meta, full)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def finish(bar, step: int, out: Path) -> dict:
+    if bar is not None:
+        bar.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return {"step": step, "out": str(out)}
+
+
 def all_reduce_sum(values: list[float], device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
@@ -374,15 +392,7 @@ def train(cfg: TrainConfig) -> dict:
         if bar is not None:
             bar.update(1)
         if (cfg.save_every and step % cfg.save_every == 0) or last:
-            loader_state = gather_loader_state(tracker)
             full = {"student": full_states(ddp_model, opt)} if fsdp else None
-            if d.main:
-                save_checkpoint(out, step, {"student": model}, {"student": opt}, {"student": sched}, tokenizer,
-                                loader_state, meta_base, full)
-            if dist.is_initialized():
-                dist.barrier()
-    if bar is not None:
-        bar.close()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return {"step": step, "out": str(out)}
+            checkpoint(out, step, d, tracker, {"student": model}, {"student": opt}, {"student": sched}, tokenizer,
+                       meta_base, full)
+    return finish(bar, step, out)
