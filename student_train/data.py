@@ -159,6 +159,7 @@ class LabelStream(torch.utils.data.IterableDataset):
         selected = shards if shards is not None else [(d, s) for d, r in enumerate(readers) for s in range(len(r.shards))]
         self.units = [(d, s, g) for d, s in selected for g in range(self._row_groups(d, s))]
         self.start = LoaderState()
+        self._open: tuple = (None, None)   # (dir, shard) -> its open ParquetFile, the last one read
 
     def _row_groups(self, d: int, s: int) -> int:
         shard = self.readers[d].shards[s]
@@ -186,7 +187,10 @@ class LabelStream(torch.utils.data.IterableDataset):
     def _rows(self, units) -> list[dict]:
         rows = []
         for d, s, g in units:
-            rows.extend(fmt.rows_from_decoded(self.readers[d].read_row_group(s, g, self.columns)))
+            # Consecutive units often share a shard: open (stat, footer, metadata check) it once.
+            if self._open[0] != (d, s):
+                self._open = ((d, s), self.readers[d].open_shard(self.readers[d].shards[s]))
+            rows.extend(fmt.rows_from_decoded(self.readers[d].read_row_group(s, g, self.columns, self._open[1])))
         return rows
 
     def __iter__(self):
