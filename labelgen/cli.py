@@ -1,6 +1,7 @@
 """`labelgen` command line: a thin shell over the library.
 
     labelgen demo-teacher OUT                      # a small local teacher, no downloads
+    labelgen convert-gguf MODEL.gguf OUT           # a GGUF model as an HF teacher directory
     labelgen generate --teacher DIR --input PATH --out DIR --mode topk --k 64
     labelgen finalize DIR                          # merge workers' partial manifests
     labelgen validate DIR | inspect DIR | estimate --tokens 5e12 --vocab 100000 --k 64
@@ -182,6 +183,16 @@ def finalize(label_dir: Path = typer.Argument(..., help="label directory written
     from labelgen.generate import finalize as run
     m = run(label_dir)
     typer.echo(f"{label_dir}: {len(m['shards'])} shards, {m['counts']['rows']:,} rows; manifest written")
+
+
+@app.command("convert-gguf")
+@cli_errors
+def convert_gguf(gguf_file: Path = typer.Argument(..., help="a .gguf model file (llama.cpp format)"),
+                 out: Path = typer.Argument(..., help="HF model directory to write (must not exist, or be empty)")):
+    """Dequantize a GGUF model into an HF directory usable as --teacher (needs labelgen[gguf])."""
+    from labelgen.gguf import convert_gguf as run
+    run(gguf_file, out, log=lambda m: typer.echo(m, err=True))
+    typer.echo(f"teacher saved to {out}")
 
 
 @app.command("demo-teacher")

@@ -70,6 +70,9 @@ class ShardWork:
 def load_tokenizer(path: str, need_model: bool = True):
     from transformers import AutoTokenizer
     p = Path(path)
+    if p.suffix == ".gguf" and p.is_file():
+        raise ValueError(f"--teacher: {path} is a GGUF file; convert it once with `labelgen convert-gguf {path} DIR` "
+                         "and pass --teacher DIR")
     if need_model and not (p / "config.json").is_file():
         raise ValueError(f"--teacher: {path} is not a model directory (no config.json)")
     if not need_model and not any((p / f).is_file() for f in ("config.json", "tokenizer.json", "tokenizer_config.json")):
