@@ -2,7 +2,7 @@
 
 Every reader and writer imports this module; nobody re-declares a column name.
 A label set is a directory of zstd-compressed Parquet shards plus a
-``manifest.json`` written last (see docs/format.md). Two record kinds:
+``manifest.json`` written last (see docs/format.md). Four record kinds:
 
 ``topk``     one row per token window: the input ids and, for each of the
              L-1 next-token predictions, the teacher's top-k (id, logprob)
@@ -15,21 +15,29 @@ A label set is a directory of zstd-compressed Parquet shards plus a
              distinct ids among N draws from the teacher's distribution and
              how often each was drawn (sparse unbiased soft labels; 1.1).
 
-Encoding (chosen by benchmarks/bench_storage.py, documented in docs/format.md):
-ids use the narrowest unsigned width the vocabulary allows. By default each
-position's top-k is stored in id order — ids as ascending deltas, logprobs
-quantised to uint8 beside them — because a teacher's candidate sets cluster on
-frequent tokens and sorted deltas compress far better than ids in rank order.
-The alternative layout keeps rank order and gap-codes the sorted logprobs.
-Decoding always returns rank order (logprob descending), int64 ids and
-float32 logprobs.
+Encoding (chosen by benchmarks/bench_storage.py on a real LLM's labels,
+documented in docs/format.md): ids use the narrowest unsigned width the
+vocabulary allows. By default each position's top-k is stored in id order —
+ids as ascending deltas, probabilities quantised beside them — because a
+teacher's candidate sets cluster on frequent tokens and sorted deltas compress
+far better than ids in rank order. Before sorting, ids are renumbered by how
+often the shard's first row group proposes them (format 1.2; the table is in
+the shard's footer), so the frequent candidates get small numbers and small
+deltas. Probabilities are stored as uint8 codes of sqrt(p) (1.2): an entry's
+KL cost of an error grows with its probability, and a uniform step in sqrt(p)
+spends the same KL on every entry. The alternative layout keeps rank order and
+gap-codes the sorted logprobs. Decoding always returns rank order (logprob
+descending), int64 ids and float32 logprobs.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import functools
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,14 +47,15 @@ import numpy as np
 import pyarrow as pa
 
 FORMAT_NAME = "labelgen"
-FORMAT_VERSION = "1.1"
+FORMAT_VERSION = "1.2"
 READABLE_MAJOR_VERSIONS = (1,)
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_DIR = "tokenizer"   # the labels' tokenizer, saved beside the shards
 SHARD_SUFFIX = ".parquet"
 TMP_SUFFIX = ".tmp"
 FILE_META_KEY = b"labelgen"
-COUNTS_META_KEY = b"labelgen_counts"   # footer metadata: the input records a shard covers and skipped
+COUNTS_META_KEY = b"labelgen_counts"
+ID_TABLE_KEY = "id_table"   # in a shard's labelgen metadata: its id renumbering (1.2)   # footer metadata: the input records a shard covers and skipped
 
 KINDS = ("topk", "samples", "tokens", "sampled")
 
@@ -80,8 +89,9 @@ SAMPLED_LOGPROBS = "sampled_logprobs"  # teacher logprob of each id (u8), only w
 LOGPROB_FLOOR = -1000.0
 # Writers accept tiny positive logprobs from float rounding and clip them to 0.
 POSITIVE_TOLERANCE = 1e-4
-LOGPROB_CODECS = ("gap", "u8", "f32")
+LOGPROB_CODECS = ("sqrt", "gap", "u8", "f32")
 ID_ORDERS = ("sorted", "rank")
+ID_MAPS = ("frequency", "none")
 ID_ENCODINGS = ("byte_stream_split", "plain", "dictionary")
 
 
@@ -97,11 +107,20 @@ class Encoding:
     id_order: str = "sorted"
     """sorted: each position's entries in id order, ids stored as deltas.
     rank: entries in rank order, ids stored as they are."""
-    logprob_codec: str = "u8"
-    """u8: quantise to uint8 with 255 steps down to -`u8_range` (max error
-    u8_range/510; clipped below). gap (rank order only): quantise to
-    `logprob_step` and store the gaps along k as uint16 (max error step/2).
-    f32: exact."""
+    logprob_codec: str = "sqrt"
+    """sqrt: uint8 code round(sqrt(p) / sqrt_step) (max error sqrt_step/2 in
+    sqrt(p); code 0 stands for p < (sqrt_step/2)^2). u8: logprob quantised to
+    255 steps down to -`u8_range` (max error u8_range/510 nats; clipped
+    below). gap (rank order only): quantise to `logprob_step` and store the
+    gaps along k as uint16 (max error step/2). f32: exact."""
+    sqrt_step: float = 1 / 128
+    """Step of the sqrt codec in sqrt(probability); p = 1 is code 1/step."""
+    id_map: str = "frequency"
+    """frequency: renumber ids by how often the shard's first row group
+    proposes them before storing (topk; the table travels in the footer).
+    none: store ids as they are."""
+    id_map_size: int = 4096
+    """Ids listed in the frequency table; the rest keep their id order after them."""
     logprob_step: float = 1 / 32
     """Quantisation step in nats for the gap codec."""
     u8_range: float = 20.0
@@ -126,6 +145,12 @@ class Encoding:
             raise FormatError(f"logprob_step must be in [{-LOGPROB_FLOOR / 65535:.4f}, 1] nats, got {self.logprob_step}")
         if not 0 < self.u8_range <= -LOGPROB_FLOOR:
             raise FormatError(f"u8_range must be in (0, {-LOGPROB_FLOOR}], got {self.u8_range}")
+        if not 1 / 255 <= self.sqrt_step <= 0.25:
+            raise FormatError(f"sqrt_step must be in [1/255, 0.25], got {self.sqrt_step}")
+        if self.id_map not in ID_MAPS:
+            raise FormatError(f"id_map must be one of {ID_MAPS}, got {self.id_map!r}")
+        if not 1 <= self.id_map_size <= 1 << 20:
+            raise FormatError(f"id_map_size must be in [1, 2^20], got {self.id_map_size}")
         if not 1 <= self.zstd_level <= 22:
             raise FormatError(f"zstd_level must be in [1, 22], got {self.zstd_level}")
         if self.row_group_rows < 1:
@@ -133,8 +158,23 @@ class Encoding:
 
     @property
     def max_logprob_error(self) -> float:
-        """Bound on |decoded - exact| for logprobs above the codec's floor."""
-        return {"gap": self.logprob_step / 2, "u8": self.u8_range / 510, "f32": 0.0}[self.logprob_codec]
+        """Bound on |decoded - exact| for logprobs above the codec's floor
+        (the sqrt codec bounds the error of sqrt(p) instead: `max_error`)."""
+        return {"gap": self.logprob_step / 2, "u8": self.u8_range / 510, "f32": 0.0,
+                "sqrt": math.inf}[self.logprob_codec]
+
+    @property
+    def max_error(self) -> float:
+        """Bound on `error()`: the codec's own unit (sqrt(p) for sqrt, nats otherwise)."""
+        return self.sqrt_step / 2 if self.logprob_codec == "sqrt" else self.max_logprob_error
+
+    def error(self, exact: np.ndarray, decoded: np.ndarray) -> np.ndarray:
+        """Per-entry error of decoded logprobs in the codec's unit (see max_error)."""
+        exact, decoded = np.asarray(exact, np.float64), np.asarray(decoded, np.float64)
+        if self.logprob_codec == "sqrt":
+            return np.abs(np.exp(exact / 2) - np.exp(decoded / 2))
+        floor = -self.u8_range if self.logprob_codec == "u8" else LOGPROB_FLOOR
+        return np.abs(np.maximum(exact, floor) - decoded)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -142,7 +182,9 @@ class Encoding:
     @classmethod
     def from_dict(cls, d: dict) -> "Encoding":
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        d = {k: v for k, v in d.items() if k in known}
+        d.setdefault("id_map", "none")   # written before 1.2: ids were stored as they are
+        return cls(**d)
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
@@ -156,7 +198,7 @@ def id_dtype(vocab_size: int) -> np.dtype:
 
 
 def _logprob_dtype(enc: Encoding) -> np.dtype:
-    return np.dtype({"gap": np.uint16, "u8": np.uint8, "f32": np.float32}[enc.logprob_codec])
+    return np.dtype({"gap": np.uint16, "u8": np.uint8, "sqrt": np.uint8, "f32": np.float32}[enc.logprob_codec])
 
 
 def schema(kind: str, vocab_size: int, enc: Encoding) -> pa.Schema:
@@ -237,6 +279,8 @@ def encode_logprobs(lp: np.ndarray, enc: Encoding) -> np.ndarray:
     lp = np.maximum(np.asarray(lp, dtype=np.float64), LOGPROB_FLOOR)
     if enc.logprob_codec == "f32":
         return lp.astype(np.float32)
+    if enc.logprob_codec == "sqrt":
+        return np.clip(np.rint(np.exp(lp / 2) / enc.sqrt_step), 0, 255).astype(np.uint8)
     if enc.logprob_codec == "u8":
         step = enc.u8_range / 255
         return np.clip(np.rint(-lp / step), 0, 255).astype(np.uint8)
@@ -246,14 +290,88 @@ def encode_logprobs(lp: np.ndarray, enc: Encoding) -> np.ndarray:
     return gaps.astype(np.uint16)
 
 
+@functools.lru_cache(maxsize=8)
+def _sqrt_decode_table(step: float) -> np.ndarray:
+    """Logprob of each uint8 code of the sqrt codec (a lookup beats a log per entry).
+    Code 0 holds p < (step/2)^2: it decodes to the middle of that range in sqrt(p)."""
+    root = np.concatenate([[0.25], np.arange(1, 256)]) * step
+    return np.minimum(2 * np.log(root), 0).astype(np.float32)
+
+
 def decode_logprobs(stored: np.ndarray, enc: Encoding) -> np.ndarray:
     """[n, k] stored values -> [n, k] float32 logprobs, in stored order."""
     if enc.logprob_codec == "f32":
         return stored.astype(np.float32, copy=False)
+    if enc.logprob_codec == "sqrt":
+        return _sqrt_decode_table(enc.sqrt_step)[stored]
     if enc.logprob_codec == "u8":
         return (stored.astype(np.float32) * np.float32(-enc.u8_range / 255)).astype(np.float32)
     q = np.cumsum(stored, axis=1, dtype=np.int64)
     return (q * -enc.logprob_step).astype(np.float32)
+
+
+# ---------------------------------------------------------------- id map
+
+# Vocabularies beyond this are refused before an id map (two int64 arrays of
+# this length) is built from untrusted metadata.
+MAX_VOCAB = 1 << 24
+
+
+def frequency_table(ids: np.ndarray, vocab_size: int, size: int) -> np.ndarray:
+    """The `size` ids that occur most often in `ids`, most frequent first (ties
+    by id). Ids outside the vocabulary are left to the row checks to report."""
+    ids = np.asarray(ids, np.int64).reshape(-1)
+    counts = np.bincount(ids[(ids >= 0) & (ids < vocab_size)], minlength=vocab_size)
+    order = np.argsort(-counts, kind="stable")[: min(size, int((counts > 0).sum()))]
+    return order.astype(id_dtype(vocab_size))
+
+
+class IdMap:
+    """A renumbering of [0, vocab_size): the table's ids get 0, 1, ... in
+    table order, every other id follows in id order."""
+
+    def __init__(self, table: np.ndarray, vocab_size: int, where: str = "id table"):
+        if not 0 < vocab_size <= MAX_VOCAB:
+            raise FormatError(f"{where}: vocabulary size {vocab_size} outside (0, {MAX_VOCAB}]")
+        table = np.asarray(table, np.int64)
+        if table.size > vocab_size or (table.size and (table.min() < 0 or table.max() >= vocab_size)):
+            raise FormatError(f"{where}: ids outside [0, {vocab_size})")
+        listed = np.zeros(vocab_size, bool)
+        listed[table] = True
+        if listed.sum() != table.size:
+            raise FormatError(f"{where}: repeated ids")
+        self.table = table
+        self.from_stored = np.concatenate([table, np.flatnonzero(~listed)])
+        self.to_stored = np.empty(vocab_size, np.int64)
+        self.to_stored[self.from_stored] = np.arange(vocab_size)
+
+    def to_meta(self, vocab_size: int) -> str:
+        return base64.b64encode(self.table.astype(id_dtype(vocab_size).newbyteorder("<")).tobytes()).decode()
+
+    @classmethod
+    def from_meta(cls, text: Any, vocab_size: int, where: str) -> "IdMap":
+        dt = id_dtype(vocab_size).newbyteorder("<")
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except (ValueError, TypeError):
+            raise FormatError(f"{where}: id table is not base64") from None
+        if len(raw) % dt.itemsize or len(raw) // dt.itemsize > vocab_size:
+            raise FormatError(f"{where}: id table has {len(raw)} bytes, not a list of at most {vocab_size} ids")
+        return cls(np.frombuffer(raw, dt), vocab_size, where)
+
+
+# The label-id column of each kind whose ids are renumbered (format 1.2).
+ID_MAPPED_COLUMN = {"topk": TOPK_IDS, "sampled": SAMPLED_IDS}
+
+
+def uses_id_map(kind: str, enc: Encoding) -> bool:
+    """Whether shards of this kind and encoding carry an id table (format 1.2)."""
+    return kind in ID_MAPPED_COLUMN and enc.id_map == "frequency"
+
+
+def _check_id_map(enc: Encoding, id_map: IdMap | None) -> None:
+    if (enc.id_map == "frequency") != (id_map is not None):
+        raise FormatError(f"encoding id_map {enc.id_map!r} needs {'an' if id_map is None else 'no'} id table")
 
 
 # ---------------------------------------------------------------- rows
@@ -275,13 +393,16 @@ def _check_ids(ex, name, ids, vocab_size):
         _fail(ex, f"{name} has ids outside [0, {vocab_size}) (min {ids.min()}, max {ids.max()})")
 
 
-def encode_topk_rows(rows: list[dict], k: int, vocab_size: int, enc: Encoding) -> pa.RecordBatch:
+def encode_topk_rows(rows: list[dict], k: int, vocab_size: int, enc: Encoding,
+                     id_map: IdMap | None = None) -> pa.RecordBatch:
     """Validate and encode topk rows (see module docstring) into one batch.
 
     Each row: example_id, window_offset (default 0), input_ids [L],
     topk_ids [L-1, k], topk_logprobs [L-1, k] (sorted descending, <= 0),
-    coverage [L-1], target_logprob [L-1], target_rank [L-1].
+    coverage [L-1], target_logprob [L-1], target_rank [L-1]. `id_map`
+    renumbers the stored top-k ids (required when enc.id_map is frequency).
     """
+    _check_id_map(enc, id_map)
     sch = schema("topk", vocab_size, enc)
     ids_t = sch.field(INPUT_IDS).type.value_type
     inputs, tids, tlps, covs, tgt_lp, tgt_rank, n_pos = [], [], [], [], [], [], []
@@ -316,6 +437,8 @@ def encode_topk_rows(rows: list[dict], k: int, vocab_size: int, enc: Encoding) -
             _fail(ex, f"coverage outside [0, 1] (min {cov.min():.4g}, max {cov.max():.4g})")
         if trk.size and trk.min() < 0:
             _fail(ex, "negative target_rank")
+        if id_map is not None:
+            ti = id_map.to_stored[ti]
         if enc.id_order == "sorted":
             # ids are unique within a position, so any sort will do: quicksort on 32-bit is the fastest
             order = np.argsort(ti.astype(np.uint32) if vocab_size <= 2**32 else ti, axis=1)
@@ -398,11 +521,15 @@ def encode_tokens_rows(rows: list[dict], vocab_size: int, enc: Encoding) -> pa.R
     ], schema=sch)
 
 
-def encode_sampled_rows(rows: list[dict], draws: int, vocab_size: int, enc: Encoding) -> pa.RecordBatch:
+def encode_sampled_rows(rows: list[dict], draws: int, vocab_size: int, enc: Encoding,
+                        id_map: IdMap | None = None) -> pa.RecordBatch:
     """Validate and encode sampled rows. Each row: example_id, window_offset,
     input_ids [L], sampled_lengths [L-1], sampled_ids and sampled_counts
     [sum of lengths] (per position ascending ids, counts summing to `draws`),
-    sampled_logprobs [same] or empty."""
+    sampled_logprobs [same] or empty. `id_map` renumbers the stored ids
+    (required when enc.id_map is frequency); each position is stored in
+    ascending order of its renumbered ids."""
+    _check_id_map(enc, id_map)
     sch = schema("sampled", vocab_size, enc)
     u8 = Encoding(logprob_codec="u8", u8_range=enc.u8_range)
     cols: dict[str, list] = {c: [] for c in (INPUT_IDS, SAMPLED_IDS, SAMPLED_COUNTS, SAMPLED_LENGTHS, SAMPLED_LOGPROBS)}
@@ -427,9 +554,14 @@ def encode_sampled_rows(rows: list[dict], draws: int, vocab_size: int, enc: Enco
             _fail(ex, f"every position needs >= 1 distinct id and counts summing to {draws}")
         first = np.zeros(ids.size, bool)
         first[starts] = True
-        deltas = np.diff(ids, prepend=0)
-        if (deltas[~first] <= 0).any():
+        if (np.diff(ids, prepend=0)[~first] <= 0).any():
             _fail(ex, "sampled_ids must ascend strictly within a position")
+        if id_map is not None:
+            ids = id_map.to_stored[ids]
+            order = np.lexsort((ids, np.repeat(np.arange(lengths.size), lengths)))
+            ids, counts = ids[order], counts[order]
+            lps = lps[order] if lps.size else lps
+        deltas = np.diff(ids, prepend=0)
         deltas[first] = ids[first]
         cols[INPUT_IDS].append(inp)
         cols[SAMPLED_IDS].append(deltas)
@@ -444,11 +576,12 @@ def encode_sampled_rows(rows: list[dict], draws: int, vocab_size: int, enc: Enco
         schema=sch)
 
 
-def encode_rows(kind: str, rows: list[dict], k: int, vocab_size: int, enc: Encoding) -> pa.RecordBatch:
+def encode_rows(kind: str, rows: list[dict], k: int, vocab_size: int, enc: Encoding,
+                id_map: IdMap | None = None) -> pa.RecordBatch:
     if kind == "topk":
-        return encode_topk_rows(rows, k, vocab_size, enc)
+        return encode_topk_rows(rows, k, vocab_size, enc, id_map)
     if kind == "sampled":
-        return encode_sampled_rows(rows, k, vocab_size, enc)
+        return encode_sampled_rows(rows, k, vocab_size, enc, id_map)
     if kind == "tokens":
         return encode_tokens_rows(rows, vocab_size, enc)
     if kind == "samples":
@@ -465,7 +598,8 @@ def _flat(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return values, offsets - offsets[0]
 
 
-def decode_batch(batch: pa.RecordBatch | pa.Table, kind: str, k: int, enc: Encoding) -> dict[str, Any]:
+def decode_batch(batch: pa.RecordBatch | pa.Table, kind: str, k: int, enc: Encoding,
+                 id_map: IdMap | None = None) -> dict[str, Any]:
     """Decode the columns present in `batch` into flat numpy arrays.
 
     Returns, per column present: list columns as (values, offsets) where
@@ -474,7 +608,11 @@ def decode_batch(batch: pa.RecordBatch | pa.Table, kind: str, k: int, enc: Encod
     positions; scalar columns as numpy arrays or lists of str. With the sorted
     id layout, topk_ids can only be put in rank order together with
     topk_logprobs (ShardReader reads both when either is asked for).
+    `id_map`: the shard's id table (topk and sampled shards whose encoding
+    has one); sampled ids then come back in renumbered order within a position.
     """
+    if kind in ID_MAPPED_COLUMN:
+        _check_id_map(enc, id_map)
     out: dict[str, Any] = {}
     stored_lp = None
     for name in batch.schema.names:
@@ -503,8 +641,8 @@ def decode_batch(batch: pa.RecordBatch | pa.Table, kind: str, k: int, enc: Encod
             raise FormatError("the sorted id layout needs topk_logprobs to decode topk_ids")
         lp, off = out[TOPK_LOGPROBS]
         # Stable, so entries whose stored logprobs tie keep id order. uint8
-        # codes sort ascending exactly as logprobs sort descending (and radix-fast).
-        key = stored_lp if enc.logprob_codec == "u8" else -lp
+        # codes sort (radix-fast) in the order of their logprobs.
+        key = {"u8": stored_lp, "sqrt": 255 - stored_lp}.get(enc.logprob_codec, -lp)
         order = np.argsort(key, axis=1, kind="stable")
         out[TOPK_LOGPROBS] = (np.take_along_axis(lp, order, 1), off)
         if TOPK_IDS in out:
@@ -515,9 +653,17 @@ def decode_batch(batch: pa.RecordBatch | pa.Table, kind: str, k: int, enc: Encod
             raise FormatError("sampled_ids need sampled_lengths to decode")
         deltas, off = out[SAMPLED_IDS]
         lengths = out[SAMPLED_LENGTHS][0]
+        if lengths.sum() != deltas.size:
+            raise FormatError(f"sampled_lengths count {lengths.sum()} ids, sampled_ids holds {deltas.size}")
         total = np.cumsum(deltas)
         before = np.concatenate([[0], total])[np.concatenate([[0], np.cumsum(lengths)[:-1]])]
         out[SAMPLED_IDS] = (total - np.repeat(before, lengths), off)
+    column = ID_MAPPED_COLUMN.get(kind)
+    if id_map is not None and column in out:
+        ids, off = out[column]
+        if ids.size and (ids.min() < 0 or ids.max() >= len(id_map.from_stored)):
+            raise FormatError(f"stored {column} outside the vocabulary [0, {len(id_map.from_stored)})")
+        out[column] = (id_map.from_stored[ids], off)
     return out
 
 

@@ -100,12 +100,21 @@ def _check_rows(d: dict, reader: ShardReader):
         (np.diff(lp, axis=1) > 1e-6 if lp.shape[1] > 1 else np.zeros_like(lp, bool), "top-k logprobs not sorted descending"),
         ((cov < 0) | (cov > 1) | np.isnan(cov), "coverage outside [0, 1]"),
     ]
-    err = reader.encoding.max_logprob_error
+    enc = reader.encoding
     mass = np.exp(lp.astype(np.float64)).sum(axis=1)
-    floor = reader.encoding.u8_range if reader.encoding.logprob_codec == "u8" else -fmt.LOGPROB_FLOOR
-    slack = 1e-5 + reader.k * math.exp(-floor)
-    inconsistent = (mass > cov * math.exp(err) + slack) | (mass < cov * math.exp(-err) - slack)
-    checks.append((inconsistent, f"coverage differs from the sum of exp(top-k logprobs) by more than the codec's error ({err:.3g} nats)"))
+    if enc.logprob_codec == "sqrt":
+        # |sqrt(q) - sqrt(p)| <= s/2 per entry, so |q - p| <= s*sqrt(p) + s^2/4; summed with Cauchy-Schwarz
+        s = enc.sqrt_step
+        slack = 1e-5 + s * np.sqrt(reader.k * cov.astype(np.float64)) + reader.k * s * s / 4
+        inconsistent = np.abs(mass - cov) > slack
+        unit = f"{s / 2:.3g} in sqrt(p)"
+    else:
+        err = enc.max_logprob_error
+        floor = enc.u8_range if enc.logprob_codec == "u8" else -fmt.LOGPROB_FLOOR
+        slack = 1e-5 + reader.k * math.exp(-floor)
+        inconsistent = (mass > cov * math.exp(err) + slack) | (mass < cov * math.exp(-err) - slack)
+        unit = f"{err:.3g} nats"
+    checks.append((inconsistent, f"coverage differs from the sum of exp(top-k logprobs) by more than the codec's error ({unit})"))
     for mask, problem in checks:
         bad = np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1))
         if len(bad):

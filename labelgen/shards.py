@@ -87,8 +87,11 @@ class ShardFile:
         self._pending: deque[Future] = deque()
         self.path, self.kind, self.k, self.vocab_size, self.enc = Path(path), kind, k, vocab_size, enc
         self.tmp = self.path.with_name(self.path.name + fmt.TMP_SUFFIX)
-        sch = fmt.schema(kind, vocab_size, enc).with_metadata(fmt.file_metadata(kind, k, vocab_size, enc, extra_meta))
-        self._writer = pq.ParquetWriter(self.tmp, sch, **fmt.parquet_writer_options(kind, enc))
+        self.extra_meta = dict(extra_meta or {})
+        self.id_map: fmt.IdMap | None = None
+        # Opened at the first row group: the id table (format 1.2) is counted
+        # from it and goes into the schema metadata.
+        self._writer: pq.ParquetWriter | None = None
         self._buf: list[dict] = []
         self.rows = 0
         self.positions = 0
@@ -99,10 +102,28 @@ class ShardFile:
         if len(self._buf) >= self.enc.row_group_rows:
             self._flush()
 
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def _open(self) -> None:
+        meta = dict(self.extra_meta)
+        if fmt.uses_id_map(self.kind, self.enc):
+            seen = [np.asarray(r[fmt.ID_MAPPED_COLUMN[self.kind]]).reshape(-1) for r in self._buf]
+            table = fmt.frequency_table(np.concatenate(seen) if seen else np.zeros(0, np.int64), self.vocab_size,
+                                        self.enc.id_map_size)
+            self.id_map = fmt.IdMap(table, self.vocab_size)
+            meta[fmt.ID_TABLE_KEY] = self.id_map.to_meta(self.vocab_size)
+        sch = fmt.schema(self.kind, self.vocab_size, self.enc).with_metadata(
+            fmt.file_metadata(self.kind, self.k, self.vocab_size, self.enc, meta))
+        self._writer = pq.ParquetWriter(self.tmp, sch, **fmt.parquet_writer_options(self.kind, self.enc))
+
     def _flush(self, wait: bool = False) -> None:
+        if self._writer is None:
+            self._open()
         if self._buf:
             rows, self._buf = self._buf, []
-            args = (self.kind, rows, self.k, self.vocab_size, self.enc)
+            args = (self.kind, rows, self.k, self.vocab_size, self.enc, self.id_map)
             if self.encoder is None:
                 self._write(fmt.encode_rows(*args))
             else:
@@ -145,7 +166,8 @@ class ShardFile:
             f.cancel()
         self._pending.clear()
         try:
-            self._writer.close()
+            if self._writer is not None:
+                self._writer.close()
         except Exception:
             pass
         self.tmp.unlink(missing_ok=True)
@@ -201,7 +223,7 @@ class ShardWriter:
             self._file = ShardFile(path, self.kind, self.k, self.vocab_size, self.enc)
         self._file.write(row)
         f = self._file
-        if f.rows + len(f._buf) >= self.max_rows or f.approx_bytes >= self.max_bytes:
+        if f.rows + f.buffered >= self.max_rows or f.approx_bytes >= self.max_bytes:
             self.shards.append(f.close())
             self._file = None
 
@@ -257,6 +279,7 @@ class ShardReader:
         self.kind, self.k, self.vocab_size = m["kind"], int(m["k"]), int(m["vocab_size"])
         self.encoding = Encoding.from_dict(m["encoding"])
         self.verify = verify
+        self._id_map: tuple = (None, None)   # (shard name, IdMap) of the last shard read
 
     @property
     def shards(self) -> list[dict]:
@@ -290,6 +313,18 @@ class ShardReader:
             raise FormatError(f"{path}: holds {info.get('kind')!r} records, manifest says {self.kind!r}")
         return pf
 
+    def id_map(self, shard: dict, pf: pq.ParquetFile) -> fmt.IdMap | None:
+        """The shard's id table (format 1.2 topk shards), or None."""
+        if not fmt.uses_id_map(self.kind, self.encoding):
+            return None
+        if self._id_map[0] != shard["name"]:
+            where = str(self.dir / shard["name"])
+            info = fmt.read_file_metadata(pf.schema_arrow.metadata, where)
+            if fmt.ID_TABLE_KEY not in info:
+                raise FormatError(f"{where}: the encoding renumbers ids but the shard holds no id table")
+            self._id_map = (shard["name"], fmt.IdMap.from_meta(info[fmt.ID_TABLE_KEY], self.vocab_size, where))
+        return self._id_map[1]
+
     def row_groups(self) -> Iterator[tuple[int, int]]:
         """(shard index, row group index) for every row group, in order."""
         for si, shard in enumerate(self.shards):
@@ -311,7 +346,7 @@ class ShardReader:
             table = pf.read_row_group(row_group, columns=columns)
         except (pa.ArrowException, OSError) as e:
             raise FormatError(f"{self.dir / shard['name']}: row group {row_group}: {e}") from None
-        decoded = fmt.decode_batch(table, self.kind, self.k, self.encoding)
+        decoded = fmt.decode_batch(table, self.kind, self.k, self.encoding, self.id_map(shard, pf))
         return decoded if wanted is None else {c: decoded[c] for c in wanted}
 
     def batches(self, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:

@@ -23,17 +23,19 @@ def write_set(path, rows, k, vocab, **kw):
     return w.manifest
 
 
-def assert_same_entries(ids_a, lp_a, ids_b, lp_b, err):
-    """Same (id, logprob) pairs per position, logprobs within err; order may
-    differ only between entries whose decoded logprobs tie."""
+def assert_same_entries(ids_a, lp_a, ids_b, lp_b, enc, slack=1e-6):
+    """Same (id, logprob) pairs per position, exact logprobs `lp_a` decoded
+    as `lp_b` within the encoding's error bound; order may differ only
+    between entries whose decoded logprobs tie."""
     oa, ob = np.argsort(ids_a, 1), np.argsort(ids_b, 1)
     np.testing.assert_array_equal(np.take_along_axis(ids_a, oa, 1), np.take_along_axis(ids_b, ob, 1))
-    diff = np.abs(np.take_along_axis(lp_a, oa, 1) - np.take_along_axis(lp_b, ob, 1))
-    assert diff.max() <= err + 1e-6
+    err = enc.error(np.take_along_axis(lp_a, oa, 1), np.take_along_axis(lp_b, ob, 1))
+    assert err.max() <= enc.max_error + slack
     assert (np.diff(lp_b, axis=1) <= 0).all()
 
 
-@pytest.mark.parametrize("order, codec", [("sorted", "u8"), ("sorted", "f32"), ("rank", "gap"), ("rank", "u8"), ("rank", "f32")])
+@pytest.mark.parametrize("order, codec", [("sorted", "sqrt"), ("sorted", "u8"), ("sorted", "f32"), ("rank", "sqrt"),
+                                          ("rank", "gap"), ("rank", "u8"), ("rank", "f32")])
 def test_topk_round_trip_within_documented_error(tmp_path, rng, order, codec):
     k, V = 8, 500
     rows = [topk_row(rng, f"ex{i}", int(rng.integers(2, 40)), V, k) for i in range(30)]
@@ -41,11 +43,9 @@ def test_topk_round_trip_within_documented_error(tmp_path, rng, order, codec):
     write_set(tmp_path / "l", rows, k, V, encoding=enc, max_rows=11)
     out = list(ShardReader(tmp_path / "l", verify=True).rows())
     assert [r["example_id"] for r in out] == [r["example_id"] for r in rows]
-    floor = -enc.u8_range if codec == "u8" else fmt.LOGPROB_FLOOR
     for a, b in zip(rows, out):
         assert b["topk_ids"].dtype == np.int64 and b["topk_logprobs"].dtype == np.float32
-        assert_same_entries(a["topk_ids"], np.maximum(a["topk_logprobs"], floor), b["topk_ids"], b["topk_logprobs"],
-                            enc.max_logprob_error)
+        assert_same_entries(a["topk_ids"], a["topk_logprobs"], b["topk_ids"], b["topk_logprobs"], enc)
         if order == "rank" or codec == "f32":   # no quantisation ties: the exact rank order survives
             np.testing.assert_array_equal(a["topk_ids"], b["topk_ids"])
         np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
@@ -67,7 +67,7 @@ def test_large_vocabulary_ids_survive_the_round_trip(tmp_path, rng):
     row["topk_ids"] = row["topk_ids"] + (V - 1000)
     write_set(tmp_path / "l", [row], k, V)
     (out,) = ShardReader(tmp_path / "l").rows()
-    assert_same_entries(row["topk_ids"], row["topk_logprobs"], out["topk_ids"], out["topk_logprobs"], Encoding().max_logprob_error)
+    assert_same_entries(row["topk_ids"], row["topk_logprobs"], out["topk_ids"], out["topk_logprobs"], Encoding())
     assert out["topk_ids"].max() == row["topk_ids"].max() > 131072
 
 
@@ -239,3 +239,73 @@ def test_estimate_from_a_label_set_uses_its_measured_bytes(tmp_path, rng):
     e = estimate(1e9, 300, 8, tmp_path / "l")
     assert e["topk_bytes_per_entry"] == pytest.approx(inspect(tmp_path / "l")["bytes_per_entry"])
     assert e["bytes"]["topk"] == pytest.approx(1e9 * 8 * e["topk_bytes_per_entry"])
+
+
+def test_ids_are_renumbered_by_how_often_the_first_row_group_proposes_them(tmp_path, rng):
+    k, V = 4, 300
+    rows = [topk_row(rng, f"e{i}", 12, V, k) for i in range(6)]
+    for r in rows:   # id 299 in every position: the most frequent candidate
+        r["topk_ids"][:, -1] = 299
+    write_set(tmp_path / "l", rows, k, V, encoding=Encoding(row_group_rows=4))
+    reader = ShardReader(tmp_path / "l")
+    pf = reader.open_shard(reader.shards[0])
+    info = fmt.read_file_metadata(pf.schema_arrow.metadata, "shard")
+    table = fmt.IdMap.from_meta(info[fmt.ID_TABLE_KEY], V, "shard").table
+    assert table[0] == 299 and len(set(table.tolist())) == len(table)
+    stored = pf.read_row_group(0, columns=["topk_ids"]).column(0).combine_chunks().flatten().to_numpy()
+    assert stored.reshape(-1, k)[:, 0].max() == 0   # each position's first stored delta is the renumbered 299 (= 0)
+    for a, b in zip(rows, reader.rows()):
+        assert_same_entries(a["topk_ids"], a["topk_logprobs"], b["topk_ids"], b["topk_logprobs"], Encoding())
+
+
+def test_labels_written_before_format_1_2_still_load(tmp_path, rng):
+    rows = [topk_row(rng, f"e{i}", 9, 200, 4) for i in range(5)]
+    enc = Encoding(id_map="none", logprob_codec="u8")
+    write_set(tmp_path / "l", rows, 4, 200, encoding=enc)
+    m = json.loads((tmp_path / "l" / "manifest.json").read_text())
+    m["format_version"] = "1.1"   # a 1.1 manifest knew neither the id map nor the sqrt codec
+    for key in ("id_map", "id_map_size", "sqrt_step"):
+        del m["encoding"][key]
+    (tmp_path / "l" / "manifest.json").write_text(json.dumps(m))
+    reader = ShardReader(tmp_path / "l")
+    assert reader.encoding.id_map == "none"
+    for a, b in zip(rows, reader.rows()):
+        assert_same_entries(a["topk_ids"], a["topk_logprobs"], b["topk_ids"], b["topk_logprobs"], enc)
+
+
+@pytest.mark.parametrize("table, message", [([3, 3], "repeated ids"), ([7, 500], "outside"), ([-1], "outside")])
+def test_an_id_table_that_is_not_a_renumbering_is_refused(table, message):
+    with pytest.raises(FormatError, match=message):
+        fmt.IdMap(np.array(table), 100)
+
+
+def test_sqrt_codec_error_is_bounded_in_sqrt_probability():
+    enc = Encoding()
+    lp = np.log(np.linspace(1e-9, 1, 20001))
+    decoded = fmt.decode_logprobs(fmt.encode_logprobs(lp[None], enc), enc)[0]
+    assert enc.error(lp, decoded).max() <= enc.max_error + 1e-7
+    assert (decoded <= 0).all() and np.isfinite(decoded).all()
+
+
+def test_sampled_ids_round_trip_through_the_id_table(tmp_path, rng):
+    V, draws = 400, 20
+    rows = []
+    for i in range(9):
+        lengths = rng.integers(1, 6, size=7)
+        ids = np.concatenate([np.sort(rng.choice(V, n, replace=False)) for n in lengths])
+        counts = np.concatenate([rng.multinomial(draws - n, [1 / n] * n) + 1 for n in lengths])
+        rows.append({"example_id": f"s{i}", "input_ids": rng.integers(0, V, 8), "sampled_lengths": lengths,
+                     "sampled_ids": ids, "sampled_counts": counts, "sampled_logprobs": -rng.random(ids.size) * 5})
+    with ShardWriter(tmp_path / "s", "sampled", draws, V, encoding=Encoding(row_group_rows=2)) as w:
+        for r in rows:
+            w.write(r)
+    for a, b in zip(rows, ShardReader(tmp_path / "s").rows()):
+        np.testing.assert_array_equal(a["sampled_lengths"], b["sampled_lengths"])
+        starts = np.cumsum(a["sampled_lengths"])[:-1]
+        for ia, ca, la, ib, cb, lb in zip(*(np.split(x, starts) for x in (
+                a["sampled_ids"], a["sampled_counts"], a["sampled_logprobs"],
+                b["sampled_ids"], b["sampled_counts"], b["sampled_logprobs"]))):
+            order = np.argsort(ib)
+            np.testing.assert_array_equal(ia, ib[order])
+            np.testing.assert_array_equal(ca, cb[order])
+            assert np.abs(la - lb[order]).max() <= Encoding().u8_range / 510 + 1e-6

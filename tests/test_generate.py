@@ -58,7 +58,7 @@ def test_topk_labels_match_a_plain_forward_pass(tiny_teacher, corpus, tmp_path):
             lp = torch.log_softmax(model(torch.as_tensor(r["input_ids"])[None]).logits[0, :-1].float(), -1)
         top = lp.topk(16, -1)
         assert_same_entries(top.indices.numpy(), top.values.numpy(), r["topk_ids"], r["topk_logprobs"],
-                            Encoding().max_logprob_error + 1e-4)
+                            Encoding(), slack=1e-4)
         np.testing.assert_allclose(r["coverage"], top.values.exp().sum(-1).numpy(), atol=1e-5)
         actual = lp.gather(1, torch.as_tensor(r["input_ids"][1:])[:, None])[:, 0].numpy()
         np.testing.assert_allclose(r["target_logprob"], actual, atol=1e-4)
