@@ -1,5 +1,5 @@
 # `make test` builds the environment from nothing (.venv) and runs every test.
-# `make demo` runs the quickstart pipeline end to end on a locally built teacher.
+# `make demo` runs the quickstart pipeline end to end with a real LLM teacher (SmolLM2-135M, from PyPI).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Machines without an NVIDIA GPU get vLLM's CPU build so the vLLM tests run;
@@ -15,7 +15,7 @@ env: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,plot]' '$(VLLM)'
+	$(PY) -m pip install -q -e '.[test,plot,gguf]' '$(VLLM)'
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $@
 
