@@ -4,14 +4,18 @@ docs/results.md with PNG plots. Every figure comes from this run's own logs.
 
     bash jobs/report.sh            # ~40 min on 2 CPU cores
     bash jobs/report.sh --quick    # ~5 min smoke version (run in CI)
+    bash jobs/report.sh --teacher DIR [--alphas 0 0.5 0.9]   # a real LLM teacher (GPU advised)
     python benchmarks/report.py --corpus DIR ... --out docs/
 
 Steps: a demo teacher is trained on the Python standard library's source (or
---corpus); the last files are held out and never used for labels or
-training. The teacher labels the training text in each mode; students of one
+--corpus), unless --teacher names one (an HF directory, e.g. SmolLM2 from
+jobs/fetch_smollm2.sh; the students then share its tokenizer); the last
+files are held out and never used for labels or training. The teacher labels the training text in each mode; students of one
 size and one budget are trained on each; all are evaluated on held-out top-64
 labels of the same teacher (CE on the actual tokens, KL over the top-64 plus
-a tail bucket, top-1 agreement).
+a tail bucket, top-1 agreement). Every KD method is trained at each --alphas
+value (the weight of CE mixed into the loss, alpha*CE + (1-alpha)*KD); the
+main table shows alpha = 0, a second one the best alpha per method.
 """
 
 from __future__ import annotations
@@ -122,6 +126,15 @@ REPORT_RUNS = {
 REPORT_LABELS = ("tokens", "top1", "top8", "top64", "sampled50", "samples")
 
 
+def alpha_sweep(runs: dict, alphas: list[float]) -> dict:
+    """`runs` plus each KD run again at every nonzero alpha, named 'NAME, alpha=A'."""
+    out = dict(runs)
+    for name, kw in runs.items():
+        if kw.get("loss") == "kd":
+            out.update({f"{name}, alpha={a:g}": {**kw, "alpha": a} for a in alphas if a != 0})
+    return out
+
+
 def train_students(labels: dict, runs: dict, eval_labels: Path, teacher: str, text: Path, heldout: Path, out: Path,
                    scale: Scale, teacher_arch: dict | None) -> dict:
     """Offline runs (`runs`: name -> TrainConfig settings plus the label set),
@@ -187,6 +200,8 @@ def curves(run_dir: Path) -> tuple[list[int], list[float]]:
 
 def write_report(labels: dict, students: dict, teacher_info: dict, scale: Scale, args, out_dir: Path,
                  elapsed: float) -> Path:
+    swept = {name: r for name, r in students.items() if ", alpha=" in name}
+    students = {name: r for name, r in students.items() if name not in swept}
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -209,15 +224,22 @@ def write_report(labels: dict, students: dict, teacher_info: dict, scale: Scale,
 
     def fmt(v, spec):
         return "—" if v is None else format(v, spec)
+    if "trained_steps" in teacher_info:
+        teacher_line = (f"* **Teacher**: a {teacher_info['params'] / 1e6:.1f}M-parameter Llama-style model with a byte-level BPE "
+                        f"vocabulary of {teacher_info['vocab']:,}, trained {teacher_info['trained_steps']} steps on "
+                        f"{teacher_info['corpus']} ({teacher_info['train_docs']} files); held-out CE {teacher_info['heldout_ce']:.3f}.")
+    else:
+        teacher_line = (f"* **Teacher**: {teacher_info['name']} ({teacher_info['params'] / 1e6:.0f}M parameters, vocabulary "
+                        f"{teacher_info['vocab']:,}), given with --teacher; labels of {teacher_info['corpus']} "
+                        f"({teacher_info['train_docs']} files); held-out CE {teacher_info['heldout_ce']:.3f}. "
+                        "The students share its tokenizer; no co-distillation run (its teacher would be this size).")
     lines = [
         "# Results: what each distillation method costs and what the student keeps",
         "",
         f"Produced by `{args.command}` in {elapsed / 60:.1f} min on {os.cpu_count()} CPU cores; every number below "
         "comes from that run's logs (`benchmarks/report.py`).",
         "",
-        f"* **Teacher**: a {teacher_info['params'] / 1e6:.1f}M-parameter Llama-style model with a byte-level BPE "
-        f"vocabulary of {teacher_info['vocab']:,}, trained {scale.teacher_steps} steps on "
-        f"{teacher_info['corpus']} ({teacher_info['train_docs']} files); held-out CE {teacher_info['heldout_ce']:.3f}.",
+        teacher_line,
         f"* **Held out**: the last {teacher_info['heldout_docs']} files, never used for labels or training; "
         f"all students are evaluated on the teacher's top-64 labels of that text.",
         f"* **Students**: Llama, {STUDENT['num_hidden_layers']} layers of width {STUDENT['hidden_size']} "
@@ -243,6 +265,28 @@ def write_report(labels: dict, students: dict, teacher_info: dict, scale: Scale,
         "distinct ids per position out of 50 draws. CE-only and online KD need no stored labels "
         "(the online run pays a teacher forward at every student step instead).",
         "",
+    ]
+    if swept:
+        lines += [
+            f"**Mixing CE into the KD loss** (alpha*CE + (1-alpha)*KD, alpha in {', '.join(f'{a:g}' for a in args.alphas)}): "
+            "the best alpha per method against alpha = 0, same budget.",
+            "",
+            "| method | held-out CE at alpha = 0 | best alpha | held-out CE at best alpha | KL to teacher | recovered |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for name in students:
+            tried = {0.0: finals[name]} if students[name].get("alpha_swept") else {}
+            tried.update({float(n.split("alpha=")[1]): final_metrics(r["dir"]) for n, r in swept.items()
+                          if n.startswith(name + ", alpha=")})
+            if len(tried) < 2:
+                continue
+            best = min(tried, key=lambda a: tried[a]["eval_ce"])
+            b = tried[best]
+            gain = (base - b["eval_ce"]) / (base - upper) if base - upper > 1e-3 else None
+            lines.append(f"| {name} | {tried[0.0]['eval_ce']:.3f} | {best:g} | {b['eval_ce']:.3f} | "
+                         f"{fmt(b.get('eval_kl'), '.3f')} | {fmt(gain, '.0%')} |")
+        lines.append("")
+    lines += [
         "![held-out CE per method](results_ce_curves.png)",
         "![top-64 coverage](results_coverage.png)",
         "![bytes per position against recovered gain](results_bytes_vs_gain.png)",
@@ -294,8 +338,11 @@ def main():
     ap.add_argument("--corpus", nargs="*", help="text files or directories (default: Python's stdlib source)")
     ap.add_argument("--out", default="docs", help="where results.md and the plots go")
     ap.add_argument("--work", help="working directory (default: a fresh one under /tmp)")
+    ap.add_argument("--teacher", help="an HF teacher directory to use instead of training the demo teacher")
+    ap.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.5, 0.9],
+                    help="CE weights mixed into every KD run (alpha*CE + (1-alpha)*KD)")
     args = ap.parse_args()
-    args.command = "bash jobs/report.sh" + (" --quick" if args.quick else "")
+    args.command = "bash jobs/report.sh" + (" --quick" if args.quick else "") + (f" --teacher {args.teacher}" if args.teacher else "")
     scale = QUICK if args.quick else FULL
     import tempfile
     from transformers import AutoModelForCausalLM
@@ -310,27 +357,34 @@ def main():
     texts, label_text, heldout = split_corpus(args.corpus, scale, work)
     log(f"corpus: {len(texts)} training files, held-out in {heldout}")
     tcfg = DemoTeacherConfig(steps=scale.teacher_steps, corpus_bytes=scale.corpus_bytes, batch_size=16)
-    corpus_dir = work / "teacher_corpus"
-    corpus_dir.mkdir()
-    for i, t in enumerate(texts):
-        (corpus_dir / f"{i:05d}.txt").write_text(t)
-    teacher = str(build_demo_teacher(work / "teacher", [str(corpus_dir)], tcfg, log=log))
+    if args.teacher:
+        teacher = args.teacher
+    else:
+        corpus_dir = work / "teacher_corpus"
+        corpus_dir.mkdir()
+        for i, t in enumerate(texts):
+            (corpus_dir / f"{i:05d}.txt").write_text(t)
+        teacher = str(build_demo_teacher(work / "teacher", [str(corpus_dir)], tcfg, log=log))
     sets = label_sets(label_text, work / "prompts.jsonl", scale)
     labels = make_labels(teacher, {n: sets[n] for n in REPORT_LABELS}, work / "labels", scale)
     from labelgen.config import GenerateConfig
     from labelgen.generate import run
     run(GenerateConfig(teacher=teacher, inputs=(str(heldout),), out=str(work / "eval_labels"), k=64,
                        max_seq_len=scale.max_seq_len, progress=False, device="cpu"))
-    teacher_arch = {"model_type": "llama", "hidden_size": tcfg.hidden_size, "num_hidden_layers": tcfg.layers,
-                    "num_attention_heads": tcfg.heads, "intermediate_size": int(tcfg.hidden_size * 8 / 3) // 32 * 32,
-                    "max_position_embeddings": tcfg.max_positions}
-    students = train_students(labels, REPORT_RUNS, work / "eval_labels", teacher, label_text, heldout,
-                              work / "students", scale, teacher_arch)
+    teacher_arch = None if args.teacher else {
+        "model_type": "llama", "hidden_size": tcfg.hidden_size, "num_hidden_layers": tcfg.layers,
+        "num_attention_heads": tcfg.heads, "intermediate_size": int(tcfg.hidden_size * 8 / 3) // 32 * 32,
+        "max_position_embeddings": tcfg.max_positions}
+    students = train_students(labels, alpha_sweep(REPORT_RUNS, args.alphas), work / "eval_labels", teacher, label_text,
+                              heldout, work / "students", scale, teacher_arch)
+    for name, kw in REPORT_RUNS.items():
+        students[name]["alpha_swept"] = kw.get("loss") == "kd"
     from student_train.train import build_model
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(teacher)
     teacher_eval = eval_checkpoint(Path(teacher), work / "eval_labels", scale)
-    info = {"params": sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(teacher).parameters()),
+    info = {"name": Path(teacher).name, **({} if args.teacher else {"trained_steps": scale.teacher_steps}),
+            "params": sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(teacher).parameters()),
             "vocab": len(tok), "corpus": "the Python standard library's source" if not args.corpus else ", ".join(args.corpus),
             "train_docs": len(texts), "heldout_docs": sum(1 for _ in open(heldout)), "heldout_ce": teacher_eval["eval_ce"],
             "student_params": sum(p.numel() for p in build_model(None, str(work / "students" / "student.json"), tok, 0).parameters())}
