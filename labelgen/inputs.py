@@ -102,6 +102,47 @@ def _safe_record(obj, where: str, spec: FieldSpec) -> Record | InputError:
         return e
 
 
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of a .zst file's frames, one after another. A
+    file that ends inside a frame (cut short in a copy or a crash) raises
+    InputError at its end instead of looking like a shorter, complete file."""
+
+    def __init__(self, path: Path, f: io.BufferedIOBase):
+        import zstandard
+        self.path, self.f, self.zstd = path, f, zstandard
+        self.obj = zstandard.ZstdDecompressor().decompressobj()
+        self.started = False   # the current frame has consumed input
+        self.pending, self.pos = b"", 0   # decompressed bytes not yet returned start at pos
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        while self.pos == len(self.pending):
+            chunk = self.f.read(1 << 16)
+            if not chunk:
+                if self.started and not self.obj.eof:
+                    raise InputError(f"{self.path}: compressed stream ends inside a frame (truncated file?)")
+                return 0
+            self.pending, self.pos = b"", 0
+            while chunk:
+                try:
+                    self.pending += self.obj.decompress(chunk)
+                except self.zstd.ZstdError as e:
+                    raise InputError(f"{self.path}: corrupt zstd stream ({e})") from None
+                self.started = True
+                if not self.obj.eof:
+                    break
+                # a frame ended: the rest of this chunk starts the next one
+                chunk = self.obj.unused_data
+                self.obj = self.zstd.ZstdDecompressor().decompressobj()
+                self.started = False
+        n = min(len(buf), len(self.pending) - self.pos)
+        buf[:n] = self.pending[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+
 def _jsonl_lines(path: Path, binary: io.RawIOBase | io.BufferedIOBase) -> Iterator[tuple[int, str | InputError]]:
     for n, raw in enumerate(binary, start=1):
         try:
@@ -115,27 +156,18 @@ def _jsonl_lines(path: Path, binary: io.RawIOBase | io.BufferedIOBase) -> Iterat
 
 def _read_jsonl(path: Path, spec: FieldSpec, compressed: bool) -> Iterator[Record | InputError]:
     with open(path, "rb") as f:
-        if compressed:
-            import zstandard
-            stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True))
-        else:
-            stream = f
-        try:
-            for n, line in _jsonl_lines(path, stream):
-                where = f"{path}:{n}"
-                if isinstance(line, InputError):
-                    yield line
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield InputError(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
-                    continue
-                yield _safe_record(obj, where, spec)
-        except Exception as e:
-            if type(e).__name__ == "ZstdError":
-                raise InputError(f"{path}: corrupt zstd stream ({e})") from None
-            raise
+        stream = io.BufferedReader(_ZstdFrames(path, f), 1 << 20) if compressed else f
+        for n, line in _jsonl_lines(path, stream):
+            where = f"{path}:{n}"
+            if isinstance(line, InputError):
+                yield line
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield InputError(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+                continue
+            yield _safe_record(obj, where, spec)
 
 
 def _read_parquet(path: Path, spec: FieldSpec) -> Iterator[Record | InputError]:
