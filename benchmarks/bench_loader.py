@@ -1,6 +1,7 @@
 """Loader and student-step benchmark, measured side by side in one run.
 
-    python benchmarks/bench_loader.py [--labels DIR] [--teacher demo/teacher]
+    python benchmarks/bench_loader.py --labels DIR      # e.g. demo/labels after `make demo`
+    python benchmarks/bench_loader.py --teacher DIR     # make labels with a (small) teacher first
 
 Prints: rows/s and positions/s of the label loader alone against the
 positions/s a small student consumes (target: loader >= 10x); peak RSS of a
@@ -56,9 +57,9 @@ def replicate(src: Path, dst: Path, times: int) -> Path:
     return dst
 
 
-def loader_rate(label_dir: Path, batch_size: int, num_workers: int) -> tuple[float, float]:
+def loader_rate(label_dir: Path, batch_size: int, num_workers: int, checksums: bool = True) -> tuple[float, float]:
     from student_train.data import LabelStream, open_label_sets
-    stream = LabelStream(open_label_sets([str(label_dir)]), batch_size, max_epochs=1, k=64)
+    stream = LabelStream(open_label_sets([str(label_dir)], checksums=checksums), batch_size, max_epochs=1, k=64)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers)
     rows = positions = 0
     t0 = time.perf_counter()
@@ -111,7 +112,7 @@ def student_rate(label_dir: Path, loss: str, batch_size: int, steps: int) -> tup
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--labels", help="a topk label set with k >= 64 (default: made from --teacher)")
-    ap.add_argument("--teacher", default="demo/teacher")
+    ap.add_argument("--teacher", help="make the labels with this teacher (a small one: 1.5 MB of text is scored)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args()
@@ -119,21 +120,27 @@ def main():
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     work = Path(tempfile.mkdtemp(prefix="bench_loader_"))
+    if not (args.labels or args.teacher):
+        ap.error("pass --labels DIR or --teacher DIR")
     labels = Path(args.labels) if args.labels else make_labels(args.teacher, work / "labels")
     m = json.loads((labels / "manifest.json").read_text())
     print(f"labels {labels}: {len(m['shards'])} shards, {m['counts']['rows']:,} rows, "
           f"{m['counts']['positions']:,} positions, k={m['k']}; torch threads {torch.get_num_threads()}\n")
 
+    loader_rate(labels, args.batch_size, 0)   # warm the page cache: both timed runs read from memory
     rows0, pos0 = loader_rate(labels, args.batch_size, 0)
+    rows_nc, pos_nc = loader_rate(labels, args.batch_size, 0, checksums=False)
     rows2, pos2 = loader_rate(labels, args.batch_size, 2)
     ce_step, ce_pos = student_rate(labels, "ce", args.batch_size, args.steps)
     kd_step, kd_pos = student_rate(labels, "kd", args.batch_size, args.steps)
     print("| what | rows/s | positions/s |\n|---|---:|---:|")
-    print(f"| loader, main process | {rows0:,.0f} | {pos0:,.0f} |")
+    print(f"| loader, main process (footer hash + page CRC32 checked, the default) | {rows0:,.0f} | {pos0:,.0f} |")
+    print(f"| loader, main process, checksums off | {rows_nc:,.0f} | {pos_nc:,.0f} |")
     print(f"| loader, 2 DataLoader workers | {rows2:,.0f} | {pos2:,.0f} |")
     print(f"| student step, CE only | {args.batch_size / ce_step:,.1f} | {ce_pos:,.0f} |")
     print(f"| student step, top-64 KD | {args.batch_size / kd_step:,.1f} | {kd_pos:,.0f} |")
     print(f"\nloader (main process) / student consumption (KD) = {pos0 / kd_pos:,.1f}x  (target >= 10x)")
+    print(f"loader with checksums / without = {pos0 / pos_nc:.3f}")
     print(f"student step: CE {ce_step * 1000:.0f} ms, KD {kd_step * 1000:.0f} ms; KD/CE = {kd_step / ce_step:.2f}  (target <= 1.15)")
 
     big = replicate(labels, work / "x10", 10)

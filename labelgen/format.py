@@ -99,6 +99,11 @@ class FormatError(ValueError):
     """A shard, manifest or row that breaks the format. The message says where."""
 
 
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (Arrow and thrift messages span several)."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 @dataclass(frozen=True)
 class Encoding:
     """How top-k entries are laid out on disk. Stored in the manifest and in
@@ -265,6 +270,7 @@ def parquet_writer_options(kind: str, enc: Encoding) -> dict:
     return dict(
         compression="zstd",
         compression_level=enc.zstd_level,
+        write_page_checksum=True,   # CRC32 per page: readers verify every byte they decode
         use_dictionary=dict_cols,
         column_encoding=col_enc or None,
         write_statistics=[EXAMPLE_ID, SAMPLE_INDEX] if kind == "samples" else [EXAMPLE_ID, WINDOW_OFFSET],
@@ -741,12 +747,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """tmp + fsync + rename + fsync(dir): a reader sees the old file or the new one."""
     path = Path(path)
     tmp = path.with_name(path.name + TMP_SUFFIX)
+    refuse_symlink(path)
+    tmp.unlink(missing_ok=True)   # never write through a stale or planted tmp file
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def refuse_symlink(path: Path) -> None:
+    """Outputs are written inside their directory: a symlink planted in their
+    place (pointing anywhere) is refused, not written through."""
+    if Path(path).is_symlink():
+        raise FormatError(f"{path}: is a symlink; refusing to write through it (remove it and rerun)")
 
 
 def fsync_dir(path: Path) -> None:
@@ -781,7 +796,66 @@ def read_manifest(label_dir: Path | str) -> dict:
             raise FormatError(f"{path}: manifest lacks {key!r}")
     if m["kind"] not in KINDS:
         raise FormatError(f"{path}: unknown record kind {m['kind']!r}; this version knows {KINDS}")
+    check_bounds(m, str(path))
+    if not isinstance(m["encoding"], dict):
+        raise FormatError(f"{path}: encoding must be a mapping")
+    try:
+        Encoding.from_dict(m["encoding"])
+    except (TypeError, FormatError) as e:
+        raise FormatError(f"{path}: bad encoding ({e})") from None
+    if not isinstance(m["shards"], list):
+        raise FormatError(f"{path}: shards must be a list")
+    for i, shard in enumerate(m["shards"]):
+        check_shard_entry(shard, f"{path}: shards[{i}]")
     return m
+
+
+# A label set names its shards; they must be plain files inside it.
+MAX_K = 1 << 16
+
+
+def check_bounds(m: dict, where: str) -> None:
+    """The manifest's sizes, which readers allocate by, within what the format allows."""
+    V, k = m["vocab_size"], m["k"]
+    if not isinstance(V, int) or not 0 < V <= MAX_VOCAB:
+        raise FormatError(f"{where}: vocab_size {V!r} outside (0, {MAX_VOCAB}]")
+    if not isinstance(k, int) or not 0 <= k <= min(V, MAX_K):
+        raise FormatError(f"{where}: k {k!r} outside [0, min(vocab_size, {MAX_K})]")
+    seq = (m.get("config") or {}).get("max_seq_len")
+    if seq is not None and (not isinstance(seq, int) or not 2 <= seq <= 1 << 24):
+        raise FormatError(f"{where}: config.max_seq_len {seq!r} outside [2, 2^24]")
+
+
+def check_shard_entry(shard: Any, where: str) -> None:
+    """A manifest's shard entry: a plain file name (no directories, no '..',
+    not hidden) and non-negative integer counts."""
+    if not isinstance(shard, dict):
+        raise FormatError(f"{where}: not a mapping")
+    name = shard.get("name")
+    if (not isinstance(name, str) or not name.endswith(SHARD_SUFFIX) or name.startswith(".")
+            or "/" in name or "\\" in name or "\0" in name or name != os.path.basename(name)):
+        raise FormatError(f"{where}: shard name {name!r} is not a plain file name inside the label directory")
+    for key in ("rows", "positions", "bytes"):
+        if not isinstance(shard.get(key), int) or shard[key] < 0:
+            raise FormatError(f"{where}: {key} {shard.get(key)!r} is not a non-negative integer")
+    if not isinstance(shard.get("sha256"), str):
+        raise FormatError(f"{where}: sha256 missing")
+
+
+def footer_sha256(path: Path) -> str:
+    """sha256 of a Parquet file's footer (its metadata, length and magic)."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        if size < 12:
+            raise FormatError(f"{path}: {size} bytes, too short for Parquet")
+        f.seek(size - 8)
+        tail = f.read(8)
+        n = int.from_bytes(tail[:4], "little")
+        if tail[4:] != b"PAR1" or n + 12 > size:
+            raise FormatError(f"{path}: no Parquet footer (truncated or not Parquet)")
+        f.seek(size - 8 - n)
+        return hashlib.sha256(f.read(n) + tail).hexdigest()
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -40,10 +40,11 @@ class ShardInfo:
     bytes: int
     sha256: str
     row_groups: int
+    footer_sha256: str
 
     def to_dict(self) -> dict:
         return dict(name=self.name, rows=self.rows, positions=self.positions, bytes=self.bytes, sha256=self.sha256,
-                    row_groups=self.row_groups)
+                    row_groups=self.row_groups, footer_sha256=self.footer_sha256)
 
 
 def _positions(batch: pa.RecordBatch, kind: str) -> int:
@@ -70,7 +71,7 @@ def shard_info_from_file(path: Path, kind: str) -> ShardInfo:
     col = _POSITION_COLUMN[kind]
     positions = sum(_positions(pf.read_row_group(i, columns=[col]), kind) for i in range(pf.num_row_groups))
     return ShardInfo(path.name, pf.metadata.num_rows, positions, path.stat().st_size, fmt.sha256_file(path),
-                     pf.num_row_groups)
+                     pf.num_row_groups, fmt.footer_sha256(path))
 
 
 class ShardFile:
@@ -156,7 +157,7 @@ class ShardFile:
         with open(self.tmp, "rb+") as f:
             os.fsync(f.fileno())
         info = ShardInfo(self.path.name, self.rows, self.positions, self.tmp.stat().st_size, fmt.sha256_file(self.tmp),
-                         self.row_groups)
+                         self.row_groups, fmt.footer_sha256(self.tmp))
         os.replace(self.tmp, self.path)
         fmt.fsync_dir(self.path.parent)
         return info
@@ -270,47 +271,59 @@ def build_manifest(kind: str, k: int, vocab_size: int, enc: Encoding, shards: li
 class ShardReader:
     """Lazy reader of a label set, driven by its manifest. Holds at most one
     row group in memory. Checks each shard's size on open (`verify=True`
-    also checks its sha256) and its format metadata."""
+    also checks its sha256) and its format metadata; `checksums` (default on)
+    checks each shard's footer against the manifest's hash and every data
+    page it decodes against the page's CRC32."""
 
-    def __init__(self, label_dir: Path | str, verify: bool = False):
+    def __init__(self, label_dir: Path | str, verify: bool = False, checksums: bool = True):
         self.dir = Path(label_dir)
         self.manifest = fmt.read_manifest(self.dir)
         m = self.manifest
         self.kind, self.k, self.vocab_size = m["kind"], int(m["k"]), int(m["vocab_size"])
         self.encoding = Encoding.from_dict(m["encoding"])
-        self.verify = verify
+        self.verify, self.checksums = verify, checksums
         self._id_map: tuple = (None, None)   # (shard name, IdMap) of the last shard read
 
     @property
     def shards(self) -> list[dict]:
         return self.manifest["shards"]
 
+    def shard_path(self, shard: dict) -> Path:
+        """The shard's file, which must exist and lie inside the label directory
+        (the manifest's names are checked on read; a symlink must not lead out)."""
+        path = self.dir / shard["name"]
+        if not path.is_file():
+            raise FormatError(f"{path}: listed in the manifest but missing")
+        if path.is_symlink() and path.resolve().parent != self.dir.resolve():
+            raise FormatError(f"{path}: a symlink out of the label directory; shards must lie inside it")
+        size = path.stat().st_size
+        if size != shard["bytes"]:
+            raise FormatError(f"{path}: {size} bytes, manifest says {shard['bytes']} (truncated or replaced)")
+        return path
+
     def check_files(self) -> None:
         """Every listed shard exists with its manifest size (and sha256 with
         verify=True): a training job fails before its first step, not hours in."""
         for shard in self.shards:
-            path = self.dir / shard["name"]
-            if not path.is_file():
-                raise FormatError(f"{path}: listed in the manifest but missing")
-            if path.stat().st_size != shard["bytes"]:
-                raise FormatError(f"{path}: {path.stat().st_size} bytes, manifest says {shard['bytes']} (truncated or replaced)")
+            path = self.shard_path(shard)
             if self.verify and fmt.sha256_file(path) != shard["sha256"]:
                 raise FormatError(f"{path}: sha256 does not match the manifest (corrupted)")
 
     def open_shard(self, shard: dict) -> pq.ParquetFile:
-        path = self.dir / shard["name"]
-        if not path.is_file():
-            raise FormatError(f"{path}: listed in the manifest but missing")
-        size = path.stat().st_size
-        if size != shard["bytes"]:
-            raise FormatError(f"{path}: {size} bytes, manifest says {shard['bytes']} (truncated or replaced)")
+        """The shard's Parquet file, its footer checked against the manifest's
+        hash (format 1.2: the footer holds the schema, the row group index and
+        the id table) and its data pages against their CRC32 as they are read."""
+        path = self.shard_path(shard)
         try:
-            pf = pq.ParquetFile(path)
-        except (pa.ArrowException, OSError) as e:
-            raise FormatError(f"{path}: unreadable Parquet ({e})") from None
+            pf = pq.ParquetFile(path, page_checksum_verification=self.checksums, thrift_string_size_limit=64 << 20,
+                                thrift_container_size_limit=1 << 20)
+        except Exception as e:  # a damaged footer can surface as any error of the parser
+            raise FormatError(f"{path}: unreadable Parquet ({fmt.one_line(e)})") from None
         info = fmt.read_file_metadata(pf.schema_arrow.metadata, str(path))
         if info.get("kind") != self.kind:
             raise FormatError(f"{path}: holds {info.get('kind')!r} records, manifest says {self.kind!r}")
+        if self.checksums and "footer_sha256" in shard and fmt.footer_sha256(path) != shard["footer_sha256"]:
+            raise FormatError(f"{path}: Parquet footer does not match the manifest's hash (corrupted)")
         return pf
 
     def id_map(self, shard: dict, pf: pq.ParquetFile) -> fmt.IdMap | None:
@@ -342,12 +355,52 @@ class ShardReader:
             columns = list(columns) + [fmt.TOPK_LOGPROBS]   # ids are put in rank order by their logprobs
         if columns is not None and fmt.SAMPLED_IDS in columns and fmt.SAMPLED_LENGTHS not in columns:
             columns = list(columns) + [fmt.SAMPLED_LENGTHS]  # deltas restart at every position
+        where = f"{self.dir / shard['name']}: row group {row_group}"
+        self.check_row_group(pf, row_group, shard, where)
         try:
             table = pf.read_row_group(row_group, columns=columns)
-        except (pa.ArrowException, OSError) as e:
-            raise FormatError(f"{self.dir / shard['name']}: row group {row_group}: {e}") from None
-        decoded = fmt.decode_batch(table, self.kind, self.k, self.encoding, self.id_map(shard, pf))
+            decoded = fmt.decode_batch(table, self.kind, self.k, self.encoding, self.id_map(shard, pf))
+        except FormatError as e:
+            raise FormatError(f"{where}: {e}") from None
+        except Exception as e:  # damaged pages surface as checksum, decoding or shape errors
+            raise FormatError(f"{where}: {fmt.one_line(e)}") from None
         return decoded if wanted is None else {c: decoded[c] for c in wanted}
+
+    def check_row_group(self, pf: pq.ParquetFile, row_group: int, shard: dict, where: str) -> None:
+        """Refuse, before anything is decoded, a row group whose declared sizes
+        break what the manifest and the format allow: it could make a reader
+        allocate without bound."""
+        if not 0 <= row_group < pf.num_row_groups:
+            raise FormatError(f"{where}: no such row group")
+        md = pf.metadata.row_group(row_group)
+        counts = {md.column(j).path_in_schema.split(".")[0]: md.column(j).num_values for j in range(md.num_columns)}
+        missing = [c for c in fmt.schema(self.kind, self.vocab_size, self.encoding).names if c not in counts]
+        if missing:
+            raise FormatError(f"{where}: lacks column(s) {', '.join(missing)}")
+        rows = md.num_rows
+        if rows > shard["rows"]:
+            raise FormatError(f"{where}: {rows} rows, more than the manifest's {shard['rows']} for the whole shard")
+        seq = (self.manifest.get("config") or {}).get("max_seq_len")
+        tokens = counts.get(fmt.INPUT_IDS)
+        if tokens is not None and seq and tokens > rows * seq:
+            raise FormatError(f"{where}: {tokens} input ids in {rows} rows, more than max_seq_len {seq} allows")
+        if self.kind == "topk":
+            positions = counts[fmt.COVERAGE]
+            if positions > shard["positions"] or (tokens is not None and positions != tokens - rows):
+                raise FormatError(f"{where}: {positions} positions do not fit the input ids or the manifest")
+            for col in (fmt.TOPK_IDS, fmt.TOPK_LOGPROBS):
+                if counts[col] != positions * self.k:
+                    raise FormatError(f"{where}: {col} holds {counts[col]} entries, not positions x k = {positions * self.k}")
+        if self.kind == "samples" and counts[fmt.COMPLETION_IDS] > shard["positions"]:
+            raise FormatError(f"{where}: {counts[fmt.COMPLETION_IDS]} completion tokens, more than the manifest's "
+                              f"{shard['positions']} for the whole shard")
+        if self.kind == "sampled":
+            positions = counts[fmt.SAMPLED_LENGTHS]
+            if positions > shard["positions"] or (tokens is not None and positions != tokens - rows):
+                raise FormatError(f"{where}: {positions} positions do not fit the input ids or the manifest")
+            for col in (fmt.SAMPLED_IDS, fmt.SAMPLED_COUNTS):
+                if counts[col] > positions * self.k:
+                    raise FormatError(f"{where}: {col} holds {counts[col]} entries, more than positions x draws")
 
     def batches(self, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
         """Decoded row groups, one at a time."""

@@ -31,11 +31,13 @@ COLUMNS = {"topk": [fmt.INPUT_IDS, fmt.TOPK_IDS, fmt.TOPK_LOGPROBS, fmt.COVERAGE
            "tokens": [fmt.INPUT_IDS]}
 
 
-def open_label_sets(dirs: list[str], verify: bool = False) -> list[ShardReader]:
-    """Readers for label dirs that can be trained on together (same kind and tokenizer)."""
+def open_label_sets(dirs: list[str], verify: bool = False, checksums: bool = True) -> list[ShardReader]:
+    """Readers for label dirs that can be trained on together (same kind and
+    tokenizer). verify: sha256 of every shard first; checksums: footer hash
+    and page CRC32 as they are read (see ShardReader)."""
     if not dirs:
         raise FormatError("--labels: at least one label directory is required")
-    readers = [ShardReader(d, verify=verify) for d in dirs]
+    readers = [ShardReader(d, verify=verify, checksums=checksums) for d in dirs]
     for r in readers:
         r.check_files()
     first = readers[0]
