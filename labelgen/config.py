@@ -16,9 +16,9 @@ from labelgen.format import Encoding
 
 MODES = ("topk", "sampled", "sample", "greedy", "tokens")
 BACKENDS = ("hf", "vllm")
-# Settings that change how a run executes but not a single byte of its output.
 DEFAULT_MAX_SEQ_LEN = 2048
-EXECUTION_ONLY = ("resume", "overwrite", "num_workers", "worker_index", "progress", "dry_run", "skip_bad")
+# Settings that change how or where a run executes but not a single byte of its output.
+EXECUTION_ONLY = ("out", "resume", "overwrite", "num_workers", "worker_index", "progress", "dry_run", "skip_bad")
 
 
 @dataclass(frozen=True)

@@ -78,35 +78,68 @@ def load_tokenizer(path: str, need_model: bool = True):
     if not need_model and not any((p / f).is_file() for f in ("config.json", "tokenizer.json", "tokenizer_config.json")):
         raise ValueError(f"--teacher: {path} holds neither a model nor a tokenizer")
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise ValueError(f"--teacher: cannot load the tokenizer from {path} ({e})") from None
 
 
+def canonical_path(path: str) -> str:
+    """One spelling per path: relative to the working directory when inside
+    it, else absolute; no '.', '..' or trailing separators. Default example
+    ids are built from input paths, so equal spellings keep them equal."""
+    absolute = os.path.abspath(path)
+    relative = os.path.relpath(absolute)
+    return absolute if relative == ".." or relative.startswith(".." + os.sep) else relative
+
+
+def input_identity(cfg: GenerateConfig) -> dict[str, list[int]]:
+    """[size, modification time] of every input file: a resume must read what the run began with."""
+    from labelgen.inputs import expand_paths
+    return {str(p): [(st := p.stat()).st_size, st.st_mtime_ns] for p in expand_paths(list(cfg.inputs))}
+
+
 def check_output_dir(cfg: GenerateConfig) -> None:
     """Refuse a non-empty output directory unless resuming the same run or
-    overwriting; refuse to resume under a changed config."""
+    overwriting; refuse to resume under a changed config or changed inputs."""
     out = Path(cfg.out)
+    inputs = input_identity(cfg)
     run_file = out / RUN_FILE
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+    finished = sorted(out.glob("shard-*" + fmt.SHARD_SUFFIX)) if out.is_dir() else []
+    # A run that failed before its first shard left only run.json: nothing to resume or lose.
+    started = out.is_dir() and any(p.name != RUN_FILE for p in out.iterdir())
+    if started and not cfg.overwrite:
         if not run_file.is_file():
             raise ValueError(f"--out: {out} is not empty and holds no labelgen run; choose another directory or pass --overwrite")
-        previous = json.loads(run_file.read_text())
+        try:
+            previous = json.loads(run_file.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--out: {run_file} is unreadable ({e}); choose another --out, or pass --overwrite "
+                             f"to delete its {len(finished)} finished shard(s)") from None
         if previous.get("config_hash") != cfg.output_hash():
             prev_cfg = previous.get("config", {})
             changed = sorted(k for k, v in cfg.to_dict().items() if k not in EXECUTION_ONLY and prev_cfg.get(k) != v)
             raise ValueError(f"--out: {out} holds a run with a different config (changed: {', '.join(changed) or 'unknown'}); "
-                             "pass --overwrite to replace it")
+                             f"choose another --out, or pass --overwrite to delete its {len(finished)} finished shard(s) and start over")
+        changed_inputs = [f for f, ident in previous.get("inputs", {}).items() if inputs.get(f) != ident]
+        if changed_inputs:
+            raise ValueError(f"--input: {changed_inputs[0]} changed (size or modification time) since this run started"
+                             f"{f' ({len(changed_inputs) - 1} more)' if len(changed_inputs) > 1 else ''}; restore it, "
+                             f"or pass --overwrite to delete the run's {len(finished)} finished shard(s) and start over")
         if not cfg.resume and cfg.num_workers == 1:
-            raise ValueError(f"--out: {out} already holds this run; pass --resume to continue it or --overwrite to redo it")
+            raise ValueError(f"--out: {out} already holds this run; pass --resume to continue it "
+                             f"(--overwrite would delete its {len(finished)} finished shard(s))")
     prepare_output_dir(out, "overwrite" if cfg.overwrite else "resume")
-    fmt.atomic_write_bytes(run_file, json.dumps({"config_hash": cfg.output_hash(), "config": cfg.to_dict()}, indent=2).encode())
+    fmt.atomic_write_bytes(run_file, json.dumps({"config_hash": cfg.output_hash(), "config": cfg.to_dict(),
+                                                 "inputs": inputs}, indent=2).encode())
 
 
 def run(cfg: GenerateConfig, teacher: Teacher | None = None) -> dict:
     """Run the job; returns the manifest (or the worker's partial manifest).
     `teacher` reuses an already loaded backend (it must be cfg.teacher)."""
     from labelgen.inputs import expand_paths
+    # A resumed run is the same run however its paths were spelled (dir/ or dir, relative or absolute).
+    cfg = dataclasses.replace(cfg, inputs=tuple(map(canonical_path, cfg.inputs)), out=canonical_path(cfg.out),
+                              teacher=canonical_path(cfg.teacher))
     expand_paths(list(cfg.inputs))   # fail on a missing input before loading anything
     tokenizer = load_tokenizer(cfg.teacher, need_model=cfg.mode != "tokens")
     cfg = resolve(cfg, tokenizer)
@@ -186,7 +219,7 @@ def _generate(cfg: GenerateConfig, teacher: Teacher, tokenizer) -> dict:
 def _model_config(path: str):
     """The model's HF config, or None for a tokenizer-only directory."""
     from transformers import AutoConfig
-    return AutoConfig.from_pretrained(path) if (Path(path) / "config.json").is_file() else None
+    return AutoConfig.from_pretrained(path, trust_remote_code=False) if (Path(path) / "config.json").is_file() else None
 
 
 def resolve(cfg: GenerateConfig, tokenizer) -> GenerateConfig:
@@ -220,6 +253,7 @@ def _write_manifest(cfg, out, teacher: Teacher, tokenizer, enc, id_bound, shards
                               "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
                               "seed_rule": "sha256(seed, example_id, sample_index)[:8] & (2**63-1)"}
     if cfg.worker_index == 0:   # the labels carry their tokenizer, so a student can be built from them anywhere
+        fmt.refuse_symlink(out / fmt.TOKENIZER_DIR)
         tokenizer.save_pretrained(out / fmt.TOKENIZER_DIR)
     ordered = [shards[i] for i in sorted(shards)]
     if cfg.mode == "sampled":
@@ -252,6 +286,8 @@ def _read_shards(cfg: GenerateConfig, tokenizer, max_positions: int, work_q: que
             work.examples += 1
             if not work.done:
                 records.append(rec)
+    if index < 0:
+        raise InputError(f"{', '.join(cfg.inputs)}: no input records (--input); nothing to label")
     if work is not None:
         work_q.put(_prepare(work, records, tokenizer, cfg, max_positions))
     work_q.put(index + 1)

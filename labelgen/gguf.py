@@ -37,8 +37,9 @@ def convert_gguf(gguf_file: Path | str, out: Path | str, log=lambda msg: None) -
     where, name = str(gguf_file.parent), gguf_file.name
     log(f"reading {gguf_file}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
-        loaded = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name, trust_remote_code=False)
+        loaded = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32,
+                                                      trust_remote_code=False)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ValueError(f"{gguf_file}: transformers cannot load this GGUF model ({e})") from None
     config = loaded.config.to_dict()

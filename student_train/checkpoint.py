@@ -74,6 +74,25 @@ def save_checkpoint(out: Path, step: int, models: dict, optimizers: dict, schedu
     return final
 
 
+def _load_tensors(path: Path):
+    """torch.load with weights_only=True, and one clear error for anything else:
+    a checkpoint may come from elsewhere, and its pickles are never run."""
+    try:
+        return torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing from the checkpoint") from None
+    except Exception:   # UnpicklingError for foreign objects, RuntimeError for a damaged file
+        raise ValueError(f"{path}: not a plain tensor file (damaged, or holds objects that would need "
+                         "unpickling code, which labelgen refuses)") from None
+
+
+def _load_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable checkpoint file ({e})") from None
+
+
 def load_weights(path: Path, models: dict) -> None:
     """Load saved weights into unwrapped models (before DDP/FSDP wraps them)."""
     from safetensors.torch import load_file
@@ -81,7 +100,10 @@ def load_weights(path: Path, models: dict) -> None:
         where = path if len(models) == 1 else path / name
         state = {}
         for f in sorted(where.glob("*.safetensors")):
-            state.update(load_file(f))
+            try:
+                state.update(load_file(f))
+            except Exception as e:  # safetensors' own error type: a truncated or damaged file
+                raise ValueError(f"{f}: unreadable weights ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
         missing, unexpected = model.load_state_dict(state, strict=False)
         # Tied embeddings are saved once; everything else must be there.
         missing = [m for m in missing if not (getattr(model.config, "tie_word_embeddings", False) and "lm_head" in m)]
@@ -94,15 +116,15 @@ def load_states(path: Path, optimizers: dict, schedulers: dict, fsdp_models: dic
     With `fsdp_models` the full optimizer state is sharded onto them."""
     for name, opt in optimizers.items():
         where = path if len(optimizers) == 1 else path / name
-        state = torch.load(where / "optimizer.pt", weights_only=True)
+        state = _load_tensors(where / "optimizer.pt")
         if fsdp_models:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
             set_optimizer_state_dict(fsdp_models[name], opt, state, options=StateDictOptions(full_state_dict=True))
         else:
             opt.load_state_dict(state)
-        schedulers[name].load_state_dict(json.loads((where / "scheduler.json").read_text()))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    return json.loads((path / "meta.json").read_text()), json.loads((path / "loader.json").read_text())
+        schedulers[name].load_state_dict(_load_json(where / "scheduler.json"))
+    set_rng_state(_load_tensors(path / "rng.pt"))
+    return _load_json(path / "meta.json"), _load_json(path / "loader.json")
 
 
 def load_checkpoint(path: Path, models: dict, optimizers: dict, schedulers: dict) -> tuple[dict, dict]:

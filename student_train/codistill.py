@@ -48,7 +48,7 @@ def shared_tokenizer(cfg: CodistillConfig):
     found = {}
     for name, where in (("--tokenizer", cfg.tokenizer), ("--teacher", cfg.teacher), ("--student", cfg.student)):
         if where and any((Path(where) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            found[name] = (where, AutoTokenizer.from_pretrained(where))
+            found[name] = (where, AutoTokenizer.from_pretrained(where, trust_remote_code=False))
     if not found:
         raise ValueError("--tokenizer: no tokenizer found; pass --tokenizer DIR")
     (first, (path, tok)), *others = found.items()

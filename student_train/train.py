@@ -61,9 +61,16 @@ def load_tokenizer_for(student: str | None, label_dir: Path):
     from transformers import AutoTokenizer
     for where in ([Path(student)] if student else []) + [Path(label_dir) / fmt.TOKENIZER_DIR]:
         if (where / "tokenizer_config.json").is_file() or (where / "tokenizer.json").is_file():
-            return AutoTokenizer.from_pretrained(where)
+            try:
+                return AutoTokenizer.from_pretrained(where, trust_remote_code=False)
+            except (OSError, ValueError) as e:
+                raise FormatError(f"{where}: cannot load the tokenizer ({e})") from None
     raise FormatError(f"{label_dir}: the labels carry no tokenizer ({fmt.TOKENIZER_DIR}/) and the student has none; "
                       "pass --student with a tokenizer")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def build_model(path: str | None, config_file: str | None, tokenizer, seed: int):
@@ -72,7 +79,10 @@ def build_model(path: str | None, config_file: str | None, tokenizer, seed: int)
     if path:
         if not (Path(path) / "config.json").is_file():
             raise ValueError(f"--student: {path} is not a model directory (no config.json)")
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        try:
+            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
+        except Exception as e:  # missing, partial or corrupt weights
+            raise ValueError(f"--student: cannot load the model in {path} ({_first_line(e)})") from None
     try:
         d = json.loads(Path(config_file).read_text())
     except (OSError, ValueError) as e:
@@ -154,8 +164,11 @@ def prepare_out_dir(out: Path, resume: bool, overwrite: bool, main: bool) -> Pat
     """Returns the checkpoint to resume from, if any."""
     out = Path(out)
     ckpt = latest_checkpoint(out) if out.is_dir() else None
-    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
-        raise ValueError(f"--out: {out} is not empty; pass --resume to continue the run or --overwrite to start over")
+    # A run that failed before its first checkpoint left at most its metrics log: nothing to resume or lose.
+    started = out.is_dir() and any(p.name != METRICS_FILE for p in out.iterdir())
+    if started and not (resume or overwrite):
+        raise ValueError(f"--out: {out} is not empty; pass --resume to continue the run or --overwrite to start over"
+                         + (f" (this deletes its checkpoints up to {ckpt.name})" if ckpt else ""))
     if overwrite and main and out.is_dir():
         import shutil
         shutil.rmtree(out)
@@ -166,22 +179,35 @@ def prepare_out_dir(out: Path, resume: bool, overwrite: bool, main: bool) -> Pat
     return ckpt if resume else None
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
 class MetricsLog:
     """OUT/metrics.jsonl, one JSON object per line (rank 0 only). On resume
     the lines after the checkpoint's step are dropped: they are redone."""
 
     def __init__(self, path: Path, main: bool, resume_step: int | None):
         self.path, self.main = Path(path), main
+        if main:
+            fmt.refuse_symlink(self.path)
         if main and resume_step is not None and self.path.exists():
-            kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["step"] <= resume_step]
+            kept = [l for l in self.path.read_text().splitlines() if l and _step_of(l, self.path) <= resume_step]
             fmt.atomic_write_bytes(self.path, ("\n".join(kept) + "\n" if kept else "").encode())
         elif main and resume_step is None:
             self.path.write_text("")
 
     def write(self, record: dict) -> None:
         if self.main:
+            fmt.refuse_symlink(self.path)
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def _step_of(line: str, path: Path) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{path}: not a metrics log (a line without a step); move it away to resume") from None
 
 
 def gather_loader_state(state: LoaderState) -> dict:
@@ -335,7 +361,7 @@ def train(cfg: TrainConfig) -> dict:
             raise FormatError(f"--resume: {ckpt} was trained on other labels (fingerprints differ)")
         step = int(meta["step"])
         stream.load_state_dict(loader_state)
-    log = MetricsLog(out / "metrics.jsonl", d.main, step if ckpt is not None else None)
+    log = MetricsLog(out / METRICS_FILE, d.main, step if ckpt is not None else None)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
                                          persistent_workers=cfg.num_workers > 0)
     batches = iter(loader)

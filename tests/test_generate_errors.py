@@ -1,4 +1,6 @@
 import json
+import re
+import shutil
 
 import pytest
 from typer.testing import CliRunner
@@ -81,3 +83,110 @@ def test_a_non_empty_foreign_output_directory_is_refused(tiny_teacher, corpus, t
     r = gen(tiny_teacher, tmp_path, "--input", str(corpus / "docs.jsonl"))
     assert r.exit_code == 2 and "is not empty and holds no labelgen run" in r.stderr
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
+def zst_inputs(tmp_path):
+    import zstandard
+    lines = "".join(json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n" * 3}) + "\n" for i in range(40)).encode()
+    half = len(lines) // 2
+    whole = zstandard.ZstdCompressor().compress(lines[:half]) + zstandard.ZstdCompressor().compress(lines[half:])
+    (tmp_path / "cut_frames.jsonl.zst").write_bytes(whole[:-9])            # the last of two frames cut short
+    (tmp_path / "cut_single.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines)[:120])
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", ["cut_frames.jsonl.zst", "cut_single.jsonl.zst"])
+def test_a_truncated_compressed_input_stops_the_run_naming_the_file(tiny_teacher, tmp_path, name):
+    zst_inputs(tmp_path)
+    r = gen(tiny_teacher, tmp_path, "--input", str(tmp_path / name))
+    assert r.exit_code == 2, r.output
+    assert re.search(rf"{name}: compressed stream ends inside a frame \(truncated file\?\)", r.stderr), r.stderr
+    assert "Traceback" not in r.output and not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_truncated_compressed_input_is_counted_under_skip_bad(tiny_teacher, tmp_path):
+    zst_inputs(tmp_path)
+    r = gen(tiny_teacher, tmp_path, "--input", str(tmp_path / "cut_frames.jsonl.zst"), "--skip-bad")
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["counts"]["skipped"] >= 1 and 20 <= m["counts"]["rows"] < 40
+
+
+def test_an_input_with_no_records_is_an_error_and_a_rerun_after_fixing_it_works(tiny_teacher, corpus, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    r = gen(tiny_teacher, tmp_path, "--input", str(tmp_path / "empty.jsonl"))
+    assert r.exit_code == 2 and "no input records (--input); nothing to label" in r.stderr, r.output
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    shutil.copy(corpus / "docs.jsonl", tmp_path / "empty.jsonl")
+    r = gen(tiny_teacher, tmp_path, "--input", str(tmp_path / "empty.jsonl"))
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_resume_after_a_config_change_says_what_overwrite_would_delete(tiny_teacher, corpus, tmp_path):
+    assert gen(tiny_teacher, tmp_path, "--input", str(corpus / "docs.jsonl")).exit_code == 0
+    r = gen(tiny_teacher, tmp_path, "--input", str(corpus / "docs.jsonl"), "--k", "4", "--resume")
+    assert r.exit_code == 2 and re.search(r"changed: k\).*--overwrite to delete its \d+ finished shard", r.stderr), r.stderr
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_teacher_without_usable_weights_fails_with_one_line(tiny_teacher, corpus, tmp_path, damage):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher, teacher)
+    weights = teacher / "model.safetensors"
+    if damage == "missing":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[:1000])
+    r = gen(str(teacher), tmp_path, "--input", str(corpus / "docs.jsonl"))
+    assert r.exit_code == 2, r.output
+    assert re.search(r"--teacher: cannot load the model in .*teacher", r.stderr) and "Traceback" not in r.output
+
+
+def test_a_tokenizer_asking_for_remote_code_never_runs_it(tiny_teacher, corpus, tmp_path):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher, teacher)
+    marker = tmp_path / "code_ran"
+    (teacher / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                     "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
+    cfg = json.loads((teacher / "tokenizer_config.json").read_text())
+    cfg["auto_map"] = {"AutoTokenizer": [None, "evil.EvilTokenizer"]}
+    (teacher / "tokenizer_config.json").write_text(json.dumps(cfg))
+    r = runner.invoke(app, ["generate", "--teacher", str(teacher), "--out", str(tmp_path / "out"), "--no-progress",
+                            "--k", "8", "--input", str(corpus / "docs.jsonl")], input="y\ny\n")
+    assert not marker.exists(), "code from the teacher's directory ran"
+    assert "Traceback" not in r.output
+
+
+def test_resume_accepts_the_same_run_spelled_differently(tiny_teacher, corpus, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(corpus / "docs.jsonl", tmp_path / "docs.jsonl")
+    assert gen(tiny_teacher, tmp_path, "--input", "docs.jsonl", "--rows-per-shard", "8").exit_code == 0
+    first = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    (tmp_path / "out" / "manifest.json").unlink()
+    r = runner.invoke(app, ["generate", "--teacher", tiny_teacher, "--out", str(tmp_path / "out") + "/", "--no-progress",
+                            "--k", "8", "--input", str(tmp_path / "docs.jsonl"), "--rows-per-shard", "8", "--resume"])
+    assert r.exit_code == 0, r.output
+    again = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert again["fingerprint"] == first["fingerprint"]   # every shard was kept, none redone differently
+
+
+def test_a_tokenizer_dir_symlinked_out_of_the_label_set_is_not_written_through(tiny_teacher, corpus, tmp_path):
+    assert gen(tiny_teacher, tmp_path, "--input", str(corpus / "docs.jsonl")).exit_code == 0
+    (tmp_path / "out" / "manifest.json").unlink()
+    shutil.rmtree(tmp_path / "out" / "tokenizer")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "out" / "tokenizer").symlink_to(tmp_path / "elsewhere")
+    r = gen(tiny_teacher, tmp_path, "--input", str(corpus / "docs.jsonl"), "--resume")
+    assert r.exit_code == 2 and "tokenizer: is a symlink; refusing to write through it" in r.stderr, r.output
+    assert not list((tmp_path / "elsewhere").iterdir())
+
+
+def test_resume_refuses_an_input_that_changed_since_the_run_began(tiny_teacher, corpus, tmp_path):
+    shutil.copy(corpus / "docs.jsonl", tmp_path / "docs.jsonl")
+    assert gen(tiny_teacher, tmp_path, "--input", str(tmp_path / "docs.jsonl")).exit_code == 0
+    (tmp_path / "out" / "manifest.json").unlink()
+    with open(tmp_path / "docs.jsonl", "a") as f:
+        f.write(json.dumps({"text": "def appended(): pass\n"}) + "\n")
+    r = gen(tiny_teacher, tmp_path, "--input", str(tmp_path / "docs.jsonl"), "--resume")
+    assert r.exit_code == 2 and re.search(r"docs.jsonl changed \(size or modification time\) since this run started", r.stderr)

@@ -104,3 +104,59 @@ def test_a_non_empty_run_directory_needs_resume_or_overwrite(topk_labels, studen
 ])
 def test_bad_options(topk_labels, student_config, tmp_path, extra, pattern):
     assert_one_line_error(run_train(topk_labels, student_config, tmp_path / "o", *extra), pattern)
+
+
+def test_a_corrupted_byte_stops_training_without_verify(topk_labels, student_config, tmp_path):
+    d = copy_labels(topk_labels, tmp_path / "l")
+    import pyarrow.parquet as pq
+    shard = sorted(d.glob("shard-*.parquet"))[2]
+    chunk = next(c for c in (pq.ParquetFile(shard).metadata.row_group(0).column(j) for j in range(8))
+                 if c.path_in_schema.startswith("topk_logprobs"))
+    data = bytearray(shard.read_bytes())
+    data[chunk.data_page_offset + chunk.total_compressed_size - 20] ^= 0x40   # a byte of the page's data: its CRC32 fails
+    shard.write_bytes(bytes(data))
+    assert_one_line_error(run_train(d, student_config, tmp_path / "o", "--max-steps", "40"),
+                          r"shard-000002.parquet: row group 0: .*CRC")
+
+
+def test_a_label_set_tokenizer_never_brings_code(topk_labels, student_config, tmp_path):
+    d = copy_labels(topk_labels, tmp_path / "l")
+    marker = tmp_path / "code_ran"
+    (d / "tokenizer" / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                             "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
+    cfg = json.loads((d / "tokenizer" / "tokenizer_config.json").read_text())
+    cfg["auto_map"] = {"AutoTokenizer": [None, "evil.EvilTokenizer"]}
+    (d / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(cfg))
+    r = runner.invoke(app, ["train", "--labels", str(d), "--student-config", student_config, "--out", str(tmp_path / "o"),
+                            "--max-steps", "1", "--no-progress"], input="y\ny\n")
+    assert not marker.exists(), "code from the label set's tokenizer ran"
+    assert "Traceback" not in r.output
+
+
+def test_a_pickled_optimizer_state_is_refused_in_one_line(topk_labels, student_config, tmp_path):
+    import torch
+    assert run_train(topk_labels, student_config, tmp_path / "o").exit_code == 0
+    ckpt = tmp_path / "o" / "step_000002"
+    torch.save({"state": {}, "param_groups": [], "payload": Exception("not a tensor")}, ckpt / "optimizer.pt")
+    r = run_train(topk_labels, student_config, tmp_path / "o", "--max-steps", "3", "--resume")
+    assert_one_line_error(r, r"optimizer.pt: not a plain tensor file .* which labelgen refuses")
+    assert "weights_only=False" not in r.output
+
+
+def test_a_metrics_log_symlinked_elsewhere_is_not_written_through_on_resume(topk_labels, student_config, tmp_path):
+    assert run_train(topk_labels, student_config, tmp_path / "o").exit_code == 0
+    elsewhere = tmp_path / "precious.txt"
+    elsewhere.write_text("keep me\n")
+    (tmp_path / "o" / "metrics.jsonl").unlink()
+    (tmp_path / "o" / "metrics.jsonl").symlink_to(elsewhere)
+    r = run_train(topk_labels, student_config, tmp_path / "o", "--max-steps", "3", "--resume")
+    assert_one_line_error(r, r"metrics.jsonl: is a symlink; refusing to write through it")
+    assert elsewhere.read_text() == "keep me\n"
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_can_be_rerun_plainly(topk_labels, student_config, tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "metrics.jsonl").write_text("")   # what a run that died early leaves
+    r = run_train(topk_labels, student_config, tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "o" / "step_000002").is_dir()

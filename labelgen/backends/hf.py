@@ -31,14 +31,25 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def load_model(path: str, dtype: torch.dtype):
+    """The teacher's weights, or one clear error: a directory with no, partial
+    or corrupt weights is common after an interrupted copy. Remote code is
+    never run."""
+    from transformers import AutoModelForCausalLM
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+    except Exception as e:  # OSError, ValueError, safetensors errors, torch errors: all mean unusable weights
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"--teacher: cannot load the model in {path} ({first})") from None
+
+
 class HFTeacher:
     def __init__(self, path: str, tokenizer, dtype: str = "auto", device: str = "auto"):
-        from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()   # the job's own bar is the one to watch
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
+        self.model = load_model(path, self.dtype).to(self.device).eval()
         self.path = path
         head = self.model.get_output_embeddings()
         # Logits are produced in fp32 whatever the body's dtype: bf16 logits
