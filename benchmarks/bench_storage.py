@@ -25,6 +25,13 @@ description; DistillKit's budget configuration as its README states it
 Sampled labels (--draws N, default 50): N draws per position from the same
 teacher on the same windows, stored as distinct ids with counts, in this
 format's 1.2 default and in 1.1's (plain ids).
+
+Adaptive truncation (--truncation): fixed k against `--keep-mass` /
+`--min-prob` (capped at k), judged by fidelity to the teacher's *full*
+distribution: mean KL(full || stored entries + their missing mass spread
+uniformly over the other V - n ids), from one extra full-vocabulary forward
+pass per window. The stored entries are taken exact here (the codec's own
+error is the first table's).
 """
 
 from __future__ import annotations
@@ -164,6 +171,63 @@ def report_sampled(title: str, rows: list[dict], draws: int, vocab: int) -> None
         print(f"| {name} | {size / positions:.1f} | {size / distinct:.2f} |")
 
 
+TRUNCATIONS = [("fixed k = 64", 64, 1.0, 0.0), ("fixed k = 32", 32, 1.0, 0.0), ("fixed k = 16", 16, 1.0, 0.0),
+               ("min_prob 1e-4", 64, 1.0, 1e-4), ("min_prob 3e-4", 64, 1.0, 3e-4), ("min_prob 1e-3", 64, 1.0, 1e-3),
+               ("keep_mass 0.99", 64, 0.99, 0.0), ("keep_mass 0.95", 64, 0.95, 0.0),
+               ("keep_mass 0.99, min_prob 1e-4", 64, 0.99, 1e-4)]
+
+
+def full_plogp(teacher, windows) -> np.ndarray:
+    """Per position, sum over the whole vocabulary of p log p (one extra forward pass per window)."""
+    import torch
+    out = []
+    with torch.no_grad():
+        for _, _, w in windows:
+            logits = teacher.model(input_ids=torch.as_tensor(w, device=teacher.device)[None]).logits[0, :-1].double()
+            lp = torch.log_softmax(logits, -1)
+            out.append((lp.exp() * lp).sum(-1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def report_truncation(title: str, rows: list[dict], plogp: np.ndarray, k: int, vocab: int) -> None:
+    """Bytes and fidelity to the full distribution of fixed k against adaptive truncation."""
+    from labelgen.backends import TopK
+    from labelgen.generate import truncate
+    positions = len(plogp)
+    print(f"\n### {title}: adaptive truncation, V = {vocab:,}, cap k = {k}, {positions:,} positions\n")
+    print("| setting | entries/position | B/position | mean kept mass | mean KL(full ‖ kept + uniform tail) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, cap, keep_mass, min_prob in TRUNCATIONS:
+        if cap > k:
+            continue
+        cut = []
+        for r in rows:
+            t = TopK(r["topk_ids"][:, :cap], r["topk_logprobs"][:, :cap], r["coverage"], r["target_logprob"], r["target_rank"])
+            if cap < k:   # coverage of the first `cap` entries
+                t.coverage = np.exp(t.logprobs.astype(np.float64)).sum(1).astype(np.float32)
+            adaptive = keep_mass < 1 or min_prob > 0
+            if adaptive:
+                t = truncate(t, keep_mass, min_prob)
+            cut.append(dict(r, topk_ids=t.ids, topk_logprobs=t.logprobs, coverage=t.coverage))
+        enc = Encoding(variable_k=adaptive)
+        with tempfile.TemporaryDirectory() as d:
+            with ShardWriter(Path(d) / "l", "topk", cap, vocab, encoding=enc, max_rows=1 << 30) as w:
+                for r in cut:
+                    w.write(r)
+        size = sum(s["bytes"] for s in w.manifest["shards"])
+        lp = np.concatenate([r["topk_logprobs"] for r in cut]).astype(np.float64)
+        p = np.exp(lp)
+        kept = np.isfinite(lp)
+        n = kept.sum(1)
+        mass = p.sum(1)
+        kept_plogp = np.where(kept, p * np.where(kept, lp, 0), 0).sum(1)
+        rest = np.clip(1 - mass, 1e-300, 1)
+        # KL = sum_kept p log(p/p) + sum_rest p log p - (1 - mass) log((1 - mass) / (V - n))
+        kl = (plogp - kept_plogp) - rest * np.log(rest / (vocab - n))
+        print(f"| {name} | {n.mean():.1f} | {size / positions:.1f} | {mass.mean():.3f} | {kl.mean():.3f} |")
+        sys.stdout.flush()
+
+
 def report(title: str, rows: list[dict], k: int, vocab: int) -> None:
     positions = sum(len(r["coverage"]) for r in rows)
     cov = np.concatenate([r["coverage"] for r in rows])
@@ -192,6 +256,8 @@ def main():
     ap.add_argument("--max-seq-len", type=int, default=512)
     ap.add_argument("--corpora", nargs="+", default=["code", "prose"], choices=["code", "prose"])
     ap.add_argument("--draws", type=int, default=50, help="sampled labels: draws per position (0: skip)")
+    ap.add_argument("--truncation", action="store_true", help="also compare fixed k with adaptive truncation")
+    ap.add_argument("--only-truncation", action="store_true", help="just the adaptive truncation table")
     args = ap.parse_args()
     from transformers import AutoTokenizer
     from labelgen.backends.hf import HFTeacher
@@ -204,6 +270,10 @@ def main():
         rows = topk_rows(teacher, windows, args.k)
         print(f"\n{which}: {sum(len(r['coverage']) for r in rows):,} positions scored in {time.perf_counter() - t0:.0f}s",
               file=sys.stderr)
+        if args.truncation or args.only_truncation:
+            report_truncation(f"{name} on {which}", rows, full_plogp(teacher, windows), args.k, teacher.logits_size)
+        if args.only_truncation:
+            continue
         report(f"{name} on {which}", rows, args.k, teacher.logits_size)
         if args.draws:
             report_sampled(f"{name} on {which}, sampled", sampled_rows(teacher, windows, args.draws), args.draws,

@@ -122,7 +122,9 @@ def generate(
     out: Optional[str] = typer.Option(None, help="output label directory"),
     mode: Optional[str] = typer.Option(None, help="topk | sampled | sample | greedy | tokens"),
     backend: Optional[str] = typer.Option(None, help="hf | vllm"),
-    k: Optional[int] = typer.Option(None, help="top-k entries per position"),
+    k: Optional[int] = typer.Option(None, help="top-k entries per position (the cap under adaptive truncation)"),
+    keep_mass: Optional[float] = typer.Option(None, help="adaptive truncation: keep a position's entries until they hold this mass (default 1: all k)"),
+    min_prob: Optional[float] = typer.Option(None, help="adaptive truncation: drop entries below this probability (default 0; top-1 always kept)"),
     draws: Optional[int] = typer.Option(None, help="sampled mode: draws per position"),
     proposal_temperature: Optional[float] = typer.Option(None, help="sampled mode: draw from softmax(logits / T)"),
     max_seq_len: Optional[int] = typer.Option(None, help="window length in tokens"),
@@ -154,7 +156,7 @@ def generate(
     from labelgen.config import GenerateConfig
     env_workers, env_index = _worker_from_env()
     overrides = dict(
-        teacher=teacher, inputs=input, out=out, mode=mode, backend=backend, k=k, draws=draws,
+        teacher=teacher, inputs=input, out=out, mode=mode, backend=backend, k=k, keep_mass=keep_mass, min_prob=min_prob, draws=draws,
         proposal_temperature=proposal_temperature, max_seq_len=max_seq_len,
         stride=stride, batch_tokens=batch_tokens, n=n, temperature=temperature, top_p=top_p,
         max_new_tokens=max_new_tokens, seed=seed, text_field=text_field, prompt_field=prompt_field,

@@ -17,6 +17,9 @@ from labelgen.format import Encoding
 MODES = ("topk", "sampled", "sample", "greedy", "tokens")
 BACKENDS = ("hf", "vllm")
 DEFAULT_MAX_SEQ_LEN = 2048
+# Settings added after runs were first hashed: they enter the output hash only
+# when set, so a run started before they existed still resumes.
+ADDED_LATER = {"keep_mass": 1.0, "min_prob": 0.0}
 # Settings that change how or where a run executes but not a single byte of its output.
 EXECUTION_ONLY = ("out", "resume", "overwrite", "num_workers", "worker_index", "progress", "dry_run", "skip_bad")
 
@@ -39,7 +42,13 @@ class GenerateConfig:
     backend: str = "hf"
     """hf (transformers; CPU or GPU) or vllm."""
     k: int = 64
-    """Top-k entries kept per position (topk mode)."""
+    """Top-k entries kept per position (topk mode); the cap with adaptive truncation."""
+    keep_mass: float = 1.0
+    """Adaptive truncation (topk mode): stop keeping a position's entries once
+    those kept hold this much probability. 1 = keep all k."""
+    min_prob: float = 0.0
+    """Adaptive truncation (topk mode): do not keep entries below this
+    probability. A position's top-1 is always kept."""
     draws: int = 50
     """Samples per position (sampled mode), at most 255."""
     proposal_temperature: float = 1.0
@@ -106,6 +115,12 @@ class GenerateConfig:
             bad("--stride", f"must be in [1, max_seq_len - 1 = {seq - 1}], got {self.stride}")
         if seq is not None and self.batch_tokens < seq:
             bad("--batch-tokens", f"must be >= --max-seq-len ({seq}), got {self.batch_tokens}")
+        if not 0 < self.keep_mass <= 1:
+            bad("--keep-mass", f"must be in (0, 1], got {self.keep_mass}")
+        if not 0 <= self.min_prob < 1:
+            bad("--min-prob", f"must be in [0, 1), got {self.min_prob}")
+        if self.truncates and self.mode != "topk":
+            bad("--keep-mass/--min-prob", f"adaptive truncation is for --mode topk, not {self.mode}")
         if self.n < 1:
             bad("--n", f"must be >= 1, got {self.n}")
         if self.temperature < 0:
@@ -135,6 +150,11 @@ class GenerateConfig:
         return self.stride or self.max_seq_len - 1
 
     @property
+    def truncates(self) -> bool:
+        """Adaptive truncation: positions keep 1..k entries."""
+        return self.keep_mass < 1 or self.min_prob > 0
+
+    @property
     def kind(self) -> str:
         return {"topk": "topk", "tokens": "tokens", "sampled": "sampled"}.get(self.mode, "samples")
 
@@ -159,7 +179,8 @@ class GenerateConfig:
 
     def output_hash(self) -> str:
         """Hash of every setting that shapes the output (not how it runs)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in EXECUTION_ONLY}
+        d = {k: v for k, v in self.to_dict().items()
+             if k not in EXECUTION_ONLY and not (k in ADDED_LATER and v == ADDED_LATER[k])}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod

@@ -7,7 +7,9 @@ A label set is a directory of zstd-compressed Parquet shards plus a
 ``topk``     one row per token window: the input ids and, for each of the
              L-1 next-token predictions, the teacher's top-k (id, logprob)
              sorted by logprob descending, the mass they cover, and the
-             logprob and rank of the token that actually came next.
+             logprob and rank of the token that actually came next. With
+             adaptive truncation (``Encoding.variable_k``, 1.3) a position
+             keeps 1..k entries and ``topk_lengths`` says how many.
 ``samples``  one row per teacher completion of a prompt (hard labels).
 ``tokens``   one row per token window, ids only (a tokenized corpus, for
              co-distillation and CE baselines; added in format 1.1).
@@ -47,7 +49,7 @@ import numpy as np
 import pyarrow as pa
 
 FORMAT_NAME = "labelgen"
-FORMAT_VERSION = "1.2"
+FORMAT_VERSION = "1.3"
 READABLE_MAJOR_VERSIONS = (1,)
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_DIR = "tokenizer"   # the labels' tokenizer, saved beside the shards
@@ -69,6 +71,7 @@ TOPK_LOGPROBS = "topk_logprobs"
 COVERAGE = "coverage"
 TARGET_LOGPROB = "target_logprob"
 TARGET_RANK = "target_rank"
+TOPK_LENGTHS = "topk_lengths"          # entries kept per position (variable_k only, 1.3)
 
 SAMPLE_INDEX = "sample_index"
 PROMPT = "prompt"
@@ -136,6 +139,11 @@ class Encoding:
     """zstd level for every column."""
     row_group_rows: int = 128
     """Rows per Parquet row group: the unit a reader holds in memory."""
+    variable_k: bool = False
+    """Adaptive truncation (1.3): a position keeps its first 1..k entries, the
+    rest are not stored; the topk_lengths column counts them. Writers mark a
+    dropped entry with logprob -inf; readers return dropped slots as id 0,
+    logprob -inf."""
 
     def __post_init__(self):
         if self.logprob_codec not in LOGPROB_CODECS:
@@ -158,6 +166,10 @@ class Encoding:
             raise FormatError(f"id_map_size must be in [1, 2^20], got {self.id_map_size}")
         if not 1 <= self.zstd_level <= 22:
             raise FormatError(f"zstd_level must be in [1, 22], got {self.zstd_level}")
+        if not isinstance(self.variable_k, bool):
+            raise FormatError(f"variable_k must be true or false, got {self.variable_k!r}")
+        if self.variable_k and self.logprob_codec == "gap":
+            raise FormatError("logprob_codec 'gap' cannot store variable_k labels (gaps run along a full row of k)")
         if self.row_group_rows < 1:
             raise FormatError(f"row_group_rows must be >= 1, got {self.row_group_rows}")
 
@@ -189,6 +201,7 @@ class Encoding:
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
         d.setdefault("id_map", "none")   # written before 1.2: ids were stored as they are
+        d.setdefault("variable_k", False)
         return cls(**d)
 
 
@@ -219,7 +232,7 @@ def schema(kind: str, vocab_size: int, enc: Encoding) -> pa.Schema:
             (COVERAGE, pa.list_(pa.float32())),
             (TARGET_LOGPROB, pa.list_(pa.float32())),
             (TARGET_RANK, pa.list_(pa.uint32())),
-        ])
+        ] + ([(TOPK_LENGTHS, pa.list_(pa.uint32()))] if enc.variable_k else []))
     if kind == "tokens":
         return pa.schema([(EXAMPLE_ID, pa.string()), (WINDOW_OFFSET, pa.int64()), (INPUT_IDS, ids)])
     if kind == "sampled":
@@ -259,7 +272,7 @@ def parquet_writer_options(kind: str, enc: Encoding) -> dict:
     if kind == "topk":
         # ids (or id deltas) and gap-coded logprobs are integers whose high
         # bytes are mostly zero: byte-stream-split lets zstd drop them.
-        floats = [f"{c}.list.element" for c in (COVERAGE, TARGET_LOGPROB)]
+        floats = [f"{c}.list.element" for c in (COVERAGE, TARGET_LOGPROB) + ((TOPK_LENGTHS,) if enc.variable_k else ())]
         col_enc.update({c: "BYTE_STREAM_SPLIT" for c in floats})
         id_cols = [f"{c}.list.element" for c in (INPUT_IDS, TOPK_IDS)]
         if enc.id_encoding == "dictionary":
@@ -407,11 +420,13 @@ def encode_topk_rows(rows: list[dict], k: int, vocab_size: int, enc: Encoding,
     topk_ids [L-1, k], topk_logprobs [L-1, k] (sorted descending, <= 0),
     coverage [L-1], target_logprob [L-1], target_rank [L-1]. `id_map`
     renumbers the stored top-k ids (required when enc.id_map is frequency).
+    With enc.variable_k, entries whose logprob is -inf are dropped (the top-1
+    of every position must be kept; their ids are not looked at).
     """
     _check_id_map(enc, id_map)
     sch = schema("topk", vocab_size, enc)
     ids_t = sch.field(INPUT_IDS).type.value_type
-    inputs, tids, tlps, covs, tgt_lp, tgt_rank, n_pos = [], [], [], [], [], [], []
+    inputs, tids, tlps, covs, tgt_lp, tgt_rank, n_pos, kept_n = [], [], [], [], [], [], [], []
     for r in rows:
         ex = r.get(EXAMPLE_ID)
         if not isinstance(ex, str) or not ex:
@@ -431,13 +446,19 @@ def encode_topk_rows(rows: list[dict], k: int, vocab_size: int, enc: Encoding,
             if a.size != p:
                 _fail(ex, f"{name} has {a.size} entries, expected {p} (one per predicted position)")
         _check_ids(ex, INPUT_IDS, inp, vocab_size)
-        _check_ids(ex, TOPK_IDS, ti, vocab_size)
         if np.isnan(tl).any() or np.isnan(cov).any() or np.isnan(tlp).any():
             _fail(ex, "NaN in logprobs or coverage")
+        kept = tl > -np.inf if enc.variable_k else np.ones(tl.shape, bool)
+        if not kept[:, 0].all():
+            _fail(ex, f"position {int(np.argmin(kept[:, 0]))} keeps no entry (its top-1 logprob is -inf)")
+        _check_ids(ex, TOPK_IDS, ti[kept], vocab_size)
+        ti = np.where(kept, ti, 0)
         if (tl > POSITIVE_TOLERANCE).any() or (tlp > POSITIVE_TOLERANCE).any():
             _fail(ex, f"positive logprob (max {max(tl.max(), tlp.max()):.4g})")
-        if k > 1 and (np.diff(tl, axis=1) > 1e-6).any():
-            pos = int(np.argwhere(np.diff(tl, axis=1) > 1e-6)[0, 0])
+        with np.errstate(invalid="ignore"):   # -inf - -inf between dropped entries
+            unsorted = np.diff(tl, axis=1) > 1e-6 if k > 1 else np.zeros((p, 0), bool)
+        if unsorted.any():
+            pos = int(np.argwhere(unsorted)[0, 0])
             _fail(ex, f"topk_logprobs not sorted descending at position {pos}")
         if (cov < 0).any() or (cov > 1 + POSITIVE_TOLERANCE).any():
             _fail(ex, f"coverage outside [0, 1] (min {cov.min():.4g}, max {cov.max():.4g})")
@@ -446,30 +467,37 @@ def encode_topk_rows(rows: list[dict], k: int, vocab_size: int, enc: Encoding,
         if id_map is not None:
             ti = id_map.to_stored[ti]
         if enc.id_order == "sorted":
-            # ids are unique within a position, so any sort will do: quicksort on 32-bit is the fastest
-            order = np.argsort(ti.astype(np.uint32) if vocab_size <= 2**32 else ti, axis=1)
+            # ids are unique within a position, so any sort will do: quicksort
+            # on 32-bit is the fastest. Dropped entries sort last (vocab < 2^32).
+            order = np.argsort(np.where(kept, ti, np.iinfo(np.uint32).max).astype(np.uint32), axis=1)
             ti = np.diff(np.take_along_axis(ti, order, 1), axis=1, prepend=0)
             tl = np.take_along_axis(tl, order, 1)
+        # Kept entries are a prefix of each position in both layouts.
         inputs.append(inp)
-        tids.append(ti.reshape(-1))
-        tlps.append(np.minimum(tl, 0))
+        tids.append(ti[kept])
+        tlps.append(np.minimum(tl[kept], 0))
+        kept_n.append(kept.sum(1))
         covs.append(np.minimum(cov, 1))
         tgt_lp.append(np.clip(tlp, LOGPROB_FLOOR, 0))
         tgt_rank.append(trk)
         n_pos.append(p)
-    stored = encode_logprobs(np.concatenate(tlps), enc).reshape(-1)
+    tl_flat = np.concatenate(tlps)
+    # The gap codec runs along rows of k (variable_k refuses it); the others are per entry.
+    stored = encode_logprobs(tl_flat.reshape(-1, k) if enc.logprob_codec == "gap" else tl_flat[None], enc).reshape(-1)
     lp_t = sch.field(TOPK_LOGPROBS).type.value_type
+    entries = [int(n.sum()) for n in kept_n]
+    lengths = [_list_array(np.concatenate(kept_n), n_pos, pa.uint32())] if enc.variable_k else []
     return pa.RecordBatch.from_arrays(
         [
             pa.array([r[EXAMPLE_ID] for r in rows], pa.string()),
             pa.array([int(r.get(WINDOW_OFFSET, 0)) for r in rows], pa.int64()),
             _list_array(np.concatenate(inputs), (p + 1 for p in n_pos), ids_t),
-            _list_array(np.concatenate(tids), (p * k for p in n_pos), ids_t),
-            _list_array(stored, (p * k for p in n_pos), lp_t),
+            _list_array(np.concatenate(tids), entries, ids_t),
+            _list_array(stored, entries, lp_t),
             _list_array(np.concatenate(covs), n_pos, pa.float32()),
             _list_array(np.concatenate(tgt_lp), n_pos, pa.float32()),
             _list_array(np.concatenate(tgt_rank), n_pos, pa.uint32()),
-        ],
+        ] + lengths,
         schema=sch,
     )
 
@@ -616,11 +644,21 @@ def decode_batch(batch: pa.RecordBatch | pa.Table, kind: str, k: int, enc: Encod
     topk_logprobs (ShardReader reads both when either is asked for).
     `id_map`: the shard's id table (topk and sampled shards whose encoding
     has one); sampled ids then come back in renumbered order within a position.
+    With enc.variable_k, topk_ids/topk_logprobs need topk_lengths and come
+    back as [positions, k] all the same: dropped slots hold id 0, logprob -inf.
     """
     if kind in ID_MAPPED_COLUMN:
         _check_id_map(enc, id_map)
     out: dict[str, Any] = {}
     stored_lp = None
+    kept = None   # [positions, k] mask of stored slots (variable_k)
+    if kind == "topk" and enc.variable_k and (TOPK_IDS in batch.schema.names or TOPK_LOGPROBS in batch.schema.names):
+        if TOPK_LENGTHS not in batch.schema.names:
+            raise FormatError("variable_k topk entries need topk_lengths to decode")
+        lengths, pos_offsets = _flat(batch.column(TOPK_LENGTHS))
+        if lengths.size and (lengths.min() < 1 or lengths.max() > k):
+            raise FormatError(f"topk_lengths outside [1, k={k}] (min {lengths.min()}, max {lengths.max()})")
+        kept = np.arange(k) < lengths[:, None].astype(np.int64)
     for name in batch.schema.names:
         col = batch.column(name)
         if not pa.types.is_list(col.type):
@@ -628,14 +666,24 @@ def decode_batch(batch: pa.RecordBatch | pa.Table, kind: str, k: int, enc: Encod
             continue
         values, offsets = _flat(col)
         if name in (TOPK_IDS, TOPK_LOGPROBS):
-            values = values.reshape(-1, k)
-            offsets = offsets // k
+            if kept is not None:
+                if values.size != kept.sum():
+                    raise FormatError(f"{name} holds {values.size} entries, topk_lengths count {int(kept.sum())}")
+                full = np.zeros(kept.shape, values.dtype)
+                full[kept] = values
+                values, offsets = full, pos_offsets
+            else:
+                values = values.reshape(-1, k)
+                offsets = offsets // k
             if name == TOPK_LOGPROBS:
                 stored_lp = values
                 values = decode_logprobs(values, enc)
+                if kept is not None:
+                    values[~kept] = -np.inf
             else:
                 values = values.astype(np.int64)
-        elif name in (INPUT_IDS, PROMPT_IDS, COMPLETION_IDS, TARGET_RANK, SAMPLED_IDS, SAMPLED_COUNTS, SAMPLED_LENGTHS):
+        elif name in (INPUT_IDS, PROMPT_IDS, COMPLETION_IDS, TARGET_RANK, SAMPLED_IDS, SAMPLED_COUNTS, SAMPLED_LENGTHS,
+                      TOPK_LENGTHS):
             values = values.astype(np.int64)
         elif name == SAMPLED_LOGPROBS:
             values = decode_logprobs(values[None, :], Encoding(logprob_codec="u8", u8_range=enc.u8_range))[0]
@@ -649,10 +697,15 @@ def decode_batch(batch: pa.RecordBatch | pa.Table, kind: str, k: int, enc: Encod
         # Stable, so entries whose stored logprobs tie keep id order. uint8
         # codes sort (radix-fast) in the order of their logprobs.
         key = {"u8": stored_lp, "sqrt": 255 - stored_lp}.get(enc.logprob_codec, -lp)
+        if kept is not None:   # dropped slots sort last
+            last = np.int16(256) if key.dtype == np.uint8 else np.float32(np.inf)
+            key = np.where(kept, key.astype(last.dtype), last)
         order = np.argsort(key, axis=1, kind="stable")
         out[TOPK_LOGPROBS] = (np.take_along_axis(lp, order, 1), off)
         if TOPK_IDS in out:
             ids = np.cumsum(out[TOPK_IDS][0], axis=1)
+            if kept is not None:
+                ids[~kept] = 0   # kept slots are a prefix before and after the sort
             out[TOPK_IDS] = (np.take_along_axis(ids, order, 1), off)
     if kind == "sampled" and SAMPLED_IDS in out:
         if SAMPLED_LENGTHS not in out:
@@ -669,7 +722,10 @@ def decode_batch(batch: pa.RecordBatch | pa.Table, kind: str, k: int, enc: Encod
         ids, off = out[column]
         if ids.size and (ids.min() < 0 or ids.max() >= len(id_map.from_stored)):
             raise FormatError(f"stored {column} outside the vocabulary [0, {len(id_map.from_stored)})")
-        out[column] = (id_map.from_stored[ids], off)
+        ids = id_map.from_stored[ids]
+        if kept is not None and column == TOPK_IDS:
+            ids[~kept] = 0
+        out[column] = (ids, off)
     return out
 
 

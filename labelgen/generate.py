@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from labelgen import format as fmt
-from labelgen.backends import SampleRequest, Teacher, load_teacher
+from labelgen.backends import SampleRequest, Teacher, TopK, load_teacher
 from labelgen.config import DEFAULT_MAX_SEQ_LEN, EXECUTION_ONLY, GenerateConfig
 from labelgen.format import Encoding, FormatError
 from labelgen.inputs import FieldSpec, InputError, Record, read_records
@@ -233,6 +233,8 @@ def resolve(cfg: GenerateConfig, tokenizer) -> GenerateConfig:
         raise ValueError(f"--max-seq-len {cfg.max_seq_len} exceeds the teacher's {positions} positions")
     if cfg.mode == "topk" and cfg.k > vocab:
         raise ValueError(f"--k {cfg.k} is larger than the teacher's vocabulary ({vocab})")
+    if cfg.truncates and not cfg.encoding.get("variable_k"):
+        cfg = dataclasses.replace(cfg, encoding={**cfg.encoding, "variable_k": True})
     return cfg
 
 
@@ -373,8 +375,24 @@ def _topk_batches(items: list, cfg: GenerateConfig):
         yield [items[j] for j in batch]
 
 
+def truncate(t: TopK, keep_mass: float, min_prob: float) -> TopK:
+    """Adaptive truncation: each position keeps its entries, best first, until
+    those kept hold `keep_mass` or the next falls below `min_prob` (the top-1
+    always stays). Dropped entries get logprob -inf; coverage counts the kept."""
+    p = np.exp(t.logprobs.astype(np.float64))
+    before = np.cumsum(p, axis=1) - p                  # mass kept ahead of each entry
+    keep = (before < keep_mass) & (p >= min_prob)
+    keep[:, 0] = True
+    keep = np.cumprod(keep, axis=1).astype(bool)       # a prefix: stop at the first entry that fails
+    dropped = np.where(keep, 0.0, p).sum(1)
+    return dataclasses.replace(t, logprobs=np.where(keep, t.logprobs, -np.inf).astype(np.float32),
+                               coverage=np.clip(t.coverage - dropped, 0, 1).astype(np.float32))
+
+
 def _score(teacher: Teacher, batch: list, cfg: GenerateConfig) -> tuple[list[dict], int]:
     labels = teacher.score([w for _, _, w in batch], cfg.k)
+    if cfg.truncates:
+        labels = [truncate(t, cfg.keep_mass, cfg.min_prob) for t in labels]
     rows = [{fmt.EXAMPLE_ID: ex, fmt.WINDOW_OFFSET: off, fmt.INPUT_IDS: w, fmt.TOPK_IDS: t.ids,
              fmt.TOPK_LOGPROBS: t.logprobs, fmt.COVERAGE: t.coverage, fmt.TARGET_LOGPROB: t.target_logprob,
              fmt.TARGET_RANK: t.target_rank} for (ex, off, w), t in zip(batch, labels)]

@@ -95,9 +95,11 @@ def _check_rows(d: dict, reader: ShardReader):
     if not np.array_equal(np.diff(ids_off) - 1, np.diff(off)):
         yield 0, "per-position columns do not have len(input_ids) - 1 entries"
         return
+    with np.errstate(invalid="ignore"):   # -inf - -inf between empty slots (adaptive truncation)
+        unsorted = np.diff(lp, axis=1) > 1e-6 if lp.shape[1] > 1 else np.zeros_like(lp, bool)
     checks = [
         (lp > 0, "positive logprob"),
-        (np.diff(lp, axis=1) > 1e-6 if lp.shape[1] > 1 else np.zeros_like(lp, bool), "top-k logprobs not sorted descending"),
+        (unsorted, "top-k logprobs not sorted descending"),
         ((cov < 0) | (cov > 1) | np.isnan(cov), "coverage outside [0, 1]"),
     ]
     enc = reader.encoding
@@ -136,22 +138,29 @@ def inspect(label_dir: Path | str) -> dict:
     """Sizes, compression and (for topk) coverage statistics of a label set."""
     reader = ShardReader(label_dir)
     kind, k, V = reader.kind, reader.k, reader.vocab_size
-    id_bytes = fmt.id_dtype(V).itemsize
+    variable_k = kind == "topk" and reader.encoding.variable_k
     shards, hist = [], np.zeros(COVERAGE_BINS, dtype=np.int64)
     cov_sum, in_topk, finish = 0.0, 0, {}
     unique_sum, unique_hist = 0, np.zeros(256, dtype=np.int64)
     for si, shard in enumerate(reader.shards):
         pf = reader.open_shard(shard)
-        cols = {"topk": [fmt.COVERAGE, fmt.TARGET_RANK], "samples": [fmt.FINISH_REASON], "tokens": [],
-                "sampled": [fmt.SAMPLED_LENGTHS]}[kind]
+        cols = {"topk": [fmt.COVERAGE, fmt.TARGET_RANK] + ([fmt.TOPK_LENGTHS] if variable_k else []),
+                "samples": [fmt.FINISH_REASON], "tokens": [], "sampled": [fmt.SAMPLED_LENGTHS]}[kind]
+        entries = shard["positions"] * k if kind == "topk" else shard["positions"]
+        if variable_k:
+            entries = 0
         for rg in range(pf.num_row_groups if cols else 0):
             d = reader.read_row_group(si, rg, cols, pf)
             if kind == "topk":
+                kept = k
+                if variable_k:
+                    kept = d[fmt.TOPK_LENGTHS][0]
+                    entries += int(kept.sum())
                 cov = d[fmt.COVERAGE][0].astype(np.float64)
                 cov_sum += cov.sum()
                 hist += np.bincount(np.clip((cov * COVERAGE_BINS).astype(np.int64), 0, COVERAGE_BINS - 1),
                                     minlength=COVERAGE_BINS)
-                in_topk += int((d[fmt.TARGET_RANK][0] < k).sum())
+                in_topk += int((d[fmt.TARGET_RANK][0] < kept).sum())
             elif kind == "sampled":
                 lengths = d[fmt.SAMPLED_LENGTHS][0]
                 unique_sum += int(lengths.sum())
@@ -159,15 +168,16 @@ def inspect(label_dir: Path | str) -> dict:
             elif kind == "samples":
                 for r in d[fmt.FINISH_REASON]:
                     finish[r] = finish.get(r, 0) + 1
-        shards.append(_sizes(shard, k if kind == "topk" else 1, V, id_bytes))
+        shards.append(_sizes(shard, entries, V))
     total = _sizes({"name": "total", "rows": sum(s["rows"] for s in shards),
                     "positions": sum(s["positions"] for s in shards),
-                    "bytes": sum(s["bytes"] for s in shards)}, k if kind == "topk" else 1, V, id_bytes)
+                    "bytes": sum(s["bytes"] for s in shards)}, sum(s["entries"] for s in shards), V)
     out = {"dir": str(label_dir), "kind": kind, "k": k, "vocab_size": V, "encoding": reader.encoding.to_dict(),
            **{key: total[key] for key in total if key != "name"}, "shards": shards}
     if kind == "topk":
         n = max(total["positions"], 1)
         out.update({
+            "entries_per_position": total["entries"] / n,
             "coverage_mean": cov_sum / n,
             "coverage_p1": _percentile_from_hist(hist, 1),
             "coverage_p5": _percentile_from_hist(hist, 5),
@@ -188,13 +198,14 @@ def inspect(label_dir: Path | str) -> dict:
     return out
 
 
-def _sizes(s: dict, k: int, V: int, id_bytes: int) -> dict:
+def _sizes(s: dict, entries: int, V: int) -> dict:
+    """Size figures of a shard (or the total) storing `entries` top-k entries (positions otherwise)."""
     pos, b = s["positions"], s["bytes"]
-    raw_topk = pos * k * 8  # int32 id + float32 logprob per entry
+    raw_topk = entries * 8  # int32 id + float32 logprob per entry
     return {
-        "name": s["name"], "rows": s["rows"], "positions": pos, "bytes": b,
+        "name": s["name"], "rows": s["rows"], "positions": pos, "bytes": b, "entries": entries,
         "bytes_per_position": b / pos if pos else float("nan"),
-        "bytes_per_entry": b / (pos * k) if pos else float("nan"),
+        "bytes_per_entry": b / entries if entries else float("nan"),
         "ratio_vs_raw_topk": raw_topk / b if b else float("nan"),
         "ratio_vs_full_fp8": pos * V / b if b else float("nan"),
         "ratio_vs_full_bf16": pos * V * 2 / b if b else float("nan"),
@@ -219,7 +230,10 @@ def format_inspect(r: dict) -> str:
         lines.append(f"coverage: mean {r['coverage_mean']:.4f}  p1 {r['coverage_p1']:.4f}  p5 {r['coverage_p5']:.4f}  "
                      f"p50 {r['coverage_p50']:.4f}  below 0.9: {r['coverage_below_0.9']:.1%}  "
                      f"below 0.99: {r['coverage_below_0.99']:.1%}")
-        lines.append(f"actual next token inside the top-{r['k']}: {r['target_in_topk']:.1%}")
+        lines.append(f"actual next token inside the stored top-{r['k']}: {r['target_in_topk']:.1%}")
+        if r["encoding"].get("variable_k"):
+            lines.append(f"adaptive truncation: {r['entries_per_position']:.1f} entries per position stored (cap k={r['k']}); "
+                         f"coverage is the mass of the stored entries")
         h = np.asarray(r["coverage_histogram"], dtype=float)
         for i, c in enumerate(h):
             bar = "#" * int(round(40 * c / h.max())) if h.max() else ""
@@ -265,7 +279,10 @@ def estimate(tokens: float, vocab: int, k: int, from_dir: Path | str | None = No
         measured = inspect(from_dir)
         if measured["kind"] != "topk":
             raise FormatError(f"{from_dir}: holds {measured['kind']} labels; --from needs topk labels")
-        per_entry, source = measured["bytes_per_entry"], f"measured from {from_dir} (k={measured['k']})"
+        per_entry = measured["bytes_per_entry"]
+        if measured["encoding"].get("variable_k"):   # stores fewer than k entries: scale per position
+            per_entry = measured["bytes_per_position"] / k
+        source = f"measured from {from_dir} (k={measured['k']}, {measured['entries_per_position']:.1f} entries/position)"
     else:
         # Uncompressed size of this format's layout: id + uint16 gap per entry,
         # coverage, target logprob and rank (3 x 4 bytes) per position.

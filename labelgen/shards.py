@@ -353,6 +353,9 @@ class ShardReader:
         if columns is not None and self.kind == "topk" and self.encoding.id_order == "sorted" \
                 and fmt.TOPK_IDS in columns and fmt.TOPK_LOGPROBS not in columns:
             columns = list(columns) + [fmt.TOPK_LOGPROBS]   # ids are put in rank order by their logprobs
+        if columns is not None and self.kind == "topk" and self.encoding.variable_k \
+                and {fmt.TOPK_IDS, fmt.TOPK_LOGPROBS} & set(columns) and fmt.TOPK_LENGTHS not in columns:
+            columns = list(columns) + [fmt.TOPK_LENGTHS]    # entries kept per position
         if columns is not None and fmt.SAMPLED_IDS in columns and fmt.SAMPLED_LENGTHS not in columns:
             columns = list(columns) + [fmt.SAMPLED_LENGTHS]  # deltas restart at every position
         where = f"{self.dir / shard['name']}: row group {row_group}"
@@ -388,9 +391,13 @@ class ShardReader:
             positions = counts[fmt.COVERAGE]
             if positions > shard["positions"] or (tokens is not None and positions != tokens - rows):
                 raise FormatError(f"{where}: {positions} positions do not fit the input ids or the manifest")
+            if self.encoding.variable_k and counts[fmt.TOPK_LENGTHS] != positions:
+                raise FormatError(f"{where}: {fmt.TOPK_LENGTHS} holds {counts[fmt.TOPK_LENGTHS]} values for {positions} positions")
             for col in (fmt.TOPK_IDS, fmt.TOPK_LOGPROBS):
-                if counts[col] != positions * self.k:
-                    raise FormatError(f"{where}: {col} holds {counts[col]} entries, not positions x k = {positions * self.k}")
+                bad = counts[col] > positions * self.k if self.encoding.variable_k else counts[col] != positions * self.k
+                if bad:
+                    raise FormatError(f"{where}: {col} holds {counts[col]} entries, {'more than' if self.encoding.variable_k else 'not'} "
+                                      f"positions x k = {positions * self.k}")
         if self.kind == "samples" and counts[fmt.COMPLETION_IDS] > shard["positions"]:
             raise FormatError(f"{where}: {counts[fmt.COMPLETION_IDS]} completion tokens, more than the manifest's "
                               f"{shard['positions']} for the whole shard")

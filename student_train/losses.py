@@ -86,6 +86,9 @@ def topk_kd(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.T
         raise ValueError("--temperature must be 1 with --tail tail: the shape of the missing mass is unknown")
     t_lp = topk_logprobs.float()
     s = logits.gather(-1, topk_ids).float() / temperature                   # [B,T,K]
+    # Empty slots (adaptive truncation, padded vocabulary) are not part of the
+    # shared support: the student's logit there must not count either.
+    s = s.masked_fill(torch.isneginf(t_lp), torch.finfo(s.dtype).min / 4)
     if tail == "renorm":
         logp = torch.log_softmax(t_lp / temperature, dim=-1)
         logq = torch.log_softmax(s, dim=-1)

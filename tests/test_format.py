@@ -53,6 +53,51 @@ def test_topk_round_trip_within_documented_error(tmp_path, rng, order, codec):
         np.testing.assert_array_equal(a["target_rank"], b["target_rank"])
 
 
+@pytest.mark.parametrize("order, codec, id_map", [("sorted", "sqrt", "frequency"), ("sorted", "u8", "none"),
+                                                  ("rank", "sqrt", "frequency"), ("rank", "f32", "none")])
+def test_adaptively_truncated_rows_keep_just_their_entries(tmp_path, rng, order, codec, id_map):
+    """variable_k: entries marked -inf are not stored (the shard is smaller);
+    the rest come back as before, dropped slots as id 0 / -inf after them."""
+    k, V = 8, 500
+    rows = [topk_row(rng, f"ex{i}", int(rng.integers(2, 40)), V, k) for i in range(30)]
+    for r in rows:
+        kept = rng.integers(1, k + 1, len(r["coverage"]))
+        r["topk_logprobs"][np.arange(k) >= kept[:, None]] = -np.inf
+        r["coverage"] = np.exp(r["topk_logprobs"].astype(np.float64)).sum(1).astype(np.float32)   # the kept mass
+    enc = Encoding(id_order=order, logprob_codec=codec, id_map=id_map, variable_k=True, row_group_rows=7)
+    m = write_set(tmp_path / "l", rows, k, V, encoding=enc, max_rows=11)
+    stored = 0
+    for shard in m["shards"]:
+        md = pq.ParquetFile(tmp_path / "l" / shard["name"]).metadata
+        cols = [md.schema.column(j).path.split(".")[0] for j in range(md.num_columns)]
+        stored += sum(md.row_group(g).column(cols.index(fmt.TOPK_IDS)).num_values for g in range(md.num_row_groups))
+    assert stored == sum(np.isfinite(r["topk_logprobs"]).sum() for r in rows)
+    out = list(ShardReader(tmp_path / "l", verify=True).rows())
+    for a, b in zip(rows, out):
+        kept = np.isfinite(a["topk_logprobs"])
+        np.testing.assert_array_equal(np.isfinite(b["topk_logprobs"]), kept)
+        np.testing.assert_array_equal(b["topk_lengths"], kept.sum(1))
+        assert (b["topk_ids"][~kept] == 0).all()
+        for p in range(len(kept)):
+            n = kept[p].sum()
+            assert_same_entries(a["topk_ids"][p:p + 1, :n], a["topk_logprobs"][p:p + 1, :n],
+                                b["topk_ids"][p:p + 1, :n], b["topk_logprobs"][p:p + 1, :n], enc)
+        np.testing.assert_array_equal(a["coverage"], b["coverage"])
+    from labelgen.inspect import inspect, validate
+    assert validate(tmp_path / "l")["problems"] == []
+    r = inspect(tmp_path / "l")
+    assert r["entries_per_position"] == pytest.approx(stored / r["positions"])
+
+
+def test_adaptive_truncation_needs_the_top_entry_and_refuses_the_gap_codec(tmp_path, rng):
+    row = topk_row(rng, "ex", 5, 500, 8)
+    row["topk_logprobs"][2, :] = -np.inf
+    with pytest.raises(FormatError, match="position 2 keeps no entry"):
+        write_set(tmp_path / "l", [row], 8, 500, encoding=Encoding(variable_k=True))
+    with pytest.raises(FormatError, match="gap"):
+        Encoding(id_order="rank", logprob_codec="gap", variable_k=True)
+
+
 def test_ids_use_the_narrowest_width_the_vocabulary_allows():
     assert fmt.id_dtype(256) == np.uint8
     assert fmt.id_dtype(257) == np.uint16

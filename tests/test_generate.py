@@ -66,6 +66,35 @@ def test_topk_labels_match_a_plain_forward_pass(tiny_teacher, corpus, tmp_path):
         np.testing.assert_array_equal(r["target_rank"], ranks)
 
 
+def test_adaptive_truncation_keeps_entries_until_the_mass_or_the_floor(tiny_teacher, corpus, tmp_path):
+    from transformers import AutoModelForCausalLM
+    from student_train.data import collate
+    from student_train.losses import topk_kd
+    m = run(cfg(tiny_teacher, [corpus / "docs.jsonl"], tmp_path / "l", id_field="id", keep_mass=0.5, min_prob=0.01))
+    assert m["encoding"]["variable_k"] and validate(tmp_path / "l")["ok"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
+    rows = rows_of(tmp_path / "l")
+    for r in rows[:6]:
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.as_tensor(r["input_ids"])[None]).logits[0, :-1].float(), -1)
+        top = lp.topk(16, -1)
+        p = top.values.double().exp().numpy()
+        before = np.cumsum(p, 1) - p
+        expect = np.maximum(np.cumprod((before < 0.5) & (p >= 0.01), 1).sum(1), 1)
+        # Entries at the rule's edge may flip within float error; nothing else may.
+        assert np.mean(r["topk_lengths"] == expect) > 0.97
+        for i, n in enumerate(r["topk_lengths"]):
+            assert np.isfinite(r["topk_logprobs"][i, :n]).all() and np.isneginf(r["topk_logprobs"][i, n:]).all()
+            assert set(r["topk_ids"][i, :n]) == set(top.indices[i, :n].tolist())
+            np.testing.assert_allclose(r["coverage"][i], p[i, :n].sum(), atol=1e-5)
+    assert 1 <= np.mean(np.concatenate([r["topk_lengths"] for r in rows])) < 16
+    batch = collate(rows[:4], "topk")
+    student = torch.randn(*batch["topk_ids"].shape[:2], 512, requires_grad=True)
+    loss = topk_kd(student, batch["topk_ids"], batch["topk_logprobs"], batch["coverage"], batch["mask"], tail="tail")
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+
+
 def test_generated_labels_validate_and_cover_every_document_token(tiny_teacher, corpus, tmp_path):
     from transformers import AutoTokenizer
     m = run(cfg(tiny_teacher, [corpus / "docs.jsonl"], tmp_path / "l", id_field="id"))
@@ -177,6 +206,18 @@ def test_rerun_is_refused_without_resume_and_with_a_changed_config(tiny_teacher,
         run(cfg(tiny_teacher, [corpus / "docs.jsonl"], tmp_path / "l", k=8, resume=True))
     m = run(cfg(tiny_teacher, [corpus / "docs.jsonl"], tmp_path / "l", k=8, overwrite=True))
     assert m["k"] == 8 and validate(tmp_path / "l")["ok"]
+
+
+def test_a_run_hashed_before_adaptive_truncation_existed_still_resumes(tmp_path):
+    """The output hash of a run that sets no truncation is the hash over the
+    settings that existed before keep_mass/min_prob: such a run resumes."""
+    import hashlib
+    c = cfg("t", ["in.jsonl"], tmp_path / "l")
+    before = {k: v for k, v in c.to_dict().items()
+              if k not in ("keep_mass", "min_prob", "out", "resume", "overwrite", "num_workers", "worker_index",
+                           "progress", "dry_run", "skip_bad")}
+    assert c.output_hash() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    assert cfg("t", ["in.jsonl"], tmp_path / "l", keep_mass=0.9).output_hash() != c.output_hash()
 
 
 def test_dry_run_prints_the_resolved_config_from_file_and_flags(tmp_path):

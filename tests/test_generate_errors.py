@@ -55,6 +55,8 @@ def test_bad_input_fails_with_one_line_naming_file_and_line(tiny_teacher, bad_in
     (["--top-p", "0"], r"--top-p: must be in \(0, 1\]"),
     (["--max-seq-len", "4096", "--batch-tokens", "4096"], r"--max-seq-len 4096 exceeds the teacher's 512 positions"),
     (["--encoding", "zstd_level=40"], r"zstd_level must be in \[1, 22\]"),
+    (["--keep-mass", "0"], r"--keep-mass: must be in \(0, 1\]"),
+    (["--mode", "sampled", "--min-prob", "0.01"], r"--keep-mass/--min-prob: adaptive truncation is for --mode topk"),
 ])
 def test_bad_options_fail_with_one_line_naming_the_option(tiny_teacher, corpus, tmp_path, extra, message):
     r = gen(tiny_teacher, tmp_path, "--input", str(corpus / "docs.jsonl"), *extra)

@@ -100,6 +100,20 @@ def test_gradients_are_finite_with_empty_slots_and_full_coverage():
             assert torch.isfinite(loss) and torch.isfinite(student.grad).all(), (kind, tail)
 
 
+def test_empty_slots_count_on_neither_side():
+    """A position with fewer real entries than K (adaptive truncation) gives the
+    loss it would give stored with just those entries: the student's logits at
+    the empty slots' filler ids are left out of its side too."""
+    student, _, ids, lp, cov, mask = rand_case()
+    padded = lp.clone()
+    padded[..., 3:] = -float("inf")
+    for kind in ("forward", "reverse", "jsd"):
+        for tail in ("renorm", "tail"):
+            short = topk_kd(student, ids[..., :3], lp[..., :3], cov, mask, kind=kind, tail=tail)
+            full = topk_kd(student, ids, padded, cov, mask, kind=kind, tail=tail)
+            assert full.item() == pytest.approx(short.item(), rel=1e-5, abs=1e-6), (kind, tail)
+
+
 def test_tail_refuses_a_temperature():
     student, _, ids, lp, cov, mask = rand_case()
     with pytest.raises(ValueError, match="temperature must be 1 with --tail tail"):
