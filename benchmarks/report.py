@@ -245,7 +245,7 @@ def write_report(labels: dict, students: dict, teacher_info: dict, scale: Scale,
         f"* **Students**: Llama, {STUDENT['num_hidden_layers']} layers of width {STUDENT['hidden_size']} "
         f"({teacher_info['student_params'] / 1e6:.2f}M parameters), {scale.student_steps} steps of "
         f"{scale.batch_size} windows of {scale.max_seq_len} tokens each, lr 3e-3, the same seed.",
-        f"* **KL** is KL(teacher ‖ student) over the teacher's top-64 plus one bucket for the rest; **recovered** "
+        "* **KL** is KL(teacher ‖ student) over the teacher's top-64 plus one bucket for the rest; **recovered** "
         "is the share of the CE gain of online full-vocabulary KD over CE-only that a method achieves.",
         "",
         "| method | bytes/position | label bytes | generation tok/s | held-out CE | KL to teacher | top-1 agreement | recovered |",

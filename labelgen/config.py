@@ -21,7 +21,7 @@ DEFAULT_MAX_SEQ_LEN = 2048
 # when set, so a run started before they existed still resumes.
 ADDED_LATER = {"keep_mass": 1.0, "min_prob": 0.0}
 # Settings that change how or where a run executes but not a single byte of its output.
-EXECUTION_ONLY = ("out", "resume", "overwrite", "num_workers", "worker_index", "progress", "dry_run", "skip_bad")
+EXECUTION_ONLY = ("out", "resume", "overwrite", "num_workers", "worker_index", "progress", "skip_bad")
 
 
 @dataclass(frozen=True)

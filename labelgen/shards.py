@@ -338,12 +338,6 @@ class ShardReader:
             self._id_map = (shard["name"], fmt.IdMap.from_meta(info[fmt.ID_TABLE_KEY], self.vocab_size, where))
         return self._id_map[1]
 
-    def row_groups(self) -> Iterator[tuple[int, int]]:
-        """(shard index, row group index) for every row group, in order."""
-        for si, shard in enumerate(self.shards):
-            for rg in range(self.open_shard(shard).num_row_groups):
-                yield si, rg
-
     def read_row_group(self, shard_index: int, row_group: int, columns: list[str] | None = None,
                        pf: pq.ParquetFile | None = None) -> dict[str, Any]:
         """Decoded columns of one row group (see format.decode_batch)."""

@@ -16,7 +16,6 @@ would have come next, in the same order.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -236,7 +235,3 @@ def holdout_split(readers: list[ShardReader], holdout: int) -> tuple[list[tuple[
     if holdout >= len(all_shards):
         raise FormatError(f"--eval-holdout {holdout} leaves no training shards (the labels have {len(all_shards)})")
     return all_shards[:-holdout], all_shards[-holdout:]
-
-
-def label_dir_names(readers: list[ShardReader]) -> list[str]:
-    return [str(Path(r.dir)) for r in readers]

@@ -27,7 +27,6 @@ undefined and only T = 1 is accepted. Losses at T != 1 are multiplied by T²
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 KINDS = ("forward", "reverse", "jsd")
 TAILS = ("renorm", "tail")

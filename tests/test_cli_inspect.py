@@ -1,6 +1,5 @@
 import json
 
-import numpy as np
 from typer.testing import CliRunner
 
 from helpers import topk_row
