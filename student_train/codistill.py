@@ -168,10 +168,11 @@ def codistill(cfg: CodistillConfig) -> dict:
 
     teacher.to(d.device), student.to(d.device)
     frozen = cfg.teacher_lr == 0   # a fixed teacher: online KD, no teacher backward at all
-    t_opt, t_sched = make_optimizer(teacher, cfg.teacher_lr, cfg.weight_decay, cfg.warmup_steps,
-                                    cfg.max_steps, cfg.min_lr_ratio)
-    s_opt, s_sched = make_optimizer(student, cfg.student_lr, cfg.weight_decay, cfg.warmup_steps, cfg.max_steps,
-                                    cfg.min_lr_ratio)
+    # Each schedule counts its model's optimizer steps: one per grad_accum batches.
+    t_opt, t_sched = make_optimizer(teacher, cfg.teacher_lr, cfg.weight_decay, -(-cfg.warmup_steps // cfg.teacher_grad_accum),
+                                    cfg.max_steps // cfg.teacher_grad_accum, cfg.min_lr_ratio)
+    s_opt, s_sched = make_optimizer(student, cfg.student_lr, cfg.weight_decay, -(-cfg.warmup_steps // cfg.student_grad_accum),
+                                    cfg.max_steps // cfg.student_grad_accum, cfg.min_lr_ratio)
     models, opts, scheds = {"teacher": teacher, "student": student}, {"teacher": t_opt, "student": s_opt}, \
         {"teacher": t_sched, "student": s_sched}
     step = 0

@@ -165,8 +165,11 @@ class CodistillConfig:
     student_lr: float = 3e-4
     teacher_grad_accum: int = 1
     student_grad_accum: int = 1
-    """Each model steps its optimizer every this many batches."""
+    """Each model steps its optimizer every this many batches; its LR schedule
+    (warmup, then cosine to min_lr_ratio) runs over max_steps // grad_accum
+    optimizer steps, so it ends at the end of the run whatever the accumulation."""
     warmup_steps: int = 50
+    """Batches of linear LR warmup."""
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     grad_clip: float = 1.0

@@ -35,6 +35,19 @@ def test_alpha_is_one_during_warmup_then_ramps_to_the_target():
     assert alpha_at(10, cos) == pytest.approx(0.6) and alpha_at(7, cos) > alpha_at(7, cfg)
 
 
+def test_the_lr_schedule_ends_at_the_end_of_the_run_under_gradient_accumulation(tiny_teacher, corpus, student_config,
+                                                                                  tmp_path):
+    """With --student-grad-accum 4 the student steps its optimizer every 4th
+    batch; its cosine must still reach min_lr_ratio at the last step (it used
+    to count batches and end near the peak)."""
+    codistill(ccfg(tiny_teacher, corpus, student_config, tmp_path / "co", student_grad_accum=4, teacher_grad_accum=2,
+                   min_lr_ratio=0.1, save_every=0))
+    final = tmp_path / "co" / "step_000008"
+    for name, lr in (("student", 3e-3), ("teacher", 1e-3)):
+        sched = json.loads((final / name / "scheduler.json").read_text())
+        assert sched["_last_lr"][0] == pytest.approx(0.1 * lr), name
+
+
 def test_with_alpha_one_the_student_follows_a_plain_ce_run(tiny_teacher, corpus, student_config, tmp_path):
     codistill(ccfg(tiny_teacher, corpus, student_config, tmp_path / "co", alpha=1.0))
     train(TrainConfig(labels=(str(tmp_path / "co" / "data"),), student_config=student_config, out=str(tmp_path / "ce"),
