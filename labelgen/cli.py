@@ -9,15 +9,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
-import sys
-from pathlib import Path
 import os
+import sys
+from inspect import signature
+from pathlib import Path
 from typing import List, Optional
 
 import typer
 
+from labelgen.config import GenerateConfig
 from labelgen.format import FormatError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -34,6 +37,27 @@ def cli_errors(fn):
             typer.echo(f"labelgen: error: {e}", err=True)
             raise typer.Exit(2)
     return wrapper
+
+
+def show_defaults(cls):
+    """Show each option's default, read from the config dataclass `cls`, in
+    --help (the flags themselves default to None so a config file can fill them)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+
+    def decorate(fn):
+        for name, param in signature(fn).parameters.items():
+            info, f = param.default, fields.get(name)
+            if not isinstance(info, typer.models.OptionInfo) or f is None or info.default is not None:
+                continue
+            if f.default is not dataclasses.MISSING:
+                value = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                value = f.default_factory()
+            else:
+                value = "required"
+            info.show_default = "none" if value is None or value == () or value == {} else str(value)
+        return fn
+    return decorate
 
 
 def _print_json(obj) -> None:
@@ -114,6 +138,7 @@ def _worker_from_env() -> tuple[int | None, int | None]:
 
 
 @app.command()
+@show_defaults(GenerateConfig)
 @cli_errors
 def generate(
     config: Optional[Path] = typer.Argument(None, help="YAML/JSON config file; flags override its keys"),
@@ -123,8 +148,8 @@ def generate(
     mode: Optional[str] = typer.Option(None, help="topk | sampled | sample | greedy | tokens"),
     backend: Optional[str] = typer.Option(None, help="hf | vllm"),
     k: Optional[int] = typer.Option(None, help="top-k entries per position (the cap under adaptive truncation)"),
-    keep_mass: Optional[float] = typer.Option(None, help="adaptive truncation: keep a position's entries until they hold this mass (default 1: all k)"),
-    min_prob: Optional[float] = typer.Option(None, help="adaptive truncation: drop entries below this probability (default 0; top-1 always kept)"),
+    keep_mass: Optional[float] = typer.Option(None, help="adaptive truncation: keep a position's entries until they hold this mass (1: all k)"),
+    min_prob: Optional[float] = typer.Option(None, help="adaptive truncation: drop entries below this probability (the top-1 is always kept)"),
     draws: Optional[int] = typer.Option(None, help="sampled mode: draws per position"),
     proposal_temperature: Optional[float] = typer.Option(None, help="sampled mode: draw from softmax(logits / T)"),
     max_seq_len: Optional[int] = typer.Option(None, help="window length in tokens"),
@@ -153,7 +178,6 @@ def generate(
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and exit"),
 ):
     """Run a teacher over inputs and write label shards (top-k soft labels or completions)."""
-    from labelgen.config import GenerateConfig
     env_workers, env_index = _worker_from_env()
     overrides = dict(
         teacher=teacher, inputs=input, out=out, mode=mode, backend=backend, k=k, keep_mass=keep_mass, min_prob=min_prob, draws=draws,

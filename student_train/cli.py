@@ -13,13 +13,15 @@ from typing import List, Optional
 
 import typer
 
-from labelgen.cli import cli_errors
+from labelgen.cli import cli_errors, show_defaults
+from student_train.config import CodistillConfig, TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train a student LLM on label shards written by `labelgen generate`.")
 
 
 @app.command("train")
+@show_defaults(TrainConfig)
 @cli_errors
 def train_cmd(
     config: Optional[Path] = typer.Argument(None, help="YAML/JSON config file; flags override its keys"),
@@ -57,7 +59,6 @@ def train_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and exit"),
 ):
     """Fit a student to top-k soft labels (kd), actual tokens (ce) or teacher completions (sft)."""
-    from student_train.config import TrainConfig
     overrides = dict(labels=labels, eval_labels=eval_labels, eval_holdout=eval_holdout, student=student,
                      student_config=student_config, out=out, max_steps=max_steps, loss=loss, kd_kind=kd_kind,
                      tail=tail, temperature=temperature, beta=beta, k=k, alpha=alpha, alpha_end=alpha_end, lr=lr,
@@ -75,6 +76,7 @@ def train_cmd(
 
 
 @app.command("codistill")
+@show_defaults(CodistillConfig)
 @cli_errors
 def codistill_cmd(
     config: Optional[Path] = typer.Argument(None, help="YAML/JSON config file; flags override its keys"),
@@ -114,7 +116,6 @@ def codistill_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and exit"),
 ):
     """Train a teacher and a student together: the teacher on CE, the student on CE + the teacher's live soft labels."""
-    from student_train.config import CodistillConfig
     overrides = dict(inputs=input, eval_input=eval_input, teacher=teacher, teacher_config=teacher_config,
                      student=student, student_config=student_config, tokenizer=tokenizer, out=out,
                      max_steps=max_steps, batch_size=batch_size, max_seq_len=max_seq_len, alpha=alpha,

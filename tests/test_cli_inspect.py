@@ -58,3 +58,33 @@ def test_estimate_prints_full_and_topk_storage():
     assert d["bytes"]["full_fp8"] == 5e17 and d["bytes"]["full_bf16"] == 1e18
     bad = runner.invoke(app, ["estimate", "--tokens", "1e9", "--vocab", "100", "--k", "500"])
     assert bad.exit_code == 2 and "larger than --vocab" in bad.stderr
+
+
+def test_help_shows_every_flag_default_from_its_config():
+    """Flags default to None (so a config file can fill them); --help still
+    shows the default the run will use, read from the config dataclass."""
+    import dataclasses
+    import re
+
+    from labelgen.config import GenerateConfig
+    from student_train.cli import app as student_app
+    from student_train.config import CodistillConfig, TrainConfig
+    for cli, command, cls in ((app, "generate", GenerateConfig), (student_app, "train", TrainConfig),
+                              (student_app, "codistill", CodistillConfig)):
+        r = runner.invoke(cli, [command, "--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"})
+        assert r.exit_code == 0, r.output
+        flags = {m.group(1): line for line in r.output.splitlines() if (m := re.search(r"│ (--[a-z-]+)", line))}
+        checked = 0
+        for f in dataclasses.fields(cls):
+            line = flags.get("--" + f.name.replace("_", "-"))
+            if line is None:
+                continue
+            if f.default is not dataclasses.MISSING:
+                want = "none" if f.default is None or f.default == () else str(f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                want = "none"
+            else:
+                want = "required"
+            assert f"[default: ({want})]" in line, (command, f.name, line)
+            checked += 1
+        assert checked >= 20, (command, checked)
