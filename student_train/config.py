@@ -10,6 +10,20 @@ from dataclasses import dataclass
 from labelgen.config import config_from_sources
 from student_train.losses import KINDS, TAILS
 
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def check_optimizer_settings(cfg, bad) -> None:
+    """Settings TrainConfig and CodistillConfig share, checked alike."""
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        bad("--min-lr-ratio", f"must be in [0, 1], got {cfg.min_lr_ratio}")
+    if cfg.weight_decay < 0:
+        bad("--weight-decay", f"must be >= 0, got {cfg.weight_decay}")
+    if cfg.grad_clip < 0:
+        bad("--grad-clip", f"must be >= 0 (0: no clipping), got {cfg.grad_clip}")
+    if cfg.dtype not in DTYPES:
+        bad("--dtype", f"must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+
 LOSSES = ("kd", "ce", "sft")
 
 
@@ -106,6 +120,7 @@ class TrainConfig:
                 bad(f"--{name.replace('_', '-')}", f"must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
             bad("--lr", f"must be > 0, got {self.lr}")
+        check_optimizer_settings(self, bad)
         if self.resume and self.overwrite:
             bad("--resume/--overwrite", "pass one, not both")
         if self.eval_labels and self.eval_holdout:
@@ -218,6 +233,9 @@ class CodistillConfig:
                 bad(f"--{name.replace('_', '-')}", f"must be >= 1, got {getattr(self, name)}")
         if self.teacher_lr < 0 or self.student_lr <= 0:
             bad("--teacher-lr/--student-lr", "the student's must be > 0, the teacher's >= 0 (0 freezes it)")
+        if self.group_units < 1 or self.num_workers < 0:
+            bad("--group-units/--num-workers", "must be >= 1 / >= 0")
+        check_optimizer_settings(self, bad)
         if self.resume and self.overwrite:
             bad("--resume/--overwrite", "pass one, not both")
 

@@ -106,6 +106,7 @@ def test_two_process_torchrun_codistill_ends_with_identical_weights(tiny_teacher
     (dict(alpha=1.5), r"--alpha: must be in \[0, 1\]"),
     (dict(alpha_warmup_steps=6, alpha_ramp_steps=6), r"the alpha schedule \(6 \+ 6 steps\) is longer than the run"),
     (dict(teacher=None, teacher_config="t.json"), r"--tokenizer: required when both models are built from configs"),
+    (dict(grad_clip=-1.0), r"--grad-clip: must be >= 0"),
 ])
 def test_bad_codistill_settings_fail_before_the_first_step(tiny_teacher, corpus, student_config, tmp_path, kw, message):
     with pytest.raises(ValueError, match=message):
