@@ -160,6 +160,22 @@ def autocast(d: Dist, dtype: str):
     return contextlib.nullcontext()
 
 
+def token_weights(masks: list[torch.Tensor], d: Dist) -> list[tuple[float, float]]:
+    """Weights of the micro-batches of one optimizer step, whose losses are
+    means over their counted positions: (for the gradient, for the log). The
+    gradient is that of the mean over every counted position of the step on
+    all ranks (DDP and FSDP average over ranks, hence x world), so a short or
+    heavily masked micro-batch weighs by its tokens, not as much as a full one."""
+    counts = [int(m.sum()) for m in masks]
+    total = sum(counts)
+    if d.world > 1:
+        t = torch.tensor(float(total), device=d.device)
+        dist.all_reduce(t)
+        total = int(t.item())
+    local = max(sum(counts), 1)
+    return [(c * d.world / max(total, 1), c / local) for c in counts]
+
+
 def prepare_out_dir(out: Path, resume: bool, overwrite: bool, main: bool) -> Path | None:
     """Returns the checkpoint to resume from, if any."""
     out = Path(out)
@@ -382,8 +398,9 @@ def train(cfg: TrainConfig) -> dict:
         alpha = 1.0 if cfg.loss != "kd" else losses.alpha_at(step, cfg.max_steps, cfg.alpha, cfg.alpha_end)
         opt.zero_grad(set_to_none=True)
         ce_sum = kd_sum = torch.zeros((), device=d.device)   # summed on the device: no sync per micro-step
-        for micro in range(cfg.grad_accum):
-            batch, meta = next(batches)
+        micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
+        weights = token_weights([b["mask"] for b, _ in micro_batches], d)
+        for micro, ((batch, meta), (w_grad, w_log)) in enumerate(zip(micro_batches, weights)):
             tracker.update(meta)
             tokens += int(batch["mask"].sum())   # still on the host
             batch = {key: v.to(d.device, non_blocking=True) for key, v in batch.items()}
@@ -391,10 +408,10 @@ def train(cfg: TrainConfig) -> dict:
                 else ddp_model.no_sync()
             with sync, autocast(d, cfg.dtype):
                 ce, kd = loss_step(ddp_model, batch, cfg)
-                loss = (alpha * ce + (1 - alpha) * kd) / cfg.grad_accum
+                loss = (alpha * ce + (1 - alpha) * kd) * w_grad
                 loss.backward()
-            ce_sum = ce_sum + ce.detach() / cfg.grad_accum
-            kd_sum = kd_sum + kd.detach() / cfg.grad_accum
+            ce_sum = ce_sum + ce.detach() * w_log
+            kd_sum = kd_sum + kd.detach() * w_log
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), cfg.grad_clip)
         opt.step()

@@ -100,3 +100,31 @@ def test_fsdp_two_process_run_resumes_to_the_same_losses(topk_labels, student_co
     assert a[-1]["weight_digests"][0] == a[-1]["weight_digests"][1]
     from transformers import AutoModelForCausalLM
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "step_000006").num_parameters() > 0
+
+
+
+def test_gradient_accumulation_weighs_micro_batches_by_their_tokens():
+    """Two micro-batches accumulated with the loop's weights give the gradient
+    of one batch holding both: a micro-batch counts by its target tokens, not
+    as half of the step (a short window used to weigh as much as a full one)."""
+    import torch
+    from student_train.losses import cross_entropy
+    from student_train.train import Dist, token_weights
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Linear(16, 50))
+    ids = torch.randint(0, 50, (4, 12))
+    mask = torch.ones(4, 11, dtype=torch.bool)
+    mask[2:, 3:] = False                      # the second micro-batch: short windows, 3 targets each
+
+    def ce(rows):
+        return cross_entropy(model(ids[rows, :-1]), ids[rows, 1:], mask[rows])
+
+    ce(slice(0, 4)).backward()
+    whole = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    parts = [slice(0, 2), slice(2, 4)]
+    for rows, (w_grad, _) in zip(parts, token_weights([mask[r] for r in parts], Dist())):
+        (ce(rows) * w_grad).backward()
+    for a, b in zip(whole, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b)
+    assert [w for w, _ in token_weights([mask[r] for r in parts], Dist())] == [22 / 28, 6 / 28]
