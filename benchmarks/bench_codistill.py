@@ -69,7 +69,7 @@ def measure(work: Path, mode: str, steps: int, args) -> dict:
         sync()
         t0 = time.perf_counter()
         if mode == "codistill":
-            forward_backward(teacher, student, batch, 0.5, cfg, len(tok), False, d)
+            forward_backward(teacher, student, batch, 0.5, cfg, len(tok), False, d, int(batch["mask"].sum()))
         for name, model, opt in (("teacher", teacher, t_opt), ("student", student, s_opt)):
             if mode == name:
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]

@@ -116,25 +116,37 @@ def evaluate(teacher, student, batches, d, cfg: CodistillConfig, n_vocab: int) -
 
 
 def forward_backward(t_model, s_model, batch: dict, alpha: float, cfg: CodistillConfig, n_vocab: int,
-                     frozen: bool, d) -> tuple[torch.Tensor, ...]:
+                     frozen: bool, d, tokens: int) -> tuple[torch.Tensor, ...]:
     """One batch: the teacher's forward and CE backward, then the student's
     loss against the same (detached) teacher logits. Returns (teacher CE,
-    student CE, KD, student loss)."""
+    student CE, KD, student loss). Gradients are summed over the batch's
+    `tokens` counted positions; _optimizer_step divides by the step's total."""
     with autocast(d, cfg.dtype), (torch.no_grad() if frozen else contextlib.nullcontext()):
         t_logits = t_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :n_vocab]
         t_ce = losses.cross_entropy(t_logits, batch["targets"], batch["mask"])
         if not frozen:
-            (t_ce / cfg.teacher_grad_accum).backward()
+            (t_ce * tokens).backward()
     with autocast(d, cfg.dtype):
         s_logits = s_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :n_vocab]
         s_ce = losses.cross_entropy(s_logits, batch["targets"], batch["mask"])
         kd = kd_loss(s_logits, t_logits.detach(), batch["mask"], cfg) if alpha < 1 else torch.zeros_like(s_ce)
         s_loss = alpha * s_ce + (1 - alpha) * kd
-        (s_loss / cfg.student_grad_accum).backward()
+        (s_loss * tokens).backward()
     return t_ce, s_ce, kd, s_loss
 
 
-def _optimizer_step(model, opt, sched, clip: float) -> None:
+def _optimizer_step(model, opt, sched, clip: float, tokens: int, d) -> None:
+    """Step on the mean gradient over every counted position since the last
+    step, on all ranks (DDP averages over ranks, hence x world): micro-batches
+    weigh by their tokens, as in train's token_weights."""
+    if d.world > 1:
+        t = torch.tensor(float(tokens), device=d.device)
+        dist.all_reduce(t)
+        tokens = int(t.item())
+    scale = d.world / max(tokens, 1)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(scale)
     if clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     opt.step()
@@ -200,21 +212,26 @@ def codistill(cfg: CodistillConfig) -> dict:
                    **evaluate(t_model, s_model, take_batches(eval_stream, cfg.eval_batches), d, cfg, n_vocab)})
 
     t0, start = time.time(), step
+    t_tokens = s_tokens = 0   # counted positions since each model's last optimizer step
     while step < cfg.max_steps:
         alpha = alpha_at(step, cfg)
         batch, meta = next(batches)
         tracker.update(meta)
+        tokens = int(batch["mask"].sum())
+        t_tokens, s_tokens = t_tokens + tokens, s_tokens + tokens
         batch = {key: v.to(d.device, non_blocking=True) for key, v in batch.items()}
         t_step = (step + 1) % cfg.teacher_grad_accum == 0
         s_step = (step + 1) % cfg.student_grad_accum == 0
         t_sync = contextlib.nullcontext() if t_step or frozen or d.world == 1 else t_model.no_sync()
         s_sync = contextlib.nullcontext() if s_step or d.world == 1 else s_model.no_sync()
         with t_sync, s_sync:
-            t_ce, s_ce, kd, s_loss = forward_backward(t_model, s_model, batch, alpha, cfg, n_vocab, frozen, d)
+            t_ce, s_ce, kd, s_loss = forward_backward(t_model, s_model, batch, alpha, cfg, n_vocab, frozen, d, tokens)
         if t_step and not frozen:
-            _optimizer_step(t_model, t_opt, t_sched, cfg.grad_clip)
+            _optimizer_step(t_model, t_opt, t_sched, cfg.grad_clip, t_tokens, d)
+            t_tokens = 0
         if s_step:
-            _optimizer_step(s_model, s_opt, s_sched, cfg.grad_clip)
+            _optimizer_step(s_model, s_opt, s_sched, cfg.grad_clip, s_tokens, d)
+            s_tokens = 0
         step += 1
 
         record = {"step": step, "loss": s_loss.item(), "student_ce": s_ce.item(), "kd": kd.item(),

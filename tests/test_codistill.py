@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from labelgen.config import GenerateConfig
 from labelgen.generate import run as generate
@@ -46,6 +47,25 @@ def test_the_lr_schedule_ends_at_the_end_of_the_run_under_gradient_accumulation(
     for name, lr in (("student", 3e-3), ("teacher", 1e-3)):
         sched = json.loads((final / name / "scheduler.json").read_text())
         assert sched["_last_lr"][0] == pytest.approx(0.1 * lr), name
+
+
+def test_accumulated_micro_batches_weigh_by_their_tokens(tiny_teacher, corpus, student_config, tmp_path):
+    """Two batches of 2 rows accumulated step the student exactly like one
+    batch of the same 4 rows: each counts by its target tokens, not as half
+    of the step."""
+    from safetensors.torch import load_file
+    docs = [json.loads(line) for line in open(corpus / "docs.jsonl")]
+    with open(tmp_path / "short.jsonl", "w") as f:   # one window per document, every one a different length
+        for i, d in enumerate(docs):
+            f.write(json.dumps({"text": d["text"][: 40 + 9 * i]}) + "\n")
+    common = dict(teacher_lr=0.0, kd="full", save_every=0, warmup_steps=1, inputs=(str(tmp_path / "short.jsonl"),))
+    codistill(ccfg(tiny_teacher, corpus, student_config, tmp_path / "whole", batch_size=4, max_steps=4, **common))
+    codistill(ccfg(tiny_teacher, corpus, student_config, tmp_path / "split", batch_size=2, max_steps=8,
+                   student_grad_accum=2, **common))
+    whole = load_file(tmp_path / "whole" / "step_000004" / "student" / "model.safetensors")
+    split = load_file(tmp_path / "split" / "step_000008" / "student" / "model.safetensors")
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-6)
 
 
 def test_with_alpha_one_the_student_follows_a_plain_ce_run(tiny_teacher, corpus, student_config, tmp_path):
