@@ -27,7 +27,8 @@ from student_train.checkpoint import load_checkpoint
 from student_train.config import CodistillConfig
 from student_train.data import LabelStream, LoaderState, open_label_sets, take_batches
 from student_train.train import (MetricsLog, all_reduce_sum, autocast, build_model, checkpoint, finish,
-                                 gather_weight_digests, make_optimizer, prepare_out_dir, setup_distributed, wrap)
+                                 gather_weight_digests, make_optimizer, prepare_out_dir, setup_distributed,
+                                 to_token_mean, wrap)
 
 
 def alpha_at(step: int, cfg: CodistillConfig) -> float:
@@ -136,17 +137,8 @@ def forward_backward(t_model, s_model, batch: dict, alpha: float, cfg: Codistill
 
 
 def _optimizer_step(model, opt, sched, clip: float, tokens: int, d) -> None:
-    """Step on the mean gradient over every counted position since the last
-    step, on all ranks (DDP averages over ranks, hence x world): micro-batches
-    weigh by their tokens, as in train's token_weights."""
-    if d.world > 1:
-        t = torch.tensor(float(tokens), device=d.device)
-        dist.all_reduce(t)
-        tokens = int(t.item())
-    scale = d.world / max(tokens, 1)
-    for p in model.parameters():
-        if p.grad is not None:
-            p.grad.mul_(scale)
+    """Step on the mean gradient over the `tokens` counted since the last step."""
+    to_token_mean(model, tokens, d)
     if clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     opt.step()

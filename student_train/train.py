@@ -160,20 +160,18 @@ def autocast(d: Dist, dtype: str):
     return contextlib.nullcontext()
 
 
-def token_weights(masks: list[torch.Tensor], d: Dist) -> list[tuple[float, float]]:
-    """Weights of the micro-batches of one optimizer step, whose losses are
-    means over their counted positions: (for the gradient, for the log). The
-    gradient is that of the mean over every counted position of the step on
-    all ranks (DDP and FSDP average over ranks, hence x world), so a short or
-    heavily masked micro-batch weighs by its tokens, not as much as a full one."""
-    counts = [int(m.sum()) for m in masks]
-    total = sum(counts)
-    if d.world > 1:
-        t = torch.tensor(float(total), device=d.device)
-        dist.all_reduce(t)
-        total = int(t.item())
-    local = max(sum(counts), 1)
-    return [(c * d.world / max(total, 1), c / local) for c in counts]
+def to_token_mean(model, tokens: int, d: Dist) -> None:
+    """Gradient accumulation by tokens: each micro-batch back-propagates its
+    mean loss times its counted positions; before the optimizer step this
+    divides the summed gradients by the `tokens` counted since the last step
+    on all ranks (DDP and FSDP average over ranks, hence x world). A short or
+    heavily masked micro-batch then weighs by its tokens, not as much as a
+    full one. train and codistill both step through it."""
+    (total,) = all_reduce_sum([tokens], d.device) if d.world > 1 else (tokens,)
+    scale = d.world / max(total, 1)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(scale)
 
 
 def prepare_out_dir(out: Path, resume: bool, overwrite: bool, main: bool) -> Path | None:
@@ -398,20 +396,24 @@ def train(cfg: TrainConfig) -> dict:
         alpha = 1.0 if cfg.loss != "kd" else losses.alpha_at(step, cfg.max_steps, cfg.alpha, cfg.alpha_end)
         opt.zero_grad(set_to_none=True)
         ce_sum = kd_sum = torch.zeros((), device=d.device)   # summed on the device: no sync per micro-step
-        micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
-        weights = token_weights([b["mask"] for b, _ in micro_batches], d)
-        for micro, ((batch, meta), (w_grad, w_log)) in enumerate(zip(micro_batches, weights)):
+        step_tokens = 0
+        for micro in range(cfg.grad_accum):
+            batch, meta = next(batches)
             tracker.update(meta)
-            tokens += int(batch["mask"].sum())   # still on the host
+            n = int(batch["mask"].sum())   # still on the host
+            step_tokens += n
             batch = {key: v.to(d.device, non_blocking=True) for key, v in batch.items()}
             sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 or d.world == 1 or cfg.fsdp \
                 else ddp_model.no_sync()
             with sync, autocast(d, cfg.dtype):
                 ce, kd = loss_step(ddp_model, batch, cfg)
-                loss = (alpha * ce + (1 - alpha) * kd) * w_grad
+                loss = (alpha * ce + (1 - alpha) * kd) * n
                 loss.backward()
-            ce_sum = ce_sum + ce.detach() * w_log
-            kd_sum = kd_sum + kd.detach() * w_log
+            ce_sum = ce_sum + ce.detach() * n
+            kd_sum = kd_sum + kd.detach() * n
+        tokens += step_tokens
+        ce_sum, kd_sum = ce_sum / max(step_tokens, 1), kd_sum / max(step_tokens, 1)
+        to_token_mean(ddp_model, step_tokens, d)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), cfg.grad_clip)
         opt.step()

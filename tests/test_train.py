@@ -104,12 +104,13 @@ def test_fsdp_two_process_run_resumes_to_the_same_losses(topk_labels, student_co
 
 
 def test_gradient_accumulation_weighs_micro_batches_by_their_tokens():
-    """Two micro-batches accumulated with the loop's weights give the gradient
-    of one batch holding both: a micro-batch counts by its target tokens, not
-    as half of the step (a short window used to weigh as much as a full one)."""
+    """Two micro-batches accumulated as the loop does (loss x counted tokens,
+    then to_token_mean) give the gradient of one batch holding both: a
+    micro-batch counts by its target tokens, not as half of the step (a short
+    window used to weigh as much as a full one)."""
     import torch
     from student_train.losses import cross_entropy
-    from student_train.train import Dist, token_weights
+    from student_train.train import Dist, to_token_mean
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Linear(16, 50))
     ids = torch.randint(0, 50, (4, 12))
@@ -123,8 +124,10 @@ def test_gradient_accumulation_weighs_micro_batches_by_their_tokens():
     whole = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     parts = [slice(0, 2), slice(2, 4)]
-    for rows, (w_grad, _) in zip(parts, token_weights([mask[r] for r in parts], Dist())):
-        (ce(rows) * w_grad).backward()
+    counts = [int(mask[r].sum()) for r in parts]
+    assert counts == [22, 6]
+    for rows, n in zip(parts, counts):
+        (ce(rows) * n).backward()
+    to_token_mean(model, sum(counts), Dist())
     for a, b in zip(whole, (p.grad for p in model.parameters())):
         torch.testing.assert_close(a, b)
-    assert [w for w, _ in token_weights([mask[r] for r in parts], Dist())] == [22 / 28, 6 / 28]
