@@ -191,7 +191,6 @@ def full_plogp(teacher, windows) -> np.ndarray:
 
 def report_truncation(title: str, rows: list[dict], plogp: np.ndarray, k: int, vocab: int) -> None:
     """Bytes and fidelity to the full distribution of fixed k against adaptive truncation."""
-    from labelgen.backends import TopK
     from labelgen.generate import truncate
     positions = len(plogp)
     print(f"\n### {title}: adaptive truncation, V = {vocab:,}, cap k = {k}, {positions:,} positions\n")
@@ -200,15 +199,15 @@ def report_truncation(title: str, rows: list[dict], plogp: np.ndarray, k: int, v
     for name, cap, keep_mass, min_prob in TRUNCATIONS:
         if cap > k:
             continue
+        adaptive = keep_mass < 1 or min_prob > 0
         cut = []
         for r in rows:
-            t = TopK(r["topk_ids"][:, :cap], r["topk_logprobs"][:, :cap], r["coverage"], r["target_logprob"], r["target_rank"])
+            lp, cov = r["topk_logprobs"][:, :cap], r["coverage"]
             if cap < k:   # coverage of the first `cap` entries
-                t.coverage = np.exp(t.logprobs.astype(np.float64)).sum(1).astype(np.float32)
-            adaptive = keep_mass < 1 or min_prob > 0
+                cov = np.exp(lp.astype(np.float64)).sum(1).astype(np.float32)
             if adaptive:
-                t = truncate(t, keep_mass, min_prob)
-            cut.append(dict(r, topk_ids=t.ids, topk_logprobs=t.logprobs, coverage=t.coverage))
+                lp, cov = truncate(lp, cov, keep_mass, min_prob)
+            cut.append(dict(r, topk_ids=r["topk_ids"][:, :cap], topk_logprobs=lp, coverage=cov))
         enc = Encoding(variable_k=adaptive)
         with tempfile.TemporaryDirectory() as d:
             with ShardWriter(Path(d) / "l", "topk", cap, vocab, encoding=enc, max_rows=1 << 30) as w:
@@ -220,7 +219,7 @@ def report_truncation(title: str, rows: list[dict], plogp: np.ndarray, k: int, v
         kept = np.isfinite(lp)
         n = kept.sum(1)
         mass = p.sum(1)
-        kept_plogp = np.where(kept, p * np.where(kept, lp, 0), 0).sum(1)
+        kept_plogp = (p * np.where(kept, lp, 0)).sum(1)   # p is 0 where dropped
         rest = np.clip(1 - mass, 1e-300, 1)
         # KL = sum_kept p log(p/p) + sum_rest p log p - (1 - mass) log((1 - mass) / (V - n))
         kl = (plogp - kept_plogp) - rest * np.log(rest / (vocab - n))

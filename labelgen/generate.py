@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from labelgen import format as fmt
-from labelgen.backends import SampleRequest, Teacher, TopK, load_teacher
+from labelgen.backends import SampleRequest, Teacher, load_teacher
 from labelgen.config import DEFAULT_MAX_SEQ_LEN, EXECUTION_ONLY, GenerateConfig
 from labelgen.format import Encoding, FormatError
 from labelgen.inputs import FieldSpec, InputError, Record, read_records
@@ -375,24 +375,24 @@ def _topk_batches(items: list, cfg: GenerateConfig):
         yield [items[j] for j in batch]
 
 
-def truncate(t: TopK, keep_mass: float, min_prob: float) -> TopK:
-    """Adaptive truncation: each position keeps its entries, best first, until
-    those kept hold `keep_mass` or the next falls below `min_prob` (the top-1
-    always stays). Dropped entries get logprob -inf; coverage counts the kept."""
-    p = np.exp(t.logprobs.astype(np.float64))
+def truncate(logprobs: np.ndarray, coverage: np.ndarray, keep_mass: float,
+             min_prob: float) -> tuple[np.ndarray, np.ndarray]:
+    """Adaptive truncation of [positions, k] logprobs (rank order): each
+    position keeps its entries, best first, until those kept hold `keep_mass`
+    or the next falls below `min_prob` (the top-1 always stays). Returns the
+    logprobs with dropped entries at -inf and the coverage of the kept ones."""
+    p = np.exp(logprobs.astype(np.float64))
     before = np.cumsum(p, axis=1) - p                  # mass kept ahead of each entry
     keep = (before < keep_mass) & (p >= min_prob)
     keep[:, 0] = True
     keep = np.cumprod(keep, axis=1).astype(bool)       # a prefix: stop at the first entry that fails
     dropped = np.where(keep, 0.0, p).sum(1)
-    return dataclasses.replace(t, logprobs=np.where(keep, t.logprobs, -np.inf).astype(np.float32),
-                               coverage=np.clip(t.coverage - dropped, 0, 1).astype(np.float32))
+    return (np.where(keep, logprobs, -np.inf).astype(np.float32),
+            np.clip(coverage - dropped, 0, 1).astype(np.float32))
 
 
 def _score(teacher: Teacher, batch: list, cfg: GenerateConfig) -> tuple[list[dict], int]:
     labels = teacher.score([w for _, _, w in batch], cfg.k)
-    if cfg.truncates:
-        labels = [truncate(t, cfg.keep_mass, cfg.min_prob) for t in labels]
     rows = [{fmt.EXAMPLE_ID: ex, fmt.WINDOW_OFFSET: off, fmt.INPUT_IDS: w, fmt.TOPK_IDS: t.ids,
              fmt.TOPK_LOGPROBS: t.logprobs, fmt.COVERAGE: t.coverage, fmt.TARGET_LOGPROB: t.target_logprob,
              fmt.TARGET_RANK: t.target_rank} for (ex, off, w), t in zip(batch, labels)]
@@ -475,6 +475,9 @@ def _write_shards(cfg: GenerateConfig, out: Path, id_bound: int, enc: Encoding, 
                                     extra_meta={"config_hash": cfg.output_hash(), "shard_index": index}, encoder=encoder)
             elif op == "rows":
                 for row in payload:
+                    if cfg.truncates:   # here, not in the teacher loop: it waits on nothing
+                        row[fmt.TOPK_LOGPROBS], row[fmt.COVERAGE] = truncate(
+                            row[fmt.TOPK_LOGPROBS], row[fmt.COVERAGE], cfg.keep_mass, cfg.min_prob)
                     current.write(row)
             else:
                 done[index] = current.close(counts=payload)

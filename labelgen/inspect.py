@@ -146,9 +146,8 @@ def inspect(label_dir: Path | str) -> dict:
         pf = reader.open_shard(shard)
         cols = {"topk": [fmt.COVERAGE, fmt.TARGET_RANK] + ([fmt.TOPK_LENGTHS] if variable_k else []),
                 "samples": [fmt.FINISH_REASON], "tokens": [], "sampled": [fmt.SAMPLED_LENGTHS]}[kind]
-        entries = shard["positions"] * k if kind == "topk" else shard["positions"]
-        if variable_k:
-            entries = 0
+        # stored entries (counted below under variable_k); positions for the other kinds
+        entries = 0 if variable_k else shard["positions"] * (k if kind == "topk" else 1)
         for rg in range(pf.num_row_groups if cols else 0):
             d = reader.read_row_group(si, rg, cols, pf)
             if kind == "topk":
