@@ -49,14 +49,13 @@ def measure(work: Path, mode: str, steps: int, args) -> dict:
     """Seconds per step of `mode` (teacher | student | codistill) and peak memory."""
     from transformers import AutoTokenizer
     from student_train import losses
-    from student_train.codistill import forward_backward
+    from student_train.codistill import micro_step
     from student_train.data import LabelStream, open_label_sets
-    from student_train.train import Dist, build_model, make_optimizer
+    from student_train.runtime import build_model, make_optimizer
     cfg = setup(work, args)
     tok = AutoTokenizer.from_pretrained(work / "tok")
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if args.device == "auto" else args.device))
-    d = Dist(device=dev)
     teacher = build_model(None, str(work / "teacher.json"), tok, 1).to(dev)
     student = build_model(None, str(work / "student.json"), tok, 0).to(dev)
     t_opt, _ = make_optimizer(teacher, 1e-3, 0.1, 1, 100, 0.1)
@@ -69,7 +68,8 @@ def measure(work: Path, mode: str, steps: int, args) -> dict:
         sync()
         t0 = time.perf_counter()
         if mode == "codistill":
-            forward_backward(teacher, student, batch, 0.5, cfg, len(tok), False, d, int(batch["mask"].sum()))
+            micro_step({"teacher": teacher, "student": student}, batch, 0.5, lambda objective: objective.backward(),
+                       cfg=cfg, n_vocab=len(tok))
         for name, model, opt in (("teacher", teacher, t_opt), ("student", student, s_opt)):
             if mode == name:
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]

@@ -85,7 +85,8 @@ def student_rate(label_dir: Path, loss: str, batch_size: int, steps: int) -> tup
     """(seconds per optimizer step, positions per second) of a small student."""
     from student_train.config import TrainConfig
     from student_train.data import LabelStream, open_label_sets
-    from student_train.train import build_model, load_tokenizer_for, loss_step, make_optimizer
+    from student_train.runtime import build_model, make_optimizer
+    from student_train.train import load_tokenizer_for, micro_step
     cfg_path = label_dir.parent / "student.json"
     cfg_path.write_text(json.dumps(STUDENT))
     cfg = TrainConfig(labels=(str(label_dir),), out="unused", student_config=str(cfg_path), loss=loss,
@@ -99,8 +100,7 @@ def student_rate(label_dir: Path, loss: str, batch_size: int, steps: int) -> tup
     for i in range(steps + 2):
         batch, _ = next(it)
         t0 = time.perf_counter()
-        ce, kd = loss_step(model, batch, cfg)
-        (ce if loss == "ce" else kd).backward()
+        micro_step({"student": model}, batch, cfg.alpha_at(i), lambda objective: objective.backward(), cfg=cfg)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if i >= 2:   # warm-up steps excluded

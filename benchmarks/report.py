@@ -107,10 +107,11 @@ def eval_checkpoint(ckpt: Path, eval_labels: Path, scale: Scale) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
     from student_train.data import LabelStream, open_label_sets, take_batches
-    from student_train.train import Dist, evaluate
+    from student_train.runtime import Dist, evaluate
+    from student_train.train import score
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     stream = LabelStream(open_label_sets([str(eval_labels)]), scale.batch_size, shuffle=False, max_epochs=1)
-    return evaluate(model, take_batches(stream, scale.eval_batches), Dist(), "float32")
+    return evaluate({"student": model}, score, take_batches(stream, scale.eval_batches), Dist(), "float32")
 
 
 REPORT_RUNS = {
@@ -193,8 +194,7 @@ def final_metrics(run_dir: Path) -> dict:
 
 def curves(run_dir: Path) -> tuple[list[int], list[float]]:
     rows = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
-    pts = [(r["step"], r.get("eval_ce", r.get("student_eval_ce"))) for r in rows
-           if "eval_ce" in r or "student_eval_ce" in r]
+    pts = [(r["step"], r["eval_ce"]) for r in rows if "eval_ce" in r]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -379,7 +379,7 @@ def main():
                               heldout, work / "students", scale, teacher_arch)
     for name, kw in REPORT_RUNS.items():
         students[name]["alpha_swept"] = kw.get("loss") == "kd"
-    from student_train.train import build_model
+    from student_train.runtime import build_model
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(teacher)
     teacher_eval = eval_checkpoint(Path(teacher), work / "eval_labels", scale)

@@ -113,11 +113,11 @@ def load_weights(path: Path, models: dict) -> None:
 
 def load_states(path: Path, optimizers: dict, schedulers: dict, fsdp_models: dict | None = None) -> tuple[dict, dict]:
     """Load optimizer, scheduler and RNG state; returns (meta, loader_state).
-    With `fsdp_models` the full optimizer state is sharded onto them."""
+    The full optimizer state of the models in `fsdp_models` is sharded onto them."""
     for name, opt in optimizers.items():
         where = path if len(optimizers) == 1 else path / name
         state = _load_tensors(where / "optimizer.pt")
-        if fsdp_models:
+        if fsdp_models and name in fsdp_models:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
             set_optimizer_state_dict(fsdp_models[name], opt, state, options=StateDictOptions(full_state_dict=True))
         else:
@@ -126,8 +126,3 @@ def load_states(path: Path, optimizers: dict, schedulers: dict, fsdp_models: dic
     set_rng_state(_load_tensors(path / "rng.pt"))
     return _load_json(path / "meta.json"), _load_json(path / "loader.json")
 
-
-def load_checkpoint(path: Path, models: dict, optimizers: dict, schedulers: dict) -> tuple[dict, dict]:
-    """Weights and states at once, for unwrapped models; returns (meta, loader_state)."""
-    load_weights(path, models)
-    return load_states(path, optimizers, schedulers)

@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from labelgen.config import config_from_sources
-from student_train.losses import KINDS, TAILS
+from student_train.losses import KINDS, TAILS, alpha_at
 
 DTYPES = ("auto", "float32", "bfloat16")
 
@@ -126,6 +126,12 @@ class TrainConfig:
         if self.eval_labels and self.eval_holdout:
             bad("--eval-labels/--eval-holdout", "pass one, not both")
 
+    def alpha_at(self, step: int) -> float:
+        """CE weight at `step`: 1 for ce/sft; for kd alpha, or linear to alpha_end over the run."""
+        if self.loss != "kd":
+            return 1.0
+        return alpha_at(step, self.alpha, self.alpha_end if self.max_steps > 1 else None, 0, self.max_steps - 1)
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["labels"], d["eval_labels"] = list(self.labels), list(self.eval_labels)
@@ -159,8 +165,10 @@ class CodistillConfig:
     max_seq_len: int = 256
     rows_per_shard: int = 1000
     max_steps: int = 1000
-    """Batches seen by both models."""
+    """Optimizer steps of both models, each over grad_accum batches."""
     batch_size: int = 8
+    """Rows per micro-batch per rank."""
+    grad_accum: int = 1
     alpha: float = 0.5
     """Target weight of CE in the student's loss alpha*CE + (1-alpha)*KD."""
     alpha_warmup_steps: int = 0
@@ -178,13 +186,7 @@ class CodistillConfig:
     beta: float = 0.5
     teacher_lr: float = 3e-4
     student_lr: float = 3e-4
-    teacher_grad_accum: int = 1
-    student_grad_accum: int = 1
-    """Each model steps its optimizer every this many batches; its LR schedule
-    (warmup, then cosine to min_lr_ratio) runs over max_steps // grad_accum
-    optimizer steps, so it ends at the end of the run whatever the accumulation."""
     warmup_steps: int = 50
-    """Batches of linear LR warmup."""
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     grad_clip: float = 1.0
@@ -197,6 +199,8 @@ class CodistillConfig:
     num_workers: int = 0
     dtype: str = "auto"
     device: str = "auto"
+    fsdp: bool = False
+    """Shard the trained models with FSDP."""
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -227,7 +231,7 @@ class CodistillConfig:
             bad("--kd-kind/--tail", f"must be one of {KINDS} / {TAILS}")
         if self.tail == "tail" and self.kd == "topk" and self.temperature != 1.0:
             bad("--temperature", "must be 1 with --tail tail")
-        for name in ("max_steps", "batch_size", "teacher_grad_accum", "student_grad_accum", "eval_batches",
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_batches",
                      "log_every", "k", "max_seq_len", "rows_per_shard"):
             if getattr(self, name) < 1:
                 bad(f"--{name.replace('_', '-')}", f"must be >= 1, got {getattr(self, name)}")
@@ -238,6 +242,10 @@ class CodistillConfig:
         check_optimizer_settings(self, bad)
         if self.resume and self.overwrite:
             bad("--resume/--overwrite", "pass one, not both")
+
+    def alpha_at(self, step: int) -> float:
+        """CE weight at `step`: 1 for alpha_warmup_steps, then linear or cosine to alpha over alpha_ramp_steps."""
+        return alpha_at(step, 1.0, self.alpha, self.alpha_warmup_steps, self.alpha_ramp_steps, self.alpha_schedule)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -26,6 +26,8 @@ undefined and only T = 1 is accepted. Losses at T != 1 are multiplied by T²
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 KINDS = ("forward", "reverse", "jsd")
@@ -48,9 +50,11 @@ def logsumexp_chunked(logits: torch.Tensor) -> torch.Tensor:
     return out.reshape(logits.shape[:-1])
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """CE of the student's logits [B,T,V] against token ids [B,T]."""
-    lse = logsumexp_chunked(logits)
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                  lse: torch.Tensor | None = None) -> torch.Tensor:
+    """CE of the student's logits [B,T,V] against token ids [B,T]. `lse`: the
+    logits' logsumexp [B,T] if the caller has it (one pass shared with KD)."""
+    lse = logsumexp_chunked(logits) if lse is None else lse
     tgt = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1).float()
     return masked_mean(lse - tgt, mask)
 
@@ -72,12 +76,12 @@ def _divergence(logp: torch.Tensor, logq: torch.Tensor, kind: str, beta: float) 
 
 def topk_kd(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, coverage: torch.Tensor,
             mask: torch.Tensor, kind: str = "forward", tail: str = "renorm", temperature: float = 1.0,
-            beta: float = 0.5) -> torch.Tensor:
+            beta: float = 0.5, lse: torch.Tensor | None = None) -> torch.Tensor:
     """KD against stored top-k labels.
 
     logits [B,T,V] student; topk_ids [B,T,K] (long); topk_logprobs [B,T,K]
     teacher logprobs, -inf for empty slots; coverage [B,T] teacher mass in the
-    top-k; mask [B,T].
+    top-k; mask [B,T]; lse [B,T] the logits' logsumexp, if already computed.
     """
     if kind not in KINDS or tail not in TAILS:
         raise ValueError(f"kind must be one of {KINDS} and tail one of {TAILS}")
@@ -92,7 +96,7 @@ def topk_kd(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.T
         logp = torch.log_softmax(t_lp / temperature, dim=-1)
         logq = torch.log_softmax(s, dim=-1)
     else:
-        lse = logsumexp_chunked(logits)                                      # [B,T]
+        lse = logsumexp_chunked(logits) if lse is None else lse              # [B,T]
         logq_k = s - lse.unsqueeze(-1)
         # log(1 - sum q_k), computed stably; the clamp keeps a student that
         # puts all its mass on the K ids from producing log(0).
@@ -107,12 +111,14 @@ def topk_kd(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.T
 
 
 def sampled_kd(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
-               temperature: float = 1.0) -> torch.Tensor:
+               temperature: float = 1.0, lse: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of the student against sampled soft labels: ids [B,T,M]
     drawn from the teacher, weights [B,T,M] their (importance-corrected)
     empirical probabilities, 0 in empty slots. Its gradient is an unbiased
-    estimate of the full forward-KL gradient (Anshumann et al., 2025)."""
-    logq = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, ids)
+    estimate of the full forward-KL gradient (Anshumann et al., 2025).
+    `lse`: the logsumexp of logits / temperature, if already computed."""
+    z = logits.gather(-1, ids).float() / temperature
+    logq = z - (logsumexp_chunked(logits / temperature) if lse is None else lse).unsqueeze(-1)
     per_pos = -(weights.float() * logq).sum(-1)
     per_pos = torch.where(mask, per_pos, torch.zeros_like(per_pos))
     return masked_mean(per_pos, mask) * temperature ** 2
@@ -132,9 +138,13 @@ def topk_agreement(logits: torch.Tensor, topk_ids: torch.Tensor, mask: torch.Ten
     return masked_mean(hit, mask)
 
 
-def alpha_at(step: int, max_steps: int, alpha: float, alpha_end: float | None) -> float:
-    """CE weight α(step): constant, or linear from alpha to alpha_end over the run."""
-    if alpha_end is None or max_steps <= 1:
-        return alpha
-    frac = min(step, max_steps - 1) / (max_steps - 1)
-    return alpha + (alpha_end - alpha) * frac
+def alpha_at(step: int, start: float, end: float | None, ramp_start: int = 0, ramp_steps: int = 0,
+             shape: str = "linear") -> float:
+    """CE weight α(step): `start` until ramp_start, then linear (or cosine)
+    to `end` over ramp_steps steps, then `end`. end=None: constant."""
+    if end is None or step < ramp_start:
+        return start
+    frac = min(1.0, (step - ramp_start) / ramp_steps) if ramp_steps else 1.0
+    if shape == "cosine":
+        frac = 0.5 * (1 - math.cos(math.pi * frac))
+    return start + (end - start) * frac

@@ -9,7 +9,7 @@ import torch
 
 from labelgen.config import GenerateConfig
 from labelgen.generate import run as generate
-from student_train.codistill import alpha_at, codistill
+from student_train.codistill import codistill
 from student_train.config import CodistillConfig, TrainConfig
 from student_train.train import train
 
@@ -29,24 +29,24 @@ def ccfg(tiny_teacher, corpus, student_config, out, **kw):
 def test_alpha_is_one_during_warmup_then_ramps_to_the_target():
     cfg = CodistillConfig(inputs=("x",), out="o", teacher="t", student="s", max_steps=20, alpha=0.2,
                           alpha_warmup_steps=5, alpha_ramp_steps=10)
-    assert [alpha_at(s, cfg) for s in (0, 4)] == [1.0, 1.0]
-    assert alpha_at(10, cfg) == pytest.approx(0.6)
-    assert alpha_at(15, cfg) == alpha_at(19, cfg) == pytest.approx(0.2)
+    assert [cfg.alpha_at(s) for s in (0, 4)] == [1.0, 1.0]
+    assert cfg.alpha_at(10) == pytest.approx(0.6)
+    assert cfg.alpha_at(15) == cfg.alpha_at(19) == pytest.approx(0.2)
     cos = CodistillConfig(**{**cfg.__dict__, "alpha_schedule": "cosine"})
-    assert alpha_at(10, cos) == pytest.approx(0.6) and alpha_at(7, cos) > alpha_at(7, cfg)
+    assert cos.alpha_at(10) == pytest.approx(0.6) and cos.alpha_at(7) > cfg.alpha_at(7)
 
 
 def test_the_lr_schedule_ends_at_the_end_of_the_run_under_gradient_accumulation(tiny_teacher, corpus, student_config,
                                                                                   tmp_path):
-    """With --student-grad-accum 4 the student steps its optimizer every 4th
-    batch; its cosine must still reach min_lr_ratio at the last step (it used
-    to count batches and end near the peak)."""
-    codistill(ccfg(tiny_teacher, corpus, student_config, tmp_path / "co", student_grad_accum=4, teacher_grad_accum=2,
+    """Steps are optimizer steps: with --grad-accum 4 each of the 3 steps
+    takes 4 batches, and both models' cosines reach min_lr_ratio at the last
+    step (a horizon counted in batches used to end near the peak)."""
+    codistill(ccfg(tiny_teacher, corpus, student_config, tmp_path / "co", grad_accum=4, max_steps=3, warmup_steps=1,
                    min_lr_ratio=0.1, save_every=0))
-    final = tmp_path / "co" / "step_000008"
+    final = tmp_path / "co" / "step_000003"
     for name, lr in (("student", 3e-3), ("teacher", 1e-3)):
         sched = json.loads((final / name / "scheduler.json").read_text())
-        assert sched["_last_lr"][0] == pytest.approx(0.1 * lr), name
+        assert sched["last_epoch"] == 3 and sched["_last_lr"][0] == pytest.approx(0.1 * lr), name
 
 
 def test_accumulated_micro_batches_weigh_by_their_tokens(tiny_teacher, corpus, student_config, tmp_path):
@@ -60,10 +60,10 @@ def test_accumulated_micro_batches_weigh_by_their_tokens(tiny_teacher, corpus, s
             f.write(json.dumps({"text": d["text"][: 40 + 9 * i]}) + "\n")
     common = dict(teacher_lr=0.0, kd="full", save_every=0, warmup_steps=1, inputs=(str(tmp_path / "short.jsonl"),))
     codistill(ccfg(tiny_teacher, corpus, student_config, tmp_path / "whole", batch_size=4, max_steps=4, **common))
-    codistill(ccfg(tiny_teacher, corpus, student_config, tmp_path / "split", batch_size=2, max_steps=8,
-                   student_grad_accum=2, **common))
+    codistill(ccfg(tiny_teacher, corpus, student_config, tmp_path / "split", batch_size=2, max_steps=4,
+                   grad_accum=2, **common))
     whole = load_file(tmp_path / "whole" / "step_000004" / "student" / "model.safetensors")
-    split = load_file(tmp_path / "split" / "step_000008" / "student" / "model.safetensors")
+    split = load_file(tmp_path / "split" / "step_000004" / "student" / "model.safetensors")
     for name in whole:
         torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-6)
 
@@ -74,7 +74,7 @@ def test_with_alpha_one_the_student_follows_a_plain_ce_run(tiny_teacher, corpus,
                       loss="ce", max_steps=8, batch_size=4, lr=3e-3, warmup_steps=2, eval_every=0, save_every=0,
                       log_every=1, progress=False, device="cpu"))
     co, ce = metrics(tmp_path / "co"), metrics(tmp_path / "ce")
-    assert [r["student_ce"] for r in co] == pytest.approx([r["ce"] for r in ce], rel=1e-5)
+    assert [r["ce"] for r in co] == pytest.approx([r["ce"] for r in ce], rel=1e-5)
     assert co[-1]["teacher_ce"] != co[0]["teacher_ce"]   # the teacher trained alongside
 
 
@@ -89,7 +89,7 @@ def test_a_frozen_pretrained_teacher_gives_online_kd_equal_to_offline_full_label
                       loss="kd", alpha=0.5, max_steps=8, batch_size=4, lr=3e-3, warmup_steps=2, eval_every=0,
                       save_every=0, log_every=1, progress=False, device="cpu"))
     co, kd = metrics(tmp_path / "co"), metrics(tmp_path / "kd")
-    assert [r["student_ce"] for r in co] == pytest.approx([r["ce"] for r in kd], rel=1e-4)
+    assert [r["ce"] for r in co] == pytest.approx([r["ce"] for r in kd], rel=1e-4)
     assert [r["kd"] for r in co] == pytest.approx([r["kd"] for r in kd], rel=1e-3, abs=1e-5)
     assert co[0]["teacher_ce"] < 6.0   # pretrained (log 512 = 6.24), and its weights stay as they were:
     from safetensors.torch import load_file
@@ -106,7 +106,7 @@ def test_resume_reproduces_an_uninterrupted_codistill_run(tiny_teacher, corpus, 
     codistill(ccfg(tiny_teacher, corpus, student_config, tmp_path / "b", resume=True, **c))
     a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
     for x, y in zip(a, b):
-        for key in ("loss", "student_ce", "teacher_ce", "kd"):
+        for key in ("loss", "ce", "teacher_ce", "kd"):
             assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), (x["step"], key)
     assert (tmp_path / "b" / "step_000008" / "teacher" / "config.json").is_file()
 
@@ -167,6 +167,6 @@ def test_codistilled_student_beats_a_ce_only_student_of_the_same_budget(tmp_path
                                       batch_size=8, max_seq_len=128, student_lr=3e-3, teacher_lr=3e-3, warmup_steps=10,
                                       eval_every=300, eval_batches=10, save_every=0, progress=False, device="cpu",
                                       seed=seed, **kw))
-            ce[name] = metrics(out)[-1]["student_eval_ce"]
+            ce[name] = metrics(out)[-1]["eval_ce"]
         gains.append(ce["ce_only"] - ce["codistill"])
     assert min(gains) > 0.01, gains

@@ -121,7 +121,7 @@ def test_tail_refuses_a_temperature():
 
 
 def test_alpha_schedule_is_linear_from_start_to_end():
-    assert alpha_at(0, 11, 1.0, 0.0) == 1.0
-    assert alpha_at(5, 11, 1.0, 0.0) == pytest.approx(0.5)
-    assert alpha_at(10, 11, 1.0, 0.0) == 0.0
-    assert alpha_at(7, 11, 0.3, None) == 0.3
+    assert alpha_at(0, 1.0, 0.0, 0, 10) == 1.0
+    assert alpha_at(5, 1.0, 0.0, 0, 10) == pytest.approx(0.5)
+    assert alpha_at(10, 1.0, 0.0, 0, 10) == 0.0
+    assert alpha_at(7, 0.3, None, 0, 10) == 0.3

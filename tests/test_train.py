@@ -110,7 +110,7 @@ def test_gradient_accumulation_weighs_micro_batches_by_their_tokens():
     window used to weigh as much as a full one)."""
     import torch
     from student_train.losses import cross_entropy
-    from student_train.train import Dist, to_token_mean
+    from student_train.runtime import Dist, to_token_mean
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Linear(16, 50))
     ids = torch.randint(0, 50, (4, 12))
@@ -128,6 +128,6 @@ def test_gradient_accumulation_weighs_micro_batches_by_their_tokens():
     assert counts == [22, 6]
     for rows, n in zip(parts, counts):
         (ce(rows) * n).backward()
-    to_token_mean(model, sum(counts), Dist())
+    to_token_mean([model], sum(counts), Dist())
     for a, b in zip(whole, (p.grad for p in model.parameters())):
         torch.testing.assert_close(a, b)
