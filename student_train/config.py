@@ -1,6 +1,8 @@
-"""TrainConfig: every setting of a student run, with its default, in one place.
-The CLI and YAML/JSON config files only fill it in; the resolved config is
-written into every checkpoint's meta.json."""
+"""The settings of `student-train train` (TrainConfig) and `codistill`
+(CodistillConfig), each with its default, in one place; the loop's own
+settings are one shared LoopConfig. The CLI and YAML/JSON config files only
+fill them in; the resolved config is written into every checkpoint's
+meta.json."""
 
 from __future__ import annotations
 
@@ -11,24 +13,84 @@ from labelgen.config import config_from_sources
 from student_train.losses import KINDS, TAILS, alpha_at
 
 DTYPES = ("auto", "float32", "bfloat16")
-
-
-def check_optimizer_settings(cfg, bad) -> None:
-    """Settings TrainConfig and CodistillConfig share, checked alike."""
-    if not 0 <= cfg.min_lr_ratio <= 1:
-        bad("--min-lr-ratio", f"must be in [0, 1], got {cfg.min_lr_ratio}")
-    if cfg.weight_decay < 0:
-        bad("--weight-decay", f"must be >= 0, got {cfg.weight_decay}")
-    if cfg.grad_clip < 0:
-        bad("--grad-clip", f"must be >= 0 (0: no clipping), got {cfg.grad_clip}")
-    if cfg.dtype not in DTYPES:
-        bad("--dtype", f"must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
-
 LOSSES = ("kd", "ce", "sft")
+ALPHA_SCHEDULES = ("linear", "cosine")
+KD_SUPPORTS = ("full", "topk")
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+@dataclass(frozen=True, kw_only=True)
+class LoopConfig:
+    """The settings of the training loop (`runtime.fit`) and the KD loss that
+    `train` and `codistill` share, with one default and one check each."""
+    max_steps: int = 1000
+    """Optimizer steps, each over grad_accum micro-batches."""
+    batch_size: int = 8
+    """Rows per micro-batch per rank."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step, weighted by their counted tokens."""
+    warmup_steps: int = 50
+    """Optimizer steps of linear LR warmup."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    kd_kind: str = "forward"
+    """forward KL(teacher||student), reverse KL, or jsd."""
+    tail: str = "tail"
+    """tail: top-k plus one bucket for the missing mass (also pins the student's
+    total mass on the top-k); renorm: renormalised top-k only."""
+    temperature: float = 1.0
+    beta: float = 0.5
+    """JSD mixing weight."""
+    eval_every: int = 100
+    eval_batches: int = 20
+    save_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    group_units: int = 4
+    """Row groups shuffled together: the shuffle buffer, in row groups."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+    dtype: str = "auto"
+    """auto: bf16 autocast on GPU, fp32 on CPU."""
+    device: str = "auto"
+    fsdp: bool = False
+    """Shard the trained models with FSDP (for models that do not fit one GPU)."""
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        def bad(option, msg):
+            raise ValueError(f"{option}: {msg}")
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_batches", "log_every", "group_units"):
+            if getattr(self, name) < 1:
+                bad(f"--{name.replace('_', '-')}", f"must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every", "warmup_steps", "num_workers"):
+            if getattr(self, name) < 0:
+                bad(f"--{name.replace('_', '-')}", f"must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            bad("--min-lr-ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0:
+            bad("--weight-decay", f"must be >= 0, got {self.weight_decay}")
+        if self.grad_clip < 0:
+            bad("--grad-clip", f"must be >= 0 (0: no clipping), got {self.grad_clip}")
+        if self.dtype not in DTYPES:
+            bad("--dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.kd_kind not in KINDS:
+            bad("--kd-kind", f"must be one of {', '.join(KINDS)}, got {self.kd_kind!r}")
+        if self.tail not in TAILS:
+            bad("--tail", f"must be one of {', '.join(TAILS)}, got {self.tail!r}")
+        if self.temperature <= 0:
+            bad("--temperature", f"must be > 0, got {self.temperature}")
+        if not 0 <= self.beta <= 1:
+            bad("--beta", f"must be in [0, 1], got {self.beta}")
+        if self.resume and self.overwrite:
+            bad("--resume/--overwrite", "pass one, not both")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(LoopConfig):
     labels: tuple[str, ...]
     """Label directories to train on (written by `labelgen generate`)."""
     out: str
@@ -45,51 +107,19 @@ class TrainConfig:
     """kd: alpha*CE + (1-alpha)*top-k KD (topk labels). ce: CE on the actual
     tokens (topk or tokens labels). sft: CE on teacher completions, prompt
     masked (samples labels)."""
-    kd_kind: str = "forward"
-    """forward KL(teacher||student), reverse KL, or jsd."""
-    tail: str = "tail"
-    """tail: top-k plus one bucket for the missing mass (also pins the student's
-    total mass on the top-k); renorm: renormalised top-k only."""
-    temperature: float = 1.0
-    beta: float = 0.5
-    """JSD mixing weight."""
     k: int | None = None
     """Use the first k stored entries (default: all the labels hold)."""
     alpha: float = 0.0
     """Weight of CE on actual tokens in the kd loss."""
     alpha_end: float | None = None
     """If set, alpha moves linearly to this value over the run."""
-    max_steps: int = 1000
-    batch_size: int = 8
-    """Rows per micro-batch per rank."""
-    grad_accum: int = 1
     lr: float = 3e-4
-    min_lr_ratio: float = 0.1
-    """Cosine decay ends at lr * min_lr_ratio."""
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    eval_every: int = 100
-    eval_batches: int = 20
-    save_every: int = 500
-    log_every: int = 10
-    seed: int = 0
-    group_units: int = 4
-    """Row groups shuffled together: the shuffle buffer, in row groups."""
-    num_workers: int = 0
-    """DataLoader worker processes per rank."""
-    dtype: str = "auto"
-    """auto: bf16 autocast on GPU, fp32 on CPU."""
-    device: str = "auto"
-    fsdp: bool = False
-    """Shard the student with FSDP (for students that do not fit one GPU)."""
     verify: bool = False
     """Check every shard's sha256 before training (sizes are always checked)."""
-    resume: bool = False
-    overwrite: bool = False
-    progress: bool = True
 
     def __post_init__(self):
+        super().__post_init__()
+
         def bad(option, msg):
             raise ValueError(f"{option}: {msg}")
         if not self.labels:
@@ -98,31 +128,18 @@ class TrainConfig:
             bad("--student/--student-config", "pass exactly one")
         if self.loss not in LOSSES:
             bad("--loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if self.kd_kind not in KINDS:
-            bad("--kd-kind", f"must be one of {', '.join(KINDS)}, got {self.kd_kind!r}")
-        if self.tail not in TAILS:
-            bad("--tail", f"must be one of {', '.join(TAILS)}, got {self.tail!r}")
         if self.tail == "tail" and self.temperature != 1.0:
             bad("--temperature", "must be 1 with --tail tail (the shape of the missing mass is unknown)")
-        if self.temperature <= 0:
-            bad("--temperature", f"must be > 0, got {self.temperature}")
-        for name in ("alpha", "alpha_end", "beta"):
+        for name in ("alpha", "alpha_end"):
             v = getattr(self, name)
             if v is not None and not 0 <= v <= 1:
                 bad(f"--{name.replace('_', '-')}", f"must be in [0, 1], got {v}")
         if self.k is not None and self.k < 1:
             bad("--k", f"must be >= 1, got {self.k}")
-        for name in ("max_steps", "batch_size", "grad_accum", "eval_batches", "log_every", "group_units"):
-            if getattr(self, name) < 1:
-                bad(f"--{name.replace('_', '-')}", f"must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "save_every", "warmup_steps", "num_workers", "eval_holdout"):
-            if getattr(self, name) < 0:
-                bad(f"--{name.replace('_', '-')}", f"must be >= 0, got {getattr(self, name)}")
+        if self.eval_holdout < 0:
+            bad("--eval-holdout", f"must be >= 0, got {self.eval_holdout}")
         if self.lr <= 0:
             bad("--lr", f"must be > 0, got {self.lr}")
-        check_optimizer_settings(self, bad)
-        if self.resume and self.overwrite:
-            bad("--resume/--overwrite", "pass one, not both")
         if self.eval_labels and self.eval_holdout:
             bad("--eval-labels/--eval-holdout", "pass one, not both")
 
@@ -142,12 +159,8 @@ class TrainConfig:
         return config_from_sources(cls, config_file, overrides, tuple_fields=("labels", "eval_labels"))
 
 
-ALPHA_SCHEDULES = ("linear", "cosine")
-KD_SUPPORTS = ("full", "topk")
-
-
-@dataclass(frozen=True)
-class CodistillConfig:
+@dataclass(frozen=True, kw_only=True)
+class CodistillConfig(LoopConfig):
     inputs: tuple[str, ...]
     """Raw text (the inputs `labelgen generate` reads), tokenized with the shared tokenizer."""
     out: str
@@ -164,11 +177,6 @@ class CodistillConfig:
     text_field: str = "text"
     max_seq_len: int = 256
     rows_per_shard: int = 1000
-    max_steps: int = 1000
-    """Optimizer steps of both models, each over grad_accum batches."""
-    batch_size: int = 8
-    """Rows per micro-batch per rank."""
-    grad_accum: int = 1
     alpha: float = 0.5
     """Target weight of CE in the student's loss alpha*CE + (1-alpha)*KD."""
     alpha_warmup_steps: int = 0
@@ -180,32 +188,13 @@ class CodistillConfig:
     """full: KD against the teacher's whole distribution. topk: only its top-k
     (comparable with offline labels of that k)."""
     k: int = 64
-    kd_kind: str = "forward"
-    tail: str = "tail"
-    temperature: float = 1.0
-    beta: float = 0.5
     teacher_lr: float = 3e-4
+    """0 freezes the teacher."""
     student_lr: float = 3e-4
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    eval_every: int = 100
-    eval_batches: int = 20
-    save_every: int = 500
-    log_every: int = 10
-    seed: int = 0
-    group_units: int = 4
-    num_workers: int = 0
-    dtype: str = "auto"
-    device: str = "auto"
-    fsdp: bool = False
-    """Shard the trained models with FSDP."""
-    resume: bool = False
-    overwrite: bool = False
-    progress: bool = True
 
     def __post_init__(self):
+        super().__post_init__()
+
         def bad(option, msg):
             raise ValueError(f"{option}: {msg}")
         if not self.inputs:
@@ -227,21 +216,13 @@ class CodistillConfig:
             bad("--alpha-schedule", f"must be one of {', '.join(ALPHA_SCHEDULES)}")
         if self.kd not in KD_SUPPORTS:
             bad("--kd", f"must be one of {', '.join(KD_SUPPORTS)}")
-        if self.kd_kind not in KINDS or self.tail not in TAILS:
-            bad("--kd-kind/--tail", f"must be one of {KINDS} / {TAILS}")
         if self.tail == "tail" and self.kd == "topk" and self.temperature != 1.0:
             bad("--temperature", "must be 1 with --tail tail")
-        for name in ("max_steps", "batch_size", "grad_accum", "eval_batches",
-                     "log_every", "k", "max_seq_len", "rows_per_shard"):
+        for name in ("k", "max_seq_len", "rows_per_shard"):
             if getattr(self, name) < 1:
                 bad(f"--{name.replace('_', '-')}", f"must be >= 1, got {getattr(self, name)}")
         if self.teacher_lr < 0 or self.student_lr <= 0:
             bad("--teacher-lr/--student-lr", "the student's must be > 0, the teacher's >= 0 (0 freezes it)")
-        if self.group_units < 1 or self.num_workers < 0:
-            bad("--group-units/--num-workers", "must be >= 1 / >= 0")
-        check_optimizer_settings(self, bad)
-        if self.resume and self.overwrite:
-            bad("--resume/--overwrite", "pass one, not both")
 
     def alpha_at(self, step: int) -> float:
         """CE weight at `step`: 1 for alpha_warmup_steps, then linear or cosine to alpha over alpha_ramp_steps."""
