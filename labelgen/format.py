@@ -633,7 +633,7 @@ def _flat(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 
 def decode_batch(batch: pa.RecordBatch | pa.Table, kind: str, k: int, enc: Encoding,
-                 id_map: IdMap | None = None) -> dict[str, Any]:
+                 id_map: IdMap | None = None, rank_order: bool = True) -> dict[str, Any]:
     """Decode the columns present in `batch` into flat numpy arrays.
 
     Returns, per column present: list columns as (values, offsets) where
@@ -646,6 +646,9 @@ def decode_batch(batch: pa.RecordBatch | pa.Table, kind: str, k: int, enc: Encod
     has one); sampled ids then come back in renumbered order within a position.
     With enc.variable_k, topk_ids/topk_logprobs need topk_lengths and come
     back as [positions, k] all the same: dropped slots hold id 0, logprob -inf.
+    rank_order=False leaves sorted-layout entries in the order they are
+    stored (a consumer that ignores entry order, such as the KD loss, skips
+    the per-position sort).
     """
     if kind in ID_MAPPED_COLUMN:
         _check_id_map(enc, id_map)
@@ -690,7 +693,13 @@ def decode_batch(batch: pa.RecordBatch | pa.Table, kind: str, k: int, enc: Encod
         else:
             values = values.astype(np.float32, copy=False)
         out[name] = (values, offsets)
-    if kind == "topk" and enc.id_order == "sorted" and (TOPK_IDS in out or TOPK_LOGPROBS in out):
+    if kind == "topk" and enc.id_order == "sorted" and TOPK_IDS in out and not rank_order:
+        ids, off = out[TOPK_IDS]
+        ids = np.cumsum(ids, axis=1)
+        if kept is not None:
+            ids[~kept] = 0
+        out[TOPK_IDS] = (ids, off)
+    elif kind == "topk" and enc.id_order == "sorted" and (TOPK_IDS in out or TOPK_LOGPROBS in out):
         if TOPK_LOGPROBS not in out:
             raise FormatError("the sorted id layout needs topk_logprobs to decode topk_ids")
         lp, off = out[TOPK_LOGPROBS]

@@ -339,12 +339,12 @@ class ShardReader:
         return self._id_map[1]
 
     def read_row_group(self, shard_index: int, row_group: int, columns: list[str] | None = None,
-                       pf: pq.ParquetFile | None = None) -> dict[str, Any]:
+                       pf: pq.ParquetFile | None = None, rank_order: bool = True) -> dict[str, Any]:
         """Decoded columns of one row group (see format.decode_batch)."""
         shard = self.shards[shard_index]
         pf = pf or self.open_shard(shard)
         wanted = columns
-        if columns is not None and self.kind == "topk" and self.encoding.id_order == "sorted" \
+        if columns is not None and self.kind == "topk" and self.encoding.id_order == "sorted" and rank_order \
                 and fmt.TOPK_IDS in columns and fmt.TOPK_LOGPROBS not in columns:
             columns = list(columns) + [fmt.TOPK_LOGPROBS]   # ids are put in rank order by their logprobs
         if columns is not None and self.kind == "topk" and self.encoding.variable_k \
@@ -356,7 +356,7 @@ class ShardReader:
         self.check_row_group(pf, row_group, shard, where)
         try:
             table = pf.read_row_group(row_group, columns=columns)
-            decoded = fmt.decode_batch(table, self.kind, self.k, self.encoding, self.id_map(shard, pf))
+            decoded = fmt.decode_batch(table, self.kind, self.k, self.encoding, self.id_map(shard, pf), rank_order)
         except FormatError as e:
             raise FormatError(f"{where}: {e}") from None
         except Exception as e:  # damaged pages surface as checksum, decoding or shape errors

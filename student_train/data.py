@@ -50,7 +50,7 @@ def open_label_sets(dirs: list[str], verify: bool = False, checksums: bool = Tru
     return readers
 
 
-def sampled_weights(counts: np.ndarray, logprobs: np.ndarray, starts: np.ndarray, temperature: float) -> np.ndarray:
+def sampled_weights(counts: np.ndarray, logprobs: np.ndarray | None, starts: np.ndarray, temperature: float) -> np.ndarray:
     """Empirical probabilities of the distinct drawn ids of each position.
     Draws from softmax(z / T) over-represent (T > 1) or under-represent
     (T < 1) the tail; self-normalised importance weights p/q ∝ p^(1 - 1/T)
@@ -62,59 +62,116 @@ def sampled_weights(counts: np.ndarray, logprobs: np.ndarray, starts: np.ndarray
     return (w / np.repeat(totals, np.diff(np.append(starts, len(w))))).astype(np.float32)
 
 
-def collate(rows: list[dict], kind: str, k: int | None = None, vocab_limit: int | None = None,
-            proposal_temperature: float = 1.0) -> dict[str, torch.Tensor]:
-    """Pad rows into a batch. Position t of a row predicts input_ids[t + 1].
+def _spread(offsets: np.ndarray, rows: np.ndarray):
+    """For the selected rows of a list column: each value's row in the
+    selection, its index within its row, its index in the flat values, and
+    the rows' lengths."""
+    starts, lengths = offsets[rows], offsets[rows + 1] - offsets[rows]
+    row = np.repeat(np.arange(len(rows)), lengths)
+    t = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return row, t, np.repeat(starts, lengths) + t, lengths
+
+
+def concat_columns(parts: list[dict]) -> dict:
+    """Decoded list columns (values, offsets) of consecutive row groups as one."""
+    out = {}
+    for name in parts[0]:
+        offsets, base = [np.zeros(1, np.int64)], 0
+        for p in parts:
+            offsets.append(p[name][1][1:] + base)
+            base += p[name][1][-1]
+        out[name] = (np.concatenate([p[name][0] for p in parts]), np.concatenate(offsets))
+    return out
+
+
+def take_rows(columns: dict, rows: np.ndarray) -> dict:
+    """The selected rows of decoded list columns, as columns of their own."""
+    out = {}
+    for name, (values, offsets) in columns.items():
+        _, _, flat, lengths = _spread(offsets, rows)
+        out[name] = (values[flat], np.concatenate([[0], np.cumsum(lengths)]))
+    return out
+
+
+def columns_from_rows(rows: list[dict]) -> dict:
+    """Per-row arrays (e.g. ShardReader.iter_rows output) as decoded list columns."""
+    return {name: (np.concatenate([r[name] for r in rows]),
+                   np.concatenate([[0], np.cumsum([len(r[name]) for r in rows])]))
+            for name in rows[0] if rows[0][name] is not None and not np.isscalar(rows[0][name])}
+
+
+def collate(columns: dict, kind: str, rows: np.ndarray | None = None, k: int | None = None,
+            vocab_limit: int | None = None, proposal_temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    """A padded batch of `rows` (default: all) straight from decoded list
+    columns (values, offsets), with no per-row objects. Position t of a row
+    predicts input_ids[t + 1].
 
     Rows are topk, tokens (windows of ids) or samples (prompt + completion).
     Returns input_ids, attention_mask [B, T]; targets, mask [B, T-1]; and for
     topk rows topk_ids (long), topk_logprobs (float32, -inf for empty slots),
-    coverage [B, T-1, k] / [B, T-1]. Label ids at or above `vocab_limit` (the
+    coverage [B, T-1, k] / [B, T-1] (entries in stored order unless k drops
+    some, which needs rank order). Label ids at or above `vocab_limit` (the
     teacher's padded vocabulary slots) are emptied: they carry no mass the
     student could match.
     """
+    if rows is None:
+        rows = np.arange(len(next(iter(columns.values()))[1]) - 1)
     if kind == "samples":
-        seqs = [np.concatenate([r[fmt.PROMPT_IDS], r[fmt.COMPLETION_IDS]]) for r in rows]
+        (prompt, p_off), (completion, c_off) = columns[fmt.PROMPT_IDS], columns[fmt.COMPLETION_IDS]
+        prompt_lengths = p_off[rows + 1] - p_off[rows]
+        lengths = prompt_lengths + c_off[rows + 1] - c_off[rows]
+        first = np.maximum(prompt_lengths - 1, 0)   # prompt tokens are not targets
     else:
-        seqs = [r[fmt.INPUT_IDS] for r in rows]
-    B, T = len(rows), max(len(s) for s in seqs)
+        tokens, t_off = columns[fmt.INPUT_IDS]
+        lengths = t_off[rows + 1] - t_off[rows]
+        first = np.zeros(len(rows), np.int64)
+    B, T = len(rows), int(lengths.max())
     ids = np.zeros((B, T), np.int64)
-    attn = np.zeros((B, T), np.int64)
-    mask = np.zeros((B, T - 1), bool)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = s
-        attn[i, : len(s)] = 1
-        first = len(rows[i][fmt.PROMPT_IDS]) - 1 if kind == "samples" else 0   # prompt tokens are not targets
-        mask[i, max(first, 0): len(s) - 1] = True
+    if kind == "samples":
+        r, t, flat, _ = _spread(p_off, rows)
+        ids[r, t] = prompt[flat]
+        r, t, flat, _ = _spread(c_off, rows)
+        ids[r, t + prompt_lengths[r]] = completion[flat]
+    else:
+        r, t, flat, _ = _spread(t_off, rows)
+        ids[r, t] = tokens[flat]
+    step = np.arange(T)
+    attn = (step < lengths[:, None]).astype(np.int64)
+    mask = (step[:-1] >= first[:, None]) & (step[:-1] < (lengths - 1)[:, None])
     out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn),
            "targets": torch.from_numpy(ids[:, 1:].copy()), "mask": torch.from_numpy(mask)}
     if kind == "topk":
-        K = k or rows[0][fmt.TOPK_IDS].shape[1]
+        (top_ids, _), (top_lp, _), (cover, p_off) = (columns[fmt.TOPK_IDS], columns[fmt.TOPK_LOGPROBS],
+                                                      columns[fmt.COVERAGE])
+        K = k or top_ids.shape[1]
+        r, t, pos, _ = _spread(p_off, rows)
         tids = np.zeros((B, T - 1, K), np.int64)
         tlp = np.zeros((B, T - 1, K), np.float32)
         cov = np.ones((B, T - 1), np.float32)
-        for i, r in enumerate(rows):
-            p = len(r[fmt.COVERAGE])
-            tids[i, :p] = r[fmt.TOPK_IDS][:, :K]
-            tlp[i, :p] = r[fmt.TOPK_LOGPROBS][:, :K]
-            dropped = np.exp(r[fmt.TOPK_LOGPROBS][:, K:].astype(np.float64)).sum(1)   # mass of entries beyond k
-            cov[i, :p] = np.clip(r[fmt.COVERAGE] - dropped, 0, 1)
+        tids[r, t] = top_ids[pos, :K]
+        tlp[r, t] = top_lp[pos, :K]
+        dropped = np.exp(top_lp[pos, K:].astype(np.float64)).sum(1)   # mass of entries beyond k
+        cov[r, t] = np.clip(cover[pos] - dropped, 0, 1)
         if vocab_limit is not None:
             outside = tids >= vocab_limit
             tids[outside] = 0
             tlp[outside] = -np.inf
         out.update(topk_ids=torch.from_numpy(tids), topk_logprobs=torch.from_numpy(tlp), coverage=torch.from_numpy(cov))
     if kind == "sampled":
-        M = max(int(r[fmt.SAMPLED_LENGTHS].max()) for r in rows)
+        (per_position, p_off), (drawn, _) = columns[fmt.SAMPLED_LENGTHS], columns[fmt.SAMPLED_IDS]
+        r, t, pos, _ = _spread(p_off, rows)
+        n = per_position[pos]                                   # distinct ids of each selected position
+        starts = np.cumsum(n) - n
+        entry = np.repeat(np.arange(len(pos)), n)
+        slot = np.arange(int(n.sum())) - np.repeat(starts, n)
+        flat = np.repeat((np.cumsum(per_position) - per_position)[pos], n) + slot
+        logprobs = columns[fmt.SAMPLED_LOGPROBS][0][flat] if proposal_temperature != 1.0 else None
+        M = int(n.max()) if len(n) else 1
         sids = np.zeros((B, T - 1, M), np.int64)
         sw = np.zeros((B, T - 1, M), np.float32)
-        for i, r in enumerate(rows):
-            lengths = r[fmt.SAMPLED_LENGTHS]
-            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-            pos = np.repeat(np.arange(len(lengths)), lengths)
-            slot = np.arange(int(lengths.sum())) - np.repeat(starts, lengths)
-            sids[i, pos, slot] = r[fmt.SAMPLED_IDS]
-            sw[i, pos, slot] = sampled_weights(r[fmt.SAMPLED_COUNTS], r[fmt.SAMPLED_LOGPROBS], starts, proposal_temperature)
+        sids[r[entry], t[entry], slot] = drawn[flat]
+        sw[r[entry], t[entry], slot] = sampled_weights(columns[fmt.SAMPLED_COUNTS][0][flat], logprobs, starts,
+                                                       proposal_temperature)
         if vocab_limit is not None:
             outside = sids >= vocab_limit
             sids[outside], sw[outside] = 0, 0.0
@@ -157,6 +214,8 @@ class LabelStream(torch.utils.data.IterableDataset):
         self.kind, self.k, self.vocab_limit = readers[0].kind, k, vocab_limit
         self.proposal_temperature = float(readers[0].manifest.get("sampling", {}).get("proposal_temperature", 1.0))
         self.columns = COLUMNS[self.kind]
+        # Entry order matters only when k keeps a rank prefix of what is stored.
+        self.rank_order = k is not None and k < readers[0].k
         selected = shards if shards is not None else [(d, s) for d, r in enumerate(readers) for s in range(len(r.shards))]
         self.units = [(d, s, g) for d, s in selected for g in range(self._row_groups(d, s))]
         self.start = LoaderState()
@@ -185,14 +244,21 @@ class LabelStream(torch.utils.data.IterableDataset):
             np.random.default_rng([self.seed, epoch]).shuffle(order)
         return [self.units[i] for i in order[slot::n_slots]]
 
-    def _rows(self, units) -> list[dict]:
-        rows = []
+    def _columns(self, units) -> dict:
+        """The decoded columns of `units`, joined."""
+        parts = []
         for d, s, g in units:
             # Consecutive units often share a shard: open (stat, footer, metadata check) it once.
             if self._open[0] != (d, s):
                 self._open = ((d, s), self.readers[d].open_shard(self.readers[d].shards[s]))
-            rows.extend(fmt.rows_from_decoded(self.readers[d].read_row_group(s, g, self.columns, self._open[1])))
-        return rows
+            parts.append(self.readers[d].read_row_group(s, g, self.columns, self._open[1], rank_order=self.rank_order))
+        return concat_columns(parts)
+
+    def _batch(self, pieces: list[tuple[dict, np.ndarray]]) -> dict:
+        """Collate rows picked from one or (a batch spanning groups) several groups' columns."""
+        columns, rows = pieces[0] if len(pieces) == 1 else (
+            concat_columns([take_rows(c, r) for c, r in pieces]), None)
+        return collate(columns, self.kind, rows, self.k, self.vocab_limit, self.proposal_temperature)
 
     def __iter__(self):
         slot, n_slots, local, num_local = self._consumer()
@@ -200,25 +266,26 @@ class LabelStream(torch.utils.data.IterableDataset):
             raise FormatError(f"{len(self.units)} row groups cannot feed {n_slots} consumers "
                               f"(ranks x DataLoader workers); use fewer workers or more, smaller row groups")
         epoch, group, row = self.start.slots.get(slot, [0, 0, 0])
-        batch: list[dict] = []
+        pieces, pending = [], 0   # rows of the batch being filled, per group they come from
         while self.max_epochs is None or epoch < self.max_epochs:
             units = self.consumer_units(epoch, slot, n_slots)
             for gi in range(group, -(-len(units) // self.group_units)):
-                rows = self._rows(units[gi * self.group_units:(gi + 1) * self.group_units])
-                order = np.arange(len(rows))
+                columns = self._columns(units[gi * self.group_units:(gi + 1) * self.group_units])
+                order = np.arange(len(next(iter(columns.values()))[1]) - 1)
                 if self.shuffle:
                     np.random.default_rng([self.seed, epoch, slot, gi]).shuffle(order)
-                for ri in range(row, len(rows)):
-                    batch.append(rows[order[ri]])
-                    if len(batch) == self.batch_size:
-                        yield (collate(batch, self.kind, self.k, self.vocab_limit, self.proposal_temperature),
-                               {"slot": slot, "local": local, "num_local": num_local, "position": [epoch, gi, ri + 1]})
-                        batch = []
+                while row < len(order):
+                    take = order[row:row + self.batch_size - pending]
+                    pieces.append((columns, take))
+                    pending, row = pending + len(take), row + len(take)
+                    if pending == self.batch_size:
+                        yield (self._batch(pieces),
+                               {"slot": slot, "local": local, "num_local": num_local, "position": [epoch, gi, row]})
+                        pieces, pending = [], 0
                 row = 0
             epoch, group = epoch + 1, 0
-        if batch:
-            yield (collate(batch, self.kind, self.k, self.vocab_limit, self.proposal_temperature),
-                   {"slot": slot, "local": local, "num_local": num_local, "position": [epoch, 0, 0]})
+        if pieces:
+            yield (self._batch(pieces), {"slot": slot, "local": local, "num_local": num_local, "position": [epoch, 0, 0]})
 
 
 def take_batches(stream: LabelStream, n: int):

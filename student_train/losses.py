@@ -132,10 +132,12 @@ def full_kd(logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tens
     return masked_mean(_divergence(logp, logq, kind, beta), mask) * temperature ** 2
 
 
-def topk_agreement(logits: torch.Tensor, topk_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Share of counted positions where the student's argmax is the teacher's top-1."""
-    hit = (logits.argmax(-1) == topk_ids[..., 0]).float()
-    return masked_mean(hit, mask)
+def topk_agreement(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                   mask: torch.Tensor) -> torch.Tensor:
+    """Share of counted positions where the student's argmax is the teacher's
+    top-1 (its most probable stored entry: entries may be in any order)."""
+    top1 = topk_ids.gather(-1, topk_logprobs.argmax(-1, keepdim=True)).squeeze(-1)
+    return masked_mean((logits.argmax(-1) == top1).float(), mask)
 
 
 def alpha_at(step: int, start: float, end: float | None, ramp_start: int = 0, ramp_steps: int = 0,

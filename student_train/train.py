@@ -109,7 +109,7 @@ def score(models: dict, batch: dict) -> dict:
     if "topk_ids" in batch:
         out["kl"] = losses.topk_kd(logits, batch["topk_ids"], batch["topk_logprobs"], batch["coverage"],
                                    batch["mask"], tail="tail", lse=lse)
-        out["top1"] = losses.topk_agreement(logits, batch["topk_ids"], batch["mask"])
+        out["top1"] = losses.topk_agreement(logits, batch["topk_ids"], batch["topk_logprobs"], batch["mask"])
     return out
 
 

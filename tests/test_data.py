@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from student_train.data import LabelStream, LoaderState, collate, open_label_sets
+from student_train.data import LabelStream, LoaderState, collate, columns_from_rows, open_label_sets
 
 
 def row_keys(batch):
@@ -57,7 +57,7 @@ def test_stopping_mid_epoch_and_resuming_gives_the_same_batches(topk_labels):
 def test_collate_masks_prompt_tokens_of_samples_and_pads_topk():
     rows = [{"prompt_ids": np.array([1, 2, 3]), "completion_ids": np.array([4, 5])},
             {"prompt_ids": np.array([7]), "completion_ids": np.array([8, 9, 10])}]
-    b = collate(rows, "samples")
+    b = collate(columns_from_rows(rows), "samples")
     # position t predicts token t+1: row 0's targets 4, 5 sit at positions 2, 3
     assert b["mask"][0].tolist() == [False, False, True, True]
     assert b["mask"][1].tolist() == [True, True, True, False]
@@ -65,7 +65,7 @@ def test_collate_masks_prompt_tokens_of_samples_and_pads_topk():
     lp = np.log(np.array([[0.5, 0.2, 0.1]] * 2, dtype=np.float32))
     trow = {"input_ids": np.array([1, 2, 3]), "topk_ids": np.array([[3, 9, 4]] * 2), "topk_logprobs": lp,
             "coverage": np.array([0.8, 0.8], np.float32)}
-    t = collate([trow], "topk", k=2, vocab_limit=5)
+    t = collate(columns_from_rows([trow]), "topk", k=2, vocab_limit=5)
     assert t["topk_ids"].shape == (1, 2, 2)
     assert abs(t["coverage"][0, 0].item() - 0.7) < 1e-6   # the dropped third entry's mass is taken out
     # id 9 is beyond the student's 5 logits: emptied

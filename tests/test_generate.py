@@ -68,7 +68,7 @@ def test_topk_labels_match_a_plain_forward_pass(tiny_teacher, corpus, tmp_path):
 
 def test_adaptive_truncation_keeps_entries_until_the_mass_or_the_floor(tiny_teacher, corpus, tmp_path):
     from transformers import AutoModelForCausalLM
-    from student_train.data import collate
+    from student_train.data import collate, columns_from_rows
     from student_train.losses import topk_kd
     m = run(cfg(tiny_teacher, [corpus / "docs.jsonl"], tmp_path / "l", id_field="id", keep_mass=0.5, min_prob=0.01))
     assert m["encoding"]["variable_k"] and validate(tmp_path / "l")["ok"]
@@ -88,7 +88,7 @@ def test_adaptive_truncation_keeps_entries_until_the_mass_or_the_floor(tiny_teac
             assert set(r["topk_ids"][i, :n]) == set(top.indices[i, :n].tolist())
             np.testing.assert_allclose(r["coverage"][i], p[i, :n].sum(), atol=1e-5)
     assert 1 <= np.mean(np.concatenate([r["topk_lengths"] for r in rows])) < 16
-    batch = collate(rows[:4], "topk")
+    batch = collate(columns_from_rows(rows[:4]), "topk")
     student = torch.randn(*batch["topk_ids"].shape[:2], 512, requires_grad=True)
     loss = topk_kd(student, batch["topk_ids"], batch["topk_logprobs"], batch["coverage"], batch["mask"], tail="tail")
     loss.backward()

@@ -11,7 +11,7 @@ from labelgen.config import GenerateConfig
 from labelgen.generate import run
 from labelgen.inspect import inspect, validate
 from labelgen.shards import ShardReader
-from student_train.data import collate
+from student_train.data import collate, columns_from_rows
 from student_train.losses import full_kd, sampled_kd, topk_kd
 
 
@@ -33,7 +33,7 @@ def sampled_batch(p_teacher, n, seed, temperature=1.0):
     s = _distinct([(drawn, torch.log(p_teacher) if temperature != 1.0 else None)], n)
     row = {"input_ids": np.zeros(len(p_teacher) + 1, np.int64), "sampled_ids": s.ids, "sampled_counts": s.counts,
            "sampled_lengths": s.lengths, "sampled_logprobs": s.logprobs}
-    return collate([row], "sampled", proposal_temperature=temperature)
+    return collate(columns_from_rows([row]), "sampled", proposal_temperature=temperature)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
