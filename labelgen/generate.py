@@ -31,7 +31,7 @@ from labelgen import format as fmt
 from labelgen.backends import SampleRequest, Teacher, load_teacher
 from labelgen.config import DEFAULT_MAX_SEQ_LEN, EXECUTION_ONLY, GenerateConfig
 from labelgen.format import Encoding, FormatError
-from labelgen.inputs import FieldSpec, InputError, Record, read_records
+from labelgen.inputs import FieldSpec, InputError, ReadPosition, Record, expand_paths, read_records
 from labelgen.shards import (ShardFile, ShardInfo, build_manifest, prepare_output_dir, shard_counts,
                              shard_info_from_file)
 
@@ -65,6 +65,7 @@ class ShardWork:
     examples: int = 0
     skipped: int = 0
     done: bool = False                          # already finished by an earlier run
+    input_bytes: int = 0                        # how far the input had been read when the shard was cut
 
 
 def load_tokenizer(path: str, need_model: bool = True):
@@ -92,17 +93,16 @@ def canonical_path(path: str) -> str:
     return absolute if relative == ".." or relative.startswith(".." + os.sep) else relative
 
 
-def input_identity(cfg: GenerateConfig) -> dict[str, list[int]]:
+def input_identity(files: list[Path]) -> dict[str, list[int]]:
     """[size, modification time] of every input file: a resume must read what the run began with."""
-    from labelgen.inputs import expand_paths
-    return {str(p): [(st := p.stat()).st_size, st.st_mtime_ns] for p in expand_paths(list(cfg.inputs))}
+    return {str(p): [(st := p.stat()).st_size, st.st_mtime_ns] for p in files}
 
 
-def check_output_dir(cfg: GenerateConfig) -> None:
+def check_output_dir(cfg: GenerateConfig, files: list[Path]) -> None:
     """Refuse a non-empty output directory unless resuming the same run or
     overwriting; refuse to resume under a changed config or changed inputs."""
     out = Path(cfg.out)
-    inputs = input_identity(cfg)
+    inputs = input_identity(files)
     run_file = out / RUN_FILE
     finished = sorted(out.glob("shard-*" + fmt.SHARD_SUFFIX)) if out.is_dir() else []
     # A run that failed before its first shard left only run.json: nothing to resume or lose.
@@ -136,35 +136,34 @@ def check_output_dir(cfg: GenerateConfig) -> None:
 def run(cfg: GenerateConfig, teacher: Teacher | None = None) -> dict:
     """Run the job; returns the manifest (or the worker's partial manifest).
     `teacher` reuses an already loaded backend (it must be cfg.teacher)."""
-    from labelgen.inputs import expand_paths
     # A resumed run is the same run however its paths were spelled (dir/ or dir, relative or absolute).
     cfg = dataclasses.replace(cfg, inputs=tuple(map(canonical_path, cfg.inputs)), out=canonical_path(cfg.out),
                               teacher=canonical_path(cfg.teacher))
-    expand_paths(list(cfg.inputs))   # fail on a missing input before loading anything
+    files = expand_paths(list(cfg.inputs))   # fails on a missing input before anything is loaded
     tokenizer = load_tokenizer(cfg.teacher, need_model=cfg.mode != "tokens")
     cfg = resolve(cfg, tokenizer)
-    check_output_dir(cfg)
+    check_output_dir(cfg, files)
     if teacher is None and cfg.mode == "tokens":
         teacher = _TokenizerOnly(cfg.teacher, tokenizer)
     if teacher is None:
         teacher = load_teacher(cfg, tokenizer)
         try:
-            return _generate(cfg, teacher, tokenizer)
+            return _generate(cfg, teacher, tokenizer, files)
         finally:
             teacher.close()
-    return _generate(cfg, teacher, tokenizer)
+    return _generate(cfg, teacher, tokenizer, files)
 
 
-def _generate(cfg: GenerateConfig, teacher: Teacher, tokenizer) -> dict:
+def _generate(cfg: GenerateConfig, teacher: Teacher, tokenizer, files: list[Path]) -> dict:
     enc = Encoding(**cfg.encoding)
     id_bound = max(teacher.logits_size, teacher.vocab_size)
     out = Path(cfg.out)
     t0 = time.time()
-    progress = _Progress(cfg)
+    progress = _Progress(cfg, sum(size for size, _ in input_identity(files).values()))
 
     work_q: queue.Queue = queue.Queue(maxsize=2)
     write_q: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
-    reader = _Thread(_read_shards, cfg, tokenizer, teacher.max_positions, work_q)
+    reader = _Thread(_read_shards, cfg, files, tokenizer, teacher.max_positions, work_q)
     writer = _Thread(_write_shards, cfg, out, id_bound, enc, write_q)
     shards: dict[int, ShardInfo] = {}
     counts = {"examples": 0, "skipped": 0}
@@ -182,7 +181,7 @@ def _generate(cfg: GenerateConfig, teacher: Teacher, tokenizer) -> dict:
                 path = out / fmt.shard_name(work.index)
                 shards[work.index] = shard_info_from_file(path, cfg.kind)
                 counts["skipped"] += shard_counts(path).get("skipped", 0)
-                progress.update(work.examples, 0)
+                progress.update(work.examples, 0, work.input_bytes)
                 continue
             counts["skipped"] += work.skipped
             _put(write_q, ("open", work.index, None), writer)
@@ -199,7 +198,7 @@ def _generate(cfg: GenerateConfig, teacher: Teacher, tokenizer) -> dict:
                 _put(write_q, ("rows", work.index, rows), writer)
                 progress.update(0, tokens)
             _put(write_q, ("close", work.index, {"examples": work.examples, "skipped": work.skipped}), writer)
-            progress.update(work.examples, 0)
+            progress.update(work.examples, 0, work.input_bytes)
         _put(write_q, None, writer)
         writer.join_checked()
     except BaseException:
@@ -271,15 +270,18 @@ def _write_manifest(cfg, out, teacher: Teacher, tokenizer, enc, id_bound, shards
 # ---------------------------------------------------------------- reader
 
 
-def _read_shards(cfg: GenerateConfig, tokenizer, max_positions: int, work_q: queue.Queue, stop: threading.Event):
+def _read_shards(cfg: GenerateConfig, files: list[Path], tokenizer, max_positions: int, work_q: queue.Queue,
+                 stop: threading.Event):
     spec = FieldSpec(cfg.text_field, cfg.prompt_field, cfg.messages_field, cfg.id_field)
     out = Path(cfg.out)
     work, records, index = None, [], -1
-    for n, rec in enumerate(read_records(list(cfg.inputs), spec)):
+    position, read_before = ReadPosition(), 0   # input bytes read before the current record
+    for n, rec in enumerate(read_records(files, spec, position)):
         if stop.is_set():
             return
         if n % cfg.rows_per_shard == 0:
             if work is not None:
+                work.input_bytes = read_before
                 work_q.put(_prepare(work, records, tokenizer, cfg, max_positions))
             index, records = n // cfg.rows_per_shard, []
             mine = index % cfg.num_workers == cfg.worker_index
@@ -288,9 +290,11 @@ def _read_shards(cfg: GenerateConfig, tokenizer, max_positions: int, work_q: que
             work.examples += 1
             if not work.done:
                 records.append(rec)
+        read_before = position.bytes
     if index < 0:
         raise InputError(f"{', '.join(cfg.inputs)}: no input records (--input); nothing to label")
     if work is not None:
+        work.input_bytes = position.bytes
         work_q.put(_prepare(work, records, tokenizer, cfg, max_positions))
     work_q.put(index + 1)
     work_q.put(None)
@@ -466,13 +470,15 @@ def _write_shards(cfg: GenerateConfig, out: Path, id_bound: int, enc: Encoding, 
     k = cfg.entries
     # Encoding (sorting, quantising) runs on a few threads: one thread cannot
     # keep up with a GPU teacher.
-    encoder = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="labelgen-encode")
+    threads = min(4, os.cpu_count() or 1)
+    encoder = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="labelgen-encode")
     try:
         while (msg := write_q.get()) is not None:
             op, index, payload = msg   # payload: rows, or the shard's counts on close
             if op == "open":
                 current = ShardFile(out / fmt.shard_name(index), cfg.kind, k, id_bound, enc,
-                                    extra_meta={"config_hash": cfg.output_hash(), "shard_index": index}, encoder=encoder)
+                                    extra_meta={"config_hash": cfg.output_hash(), "shard_index": index}, encoder=encoder,
+                                    in_flight=2 * threads)
             elif op == "rows":
                 for row in payload:
                     if cfg.truncates:   # here, not in the teacher loop: it waits on nothing
@@ -548,48 +554,30 @@ def _put(q: queue.Queue, item, consumer: _Thread):
 
 
 class _Progress:
-    """Examples done, teacher tokens/s and ETA (when the input size is known)."""
+    """Input read (the bar and its ETA: bytes, known without a counting
+    pass), examples done and teacher tokens/s."""
 
-    def __init__(self, cfg: GenerateConfig):
-        self.tokens = 0
+    def __init__(self, cfg: GenerateConfig, input_bytes: int):
+        self.tokens = self.examples = self.done = 0
         self.bar = None
         if cfg.progress:
             from tqdm import tqdm
-            self.bar = tqdm(total=_count_records(cfg), unit="ex", desc=f"labelgen {cfg.mode}", dynamic_ncols=True)
+            self.bar = tqdm(total=input_bytes, unit="B", unit_scale=True, desc=f"labelgen {cfg.mode}", dynamic_ncols=True)
             self.t0 = time.time()
 
-    def update(self, examples: int, tokens: int):
+    def update(self, examples: int, tokens: int, input_bytes: int | None = None):
         self.tokens += tokens
+        self.examples += examples
         if self.bar is not None:
-            self.bar.update(examples)
-            self.bar.set_postfix_str(f"{self.tokens / max(time.time() - self.t0, 1e-9):,.0f} tok/s", refresh=False)
+            if input_bytes is not None and input_bytes > self.done:
+                self.bar.update(input_bytes - self.done)
+                self.done = input_bytes
+            self.bar.set_postfix_str(f"{self.examples:,} ex, {self.tokens / max(time.time() - self.t0, 1e-9):,.0f} tok/s",
+                                     refresh=False)
 
     def close(self):
         if self.bar is not None:
             self.bar.close()
-
-
-def _count_records(cfg: GenerateConfig) -> int | None:
-    """Cheap record count for the ETA: newlines, Parquet footers, files. None
-    for compressed inputs (counting them would mean decompressing twice)."""
-    import pyarrow.parquet as pq
-    from labelgen.inputs import expand_paths, file_kind
-    total = 0
-    try:
-        for path in expand_paths(list(cfg.inputs)):
-            kind = file_kind(path)
-            if kind == "jsonl.zst":
-                return None
-            if kind == "parquet":
-                total += pq.ParquetFile(path).metadata.num_rows
-            elif kind == "jsonl":
-                with open(path, "rb") as f:
-                    total += sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
-            else:
-                total += 1
-    except Exception:
-        return None
-    return total
 
 
 # ---------------------------------------------------------------- finalize

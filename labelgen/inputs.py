@@ -14,13 +14,20 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
 
 class InputError(ValueError):
     """A bad input record or file; the message starts with file:line."""
+
+
+@dataclass
+class ReadPosition:
+    """How far read_records has read: bytes of the input files, compressed
+    bytes for .zst (the measure of a progress bar that needs no counting pass)."""
+    bytes: int = 0
 
 
 @dataclass
@@ -154,10 +161,11 @@ def _jsonl_lines(path: Path, binary: io.RawIOBase | io.BufferedIOBase) -> Iterat
             yield n, line
 
 
-def _read_jsonl(path: Path, spec: FieldSpec, compressed: bool) -> Iterator[Record | InputError]:
+def _read_jsonl(path: Path, spec: FieldSpec, compressed: bool, at: Callable[[int], None]) -> Iterator[Record | InputError]:
     with open(path, "rb") as f:
         stream = io.BufferedReader(_ZstdFrames(path, f), 1 << 20) if compressed else f
         for n, line in _jsonl_lines(path, stream):
+            at(f.tell())
             where = f"{path}:{n}"
             if isinstance(line, InputError):
                 yield line
@@ -170,7 +178,7 @@ def _read_jsonl(path: Path, spec: FieldSpec, compressed: bool) -> Iterator[Recor
             yield _safe_record(obj, where, spec)
 
 
-def _read_parquet(path: Path, spec: FieldSpec) -> Iterator[Record | InputError]:
+def _read_parquet(path: Path, spec: FieldSpec, at: Callable[[int], None]) -> Iterator[Record | InputError]:
     import pyarrow as pa
     import pyarrow.parquet as pq
     try:
@@ -181,8 +189,9 @@ def _read_parquet(path: Path, spec: FieldSpec) -> Iterator[Record | InputError]:
     missing = [c for c in cols if c not in pf.schema_arrow.names]
     if missing:
         raise InputError(f"{path}: no column {missing[0]!r} (columns: {', '.join(pf.schema_arrow.names)})")
-    row = 0
+    row, size = 0, path.stat().st_size
     for batch in pf.iter_batches(batch_size=1024, columns=cols):
+        at(size * (row + batch.num_rows) // max(pf.metadata.num_rows, 1))
         for obj in batch.to_pylist():
             yield _safe_record(obj, f"{path}:{row}", spec)
             row += 1
@@ -200,23 +209,34 @@ def _read_text(path: Path) -> Iterator[Record]:
     yield Record(str(path), f"{path}:1", text=text)
 
 
-def read_records(paths: list[str], spec: FieldSpec = FieldSpec()) -> Iterator[Record | InputError]:
-    """All records of all inputs in a fixed order. A bad record is yielded as
-    an InputError (not raised) so the caller decides whether to skip it; a bad
-    file (unreadable, corrupt) is yielded once and ends that file."""
-    for path in expand_paths(paths):
+def read_records(files: list[Path], spec: FieldSpec = FieldSpec(),
+                 position: ReadPosition | None = None) -> Iterator[Record | InputError]:
+    """All records of the input files (expand_paths' list) in a fixed order.
+    A bad record is yielded as an InputError (not raised) so the caller
+    decides whether to skip it; a bad file (unreadable, corrupt) is yielded
+    once and ends that file. `position` follows the bytes read."""
+    position = position or ReadPosition()
+    done = 0
+    for path in files:
+        def at(n: int, base: int = done) -> None:
+            position.bytes = base + n
         kind = file_kind(path)
         if kind == "text" and (spec.prompt_field or spec.messages_field):
             yield InputError(f"{path}: plain-text files hold corpora; --prompt-field/--messages-field need JSONL or Parquet")
             continue
         try:
+            size = path.stat().st_size
             if kind == "text":
+                at(size)
                 yield from _read_text(path)
             elif kind == "parquet":
-                yield from _read_parquet(path, spec)
+                yield from _read_parquet(path, spec, at)
             else:
-                yield from _read_jsonl(path, spec, kind == "jsonl.zst")
+                yield from _read_jsonl(path, spec, kind == "jsonl.zst", at)
         except InputError as e:
             yield e
         except OSError as e:
             yield InputError(f"{path}: cannot read ({e.strerror or e})")
+            continue
+        done += size
+        position.bytes = done

@@ -13,6 +13,8 @@ interrupted writer leaves only `.tmp` files, which nothing reads.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -74,6 +76,36 @@ def shard_info_from_file(path: Path, kind: str) -> ShardInfo:
                      pf.num_row_groups, fmt.footer_sha256(path))
 
 
+class _HashingFile(io.RawIOBase):
+    """A file being written that hashes its bytes on the way (no read-back)."""
+
+    def __init__(self, path: Path):
+        self._f = open(path, "wb")
+        self.sha256, self.size = hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self._f.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+        super().close()
+
+
 class ShardFile:
     """One shard, written atomically. Rows are buffered into row groups of
     `encoding.row_group_rows`; `close()` renames the finished file into place
@@ -81,10 +113,11 @@ class ShardFile:
     removes the temporary file."""
 
     def __init__(self, path: Path, kind: str, k: int, vocab_size: int, enc: Encoding, extra_meta: dict | None = None,
-                 encoder: Executor | None = None):
+                 encoder: Executor | None = None, in_flight: int = 2):
         """`encoder`: encode row groups on this executor's threads (numpy and
-        Arrow release the GIL), writing them in order as they finish."""
-        self.encoder = encoder
+        Arrow release the GIL), writing them in order as they finish, with at
+        most `in_flight` row groups waiting."""
+        self.encoder, self.in_flight = encoder, in_flight
         self._pending: deque[Future] = deque()
         self.path, self.kind, self.k, self.vocab_size, self.enc = Path(path), kind, k, vocab_size, enc
         self.tmp = self.path.with_name(self.path.name + fmt.TMP_SUFFIX)
@@ -117,7 +150,8 @@ class ShardFile:
             meta[fmt.ID_TABLE_KEY] = self.id_map.to_meta(self.vocab_size)
         sch = fmt.schema(self.kind, self.vocab_size, self.enc).with_metadata(
             fmt.file_metadata(self.kind, self.k, self.vocab_size, self.enc, meta))
-        self._writer = pq.ParquetWriter(self.tmp, sch, **fmt.parquet_writer_options(self.kind, self.enc))
+        self._file = _HashingFile(self.tmp)
+        self._writer = pq.ParquetWriter(self._file, sch, **fmt.parquet_writer_options(self.kind, self.enc))
 
     def _flush(self, wait: bool = False) -> None:
         if self._writer is None:
@@ -129,7 +163,7 @@ class ShardFile:
                 self._write(fmt.encode_rows(*args))
             else:
                 self._pending.append(self.encoder.submit(fmt.encode_rows, *args))
-        limit = 0 if wait else 2 * getattr(self.encoder, "_max_workers", 1)
+        limit = 0 if wait else self.in_flight
         while self._pending and (self._pending[0].done() or len(self._pending) > limit):
             self._write(self._pending.popleft().result())
 
@@ -151,12 +185,11 @@ class ShardFile:
             if counts:
                 self._writer.add_key_value_metadata({fmt.COUNTS_META_KEY.decode(): json.dumps(counts)})
             self._writer.close()
+            self._file.close()   # flushed and fsynced
         except BaseException:
             self.abort()
             raise
-        with open(self.tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        info = ShardInfo(self.path.name, self.rows, self.positions, self.tmp.stat().st_size, fmt.sha256_file(self.tmp),
+        info = ShardInfo(self.path.name, self.rows, self.positions, self._file.size, self._file.sha256.hexdigest(),
                          self.row_groups, fmt.footer_sha256(self.tmp))
         os.replace(self.tmp, self.path)
         fmt.fsync_dir(self.path.parent)
@@ -169,6 +202,7 @@ class ShardFile:
         try:
             if self._writer is not None:
                 self._writer.close()
+                self._file.close()
         except Exception:
             pass
         self.tmp.unlink(missing_ok=True)

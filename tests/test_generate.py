@@ -159,6 +159,32 @@ def test_jsonl_zst_and_parquet_inputs_give_the_same_labels_as_jsonl(tiny_teacher
         assert_same_rows(o, ref)
 
 
+def test_the_progress_bar_measures_input_bytes_read_in_the_one_pass(corpus, tmp_path):
+    """No counting pass: the reader's position (compressed bytes for .zst)
+    rises with every record and ends at the inputs' total size."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+    from labelgen.inputs import ReadPosition, expand_paths, read_records
+    raw = (corpus / "docs.jsonl").read_bytes()
+    (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
+    pq.write_table(pa.Table.from_pylist([json.loads(line) for line in raw.decode().splitlines()]), tmp_path / "b.parquet")
+    (tmp_path / "c.jsonl").write_bytes(raw)
+    (tmp_path / "d.txt").write_text("one document\n")
+    files = expand_paths([str(tmp_path)])
+    position, seen = ReadPosition(), []
+    for rec in read_records(files, position=position):
+        seen.append(position.bytes)
+    assert len(seen) == 3 * len(raw.decode().splitlines()) + 1
+    assert seen == sorted(seen) and 0 < seen[0] and position.bytes == sum(f.stat().st_size for f in files)
+    # The generation bar ends full.
+    from labelgen.generate import _Progress
+    bar = _Progress(GenerateConfig(teacher="t", inputs=("x",), out="o", progress=True), position.bytes)
+    bar.update(3, 100, position.bytes)
+    assert bar.bar.n == bar.bar.total == position.bytes
+    bar.close()
+
+
 def test_two_workers_and_finalize_give_the_same_rows_as_one_worker(tiny_teacher, corpus, tmp_path):
     run(cfg(tiny_teacher, [corpus / "docs.jsonl"], tmp_path / "one"))
     for w in range(2):
