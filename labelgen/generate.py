@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from labelgen import format as fmt
+from labelgen import fsutil
 from labelgen.backends import SampleRequest, Teacher, load_teacher
 from labelgen.config import DEFAULT_MAX_SEQ_LEN, EXECUTION_ONLY, GenerateConfig
 from labelgen.format import Encoding, FormatError
@@ -129,7 +130,7 @@ def check_output_dir(cfg: GenerateConfig, files: list[Path]) -> None:
             raise ValueError(f"--out: {out} already holds this run; pass --resume to continue it "
                              f"(--overwrite would delete its {len(finished)} finished shard(s))")
     prepare_output_dir(out, "overwrite" if cfg.overwrite else "resume")
-    fmt.atomic_write_bytes(run_file, json.dumps({"config_hash": cfg.output_hash(), "config": cfg.to_dict(),
+    fsutil.atomic_write_bytes(run_file, json.dumps({"config_hash": cfg.output_hash(), "config": cfg.to_dict(),
                                                  "inputs": inputs}, indent=2).encode())
 
 
@@ -242,7 +243,7 @@ def _write_manifest(cfg, out, teacher: Teacher, tokenizer, enc, id_bound, shards
     header = {
         "mode": cfg.mode,
         "teacher": {"path": str(Path(cfg.teacher).resolve()),
-                    "config_sha256": fmt.sha256_file(config_file) if config_file.is_file() else None,
+                    "config_sha256": fsutil.sha256_file(config_file) if config_file.is_file() else None,
                     "vocab_size": teacher.vocab_size, "logits_size": teacher.logits_size, **teacher.info()},
         "tokenizer": fmt.tokenizer_fingerprint(tokenizer),
         "config": cfg.to_dict(),
@@ -254,7 +255,7 @@ def _write_manifest(cfg, out, teacher: Teacher, tokenizer, enc, id_bound, shards
                               "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
                               "seed_rule": "sha256(seed, example_id, sample_index)[:8] & (2**63-1)"}
     if cfg.worker_index == 0:   # the labels carry their tokenizer, so a student can be built from them anywhere
-        fmt.refuse_symlink(out / fmt.TOKENIZER_DIR)
+        fsutil.refuse_symlink(out / fmt.TOKENIZER_DIR)
         tokenizer.save_pretrained(out / fmt.TOKENIZER_DIR)
     ordered = [shards[i] for i in sorted(shards)]
     if cfg.mode == "sampled":

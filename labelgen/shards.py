@@ -27,10 +27,10 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from labelgen import format as fmt
+from labelgen import fsutil
 from labelgen.format import Encoding, FormatError
 
 
@@ -49,16 +49,6 @@ class ShardInfo:
                     row_groups=self.row_groups, footer_sha256=self.footer_sha256)
 
 
-def _positions(batch: pa.RecordBatch, kind: str) -> int:
-    """Stored positions: next-token predictions (topk, tokens) or completion tokens (samples)."""
-    col = batch.column(_POSITION_COLUMN[kind])
-    n = int(pc.sum(pc.list_value_length(col)).as_py() or 0)
-    return n - batch.num_rows if kind == "tokens" else n
-
-
-# The column whose list lengths count a shard's positions.
-_POSITION_COLUMN = {"topk": fmt.COVERAGE, "samples": fmt.COMPLETION_IDS, "tokens": fmt.INPUT_IDS,
-                    "sampled": fmt.SAMPLED_LENGTHS}
 
 
 def shard_counts(path: Path) -> dict:
@@ -70,10 +60,10 @@ def shard_counts(path: Path) -> dict:
 def shard_info_from_file(path: Path, kind: str) -> ShardInfo:
     """ShardInfo of a finished shard on disk (used when a job resumes)."""
     pf = pq.ParquetFile(path)
-    col = _POSITION_COLUMN[kind]
-    positions = sum(_positions(pf.read_row_group(i, columns=[col]), kind) for i in range(pf.num_row_groups))
-    return ShardInfo(path.name, pf.metadata.num_rows, positions, path.stat().st_size, fmt.sha256_file(path),
-                     pf.num_row_groups, fmt.footer_sha256(path))
+    rk = fmt.record_kind(kind)
+    positions = sum(rk.positions(pf.read_row_group(i, columns=[rk.position_column])) for i in range(pf.num_row_groups))
+    return ShardInfo(path.name, pf.metadata.num_rows, positions, path.stat().st_size, fsutil.sha256_file(path),
+                     pf.num_row_groups, fsutil.footer_sha256(path))
 
 
 class _HashingFile(io.RawIOBase):
@@ -143,7 +133,7 @@ class ShardFile:
     def _open(self) -> None:
         meta = dict(self.extra_meta)
         if fmt.uses_id_map(self.kind, self.enc):
-            seen = [np.asarray(r[fmt.ID_MAPPED_COLUMN[self.kind]]).reshape(-1) for r in self._buf]
+            seen = [np.asarray(r[fmt.record_kind(self.kind).id_column]).reshape(-1) for r in self._buf]
             table = fmt.frequency_table(np.concatenate(seen) if seen else np.zeros(0, np.int64), self.vocab_size,
                                         self.enc.id_map_size)
             self.id_map = fmt.IdMap(table, self.vocab_size)
@@ -170,7 +160,7 @@ class ShardFile:
     def _write(self, batch: pa.RecordBatch) -> None:
         self._writer.write_batch(batch, row_group_size=batch.num_rows)
         self.rows += batch.num_rows
-        self.positions += _positions(batch, self.kind)
+        self.positions += fmt.record_kind(self.kind).positions(batch)
         self.row_groups += 1
 
     @property
@@ -190,9 +180,9 @@ class ShardFile:
             self.abort()
             raise
         info = ShardInfo(self.path.name, self.rows, self.positions, self._file.size, self._file.sha256.hexdigest(),
-                         self.row_groups, fmt.footer_sha256(self.tmp))
+                         self.row_groups, fsutil.footer_sha256(self.tmp))
         os.replace(self.tmp, self.path)
-        fmt.fsync_dir(self.path.parent)
+        fsutil.fsync_dir(self.path.parent)
         return info
 
     def abort(self) -> None:
@@ -340,7 +330,7 @@ class ShardReader:
         verify=True): a training job fails before its first step, not hours in."""
         for shard in self.shards:
             path = self.shard_path(shard)
-            if self.verify and fmt.sha256_file(path) != shard["sha256"]:
+            if self.verify and fsutil.sha256_file(path) != shard["sha256"]:
                 raise FormatError(f"{path}: sha256 does not match the manifest (corrupted)")
 
     def open_shard(self, shard: dict) -> pq.ParquetFile:
@@ -356,7 +346,7 @@ class ShardReader:
         info = fmt.read_file_metadata(pf.schema_arrow.metadata, str(path))
         if info.get("kind") != self.kind:
             raise FormatError(f"{path}: holds {info.get('kind')!r} records, manifest says {self.kind!r}")
-        if self.checksums and "footer_sha256" in shard and fmt.footer_sha256(path) != shard["footer_sha256"]:
+        if self.checksums and "footer_sha256" in shard and fsutil.footer_sha256(path) != shard["footer_sha256"]:
             raise FormatError(f"{path}: Parquet footer does not match the manifest's hash (corrupted)")
         return pf
 

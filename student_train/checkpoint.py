@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from labelgen.format import fsync_dir
+from labelgen.fsutil import fsync_dir
 
 STEP_RE = re.compile(r"^step_(\d{6,})$")
 

@@ -24,10 +24,6 @@ from labelgen import format as fmt
 from labelgen.format import FormatError
 from labelgen.shards import ShardReader
 
-COLUMNS = {"topk": [fmt.INPUT_IDS, fmt.TOPK_IDS, fmt.TOPK_LOGPROBS, fmt.COVERAGE],
-           "sampled": [fmt.INPUT_IDS, fmt.SAMPLED_IDS, fmt.SAMPLED_COUNTS, fmt.SAMPLED_LENGTHS, fmt.SAMPLED_LOGPROBS],
-           "samples": [fmt.PROMPT_IDS, fmt.COMPLETION_IDS],
-           "tokens": [fmt.INPUT_IDS]}
 
 
 def open_label_sets(dirs: list[str], verify: bool = False, checksums: bool = True) -> list[ShardReader]:
@@ -213,7 +209,7 @@ class LabelStream(torch.utils.data.IterableDataset):
         self.group_units, self.rank, self.world_size, self.max_epochs = group_units, rank, world_size, max_epochs
         self.kind, self.k, self.vocab_limit = readers[0].kind, k, vocab_limit
         self.proposal_temperature = float(readers[0].manifest.get("sampling", {}).get("proposal_temperature", 1.0))
-        self.columns = COLUMNS[self.kind]
+        self.columns = list(fmt.record_kind(self.kind).loader_columns)
         # Entry order matters only when k keeps a rank prefix of what is stored.
         self.rank_order = k is not None and k < readers[0].k
         selected = shards if shards is not None else [(d, s) for d, r in enumerate(readers) for s in range(len(r.shards))]

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from labelgen import format as fmt
+from labelgen import fsutil
 from student_train.checkpoint import latest_checkpoint, load_states, load_weights, save_checkpoint
 from student_train.data import LabelStream, LoaderState, take_batches
 
@@ -158,16 +158,16 @@ class MetricsLog:
     def __init__(self, path: Path, main: bool, resume_step: int | None):
         self.path, self.main = Path(path), main
         if main:
-            fmt.refuse_symlink(self.path)
+            fsutil.refuse_symlink(self.path)
         if main and resume_step is not None and self.path.exists():
             kept = [l for l in self.path.read_text().splitlines() if l and _step_of(l, self.path) <= resume_step]
-            fmt.atomic_write_bytes(self.path, ("\n".join(kept) + "\n" if kept else "").encode())
+            fsutil.atomic_write_bytes(self.path, ("\n".join(kept) + "\n" if kept else "").encode())
         elif main and resume_step is None:
             self.path.write_text("")
 
     def write(self, record: dict) -> None:
         if self.main:
-            fmt.refuse_symlink(self.path)
+            fsutil.refuse_symlink(self.path)
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 

@@ -12,6 +12,7 @@ import pytest
 
 from helpers import topk_row
 from labelgen import format as fmt
+from labelgen import fsutil
 from labelgen.format import Encoding, FormatError
 from labelgen.shards import ShardReader, ShardWriter
 
@@ -213,7 +214,7 @@ def test_foreign_and_extra_files_are_reported(tmp_path, rng):
     # A foreign file in place of a shard: same name and size in the manifest.
     m = json.loads((tmp_path / "l" / "manifest.json").read_text())
     foreign = tmp_path / "l" / "stray.parquet"
-    m["shards"][0].update(name="stray.parquet", bytes=foreign.stat().st_size, sha256=fmt.sha256_file(foreign))
+    m["shards"][0].update(name="stray.parquet", bytes=foreign.stat().st_size, sha256=fsutil.sha256_file(foreign))
     (tmp_path / "l" / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(FormatError, match="stray.parquet: not a labelgen shard"):
         list(ShardReader(tmp_path / "l").rows())

@@ -1,0 +1,226 @@
+"""The format's names and settings: column names, record kinds, the
+`Encoding` of top-k entries, shard file names and the metadata every shard
+carries. No reading or writing here."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+FORMAT_NAME = "labelgen"
+FORMAT_VERSION = "1.3"
+READABLE_MAJOR_VERSIONS = (1,)
+MANIFEST_NAME = "manifest.json"
+TOKENIZER_DIR = "tokenizer"   # the labels' tokenizer, saved beside the shards
+SHARD_SUFFIX = ".parquet"
+TMP_SUFFIX = ".tmp"
+FILE_META_KEY = b"labelgen"
+COUNTS_META_KEY = b"labelgen_counts"
+ID_TABLE_KEY = "id_table"   # in a shard's labelgen metadata: its id renumbering (1.2)
+
+KINDS = ("topk", "samples", "tokens", "sampled")
+
+# Column names. Per-position columns of a topk row hold L-1 entries for a
+# window of L input ids: position t predicts input_ids[t + 1].
+EXAMPLE_ID = "example_id"
+WINDOW_OFFSET = "window_offset"
+INPUT_IDS = "input_ids"
+TOPK_IDS = "topk_ids"
+TOPK_LOGPROBS = "topk_logprobs"
+COVERAGE = "coverage"
+TARGET_LOGPROB = "target_logprob"
+TARGET_RANK = "target_rank"
+TOPK_LENGTHS = "topk_lengths"          # entries kept per position (variable_k only, 1.3)
+
+SAMPLE_INDEX = "sample_index"
+PROMPT = "prompt"
+PROMPT_IDS = "prompt_ids"
+COMPLETION = "completion"
+COMPLETION_IDS = "completion_ids"
+COMPLETION_LOGPROBS = "completion_logprobs"
+FINISH_REASON = "finish_reason"
+SEED = "seed"
+
+SAMPLED_IDS = "sampled_ids"            # per position, distinct drawn ids ascending (stored as deltas)
+SAMPLED_COUNTS = "sampled_counts"      # how often each was drawn; a position's counts sum to N
+SAMPLED_LENGTHS = "sampled_lengths"    # distinct ids per position
+SAMPLED_LOGPROBS = "sampled_logprobs"  # teacher logprob of each id (u8), only when the proposal temperature != 1
+
+# Logprobs below this are stored as this (it stands for "impossible": -inf
+# logits of padded vocabulary slots land here). exp(-1000) is 0 in float32.
+LOGPROB_FLOOR = -1000.0
+# Writers accept tiny positive logprobs from float rounding and clip them to 0.
+POSITIVE_TOLERANCE = 1e-4
+LOGPROB_CODECS = ("sqrt", "gap", "u8", "f32")
+ID_ORDERS = ("sorted", "rank")
+ID_MAPS = ("frequency", "none")
+ID_ENCODINGS = ("byte_stream_split", "plain", "dictionary")
+
+
+class FormatError(ValueError):
+    """A shard, manifest or row that breaks the format. The message says where."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (Arrow and thrift messages span several)."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How top-k entries are laid out on disk. Stored in the manifest and in
+    every shard's Parquet metadata, so a reader never guesses."""
+
+    id_order: str = "sorted"
+    """sorted: each position's entries in id order, ids stored as deltas.
+    rank: entries in rank order, ids stored as they are."""
+    logprob_codec: str = "sqrt"
+    """sqrt: uint8 code round(sqrt(p) / sqrt_step) (max error sqrt_step/2 in
+    sqrt(p); code 0 stands for p < (sqrt_step/2)^2). u8: logprob quantised to
+    255 steps down to -`u8_range` (max error u8_range/510 nats; clipped
+    below). gap (rank order only): quantise to `logprob_step` and store the
+    gaps along k as uint16 (max error step/2). f32: exact."""
+    sqrt_step: float = 1 / 128
+    """Step of the sqrt codec in sqrt(probability); p = 1 is code 1/step."""
+    id_map: str = "frequency"
+    """frequency: renumber ids by how often the shard's first row group
+    proposes them before storing (topk; the table travels in the footer).
+    none: store ids as they are."""
+    id_map_size: int = 4096
+    """Ids listed in the frequency table; the rest keep their id order after them."""
+    logprob_step: float = 1 / 32
+    """Quantisation step in nats for the gap codec."""
+    u8_range: float = 20.0
+    """Lowest logprob the u8 codec represents; lower values are clipped to it."""
+    id_encoding: str = "byte_stream_split"
+    """Parquet encoding of the id columns."""
+    zstd_level: int = 3
+    """zstd level for every column."""
+    row_group_rows: int = 128
+    """Rows per Parquet row group: the unit a reader holds in memory."""
+    variable_k: bool = False
+    """Adaptive truncation (1.3): a position keeps its first 1..k entries, the
+    rest are not stored; the topk_lengths column counts them. Writers mark a
+    dropped entry with logprob -inf; readers return dropped slots as id 0,
+    logprob -inf."""
+
+    def __post_init__(self):
+        if self.logprob_codec not in LOGPROB_CODECS:
+            raise FormatError(f"logprob_codec must be one of {LOGPROB_CODECS}, got {self.logprob_codec!r}")
+        if self.id_order not in ID_ORDERS:
+            raise FormatError(f"id_order must be one of {ID_ORDERS}, got {self.id_order!r}")
+        if self.id_order == "sorted" and self.logprob_codec == "gap":
+            raise FormatError("logprob_codec 'gap' needs id_order 'rank' (gaps need logprobs in sorted order)")
+        if self.id_encoding not in ID_ENCODINGS:
+            raise FormatError(f"id_encoding must be one of {ID_ENCODINGS}, got {self.id_encoding!r}")
+        if not (-LOGPROB_FLOOR / 65535 <= self.logprob_step <= 1.0):
+            raise FormatError(f"logprob_step must be in [{-LOGPROB_FLOOR / 65535:.4f}, 1] nats, got {self.logprob_step}")
+        if not 0 < self.u8_range <= -LOGPROB_FLOOR:
+            raise FormatError(f"u8_range must be in (0, {-LOGPROB_FLOOR}], got {self.u8_range}")
+        if not 1 / 255 <= self.sqrt_step <= 0.25:
+            raise FormatError(f"sqrt_step must be in [1/255, 0.25], got {self.sqrt_step}")
+        if self.id_map not in ID_MAPS:
+            raise FormatError(f"id_map must be one of {ID_MAPS}, got {self.id_map!r}")
+        if not 1 <= self.id_map_size <= 1 << 20:
+            raise FormatError(f"id_map_size must be in [1, 2^20], got {self.id_map_size}")
+        if not 1 <= self.zstd_level <= 22:
+            raise FormatError(f"zstd_level must be in [1, 22], got {self.zstd_level}")
+        if not isinstance(self.variable_k, bool):
+            raise FormatError(f"variable_k must be true or false, got {self.variable_k!r}")
+        if self.variable_k and self.logprob_codec == "gap":
+            raise FormatError("logprob_codec 'gap' cannot store variable_k labels (gaps run along a full row of k)")
+        if self.row_group_rows < 1:
+            raise FormatError(f"row_group_rows must be >= 1, got {self.row_group_rows}")
+
+    @property
+    def max_logprob_error(self) -> float:
+        """Bound on |decoded - exact| for logprobs above the codec's floor
+        (the sqrt codec bounds the error of sqrt(p) instead: `max_error`)."""
+        return {"gap": self.logprob_step / 2, "u8": self.u8_range / 510, "f32": 0.0,
+                "sqrt": math.inf}[self.logprob_codec]
+
+    @property
+    def max_error(self) -> float:
+        """Bound on `error()`: the codec's own unit (sqrt(p) for sqrt, nats otherwise)."""
+        return self.sqrt_step / 2 if self.logprob_codec == "sqrt" else self.max_logprob_error
+
+    def error(self, exact: np.ndarray, decoded: np.ndarray) -> np.ndarray:
+        """Per-entry error of decoded logprobs in the codec's unit (see max_error)."""
+        exact, decoded = np.asarray(exact, np.float64), np.asarray(decoded, np.float64)
+        if self.logprob_codec == "sqrt":
+            return np.abs(np.exp(exact / 2) - np.exp(decoded / 2))
+        floor = -self.u8_range if self.logprob_codec == "u8" else LOGPROB_FLOOR
+        return np.abs(np.maximum(exact, floor) - decoded)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Encoding":
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        d.setdefault("id_map", "none")   # written before 1.2: ids were stored as they are
+        d.setdefault("variable_k", False)
+        return cls(**d)
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+    """Narrowest unsigned integer that holds every id below vocab_size."""
+    if vocab_size <= 0:
+        raise FormatError(f"vocab_size must be positive, got {vocab_size}")
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if vocab_size - 1 <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    raise FormatError(f"vocab_size {vocab_size} does not fit in uint32")
+
+
+def logprob_dtype(enc: Encoding) -> np.dtype:
+    return np.dtype({"gap": np.uint16, "u8": np.uint8, "sqrt": np.uint8, "f32": np.float32}[enc.logprob_codec])
+
+
+# ---------------------------------------------------------------- naming
+
+
+def shard_name(index: int, worker: int | None = None) -> str:
+    """File name of shard `index` (a pure function of its input slice)."""
+    return f"shard-{index:06d}{SHARD_SUFFIX}" if worker is None else f"shard-w{worker:04d}-{index:06d}{SHARD_SUFFIX}"
+
+
+def partial_manifest_name(worker: int, num_workers: int) -> str:
+    return f"manifest.worker-{worker:04d}-of-{num_workers:04d}.json"
+
+
+def file_metadata(kind: str, k: int, vocab_size: int, enc: Encoding, extra: dict | None = None) -> dict[bytes, bytes]:
+    """Key-value metadata stored in every shard so a lone file is self-describing."""
+    return {FILE_META_KEY: json.dumps({
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": kind,
+        "k": k, "vocab_size": vocab_size, "encoding": enc.to_dict(), **(extra or {}),
+    }).encode()}
+
+
+def check_version(version: Any, where: str) -> None:
+    try:
+        major = int(str(version).split(".")[0])
+    except ValueError:
+        raise FormatError(f"{where}: unreadable format_version {version!r}") from None
+    if major not in READABLE_MAJOR_VERSIONS:
+        readable = ", ".join(f"{m}.x" for m in READABLE_MAJOR_VERSIONS)
+        raise FormatError(f"{where}: format version {version} is not supported; this labelgen reads {readable}")
+
+
+def read_file_metadata(meta: dict[bytes, bytes] | None, where: str) -> dict:
+    if not meta or FILE_META_KEY not in meta:
+        raise FormatError(f"{where}: not a labelgen shard (no '{FILE_META_KEY.decode()}' metadata)")
+    try:
+        info = json.loads(meta[FILE_META_KEY])
+    except ValueError as e:
+        raise FormatError(f"{where}: corrupt labelgen metadata ({e})") from None
+    check_version(info.get("format_version"), where)
+    return info
+
+
