@@ -15,7 +15,7 @@ env: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,plot,gguf]' '$(VLLM)'
+	$(PY) -m pip install -q -e '.[test,plot,gguf,trainer]' '$(VLLM)'
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $@
 

@@ -256,20 +256,33 @@ class LabelStream(torch.utils.data.IterableDataset):
             concat_columns([take_rows(c, r) for c, r in pieces]), None)
         return collate(columns, self.kind, rows, self.k, self.vocab_limit, self.proposal_temperature)
 
-    def __iter__(self):
-        slot, n_slots, local, num_local = self._consumer()
+    def _groups(self, epoch: int, slot: int, n_slots: int, first: int = 0):
+        """(index, columns, row order) of this consumer's shuffle groups in `epoch`, from group `first`."""
         if len(self.units) < n_slots:
             raise FormatError(f"{len(self.units)} row groups cannot feed {n_slots} consumers "
                               f"(ranks x DataLoader workers); use fewer workers or more, smaller row groups")
+        units = self.consumer_units(epoch, slot, n_slots)
+        for gi in range(first, -(-len(units) // self.group_units)):
+            columns = self._columns(units[gi * self.group_units:(gi + 1) * self.group_units])
+            order = np.arange(len(next(iter(columns.values()))[1]) - 1)
+            if self.shuffle:
+                np.random.default_rng([self.seed, epoch, slot, gi]).shuffle(order)
+            yield gi, columns, order
+
+    def rows(self, epoch: int):
+        """One epoch of single examples (dicts of arrays), for this DataLoader
+        worker, in the order batches would take them."""
+        slot, n_slots, _, _ = self._consumer()
+        for _, columns, order in self._groups(epoch, slot, n_slots):
+            for i in order:
+                yield {name: values[offsets[i]:offsets[i + 1]] for name, (values, offsets) in columns.items()}
+
+    def __iter__(self):
+        slot, n_slots, local, num_local = self._consumer()
         epoch, group, row = self.start.slots.get(slot, [0, 0, 0])
         pieces, pending = [], 0   # rows of the batch being filled, per group they come from
         while self.max_epochs is None or epoch < self.max_epochs:
-            units = self.consumer_units(epoch, slot, n_slots)
-            for gi in range(group, -(-len(units) // self.group_units)):
-                columns = self._columns(units[gi * self.group_units:(gi + 1) * self.group_units])
-                order = np.arange(len(next(iter(columns.values()))[1]) - 1)
-                if self.shuffle:
-                    np.random.default_rng([self.seed, epoch, slot, gi]).shuffle(order)
+            for gi, columns, order in self._groups(epoch, slot, n_slots, group):
                 while row < len(order):
                     take = order[row:row + self.batch_size - pending]
                     pieces.append((columns, take))

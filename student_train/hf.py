@@ -1,0 +1,145 @@
+"""Train from label shards with `transformers.Trainer` — the trainer you
+already use, with your LoRA, DeepSpeed/FSDP settings and logging.
+
+    from student_train.hf import DistillLoss, DistillTrainer, LabelDataset
+    data = LabelDataset("labels/")
+    trainer = DistillTrainer(model=student, args=TrainingArguments("out", max_steps=1000,
+                             remove_unused_columns=False), train_dataset=data, loss=DistillLoss(alpha=0.1))
+    trainer.train()
+
+`LabelDataset` streams a label set one example at a time (row groups are
+read as they are needed, shuffled by (seed, epoch) as student-train's
+loader does; Trainer's `set_epoch` moves it to the next epoch), so nothing
+loads a whole label set. Its `collator()` pads examples into the batch
+tensors student-train uses, plus `labels` so Trainer weighs accumulated
+micro-batches by their counted tokens. `DistillTrainer.compute_loss` is
+student-train's loss of one micro-batch (top-k KD with tail bucket, sampled
+KD, CE/SFT, the CE mix alpha, temperature): the same batch gives the same
+loss through both (tested). docs/trainer.md has a complete script.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import Trainer
+
+from labelgen.format import FormatError
+from student_train.config import LOSSES
+from student_train.data import LabelStream, collate, columns_from_rows, open_label_sets
+from student_train.losses import KINDS, TAILS
+from student_train.train import check_vocabulary, loss_step
+
+
+@dataclass(frozen=True)
+class DistillLoss:
+    """The loss settings of `student-train train`, for DistillTrainer."""
+    loss: str = "kd"
+    """kd: alpha*CE + (1-alpha)*KD (topk or sampled labels); ce: CE on the
+    actual tokens; sft: CE on teacher completions (samples labels)."""
+    alpha: float = 0.0
+    kd_kind: str = "forward"
+    tail: str = "tail"
+    temperature: float = 1.0
+    beta: float = 0.5
+
+    def __post_init__(self):
+        if self.loss not in LOSSES or self.kd_kind not in KINDS or self.tail not in TAILS:
+            raise ValueError(f"DistillLoss: loss must be one of {LOSSES}, kd_kind one of {KINDS}, tail one of {TAILS}")
+        if not 0 <= self.alpha <= 1 or not 0 <= self.beta <= 1 or self.temperature <= 0:
+            raise ValueError("DistillLoss: alpha and beta must be in [0, 1], temperature > 0")
+        if self.tail == "tail" and self.temperature != 1.0:
+            raise ValueError("DistillLoss: temperature must be 1 with tail='tail' (the shape of the missing mass is unknown)")
+
+    def alpha_at(self, step: int) -> float:
+        return self.alpha if self.loss == "kd" else 1.0
+
+
+class LabelDataset(torch.utils.data.IterableDataset):
+    """The examples of one or more label sets (`labelgen generate` output),
+    one dict of arrays each, for trainers that batch examples themselves.
+    `k` keeps the first k stored entries of topk labels. Every process
+    yields the whole stream: accelerate (under Trainer) splits or
+    dispatches the batches across ranks; DataLoader workers share it."""
+
+    def __init__(self, labels: str | list[str], *, k: int | None = None, seed: int = 0, shuffle: bool = True,
+                 group_units: int = 4, verify: bool = False):
+        readers = open_label_sets([labels] if isinstance(labels, str) else list(labels), verify)
+        if k is not None and readers[0].kind == "topk" and not 1 <= k <= readers[0].k:
+            raise FormatError(f"k={k}: the labels hold {readers[0].k} entries per position")
+        self.stream = LabelStream(readers, 1, seed=seed, shuffle=shuffle, group_units=group_units, k=k)
+        self.epoch = 0
+
+    @property
+    def manifest(self) -> dict:
+        return self.stream.readers[0].manifest
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        """Examples per epoch (so Trainer can count epochs: num_train_epochs works)."""
+        return sum(r.manifest["counts"]["rows"] for r in self.stream.readers)
+
+    def fit_to(self, model, tokenizer=None) -> None:
+        """Check the labels against the student (its tokenizer, if given, must
+        be the labels'; its logits must cover the vocabulary) and drop label
+        ids beyond its logits (the teacher's padding slots)."""
+        width = model.get_output_embeddings().weight.shape[0]
+        if tokenizer is not None:
+            width = check_vocabulary(self.manifest, tokenizer, model, str(self.stream.readers[0].dir))
+        self.stream.vocab_limit = width
+
+    def __iter__(self):
+        return self.stream.rows(self.epoch)
+
+    def collator(self) -> "LabelCollator":
+        return LabelCollator(self)
+
+
+class LabelCollator:
+    """Examples of a LabelDataset -> the padded batch student-train uses
+    (input_ids, attention_mask, targets, mask and the label tensors), plus
+    HF-style `labels` (-100 where no position counts)."""
+
+    def __init__(self, dataset: LabelDataset):
+        self.dataset = dataset
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        s = self.dataset.stream
+        batch = collate(columns_from_rows(examples), s.kind, None, s.k, s.vocab_limit, s.proposal_temperature)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        labels[:, 0] = -100
+        labels[:, 1:] = labels[:, 1:].masked_fill(~batch["mask"], -100)
+        batch["labels"] = labels
+        return batch
+
+
+class DistillTrainer(Trainer):
+    """transformers.Trainer whose loss is student-train's (see DistillLoss).
+    A LabelDataset train set is checked against the model (and its
+    tokenizer, passed as processing_class) and gets its collator by default."""
+
+    def __init__(self, *args, loss: DistillLoss = DistillLoss(), **kwargs):
+        dataset = kwargs.get("train_dataset")
+        if isinstance(dataset, LabelDataset) and kwargs.get("data_collator") is None:
+            kwargs["data_collator"] = dataset.collator()
+        super().__init__(*args, **kwargs)
+        self.args.remove_unused_columns = False   # the label tensors are not model inputs, but the loss's
+        self.distill = loss
+        for d in (self.train_dataset, self.eval_dataset):
+            if isinstance(d, LabelDataset):
+                d.fit_to(self.model, self.processing_class)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        alpha = self.distill.alpha_at(self.state.global_step)
+        ce, kd = loss_step(model, inputs, self.distill, alpha)
+        loss = ce if alpha == 1 else kd if alpha == 0 else alpha * ce + (1 - alpha) * kd
+        if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
+            # Trainer then treats the loss as scaled for accumulation: weigh
+            # this micro-batch by its counted tokens over all of the step's.
+            loss = loss * inputs["mask"].sum() / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes
+        return (loss, {"ce": ce.detach(), "kd": kd.detach()}) if return_outputs else loss

@@ -1,0 +1,123 @@
+"""Label shards through transformers.Trainer (student_train.hf)."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from student_train.config import TrainConfig
+from student_train.data import LabelStream, open_label_sets
+from student_train.hf import DistillLoss, DistillTrainer, LabelDataset
+from student_train.runtime import build_model
+from student_train.train import load_tokenizer_for, micro_step
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "trainer.md"
+
+
+def student_and_tokenizer(labels, student_config):
+    tok = load_tokenizer_for(None, Path(labels))
+    return build_model(None, student_config, tok, 0), tok
+
+
+@pytest.mark.parametrize("tail, alpha", [("tail", 0.0), ("renorm", 0.3)])
+def test_the_same_batch_gives_the_same_loss_through_student_train_and_trainer(topk_labels, student_config, tmp_path,
+                                                                              tail, alpha):
+    from transformers import TrainingArguments
+    batch, _ = next(iter(LabelStream(open_label_sets([str(topk_labels)]), 4, shuffle=False)))
+    data = LabelDataset(str(topk_labels), shuffle=False)
+    examples = [e for _, e in zip(range(4), data)]
+    model, tok = student_and_tokenizer(topk_labels, student_config)
+    trainer = DistillTrainer(model=model, args=TrainingArguments(str(tmp_path), max_steps=1, report_to=[], use_cpu=True),
+                             train_dataset=data, processing_class=tok, loss=DistillLoss(alpha=alpha, tail=tail))
+    hf_batch = trainer.data_collator(examples)
+    for key, value in batch.items():
+        torch.testing.assert_close(hf_batch[key], value, rtol=0, atol=0, msg=key)
+    n = int(batch["mask"].sum())
+    assert int((hf_batch["labels"] != -100).sum()) == n   # what Trainer counts as the batch's tokens
+    cfg = TrainConfig(labels=(str(topk_labels),), out="unused", student_config=student_config, alpha=alpha, tail=tail)
+    with torch.no_grad():
+        ours = micro_step({"student": model}, batch, alpha, lambda objective: None, cfg=cfg)["loss"]
+        theirs = trainer.compute_loss(model, hf_batch)
+        # Accumulated over 3n tokens, this micro-batch weighs n / 3n.
+        scaled = trainer.compute_loss(model, hf_batch, num_items_in_batch=torch.tensor(3 * n))
+    assert theirs.item() == pytest.approx(ours.item(), rel=1e-6) and ours.item() > 0
+    assert scaled.item() == pytest.approx(ours.item() / 3, rel=1e-6)
+    if tail == "tail":   # Trainer's evaluation runs the same loss over a held-out LabelDataset
+        assert 0 < trainer.evaluate(LabelDataset(str(topk_labels), shuffle=False))["eval_loss"] < 20
+
+
+def test_the_labels_must_fit_the_students_tokenizer(topk_labels, student_config, tmp_path):
+    from transformers import TrainingArguments
+    from labelgen.demo import train_tokenizer
+    from labelgen.format import FormatError
+    model, _ = student_and_tokenizer(topk_labels, student_config)
+    other = train_tokenizer(["something else entirely " * 30], 300)
+    with pytest.raises(FormatError, match="different tokenizer"):
+        DistillTrainer(model=model, args=TrainingArguments(str(tmp_path), max_steps=1, report_to=[], use_cpu=True),
+                       train_dataset=LabelDataset(str(topk_labels)), processing_class=other)
+
+
+def doc_script(tmp_path) -> Path:
+    blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(), re.S)
+    assert len(blocks) == 1 and len(blocks[0].strip().splitlines()) <= 30
+    path = tmp_path / "train_with_trainer.py"
+    path.write_text(blocks[0])
+    return path
+
+
+def run_script(script, *args):
+    r = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def losses(out, step):
+    state = json.loads((Path(out) / f"checkpoint-{step}" / "trainer_state.json").read_text())
+    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+
+
+def kd_on_first_batch(model, labels, student_config) -> float:
+    batch, _ = next(iter(LabelStream(open_label_sets([str(labels)]), 8, shuffle=False)))
+    cfg = TrainConfig(labels=(str(labels),), out="unused", student_config=student_config, alpha=0.1)
+    with torch.no_grad():
+        return micro_step({"student": model.eval()}, batch, 0.1, lambda objective: None, cfg=cfg)["loss"].item()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_documented_trainer_script_trains_checkpoints_and_resumes(topk_labels, student_config, tmp_path, lora):
+    """docs/trainer.md's script as written: after 9 steps the student's loss
+    on a fixed batch is lower, and a run restarted from the step-6
+    checkpoint logs the same losses after it as the uninterrupted run."""
+    if lora:
+        pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+    script = doc_script(tmp_path)
+    model, tok = student_and_tokenizer(topk_labels, student_config)
+    model.save_pretrained(tmp_path / "student")
+    tok.save_pretrained(tmp_path / "student")
+    flags = ["--lora"] if lora else []
+    run_script(script, topk_labels, tmp_path / "student", tmp_path / "straight", 9, *flags)
+    straight = losses(tmp_path / "straight", 9)
+    assert sorted(straight) == list(range(1, 10))
+    final = tmp_path / "straight" / "checkpoint-9"
+    if lora:
+        from peft import PeftModel
+        assert (final / "adapter_model.safetensors").is_file()
+        trained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "student"), final)
+    else:
+        trained = AutoModelForCausalLM.from_pretrained(final)
+    before, after = kd_on_first_batch(model, topk_labels, student_config), kd_on_first_batch(trained, topk_labels,
+                                                                                              student_config)
+    assert after < before - 0.005, (before, after)
+    # Interrupted after step 6: only that checkpoint is left, and the script resumes from it.
+    shutil.copytree(tmp_path / "straight" / "checkpoint-6", tmp_path / "resumed" / "checkpoint-6")
+    run_script(script, topk_labels, tmp_path / "student", tmp_path / "resumed", 9, *flags)
+    resumed = losses(tmp_path / "resumed", 9)
+    for s in (7, 8, 9):
+        assert resumed[s] == pytest.approx(straight[s], rel=1e-4), s
