@@ -211,6 +211,22 @@ def finalize(label_dir: Path = typer.Argument(..., help="label directory written
     typer.echo(f"{label_dir}: {len(m['shards'])} shards, {m['counts']['rows']:,} rows; manifest written")
 
 
+@app.command()
+@cli_errors
+def export(label_dir: Path = typer.Argument(..., help="top-k label set made with --messages-field"),
+           out: Path = typer.Argument(..., help="JSONL file to write"),
+           to: str = typer.Option("axolotl", "--to", help="target format: axolotl"),
+           inputs: Optional[List[str]] = typer.Option(None, "--input",
+                                                      help="the inputs the labels were made from (default: the manifest's)")):
+    """Write top-k labels of chat conversations for another trainer: --to axolotl writes the messages plus
+    per-token {"token": "token_id:N", "logprob": x} lists that Axolotl's KD plugin reads."""
+    if to != "axolotl":
+        raise ValueError(f"--to: unknown target {to!r} (known: axolotl)")
+    from labelgen.export import export_axolotl
+    stats = export_axolotl(label_dir, out, inputs)
+    typer.echo(f"wrote {stats['rows']:,} conversations ({stats['tokens']:,} tokens) to {out}")
+
+
 @app.command("convert-gguf")
 @cli_errors
 def convert_gguf(gguf_file: Path = typer.Argument(..., help="a .gguf model file (llama.cpp format)"),

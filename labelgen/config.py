@@ -139,8 +139,9 @@ class GenerateConfig:
             bad("--overwrite", "with several workers each would delete the others' shards; empty the directory once before launching them")
         if sum(f is not None for f in (self.prompt_field, self.messages_field)) > 1:
             bad("--prompt-field/--messages-field", "pass one, not both")
-        if self.mode in ("topk", "sampled", "tokens") and (self.prompt_field or self.messages_field):
-            bad("--mode", f"{self.mode} reads text (--text-field); --prompt-field/--messages-field are for sample/greedy")
+        if self.mode in ("topk", "sampled", "tokens") and self.prompt_field:
+            bad("--mode", f"{self.mode} reads text (--text-field) or whole conversations (--messages-field); "
+                          "--prompt-field is for sample/greedy")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             bad("--dtype", f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         Encoding(**self.encoding)  # fails early with a message naming the field

@@ -306,7 +306,7 @@ def _prepare(work: ShardWork, records: list, tokenizer, cfg: GenerateConfig, max
     uses all cores) and cut them into teacher items; bad records fail the run
     or, with --skip-bad, are counted."""
     good = [r for r in records if not isinstance(r, InputError)]
-    ids_of = dict(zip(map(id, good), _tokenize_batch(good, tokenizer)))
+    ids_of = dict(zip(map(id, good), _tokenize_batch(good, tokenizer, generation_prompt=not cfg.windowed)))
     for rec in records:
         try:
             if isinstance(rec, InputError):
@@ -332,15 +332,17 @@ def _finished(path: Path, cfg: GenerateConfig) -> bool:
     return meta.get("config_hash") == cfg.output_hash()
 
 
-def _tokenize_batch(records: list[Record], tokenizer) -> list[tuple[str, list[int]]]:
+def _tokenize_batch(records: list[Record], tokenizer, generation_prompt: bool) -> list[tuple[str, list[int]]]:
     """(text the teacher sees, its ids) per record; chat messages are rendered
-    with the tokenizer's template (which brings its own special tokens)."""
+    with the tokenizer's template (which brings its own special tokens), with
+    the assistant's generation prompt appended when the teacher is to answer
+    (sampling modes) and as they stand when the conversation is scored."""
     texts, plain = [], []
     for rec in records:
         if rec.messages is not None:
             if not getattr(tokenizer, "chat_template", None):
                 raise InputError(f"{rec.where}: --messages-field needs a chat template and the teacher's tokenizer has none")
-            texts.append(tokenizer.apply_chat_template(rec.messages, tokenize=False, add_generation_prompt=True))
+            texts.append(tokenizer.apply_chat_template(rec.messages, tokenize=False, add_generation_prompt=generation_prompt))
         else:
             texts.append(rec.text if rec.text is not None else rec.prompt)
         plain.append(rec.messages is None)

@@ -1,0 +1,111 @@
+"""`labelgen export LABELS --to axolotl OUT.jsonl`: top-k labels of chat
+conversations in the form Axolotl's KD plugin reads.
+
+Axolotl's `axolotl.integrations.kd.chat_template` strategy takes rows of
+chat `messages` plus a `logprobs` field: one list per token of the
+conversation after the first, each a list of {"token": "token_id:N",
+"logprob": x} for the teacher's top entries predicting that token (vLLM's
+`prompt_logprobs` without its leading None). It tokenizes the messages with
+the chat template itself and aligns the lists to the last tokens. So the
+export needs the conversations: it re-reads the inputs the labels were made
+from (recorded in the manifest, or --input), checks that the template
+renders each to exactly the labelled ids, and streams one shard at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from labelgen import format as fmt
+from labelgen import fsutil
+from labelgen.format import FormatError
+from labelgen.inputs import FieldSpec, InputError, expand_paths, read_records
+from labelgen.shards import ShardReader
+
+
+def stitch(windows: list[dict]) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """An example's windows (any stride) as one sequence: its ids and, for
+    each token after the first, the (ids, logprobs) of the entries predicting
+    it, best first, dropped slots left out."""
+    windows = sorted(windows, key=lambda w: int(w[fmt.WINDOW_OFFSET]))
+    ids: list[int] = []
+    entries: list[tuple[np.ndarray, np.ndarray]] = []
+    for w in windows:
+        start, inp = int(w[fmt.WINDOW_OFFSET]), w[fmt.INPUT_IDS]
+        if start > len(ids) or (start < len(ids) and not np.array_equal(ids[start:start + len(inp)], inp[:len(ids) - start])):
+            raise FormatError(f"example {w[fmt.EXAMPLE_ID]!r}: windows do not join up at offset {start}")
+        for t in range(len(ids) - start, len(inp)):       # tokens this window adds
+            if t == 0:
+                ids.append(int(inp[0]))                    # the very first token: nothing predicts it
+                continue
+            kept = np.isfinite(w[fmt.TOPK_LOGPROBS][t - 1])
+            ids.append(int(inp[t]))
+            entries.append((w[fmt.TOPK_IDS][t - 1][kept], w[fmt.TOPK_LOGPROBS][t - 1][kept]))
+    return np.asarray(ids), entries
+
+
+def axolotl_row(messages: list, field: str, entries) -> dict:
+    return {field: messages,
+            "logprobs": [[{"token": f"token_id:{int(i)}", "logprob": float(lp)} for i, lp in zip(ids, lps)]
+                         for ids, lps in entries]}
+
+
+def export_axolotl(label_dir: str | Path, out: str | Path, inputs: list[str] | None = None) -> dict:
+    """Write OUT (JSONL, atomically); returns {"rows", "tokens"}."""
+    from transformers import AutoTokenizer
+    reader = ShardReader(label_dir)
+    reader.check_files()
+    m, where = reader.manifest, str(reader.dir)
+    cfg = m.get("config") or {}
+    if reader.kind != "topk" or not cfg.get("messages_field"):
+        raise FormatError(f"{where}: Axolotl's KD plugin reads top-k labels of chat messages; this label set holds "
+                          f"{reader.kind} labels{'' if cfg.get('messages_field') else ' not made with --messages-field'}")
+    tokenizer = AutoTokenizer.from_pretrained(reader.dir / fmt.TOKENIZER_DIR, trust_remote_code=False)
+    files = expand_paths(list(inputs or cfg.get("inputs") or []))
+    spec = FieldSpec(messages_field=cfg["messages_field"], id_field=cfg.get("id_field"))
+    records = enumerate(read_records(files, spec))
+    per_shard = int(cfg["rows_per_shard"])
+    out = Path(out)
+    tmp = out.with_name(out.name + fmt.TMP_SUFFIX)
+    fsutil.refuse_symlink(out)
+    stats = {"rows": 0, "tokens": 0}
+    try:
+        with open(tmp, "w") as f:
+            for si, shard in sorted(enumerate(reader.shards), key=lambda s: _shard_index(reader, s[1])):
+                index = _shard_index(reader, shard)
+                rows: dict[str, list[dict]] = {}
+                pf = reader.open_shard(shard)
+                for rg in range(pf.num_row_groups):
+                    for row in fmt.rows_from_decoded(reader.read_row_group(si, rg, None, pf)):
+                        rows.setdefault(row[fmt.EXAMPLE_ID], []).append(row)
+                for n, rec in records:   # the shard's slice of the input, in input order
+                    if not isinstance(rec, InputError) and rec.example_id in rows:
+                        ids, entries = stitch(rows.pop(rec.example_id))
+                        text = tokenizer.apply_chat_template(rec.messages, tokenize=False, add_generation_prompt=False)
+                        if not np.array_equal(tokenizer(text, add_special_tokens=False)["input_ids"], ids):
+                            raise FormatError(f"{rec.where}: the chat template no longer renders this conversation to "
+                                              "the labelled tokens (inputs or template changed since generation?)")
+                        f.write(json.dumps(axolotl_row(rec.messages, cfg["messages_field"], entries)) + "\n")
+                        stats["rows"] += 1
+                        stats["tokens"] += len(ids)
+                    if n + 1 >= (index + 1) * per_shard:
+                        break
+                if rows:
+                    raise FormatError(f"{where}/{shard['name']}: example {next(iter(rows))!r} is not in the inputs "
+                                      f"({', '.join(map(str, files))}); pass the inputs the labels were made from (--input)")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return stats
+
+
+def _shard_index(reader: ShardReader, shard: dict) -> int:
+    info = fmt.read_file_metadata(reader.open_shard(shard).schema_arrow.metadata, str(reader.shard_path(shard)))
+    return int(info.get("shard_index", 0))
