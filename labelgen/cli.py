@@ -227,6 +227,20 @@ def export(label_dir: Path = typer.Argument(..., help="top-k label set made with
     typer.echo(f"wrote {stats['rows']:,} conversations ({stats['tokens']:,} tokens) to {out}")
 
 
+@app.command("import")
+@cli_errors
+def import_cmd(inputs: List[str] = typer.Argument(..., help="JSONL (or .jsonl.zst) files of vLLM prompt_logprobs"),
+               tokenizer: str = typer.Option(..., help="the teacher's tokenizer directory (HF format)"),
+               k: int = typer.Option(..., help="entries kept per position (the prompt_logprobs the requests asked for)"),
+               out: Path = typer.Option(..., help="label set directory to write"),
+               rows_per_shard: int = typer.Option(1000, help="sequences per shard"),
+               overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty --out")):
+    """Turn teacher logprobs saved from vLLM (prompt_token_ids + prompt_logprobs per line) into a top-k label set."""
+    from labelgen.vllm_import import import_prompt_logprobs
+    m = import_prompt_logprobs(inputs, out, tokenizer, k, overwrite=overwrite, rows_per_shard=rows_per_shard)
+    typer.echo(f"wrote {m['counts']['rows']:,} rows ({m['counts']['positions']:,} positions, k={k}) to {out}")
+
+
 @app.command("convert-gguf")
 @cli_errors
 def convert_gguf(gguf_file: Path = typer.Argument(..., help="a .gguf model file (llama.cpp format)"),

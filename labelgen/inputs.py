@@ -150,32 +150,36 @@ class _ZstdFrames(io.RawIOBase):
         return n
 
 
-def _jsonl_lines(path: Path, binary: io.RawIOBase | io.BufferedIOBase) -> Iterator[tuple[int, str | InputError]]:
-    for n, raw in enumerate(binary, start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            yield n, InputError(f"{path}:{n}: not valid UTF-8 ({e.reason} at byte {e.start})")
-            continue
-        if line.strip():
-            yield n, line
-
-
-def _read_jsonl(path: Path, spec: FieldSpec, compressed: bool, at: Callable[[int], None]) -> Iterator[Record | InputError]:
+def jsonl_lines(path: Path, at: Callable[[int], None] | None = None) -> Iterator[tuple[int, str | InputError]]:
+    """(line number, text) of each non-blank line of a JSONL or JSONL.zst
+    file; a line that is not UTF-8 comes as an InputError. `at` follows the
+    bytes of the file read (compressed bytes for .zst)."""
     with open(path, "rb") as f:
-        stream = io.BufferedReader(_ZstdFrames(path, f), 1 << 20) if compressed else f
-        for n, line in _jsonl_lines(path, stream):
-            at(f.tell())
-            where = f"{path}:{n}"
-            if isinstance(line, InputError):
-                yield line
-                continue
+        binary = io.BufferedReader(_ZstdFrames(path, f), 1 << 20) if file_kind(path) == "jsonl.zst" else f
+        for n, raw in enumerate(binary, start=1):
+            if at is not None:
+                at(f.tell())
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield InputError(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield n, InputError(f"{path}:{n}: not valid UTF-8 ({e.reason} at byte {e.start})")
                 continue
-            yield _safe_record(obj, where, spec)
+            if line.strip():
+                yield n, line
+
+
+def _read_jsonl(path: Path, spec: FieldSpec, at: Callable[[int], None]) -> Iterator[Record | InputError]:
+    for n, line in jsonl_lines(path, at):
+        where = f"{path}:{n}"
+        if isinstance(line, InputError):
+            yield line
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield InputError(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+            continue
+        yield _safe_record(obj, where, spec)
 
 
 def _read_parquet(path: Path, spec: FieldSpec, at: Callable[[int], None]) -> Iterator[Record | InputError]:
@@ -232,7 +236,7 @@ def read_records(files: list[Path], spec: FieldSpec = FieldSpec(),
             elif kind == "parquet":
                 yield from _read_parquet(path, spec, at)
             else:
-                yield from _read_jsonl(path, spec, kind == "jsonl.zst", at)
+                yield from _read_jsonl(path, spec, at)
         except InputError as e:
             yield e
         except OSError as e:
