@@ -25,22 +25,39 @@ def student_and_tokenizer(labels, student_config):
     return build_model(None, student_config, tok, 0), tok
 
 
-@pytest.mark.parametrize("tail, alpha", [("tail", 0.0), ("renorm", 0.3)])
-def test_the_same_batch_gives_the_same_loss_through_student_train_and_trainer(topk_labels, student_config, tmp_path,
-                                                                              tail, alpha):
+@pytest.fixture(scope="module")
+def sampled_labels(tiny_teacher, corpus, tmp_path_factory):
+    from labelgen.config import GenerateConfig
+    from labelgen.generate import run
+    out = tmp_path_factory.mktemp("sampled") / "s"
+    run(GenerateConfig(teacher=tiny_teacher, inputs=(str(corpus / "docs.jsonl"),), out=str(out), mode="sampled",
+                       draws=20, max_seq_len=64, rows_per_shard=8, progress=False, device="cpu"))
+    return out
+
+
+@pytest.mark.parametrize("labels, loss", [
+    ("topk", dict(tail="tail", alpha=0.0)),
+    ("topk", dict(tail="renorm", alpha=0.3, temperature=2.0, kd_kind="jsd")),
+    ("sampled", dict(alpha=0.5)),
+    ("topk", dict(loss="ce")),
+])
+def test_the_same_batch_gives_the_same_loss_through_student_train_and_trainer(topk_labels, sampled_labels,
+                                                                              student_config, tmp_path, labels, loss):
     from transformers import TrainingArguments
-    batch, _ = next(iter(LabelStream(open_label_sets([str(topk_labels)]), 4, shuffle=False)))
-    data = LabelDataset(str(topk_labels), shuffle=False)
+    labels = topk_labels if labels == "topk" else sampled_labels
+    batch, _ = next(iter(LabelStream(open_label_sets([str(labels)]), 4, shuffle=False)))
+    data = LabelDataset(str(labels), shuffle=False)
     examples = [e for _, e in zip(range(4), data)]
-    model, tok = student_and_tokenizer(topk_labels, student_config)
+    model, tok = student_and_tokenizer(labels, student_config)
     trainer = DistillTrainer(model=model, args=TrainingArguments(str(tmp_path), max_steps=1, report_to=[], use_cpu=True),
-                             train_dataset=data, processing_class=tok, loss=DistillLoss(alpha=alpha, tail=tail))
+                             train_dataset=data, processing_class=tok, loss=DistillLoss(**loss))
     hf_batch = trainer.data_collator(examples)
     for key, value in batch.items():
         torch.testing.assert_close(hf_batch[key], value, rtol=0, atol=0, msg=key)
     n = int(batch["mask"].sum())
     assert int((hf_batch["labels"] != -100).sum()) == n   # what Trainer counts as the batch's tokens
-    cfg = TrainConfig(labels=(str(topk_labels),), out="unused", student_config=student_config, alpha=alpha, tail=tail)
+    cfg = TrainConfig(labels=(str(labels),), out="unused", student_config=student_config, **loss)
+    alpha = cfg.alpha_at(0)
     with torch.no_grad():
         ours = micro_step({"student": model}, batch, alpha, lambda objective: None, cfg=cfg)["loss"]
         theirs = trainer.compute_loss(model, hf_batch)
@@ -48,8 +65,8 @@ def test_the_same_batch_gives_the_same_loss_through_student_train_and_trainer(to
         scaled = trainer.compute_loss(model, hf_batch, num_items_in_batch=torch.tensor(3 * n))
     assert theirs.item() == pytest.approx(ours.item(), rel=1e-6) and ours.item() > 0
     assert scaled.item() == pytest.approx(ours.item() / 3, rel=1e-6)
-    if tail == "tail":   # Trainer's evaluation runs the same loss over a held-out LabelDataset
-        assert 0 < trainer.evaluate(LabelDataset(str(topk_labels), shuffle=False))["eval_loss"] < 20
+    if loss.get("tail") == "tail":   # Trainer's evaluation runs the same loss over a held-out LabelDataset
+        assert 0 < trainer.evaluate(LabelDataset(str(labels), shuffle=False))["eval_loss"] < 20
 
 
 def test_the_labels_must_fit_the_students_tokenizer(topk_labels, student_config, tmp_path):
