@@ -18,6 +18,7 @@ generate`'s (atomic shards, manifest last); nothing loads a whole file.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -93,11 +94,11 @@ def import_prompt_logprobs(inputs: list[str], out: str | Path, tokenizer_dir: st
               "tokenizer": fmt.tokenizer_fingerprint(tokenizer), "counts": {}}
     vocab = max(len(tokenizer), getattr(tokenizer, "vocab_size", 0) or 0)
     out = Path(out)
-    with ShardWriter(out, "topk", k, vocab, header=header, max_rows=rows_per_shard,
-                     exist="overwrite" if overwrite else "error") as writer:
+    writer = ShardWriter(out, "topk", k, vocab, header=header, max_rows=rows_per_shard,
+                         exist="overwrite" if overwrite else "error")
+    try:
         for path in files:
-            kind = file_kind(path)
-            if kind not in ("jsonl", "jsonl.zst"):
+            if file_kind(path) not in ("jsonl", "jsonl.zst"):
                 raise InputError(f"{path}: vLLM prompt_logprobs are read from JSONL (or .jsonl.zst) files")
             for n, line in jsonl_lines(path):
                 if isinstance(line, InputError):
@@ -111,4 +112,9 @@ def import_prompt_logprobs(inputs: list[str], out: str | Path, tokenizer_dir: st
                 except FormatError as e:
                     raise FormatError(f"{path}:{n}: {e}") from None
         tokenizer.save_pretrained(out / fmt.TOKENIZER_DIR)   # before the manifest: a complete set carries it
-    return writer.manifest
+        return writer.close()
+    except BaseException:
+        # Nothing here can be resumed: leave no shards behind (the directory was empty or replaced).
+        writer.abort()
+        shutil.rmtree(out, ignore_errors=True)
+        raise

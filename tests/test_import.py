@@ -87,6 +87,6 @@ def test_a_bad_line_stops_the_import_naming_file_and_line_and_leaves_no_manifest
                             "--out", str(tmp_path / "l")])
     assert r.exit_code == 2
     assert f"bad.jsonl:2: prompt_logprobs[3]: no entry for the actual token {actual}" in r.output
-    assert not (tmp_path / "l" / "manifest.json").exists()
+    assert not (tmp_path / "l").exists()   # no shards left behind that look like a start
     r = runner.invoke(app, ["import", str(path), "--tokenizer", tiny_teacher, "--k", "40", "--out", str(tmp_path / "m")])
     assert r.exit_code == 2 and "prompt_logprobs.jsonl:1: prompt_logprobs[1]:" in r.output and "fewer than --k 40" in r.output
