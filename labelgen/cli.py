@@ -28,13 +28,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 def cli_errors(fn):
-    """Turn expected failures into one line on stderr and exit code 2."""
+    """Turn expected failures into one line on stderr, named by the program
+    (labelgen or student-train), and exit code 2."""
+    program = "student-train" if fn.__module__.startswith("student_train") else "labelgen"
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except (FormatError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-            typer.echo(f"labelgen: error: {e}", err=True)
+            typer.echo(f"{program}: error: {e}", err=True)
             raise typer.Exit(2)
     return wrapper
 

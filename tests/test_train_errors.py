@@ -28,7 +28,7 @@ def edit_manifest(d, fn):
 
 def assert_one_line_error(r, pattern):
     assert r.exit_code == 2, r.output
-    lines = [l for l in r.stderr.splitlines() if l.startswith("labelgen: error:")]
+    lines = [l for l in r.stderr.splitlines() if l.startswith("student-train: error:")]
     assert len(lines) == 1 and re.search(pattern, lines[0]), r.stderr
     assert "Traceback" not in r.output
 
