@@ -30,6 +30,7 @@ def train_cmd(
     eval_holdout: Optional[int] = typer.Option(None, help="hold out this many shards of --labels for evaluation"),
     student: Optional[str] = typer.Option(None, help="student model directory (HF format)"),
     student_config: Optional[str] = typer.Option(None, help="HF config JSON: train a student from scratch"),
+    student_tokenizer: Optional[str] = typer.Option(None, help="a tokenizer other than the labels': cross-tokenizer KD"),
     out: Optional[str] = typer.Option(None, help="run directory"),
     max_steps: Optional[int] = typer.Option(None, help="optimizer steps"),
     loss: Optional[str] = typer.Option(None, help="kd | ce | sft"),
@@ -65,7 +66,7 @@ def train_cmd(
 ):
     """Fit a student to top-k soft labels (kd), actual tokens (ce) or teacher completions (sft)."""
     overrides = dict(labels=labels, eval_labels=eval_labels, eval_holdout=eval_holdout, student=student,
-                     student_config=student_config, out=out, max_steps=max_steps, loss=loss, kd_kind=kd_kind,
+                     student_config=student_config, student_tokenizer=student_tokenizer, out=out, max_steps=max_steps, loss=loss, kd_kind=kd_kind,
                      tail=tail, temperature=temperature, beta=beta, k=k, alpha=alpha, alpha_end=alpha_end, lr=lr,
                      warmup_steps=warmup_steps, batch_size=batch_size, grad_accum=grad_accum, min_lr_ratio=min_lr_ratio,
                      weight_decay=weight_decay, grad_clip=grad_clip, group_units=group_units, dtype=dtype,

@@ -99,6 +99,10 @@ class TrainConfig(LoopConfig):
     """HF model directory to start from."""
     student_config: str | None = None
     """HF config JSON to build a student from scratch (uses the labels' tokenizer)."""
+    student_tokenizer: str | None = None
+    """A tokenizer directory different from the labels' (cross-tokenizer KD):
+    the student learns on its own tokenization of the labelled text, with KD
+    where both tokenizations share a token boundary (docs/training.md)."""
     eval_labels: tuple[str, ...] = ()
     """Held-out label directories for evaluation."""
     eval_holdout: int = 0

@@ -204,10 +204,12 @@ class LabelStream(torch.utils.data.IterableDataset):
 
     def __init__(self, readers: list[ShardReader], batch_size: int, *, seed: int = 0, shuffle: bool = True,
                  group_units: int = 4, rank: int = 0, world_size: int = 1, max_epochs: int | None = None,
-                 k: int | None = None, vocab_limit: int | None = None, shards: list[tuple[int, int]] | None = None):
+                 k: int | None = None, vocab_limit: int | None = None, shards: list[tuple[int, int]] | None = None,
+                 cross=None):
         self.readers, self.batch_size, self.seed, self.shuffle = readers, batch_size, seed, shuffle
         self.group_units, self.rank, self.world_size, self.max_epochs = group_units, rank, world_size, max_epochs
         self.kind, self.k, self.vocab_limit = readers[0].kind, k, vocab_limit
+        self.cross = cross   # a student_train.xtok.CrossTokenizer: batches in the student's own tokenization
         self.proposal_temperature = float(readers[0].manifest.get("sampling", {}).get("proposal_temperature", 1.0))
         self.columns = list(fmt.record_kind(self.kind).loader_columns)
         # Entry order matters only when k keeps a rank prefix of what is stored.
@@ -254,6 +256,8 @@ class LabelStream(torch.utils.data.IterableDataset):
         """Collate rows picked from one or (a batch spanning groups) several groups' columns."""
         columns, rows = pieces[0] if len(pieces) == 1 else (
             concat_columns([take_rows(c, r) for c, r in pieces]), None)
+        if self.cross is not None:
+            return self.cross.collate(columns, rows, self.k, self.vocab_limit)
         return collate(columns, self.kind, rows, self.k, self.vocab_limit, self.proposal_temperature)
 
     def _groups(self, epoch: int, slot: int, n_slots: int, first: int = 0):

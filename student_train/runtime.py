@@ -266,7 +266,10 @@ def evaluate(models: dict, score, batches, d: Dist, dtype: str) -> dict:
         m.train()
     keys = sorted(sums)
     *totals, n = all_reduce_sum([sums[k] for k in keys] + [n], d.device)
-    return {f"eval_{k}": v / max(n, 1) for k, v in zip(keys, totals)}
+    out = {f"eval_{k}": v / max(n, 1) for k, v in zip(keys, totals)}
+    if "eval_bytes" in out and "eval_ce" in out:   # tokenizer-independent: total nats / (ln 2 x total bytes)
+        out["eval_bpb"] = out["eval_ce"] / (math.log(2) * max(out["eval_bytes"], 1e-9))
+    return out
 
 
 def fit(cfg, d: Dist, run: Run, ckpt: Path | None) -> dict:

@@ -23,9 +23,14 @@ from student_train.data import LabelStream, holdout_split, open_label_sets
 from student_train.runtime import Run, build_model, fit, prepare_out_dir, setup_distributed
 
 
-def load_tokenizer_for(student: str | None, label_dir: Path):
-    """The student's own tokenizer if its directory has one, else the labels'."""
+def load_tokenizer_for(student: str | None, label_dir: Path, option: str | None = None):
+    """The student's own tokenizer if its directory has one, else the labels'
+    (or, with `option`, the tokenizer in the directory that option names)."""
     from transformers import AutoTokenizer
+    if option:
+        if not any((label_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            raise FormatError(f"{option}: {label_dir} holds no tokenizer (tokenizer.json / tokenizer_config.json)")
+        return AutoTokenizer.from_pretrained(label_dir, trust_remote_code=False)
     for where in ([Path(student)] if student else []) + [Path(label_dir) / fmt.TOKENIZER_DIR]:
         if (where / "tokenizer_config.json").is_file() or (where / "tokenizer.json").is_file():
             try:
@@ -48,7 +53,13 @@ def check_vocabulary(manifest: dict, tokenizer, model, where: str) -> int:
         raise FormatError(f"{where}: the manifest has no tokenizer fingerprint; cannot check the student against it")
     if labels_tok["fingerprint"] != student_tok["fingerprint"]:
         raise FormatError(f"{where}: the labels were made with a different tokenizer than the student's "
-                          f"(differs in: {fmt.tokenizer_difference(labels_tok, student_tok)})")
+                          f"(differs in: {fmt.tokenizer_difference(labels_tok, student_tok)}); to distill across "
+                          "tokenizers pass --student-tokenizer DIR")
+    return check_width(model, tokenizer, where)
+
+
+def check_width(model, tokenizer, where: str) -> int:
+    """The student's logits width, which must cover its tokenizer."""
     width = model.get_output_embeddings().weight.shape[0]
     if width < len(tokenizer):
         raise FormatError(f"{where}: the student's logits are {width} wide but its tokenizer has {len(tokenizer)} tokens")
@@ -59,6 +70,9 @@ def check_loss_fits_labels(cfg: TrainConfig, kind: str, stored_k: int) -> int:
     if cfg.loss == "kd" and kind not in ("topk", "sampled"):
         raise FormatError(f"--loss kd needs topk or sampled labels; {cfg.labels[0]} holds {kind} "
                           f"(use --loss {'sft' if kind == 'samples' else 'ce'})")
+    if cfg.student_tokenizer and kind not in ("topk", "tokens"):
+        raise FormatError(f"--student-tokenizer: cross-tokenizer training reads topk labels (or tokens, for CE); "
+                          f"{cfg.labels[0]} holds {kind}")
     if cfg.loss == "sft" and kind != "samples":
         raise FormatError(f"--loss sft needs samples labels (teacher completions); {cfg.labels[0]} holds {kind}")
     k = cfg.k or stored_k
@@ -87,8 +101,10 @@ def loss_step(model, batch: dict, cfg: TrainConfig, alpha: float = 1.0) -> tuple
     if "sampled_ids" in batch:
         return ce, losses.sampled_kd(logits, batch["sampled_ids"], batch["sampled_weights"], batch["mask"],
                                      temperature=cfg.temperature, lse=shared)
-    kd = losses.topk_kd(logits, batch["topk_ids"], batch["topk_logprobs"], batch["coverage"], batch["mask"],
-                        kind=cfg.kd_kind, tail=cfg.tail, temperature=cfg.temperature, beta=cfg.beta, lse=shared)
+    # Cross-tokenizer batches label only the positions aligned with a teacher position (kd_mask).
+    kd = losses.topk_kd(logits, batch["topk_ids"], batch["topk_logprobs"], batch["coverage"],
+                        batch.get("kd_mask", batch["mask"]), kind=cfg.kd_kind, tail=cfg.tail,
+                        temperature=cfg.temperature, beta=cfg.beta, lse=shared)
     return ce, kd
 
 
@@ -107,9 +123,12 @@ def score(models: dict, batch: dict) -> dict:
     lse = losses.logsumexp_chunked(logits)
     out = {"ce": losses.cross_entropy(logits, batch["targets"], batch["mask"], lse=lse)}
     if "topk_ids" in batch:
+        kd_mask = batch.get("kd_mask", batch["mask"])
         out["kl"] = losses.topk_kd(logits, batch["topk_ids"], batch["topk_logprobs"], batch["coverage"],
-                                   batch["mask"], tail="tail", lse=lse)
-        out["top1"] = losses.topk_agreement(logits, batch["topk_ids"], batch["topk_logprobs"], batch["mask"])
+                                   kd_mask, tail="tail", lse=lse)
+        out["top1"] = losses.topk_agreement(logits, batch["topk_ids"], batch["topk_logprobs"], kd_mask)
+    if "target_bytes" in batch:   # bytes per counted token: with ce, bits per byte (runtime.evaluate)
+        out["bytes"] = losses.masked_mean(batch["target_bytes"], batch["mask"])
     return out
 
 
@@ -125,28 +144,42 @@ def train(cfg: TrainConfig) -> dict:
     if sum(r.manifest["counts"]["positions"] for r in readers) == 0:
         raise FormatError(f"--labels: {', '.join(cfg.labels)} hold no positions to train on (empty, or every completion is empty)")
     k = check_loss_fits_labels(cfg, readers[0].kind, readers[0].k)
-    tokenizer = load_tokenizer_for(cfg.student, readers[0].dir)
-    model = build_model(cfg.student, cfg.student_config, tokenizer, cfg.seed)
-    width = check_vocabulary(manifest, tokenizer, model, str(readers[0].dir))
+    cross = None
+    if cfg.student_tokenizer:   # cross-tokenizer: the student reads its own tokenization of the labelled text
+        tokenizer = load_tokenizer_for(None, Path(cfg.student_tokenizer), "--student-tokenizer")
+        model = build_model(cfg.student, cfg.student_config, tokenizer, cfg.seed)
+        width = check_width(model, tokenizer, "--student-tokenizer")
+    else:
+        tokenizer = load_tokenizer_for(cfg.student, readers[0].dir)
+        model = build_model(cfg.student, cfg.student_config, tokenizer, cfg.seed)
+        width = check_vocabulary(manifest, tokenizer, model, str(readers[0].dir))
+    ckpt = prepare_out_dir(Path(cfg.out), cfg.resume, cfg.overwrite, d.main)
+    if cfg.student_tokenizer:
+        from student_train.xtok import CrossTokenizer
+        cross = CrossTokenizer(load_tokenizer_for(None, readers[0].dir), tokenizer, Path(cfg.out) if d.main else None)
     train_shards, eval_shards = holdout_split(readers, cfg.eval_holdout)
     stream = LabelStream(readers, cfg.batch_size, seed=cfg.seed, group_units=cfg.group_units, rank=d.rank,
-                         world_size=d.world, k=k, vocab_limit=width, shards=train_shards)
+                         world_size=d.world, k=k, vocab_limit=width, shards=train_shards, cross=cross)
     eval_stream = None
     if cfg.eval_labels or eval_shards:
         eval_readers = open_label_sets(list(cfg.eval_labels), cfg.verify) if cfg.eval_labels else readers
         for r in eval_readers:
-            check_vocabulary(r.manifest, tokenizer, model, str(r.dir))
+            if cross is None:
+                check_vocabulary(r.manifest, tokenizer, model, str(r.dir))
+            elif r.manifest.get("tokenizer") != manifest.get("tokenizer"):
+                raise FormatError(f"--eval-labels: {r.dir} was made with another tokenizer than --labels")
         eval_stream = LabelStream(eval_readers, cfg.batch_size, shuffle=False, rank=d.rank, world_size=d.world,
-                                  k=None, vocab_limit=width, shards=None if cfg.eval_labels else eval_shards)
+                                  k=None, vocab_limit=width, shards=None if cfg.eval_labels else eval_shards,
+                                  cross=cross)
     fingerprints = [r.manifest["fingerprint"] for r in readers]
 
     def check_resume(meta: dict, ckpt: Path) -> None:
         if meta.get("labels_fingerprints") != fingerprints:
             raise FormatError(f"--resume: {ckpt} was trained on other labels (fingerprints differ)")
 
-    ckpt = prepare_out_dir(Path(cfg.out), cfg.resume, cfg.overwrite, d.main)
     run = Run(models={"student": model}, lrs={"student": cfg.lr}, stream=stream, eval_stream=eval_stream,
-              loss=functools.partial(micro_step, cfg=cfg), score=score, tokenizer=tokenizer, check_resume=check_resume, desc="student-train",
+              loss=functools.partial(micro_step, cfg=cfg), score=score, tokenizer=tokenizer,
+              check_resume=check_resume, desc="student-train",
               meta={"config": cfg.to_dict(), "labels_fingerprints": fingerprints,
-                    "tokenizer": manifest["tokenizer"]["fingerprint"]})
+                    "tokenizer": fmt.tokenizer_fingerprint(tokenizer)["fingerprint"]})
     return fit(cfg, d, run, ckpt)

@@ -1,0 +1,233 @@
+"""Cross-tokenizer distillation from offline labels: a student whose
+tokenizer differs from the teacher's learns from the same shards.
+
+A label row holds the teacher's input ids, so its text and the byte span of
+every teacher token can be recovered. `CrossTokenizer.collate` re-tokenizes
+each window's bytes with the student's tokenizer and aligns the two
+tokenizations by byte offsets, following the exact-boundary alignment of
+GOLD (TRL's `GOLDTrainer`) and DSKD's observation that most tokens share
+boundaries:
+
+* a student position is *aligned* when the token it predicts starts at the
+  same byte as a teacher token: the teacher's top-k at the position
+  predicting that token is its label;
+* each teacher candidate is mapped to the student token that begins its
+  string (the first token of the candidate's text tokenized alone);
+  candidates mapping to the same student token have their mass merged, and
+  candidates with no text (special tokens) or no student token go to the
+  tail bucket (1 - kept mass) as does everything outside the top-k;
+* unaligned positions — the student predicts a token that starts inside a
+  teacher token — get no KD term; CE on the actual next token covers every
+  position (the fallback; ULD-style sorted-probability matching there is
+  left for later).
+
+The candidate map is one array over the teacher's vocabulary, computed once
+per tokenizer pair and cached beside the run. Batches also carry each
+target token's byte length, so evaluation reports bits per byte, a unit
+that does not depend on the tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from labelgen import format as fmt
+from labelgen.format import FormatError
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character standing for each byte."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def token_bytes(tokenizer) -> list[bytes]:
+    """The bytes each token id stands for. Byte-level BPE (GPT-2 style:
+    Llama 3, Qwen, SmolLM2) and SentencePiece-style vocabularies (▁ for a
+    space, <0xNN> byte tokens) are understood; special tokens stand for no
+    bytes."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else {}
+    byte_level = "ByteLevel" in json.dumps(spec.get("decoder")) or "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    table = _byte_decoder()
+    out = []
+    for i, tok in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
+        if i in special or tok is None:
+            out.append(b"")
+        elif byte_level and all(c in table for c in tok):
+            out.append(bytes(table[c] for c in tok))
+        elif len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
+            out.append(bytes([int(tok[3:5], 16)]))
+        else:
+            out.append(tok.replace("▁", " ").encode("utf-8"))
+    return out
+
+
+def candidate_map(teacher_bytes: list[bytes], student, student_bytes: list[bytes]) -> np.ndarray:
+    """For each teacher token, the student token its text begins with: the
+    first token of the student's tokenization of that text, or, for a piece
+    of a multi-byte character (no text of its own), the longest student
+    token its bytes begin with. -1: none (special tokens)."""
+    out = np.full(len(teacher_bytes), -1, np.int64)
+    by_bytes: dict[bytes, int] = {}
+    for i, b in enumerate(student_bytes):
+        if b:
+            by_bytes.setdefault(b, i)
+    texts, ids = [], []
+    for i, b in enumerate(teacher_bytes):
+        try:
+            text = b.decode("utf-8")
+        except UnicodeDecodeError:
+            prefixes = (by_bytes.get(b[:n]) for n in range(len(b), 0, -1))
+            out[i] = next((j for j in prefixes if j is not None), -1)
+            continue
+        if text:
+            texts.append(text)
+            ids.append(i)
+    for i, text, enc in zip(ids, texts, student(texts, add_special_tokens=False)["input_ids"]):
+        enc = [t for t in enc if student_bytes[t]]
+        # Only a student token that is exactly the start of the candidate's text stands for it.
+        if enc and text.encode("utf-8").startswith(student_bytes[enc[0]]):
+            out[i] = enc[0]
+    return out
+
+
+class CrossTokenizer:
+    """Re-tokenizes label rows for a student with its own tokenizer (see the module docstring)."""
+
+    def __init__(self, teacher_tokenizer, student_tokenizer, cache_dir: Path | None = None):
+        self.student = student_tokenizer
+        self.teacher_bytes = token_bytes(teacher_tokenizer)
+        self.student_bytes = token_bytes(student_tokenizer)
+        key = hashlib.sha256((fmt.tokenizer_fingerprint(teacher_tokenizer)["fingerprint"] + "\0"
+                              + fmt.tokenizer_fingerprint(student_tokenizer)["fingerprint"]).encode()).hexdigest()[:16]
+        cached = Path(cache_dir) / f"candidate_map-{key}.npy" if cache_dir else None
+        if cached is not None and cached.is_file():
+            self.map = np.load(cached, allow_pickle=False)
+        else:
+            self.map = candidate_map(self.teacher_bytes, student_tokenizer, self.student_bytes)
+            if cached is not None:
+                from labelgen import fsutil
+                import io
+                buf = io.BytesIO()
+                np.save(buf, self.map, allow_pickle=False)
+                fsutil.atomic_write_bytes(cached, buf.getvalue())
+        if len(self.map) != len(self.teacher_bytes):
+            raise FormatError(f"{cached}: a candidate map for another tokenizer; delete it")
+        self.stats = {"positions": 0, "aligned": 0}
+
+    def window(self, teacher_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """(student ids, student token byte lengths, for each student position
+        the teacher position whose top-k labels it, or -1), or None when the
+        window's text does not round-trip through the student tokenizer."""
+        pieces = [self.teacher_bytes[int(i)] for i in teacher_ids]
+        t_start = np.concatenate([[0], np.cumsum([len(p) for p in pieces])])   # byte where teacher token j starts
+        text = b"".join(pieces)
+        lead = 0
+        while lead < len(text) and (text[lead] & 0xC0) == 0x80:   # a window may start inside a character
+            lead += 1
+        try:
+            decoded = text[lead:].decode("utf-8")
+        except UnicodeDecodeError as e:                            # ... or end inside one
+            decoded = text[lead:lead + e.start].decode("utf-8")
+        ids = self.student(decoded, add_special_tokens=False)["input_ids"]
+        lengths = np.asarray([len(self.student_bytes[i]) for i in ids], np.int64)
+        body = decoded.encode("utf-8")
+        joined = b"".join(self.student_bytes[i] for i in ids)
+        if joined != body:
+            if joined == b" " + body and lengths.size and lengths[0] > 0:   # a SentencePiece dummy prefix
+                lengths[0] -= 1
+            else:
+                return None
+        s_start = lead + np.concatenate([[0], np.cumsum(lengths)])       # byte where student token s starts
+        # Teacher position t predicts teacher token t + 1, which starts at t_start[t + 1].
+        real = np.asarray([len(p) > 0 for p in pieces[1:]], bool)
+        at = {int(b): t for t, b in enumerate(t_start[1:-1]) if real[t]}
+        label = np.asarray([at.get(int(b), -1) for b in s_start[1:len(ids)]], np.int64)
+        return np.asarray(ids, np.int64), lengths, label
+
+    def collate(self, columns: dict, rows: np.ndarray | None, k: int | None, vocab_limit: int | None) -> dict:
+        """A student batch from decoded topk (or tokens) label columns: the
+        student's ids and CE targets over every position, KD labels (merged
+        onto student ids) where a position is aligned (`kd_mask`), and
+        `target_bytes` for bits per byte."""
+        tokens, t_off = columns[fmt.INPUT_IDS]
+        if rows is None:
+            rows = np.arange(len(t_off) - 1)
+        has_topk = fmt.TOPK_IDS in columns
+        windows = []
+        for r in rows:
+            w = self.window(tokens[t_off[r]:t_off[r + 1]])
+            if w is None:   # nothing to learn from without a round trip; keep the row's shape simple
+                w = (np.zeros(2, np.int64), np.zeros(2, np.int64), np.full(1, -1, np.int64))
+            windows.append(w)
+        B, T = len(windows), max(len(w[0]) for w in windows)
+        ids = np.zeros((B, T), np.int64)
+        attn = np.zeros((B, T), np.int64)
+        mask = np.zeros((B, T - 1), bool)
+        target_bytes = np.zeros((B, T - 1), np.float32)
+        for i, (s_ids, lengths, _) in enumerate(windows):
+            ids[i, :len(s_ids)] = s_ids
+            attn[i, :len(s_ids)] = 1
+            mask[i, :len(s_ids) - 1] = lengths[1:] > 0
+            target_bytes[i, :len(s_ids) - 1] = lengths[1:]
+        out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn),
+               "targets": torch.from_numpy(ids[:, 1:].copy()), "mask": torch.from_numpy(mask),
+               "target_bytes": torch.from_numpy(target_bytes)}
+        if not has_topk:
+            return out
+        (top_ids, p_off), (top_lp, _) = (columns[fmt.TOPK_IDS], columns[fmt.TOPK_LOGPROBS])
+        cover = columns[fmt.COVERAGE][0]
+        K = k or top_ids.shape[1]
+        sids = np.zeros((B, T - 1, K), np.int64)
+        slp = np.full((B, T - 1, K), -np.inf, np.float32)
+        cov = np.zeros((B, T - 1), np.float32)
+        kd_mask = np.zeros((B, T - 1), bool)
+        for i, (r, (_, _, label)) in enumerate(zip(rows, windows)):
+            s = np.flatnonzero(label >= 0)
+            if not s.size:
+                continue
+            pos = p_off[r] + label[s]                                   # the teacher's positions, flat
+            mapped = self.map[top_ids[pos, :K]]
+            p = np.exp(top_lp[pos, :K].astype(np.float64))
+            keep = (mapped >= 0) & (p > 0)
+            if vocab_limit is not None:
+                keep &= mapped < vocab_limit
+            # Merge candidates landing on one student token: sort by (position, id), sum each run.
+            key = np.where(keep, mapped, np.iinfo(np.int64).max)
+            order = np.argsort(key, axis=1, kind="stable")
+            key, p = np.take_along_axis(key, order, 1), np.take_along_axis(np.where(keep, p, 0.0), order, 1)
+            first = np.ones(key.shape, bool)
+            first[:, 1:] = key[:, 1:] != key[:, :-1]
+            first &= key != np.iinfo(np.int64).max
+            slot = np.cumsum(first, axis=1) - 1
+            rr, cc = np.nonzero(key != np.iinfo(np.int64).max)
+            merged = np.zeros(key.shape, np.float64)
+            np.add.at(merged, (rr, slot[rr, cc]), p[rr, cc])
+            n_slots = first.sum(1)
+            present = np.arange(K)[None, :] < n_slots[:, None]
+            ids_here = np.zeros(key.shape, np.int64)
+            ids_here[np.nonzero(first)[0], slot[first]] = key[first]
+            sids[i, s] = ids_here
+            slp[i, s] = np.where(present, np.log(np.maximum(merged, 1e-300)), -np.inf)
+            cov[i, s] = np.minimum(merged.sum(1), cover[pos]).astype(np.float32)
+            kd_mask[i, s] = mask[i, s]
+            self.stats["aligned"] += int(kd_mask[i, s].sum())
+        self.stats["positions"] += int(mask.sum())
+        out.update(topk_ids=torch.from_numpy(sids), topk_logprobs=torch.from_numpy(slp),
+                   coverage=torch.from_numpy(cov), kd_mask=torch.from_numpy(kd_mask))
+        return out

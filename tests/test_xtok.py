@@ -1,0 +1,130 @@
+"""Cross-tokenizer distillation: alignment on hand-checked tokenizations,
+and a student with its own tokenizer trained from the labels."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from student_train.xtok import CrossTokenizer, token_bytes
+
+
+def bpe(merges: list[tuple[str, str]]):
+    """A byte-level BPE tokenizer with exactly these merges (and <s>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {c: i for i, c in enumerate(["<s>"] + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<s>"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>")
+
+
+# "é" is the two bytes C3 A9, written Ã© in the byte-level alphabet; Ġ is a space.
+TEACHER = bpe([("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o"), ("Ġ", "hello"), ("Ġ", "w"), ("Ġw", "o"),
+               ("Ġwo", "r"), ("l", "d"), ("Ã", "©")])
+STUDENT = bpe([("h", "e"), ("Ġ", "he"), ("Ġhe", "l"), ("l", "o"), ("Ġ", "w"), ("o", "r"), ("Ġw", "or"),
+               ("Ġwor", "l"), ("Ġworl", "d")])
+
+
+def tokens(tok, ids):
+    return tok.convert_ids_to_tokens([int(i) for i in ids])
+
+
+def test_token_bytes_reads_byte_level_pieces_and_gives_specials_none():
+    b = token_bytes(TEACHER)
+    assert b[TEACHER.convert_tokens_to_ids("Ġhello")] == b" hello"
+    assert b[TEACHER.convert_tokens_to_ids("Ã©")] == "é".encode()
+    assert b[TEACHER.convert_tokens_to_ids("Ã")] == b"\xc3"
+    assert b[TEACHER.bos_token_id] == b""
+
+
+def test_alignment_on_hand_checked_tokenizations():
+    x = CrossTokenizer(TEACHER, STUDENT)
+    t_ids = [TEACHER.bos_token_id] + TEACHER("hello hello world é", add_special_tokens=False)["input_ids"]
+    assert tokens(TEACHER, t_ids) == ["<s>", "hello", "Ġhello", "Ġwor", "ld", "Ġ", "Ã©"]
+    s_ids, lengths, label = x.window(np.asarray(t_ids))
+    assert tokens(STUDENT, s_ids) == ["he", "l", "lo", "Ġhel", "lo", "Ġworld", "Ġ", "Ã", "©"]
+    assert lengths.tolist() == [2, 1, 2, 4, 2, 6, 1, 1, 1]
+    # Student position s predicts student token s+1; it is labelled by the teacher position predicting the
+    # teacher token that starts at the same byte, or -1.
+    #   "l" (byte 2) and "lo" (byte 3) start inside the teacher's "hello": none.
+    #   "Ġhel" starts with the teacher's "Ġhello" (byte 5, teacher position 1); its "lo" starts inside: none.
+    #   "Ġworld" starts with "Ġwor" (teacher position 2) and spans the teacher's "ld" too.
+    #   "Ġ" starts with "Ġ" (position 4); "Ã" (byte C3) starts with "Ã©" (position 5); "©" starts inside it.
+    assert label.tolist() == [-1, -1, 1, -1, 2, 4, 5, -1]
+
+
+def test_candidates_map_to_the_student_token_their_text_begins_with():
+    x = CrossTokenizer(TEACHER, STUDENT)
+    m = {t: x.map[TEACHER.convert_tokens_to_ids(t)] for t in ("Ġhello", "hello", "Ġwor", "ld", "Ã©", "Ã", "Ġ")}
+    assert tokens(STUDENT, [m["Ġhello"], m["hello"], m["Ġwor"], m["ld"], m["Ã©"], m["Ã"], m["Ġ"]]) == \
+        ["Ġhel", "he", "Ġwor", "l", "Ã", "Ã", "Ġ"]   # a lone lead byte has no text: matched by its bytes
+    assert x.map[TEACHER.bos_token_id] == -1          # a special token stands for no text: its mass joins the tail
+
+
+def test_merged_labels_keep_the_mass_of_candidates_that_meet_on_one_student_token():
+    """Teacher candidates "ld" and "l" both begin with the student's "l":
+    their probabilities add up on it; <s> maps to nothing and its mass joins
+    the tail."""
+    from labelgen import format as fmt
+    x = CrossTokenizer(TEACHER, STUDENT)
+    t_ids = np.asarray([TEACHER.bos_token_id] + TEACHER("hello hello", add_special_tokens=False)["input_ids"])
+    cand = [TEACHER.convert_tokens_to_ids(t) for t in ("Ġhello", "ld", "l", "<s>")]
+    p = np.array([0.5, 0.2, 0.1, 0.05])
+    P = len(t_ids) - 1
+    columns = {fmt.INPUT_IDS: (t_ids, np.array([0, len(t_ids)])),
+               fmt.TOPK_IDS: (np.tile(cand, (P, 1)), np.array([0, P])),
+               fmt.TOPK_LOGPROBS: (np.log(np.tile(p, (P, 1))).astype(np.float32), np.array([0, P])),
+               fmt.COVERAGE: (np.full(P, p.sum(), np.float32), np.array([0, P]))}
+    batch = x.collate(columns, None, None, None)
+    assert batch["kd_mask"][0].tolist() == [False, False, True, False]   # only "Ġhel" meets a teacher boundary
+    got = {STUDENT.convert_ids_to_tokens(int(i)): float(np.exp(lp))
+           for i, lp in zip(batch["topk_ids"][0, 2], batch["topk_logprobs"][0, 2]) if np.isfinite(lp)}
+    assert got == pytest.approx({"Ġhel": 0.5, "l": 0.3})
+    assert batch["coverage"][0, 2].item() == pytest.approx(0.8)
+    assert batch["target_bytes"][0].tolist() == [1, 2, 4, 2]
+
+
+def test_the_same_tokenizer_aligns_almost_everywhere_with_the_teachers_own_labels(topk_labels):
+    from student_train.data import LabelStream, open_label_sets
+    from student_train.train import load_tokenizer_for
+    readers = open_label_sets([str(topk_labels)])
+    tok = load_tokenizer_for(None, readers[0].dir)
+    x = CrossTokenizer(tok, tok)
+    named = np.flatnonzero([len(b) > 0 for b in x.teacher_bytes])
+    assert np.mean(x.map[named] == named) > 0.99
+    plain = next(iter(LabelStream(readers, 8, shuffle=False)))[0]
+    cross = next(iter(LabelStream(readers, 8, shuffle=False, cross=x)))[0]
+    assert cross["kd_mask"].sum() >= 0.95 * plain["mask"].sum() - 8   # less the BOS each first window starts with
+    for i in range(8):
+        for s in np.flatnonzero(cross["kd_mask"][i].numpy())[:20]:
+            target = int(cross["targets"][i, s])
+            t = np.flatnonzero(plain["targets"][i].numpy() == target)   # the plain row's position with that target
+            got = {int(a): float(b) for a, b in zip(cross["topk_ids"][i, s], cross["topk_logprobs"][i, s]) if b > -1e9}
+            assert any(got == pytest.approx({int(a): float(b) for a, b in zip(plain["topk_ids"][i, u],
+                                                                            plain["topk_logprobs"][i, u])})
+                       for u in t)
+
+
+def test_a_student_with_its_own_tokenizer_trains_from_the_labels_and_reports_bits_per_byte(
+        topk_labels, corpus, student_config, tmp_path):
+    from labelgen.demo import train_tokenizer
+    from student_train.config import TrainConfig
+    from student_train.train import train
+    texts = [json.loads(line)["text"] for line in open(corpus / "docs.jsonl")]
+    train_tokenizer(texts[::-1], 384).save_pretrained(tmp_path / "tok")   # other data, other size
+    common = dict(labels=(str(topk_labels),), student_config=student_config, max_steps=8, batch_size=4, lr=3e-3,
+                  warmup_steps=2, eval_holdout=1, eval_every=8, eval_batches=4, save_every=0, log_every=1,
+                  progress=False, device="cpu", student_tokenizer=str(tmp_path / "tok"))
+    train(TrainConfig(out=str(tmp_path / "kd"), loss="kd", alpha=0.5, **common))
+    m = [json.loads(line) for line in open(tmp_path / "kd" / "metrics.jsonl")]
+    assert m[-1]["eval_bpb"] < m[0]["eval_bpb"] and 0 < m[-1]["eval_bpb"] < 20
+    assert m[-1]["kd"] > 0 and list((tmp_path / "kd").glob("candidate_map-*.npy"))
+    from transformers import AutoTokenizer
+    saved = AutoTokenizer.from_pretrained(tmp_path / "kd" / "step_000008")
+    assert len(saved) == len(AutoTokenizer.from_pretrained(tmp_path / "tok"))   # the student's own tokenizer
