@@ -293,7 +293,8 @@ def write_report(labels: dict, students: dict, teacher_info: dict, scale: Scale,
         "",
     ]
     report = out_dir / "results.md"
-    report.write_text("\n".join(lines))
+    kept = report.read_text().split(CROSS_MARK, 1) if report.is_file() else [""]
+    report.write_text("\n".join(lines) + ("\n" + CROSS_MARK + kept[1] if len(kept) == 2 else ""))   # keep that section
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, r in students.items():
@@ -332,6 +333,74 @@ def write_report(labels: dict, students: dict, teacher_info: dict, scale: Scale,
     return report
 
 
+CROSS_MARK = "<!-- cross-tokenizer section: bash jobs/report.sh --cross-tokenizer -->"
+
+
+def cross_tokenizer(teacher: str, texts: list[str], label_text: Path, heldout: Path, work: Path, scale: Scale,
+                    args) -> Path:
+    """Students with the teacher's tokenizer and with their own (trained on
+    other files, another vocabulary size), each with CE only and with top-64
+    KD (alpha 0.5; cross-tokenizer KD where boundaries meet), compared in
+    held-out bits per byte. Writes its section into OUT/results.md."""
+    from labelgen.config import GenerateConfig
+    from labelgen.demo import train_tokenizer
+    from labelgen.generate import run
+    from student_train.config import TrainConfig
+    from student_train.data import LabelStream, open_label_sets
+    from student_train.train import load_tokenizer_for, train
+    from student_train.xtok import CrossTokenizer
+    labels = make_labels(teacher, {"top64": label_sets(label_text, work / "prompts.jsonl", scale)["top64"]},
+                         work / "labels", scale)["top64"]["dir"]
+    run(GenerateConfig(teacher=teacher, inputs=(str(heldout),), out=str(work / "eval_labels"), k=64,
+                       max_seq_len=scale.max_seq_len, progress=False, device="cpu"))
+    teacher_tok = load_tokenizer_for(None, labels)
+    own = work / "student_tokenizer"
+    train_tokenizer(texts[1::2], 2 * len(teacher_tok) // 3).save_pretrained(own)
+    (work / "student.json").write_text(json.dumps(STUDENT))
+    tokenizers = {"teacher's": labels / "tokenizer", "own": own}
+    results = {}
+    for tok_name, tok_dir in tokenizers.items():
+        for method, kw in (("CE only", dict(loss="ce")), ("top-64 KD, alpha 0.5", dict(loss="kd", alpha=0.5))):
+            out = work / "students" / slug(f"{tok_name} {method}")
+            t0 = time.time()
+            train(TrainConfig(labels=(str(labels),), eval_labels=(str(work / "eval_labels"),),
+                              student_config=str(work / "student.json"), student_tokenizer=str(tok_dir), out=str(out),
+                              max_steps=scale.student_steps, batch_size=scale.batch_size, lr=3e-3,
+                              warmup_steps=max(1, scale.student_steps // 20), eval_every=scale.student_steps,
+                              eval_batches=scale.eval_batches, save_every=0, log_every=max(1, scale.student_steps // 10),
+                              progress=False, device="cpu", **kw))
+            last = [json.loads(line) for line in open(out / "metrics.jsonl")][-1]
+            results[(tok_name, method)] = last
+            log(f"cross-tokenizer {tok_name} / {method}: bpb {last['eval_bpb']:.4f} ({time.time() - t0:.0f} s)")
+    own_tok = load_tokenizer_for(None, own, "--student-tokenizer")
+    x = CrossTokenizer(teacher_tok, own_tok)
+    aligned = counted = 0
+    for batch, _ in LabelStream(open_label_sets([str(work / "eval_labels")]), 8, shuffle=False, max_epochs=1, cross=x):
+        aligned, counted = aligned + int(batch["kd_mask"].sum()), counted + int(batch["mask"].sum())
+    gains = {t: results[(t, "CE only")]["eval_bpb"] - results[(t, "top-64 KD, alpha 0.5")]["eval_bpb"] for t in tokenizers}
+    lines = [CROSS_MARK, "## Cross-tokenizer distillation", "",
+             f"`{args.command}`: the teacher above labels its top-64; students of {STUDENT['num_hidden_layers']} layers "
+             f"x {STUDENT['hidden_size']} learn for {scale.student_steps} steps of {scale.batch_size} windows either with "
+             f"the teacher's tokenizer (V = {len(teacher_tok):,}) or with their own byte-level BPE (V = {len(own_tok):,}, "
+             "trained on other files), with CE only or with top-64 KD at alpha 0.5 (`student-train train "
+             "--student-tokenizer`: KD where the two tokenizations share a boundary, CE everywhere). Held-out bits "
+             "per byte do not depend on the tokenizer.", "",
+             "| student tokenizer | method | held-out bits/byte | held-out CE (nats/token) | gain over CE only |",
+             "|---|---|---:|---:|---:|"]
+    for (t, method), last in results.items():
+        gain = "" if method == "CE only" else f"{gains[t]:.4f}"
+        lines.append(f"| {t} | {method} | {last['eval_bpb']:.4f} | {last['eval_ce']:.4f} | {gain} |")
+    kept = gains["own"] / gains["teacher's"] if gains["teacher's"] else float("nan")
+    lines += ["", f"The student with its own tokenizer keeps **{kept:.0%}** of the "
+              f"same-tokenizer KD gain; {aligned / max(counted, 1):.0%} of its held-out positions predict a token that "
+              "starts where a teacher token starts (the rest learn from CE only).", ""]
+    report = Path(args.out) / "results.md"
+    text = report.read_text() if report.is_file() else ""
+    text = text.split(CROSS_MARK)[0].rstrip() + "\n\n" + "\n".join(lines)
+    report.write_text(text)
+    return report
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the small smoke version (about 5 minutes)")
@@ -339,10 +408,13 @@ def main():
     ap.add_argument("--out", default="docs", help="where results.md and the plots go")
     ap.add_argument("--work", help="working directory (default: a fresh one under /tmp)")
     ap.add_argument("--teacher", help="an HF teacher directory to use instead of training the demo teacher")
+    ap.add_argument("--cross-tokenizer", action="store_true",
+                    help="only the cross-tokenizer comparison, written into OUT/results.md's section of its own")
     ap.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.5, 0.9],
                     help="CE weights mixed into every KD run (alpha*CE + (1-alpha)*KD)")
     args = ap.parse_args()
-    args.command = "bash jobs/report.sh" + (" --quick" if args.quick else "") + (f" --teacher {args.teacher}" if args.teacher else "")
+    args.command = "bash jobs/report.sh" + (" --quick" if args.quick else "") + (f" --teacher {args.teacher}" if args.teacher else "") \
+        + (" --cross-tokenizer" if args.cross_tokenizer else "")
     scale = QUICK if args.quick else FULL
     import tempfile
     from transformers import AutoModelForCausalLM
@@ -365,6 +437,10 @@ def main():
         for i, t in enumerate(texts):
             (corpus_dir / f"{i:05d}.txt").write_text(t)
         teacher = str(build_demo_teacher(work / "teacher", [str(corpus_dir)], tcfg, log=log))
+    if args.cross_tokenizer:
+        report = cross_tokenizer(teacher, texts, label_text, heldout, work, scale, args)
+        log(f"wrote {report} in {(time.time() - t_start) / 60:.1f} min")
+        return
     sets = label_sets(label_text, work / "prompts.jsonl", scale)
     labels = make_labels(teacher, {n: sets[n] for n in REPORT_LABELS}, work / "labels", scale)
     from labelgen.config import GenerateConfig

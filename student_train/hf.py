@@ -21,15 +21,17 @@ loss through both (tested). docs/trainer.md has a complete script.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import Trainer
 
+from labelgen import format as fmt
 from labelgen.format import FormatError
 from student_train.config import LOSSES
 from student_train.data import LabelStream, collate, columns_from_rows, open_label_sets
 from student_train.losses import KINDS, TAILS
-from student_train.train import check_vocabulary, loss_step
+from student_train.train import check_vocabulary, load_tokenizer_for, loss_step
 
 
 @dataclass(frozen=True)
@@ -59,16 +61,24 @@ class DistillLoss:
 class LabelDataset(torch.utils.data.IterableDataset):
     """The examples of one or more label sets (`labelgen generate` output),
     one dict of arrays each, for trainers that batch examples themselves.
-    `k` keeps the first k stored entries of topk labels. Every process
+    `k` keeps the first k stored entries of topk labels; `student_tokenizer`
+    (a tokenizer other than the labels') turns on cross-tokenizer KD: the
+    examples are re-tokenized for the student (student_train.xtok). Every process
     yields the whole stream: accelerate (under Trainer) splits or
     dispatches the batches across ranks; DataLoader workers share it."""
 
     def __init__(self, labels: str | list[str], *, k: int | None = None, seed: int = 0, shuffle: bool = True,
-                 group_units: int = 4, verify: bool = False):
+                 group_units: int = 4, verify: bool = False, student_tokenizer=None):
         readers = open_label_sets([labels] if isinstance(labels, str) else list(labels), verify)
         if k is not None and readers[0].kind == "topk" and not 1 <= k <= readers[0].k:
             raise FormatError(f"k={k}: the labels hold {readers[0].k} entries per position")
-        self.stream = LabelStream(readers, 1, seed=seed, shuffle=shuffle, group_units=group_units, k=k)
+        cross = None
+        if student_tokenizer is not None:   # cross-tokenizer KD (student_train.xtok): a tokenizer or its directory
+            from student_train.xtok import CrossTokenizer
+            if isinstance(student_tokenizer, (str, Path)):
+                student_tokenizer = load_tokenizer_for(None, Path(student_tokenizer), "student_tokenizer")
+            cross = CrossTokenizer(load_tokenizer_for(None, readers[0].dir), student_tokenizer)
+        self.stream = LabelStream(readers, 1, seed=seed, shuffle=shuffle, group_units=group_units, k=k, cross=cross)
         self.epoch = 0
 
     @property
@@ -87,7 +97,11 @@ class LabelDataset(torch.utils.data.IterableDataset):
         be the labels'; its logits must cover the vocabulary) and drop label
         ids beyond its logits (the teacher's padding slots)."""
         width = model.get_output_embeddings().weight.shape[0]
-        if tokenizer is not None:
+        cross = self.stream.cross
+        if cross is not None and tokenizer is not None and \
+                fmt.tokenizer_fingerprint(tokenizer) != fmt.tokenizer_fingerprint(cross.student):
+            raise FormatError("processing_class: not the student_tokenizer this LabelDataset re-tokenizes for")
+        if cross is None and tokenizer is not None:
             width = check_vocabulary(self.manifest, tokenizer, model, str(self.stream.readers[0].dir))
         self.stream.vocab_limit = width
 
@@ -108,7 +122,9 @@ class LabelCollator:
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         s = self.dataset.stream
-        batch = collate(columns_from_rows(examples), s.kind, None, s.k, s.vocab_limit, s.proposal_temperature)
+        columns = columns_from_rows(examples)
+        batch = s.cross.collate(columns, None, s.k, s.vocab_limit) if s.cross is not None else \
+            collate(columns, s.kind, None, s.k, s.vocab_limit, s.proposal_temperature)
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         labels[:, 0] = -100
         labels[:, 1:] = labels[:, 1:].masked_fill(~batch["mask"], -100)

@@ -128,3 +128,34 @@ def test_a_student_with_its_own_tokenizer_trains_from_the_labels_and_reports_bit
     from transformers import AutoTokenizer
     saved = AutoTokenizer.from_pretrained(tmp_path / "kd" / "step_000008")
     assert len(saved) == len(AutoTokenizer.from_pretrained(tmp_path / "tok"))   # the student's own tokenizer
+
+
+def test_the_trainer_api_distills_across_tokenizers_with_the_same_batches_and_loss(topk_labels, corpus,
+                                                                                  student_config, tmp_path):
+    from transformers import AutoTokenizer, TrainingArguments
+    from labelgen.demo import train_tokenizer
+    from student_train.config import TrainConfig
+    from student_train.data import LabelStream, open_label_sets
+    from student_train.hf import DistillLoss, DistillTrainer, LabelDataset
+    from student_train.runtime import build_model
+    from student_train.train import load_tokenizer_for, micro_step
+    texts = [json.loads(line)["text"] for line in open(corpus / "docs.jsonl")]
+    train_tokenizer(texts[::-1], 384).save_pretrained(tmp_path / "tok")
+    student_tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    readers = open_label_sets([str(topk_labels)])
+    x = CrossTokenizer(load_tokenizer_for(None, readers[0].dir), student_tok)
+    batch, _ = next(iter(LabelStream(readers, 4, shuffle=False, cross=x)))
+    data = LabelDataset(str(topk_labels), shuffle=False, student_tokenizer=str(tmp_path / "tok"))
+    model = build_model(None, student_config, student_tok, 0)
+    trainer = DistillTrainer(model=model, args=TrainingArguments(str(tmp_path / "hf"), max_steps=2, report_to=[],
+                                                                 use_cpu=True, per_device_train_batch_size=4),
+                             train_dataset=data, processing_class=student_tok, loss=DistillLoss(alpha=0.5))
+    hf_batch = trainer.data_collator([e for _, e in zip(range(4), data)])
+    for key, value in batch.items():
+        torch.testing.assert_close(hf_batch[key], value, rtol=0, atol=0, msg=key)
+    cfg = TrainConfig(labels=(str(topk_labels),), out="unused", student_config=student_config, alpha=0.5,
+                      student_tokenizer=str(tmp_path / "tok"))
+    with torch.no_grad():
+        ours = micro_step({"student": model}, batch, 0.5, lambda objective: None, cfg=cfg)["loss"]
+        assert trainer.compute_loss(model, hf_batch).item() == pytest.approx(ours.item(), rel=1e-6)
+    assert trainer.train().global_step == 2
