@@ -57,9 +57,11 @@ def replicate(src: Path, dst: Path, times: int) -> Path:
     return dst
 
 
-def loader_rate(label_dir: Path, batch_size: int, num_workers: int, checksums: bool = True) -> tuple[float, float]:
+def loader_rate(label_dir: Path, batch_size: int, num_workers: int, checksums: bool = True,
+                cross=None) -> tuple[float, float]:
     from student_train.data import LabelStream, open_label_sets
-    stream = LabelStream(open_label_sets([str(label_dir)], checksums=checksums), batch_size, max_epochs=1, k=64)
+    stream = LabelStream(open_label_sets([str(label_dir)], checksums=checksums), batch_size, max_epochs=1, k=64,
+                         cross=cross)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers)
     rows = positions = 0
     t0 = time.perf_counter()
@@ -68,6 +70,21 @@ def loader_rate(label_dir: Path, batch_size: int, num_workers: int, checksums: b
         positions += int(batch["mask"].sum())
     dt = time.perf_counter() - t0
     return rows / dt, positions / dt
+
+
+def cross_loader_rate(label_dir: Path, batch_size: int, student_tokenizer: str | None, work: Path):
+    """Loader rate re-tokenizing for another tokenizer, and the seconds its candidate map took."""
+    from transformers import AutoTokenizer
+    from labelgen.demo import read_corpus, train_tokenizer
+    from student_train.train import load_tokenizer_for
+    from student_train.xtok import CrossTokenizer
+    if student_tokenizer is None:
+        student_tokenizer = str(work / "student_tokenizer")
+        train_tokenizer(read_corpus(None, 400_000)[::-1], 8192).save_pretrained(student_tokenizer)
+    t0 = time.perf_counter()
+    cross = CrossTokenizer(load_tokenizer_for(None, label_dir), AutoTokenizer.from_pretrained(student_tokenizer))
+    map_s = time.perf_counter() - t0
+    return (*loader_rate(label_dir, batch_size, 0, cross=cross), map_s)
 
 
 def peak_rss_mb(label_dir: Path) -> float:
@@ -115,6 +132,8 @@ def main():
     ap.add_argument("--teacher", help="make the labels with this teacher (a small one: 1.5 MB of text is scored)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--student-tokenizer", help="also time the cross-tokenizer loader for this student tokenizer "
+                                                 "(default: a byte-level BPE trained here on other text)")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
@@ -131,15 +150,19 @@ def main():
     rows0, pos0 = loader_rate(labels, args.batch_size, 0)
     rows_nc, pos_nc = loader_rate(labels, args.batch_size, 0, checksums=False)
     rows2, pos2 = loader_rate(labels, args.batch_size, 2)
+    rows_x, pos_x, map_s = cross_loader_rate(labels, args.batch_size, args.student_tokenizer, work)
     ce_step, ce_pos = student_rate(labels, "ce", args.batch_size, args.steps)
     kd_step, kd_pos = student_rate(labels, "kd", args.batch_size, args.steps)
     print("| what | rows/s | positions/s |\n|---|---:|---:|")
     print(f"| loader, main process (footer hash + page CRC32 checked, the default) | {rows0:,.0f} | {pos0:,.0f} |")
     print(f"| loader, main process, checksums off | {rows_nc:,.0f} | {pos_nc:,.0f} |")
     print(f"| loader, 2 DataLoader workers | {rows2:,.0f} | {pos2:,.0f} |")
+    print(f"| loader, main process, cross-tokenizer (student's own tokenizer; candidate map built once in "
+          f"{map_s:.1f} s) | {rows_x:,.0f} | {pos_x:,.0f} |")
     print(f"| student step, CE only | {args.batch_size / ce_step:,.1f} | {ce_pos:,.0f} |")
     print(f"| student step, top-64 KD | {args.batch_size / kd_step:,.1f} | {kd_pos:,.0f} |")
     print(f"\nloader (main process) / student consumption (KD) = {pos0 / kd_pos:,.1f}x  (target >= 10x)")
+    print(f"cross-tokenizer loader / student consumption (KD) = {pos_x / kd_pos:,.1f}x  (target >= 10x)")
     print(f"loader with checksums / without = {pos0 / pos_nc:.3f}")
     print(f"student step: CE {ce_step * 1000:.0f} ms, KD {kd_step * 1000:.0f} ms; KD/CE = {kd_step / ce_step:.2f}  (target <= 1.15)")
 
