@@ -395,6 +395,7 @@ def cross_tokenizer(teacher: str, texts: list[str], label_text: Path, heldout: P
               f"same-tokenizer KD gain; {aligned / max(counted, 1):.0%} of its held-out positions predict a token that "
               "starts where a teacher token starts (the rest learn from CE only).", ""]
     report = Path(args.out) / "results.md"
+    report.parent.mkdir(parents=True, exist_ok=True)
     text = report.read_text() if report.is_file() else ""
     text = text.split(CROSS_MARK)[0].rstrip() + "\n\n" + "\n".join(lines)
     report.write_text(text)
