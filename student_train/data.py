@@ -25,7 +25,6 @@ from labelgen.format import FormatError
 from labelgen.shards import ShardReader
 
 
-
 def open_label_sets(dirs: list[str], verify: bool = False, checksums: bool = True) -> list[ShardReader]:
     """Readers for label dirs that can be trained on together (same kind and
     tokenizer). verify: sha256 of every shard first; checksums: footer hash

@@ -172,7 +172,7 @@ class CrossTokenizer:
         windows = []
         for r in rows:
             w = self.window(tokens[t_off[r]:t_off[r + 1]])
-            if w is None:   # nothing to learn from without a round trip; keep the row's shape simple
+            if w is None or len(w[0]) < 2:   # nothing to learn from: an empty row of the usual shape
                 w = (np.zeros(2, np.int64), np.zeros(2, np.int64), np.full(1, -1, np.int64))
             windows.append(w)
         B, T = len(windows), max(len(w[0]) for w in windows)

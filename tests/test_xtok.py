@@ -90,6 +90,17 @@ def test_merged_labels_keep_the_mass_of_candidates_that_meet_on_one_student_toke
     assert batch["target_bytes"][0].tolist() == [1, 2, 4, 2]
 
 
+def test_a_window_of_special_tokens_only_gives_an_empty_row():
+    from labelgen import format as fmt
+    x = CrossTokenizer(TEACHER, STUDENT)
+    t_ids = np.asarray([TEACHER.bos_token_id, TEACHER.bos_token_id])
+    columns = {fmt.INPUT_IDS: (t_ids, np.array([0, 2])), fmt.TOPK_IDS: (np.zeros((1, 2), np.int64), np.array([0, 1])),
+               fmt.TOPK_LOGPROBS: (np.zeros((1, 2), np.float32), np.array([0, 1])),
+               fmt.COVERAGE: (np.ones(1, np.float32), np.array([0, 1]))}
+    batch = x.collate(columns, None, None, None)
+    assert not batch["mask"].any() and not batch["kd_mask"].any()
+
+
 def test_the_same_tokenizer_aligns_almost_everywhere_with_the_teachers_own_labels(topk_labels):
     from student_train.data import LabelStream, open_label_sets
     from student_train.train import load_tokenizer_for
