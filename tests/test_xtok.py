@@ -124,19 +124,28 @@ def test_the_same_tokenizer_aligns_almost_everywhere_with_the_teachers_own_label
 
 def test_a_student_with_its_own_tokenizer_trains_from_the_labels_and_reports_bits_per_byte(
         topk_labels, corpus, student_config, tmp_path):
+    """From the command line; the flag is named where a mismatched tokenizer is refused."""
+    from typer.testing import CliRunner
     from labelgen.demo import train_tokenizer
-    from student_train.config import TrainConfig
-    from student_train.train import train
+    from student_train.cli import app
     texts = [json.loads(line)["text"] for line in open(corpus / "docs.jsonl")]
     train_tokenizer(texts[::-1], 384).save_pretrained(tmp_path / "tok")   # other data, other size
-    common = dict(labels=(str(topk_labels),), student_config=student_config, max_steps=8, batch_size=4, lr=3e-3,
-                  warmup_steps=2, eval_holdout=1, eval_every=8, eval_batches=4, save_every=0, log_every=1,
-                  progress=False, device="cpu", student_tokenizer=str(tmp_path / "tok"))
-    train(TrainConfig(out=str(tmp_path / "kd"), loss="kd", alpha=0.5, **common))
+    common = ["train", "--labels", str(topk_labels), "--max-steps", "8", "--batch-size", "4", "--lr", "3e-3",
+              "--warmup-steps", "2", "--eval-holdout", "1", "--eval-every", "8", "--eval-batches", "4",
+              "--save-every", "0", "--log-every", "1", "--no-progress", "--device", "cpu"]
+    from transformers import AutoTokenizer
+    from student_train.runtime import build_model
+    own = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    build_model(None, student_config, own, 0).save_pretrained(tmp_path / "student")
+    own.save_pretrained(tmp_path / "student")
+    r = CliRunner().invoke(app, common + ["--out", str(tmp_path / "refused"), "--student", str(tmp_path / "student")])
+    assert r.exit_code == 2 and "pass --student-tokenizer DIR" in r.output
+    r = CliRunner().invoke(app, common + ["--out", str(tmp_path / "kd"), "--alpha", "0.5", "--student-config",
+                                          student_config, "--student-tokenizer", str(tmp_path / "tok")])
+    assert r.exit_code == 0, r.output
     m = [json.loads(line) for line in open(tmp_path / "kd" / "metrics.jsonl")]
     assert m[-1]["eval_bpb"] < m[0]["eval_bpb"] and 0 < m[-1]["eval_bpb"] < 20
     assert m[-1]["kd"] > 0 and list((tmp_path / "kd").glob("candidate_map-*.npy"))
-    from transformers import AutoTokenizer
     saved = AutoTokenizer.from_pretrained(tmp_path / "kd" / "step_000008")
     assert len(saved) == len(AutoTokenizer.from_pretrained(tmp_path / "tok"))   # the student's own tokenizer
 
