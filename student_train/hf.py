@@ -94,8 +94,8 @@ class LabelDataset(torch.utils.data.IterableDataset):
 
     def fit_to(self, model, tokenizer=None) -> None:
         """Check the labels against the student (its tokenizer, if given, must
-        be the labels'; its logits must cover the vocabulary) and drop label
-        ids beyond its logits (the teacher's padding slots)."""
+        be the labels', or with student_tokenizer that one; its logits must
+        cover the vocabulary) and drop label ids beyond its logits."""
         width = model.get_output_embeddings().weight.shape[0]
         cross = self.stream.cross
         if cross is not None and tokenizer is not None and \
