@@ -409,6 +409,8 @@ def main():
     ap.add_argument("--out", default="docs", help="where results.md and the plots go")
     ap.add_argument("--work", help="working directory (default: a fresh one under /tmp)")
     ap.add_argument("--teacher", help="an HF teacher directory to use instead of training the demo teacher")
+    ap.add_argument("--teacher-steps", type=int, help="override the scale's teacher training steps")
+    ap.add_argument("--student-steps", type=int, help="override the scale's student steps")
     ap.add_argument("--cross-tokenizer", action="store_true",
                     help="only the cross-tokenizer comparison, written into OUT/results.md's section of its own")
     ap.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.5, 0.9],
@@ -417,6 +419,11 @@ def main():
     args.command = "bash jobs/report.sh" + (" --quick" if args.quick else "") + (f" --teacher {args.teacher}" if args.teacher else "") \
         + (" --cross-tokenizer" if args.cross_tokenizer else "")
     scale = QUICK if args.quick else FULL
+    import dataclasses
+    scale = dataclasses.replace(scale, **{k: v for k, v in (("teacher_steps", args.teacher_steps),
+                                                            ("student_steps", args.student_steps)) if v})
+    args.command += "".join(f" --{k.replace('_', '-')} {v}" for k, v in (("teacher_steps", args.teacher_steps),
+                                                                        ("student_steps", args.student_steps)) if v)
     import tempfile
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
