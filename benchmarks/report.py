@@ -379,7 +379,8 @@ def cross_tokenizer(teacher: str, texts: list[str], label_text: Path, heldout: P
         aligned, counted = aligned + int(batch["kd_mask"].sum()), counted + int(batch["mask"].sum())
     gains = {t: results[(t, "CE only")]["eval_bpb"] - results[(t, "top-64 KD, alpha 0.5")]["eval_bpb"] for t in tokenizers}
     lines = [CROSS_MARK, "## Cross-tokenizer distillation", "",
-             f"`{args.command}`: the teacher above labels its top-64; students of {STUDENT['num_hidden_layers']} layers "
+             f"`{args.command}`: {'the teacher ' + args.teacher if args.teacher else f'the toy teacher trained as above for {scale.teacher_steps} steps'} "
+             f"labels its top-64 on the same files; students of {STUDENT['num_hidden_layers']} layers "
              f"x {STUDENT['hidden_size']} learn for {scale.student_steps} steps of {scale.batch_size} windows either with "
              f"the teacher's tokenizer (V = {len(teacher_tok):,}) or with their own byte-level BPE (V = {len(own_tok):,}, "
              "trained on other files), with CE only or with top-64 KD at alpha 0.5 (`student-train train "
