@@ -75,8 +75,8 @@ def export_axolotl(label_dir: str | Path, out: str | Path, inputs: list[str] | N
     stats = {"rows": 0, "tokens": 0}
     try:
         with open(tmp, "w") as f:
-            for si, shard in sorted(enumerate(reader.shards), key=lambda s: _shard_index(reader, s[1])):
-                index = _shard_index(reader, shard)
+            # Shards in input order: each footer names its slice of the input (read once).
+            for index, si, shard in sorted((_shard_index(reader, sh), si, sh) for si, sh in enumerate(reader.shards)):
                 rows: dict[str, list[dict]] = {}
                 pf = reader.open_shard(shard)
                 for rg in range(pf.num_row_groups):

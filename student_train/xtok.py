@@ -30,6 +30,7 @@ that does not depend on the tokenizer.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 
 from labelgen import format as fmt
+from labelgen import fsutil
 from labelgen.format import FormatError
 
 
@@ -121,14 +123,11 @@ class CrossTokenizer:
         else:
             self.map = candidate_map(self.teacher_bytes, student_tokenizer, self.student_bytes)
             if cached is not None:
-                from labelgen import fsutil
-                import io
                 buf = io.BytesIO()
                 np.save(buf, self.map, allow_pickle=False)
                 fsutil.atomic_write_bytes(cached, buf.getvalue())
         if len(self.map) != len(self.teacher_bytes):
             raise FormatError(f"{cached}: a candidate map for another tokenizer; delete it")
-        self.stats = {"positions": 0, "aligned": 0}
 
     def window(self, teacher_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """(student ids, student token byte lengths, for each student position
@@ -226,8 +225,6 @@ class CrossTokenizer:
             slp[i, s] = np.where(present, np.log(np.maximum(merged, 1e-300)), -np.inf)
             cov[i, s] = np.minimum(merged.sum(1), cover[pos]).astype(np.float32)
             kd_mask[i, s] = mask[i, s]
-            self.stats["aligned"] += int(kd_mask[i, s].sum())
-        self.stats["positions"] += int(mask.sum())
         out.update(topk_ids=torch.from_numpy(sids), topk_logprobs=torch.from_numpy(slp),
                    coverage=torch.from_numpy(cov), kd_mask=torch.from_numpy(kd_mask))
         return out
