@@ -1,4 +1,5 @@
-"""Synthetic label rows for format tests: Zipf-like ids, peaked logprobs."""
+"""Test helpers: synthetic label rows for format tests (Zipf-like ids, peaked
+logprobs) and two-process student-train runs under torchrun."""
 
 from __future__ import annotations
 
@@ -29,3 +30,14 @@ def topk_row(rng: np.random.Generator, example_id: str, length: int, vocab: int,
         "target_logprob": lp[:, 0] - 1.0,
         "target_rank": rng.integers(0, 2 * k, length - 1),
     }
+
+
+def torchrun_student_train(port: int, *args: str) -> None:
+    """`student-train ARGS` in 2 processes under torchrun (gloo on CPU); fails the test with its stderr."""
+    import os
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+           "-m", "student_train.cli", *args, "--no-progress", "--device", "cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]

@@ -1,11 +1,10 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
+from helpers import torchrun_student_train
 
 from labelgen.config import GenerateConfig
 from labelgen.generate import run as generate
@@ -112,12 +111,9 @@ def test_resume_reproduces_an_uninterrupted_codistill_run(tiny_teacher, corpus, 
 
 
 def test_two_process_torchrun_codistill_ends_with_identical_weights(tiny_teacher, corpus, student_config, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29519",
-           "-m", "student_train.cli", "codistill", "--input", str(corpus / "docs.jsonl"), "--teacher", tiny_teacher,
-           "--student-config", student_config, "--out", str(tmp_path / "ddp"), "--max-steps", "4", "--batch-size", "2",
-           "--max-seq-len", "64", "--alpha", "0.5", "--save-every", "4", "--no-progress", "--device", "cpu"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun_student_train(29519, "codistill", "--input", str(corpus / "docs.jsonl"), "--teacher", tiny_teacher,
+                           "--student-config", student_config, "--out", str(tmp_path / "ddp"), "--max-steps", "4",
+                           "--batch-size", "2", "--max-seq-len", "64", "--alpha", "0.5", "--save-every", "4")
     d = metrics(tmp_path / "ddp")[-1]["weight_digests"]
     assert len(d) == 4 and d[0] == d[1] and d[2] == d[3]
 
@@ -126,13 +122,10 @@ def test_fsdp_two_process_codistill_resumes_to_the_same_losses(tiny_teacher, cor
     """The loop train uses, with both models sharded: a run resumed from its
     step-2 checkpoint logs the losses of the uninterrupted one."""
     def torchrun(out, port, *extra):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-               "-m", "student_train.cli", "codistill", "--input", str(corpus / "docs.jsonl"), "--teacher", tiny_teacher,
-               "--student-config", student_config, "--out", str(out), "--max-steps", "4", "--batch-size", "2",
-               "--max-seq-len", "64", "--alpha", "0.5", "--save-every", "2", "--log-every", "1", "--fsdp",
-               "--no-progress", "--device", "cpu", *extra]
-        r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert r.returncode == 0, r.stderr[-3000:]
+        torchrun_student_train(port, "codistill", "--input", str(corpus / "docs.jsonl"), "--teacher", tiny_teacher,
+                               "--student-config", student_config, "--out", str(out), "--max-steps", "4",
+                               "--batch-size", "2", "--max-seq-len", "64", "--alpha", "0.5", "--save-every", "2",
+                               "--log-every", "1", "--fsdp", *extra)
     torchrun(tmp_path / "straight", 29524)
     torchrun(tmp_path / "resumed", 29525)
     shutil.rmtree(tmp_path / "resumed" / "step_000004")

@@ -1,10 +1,9 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
+from helpers import torchrun_student_train
 from typer.testing import CliRunner
 
 from student_train.cli import app
@@ -63,12 +62,9 @@ def test_topk_kd_brings_the_student_closer_to_the_teacher_than_ce(topk_labels, s
 
 
 def test_two_process_torchrun_on_gloo_ends_with_identical_weights(topk_labels, student_config, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-           "-m", "student_train.cli", "train", "--labels", str(topk_labels), "--student-config", student_config,
-           "--out", str(tmp_path / "ddp"), "--max-steps", "6", "--batch-size", "2", "--save-every", "6",
-           "--eval-holdout", "1", "--eval-every", "3", "--eval-batches", "2", "--no-progress", "--device", "cpu"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun_student_train(29517, "train", "--labels", str(topk_labels), "--student-config", student_config,
+                           "--out", str(tmp_path / "ddp"), "--max-steps", "6", "--batch-size", "2", "--save-every", "6",
+                           "--eval-holdout", "1", "--eval-every", "3", "--eval-batches", "2")
     last = metrics(tmp_path / "ddp")[-1]
     assert last["step"] == 6 and len(last["weight_digests"]) == 2
     assert last["weight_digests"][0] == last["weight_digests"][1]
@@ -85,12 +81,9 @@ def test_dry_run_prints_the_resolved_config(tmp_path):
 
 def test_fsdp_two_process_run_resumes_to_the_same_losses(topk_labels, student_config, tmp_path):
     def torchrun(out, port, *extra):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-               "-m", "student_train.cli", "train", "--labels", str(topk_labels), "--student-config", student_config,
-               "--out", str(out), "--max-steps", "6", "--batch-size", "2", "--save-every", "3", "--log-every", "1",
-               "--eval-every", "0", "--fsdp", "--no-progress", "--device", "cpu", *extra]
-        r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert r.returncode == 0, r.stderr[-3000:]
+        torchrun_student_train(port, "train", "--labels", str(topk_labels), "--student-config", student_config,
+                               "--out", str(out), "--max-steps", "6", "--batch-size", "2", "--save-every", "3",
+                               "--log-every", "1", "--eval-every", "0", "--fsdp", *extra)
     torchrun(tmp_path / "straight", 29521)
     torchrun(tmp_path / "resumed", 29522)
     shutil.rmtree(tmp_path / "resumed" / "step_000006")
