@@ -48,11 +48,14 @@ from labelgen.format import Encoding
 from labelgen.shards import ShardReader, ShardWriter
 
 LAYOUTS = {
-    "labelgen 1.2 default: sorted, sqrt u8, frequency ids": Encoding(),
-    "labelgen 1.2, zstd 9": Encoding(zstd_level=9),
-    "labelgen 1.2, sqrt step 1/96": Encoding(sqrt_step=1 / 96),
-    "labelgen 1.1 default: sorted, u8 logprobs, plain ids": Encoding(logprob_codec="u8", id_map="none"),
-    "labelgen rank order, f32 (lossless)": Encoding(id_order="rank", logprob_codec="f32", id_map="none"),
+    "labelgen 1.4 default: sorted, sqrt u8, frequency ids, quantized coverage/target": Encoding(),
+    "labelgen 1.4, zstd 9": Encoding(zstd_level=9),
+    "labelgen 1.4, sqrt step 1/96": Encoding(sqrt_step=1 / 96),
+    "labelgen 1.3 default: as 1.4, float32 coverage/target": Encoding(position_codec="f32"),
+    "labelgen 1.1 default: sorted, u8 logprobs, plain ids": Encoding(logprob_codec="u8", id_map="none",
+                                                                    position_codec="f32"),
+    "labelgen rank order, f32 (lossless)": Encoding(id_order="rank", logprob_codec="f32", id_map="none",
+                                                    position_codec="f32"),
 }
 DISTILLKIT_README_B_PER_TOKEN = 114
 
@@ -132,6 +135,7 @@ def measure_labelgen(rows: list[dict], k: int, vocab: int, enc: Encoding) -> dic
             for r in rows:
                 w.write(r)
         t_write = time.perf_counter() - t0
+        columns = column_bytes(Path(d) / "l")
         t0 = time.perf_counter()
         out = list(ShardReader(Path(d) / "l").rows(columns=["topk_ids", "topk_logprobs", "coverage"]))
         t_read = time.perf_counter() - t0
@@ -140,8 +144,23 @@ def measure_labelgen(rows: list[dict], k: int, vocab: int, enc: Encoding) -> dic
     lp = np.concatenate([in_rank_order(o["topk_ids"], o["topk_logprobs"], r["topk_ids"]) for o, r in zip(out, rows)])
     kl = kl_with_tail(np.concatenate([r["topk_logprobs"] for r in rows]), np.concatenate([r["coverage"] for r in rows]),
                       lp, np.concatenate([o["coverage"] for o in out]))
+    columns["footer (schema, id table, page index)"] = size - sum(columns.values())
     return {"bytes": size, "positions": pos, "kl": float(kl.mean()), "kl_p99": float(np.quantile(kl, 0.99)),
-            "write": pos / t_write, "read": pos / t_read}
+            "write": pos / t_write, "read": pos / t_read, "columns": columns}
+
+
+def column_bytes(label_dir: Path) -> dict[str, int]:
+    """Compressed bytes of each column over a label set's shards (Parquet footer figures)."""
+    import pyarrow.parquet as pq
+    out: dict[str, int] = {}
+    for f in sorted(label_dir.glob("*.parquet")):
+        md = pq.ParquetFile(f).metadata
+        for g in range(md.num_row_groups):
+            for j in range(md.num_columns):
+                c = md.row_group(g).column(j)
+                name = c.path_in_schema.split(".")[0]
+                out[name] = out.get(name, 0) + c.total_compressed_size
+    return out
 
 
 def measure_megatron_style(rows: list[dict], k: int) -> dict:
@@ -157,18 +176,36 @@ def measure_megatron_style(rows: list[dict], k: int) -> dict:
     return {"bytes": size, "positions": len(ids), "kl": float(kl.mean()), "kl_p99": float(np.quantile(kl, 0.99))}
 
 
+def inclusion_floor(ids: np.ndarray, positions: int, vocab: int) -> float:
+    """Bytes per position any coder needs for these id sets when it models
+    each id by how often it is in a set (fit on these very labels, so
+    optimistic) and sees no context: sum of -log2 of each id's in/out odds."""
+    q = np.bincount(np.asarray(ids, np.int64).reshape(-1), minlength=vocab) / positions
+    q = np.clip(q, 1e-12, 1 - 1e-12)
+    bits = -(positions * (q * np.log2(q) + (1 - q) * np.log2(1 - q)).sum())
+    return bits / positions / 8
+
+
 def report_sampled(title: str, rows: list[dict], draws: int, vocab: int) -> None:
     positions = sum(len(r["sampled_lengths"]) for r in rows)
     distinct = sum(int(r["sampled_lengths"].sum()) for r in rows)
     print(f"\n### {title}: N = {draws} draws, {positions:,} positions, {distinct / positions:.1f} distinct ids per position\n")
     print("| layout | B/position | B per distinct id |\n|---|---:|---:|")
-    for name, enc in (("labelgen 1.2 default (frequency ids)", Encoding()), ("labelgen 1.1 (plain ids)", Encoding(id_map="none"))):
+    split = {}
+    for name, enc in (("labelgen default (frequency ids, 1.2+)", Encoding()), ("labelgen 1.1 (plain ids)", Encoding(id_map="none"))):
         with tempfile.TemporaryDirectory() as d:
             with ShardWriter(Path(d) / "s", "sampled", draws, vocab, encoding=enc, max_rows=1 << 30) as w:
                 for r in rows:
                     w.write(r)
+            columns = column_bytes(Path(d) / "s")
         size = sum(s["bytes"] for s in w.manifest["shards"])
+        if enc == Encoding():
+            split = {**columns, "footer (schema, id table, page index)": size - sum(columns.values())}
         print(f"| {name} | {size / positions:.1f} | {size / distinct:.2f} |")
+    print("\nDefault layout, B/position by column: "
+          + ", ".join(f"{c} {b / positions:.2f}" for c, b in sorted(split.items(), key=lambda x: -x[1]) if b >= positions / 100))
+    print(f"Context-free floor of the id sets: {inclusion_floor(np.concatenate([r['sampled_ids'] for r in rows]), positions, vocab):.1f} "
+          "B/position (each id's inclusion rate on these labels as the model)")
 
 
 TRUNCATIONS = [("fixed k = 64", 64, 1.0, 0.0), ("fixed k = 32", 32, 1.0, 0.0), ("fixed k = 16", 16, 1.0, 0.0),
@@ -239,12 +276,18 @@ def report(title: str, rows: list[dict], k: int, vocab: int) -> None:
           f"{r['bytes'] / positions / k:.3f} | {r['kl']:.1e} | {r['kl_p99']:.1e} | | |")
     print(f"| DistillKit budget config (k = 50/64; its README, not run) | ~{DISTILLKIT_README_B_PER_TOKEN} | "
           f"~{DISTILLKIT_README_B_PER_TOKEN / 64:.2f} | | | | |")
+    split = {}
     for name, enc in LAYOUTS.items():
         r = measure_labelgen(rows, k, vocab, enc)
         bold = "**" if enc == Encoding() else ""
+        split = r["columns"] if enc == Encoding() else split
         print(f"| {bold}{name}{bold} | {bold}{r['bytes'] / positions:.1f}{bold} | {r['bytes'] / positions / k:.3f} | "
               f"{r['kl']:.1e} | {r['kl_p99']:.1e} | {r['write']:,.0f} | {r['read']:,.0f} |")
         sys.stdout.flush()
+    print("\nDefault layout, B/position by column: "
+          + ", ".join(f"{c} {b / positions:.2f}" for c, b in sorted(split.items(), key=lambda x: -x[1]) if b >= positions / 100))
+    print(f"Context-free floor of the top-{k} id sets: {inclusion_floor(np.concatenate([r['topk_ids'] for r in rows]), positions, vocab):.1f} "
+          "B/position (each id's inclusion rate on these labels as the model)")
 
 
 def main():

@@ -116,6 +116,11 @@ def check_output_dir(cfg: GenerateConfig, files: list[Path]) -> None:
         except (OSError, ValueError) as e:
             raise ValueError(f"--out: {run_file} is unreadable ({e}); choose another --out, or pass --overwrite "
                              f"to delete its {len(finished)} finished shard(s)") from None
+        written = previous.get("format_version", "1.3 or older")
+        if written != fmt.FORMAT_VERSION:
+            raise ValueError(f"--out: {out} holds a run started by a labelgen writing format {written}, this one writes "
+                             f"{fmt.FORMAT_VERSION}; finish it with that version, or pass --overwrite to delete its "
+                             f"{len(finished)} finished shard(s) and start over")
         if previous.get("config_hash") != cfg.output_hash():
             prev_cfg = previous.get("config", {})
             changed = sorted(k for k, v in cfg.to_dict().items() if k not in EXECUTION_ONLY and prev_cfg.get(k) != v)
@@ -130,7 +135,8 @@ def check_output_dir(cfg: GenerateConfig, files: list[Path]) -> None:
             raise ValueError(f"--out: {out} already holds this run; pass --resume to continue it "
                              f"(--overwrite would delete its {len(finished)} finished shard(s))")
     prepare_output_dir(out, "overwrite" if cfg.overwrite else "resume")
-    fsutil.atomic_write_bytes(run_file, json.dumps({"config_hash": cfg.output_hash(), "config": cfg.to_dict(),
+    fsutil.atomic_write_bytes(run_file, json.dumps({"config_hash": cfg.output_hash(), "format_version": fmt.FORMAT_VERSION,
+                                                 "config": cfg.to_dict(),
                                                  "inputs": inputs}, indent=2).encode())
 
 

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import topk_row
+from helpers import assert_stored_coverage, assert_stored_target_logprob, topk_row
 from labelgen import format as fmt
 from labelgen import fsutil
 from labelgen.format import Encoding, FormatError
@@ -50,8 +50,43 @@ def test_topk_round_trip_within_documented_error(tmp_path, rng, order, codec):
         if order == "rank" or codec == "f32":   # no quantisation ties: the exact rank order survives
             np.testing.assert_array_equal(a["topk_ids"], b["topk_ids"])
         np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
-        np.testing.assert_allclose(a["coverage"], b["coverage"], rtol=0, atol=0)
+        assert_position_columns_within_documented_error(a, b, enc)
         np.testing.assert_array_equal(a["target_rank"], b["target_rank"])
+
+
+def assert_position_columns_within_documented_error(a, b, enc):
+    """coverage within 1/510 in sqrt(tail mass), target_logprob within 1/128 nat (1.4); exact under f32."""
+    assert b["coverage"].dtype == np.float32 and b["target_logprob"].dtype == np.float32
+    if enc.position_codec == "f32":
+        np.testing.assert_array_equal(a["coverage"], b["coverage"])
+        np.testing.assert_array_equal(a["target_logprob"], b["target_logprob"])
+        return
+    assert_stored_coverage(b["coverage"], a["coverage"])
+    assert_stored_target_logprob(b["target_logprob"], a["target_logprob"])
+
+
+@pytest.mark.parametrize("position_codec", ["quantized", "f32"])
+def test_per_position_columns_round_trip_within_their_bound(tmp_path, rng, position_codec):
+    k, V = 4, 300
+    rows = [topk_row(rng, f"ex{i}", 20, V, k) for i in range(6)]
+    rows[0]["coverage"][:4] = [1.0, 0.0, 1 - 1e-7, 0.5]            # the ends of the range
+    rows[0]["target_logprob"][:3] = [0.0, fmt.LOGPROB_FLOOR, -1e-6]
+    enc = Encoding(position_codec=position_codec)
+    write_set(tmp_path / "l", rows, k, V, encoding=enc)
+    for a, b in zip(rows, ShardReader(tmp_path / "l").rows()):
+        assert_position_columns_within_documented_error(a, b, enc)
+    out = next(ShardReader(tmp_path / "l").rows())
+    assert out["target_logprob"][1] == fmt.LOGPROB_FLOOR and out["target_logprob"][0] == 0
+
+
+def test_a_position_column_stored_in_another_type_than_the_encoding_says_is_refused(tmp_path, rng):
+    rows = [topk_row(rng, "e0", 9, 200, 4)]
+    write_set(tmp_path / "l", rows, 4, 200, encoding=Encoding(position_codec="f32"))
+    m = json.loads((tmp_path / "l" / "manifest.json").read_text())
+    m["encoding"]["position_codec"] = "quantized"
+    (tmp_path / "l" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(FormatError, match="coverage holds float32 values; the encoding stores uint8"):
+        list(ShardReader(tmp_path / "l").rows())
 
 
 @pytest.mark.parametrize("order, codec, id_map", [("sorted", "sqrt", "frequency"), ("sorted", "u8", "none"),
@@ -83,7 +118,7 @@ def test_adaptively_truncated_rows_keep_just_their_entries(tmp_path, rng, order,
             n = kept[p].sum()
             assert_same_entries(a["topk_ids"][p:p + 1, :n], a["topk_logprobs"][p:p + 1, :n],
                                 b["topk_ids"][p:p + 1, :n], b["topk_logprobs"][p:p + 1, :n], enc)
-        np.testing.assert_array_equal(a["coverage"], b["coverage"])
+        assert_position_columns_within_documented_error(a, b, enc)
     from labelgen.inspect import inspect, validate
     assert validate(tmp_path / "l")["problems"] == []
     r = inspect(tmp_path / "l")
@@ -225,7 +260,7 @@ def test_kill_during_writing_leaves_no_finished_shard_and_no_manifest(tmp_path):
     script = textwrap.dedent(f"""
         import sys, numpy as np
         sys.path.insert(0, {str(os.path.dirname(__file__))!r})
-        from helpers import topk_row
+        from helpers import assert_stored_coverage, assert_stored_target_logprob, topk_row
         from labelgen.format import Encoding
         from labelgen.shards import ShardWriter
         rng = np.random.default_rng(0)
@@ -262,7 +297,8 @@ def test_inspect_numbers_match_hand_computed_values(tmp_path):
     assert r["bytes_per_entry"] == pytest.approx(size / 8)
     assert r["ratio_vs_raw_topk"] == pytest.approx(4 * 2 * 8 / size)
     assert r["ratio_vs_full_bf16"] == pytest.approx(4 * V * 2 / size)
-    assert r["coverage_mean"] == pytest.approx((0.5 + 0.8 + 0.95 + 1.0) / 4, abs=1e-6)
+    # coverage is stored to 1/510 in sqrt(1 - coverage): within 2/510 of each value, less on average
+    assert r["coverage_mean"] == pytest.approx((0.5 + 0.8 + 0.95 + 1.0) / 4, abs=1e-3)
     assert r["coverage_p50"] == pytest.approx(0.8, abs=2e-4)
     assert r["coverage_below_0.9"] == pytest.approx(0.5)
     assert r["coverage_below_0.99"] == pytest.approx(0.75)
@@ -306,17 +342,18 @@ def test_ids_are_renumbered_by_how_often_the_first_row_group_proposes_them(tmp_p
 
 def test_labels_written_before_format_1_2_still_load(tmp_path, rng):
     rows = [topk_row(rng, f"e{i}", 9, 200, 4) for i in range(5)]
-    enc = Encoding(id_map="none", logprob_codec="u8")
+    enc = Encoding(id_map="none", logprob_codec="u8", position_codec="f32")
     write_set(tmp_path / "l", rows, 4, 200, encoding=enc)
     m = json.loads((tmp_path / "l" / "manifest.json").read_text())
-    m["format_version"] = "1.1"   # a 1.1 manifest knew neither the id map nor the sqrt codec
-    for key in ("id_map", "id_map_size", "sqrt_step"):
+    m["format_version"] = "1.1"   # a 1.1 manifest knew neither the id map, the sqrt codec nor the 1.4 columns
+    for key in ("id_map", "id_map_size", "sqrt_step", "variable_k", "position_codec"):
         del m["encoding"][key]
     (tmp_path / "l" / "manifest.json").write_text(json.dumps(m))
     reader = ShardReader(tmp_path / "l")
-    assert reader.encoding.id_map == "none"
+    assert reader.encoding.id_map == "none" and reader.encoding.position_codec == "f32"
     for a, b in zip(rows, reader.rows()):
         assert_same_entries(a["topk_ids"], a["topk_logprobs"], b["topk_ids"], b["topk_logprobs"], enc)
+        assert_position_columns_within_documented_error(a, b, enc)
 
 
 @pytest.mark.parametrize("table, message", [([3, 3], "repeated ids"), ([7, 500], "outside"), ([-1], "outside")])

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from labelgen.cli import app
 from labelgen.config import GenerateConfig
+from helpers import assert_stored_coverage, assert_stored_target_logprob
 from labelgen.format import Encoding
 from test_format import assert_same_entries
 from labelgen.generate import derive_seed, finalize, run, windows
@@ -59,9 +60,9 @@ def test_topk_labels_match_a_plain_forward_pass(tiny_teacher, corpus, tmp_path):
         top = lp.topk(16, -1)
         assert_same_entries(top.indices.numpy(), top.values.numpy(), r["topk_ids"], r["topk_logprobs"],
                             Encoding(), slack=1e-4)
-        np.testing.assert_allclose(r["coverage"], top.values.exp().sum(-1).numpy(), atol=1e-5)
+        assert_stored_coverage(r["coverage"], top.values.exp().sum(-1).numpy())
         actual = lp.gather(1, torch.as_tensor(r["input_ids"][1:])[:, None])[:, 0].numpy()
-        np.testing.assert_allclose(r["target_logprob"], actual, atol=1e-4)
+        assert_stored_target_logprob(r["target_logprob"], actual, atol=1e-4)
         ranks = (lp > lp.gather(1, torch.as_tensor(r["input_ids"][1:])[:, None])).sum(-1).numpy()
         np.testing.assert_array_equal(r["target_rank"], ranks)
 
@@ -86,7 +87,7 @@ def test_adaptive_truncation_keeps_entries_until_the_mass_or_the_floor(tiny_teac
         for i, n in enumerate(r["topk_lengths"]):
             assert np.isfinite(r["topk_logprobs"][i, :n]).all() and np.isneginf(r["topk_logprobs"][i, n:]).all()
             assert set(r["topk_ids"][i, :n]) == set(top.indices[i, :n].tolist())
-            np.testing.assert_allclose(r["coverage"][i], p[i, :n].sum(), atol=1e-5)
+            assert_stored_coverage(r["coverage"][i], p[i, :n].sum())
     assert 1 <= np.mean(np.concatenate([r["topk_lengths"] for r in rows])) < 16
     batch = collate(columns_from_rows(rows[:4]), "topk")
     student = torch.randn(*batch["topk_ids"].shape[:2], 512, requires_grad=True)

@@ -192,3 +192,18 @@ def test_resume_refuses_an_input_that_changed_since_the_run_began(tiny_teacher, 
         f.write(json.dumps({"text": "def appended(): pass\n"}) + "\n")
     r = gen(tiny_teacher, tmp_path, "--input", str(tmp_path / "docs.jsonl"), "--resume")
     assert r.exit_code == 2 and re.search(r"docs.jsonl changed \(size or modification time\) since this run started", r.stderr)
+
+
+def test_resume_refuses_a_run_begun_by_a_labelgen_writing_another_format(tiny_teacher, corpus, tmp_path):
+    """Its finished shards hold another layout (1.3: float32 coverage): one label set must not mix two."""
+    assert gen(tiny_teacher, tmp_path, "--input", str(corpus / "docs.jsonl")).exit_code == 0
+    (tmp_path / "out" / "manifest.json").unlink()
+    run_file = tmp_path / "out" / "run.json"
+    started = json.loads(run_file.read_text())
+    del started["format_version"]   # run.json as labelgen 1.3 wrote it
+    run_file.write_text(json.dumps(started))
+    r = gen(tiny_teacher, tmp_path, "--input", str(corpus / "docs.jsonl"), "--resume")
+    assert r.exit_code == 2 and re.search(r"started by a labelgen writing format 1.3 or older, this one writes 1.4; "
+                                          r"finish it with that version, or pass --overwrite to delete its \d+ finished",
+                                          r.stderr), r.stderr
+    assert not (tmp_path / "out" / "manifest.json").exists()

@@ -8,6 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from labelgen.cli import app
+from helpers import assert_stored_coverage, assert_stored_target_logprob
 from labelgen.format import Encoding
 from labelgen.inspect import validate
 from labelgen.shards import ShardReader
@@ -64,9 +65,9 @@ def test_vllm_prompt_logprobs_become_a_valid_label_set_that_trains(vllm_dump, ti
                                       np.take_along_axis(top.indices.numpy(), expect, 1))
         assert enc.error(np.take_along_axis(top.values.numpy(), expect, 1),
                          np.take_along_axis(row["topk_logprobs"], by_id, 1)).max() <= enc.max_error + 1e-6
-        np.testing.assert_allclose(row["coverage"], top.values.exp().sum(-1).numpy(), atol=1e-5)
+        assert_stored_coverage(row["coverage"], top.values.exp().sum(-1).numpy())
         actual = lp[np.arange(len(ids) - 1), ids[1:]]
-        np.testing.assert_allclose(row["target_logprob"], actual.numpy(), atol=1e-5)
+        assert_stored_target_logprob(row["target_logprob"], actual.numpy())
         np.testing.assert_array_equal(row["target_rank"], (lp[:-1] > actual[:, None]).sum(-1).numpy())
     from student_train.config import TrainConfig
     from student_train.train import train

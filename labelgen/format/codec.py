@@ -14,9 +14,9 @@ import pyarrow as pa
 from labelgen.format.schema import (COMPLETION, COMPLETION_IDS, COMPLETION_LOGPROBS, COVERAGE, EXAMPLE_ID,
                                     FINISH_REASON, INPUT_IDS, LOGPROB_FLOOR, POSITIVE_TOLERANCE, PROMPT,
                                     PROMPT_IDS, SAMPLED_COUNTS, SAMPLED_IDS, SAMPLED_LENGTHS,
-                                    SAMPLED_LOGPROBS, SAMPLE_INDEX, SEED, TARGET_LOGPROB, TARGET_RANK,
-                                    TOPK_IDS, TOPK_LENGTHS, TOPK_LOGPROBS, WINDOW_OFFSET, Encoding,
-                                    FormatError, id_dtype)
+                                    SAMPLED_LOGPROBS, SAMPLE_INDEX, SEED, TAIL_SQRT_STEP, TARGET_LOGPROB,
+                                    TARGET_LOGPROB_STEP, TARGET_RANK, TOPK_IDS, TOPK_LENGTHS, TOPK_LOGPROBS,
+                                    WINDOW_OFFSET, Encoding, FormatError, id_dtype, position_dtype)
 
 
 # ---------------------------------------------------------------- logprobs
@@ -56,6 +56,35 @@ def decode_logprobs(stored: np.ndarray, enc: Encoding) -> np.ndarray:
         return (stored.astype(np.float32) * np.float32(-enc.u8_range / 255)).astype(np.float32)
     q = np.cumsum(stored, axis=1, dtype=np.int64)
     return (q * -enc.logprob_step).astype(np.float32)
+
+
+# ---------------------------------------------------------------- per-position columns (1.4)
+
+
+def encode_coverage(cov: np.ndarray, enc: Encoding) -> np.ndarray:
+    if enc.position_codec == "f32":
+        return cov.astype(np.float32)
+    tail = np.clip(1 - cov.astype(np.float64), 0, 1)
+    return np.rint(np.sqrt(tail) / TAIL_SQRT_STEP).astype(np.uint8)
+
+
+def decode_coverage(stored: np.ndarray, enc: Encoding) -> np.ndarray:
+    if enc.position_codec == "f32":
+        return stored.astype(np.float32, copy=False)
+    root = np.maximum(stored, 0.25) * TAIL_SQRT_STEP     # code 0: the middle of [0, step/2) in sqrt(tail)
+    return (1 - root * root).astype(np.float32)
+
+
+def encode_target_logprob(lp: np.ndarray, enc: Encoding) -> np.ndarray:
+    if enc.position_codec == "f32":
+        return lp.astype(np.float32)
+    return np.rint(-lp.astype(np.float64) / TARGET_LOGPROB_STEP).astype(np.uint16)   # lp in [LOGPROB_FLOOR, 0]
+
+
+def decode_target_logprob(stored: np.ndarray, enc: Encoding) -> np.ndarray:
+    if enc.position_codec == "f32":
+        return stored.astype(np.float32, copy=False)
+    return (stored * -TARGET_LOGPROB_STEP).astype(np.float32)
 
 
 # ---------------------------------------------------------------- id map
@@ -213,8 +242,9 @@ def encode_topk_rows(sch: pa.Schema, rows: list[dict], k: int, vocab_size: int, 
             _list_array(np.concatenate(inputs), (p + 1 for p in n_pos), ids_t),
             _list_array(np.concatenate(tids), entries, ids_t),
             _list_array(stored, entries, lp_t),
-            _list_array(np.concatenate(covs), n_pos, pa.float32()),
-            _list_array(np.concatenate(tgt_lp), n_pos, pa.float32()),
+            _list_array(encode_coverage(np.concatenate(covs), enc), n_pos, sch.field(COVERAGE).type.value_type),
+            _list_array(encode_target_logprob(np.concatenate(tgt_lp), enc), n_pos,
+                        sch.field(TARGET_LOGPROB).type.value_type),
             _list_array(np.concatenate(tgt_rank), n_pos, pa.uint32()),
         ] + lengths,
         schema=sch,
@@ -394,6 +424,11 @@ def decode_batch(batch: pa.RecordBatch | pa.Table, kind: str, k: int, enc: Encod
         elif name in (INPUT_IDS, PROMPT_IDS, COMPLETION_IDS, TARGET_RANK, SAMPLED_IDS, SAMPLED_COUNTS, SAMPLED_LENGTHS,
                       TOPK_LENGTHS):
             values = values.astype(np.int64)
+        elif name in (COVERAGE, TARGET_LOGPROB):
+            want = position_dtype(name, enc)
+            if values.dtype != want:
+                raise FormatError(f"{name} holds {values.dtype} values; the encoding stores {want}")
+            values = (decode_coverage if name == COVERAGE else decode_target_logprob)(values, enc)
         elif name == SAMPLED_LOGPROBS:
             values = decode_logprobs(values[None, :], Encoding(logprob_codec="u8", u8_range=enc.u8_range))[0]
         else:

@@ -17,7 +17,7 @@ from labelgen.format.schema import (COMPLETION, COMPLETION_IDS, COMPLETION_LOGPR
                                     FINISH_REASON, INPUT_IDS, KINDS, PROMPT, PROMPT_IDS, SAMPLE_INDEX,
                                     SAMPLED_COUNTS, SAMPLED_IDS, SAMPLED_LENGTHS, SAMPLED_LOGPROBS, SEED,
                                     TARGET_LOGPROB, TARGET_RANK, TOPK_IDS, TOPK_LENGTHS, TOPK_LOGPROBS,
-                                    WINDOW_OFFSET, Encoding, FormatError, id_dtype, logprob_dtype)
+                                    WINDOW_OFFSET, Encoding, FormatError, id_dtype, logprob_dtype, position_dtype)
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,8 @@ TABLE = {k.name: k for k in (
         "topk",
         columns=lambda ids, enc: _windows(
             ids, (TOPK_IDS, ids), (TOPK_LOGPROBS, pa.list_(pa.from_numpy_dtype(logprob_dtype(enc)))),
-            (COVERAGE, pa.list_(pa.float32())), (TARGET_LOGPROB, pa.list_(pa.float32())),
+            (COVERAGE, pa.list_(pa.from_numpy_dtype(position_dtype(COVERAGE, enc)))),
+            (TARGET_LOGPROB, pa.list_(pa.from_numpy_dtype(position_dtype(TARGET_LOGPROB, enc)))),
             (TARGET_RANK, pa.list_(pa.uint32())), *([(TOPK_LENGTHS, pa.list_(pa.uint32()))] if enc.variable_k else [])),
         encode=codec.encode_topk_rows,
         position_column=COVERAGE,

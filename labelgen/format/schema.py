@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 FORMAT_NAME = "labelgen"
-FORMAT_VERSION = "1.3"
+FORMAT_VERSION = "1.4"
 READABLE_MAJOR_VERSIONS = (1,)
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_DIR = "tokenizer"   # the labels' tokenizer, saved beside the shards
@@ -60,6 +60,12 @@ LOGPROB_CODECS = ("sqrt", "gap", "u8", "f32")
 ID_ORDERS = ("sorted", "rank")
 ID_MAPS = ("frequency", "none")
 ID_ENCODINGS = ("byte_stream_split", "plain", "dictionary")
+POSITION_CODECS = ("quantized", "f32")
+# The quantized per-position columns (1.4): coverage as a uint8 code of the
+# square root of its tail mass, target_logprob as uint16 in steps of 1/64 nat
+# (the floor, -1000, is code 64000).
+TAIL_SQRT_STEP = 1 / 255
+TARGET_LOGPROB_STEP = 1 / 64
 
 
 class FormatError(ValueError):
@@ -108,6 +114,12 @@ class Encoding:
     rest are not stored; the topk_lengths column counts them. Writers mark a
     dropped entry with logprob -inf; readers return dropped slots as id 0,
     logprob -inf."""
+    position_codec: str = "quantized"
+    """The topk per-position columns (1.4). quantized: coverage as the uint8
+    code round(sqrt(1 - coverage) * 255) (max error 1/510 in the square root
+    of the tail mass; code 0 decodes to a tail of (0.25/255)^2), and
+    target_logprob as the uint16 code round(-logprob * 64) (max error 1/128
+    nat). f32: both float32, as format 1.0-1.3 stored them."""
 
     def __post_init__(self):
         if self.logprob_codec not in LOGPROB_CODECS:
@@ -134,6 +146,8 @@ class Encoding:
             raise FormatError(f"variable_k must be true or false, got {self.variable_k!r}")
         if self.variable_k and self.logprob_codec == "gap":
             raise FormatError("logprob_codec 'gap' cannot store variable_k labels (gaps run along a full row of k)")
+        if self.position_codec not in POSITION_CODECS:
+            raise FormatError(f"position_codec must be one of {POSITION_CODECS}, got {self.position_codec!r}")
         if self.row_group_rows < 1:
             raise FormatError(f"row_group_rows must be >= 1, got {self.row_group_rows}")
 
@@ -166,6 +180,7 @@ class Encoding:
         d = {k: v for k, v in d.items() if k in known}
         d.setdefault("id_map", "none")   # written before 1.2: ids were stored as they are
         d.setdefault("variable_k", False)
+        d.setdefault("position_codec", "f32")   # written before 1.4: float32 coverage and target logprob
         return cls(**d)
 
 
@@ -177,6 +192,13 @@ def id_dtype(vocab_size: int) -> np.dtype:
         if vocab_size - 1 <= np.iinfo(dt).max:
             return np.dtype(dt)
     raise FormatError(f"vocab_size {vocab_size} does not fit in uint32")
+
+
+def position_dtype(column: str, enc: Encoding) -> np.dtype:
+    """Stored type of a topk per-position float column (coverage, target_logprob)."""
+    if enc.position_codec == "f32":
+        return np.dtype(np.float32)
+    return np.dtype(np.uint8 if column == COVERAGE else np.uint16)
 
 
 def logprob_dtype(enc: Encoding) -> np.dtype:
