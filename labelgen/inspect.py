@@ -105,19 +105,21 @@ def _check_rows(d: dict, reader: ShardReader):
     ]
     enc = reader.encoding
     mass = np.exp(lp.astype(np.float64)).sum(axis=1)
+    # entries stored per position: the error bounds add up over these
+    n = d[fmt.TOPK_LENGTHS][0].astype(np.float64) if fmt.TOPK_LENGTHS in d else float(reader.k)
     # The stored coverage's own error (1.4): |sqrt(tail) error| <= t/2, so |tail error| <= t*sqrt(tail) + t^2/4.
     t = fmt.TAIL_SQRT_STEP if enc.position_codec == "quantized" else 0.0
     cov_slack = t * np.sqrt(np.clip(1 - cov.astype(np.float64), 0, 1)) + t * t / 4
     if enc.logprob_codec == "sqrt":
         # |sqrt(q) - sqrt(p)| <= s/2 per entry, so |q - p| <= s*sqrt(p) + s^2/4; summed with Cauchy-Schwarz
         s = enc.sqrt_step
-        slack = 1e-5 + s * np.sqrt(reader.k * cov.astype(np.float64)) + reader.k * s * s / 4 + cov_slack
+        slack = 1e-5 + s * np.sqrt(n * cov.astype(np.float64)) + n * s * s / 4 + cov_slack
         inconsistent = np.abs(mass - cov) > slack
         unit = f"{s / 2:.3g} in sqrt(p)"
     else:
         err = enc.max_logprob_error
         floor = enc.u8_range if enc.logprob_codec == "u8" else -fmt.LOGPROB_FLOOR
-        slack = 1e-5 + reader.k * math.exp(-floor) + cov_slack
+        slack = 1e-5 + n * math.exp(-floor) + cov_slack
         inconsistent = (mass > cov * math.exp(err) + slack) | (mass < cov * math.exp(-err) - slack)
         unit = f"{err:.3g} nats"
     checks.append((inconsistent, f"coverage differs from the sum of exp(top-k logprobs) by more than the codec's error ({unit})"))

@@ -240,6 +240,18 @@ def test_validate_finds_logical_faults_by_file_and_row(tmp_path, rng):
     assert p["row"] == 4 and "coverage differs" in p["problem"]
 
 
+def test_validate_bounds_the_coverage_error_by_the_entries_a_position_keeps(tmp_path, rng):
+    """variable_k: one kept entry of p = 0.3 cannot add up to coverage 0.312
+    (the codec's bound for one entry is ~0.008; for all k = 8 it would be ~0.016)."""
+    from labelgen.inspect import validate
+    rows = [topk_row(rng, f"e{i}", 12, 300, 8) for i in range(3)]
+    rows[1]["topk_logprobs"][5] = [np.log(0.3)] + [-np.inf] * 7
+    rows[1]["coverage"][5] = 0.312
+    write_set(tmp_path / "l", rows, 8, 300, encoding=Encoding(variable_k=True))
+    (p,) = validate(tmp_path / "l")["problems"]
+    assert p["row"] == 1 and "coverage differs" in p["problem"]
+
+
 def test_foreign_and_extra_files_are_reported(tmp_path, rng):
     from labelgen.inspect import validate
     write_set(tmp_path / "l", [topk_row(rng, "a", 5, 100, 2)], 2, 100)
