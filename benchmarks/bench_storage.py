@@ -186,6 +186,47 @@ def inclusion_floor(ids: np.ndarray, positions: int, vocab: int) -> float:
     return bits / positions / 8
 
 
+def zero_order_bytes(x: np.ndarray) -> float:
+    """Bytes an ideal coder with x's own symbol frequencies (no context) needs for x."""
+    _, counts = np.unique(np.asarray(x).reshape(-1), return_counts=True)
+    p = counts / counts.sum()
+    return float(-(counts * np.log2(p)).sum() / 8)
+
+
+def report_floors(rows: list[dict], k: int, vocab: int, sqrt_step: float) -> None:
+    """Where the bytes of a top-k position could go, as ideal context-free
+    code lengths of the streams each layout would store (ids renumbered by
+    frequency, probabilities as sqrt codes)."""
+    ids = np.concatenate([r["topk_ids"] for r in rows]).astype(np.int64)
+    code = np.rint(np.exp(np.concatenate([r["topk_logprobs"] for r in rows]) / 2) / sqrt_step).astype(np.int64)
+    inputs = np.concatenate([r["input_ids"][:-1] for r in rows])
+    positions = len(ids)
+    renumber = np.empty(vocab, np.int64)
+    renumber[np.argsort(-np.bincount(ids.reshape(-1), minlength=vocab), kind="stable")] = np.arange(vocab)
+    ids = renumber[ids]
+    in_id_order = np.take_along_axis(code, np.argsort(ids, 1), 1)
+    deltas = np.diff(np.sort(ids, 1), axis=1, prepend=0)
+    # Value order: entries by code descending, ties by id; ids restart at each new code (first raw, then deltas).
+    order = np.argsort(-code * vocab + ids, 1)
+    c, i = np.take_along_axis(code, order, 1), np.take_along_axis(ids, order, 1)
+    starts = np.ones_like(c, bool)
+    starts[:, 1:] = c[:, 1:] != c[:, :-1]
+    steps = np.where(starts, i, np.diff(i, axis=1, prepend=0))
+    per = lambda b: b / positions
+    print(f"\nContext-free code lengths (B/position): sorted layout: id deltas {per(zero_order_bytes(deltas)):.1f} + codes "
+          f"in id order {per(zero_order_bytes(in_id_order)):.1f}; rank order: ids {per(zero_order_bytes(ids)):.1f} + code "
+          f"gaps {per(zero_order_bytes(-np.diff(code, axis=1)) + zero_order_bytes(code[:, 0])):.1f}; value order (ties "
+          f"by id): ids {per(zero_order_bytes(steps[starts]) + zero_order_bytes(steps[~starts])):.1f} + code gaps "
+          f"{per(zero_order_bytes(np.diff(c, axis=1)) + zero_order_bytes(c[:, 0])):.1f}")
+    last, shared = {}, []
+    for t, x in enumerate(inputs):   # context: the last position whose current token was the same
+        if x in last:
+            shared.append(np.intersect1d(ids[last[x]], ids[t], assume_unique=True).size)
+        last[x] = t
+    print(f"Context: a position shares {np.mean(shared):.1f} of its {k} ids with the last position that read the same "
+          f"token ({len(shared):,} of {positions:,} positions have one)")
+
+
 def report_sampled(title: str, rows: list[dict], draws: int, vocab: int) -> None:
     positions = sum(len(r["sampled_lengths"]) for r in rows)
     distinct = sum(int(r["sampled_lengths"].sum()) for r in rows)
@@ -288,6 +329,7 @@ def report(title: str, rows: list[dict], k: int, vocab: int) -> None:
           + ", ".join(f"{c} {b / positions:.2f}" for c, b in sorted(split.items(), key=lambda x: -x[1]) if b >= positions / 100))
     print(f"Context-free floor of the top-{k} id sets: {inclusion_floor(np.concatenate([r['topk_ids'] for r in rows]), positions, vocab):.1f} "
           "B/position (each id's inclusion rate on these labels as the model)")
+    report_floors(rows, k, vocab, Encoding().sqrt_step)
 
 
 def main():

@@ -148,6 +148,20 @@ class DistillTrainer(Trainer):
             if isinstance(d, LabelDataset):
                 d.fit_to(self.model, self.processing_class)
 
+    def get_eval_dataloader(self, eval_dataset=None):
+        """An eval LabelDataset is batched by its own collator: it may hold
+        another k, kind or tokenizer than the train set."""
+        ds = self.eval_dataset[eval_dataset] if isinstance(eval_dataset, str) else \
+            eval_dataset if eval_dataset is not None else self.eval_dataset
+        if not (isinstance(ds, LabelDataset) and isinstance(self.data_collator, LabelCollator)):
+            return super().get_eval_dataloader(eval_dataset)
+        ds.fit_to(self.model, self.processing_class)   # it may come from a dict or this call, not __init__
+        train_collator, self.data_collator = self.data_collator, ds.collator()
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = train_collator
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         alpha = self.distill.alpha_at(self.state.global_step)
         ce, kd = loss_step(model, inputs, self.distill, alpha)

@@ -69,6 +69,25 @@ def test_the_same_batch_gives_the_same_loss_through_student_train_and_trainer(to
         assert 0 < trainer.evaluate(LabelDataset(str(labels), shuffle=False))["eval_loss"] < 20
 
 
+def test_an_eval_label_set_of_another_kind_is_batched_as_its_own(topk_labels, sampled_labels, student_config, tmp_path):
+    """Train on sampled labels, evaluate on top-16 ones: the eval batches hold
+    the top-16 entries (not the train set's sampled layout) and the loss is
+    the one student-train computes on them."""
+    from transformers import TrainingArguments
+    model, tok = student_and_tokenizer(topk_labels, student_config)
+    held_out = LabelDataset(str(topk_labels), shuffle=False)
+    trainer = DistillTrainer(model=model, args=TrainingArguments(str(tmp_path), max_steps=1, report_to=[], use_cpu=True,
+                                                                 per_device_eval_batch_size=4),
+                             train_dataset=LabelDataset(str(sampled_labels)), eval_dataset={"top16": held_out},
+                             processing_class=tok, loss=DistillLoss(tail="tail"))
+    batch = next(iter(trainer.get_eval_dataloader("top16")))
+    expect, _ = next(iter(LabelStream(open_label_sets([str(topk_labels)]), 4, shuffle=False)))
+    assert batch["topk_ids"].shape[-1] == 16 and "sampled_counts" not in batch
+    torch.testing.assert_close(batch["topk_logprobs"], expect["topk_logprobs"], rtol=0, atol=0)
+    assert trainer.data_collator.dataset.stream.kind == "sampled"   # the train set keeps its own
+    assert 0 < trainer.evaluate()["eval_top16_loss"] < 20
+
+
 def test_the_labels_must_fit_the_students_tokenizer(topk_labels, student_config, tmp_path):
     from transformers import TrainingArguments
     from labelgen.demo import train_tokenizer
