@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from labelgen.format import Encoding
+from labelgen.inspect import inspect
 from labelgen.shards import ShardReader, ShardWriter
 
 LAYOUTS = {
@@ -135,7 +136,7 @@ def measure_labelgen(rows: list[dict], k: int, vocab: int, enc: Encoding) -> dic
             for r in rows:
                 w.write(r)
         t_write = time.perf_counter() - t0
-        columns = column_bytes(Path(d) / "l")
+        columns = inspect(Path(d) / "l")["bytes_by_column"]
         t0 = time.perf_counter()
         out = list(ShardReader(Path(d) / "l").rows(columns=["topk_ids", "topk_logprobs", "coverage"]))
         t_read = time.perf_counter() - t0
@@ -144,23 +145,8 @@ def measure_labelgen(rows: list[dict], k: int, vocab: int, enc: Encoding) -> dic
     lp = np.concatenate([in_rank_order(o["topk_ids"], o["topk_logprobs"], r["topk_ids"]) for o, r in zip(out, rows)])
     kl = kl_with_tail(np.concatenate([r["topk_logprobs"] for r in rows]), np.concatenate([r["coverage"] for r in rows]),
                       lp, np.concatenate([o["coverage"] for o in out]))
-    columns["footer (schema, id table, page index)"] = size - sum(columns.values())
     return {"bytes": size, "positions": pos, "kl": float(kl.mean()), "kl_p99": float(np.quantile(kl, 0.99)),
             "write": pos / t_write, "read": pos / t_read, "columns": columns}
-
-
-def column_bytes(label_dir: Path) -> dict[str, int]:
-    """Compressed bytes of each column over a label set's shards (Parquet footer figures)."""
-    import pyarrow.parquet as pq
-    out: dict[str, int] = {}
-    for f in sorted(label_dir.glob("*.parquet")):
-        md = pq.ParquetFile(f).metadata
-        for g in range(md.num_row_groups):
-            for j in range(md.num_columns):
-                c = md.row_group(g).column(j)
-                name = c.path_in_schema.split(".")[0]
-                out[name] = out.get(name, 0) + c.total_compressed_size
-    return out
 
 
 def measure_megatron_style(rows: list[dict], k: int) -> dict:
@@ -238,10 +224,10 @@ def report_sampled(title: str, rows: list[dict], draws: int, vocab: int) -> None
             with ShardWriter(Path(d) / "s", "sampled", draws, vocab, encoding=enc, max_rows=1 << 30) as w:
                 for r in rows:
                     w.write(r)
-            columns = column_bytes(Path(d) / "s")
+            columns = inspect(Path(d) / "s")["bytes_by_column"]
         size = sum(s["bytes"] for s in w.manifest["shards"])
         if enc == Encoding():
-            split = {**columns, "footer (schema, id table, page index)": size - sum(columns.values())}
+            split = columns
         print(f"| {name} | {size / positions:.1f} | {size / distinct:.2f} |")
     print("\nDefault layout, B/position by column: "
           + ", ".join(f"{c} {b / positions:.2f}" for c, b in sorted(split.items(), key=lambda x: -x[1]) if b >= positions / 100))

@@ -148,8 +148,14 @@ def inspect(label_dir: Path | str) -> dict:
     shards, hist = [], np.zeros(COVERAGE_BINS, dtype=np.int64)
     cov_sum, in_topk, finish = 0.0, 0, {}
     unique_sum, unique_hist = 0, np.zeros(256, dtype=np.int64)
+    by_column: dict[str, int] = {}
     for si, shard in enumerate(reader.shards):
         pf = reader.open_shard(shard)
+        for rg in range(pf.num_row_groups):
+            md = pf.metadata.row_group(rg)
+            for j in range(md.num_columns):
+                name = md.column(j).path_in_schema.split(".")[0]
+                by_column[name] = by_column.get(name, 0) + md.column(j).total_compressed_size
         cols = {"topk": [fmt.COVERAGE, fmt.TARGET_RANK] + ([fmt.TOPK_LENGTHS] if variable_k else []),
                 "samples": [fmt.FINISH_REASON], "tokens": [], "sampled": [fmt.SAMPLED_LENGTHS]}[kind]
         # stored entries (counted below under variable_k); positions for the other kinds
@@ -177,8 +183,11 @@ def inspect(label_dir: Path | str) -> dict:
     total = _sizes({"name": "total", "rows": sum(s["rows"] for s in shards),
                     "positions": sum(s["positions"] for s in shards),
                     "bytes": sum(s["bytes"] for s in shards)}, sum(s["entries"] for s in shards), V)
+    # What each column takes, compressed; the rest of the files is their footers (schema, id table, indexes).
+    by_column = dict(sorted(by_column.items(), key=lambda x: -x[1]))
+    by_column["footers"] = total["bytes"] - sum(by_column.values())
     out = {"dir": str(label_dir), "kind": kind, "k": k, "vocab_size": V, "encoding": reader.encoding.to_dict(),
-           **{key: total[key] for key in total if key != "name"}, "shards": shards}
+           **{key: total[key] for key in total if key != "name"}, "shards": shards, "bytes_by_column": by_column}
     if kind == "topk":
         n = max(total["positions"], 1)
         out.update({
@@ -231,6 +240,9 @@ def format_inspect(r: dict) -> str:
         lines.append(f"{'shard':<24}{'rows':>10}{unit:>12}{'bytes':>14}{'B/' + unit[:-1]:>11}")
         for s in r["shards"] + [dict(r, name="total")]:
             lines.append(f"{s['name']:<24}{s['rows']:>10,}{s['positions']:>12,}{s['bytes']:>14,}{s['bytes_per_position']:>11.2f}")
+    unit = "token" if r["kind"] == "samples" else "position"
+    lines.append(f"B/{unit} by column: " + ", ".join(f"{c} {b / max(r['positions'], 1):.2f}"
+                                                     for c, b in r["bytes_by_column"].items()))
     if r["kind"] == "topk":
         lines.append(f"coverage: mean {r['coverage_mean']:.4f}  p1 {r['coverage_p1']:.4f}  p5 {r['coverage_p5']:.4f}  "
                      f"p50 {r['coverage_p50']:.4f}  below 0.9: {r['coverage_below_0.9']:.1%}  "

@@ -309,6 +309,10 @@ def test_inspect_numbers_match_hand_computed_values(tmp_path):
     assert r["bytes_per_entry"] == pytest.approx(size / 8)
     assert r["ratio_vs_raw_topk"] == pytest.approx(4 * 2 * 8 / size)
     assert r["ratio_vs_full_bf16"] == pytest.approx(4 * V * 2 / size)
+    md = pq.ParquetFile(tmp_path / "l" / "shard-000000.parquet").metadata.row_group(0)
+    ids_col = next(md.column(j) for j in range(md.num_columns) if md.column(j).path_in_schema.startswith("topk_ids"))
+    assert r["bytes_by_column"]["topk_ids"] == ids_col.total_compressed_size
+    assert sum(r["bytes_by_column"].values()) == size and r["bytes_by_column"]["footers"] > 0
     # coverage is stored to 1/510 in sqrt(1 - coverage): within 2/510 of each value, less on average
     assert r["coverage_mean"] == pytest.approx((0.5 + 0.8 + 0.95 + 1.0) / 4, abs=1e-3)
     assert r["coverage_p50"] == pytest.approx(0.8, abs=2e-4)
