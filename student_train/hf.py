@@ -30,7 +30,7 @@ from labelgen import format as fmt
 from labelgen.format import FormatError
 from student_train.config import LOSSES
 from student_train.data import LabelStream, collate, columns_from_rows, open_label_sets
-from student_train.losses import KINDS, TAILS
+from student_train.losses import KINDS, TAILS, alpha_at
 from student_train.train import check_vocabulary, load_tokenizer_for, loss_step
 
 
@@ -41,6 +41,8 @@ class DistillLoss:
     """kd: alpha*CE + (1-alpha)*KD (topk or sampled labels); ce: CE on the
     actual tokens; sft: CE on teacher completions (samples labels)."""
     alpha: float = 0.0
+    alpha_end: float | None = None
+    """If set, alpha moves linearly to this value over the run (Trainer's max_steps), as --alpha-end does."""
     kd_kind: str = "forward"
     tail: str = "tail"
     temperature: float = 1.0
@@ -49,13 +51,17 @@ class DistillLoss:
     def __post_init__(self):
         if self.loss not in LOSSES or self.kd_kind not in KINDS or self.tail not in TAILS:
             raise ValueError(f"DistillLoss: loss must be one of {LOSSES}, kd_kind one of {KINDS}, tail one of {TAILS}")
-        if not 0 <= self.alpha <= 1 or not 0 <= self.beta <= 1 or self.temperature <= 0:
-            raise ValueError("DistillLoss: alpha and beta must be in [0, 1], temperature > 0")
+        if not 0 <= self.alpha <= 1 or not 0 <= (self.alpha_end or 0) <= 1 or not 0 <= self.beta <= 1 \
+                or self.temperature <= 0:
+            raise ValueError("DistillLoss: alpha, alpha_end and beta must be in [0, 1], temperature > 0")
         if self.tail == "tail" and self.temperature != 1.0:
             raise ValueError("DistillLoss: temperature must be 1 with tail='tail' (the shape of the missing mass is unknown)")
 
-    def alpha_at(self, step: int) -> float:
-        return self.alpha if self.loss == "kd" else 1.0
+    def alpha_at(self, step: int, max_steps: int = 0) -> float:
+        """CE weight at `step` of a run of `max_steps` (0: unknown, alpha stays)."""
+        if self.loss != "kd":
+            return 1.0
+        return alpha_at(step, self.alpha, self.alpha_end if max_steps > 1 else None, 0, max_steps - 1)
 
 
 class LabelDataset(torch.utils.data.IterableDataset):
@@ -163,7 +169,7 @@ class DistillTrainer(Trainer):
             self.data_collator = train_collator
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        alpha = self.distill.alpha_at(self.state.global_step)
+        alpha = self.distill.alpha_at(self.state.global_step, self.state.max_steps)
         ce, kd = loss_step(model, inputs, self.distill, alpha)
         loss = ce if alpha == 1 else kd if alpha == 0 else alpha * ce + (1 - alpha) * kd
         if num_items_in_batch is not None and self.model_accepts_loss_kwargs:

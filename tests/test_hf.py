@@ -69,6 +69,25 @@ def test_the_same_batch_gives_the_same_loss_through_student_train_and_trainer(to
         assert 0 < trainer.evaluate(LabelDataset(str(labels), shuffle=False))["eval_loss"] < 20
 
 
+def test_alpha_moves_to_alpha_end_over_the_trainers_run_as_in_student_train(topk_labels, student_config, tmp_path):
+    from transformers import TrainingArguments
+    from student_train.train import loss_step
+    loss = DistillLoss(alpha=0.0, alpha_end=1.0)
+    cfg = TrainConfig(labels=(str(topk_labels),), out="unused", student_config=student_config, alpha=0.0,
+                      alpha_end=1.0, max_steps=5)
+    assert [loss.alpha_at(s, 5) for s in range(5)] == [cfg.alpha_at(s) for s in range(5)] == [0, 0.25, 0.5, 0.75, 1]
+    assert loss.alpha_at(3) == 0.0   # no run length known: alpha stays
+    model, tok = student_and_tokenizer(topk_labels, student_config)
+    data = LabelDataset(str(topk_labels), shuffle=False)
+    trainer = DistillTrainer(model=model, args=TrainingArguments(str(tmp_path), max_steps=5, report_to=[], use_cpu=True),
+                             train_dataset=data, processing_class=tok, loss=loss)
+    batch = trainer.data_collator([e for _, e in zip(range(4), data)])
+    trainer.state.max_steps, trainer.state.global_step = 5, 4   # the last step: CE only
+    with torch.no_grad():
+        ce, kd = loss_step(model, batch, loss, 1.0)
+        assert trainer.compute_loss(model, batch).item() == pytest.approx(ce.item(), rel=1e-6) and ce.item() != kd.item()
+
+
 def test_an_eval_label_set_of_another_kind_is_batched_as_its_own(topk_labels, sampled_labels, student_config, tmp_path):
     """Train on sampled labels, evaluate on top-16 ones: the eval batches hold
     the top-16 entries (not the train set's sampled layout) and the loss is
