@@ -229,13 +229,23 @@ def report_floors(rows: list[dict], k: int, vocab: int, sqrt_step: float) -> Non
           f"gaps {per(zero_order_bytes(-np.diff(code, axis=1)) + zero_order_bytes(code[:, 0])):.1f}; value order (ties "
           f"by id): ids {per(zero_order_bytes(steps[starts]) + zero_order_bytes(steps[~starts])):.1f} + code gaps "
           f"{per(zero_order_bytes(np.diff(c, axis=1)) + zero_order_bytes(c[:, 0])):.1f}")
-    last, shared = {}, []
-    for t, x in enumerate(inputs):   # context: the last position whose current token was the same
+    # Context: the last position whose current token was the same. Its ids as a reference: one bit per
+    # reference id (kept or not), then the ids it lacks as sorted deltas.
+    last, shared, bits, fresh = {}, [], [], []
+    for t, x in enumerate(inputs):
+        new = ids[t]
         if x in last:
-            shared.append(np.intersect1d(ids[last[x]], ids[t], assume_unique=True).size)
+            ref = ids[last[x]]
+            kept = np.isin(ref, ids[t], assume_unique=True)
+            shared.append(int(kept.sum()))
+            bits.append(kept)
+            new = np.setdiff1d(ids[t], ref, assume_unique=True)
+        fresh.append(np.diff(np.sort(new), prepend=0))
         last[x] = t
+    coded = zero_order_bytes(np.concatenate(bits)) + zero_order_bytes(np.concatenate(fresh))
     print(f"Context: a position shares {np.mean(shared):.1f} of its {k} ids with the last position that read the same "
-          f"token ({len(shared):,} of {positions:,} positions have one)")
+          f"token ({len(shared):,} of {positions:,} positions have one); ids coded against it (a bit per reference id, "
+          f"the rest as sorted deltas): {per(coded):.1f} B/position")
 
 
 def report_sampled(title: str, rows: list[dict], draws: int, vocab: int) -> None:
