@@ -55,10 +55,10 @@ from labelgen.inspect import inspect
 from labelgen.shards import ShardReader, ShardWriter
 
 LAYOUTS = {
-    "labelgen 1.4 default: sorted, sqrt u8, frequency ids, quantized coverage/target": Encoding(),
-    "labelgen 1.4, zstd 9": Encoding(zstd_level=9),
-    "labelgen 1.4, sqrt step 1/96": Encoding(sqrt_step=1 / 96),
-    "labelgen 1.3 default: as 1.4, float32 coverage/target": Encoding(position_codec="f32"),
+    "labelgen 2.0 default: sorted, sqrt u8, frequency ids, quantized coverage/target": Encoding(),
+    "labelgen 2.0, zstd 9": Encoding(zstd_level=9),
+    "labelgen 2.0, sqrt step 1/96": Encoding(sqrt_step=1 / 96),
+    "labelgen 1.3 default: as 2.0, float32 coverage/target": Encoding(position_codec="f32"),
     "labelgen 1.1 default: sorted, u8 logprobs, plain ids": Encoding(logprob_codec="u8", id_map="none",
                                                                     position_codec="f32"),
     "labelgen rank order, f32 (lossless)": Encoding(id_order="rank", logprob_codec="f32", id_map="none",

@@ -107,7 +107,7 @@ def _check_rows(d: dict, reader: ShardReader):
     mass = np.exp(lp.astype(np.float64)).sum(axis=1)
     # entries stored per position: the error bounds add up over these
     n = d[fmt.TOPK_LENGTHS][0].astype(np.float64) if fmt.TOPK_LENGTHS in d else float(reader.k)
-    # The stored coverage's own error (1.4): |sqrt(tail) error| <= t/2, so |tail error| <= t*sqrt(tail) + t^2/4.
+    # The stored coverage's own error (2.0): |sqrt(tail) error| <= t/2, so |tail error| <= t*sqrt(tail) + t^2/4.
     t = fmt.TAIL_SQRT_STEP if enc.position_codec == "quantized" else 0.0
     cov_slack = t * np.sqrt(np.clip(1 - cov.astype(np.float64), 0, 1)) + t * t / 4
     if enc.logprob_codec == "sqrt":

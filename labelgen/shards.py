@@ -114,7 +114,7 @@ class ShardFile:
         self.extra_meta = dict(extra_meta or {})
         self.id_map: fmt.IdMap | None = None
         # Opened at the first row group: the id table (format 1.2) is counted
-        # from it and goes into the schema metadata.
+        # from it and goes into the footer.
         self._writer: pq.ParquetWriter | None = None
         self._buf: list[dict] = []
         self.rows = 0
@@ -137,11 +137,12 @@ class ShardFile:
             table = fmt.frequency_table(np.concatenate(seen) if seen else np.zeros(0, np.int64), self.vocab_size,
                                         self.enc.id_map_size)
             self.id_map = fmt.IdMap(table, self.vocab_size)
-            meta[fmt.ID_TABLE_KEY] = self.id_map.to_meta(self.vocab_size)
         sch = fmt.schema(self.kind, self.vocab_size, self.enc).with_metadata(
             fmt.file_metadata(self.kind, self.k, self.vocab_size, self.enc, meta))
         self._file = _HashingFile(self.tmp)
         self._writer = pq.ParquetWriter(self._file, sch, **fmt.parquet_writer_options(self.kind, self.enc))
+        if self.id_map is not None:   # a footer key of its own, outside the schema: stored once
+            self._writer.add_key_value_metadata({fmt.ID_TABLE_FOOTER_KEY: self.id_map.to_meta(self.vocab_size)})
 
     def _flush(self, wait: bool = False) -> None:
         if self._writer is None:
@@ -356,10 +357,12 @@ class ShardReader:
             return None
         if self._id_map[0] != shard["name"]:
             where = str(self.dir / shard["name"])
-            info = fmt.read_file_metadata(pf.schema_arrow.metadata, where)
-            if fmt.ID_TABLE_KEY not in info:
+            table = (pf.metadata.metadata or {}).get(fmt.ID_TABLE_FOOTER_KEY)   # 2.0
+            if table is None:   # 1.2, 1.3: inside the labelgen metadata
+                table = fmt.read_file_metadata(pf.schema_arrow.metadata, where).get(fmt.ID_TABLE_KEY)
+            if table is None:
                 raise FormatError(f"{where}: the encoding renumbers ids but the shard holds no id table")
-            self._id_map = (shard["name"], fmt.IdMap.from_meta(info[fmt.ID_TABLE_KEY], self.vocab_size, where))
+            self._id_map = (shard["name"], fmt.IdMap.from_meta(table, self.vocab_size, where))
         return self._id_map[1]
 
     def read_row_group(self, shard_index: int, row_group: int, columns: list[str] | None = None,

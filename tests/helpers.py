@@ -7,14 +7,14 @@ import numpy as np
 
 
 def assert_stored_coverage(stored, exact) -> None:
-    """Coverage as format 1.4 stores it: within 1/510 in sqrt(1 - coverage)."""
+    """Coverage as format 2.0 stores it: within 1/510 in sqrt(1 - coverage)."""
     from labelgen.format import TAIL_SQRT_STEP
     root = lambda c: np.sqrt(np.clip(1 - np.asarray(c, np.float64), 0, 1))
     assert np.abs(root(stored) - root(exact)).max() <= TAIL_SQRT_STEP / 2 + 1e-5
 
 
 def assert_stored_target_logprob(stored, exact, atol: float = 1e-5) -> None:
-    """target_logprob as format 1.4 stores it: within 1/128 nat (plus the caller's float slack)."""
+    """target_logprob as format 2.0 stores it: within 1/128 nat (plus the caller's float slack)."""
     from labelgen.format import TARGET_LOGPROB_STEP
     err = np.abs(np.asarray(stored, np.float64) - np.asarray(exact, np.float64)).max()
     assert err <= TARGET_LOGPROB_STEP / 2 + atol

@@ -1,3 +1,4 @@
+import base64
 import json
 import os
 import signal
@@ -55,7 +56,7 @@ def test_topk_round_trip_within_documented_error(tmp_path, rng, order, codec):
 
 
 def assert_position_columns_within_documented_error(a, b, enc):
-    """coverage within 1/510 in sqrt(tail mass), target_logprob within 1/128 nat (1.4); exact under f32."""
+    """coverage within 1/510 in sqrt(tail mass), target_logprob within 1/128 nat (2.0); exact under f32."""
     assert b["coverage"].dtype == np.float32 and b["target_logprob"].dtype == np.float32
     if enc.position_codec == "f32":
         np.testing.assert_array_equal(a["coverage"], b["coverage"])
@@ -175,9 +176,9 @@ def test_reader_projects_columns_and_holds_one_row_group(tmp_path, rng):
 def test_reader_refuses_an_unknown_major_version(tmp_path, rng):
     write_set(tmp_path / "l", [topk_row(rng, "a", 5, 100, 2)], 2, 100)
     m = json.loads((tmp_path / "l" / "manifest.json").read_text())
-    m["format_version"] = "2.0"
+    m["format_version"] = "3.0"
     (tmp_path / "l" / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(FormatError, match=r"format version 2.0 is not supported; this labelgen reads 1.x"):
+    with pytest.raises(FormatError, match=r"format version 3.0 is not supported; this labelgen reads 1.x, 2.x"):
         ShardReader(tmp_path / "l")
 
 
@@ -347,9 +348,11 @@ def test_ids_are_renumbered_by_how_often_the_first_row_group_proposes_them(tmp_p
     write_set(tmp_path / "l", rows, k, V, encoding=Encoding(row_group_rows=4))
     reader = ShardReader(tmp_path / "l")
     pf = reader.open_shard(reader.shards[0])
-    info = fmt.read_file_metadata(pf.schema_arrow.metadata, "shard")
-    table = fmt.IdMap.from_meta(info[fmt.ID_TABLE_KEY], V, "shard").table
+    table = fmt.IdMap.from_meta(pf.metadata.metadata[fmt.ID_TABLE_FOOTER_KEY], V, "shard").table
     assert table[0] == 299 and len(set(table.tolist())) == len(table)
+    # stored once: not in the labelgen metadata, so not in pyarrow's copy of the schema either
+    assert fmt.ID_TABLE_KEY not in fmt.read_file_metadata(pf.schema_arrow.metadata, "shard")
+    assert table.astype("<u2").tobytes() not in base64.b64decode(pf.metadata.metadata[b"ARROW:schema"])
     stored = pf.read_row_group(0, columns=["topk_ids"]).column(0).combine_chunks().flatten().to_numpy()
     assert stored.reshape(-1, k)[:, 0].max() == 0   # each position's first stored delta is the renumbered 299 (= 0)
     for a, b in zip(rows, reader.rows()):
@@ -361,7 +364,7 @@ def test_labels_written_before_format_1_2_still_load(tmp_path, rng):
     enc = Encoding(id_map="none", logprob_codec="u8", position_codec="f32")
     write_set(tmp_path / "l", rows, 4, 200, encoding=enc)
     m = json.loads((tmp_path / "l" / "manifest.json").read_text())
-    m["format_version"] = "1.1"   # a 1.1 manifest knew neither the id map, the sqrt codec nor the 1.4 columns
+    m["format_version"] = "1.1"   # a 1.1 manifest knew neither the id map, the sqrt codec nor the 2.0 columns
     for key in ("id_map", "id_map_size", "sqrt_step", "variable_k", "position_codec"):
         del m["encoding"][key]
     (tmp_path / "l" / "manifest.json").write_text(json.dumps(m))
@@ -370,6 +373,29 @@ def test_labels_written_before_format_1_2_still_load(tmp_path, rng):
     for a, b in zip(rows, reader.rows()):
         assert_same_entries(a["topk_ids"], a["topk_logprobs"], b["topk_ids"], b["topk_logprobs"], enc)
         assert_position_columns_within_documented_error(a, b, enc)
+
+
+def test_shards_written_before_format_2_keep_their_id_table_in_the_labelgen_metadata(tmp_path, rng):
+    """1.2/1.3 shards carry the id table inside the labelgen JSON; they still decode."""
+    rows = [topk_row(rng, f"e{i}", 9, 300, 4) for i in range(5)]
+    enc = Encoding(position_codec="f32")
+    write_set(tmp_path / "l", rows, 4, 300, encoding=enc)
+    shard = tmp_path / "l" / "shard-000000.parquet"
+    pf = pq.ParquetFile(shard)
+    info = fmt.read_file_metadata(pf.schema_arrow.metadata, "shard")
+    info.update(format_version="1.3", id_table=pf.metadata.metadata[fmt.ID_TABLE_FOOTER_KEY].decode())
+    data = pf.read()
+    pq.write_table(data.replace_schema_metadata({fmt.FILE_META_KEY: json.dumps(info).encode()}), shard,
+                   **fmt.parquet_writer_options("topk", enc))
+    assert fmt.ID_TABLE_FOOTER_KEY not in pq.ParquetFile(shard).metadata.metadata
+    m = json.loads((tmp_path / "l" / "manifest.json").read_text())
+    m["format_version"] = "1.3"
+    del m["encoding"]["position_codec"]
+    m["shards"][0].update(bytes=shard.stat().st_size, sha256=fsutil.sha256_file(shard),
+                          footer_sha256=fsutil.footer_sha256(shard))
+    (tmp_path / "l" / "manifest.json").write_text(json.dumps(m))
+    for a, b in zip(rows, ShardReader(tmp_path / "l", verify=True).rows()):
+        assert_same_entries(a["topk_ids"], a["topk_logprobs"], b["topk_ids"], b["topk_logprobs"], enc)
 
 
 @pytest.mark.parametrize("table, message", [([3, 3], "repeated ids"), ([7, 500], "outside"), ([-1], "outside")])

@@ -11,6 +11,7 @@ import pytest
 from helpers import topk_row
 from typer.testing import CliRunner
 
+from labelgen import format as fmt
 from labelgen import fsutil
 from labelgen.cli import app
 from labelgen.format import Encoding, FormatError
@@ -164,7 +165,7 @@ def test_a_damaged_id_table_is_caught_by_the_footer_hash(clean_set, tmp_path):
     shutil.copytree(clean_set, d)
     shard = d / "shard-000000.parquet"
     data = bytearray(shard.read_bytes())
-    at = data.find(b'"id_table": "') + len(b'"id_table": "') + 3
+    at = data.find(fmt.ID_TABLE_FOOTER_KEY) + len(fmt.ID_TABLE_FOOTER_KEY) + 8   # inside the table's base64
     data[at] = ord("A") if data[at] != ord("A") else ord("B")   # still valid base64: another id order
     shard.write_bytes(bytes(data))
     rewrite_manifest(d, lambda m: m["shards"][0].update(sha256=fsutil.sha256_file(shard)))   # a consistent forgery

@@ -42,7 +42,7 @@ def test_missing_manifest(student_config, tmp_path):
 def test_unknown_format_version(topk_labels, student_config, tmp_path):
     d = copy_labels(topk_labels, tmp_path / "l")
     edit_manifest(d, lambda m: m.update(format_version="9.0"))
-    assert_one_line_error(run_train(d, student_config, tmp_path / "o"), r"format version 9.0 is not supported; this labelgen reads 1.x")
+    assert_one_line_error(run_train(d, student_config, tmp_path / "o"), r"format version 9.0 is not supported; this labelgen reads 1.x, 2.x")
 
 
 def test_truncated_shard_is_found_before_the_first_step(topk_labels, student_config, tmp_path):

@@ -33,7 +33,7 @@ deltas. Probabilities are stored as uint8 codes of sqrt(p) (1.2): an entry's
 KL cost of an error grows with its probability, and a uniform step in sqrt(p)
 spends the same KL on every entry. The alternative layout keeps rank order and
 gap-codes the sorted logprobs. The per-position coverage and target logprob
-are quantised too (1.4): coverage as a uint8 code of sqrt(1 - coverage),
+are quantised too (2.0): coverage as a uint8 code of sqrt(1 - coverage),
 the target logprob as uint16 in 1/64 nat. Decoding always returns rank order
 (logprob descending), int64 ids and float32 logprobs, coverage and target
 logprobs.

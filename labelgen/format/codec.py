@@ -58,7 +58,7 @@ def decode_logprobs(stored: np.ndarray, enc: Encoding) -> np.ndarray:
     return (q * -enc.logprob_step).astype(np.float32)
 
 
-# ---------------------------------------------------------------- per-position columns (1.4)
+# ---------------------------------------------------------------- per-position columns (2.0)
 
 
 def encode_coverage(cov: np.ndarray, enc: Encoding) -> np.ndarray:

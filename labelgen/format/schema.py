@@ -13,15 +13,18 @@ from typing import Any
 import numpy as np
 
 FORMAT_NAME = "labelgen"
-FORMAT_VERSION = "1.4"
-READABLE_MAJOR_VERSIONS = (1,)
+FORMAT_VERSION = "2.0"
+READABLE_MAJOR_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_DIR = "tokenizer"   # the labels' tokenizer, saved beside the shards
 SHARD_SUFFIX = ".parquet"
 TMP_SUFFIX = ".tmp"
 FILE_META_KEY = b"labelgen"
 COUNTS_META_KEY = b"labelgen_counts"
-ID_TABLE_KEY = "id_table"   # in a shard's labelgen metadata: its id renumbering (1.2)
+ID_TABLE_KEY = "id_table"   # in a shard's labelgen metadata: its id renumbering (1.2, 1.3)
+# From 2.0 the id table is a footer key of its own: inside the labelgen metadata
+# pyarrow stored it twice (again in its copy of the Arrow schema), ~15 KB a shard.
+ID_TABLE_FOOTER_KEY = b"labelgen_id_table"
 
 KINDS = ("topk", "samples", "tokens", "sampled")
 
@@ -61,7 +64,7 @@ ID_ORDERS = ("sorted", "rank")
 ID_MAPS = ("frequency", "none")
 ID_ENCODINGS = ("byte_stream_split", "plain", "dictionary")
 POSITION_CODECS = ("quantized", "f32")
-# The quantized per-position columns (1.4): coverage as a uint8 code of the
+# The quantized per-position columns (2.0): coverage as a uint8 code of the
 # square root of its tail mass, target_logprob as uint16 in steps of 1/64 nat
 # (the floor, -1000, is code 64000).
 TAIL_SQRT_STEP = 1 / 255
@@ -115,7 +118,7 @@ class Encoding:
     dropped entry with logprob -inf; readers return dropped slots as id 0,
     logprob -inf."""
     position_codec: str = "quantized"
-    """The topk per-position columns (1.4). quantized: coverage as the uint8
+    """The topk per-position columns (2.0). quantized: coverage as the uint8
     code round(sqrt(1 - coverage) * 255) (max error 1/510 in the square root
     of the tail mass; code 0 decodes to a tail of (0.25/255)^2), and
     target_logprob as the uint16 code round(-logprob * 64) (max error 1/128
@@ -180,7 +183,7 @@ class Encoding:
         d = {k: v for k, v in d.items() if k in known}
         d.setdefault("id_map", "none")   # written before 1.2: ids were stored as they are
         d.setdefault("variable_k", False)
-        d.setdefault("position_codec", "f32")   # written before 1.4: float32 coverage and target logprob
+        d.setdefault("position_codec", "f32")   # written before 2.0: float32 coverage and target logprob
         return cls(**d)
 
 
