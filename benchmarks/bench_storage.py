@@ -58,7 +58,7 @@ LAYOUTS = {
     "labelgen 2.0 default: sorted, sqrt u8, frequency ids, quantized coverage/target": Encoding(),
     "labelgen 2.0, zstd 9": Encoding(zstd_level=9),
     "labelgen 2.0, sqrt step 1/96": Encoding(sqrt_step=1 / 96),
-    "labelgen 1.3 default: as 2.0, float32 coverage/target": Encoding(position_codec="f32"),
+    "labelgen 2.0 with float32 coverage/target (1.3's columns)": Encoding(position_codec="f32"),
     "labelgen 1.1 default: sorted, u8 logprobs, plain ids": Encoding(logprob_codec="u8", id_map="none",
                                                                     position_codec="f32"),
     "labelgen rank order, f32 (lossless)": Encoding(id_order="rank", logprob_codec="f32", id_map="none",
