@@ -61,18 +61,21 @@ def decode_logprobs(stored: np.ndarray, enc: Encoding) -> np.ndarray:
 # ---------------------------------------------------------------- per-position columns (2.0)
 
 
+# coverage is stored as its tail mass 1 - coverage, a probability, through the sqrt codec
+_TAIL_CODEC = Encoding(logprob_codec="sqrt", sqrt_step=TAIL_SQRT_STEP)
+
+
 def encode_coverage(cov: np.ndarray, enc: Encoding) -> np.ndarray:
     if enc.position_codec == "f32":
         return cov.astype(np.float32)
-    tail = np.clip(1 - cov.astype(np.float64), 0, 1)
-    return np.rint(np.sqrt(tail) / TAIL_SQRT_STEP).astype(np.uint8)
+    with np.errstate(divide="ignore"):   # a tail of 0 is log 0: the codec's floor, code 0
+        return encode_logprobs(np.log(np.clip(1 - cov.astype(np.float64), 0, 1)), _TAIL_CODEC)
 
 
 def decode_coverage(stored: np.ndarray, enc: Encoding) -> np.ndarray:
     if enc.position_codec == "f32":
         return stored.astype(np.float32, copy=False)
-    root = np.maximum(stored, 0.25) * TAIL_SQRT_STEP     # code 0: the middle of [0, step/2) in sqrt(tail)
-    return (1 - root * root).astype(np.float32)
+    return (1 - np.exp(decode_logprobs(stored, _TAIL_CODEC))).astype(np.float32)
 
 
 def encode_target_logprob(lp: np.ndarray, enc: Encoding) -> np.ndarray:
