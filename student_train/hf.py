@@ -150,7 +150,8 @@ class DistillTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.args.remove_unused_columns = False   # the label tensors are not model inputs, but the loss's
         self.distill = loss
-        for d in (self.train_dataset, self.eval_dataset):
+        evals = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
+        for d in (self.train_dataset, *evals):
             if isinstance(d, LabelDataset):
                 d.fit_to(self.model, self.processing_class)
 
@@ -161,7 +162,8 @@ class DistillTrainer(Trainer):
             eval_dataset if eval_dataset is not None else self.eval_dataset
         if not (isinstance(ds, LabelDataset) and isinstance(self.data_collator, LabelCollator)):
             return super().get_eval_dataloader(eval_dataset)
-        ds.fit_to(self.model, self.processing_class)   # it may come from a dict or this call, not __init__
+        if ds is eval_dataset:   # passed to this call: __init__ has not checked it
+            ds.fit_to(self.model, self.processing_class)
         train_collator, self.data_collator = self.data_collator, ds.collator()
         try:
             return super().get_eval_dataloader(eval_dataset)
