@@ -197,6 +197,15 @@ def inclusion_floor(ids: np.ndarray, positions: int, vocab: int) -> float:
     return bits / positions / 8
 
 
+def report_split(columns: dict[str, int], ids: np.ndarray, what: str, positions: int, vocab: int) -> None:
+    """The default layout's bytes by column (as inspect counts them) and the ids' context-free floor."""
+    print("\nDefault layout, B/position by column: "
+          + ", ".join(f"{c} {b / positions:.2f}" for c, b in sorted(columns.items(), key=lambda x: -x[1])
+                      if b >= positions / 100))
+    print(f"Context-free floor of {what}: {inclusion_floor(ids, positions, vocab):.1f} "
+          "B/position (each id's inclusion rate on these labels as the model)")
+
+
 def zero_order_bytes(x: np.ndarray) -> float:
     """Bytes an ideal coder with x's own symbol frequencies (no context) needs for x."""
     _, counts = np.unique(np.asarray(x).reshape(-1), return_counts=True)
@@ -264,10 +273,7 @@ def report_sampled(title: str, rows: list[dict], draws: int, vocab: int) -> None
         if enc == Encoding():
             split = columns
         print(f"| {name} | {size / positions:.1f} | {size / distinct:.2f} |")
-    print("\nDefault layout, B/position by column: "
-          + ", ".join(f"{c} {b / positions:.2f}" for c, b in sorted(split.items(), key=lambda x: -x[1]) if b >= positions / 100))
-    print(f"Context-free floor of the id sets: {inclusion_floor(np.concatenate([r['sampled_ids'] for r in rows]), positions, vocab):.1f} "
-          "B/position (each id's inclusion rate on these labels as the model)")
+    report_split(split, np.concatenate([r["sampled_ids"] for r in rows]), "the id sets", positions, vocab)
 
 
 TRUNCATIONS = [("fixed k = 64", 64, 1.0, 0.0), ("fixed k = 32", 32, 1.0, 0.0), ("fixed k = 16", 16, 1.0, 0.0),
@@ -353,10 +359,7 @@ def report(title: str, rows: list[dict], k: int, vocab: int) -> None:
         print(f"| {bold}{name}{bold} | {bold}{r['bytes'] / positions:.1f}{bold} | {r['bytes'] / positions / k:.3f} | "
               f"{r['kl']:.1e} | {r['kl_p99']:.1e} | {r['write']:,.0f} | {r['read']:,.0f} |")
         sys.stdout.flush()
-    print("\nDefault layout, B/position by column: "
-          + ", ".join(f"{c} {b / positions:.2f}" for c, b in sorted(split.items(), key=lambda x: -x[1]) if b >= positions / 100))
-    print(f"Context-free floor of the top-{k} id sets: {inclusion_floor(np.concatenate([r['topk_ids'] for r in rows]), positions, vocab):.1f} "
-          "B/position (each id's inclusion rate on these labels as the model)")
+    report_split(split, np.concatenate([r["topk_ids"] for r in rows]), f"the top-{k} id sets", positions, vocab)
     report_floors(rows, k, vocab, Encoding().sqrt_step)
 
 

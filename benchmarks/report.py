@@ -419,12 +419,10 @@ def main():
     args = ap.parse_args()
     args.command = "bash jobs/report.sh" + (" --quick" if args.quick else "") + (f" --teacher {args.teacher}" if args.teacher else "") \
         + (" --cross-tokenizer" if args.cross_tokenizer else "")
-    scale = QUICK if args.quick else FULL
     import dataclasses
-    scale = dataclasses.replace(scale, **{k: v for k, v in (("teacher_steps", args.teacher_steps),
-                                                            ("student_steps", args.student_steps)) if v})
-    args.command += "".join(f" --{k.replace('_', '-')} {v}" for k, v in (("teacher_steps", args.teacher_steps),
-                                                                        ("student_steps", args.student_steps)) if v)
+    steps = {k: v for k, v in (("teacher_steps", args.teacher_steps), ("student_steps", args.student_steps)) if v}
+    scale = dataclasses.replace(QUICK if args.quick else FULL, **steps)
+    args.command += "".join(f" --{k.replace('_', '-')} {v}" for k, v in steps.items())
     import tempfile
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
