@@ -13,7 +13,9 @@ import dataclasses
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 from inspect import signature
 from pathlib import Path
 from typing import List, Optional
@@ -27,18 +29,45 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Teacher labels for LLM distillation: generate, validate and inspect label shards.")
 
 
-def cli_errors(fn):
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (Slurm's preemption, `kill`), raised in the main thread so that
+    a labelgen run stops the way Ctrl-C stops it: threads ended, the shard in
+    flight discarded, no manifest."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def cli_errors(fn=None, *, on_stop: str = ""):
     """Turn expected failures into one line on stderr, named by the program
-    (labelgen or student-train), and exit code 2."""
+    (labelgen or student-train), and exit code 2; Ctrl-C and (for labelgen)
+    SIGTERM into one line, `on_stop` (what was kept), and 130 / 143."""
+    if fn is None:
+        return functools.partial(cli_errors, on_stop=on_stop)
     program = "student-train" if fn.__module__.startswith("student_train") else "labelgen"
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        catch_term = program == "labelgen" and threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_terminated) if catch_term else None
         try:
             return fn(*args, **kwargs)
         except (FormatError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
             typer.echo(f"{program}: error: {e}", err=True)
             raise typer.Exit(2)
+        except OSError as e:   # a full disk, an I/O error: the system's words, without a traceback
+            where = f"{e.filename}: " if e.filename else ""
+            typer.echo(f"{program}: error: {where}{e.strerror or ' '.join(str(e).split())}", err=True)
+            raise typer.Exit(2)
+        except KeyboardInterrupt as e:
+            term = isinstance(e, Terminated)
+            typer.echo(f"{program}: stopped by {'SIGTERM' if term else 'SIGINT'}" + (f"; {on_stop}" if on_stop else ""),
+                       err=True)
+            raise typer.Exit(143 if term else 130)
+        finally:
+            if catch_term:
+                signal.signal(signal.SIGTERM, previous)
     return wrapper
 
 
@@ -142,7 +171,7 @@ def _worker_from_env() -> tuple[int | None, int | None]:
 
 @app.command()
 @show_defaults(GenerateConfig)
-@cli_errors
+@cli_errors(on_stop="finished shards are kept: rerun the same command with --resume to continue")
 def generate(
     config: Optional[Path] = typer.Argument(None, help="YAML/JSON config file; flags override its keys"),
     teacher: Optional[str] = typer.Option(None, help="teacher model directory (HF format)"),

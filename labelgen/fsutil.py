@@ -1,28 +1,67 @@
-"""Crash-safe files: atomic writes (tmp + fsync + rename + fsync of the
-directory), refusing to write through symlinks, and the hashes a manifest
-keeps of each shard."""
+"""Crash-safe files: atomic writes (a fresh tmp + fsync + rename + fsync of
+the directory), refusing to write through symlinks, the lock that keeps two
+runs out of one output directory, and the hashes a manifest keeps of each
+shard. The lowest layer: it imports nothing else of labelgen's but its error."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import json
 import os
+import shutil
+import socket
+import sys
+import time
 from pathlib import Path
+from typing import Iterator
 
-from labelgen.format.schema import TMP_SUFFIX, FormatError
+from labelgen.errors import FormatError
+
+TMP_SUFFIX = ".tmp"
+LOCK_SUFFIX = ".lock"
+RUN_LOCK = "labelgen" + LOCK_SUFFIX
+
+
+def create_fresh(path: Path, text: bool = False):
+    """A new file at `path` opened for writing: whatever stood there (a stale
+    tmp file, or a symlink planted to redirect the write) is removed first and
+    the file is created with O_EXCL, so nothing is ever opened through it."""
+    path = Path(path)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    return os.fdopen(fd, "w" if text else "wb")
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path, text: bool = False) -> Iterator:
+    """Write `path` through a fresh tmp file: on success it is fsynced and
+    renamed into place (a reader sees the old file or the new one); on any
+    error the tmp file is removed and `path` is untouched."""
+    path = Path(path)
+    refuse_symlink(path)
+    if path.is_dir():
+        raise FormatError(f"{path}: is a directory; name a file to write")
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    f = create_fresh(tmp, text)
+    try:
+        with f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """tmp + fsync + rename + fsync(dir): a reader sees the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    refuse_symlink(path)
-    tmp.unlink(missing_ok=True)   # never write through a stale or planted tmp file
-    with open(tmp, "wb") as f:
+    with atomic_writer(path) as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def refuse_symlink(path: Path) -> None:
@@ -38,6 +77,71 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def clear_directory(path: Path) -> None:
+    """Delete what `path` holds except its lock files (held by this run), and
+    not the directory itself: it may be a symlink to where the user keeps
+    labels, and the lock must stay on the inode other runs find."""
+    for child in Path(path).iterdir():
+        if child.name.endswith(LOCK_SUFFIX):
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def is_lock_file(path: Path) -> bool:
+    return Path(path).name.endswith(LOCK_SUFFIX)
+
+
+@contextlib.contextmanager
+def _flock(path: Path, shared: bool, what: str) -> Iterator[None]:
+    refuse_symlink(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            try:
+                h = json.loads(holder)
+                holder = f"pid {h['pid']} on {h['host']} since {h['since']}: {h['command']}"
+            except (ValueError, KeyError, TypeError):
+                holder = holder[:200] or "another process"
+            raise FormatError(f"{what}: in use by another labelgen run ({holder}); wait for it to end or stop it, "
+                              "then rerun") from None
+        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                           "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                           "command": " ".join(sys.argv)[:300]}).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info, 0)
+        yield
+    finally:
+        os.close(fd)   # releases the lock; the kernel does the same for a process killed with -9
+
+
+@contextlib.contextmanager
+def run_lock(directory: Path, worker: tuple[int, int] | None = None) -> Iterator[None]:
+    """Hold `directory` (created if missing) for one run: exclusively, or, for
+    worker (index, count) of a data-parallel run, shared with the other workers
+    plus exclusively for that worker. A second run on the directory (another
+    config, a finalize, an import, the same worker twice) is refused at once,
+    naming the holder. flock: released when the holder exits however it
+    exits, so a run killed with -9 leaves no stale lock; on a network
+    filesystem it needs flock support (NFSv4; Lustre mounted with -o flock)."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FormatError(f"{directory}: exists and is not a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_flock(directory / RUN_LOCK, shared=worker is not None and worker[1] > 1,
+                                   what=str(directory)))
+        if worker is not None and worker[1] > 1:
+            stack.enter_context(_flock(directory / f"labelgen.worker-{worker[0]}-of-{worker[1]}{LOCK_SUFFIX}",
+                                       shared=False, what=f"{directory} (worker {worker[0]} of {worker[1]})"))
+        yield
 
 
 def footer_sha256(path: Path) -> str:
@@ -62,5 +166,3 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while b := f.read(chunk):
             h.update(b)
     return h.hexdigest()
-
-

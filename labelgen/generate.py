@@ -107,7 +107,7 @@ def check_output_dir(cfg: GenerateConfig, files: list[Path]) -> None:
     run_file = out / RUN_FILE
     finished = sorted(out.glob("shard-*" + fmt.SHARD_SUFFIX)) if out.is_dir() else []
     # A run that failed before its first shard left only run.json: nothing to resume or lose.
-    started = out.is_dir() and any(p.name != RUN_FILE for p in out.iterdir())
+    started = out.is_dir() and any(p.name != RUN_FILE and not fsutil.is_lock_file(p) for p in out.iterdir())
     if started and not cfg.overwrite:
         if not run_file.is_file():
             raise ValueError(f"--out: {out} is not empty and holds no labelgen run; choose another directory or pass --overwrite")
@@ -149,16 +149,17 @@ def run(cfg: GenerateConfig, teacher: Teacher | None = None) -> dict:
     files = expand_paths(list(cfg.inputs))   # fails on a missing input before anything is loaded
     tokenizer = load_tokenizer(cfg.teacher, need_model=cfg.mode != "tokens")
     cfg = resolve(cfg, tokenizer)
-    check_output_dir(cfg, files)
-    if teacher is None and cfg.mode == "tokens":
-        teacher = _TokenizerOnly(cfg.teacher, tokenizer)
-    if teacher is None:
-        teacher = load_teacher(cfg, tokenizer)
-        try:
-            return _generate(cfg, teacher, tokenizer, files)
-        finally:
-            teacher.close()
-    return _generate(cfg, teacher, tokenizer, files)
+    with fsutil.run_lock(Path(cfg.out), (cfg.worker_index, cfg.num_workers)):
+        check_output_dir(cfg, files)
+        if teacher is None and cfg.mode == "tokens":
+            teacher = _TokenizerOnly(cfg.teacher, tokenizer)
+        if teacher is None:
+            teacher = load_teacher(cfg, tokenizer)
+            try:
+                return _generate(cfg, teacher, tokenizer, files)
+            finally:
+                teacher.close()
+        return _generate(cfg, teacher, tokenizer, files)
 
 
 def _generate(cfg: GenerateConfig, teacher: Teacher, tokenizer, files: list[Path]) -> dict:
@@ -209,8 +210,8 @@ def _generate(cfg: GenerateConfig, teacher: Teacher, tokenizer, files: list[Path
         _put(write_q, None, writer)
         writer.join_checked()
     except BaseException:
-        writer.stop(write_q)
-        reader.stop(work_q)
+        writer.stop()
+        reader.stop()
         raise
     finally:
         progress.close()
@@ -289,7 +290,8 @@ def _read_shards(cfg: GenerateConfig, files: list[Path], tokenizer, max_position
         if n % cfg.rows_per_shard == 0:
             if work is not None:
                 work.input_bytes = read_before
-                work_q.put(_prepare(work, records, tokenizer, cfg, max_positions))
+                if not _offer(work_q, _prepare(work, records, tokenizer, cfg, max_positions), stop):
+                    return
             index, records = n // cfg.rows_per_shard, []
             mine = index % cfg.num_workers == cfg.worker_index
             work = ShardWork(index, done=_finished(out / fmt.shard_name(index), cfg)) if mine else None
@@ -302,9 +304,11 @@ def _read_shards(cfg: GenerateConfig, files: list[Path], tokenizer, max_position
         raise InputError(f"{', '.join(cfg.inputs)}: no input records (--input); nothing to label")
     if work is not None:
         work.input_bytes = position.bytes
-        work_q.put(_prepare(work, records, tokenizer, cfg, max_positions))
-    work_q.put(index + 1)
-    work_q.put(None)
+        if not _offer(work_q, _prepare(work, records, tokenizer, cfg, max_positions), stop):
+            return
+    for last in (index + 1, None):   # how many shards exist, then the end
+        if not _offer(work_q, last, stop):
+            return
 
 
 def _prepare(work: ShardWork, records: list, tokenizer, cfg: GenerateConfig, max_positions: int) -> ShardWork:
@@ -482,7 +486,7 @@ def _write_shards(cfg: GenerateConfig, out: Path, id_bound: int, enc: Encoding, 
     threads = min(4, os.cpu_count() or 1)
     encoder = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="labelgen-encode")
     try:
-        while (msg := write_q.get()) is not None:
+        while (msg := _take(write_q, stop)) is not None:
             op, index, payload = msg   # payload: rows, or the shard's counts on close
             if op == "open":
                 current = ShardFile(out / fmt.shard_name(index), cfg.kind, k, id_bound, enc,
@@ -527,18 +531,34 @@ class _Thread(threading.Thread):
         if self.error:
             raise self.error
 
-    def stop(self, q: queue.Queue):
+    def stop(self):
+        """Ask the thread to end and wait for it: it checks the event at
+        every queue operation (`_offer`/`_take`), so it never waits on a queue
+        that nobody serves any more (a reader blocked on a full queue once
+        deadlocked Ctrl-C and a full disk)."""
         self.stop_event.set()
-        while self.is_alive():
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                pass
-            try:
-                q.put_nowait(None)
-            except queue.Full:
-                pass
-            self.join(timeout=0.05)
+        self.join()
+
+
+def _offer(q: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put `item` on `q` unless `stop` is set first; True if it was put."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _take(q: queue.Queue, stop: threading.Event):
+    """The next item of `q`, or None once `stop` is set."""
+    while not stop.is_set():
+        try:
+            return q.get(timeout=0.1)
+        except queue.Empty:
+            continue
+    return None
 
 
 def _get(q: queue.Queue, producer: _Thread):
@@ -596,6 +616,13 @@ def finalize(label_dir: Path | str) -> dict:
     """Merge the workers' partial manifests into manifest.json; fail if any
     worker or any shard is missing."""
     out = Path(label_dir)
+    if not out.is_dir():
+        raise FormatError(f"{out}: no such label directory")
+    with fsutil.run_lock(out):   # refused while any worker of the run still holds it
+        return _finalize(out)
+
+
+def _finalize(out: Path) -> dict:
     partials = sorted(out.glob("manifest.worker-*-of-*.json"))
     if not partials:
         raise FormatError(f"{out}: no partial manifests (manifest.worker-*.json); did the workers finish?")

@@ -17,7 +17,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import time
 from collections import deque
 from concurrent.futures import Executor, Future
@@ -70,7 +69,7 @@ class _HashingFile(io.RawIOBase):
     """A file being written that hashes its bytes on the way (no read-back)."""
 
     def __init__(self, path: Path):
-        self._f = open(path, "wb")
+        self._f = fsutil.create_fresh(path)
         self.sha256, self.size = hashlib.sha256(), 0
 
     def writable(self) -> bool:
@@ -208,17 +207,18 @@ class ShardFile:
 
 def prepare_output_dir(out_dir: Path, exist: str) -> None:
     """Create `out_dir`; refuse a non-empty one unless exist is 'resume' (keep
-    it) or 'overwrite' (delete it). Leftover `.tmp` files are always removed."""
+    it) or 'overwrite' (empty it). Leftover `.tmp` files are always removed.
+    Lock files (fsutil.run_lock) do not count and stay."""
     if exist not in ("error", "resume", "overwrite"):
         raise ValueError(f"exist must be error, resume or overwrite, got {exist!r}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FormatError(f"{out_dir}: exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
+    if out_dir.is_dir() and any(not fsutil.is_lock_file(p) for p in out_dir.iterdir()):
         if exist == "error":
             raise FormatError(f"{out_dir}: output directory is not empty; pass --resume to continue it or --overwrite to replace it")
         if exist == "overwrite":
-            shutil.rmtree(out_dir)
+            fsutil.clear_directory(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for tmp in out_dir.glob("*" + fmt.TMP_SUFFIX):
         tmp.unlink()

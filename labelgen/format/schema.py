@@ -12,13 +12,15 @@ from typing import Any
 
 import numpy as np
 
+from labelgen.errors import FormatError  # noqa: F401  (raised by every format module)
+from labelgen.fsutil import TMP_SUFFIX  # noqa: F401
+
 FORMAT_NAME = "labelgen"
 FORMAT_VERSION = "2.0"
 READABLE_MAJOR_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_DIR = "tokenizer"   # the labels' tokenizer, saved beside the shards
 SHARD_SUFFIX = ".parquet"
-TMP_SUFFIX = ".tmp"
 FILE_META_KEY = b"labelgen"
 COUNTS_META_KEY = b"labelgen_counts"
 ID_TABLE_KEY = "id_table"   # in a shard's labelgen metadata: its id renumbering (1.2, 1.3)
@@ -71,8 +73,6 @@ TAIL_SQRT_STEP = 1 / 255
 TARGET_LOGPROB_STEP = 1 / 64
 
 
-class FormatError(ValueError):
-    """A shard, manifest or row that breaks the format. The message says where."""
 
 
 def one_line(e: BaseException) -> str:

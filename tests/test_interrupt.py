@@ -1,0 +1,157 @@
+"""Generation runs that are stopped (Ctrl-C, SIGTERM), run out of disk, or meet
+a second run on the same output: each ends promptly with one line, leaves no
+manifest, and resumes; a second run is refused at once. The runs are real
+`labelgen` processes; waits are bounded by polling, never asserted on time."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from labelgen.inspect import validate
+
+
+def big_corpus(path: Path, docs: int = 200) -> Path:
+    from labelgen.demo import read_corpus
+    text = "\n".join(read_corpus(None, 2_000_000))
+    with open(path, "w") as f:
+        for i in range(docs):
+            f.write(json.dumps({"id": f"d{i}", "text": text[i * 3000:(i + 1) * 3000]}) + "\n")
+    return path
+
+
+def labelgen(*args: str, prelude: str = "") -> subprocess.Popen:
+    """`labelgen ARGS` as its own process (after `prelude`, Python run first in it)."""
+    code = f"{prelude}\nimport sys\nfrom labelgen.cli import app\nsys.argv = ['labelgen', *sys.argv[1:]]\napp()"
+    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def wait_for(condition, proc: subprocess.Popen, limit: float = 300) -> None:
+    """Poll until `condition()` holds (fails if the process ends first or the limit passes)."""
+    end = time.monotonic() + limit
+    while not condition():
+        assert proc.poll() is None, f"ended early: {proc.communicate()}"
+        assert time.monotonic() < end, "condition never held"
+        time.sleep(0.2)
+
+
+def ended(proc: subprocess.Popen, limit: float = 120) -> tuple[int, str]:
+    """The exit code and stderr of a process that must end on its own; a
+    hang is killed and fails the test (the limit is far above the seconds
+    a stop takes, so a busy machine does not trip it)."""
+    try:
+        _, err = proc.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"still running {limit:.0f} s after it was told to stop: hung")
+    return proc.returncode, err
+
+
+def shards(out: Path) -> list[Path]:
+    return sorted(out.glob("shard-*.parquet"))
+
+
+def generate_args(teacher: str, corpus: Path, out: Path, *extra: str) -> list[str]:
+    return ["generate", "--teacher", teacher, "--input", str(corpus), "--out", str(out), "--k", "8",
+            "--max-seq-len", "64", "--rows-per-shard", "8", "--no-progress", "--device", "cpu", *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_stops_generation_within_seconds_and_resume_continues(tiny_teacher, tmp_path, sig):
+    corpus, out = big_corpus(tmp_path / "docs.jsonl"), tmp_path / "out"
+    proc = labelgen(*generate_args(tiny_teacher, corpus, out))
+    wait_for(lambda: len(shards(out)) >= 2, proc)
+    proc.send_signal(sig)
+    code, err = ended(proc)
+    name = "SIGINT" if sig == signal.SIGINT else "SIGTERM"
+    assert code == (130 if sig == signal.SIGINT else 143), err
+    assert f"labelgen: stopped by {name}; finished shards are kept" in err and "Traceback" not in err, err
+    assert not (out / "manifest.json").exists() and not list(out.glob("*.tmp"))
+    kept = len(shards(out))
+    assert 2 <= kept < 25
+    code, err = ended(labelgen(*generate_args(tiny_teacher, corpus, out, "--resume")), 600)
+    assert code == 0, err
+    report = validate(out)
+    assert report["ok"] and report["rows"] >= 200, report["problems"]
+    assert json.loads((out / "manifest.json").read_text())["counts"]["examples"] == 200
+
+
+FULL_DISK = """
+import errno
+from labelgen import shards
+_write, calls = shards.ShardFile.write, [0]
+def write(self, row):
+    calls[0] += 1
+    if calls[0] > 60:
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.tmp))
+    _write(self, row)
+shards.ShardFile.write = write
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_ends_generation_with_one_line_no_manifest_and_a_working_resume(tiny_teacher, tmp_path):
+    corpus, out = big_corpus(tmp_path / "docs.jsonl", docs=60), tmp_path / "out"
+    code, err = ended(labelgen(*generate_args(tiny_teacher, corpus, out), prelude=FULL_DISK))
+    assert code == 2, err
+    lines = [l for l in err.splitlines() if l.startswith("labelgen:")]
+    assert len(lines) == 1 and lines[0].endswith("No space left on device") and ".tmp" in lines[0], err
+    assert "Traceback" not in err
+    assert not (out / "manifest.json").exists() and not list(out.glob("*.tmp"))
+    code, err = ended(labelgen(*generate_args(tiny_teacher, corpus, out, "--resume")), 600)
+    assert code == 0, err
+    assert validate(out)["ok"]
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_label_set_is_refused_naming_the_first(tiny_teacher, tmp_path):
+    corpus, out = big_corpus(tmp_path / "docs.jsonl", docs=120), tmp_path / "out"
+    first = labelgen(*generate_args(tiny_teacher, corpus, out))
+    wait_for(lambda: (out / "run.json").is_file(), first)
+    second = labelgen(*generate_args(tiny_teacher, corpus, out, "--k", "4", "--overwrite"))
+    code, err = ended(second)
+    assert code == 2 and f"in use by another labelgen run (pid {first.pid} on " in err, err
+    code, err = ended(first, 600)
+    assert code == 0, err
+    report = validate(out)
+    assert report["ok"] and report["rows"] >= 120, report["problems"]
+    assert json.loads((out / "manifest.json").read_text())["k"] == 8
+
+
+def test_a_lock_left_by_a_killed_run_does_not_block_a_resume(tiny_teacher, corpus, tmp_path):
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom labelgen import fsutil\n"
+                               "with fsutil.run_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)",
+                               str(out)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    from labelgen.fsutil import run_lock
+    from labelgen.format import FormatError
+    with pytest.raises(FormatError, match=rf"in use by another labelgen run \(pid {holder.pid} on "):
+        with run_lock(out):
+            pass
+    holder.kill()
+    holder.wait()
+    with run_lock(out):   # the kernel dropped the dead holder's lock
+        pass
+
+
+def test_finalize_and_a_second_copy_of_a_worker_are_refused_while_a_worker_runs(tmp_path):
+    from labelgen.fsutil import run_lock
+    from labelgen.format import FormatError
+    from labelgen.generate import finalize
+    with run_lock(tmp_path, (0, 2)):
+        with run_lock(tmp_path, (1, 2)):   # the other worker of the run shares the directory
+            pass
+        with pytest.raises(FormatError, match=r"worker 0 of 2\): in use by another labelgen run"):
+            with run_lock(tmp_path, (0, 2)):
+                pass
+        with pytest.raises(FormatError, match="in use by another labelgen run"):
+            finalize(tmp_path)
