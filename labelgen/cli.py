@@ -260,7 +260,7 @@ def export(label_dir: Path = typer.Argument(..., help="top-k label set made with
 
 
 @app.command("import")
-@cli_errors
+@cli_errors(on_stop="nothing was kept: rerun the command to start over")
 def import_cmd(inputs: List[str] = typer.Argument(..., help="JSONL (or .jsonl.zst) files of vLLM prompt_logprobs"),
                tokenizer: str = typer.Option(..., help="the teacher's tokenizer directory (HF format)"),
                k: int = typer.Option(..., help="entries kept per position (the prompt_logprobs the requests asked for)"),
@@ -269,7 +269,8 @@ def import_cmd(inputs: List[str] = typer.Argument(..., help="JSONL (or .jsonl.zs
                overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty --out")):
     """Turn teacher logprobs saved from vLLM (prompt_token_ids + prompt_logprobs per line) into a top-k label set."""
     from labelgen.vllm_import import import_prompt_logprobs
-    m = import_prompt_logprobs(inputs, out, tokenizer, k, overwrite=overwrite, rows_per_shard=rows_per_shard)
+    m = import_prompt_logprobs(inputs, out, tokenizer, k, overwrite=overwrite, rows_per_shard=rows_per_shard,
+                               log=lambda msg: typer.echo(msg, err=True))
     typer.echo(f"wrote {m['counts']['rows']:,} rows ({m['counts']['positions']:,} positions, k={k}) to {out}")
 
 

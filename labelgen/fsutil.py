@@ -134,6 +134,7 @@ def run_lock(directory: Path, worker: tuple[int, int] | None = None) -> Iterator
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise FormatError(f"{directory}: exists and is not a directory")
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         stack.enter_context(_flock(directory / RUN_LOCK, shared=worker is not None and worker[1] > 1,
@@ -141,7 +142,15 @@ def run_lock(directory: Path, worker: tuple[int, int] | None = None) -> Iterator
         if worker is not None and worker[1] > 1:
             stack.enter_context(_flock(directory / f"labelgen.worker-{worker[0]}-of-{worker[1]}{LOCK_SUFFIX}",
                                        shared=False, what=f"{directory} (worker {worker[0]} of {worker[1]})"))
-        yield
+        try:
+            yield
+        except BaseException:
+            # A run that failed before writing anything leaves no directory it made.
+            if created and all(is_lock_file(p) for p in directory.iterdir()):
+                for p in directory.iterdir():
+                    p.unlink()
+                directory.rmdir()
+            raise
 
 
 def footer_sha256(path: Path) -> str:

@@ -216,6 +216,9 @@ def _generate(cfg: GenerateConfig, teacher: Teacher, tokenizer, files: list[Path
     finally:
         progress.close()
     shards.update(writer.result)
+    if cfg.num_workers == 1 and not any(s.rows for s in shards.values()):
+        raise InputError(f"{', '.join(cfg.inputs)}: all {counts['skipped']} input record(s) were bad and skipped "
+                         "(--skip-bad); nothing to label, no label set written")
     manifest = _write_manifest(cfg, out, teacher, tokenizer, enc, id_bound, shards, counts, total_shards)
     elapsed = time.time() - t0
     manifest["summary"] = {"seconds": round(elapsed, 2), "teacher_tokens": progress.tokens,
@@ -643,6 +646,9 @@ def _finalize(out: Path) -> dict:
     merged["shards"] = [shards[fmt.shard_name(i)] for i in range(total)]
     merged["counts"] = {k: sum(p["counts"].get(k, 0) for p in parts) for k in parts[0]["counts"]}
     merged["counts"]["rows"] = sum(s["rows"] for s in merged["shards"])
+    if not merged["counts"]["rows"]:
+        raise FormatError(f"{out}: the workers labelled no rows ({merged['counts'].get('skipped', 0)} input records "
+                          "skipped as bad); nothing to finalize")
     merged["counts"]["positions"] = sum(s["positions"] for s in merged["shards"])
     merged["config"] = {**merged["config"], "num_workers": n, "worker_index": None}
     return fmt.write_manifest(out, merged)

@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+# One JSONL line is one record: bounded so that a damaged or hostile file
+# (no newlines, one giant value) fails on its line instead of exhausting memory.
+MAX_LINE_BYTES = 256 << 20
 
 
 class InputError(ValueError):
@@ -152,11 +155,20 @@ class _ZstdFrames(io.RawIOBase):
 
 def jsonl_lines(path: Path, at: Callable[[int], None] | None = None) -> Iterator[tuple[int, str | InputError]]:
     """(line number, text) of each non-blank line of a JSONL or JSONL.zst
-    file; a line that is not UTF-8 comes as an InputError. `at` follows the
-    bytes of the file read (compressed bytes for .zst)."""
+    file; a line that is not UTF-8, or longer than MAX_LINE_BYTES, comes as
+    an InputError. `at` follows the bytes of the file read (compressed bytes
+    for .zst)."""
+    max_bytes = MAX_LINE_BYTES
     with open(path, "rb") as f:
         binary = io.BufferedReader(_ZstdFrames(path, f), 1 << 20) if file_kind(path) == "jsonl.zst" else f
-        for n, raw in enumerate(binary, start=1):
+        n = 0
+        while raw := binary.readline(max_bytes + 1):
+            n += 1
+            if len(raw) > max_bytes and not raw.endswith(b"\n"):
+                while (rest := binary.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    pass   # skip the rest of the line without holding it
+                yield n, InputError(f"{path}:{n}: line longer than {max_bytes >> 20} MiB; one record per line")
+                continue
             if at is not None:
                 at(f.tell())
             try:
@@ -168,18 +180,27 @@ def jsonl_lines(path: Path, at: Callable[[int], None] | None = None) -> Iterator
                 yield n, line
 
 
+def parse_json(line: str, where: str):
+    """One JSON value; any way it fails is an InputError naming `where`."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise InputError(f"{where}: JSON nested too deeply") from None
+
+
 def _read_jsonl(path: Path, spec: FieldSpec, at: Callable[[int], None]) -> Iterator[Record | InputError]:
     for n, line in jsonl_lines(path, at):
-        where = f"{path}:{n}"
         if isinstance(line, InputError):
             yield line
             continue
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield InputError(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+            obj = parse_json(line, f"{path}:{n}")
+        except InputError as e:
+            yield e
             continue
-        yield _safe_record(obj, where, spec)
+        yield _safe_record(obj, f"{path}:{n}", spec)
 
 
 def _read_parquet(path: Path, spec: FieldSpec, at: Callable[[int], None]) -> Iterator[Record | InputError]:

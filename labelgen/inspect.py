@@ -98,7 +98,14 @@ def _check_rows(d: dict, reader: ShardReader):
         return
     with np.errstate(invalid="ignore"):   # -inf - -inf between empty slots (adaptive truncation)
         unsorted = np.diff(lp, axis=1) > 1e-6 if lp.shape[1] > 1 else np.zeros_like(lp, bool)
+    ids = d[fmt.TOPK_IDS][0] if fmt.TOPK_IDS in d else None
+    if ids is not None and ids.shape[1] > 1:   # dropped slots (adaptive truncation) get distinct stand-ins
+        kept = np.where(np.isfinite(lp), ids, -1 - np.arange(ids.shape[1]))
+        repeated = np.diff(np.sort(kept, axis=1), axis=1) == 0
+    else:
+        repeated = np.zeros_like(lp, bool)
     checks = [
+        (repeated, "a token id appears twice among one position's entries"),
         (lp > 0, "positive logprob"),
         (unsorted, "top-k logprobs not sorted descending"),
         ((cov < 0) | (cov > 1) | np.isnan(cov), "coverage outside [0, 1]"),

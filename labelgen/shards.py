@@ -216,7 +216,7 @@ def prepare_output_dir(out_dir: Path, exist: str) -> None:
         raise FormatError(f"{out_dir}: exists and is not a directory")
     if out_dir.is_dir() and any(not fsutil.is_lock_file(p) for p in out_dir.iterdir()):
         if exist == "error":
-            raise FormatError(f"{out_dir}: output directory is not empty; pass --resume to continue it or --overwrite to replace it")
+            raise FormatError(f"{out_dir}: output directory is not empty; pass --overwrite to replace what it holds")
         if exist == "overwrite":
             fsutil.clear_directory(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -252,6 +252,12 @@ class ShardWriter:
         if f.rows + f.buffered >= self.max_rows or f.approx_bytes >= self.max_bytes:
             self.shards.append(f.close())
             self._file = None
+
+    @property
+    def rows(self) -> int:
+        """Rows written so far, the open shard's buffered ones included."""
+        f = self._file
+        return sum(s.rows for s in self.shards) + (f.rows + f.buffered if f is not None else 0)
 
     def close(self) -> dict:
         if self._file is not None:

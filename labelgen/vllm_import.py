@@ -18,43 +18,75 @@ generate`'s (atomic shards, manifest last); nothing loads a whole file.
 from __future__ import annotations
 
 import json
-import shutil
+import math
 from pathlib import Path
 
 import numpy as np
 
 from labelgen import format as fmt
+from labelgen import fsutil
 from labelgen.format import FormatError
-from labelgen.inputs import InputError, expand_paths, file_kind, jsonl_lines
+from labelgen.inputs import InputError, expand_paths, file_kind, jsonl_lines, parse_json
 from labelgen.shards import ShardWriter
 
+RUN_FILE = "run.json"   # written first: marks a directory as an import's, complete or not
+# vLLM returns the top n (max_logprobs, 20 by default) plus the actual token;
+# past the format's own bound on k a position is not a vLLM record.
+MAX_ENTRIES = 65_537
+MASS_SLACK = 1e-3      # float error in the teacher's logprobs; more mass than 1 + this is not a distribution
 
-def _entries(pos: dict, where: str) -> tuple[np.ndarray, np.ndarray, dict[int, int]]:
-    """(ids, logprobs) best first, and the vLLM ranks given."""
+
+def _entries(pos: dict, where: str, vocab: int) -> tuple[np.ndarray, np.ndarray, dict[int, int]]:
+    """(ids, logprobs) best first, and the vLLM ranks given; refuses what
+    `labelgen validate` would refuse of the labels they make."""
+    if len(pos) > MAX_ENTRIES:
+        raise InputError(f"{where}: {len(pos):,} entries, more than any vLLM record holds ({MAX_ENTRIES:,})")
     ids, lps, ranks = [], [], {}
     for key, value in pos.items():
         try:
             tid = int(key)
-            lp = float(value["logprob"] if isinstance(value, dict) else value)
-            if isinstance(value, dict) and value.get("rank") is not None:
-                ranks[tid] = int(value["rank"])
-        except (TypeError, ValueError, KeyError):
-            raise InputError(f"{where}: entry {key!r}: {value!r} is not a token id with a logprob") from None
+            raw = value["logprob"] if isinstance(value, dict) else value
+            if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+                raise TypeError
+            lp = float(raw)
+        except (TypeError, ValueError, KeyError, OverflowError):
+            raise InputError(f"{where}: entry {key!r}: {str(value)[:80]!r} is not a token id with a logprob") from None
+        if not 0 <= tid < vocab:
+            raise InputError(f"{where}: entry {key!r}: token id outside the tokenizer's vocabulary [0, {vocab})")
+        if math.isnan(lp) or lp > MASS_SLACK:
+            raise InputError(f"{where}: entry {key!r}: logprob {lp} is not a log-probability (NaN or above 0)")
+        if isinstance(value, dict) and value.get("rank") is not None:
+            rank = value["rank"]
+            if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= vocab:
+                raise InputError(f"{where}: entry {key!r}: rank {str(rank)[:40]} is not in [1, {vocab}]")
+            ranks[tid] = rank
         ids.append(tid)
-        lps.append(lp)
+        lps.append(min(lp, 0.0))
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise InputError(f"{where}: token id {dup} appears twice "
+                         f"({', '.join(repr(k) for k in pos if int(k) == dup)})")
+    mass = float(np.exp(np.asarray(lps, np.float64)).sum())
+    if mass > 1 + MASS_SLACK:
+        raise InputError(f"{where}: the entries hold probability {mass:.4f}, more than 1: not one distribution")
     order = np.lexsort((np.asarray(ids), -np.asarray(lps)))
     return np.asarray(ids, np.int64)[order], np.asarray(lps, np.float32)[order], ranks
 
 
-def row_from_prompt_logprobs(obj, k: int, where: str) -> dict:
+def row_from_prompt_logprobs(obj, k: int, where: str, vocab: int) -> dict:
     if not isinstance(obj, dict):
         raise InputError(f"{where}: expected a JSON object with prompt_token_ids and prompt_logprobs")
     ids, plp = obj.get("prompt_token_ids"), obj.get("prompt_logprobs")
-    if not isinstance(ids, list) or not isinstance(plp, list) or not all(isinstance(i, int) for i in ids):
+    if not isinstance(ids, list) or not isinstance(plp, list) or \
+            not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise InputError(f"{where}: needs prompt_token_ids (a list of ints) and prompt_logprobs (a list)")
     if len(ids) < 2 or len(plp) != len(ids):
         raise InputError(f"{where}: {len(plp)} prompt_logprobs entries for {len(ids)} prompt_token_ids "
                          "(need one per token, at least 2 tokens)")
+    bad = next((j for j, i in enumerate(ids) if not 0 <= i < vocab), None)
+    if bad is not None:
+        raise InputError(f"{where}: prompt_token_ids[{bad}] = {str(ids[bad])[:40]} is outside the tokenizer's "
+                         f"vocabulary [0, {vocab})")
     P = len(ids) - 1
     top_ids, top_lp = np.zeros((P, k), np.int64), np.zeros((P, k), np.float32)
     target_lp, target_rank = np.zeros(P, np.float32), np.zeros(P, np.int64)
@@ -62,7 +94,7 @@ def row_from_prompt_logprobs(obj, k: int, where: str) -> dict:
         at = f"{where}: prompt_logprobs[{i}]"
         if not isinstance(plp[i], dict):
             raise InputError(f"{at}: expected a mapping of token id to logprob, got {type(plp[i]).__name__}")
-        e_ids, e_lps, ranks = _entries(plp[i], at)
+        e_ids, e_lps, ranks = _entries(plp[i], at, vocab)
         actual = ids[i]
         hit = np.flatnonzero(e_ids == actual)
         if not hit.size:
@@ -80,8 +112,10 @@ def row_from_prompt_logprobs(obj, k: int, where: str) -> dict:
 
 
 def import_prompt_logprobs(inputs: list[str], out: str | Path, tokenizer_dir: str, k: int,
-                           overwrite: bool = False, rows_per_shard: int = 1000) -> dict:
-    """Write the label set; returns its manifest."""
+                           overwrite: bool = False, rows_per_shard: int = 1000, log=None) -> dict:
+    """Write the label set; returns its manifest. An import is not resumed:
+    stopped (a signal, an error) it removes what it wrote, and a directory
+    that an import left without its manifest (kill -9) is started over."""
     from transformers import AutoTokenizer
     if k < 1:
         raise ValueError(f"--k: must be >= 1, got {k}")
@@ -94,27 +128,42 @@ def import_prompt_logprobs(inputs: list[str], out: str | Path, tokenizer_dir: st
               "tokenizer": fmt.tokenizer_fingerprint(tokenizer), "counts": {}}
     vocab = max(len(tokenizer), getattr(tokenizer, "vocab_size", 0) or 0)
     out = Path(out)
-    writer = ShardWriter(out, "topk", k, vocab, header=header, max_rows=rows_per_shard,
-                         exist="overwrite" if overwrite else "error")
+    with fsutil.run_lock(out):
+        if not overwrite and _interrupted_import(out):
+            (log or (lambda m: None))(f"{out}: an import stopped before its manifest; starting it over")
+            overwrite = True
+        writer = ShardWriter(out, "topk", k, vocab, header=header, max_rows=rows_per_shard,
+                             exist="overwrite" if overwrite else "error")
+        try:
+            fsutil.atomic_write_bytes(out / RUN_FILE, json.dumps({"command": "import", "k": k}).encode())
+            for path in files:
+                if file_kind(path) not in ("jsonl", "jsonl.zst"):
+                    raise InputError(f"{path}: vLLM prompt_logprobs are read from JSONL (or .jsonl.zst) files")
+                for n, line in jsonl_lines(path):
+                    if isinstance(line, InputError):
+                        raise line
+                    where = f"{path}:{n}"
+                    try:
+                        writer.write(row_from_prompt_logprobs(parse_json(line, where), k, where, vocab))
+                    except FormatError as e:
+                        raise FormatError(f"{where}: {e}") from None
+                    except MemoryError:
+                        raise InputError(f"{where}: too large to hold in memory") from None
+            if writer.rows == 0:
+                raise InputError(f"{', '.join(map(str, files))}: no records (blank or empty); nothing to import")
+            tokenizer.save_pretrained(out / fmt.TOKENIZER_DIR)   # before the manifest: a complete set carries it
+            return writer.close()
+        except BaseException:
+            writer.abort()
+            fsutil.clear_directory(out)   # nothing of a stopped import is kept (the directory was empty or replaced)
+            raise
+
+
+def _interrupted_import(out: Path) -> bool:
+    """`out` holds what an import wrote, without the manifest that completes it."""
+    if not (out / RUN_FILE).is_file() or (out / fmt.MANIFEST_NAME).exists():
+        return False
     try:
-        for path in files:
-            if file_kind(path) not in ("jsonl", "jsonl.zst"):
-                raise InputError(f"{path}: vLLM prompt_logprobs are read from JSONL (or .jsonl.zst) files")
-            for n, line in jsonl_lines(path):
-                if isinstance(line, InputError):
-                    raise line
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
-                try:
-                    writer.write(row_from_prompt_logprobs(obj, k, f"{path}:{n}"))
-                except FormatError as e:
-                    raise FormatError(f"{path}:{n}: {e}") from None
-        tokenizer.save_pretrained(out / fmt.TOKENIZER_DIR)   # before the manifest: a complete set carries it
-        return writer.close()
-    except BaseException:
-        # Nothing here can be resumed: leave no shards behind (the directory was empty or replaced).
-        writer.abort()
-        shutil.rmtree(out, ignore_errors=True)
-        raise
+        return json.loads((out / RUN_FILE).read_text()).get("command") == "import"
+    except (OSError, ValueError, AttributeError):
+        return False

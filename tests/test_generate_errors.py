@@ -207,3 +207,20 @@ def test_resume_refuses_a_run_begun_by_a_labelgen_writing_another_format(tiny_te
                                           r"finish it with that version, or pass --overwrite to delete its \d+ finished",
                                           r.stderr), r.stderr
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_skip_bad_with_every_record_bad_is_an_error_not_an_empty_label_set(tiny_teacher, bad_inputs, tmp_path):
+    (tmp_path / "all_bad.jsonl").write_text("{not json\n" + json.dumps({"body": "x"}) + "\n")
+    r = gen(tiny_teacher, tmp_path, "--input", str(tmp_path / "all_bad.jsonl"), "--skip-bad")
+    assert r.exit_code == 2 and "all 2 input record(s) were bad and skipped (--skip-bad); nothing to label" in r.stderr, r.output
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_overwrite_through_a_symlinked_out_replaces_the_labels_and_keeps_the_link(tiny_teacher, corpus, tmp_path):
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "out").symlink_to(tmp_path / "disk")
+    assert gen(tiny_teacher, tmp_path, "--input", str(corpus / "docs.jsonl")).exit_code == 0
+    r = gen(tiny_teacher, tmp_path, "--input", str(corpus / "docs.jsonl"), "--k", "4", "--overwrite")
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    assert (tmp_path / "out").is_symlink()
+    assert json.loads((tmp_path / "disk" / "manifest.json").read_text())["k"] == 4
