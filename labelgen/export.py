@@ -15,7 +15,6 @@ renders each to exactly the labelled ids, and streams one shard at a time.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -66,44 +65,50 @@ def export_axolotl(label_dir: str | Path, out: str | Path, inputs: list[str] | N
                           f"{reader.kind} labels{'' if cfg.get('messages_field') else ' not made with --messages-field'}")
     tokenizer = AutoTokenizer.from_pretrained(reader.dir / fmt.TOKENIZER_DIR, trust_remote_code=False)
     files = expand_paths(list(inputs or cfg.get("inputs") or []))
+    names = _labelled_names(reader.dir, files)
     spec = FieldSpec(messages_field=cfg["messages_field"], id_field=cfg.get("id_field"))
-    records = enumerate(read_records(files, spec))
+    records = enumerate(read_records(files, spec, names=names))
     per_shard = int(cfg["rows_per_shard"])
-    out = Path(out)
-    tmp = out.with_name(out.name + fmt.TMP_SUFFIX)
-    fsutil.refuse_symlink(out)
     stats = {"rows": 0, "tokens": 0}
-    try:
-        with open(tmp, "w") as f:
-            # Shards in input order: each footer names its slice of the input (read once).
-            for index, si, shard in sorted((_shard_index(reader, sh), si, sh) for si, sh in enumerate(reader.shards)):
-                rows: dict[str, list[dict]] = {}
-                pf = reader.open_shard(shard)
-                for rg in range(pf.num_row_groups):
-                    for row in fmt.rows_from_decoded(reader.read_row_group(si, rg, None, pf)):
-                        rows.setdefault(row[fmt.EXAMPLE_ID], []).append(row)
-                for n, rec in records:   # the shard's slice of the input, in input order
-                    if not isinstance(rec, InputError) and rec.example_id in rows:
-                        ids, entries = stitch(rows.pop(rec.example_id))
-                        text = tokenizer.apply_chat_template(rec.messages, tokenize=False, add_generation_prompt=False)
-                        if not np.array_equal(tokenizer(text, add_special_tokens=False)["input_ids"], ids):
-                            raise FormatError(f"{rec.where}: the chat template no longer renders this conversation to "
-                                              "the labelled tokens (inputs or template changed since generation?)")
-                        f.write(json.dumps(axolotl_row(rec.messages, cfg["messages_field"], entries)) + "\n")
-                        stats["rows"] += 1
-                        stats["tokens"] += len(ids)
-                    if n + 1 >= (index + 1) * per_shard:
-                        break
-                if rows:
-                    raise FormatError(f"{where}/{shard['name']}: example {next(iter(rows))!r} is not in the inputs "
-                                      f"({', '.join(map(str, files))}); pass the inputs the labels were made from (--input)")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with fsutil.atomic_writer(Path(out), text=True) as f:
+        # Shards in input order: each footer names its slice of the input (read once).
+        for index, si, shard in sorted((_shard_index(reader, sh), si, sh) for si, sh in enumerate(reader.shards)):
+            rows: dict[str, list[dict]] = {}
+            pf = reader.open_shard(shard)
+            for rg in range(pf.num_row_groups):
+                for row in fmt.rows_from_decoded(reader.read_row_group(si, rg, None, pf)):
+                    rows.setdefault(row[fmt.EXAMPLE_ID], []).append(row)
+            for n, rec in records:   # the shard's slice of the input, in input order
+                if not isinstance(rec, InputError) and rec.example_id in rows:
+                    ids, entries = stitch(rows.pop(rec.example_id))
+                    text = tokenizer.apply_chat_template(rec.messages, tokenize=False, add_generation_prompt=False)
+                    if not np.array_equal(tokenizer(text, add_special_tokens=False)["input_ids"], ids):
+                        raise FormatError(f"{rec.where}: the chat template no longer renders this conversation to "
+                                          "the labelled tokens (inputs or template changed since generation?)")
+                    f.write(json.dumps(axolotl_row(rec.messages, cfg["messages_field"], entries)) + "\n")
+                    stats["rows"] += 1
+                    stats["tokens"] += len(ids)
+                if n + 1 >= (index + 1) * per_shard:
+                    break
+            if rows:
+                shown = ", ".join(map(str, files[:3])) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+                raise FormatError(f"{where}/{shard['name']}: example {next(iter(rows))!r} is not in the inputs "
+                                  f"({shown}); pass the inputs the labels were made from (--input)")
     return stats
+
+
+def _labelled_names(label_dir: Path, files: list[Path]) -> list[str] | None:
+    """The input files as the labelling run spelled them (its run.json), when
+    `files` are the same files, maybe moved or spelled otherwise (matched in
+    order, by size): default example ids embed those spellings."""
+    try:
+        labelled = json.loads((label_dir / fmt.RUN_FILE).read_text()).get("inputs") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    if len(labelled) != len(files) or not all(isinstance(v, list) and v and v[0] == f.stat().st_size
+                                               for v, f in zip(labelled.values(), files)):
+        return None
+    return list(labelled)
 
 
 def _shard_index(reader: ShardReader, shard: dict) -> int:

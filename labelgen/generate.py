@@ -36,7 +36,6 @@ from labelgen.inputs import FieldSpec, InputError, ReadPosition, Record, expand_
 from labelgen.shards import (ShardFile, ShardInfo, build_manifest, prepare_output_dir, shard_counts,
                              shard_info_from_file)
 
-RUN_FILE = "run.json"
 QUEUE_DEPTH = 4
 
 
@@ -104,10 +103,10 @@ def check_output_dir(cfg: GenerateConfig, files: list[Path]) -> None:
     overwriting; refuse to resume under a changed config or changed inputs."""
     out = Path(cfg.out)
     inputs = input_identity(files)
-    run_file = out / RUN_FILE
+    run_file = out / fmt.RUN_FILE
     finished = sorted(out.glob("shard-*" + fmt.SHARD_SUFFIX)) if out.is_dir() else []
     # A run that failed before its first shard left only run.json: nothing to resume or lose.
-    started = out.is_dir() and any(p.name != RUN_FILE and not fsutil.is_lock_file(p) for p in out.iterdir())
+    started = out.is_dir() and any(p.name != fmt.RUN_FILE and not fsutil.is_lock_file(p) for p in out.iterdir())
     if started and not cfg.overwrite:
         if not run_file.is_file():
             raise ValueError(f"--out: {out} is not empty and holds no labelgen run; choose another directory or pass --overwrite")

@@ -105,9 +105,9 @@ def _record(obj, where: str, default_id: str, spec: FieldSpec) -> Record:
     return Record(ex_id, where, **{"prompt" if spec.prompt_field else "text": value})
 
 
-def _safe_record(obj, where: str, spec: FieldSpec) -> Record | InputError:
+def _safe_record(obj, where: str, default_id: str, spec: FieldSpec) -> Record | InputError:
     try:
-        return _record(obj, where, where, spec)
+        return _record(obj, where, default_id, spec)
     except InputError as e:
         return e
 
@@ -190,7 +190,7 @@ def parse_json(line: str, where: str):
         raise InputError(f"{where}: JSON nested too deeply") from None
 
 
-def _read_jsonl(path: Path, spec: FieldSpec, at: Callable[[int], None]) -> Iterator[Record | InputError]:
+def _read_jsonl(path: Path, spec: FieldSpec, at: Callable[[int], None], name: str) -> Iterator[Record | InputError]:
     for n, line in jsonl_lines(path, at):
         if isinstance(line, InputError):
             yield line
@@ -200,10 +200,10 @@ def _read_jsonl(path: Path, spec: FieldSpec, at: Callable[[int], None]) -> Itera
         except InputError as e:
             yield e
             continue
-        yield _safe_record(obj, f"{path}:{n}", spec)
+        yield _safe_record(obj, f"{path}:{n}", f"{name}:{n}", spec)
 
 
-def _read_parquet(path: Path, spec: FieldSpec, at: Callable[[int], None]) -> Iterator[Record | InputError]:
+def _read_parquet(path: Path, spec: FieldSpec, at: Callable[[int], None], name: str) -> Iterator[Record | InputError]:
     import pyarrow as pa
     import pyarrow.parquet as pq
     try:
@@ -218,11 +218,11 @@ def _read_parquet(path: Path, spec: FieldSpec, at: Callable[[int], None]) -> Ite
     for batch in pf.iter_batches(batch_size=1024, columns=cols):
         at(size * (row + batch.num_rows) // max(pf.metadata.num_rows, 1))
         for obj in batch.to_pylist():
-            yield _safe_record(obj, f"{path}:{row}", spec)
+            yield _safe_record(obj, f"{path}:{row}", f"{name}:{row}", spec)
             row += 1
 
 
-def _read_text(path: Path) -> Iterator[Record]:
+def _read_text(path: Path, name: str) -> Iterator[Record]:
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
@@ -231,18 +231,20 @@ def _read_text(path: Path) -> Iterator[Record]:
         raise InputError(f"{path}:{line}: not valid UTF-8 ({e.reason})") from None
     if not text.strip():
         raise InputError(f"{path}:1: empty text file")
-    yield Record(str(path), f"{path}:1", text=text)
+    yield Record(name, f"{path}:1", text=text)
 
 
-def read_records(files: list[Path], spec: FieldSpec = FieldSpec(),
-                 position: ReadPosition | None = None) -> Iterator[Record | InputError]:
+def read_records(files: list[Path], spec: FieldSpec = FieldSpec(), position: ReadPosition | None = None,
+                 names: list[str] | None = None) -> Iterator[Record | InputError]:
     """All records of the input files (expand_paths' list) in a fixed order.
     A bad record is yielded as an InputError (not raised) so the caller
     decides whether to skip it; a bad file (unreadable, corrupt) is yielded
-    once and ends that file. `position` follows the bytes read."""
+    once and ends that file. `position` follows the bytes read. `names`
+    (one per file) replace the files' paths in default example ids: the
+    same records read from a copy keep the ids they were labelled with."""
     position = position or ReadPosition()
     done = 0
-    for path in files:
+    for path, name in zip(files, names or map(str, files)):
         def at(n: int, base: int = done) -> None:
             position.bytes = base + n
         kind = file_kind(path)
@@ -253,11 +255,11 @@ def read_records(files: list[Path], spec: FieldSpec = FieldSpec(),
             size = path.stat().st_size
             if kind == "text":
                 at(size)
-                yield from _read_text(path)
+                yield from _read_text(path, name)
             elif kind == "parquet":
-                yield from _read_parquet(path, spec, at)
+                yield from _read_parquet(path, spec, at, name)
             else:
-                yield from _read_jsonl(path, spec, at)
+                yield from _read_jsonl(path, spec, at, name)
         except InputError as e:
             yield e
         except OSError as e:

@@ -29,7 +29,6 @@ from labelgen.format import FormatError
 from labelgen.inputs import InputError, expand_paths, file_kind, jsonl_lines, parse_json
 from labelgen.shards import ShardWriter
 
-RUN_FILE = "run.json"   # written first: marks a directory as an import's, complete or not
 # vLLM returns the top n (max_logprobs, 20 by default) plus the actual token;
 # past the format's own bound on k a position is not a vLLM record.
 MAX_ENTRIES = 65_537
@@ -135,7 +134,7 @@ def import_prompt_logprobs(inputs: list[str], out: str | Path, tokenizer_dir: st
         writer = ShardWriter(out, "topk", k, vocab, header=header, max_rows=rows_per_shard,
                              exist="overwrite" if overwrite else "error")
         try:
-            fsutil.atomic_write_bytes(out / RUN_FILE, json.dumps({"command": "import", "k": k}).encode())
+            fsutil.atomic_write_bytes(out / fmt.RUN_FILE, json.dumps({"command": "import", "k": k}).encode())
             for path in files:
                 if file_kind(path) not in ("jsonl", "jsonl.zst"):
                     raise InputError(f"{path}: vLLM prompt_logprobs are read from JSONL (or .jsonl.zst) files")
@@ -161,9 +160,9 @@ def import_prompt_logprobs(inputs: list[str], out: str | Path, tokenizer_dir: st
 
 def _interrupted_import(out: Path) -> bool:
     """`out` holds what an import wrote, without the manifest that completes it."""
-    if not (out / RUN_FILE).is_file() or (out / fmt.MANIFEST_NAME).exists():
+    if not (out / fmt.RUN_FILE).is_file() or (out / fmt.MANIFEST_NAME).exists():
         return False
     try:
-        return json.loads((out / RUN_FILE).read_text()).get("command") == "import"
+        return json.loads((out / fmt.RUN_FILE).read_text()).get("command") == "import"
     except (OSError, ValueError, AttributeError):
         return False

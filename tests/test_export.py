@@ -102,3 +102,47 @@ def test_export_refuses_labels_it_cannot_express(tiny_teacher, corpus, chats, tm
     assert not (tmp_path / "y.jsonl").exists() and not (tmp_path / "y.jsonl.tmp").exists()
     r = runner.invoke(app, ["export", str(tmp_path / "chat"), "--to", "trl", str(tmp_path / "z.jsonl")])
     assert r.exit_code == 2 and "--to: unknown target 'trl'" in r.output
+
+
+@pytest.fixture(scope="module")
+def chat_labels(tiny_teacher, chats, tmp_path_factory):
+    out = tmp_path_factory.mktemp("chat_labels") / "labels"
+    run(GenerateConfig(teacher=tiny_teacher, inputs=(str(chats),), out=str(out), k=4, max_seq_len=64,
+                       messages_field="messages", rows_per_shard=3, progress=False, device="cpu"))
+    return out
+
+
+def test_a_symlink_planted_at_the_temporary_file_is_not_written_through(chat_labels, tmp_path):
+    target = tmp_path / "victim.txt"
+    target.write_text("keep me")
+    (tmp_path / "kd.jsonl.tmp").symlink_to(target)
+    r = runner.invoke(app, ["export", str(chat_labels), "--to", "axolotl", str(tmp_path / "kd.jsonl")])
+    assert r.exit_code == 0, r.output
+    assert target.read_text() == "keep me"
+    assert not (tmp_path / "kd.jsonl").is_symlink() and len((tmp_path / "kd.jsonl").read_text().splitlines()) == 7
+
+
+def test_the_inputs_named_by_another_spelling_or_moved_export_the_same_rows(chat_labels, chats, tmp_path, monkeypatch):
+    r = runner.invoke(app, ["export", str(chat_labels), "--to", "axolotl", str(tmp_path / "a.jsonl")])
+    assert r.exit_code == 0, r.output
+    moved = tmp_path / "elsewhere" / "copy.jsonl"
+    moved.parent.mkdir()
+    moved.write_bytes(chats.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    for spelling in (str(chats.resolve()), "elsewhere/copy.jsonl", str(moved)):
+        r = runner.invoke(app, ["export", str(chat_labels), "--to", "axolotl", str(tmp_path / "b.jsonl"), "--input", spelling])
+        assert r.exit_code == 0, (spelling, r.output)
+        assert (tmp_path / "b.jsonl").read_bytes() == (tmp_path / "a.jsonl").read_bytes()
+
+
+def test_export_errors_are_one_short_line(chat_labels, tmp_path):
+    (tmp_path / "dir").mkdir()
+    r = runner.invoke(app, ["export", str(chat_labels), "--to", "axolotl", str(tmp_path / "dir")])
+    assert r.exit_code == 2 and "dir: is a directory; name a file to write" in r.output and "Traceback" not in r.output
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(400):
+        (many / f"file{i:03d}.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    r = runner.invoke(app, ["export", str(chat_labels), "--to", "axolotl", str(tmp_path / "c.jsonl"), "--input", str(many)])
+    assert r.exit_code == 2 and "and 397 more); pass the inputs the labels were made from" in r.output, r.output
+    assert len(r.output) < 1000

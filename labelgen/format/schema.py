@@ -19,6 +19,7 @@ FORMAT_NAME = "labelgen"
 FORMAT_VERSION = "2.0"
 READABLE_MAJOR_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
+RUN_FILE = "run.json"         # a run's config and inputs, written first: resume and export read it
 TOKENIZER_DIR = "tokenizer"   # the labels' tokenizer, saved beside the shards
 SHARD_SUFFIX = ".parquet"
 FILE_META_KEY = b"labelgen"
