@@ -108,6 +108,46 @@ def candidate_map(teacher_bytes: list[bytes], student, student_bytes: list[bytes
     return out
 
 
+def _map_digest(key: str, data: bytes) -> str:
+    return hashlib.sha256(key.encode() + b"\0" + data).hexdigest()
+
+
+def save_candidate_map(path: Path, key: str, mapping: np.ndarray) -> None:
+    """The map as .npy, and beside it the hash of (tokenizer pair, map bytes) it is checked against."""
+    buf = io.BytesIO()
+    np.save(buf, mapping.astype(np.int64), allow_pickle=False)
+    fsutil.atomic_write_bytes(path, buf.getvalue())
+    fsutil.atomic_write_bytes(path.with_suffix(".sha256"), _map_digest(key, buf.getvalue()).encode())
+
+
+def load_candidate_map(path: Path, key: str, teacher_vocab: int, student_vocab: int) -> np.ndarray | None:
+    """A cached map, or None (rebuild it) unless everything about it holds:
+    its hash for this tokenizer pair, int64, one entry per teacher token
+    (checked in the header, before anything is allocated), values in
+    [-1, student vocabulary). A cache beside a run is not trusted blindly:
+    wrong values would train silently on wrong targets."""
+    try:
+        with open(path, "rb") as f:
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(f))
+            if read_header is None:
+                return None
+            shape, fortran, dtype = read_header(f)
+            if dtype != np.dtype("<i8") or fortran or shape != (teacher_vocab,):
+                return None
+            size = f.tell() + 8 * teacher_vocab   # the header and the array, no more
+            f.seek(0)
+            data = f.read(size)
+        if path.with_suffix(".sha256").read_text().strip() != _map_digest(key, data):
+            return None
+        mapping = np.load(io.BytesIO(data), allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    if mapping.shape != (teacher_vocab,) or mapping.size and (mapping.min() < -1 or mapping.max() >= student_vocab):
+        return None
+    return mapping
+
+
 class CrossTokenizer:
     """Re-tokenizes label rows for a student with its own tokenizer (see the module docstring)."""
 
@@ -118,16 +158,11 @@ class CrossTokenizer:
         key = hashlib.sha256((fmt.tokenizer_fingerprint(teacher_tokenizer)["fingerprint"] + "\0"
                               + fmt.tokenizer_fingerprint(student_tokenizer)["fingerprint"]).encode()).hexdigest()[:16]
         cached = Path(cache_dir) / f"candidate_map-{key}.npy" if cache_dir else None
-        if cached is not None and cached.is_file():
-            self.map = np.load(cached, allow_pickle=False)
-        else:
+        self.map = load_candidate_map(cached, key, len(self.teacher_bytes), len(self.student_bytes)) if cached else None
+        if self.map is None:
             self.map = candidate_map(self.teacher_bytes, student_tokenizer, self.student_bytes)
             if cached is not None:
-                buf = io.BytesIO()
-                np.save(buf, self.map, allow_pickle=False)
-                fsutil.atomic_write_bytes(cached, buf.getvalue())
-        if len(self.map) != len(self.teacher_bytes):
-            raise FormatError(f"{cached}: a candidate map for another tokenizer; delete it")
+                save_candidate_map(cached, key, self.map)
 
     def window(self, teacher_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """(student ids, student token byte lengths, for each student position

@@ -179,3 +179,40 @@ def test_the_trainer_api_distills_across_tokenizers_with_the_same_batches_and_lo
         ours = micro_step({"student": model}, batch, 0.5, lambda objective: None, cfg=cfg)["loss"]
         assert trainer.compute_loss(model, hf_batch).item() == pytest.approx(ours.item(), rel=1e-6)
     assert trainer.train().global_step == 2
+
+
+def _npy(array) -> bytes:
+    import io
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def test_a_damaged_or_hostile_cached_candidate_map_is_rebuilt_never_trusted(tmp_path):
+    fresh = CrossTokenizer(TEACHER, STUDENT).map
+    CrossTokenizer(TEACHER, STUDENT, tmp_path)
+    [cached] = tmp_path.glob("candidate_map-*.npy")
+    good = cached.read_bytes()
+    V = len(fresh)
+    huge_header = _npy(fresh).replace(f"({V},)".encode(), b"(100000000000,)".ljust(len(f"({V},)")))
+    cases = {
+        "other values": _npy(np.roll(fresh, 1)),
+        "values 10^12": _npy(np.full(V, 10**12, np.int64)),
+        "float": _npy(fresh.astype(np.float64)),
+        "uint8": _npy(fresh.astype(np.uint8)),
+        "bool": _npy(fresh.astype(bool)),
+        "2-D": _npy(np.stack([fresh, fresh])),
+        "0-d": _npy(np.int64(3)),
+        "header claims 10^11 entries": huge_header[: len(good)],
+        "truncated": good[: len(good) // 2],
+        "not npy": b"garbage" * 10,
+        "empty": b"",
+    }
+    for name, data in cases.items():
+        cached.write_bytes(data)
+        x = CrossTokenizer(TEACHER, STUDENT, tmp_path)
+        np.testing.assert_array_equal(x.map, fresh, err_msg=name)
+        assert cached.read_bytes() == good, name   # rebuilt and cached again
+    cached.with_suffix(".sha256").unlink()   # a map without its hash is rebuilt too
+    cached.write_bytes(_npy(np.roll(fresh, 1)))
+    np.testing.assert_array_equal(CrossTokenizer(TEACHER, STUDENT, tmp_path).map, fresh)
