@@ -49,9 +49,27 @@ def save_checkpoint(out: Path, step: int, models: dict, optimizers: dict, schedu
     model is saved at the top level, several in subdirectories. `full_states`
     (name -> (model state, optimizer state)) replaces what the objects hold:
     FSDP gathers full state dicts on every rank before rank 0 saves."""
+    from safetensors import SafetensorError
     final = checkpoint_dir(out, step)
     tmp = final.with_name("." + final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_checkpoint(tmp, models, optimizers, schedulers, tokenizer, loader_state, {**meta, "step": step},
+                          full_states)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)   # no half checkpoint: resume takes the last whole one
+        if isinstance(e, SafetensorError):   # a full disk while writing weights: say so in one line, not a traceback
+            raise OSError(f"{final}: cannot write the checkpoint ({' '.join(str(e).split())})") from None
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    return final
+
+
+def _write_checkpoint(tmp: Path, models: dict, optimizers: dict, schedulers: dict, tokenizer, loader_state: dict,
+                      meta: dict, full_states: dict | None) -> None:
     tmp.mkdir(parents=True)
     for name, model in models.items():
         where = tmp if len(models) == 1 else tmp / name
@@ -62,16 +80,11 @@ def save_checkpoint(out: Path, step: int, models: dict, optimizers: dict, schedu
         (where / "scheduler.json").write_text(json.dumps(schedulers[name].state_dict(), default=float))
     torch.save(rng_state(), tmp / "rng.pt")
     (tmp / "loader.json").write_text(json.dumps(loader_state))
-    (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2, default=str))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
     for f in tmp.rglob("*"):
         if f.is_file():
             with open(f, "rb+") as fh:
                 os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
-    return final
 
 
 def _load_tensors(path: Path):

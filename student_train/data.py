@@ -215,6 +215,10 @@ class LabelStream(torch.utils.data.IterableDataset):
         self.rank_order = k is not None and k < readers[0].k
         selected = shards if shards is not None else [(d, s) for d, r in enumerate(readers) for s in range(len(r.shards))]
         self.units = [(d, s, g) for d, s in selected for g in range(self._row_groups(d, s))]
+        if not self.units:
+            where = ", ".join(str(r.dir) for r in readers)
+            raise FormatError(f"{where}: {'the label set is empty' if shards is None else 'the selected shards are empty'} "
+                              "(0 rows); nothing to read")
         self.start = LoaderState()
         self._open: tuple = (None, None)   # (dir, shard) -> its open ParquetFile, the last one read
 

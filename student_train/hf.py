@@ -31,7 +31,7 @@ from labelgen.format import FormatError
 from student_train.config import LOSSES
 from student_train.data import LabelStream, collate, columns_from_rows, open_label_sets
 from student_train.losses import KINDS, TAILS, alpha_at
-from student_train.train import check_vocabulary, load_tokenizer_for, loss_step
+from student_train.train import check_vocabulary, check_width_against_labels, load_tokenizer_for, loss_step
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,8 @@ class LabelDataset(torch.utils.data.IterableDataset):
             raise FormatError("processing_class: not the student_tokenizer this LabelDataset re-tokenizes for")
         if cross is None and tokenizer is not None:
             width = check_vocabulary(self.manifest, tokenizer, model, str(self.stream.readers[0].dir))
+        elif cross is None:
+            check_width_against_labels(self.manifest, width, str(self.stream.readers[0].dir))
         self.stream.vocab_limit = width
 
     def __iter__(self):

@@ -160,7 +160,10 @@ class MetricsLog:
         if main:
             fsutil.refuse_symlink(self.path)
         if main and resume_step is not None and self.path.exists():
-            kept = [l for l in self.path.read_text().splitlines() if l and _step_of(l, self.path) <= resume_step]
+            lines = [l for l in self.path.read_text(errors="replace").splitlines() if l.strip()]
+            if lines and _step_of(lines[-1], self.path, torn_ok=True) is None:
+                lines.pop()   # a crash in the middle of writing it tore the last line
+            kept = [l for l in lines if _step_of(l, self.path) <= resume_step]
             fsutil.atomic_write_bytes(self.path, ("\n".join(kept) + "\n" if kept else "").encode())
         elif main and resume_step is None:
             self.path.write_text("")
@@ -172,10 +175,13 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def _step_of(line: str, path: Path) -> int:
+def _step_of(line: str, path: Path, torn_ok: bool = False) -> int | None:
+    """The step a metrics line records; a bad line is refused (None with torn_ok)."""
     try:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
+        if torn_ok:
+            return None
         raise ValueError(f"{path}: not a metrics log (a line without a step); move it away to resume") from None
 
 

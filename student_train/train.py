@@ -66,6 +66,20 @@ def check_width(model, tokenizer, where: str) -> int:
     return width
 
 
+def check_width_against_labels(manifest: dict, width: int, where: str) -> None:
+    """Without the student's tokenizer, its logits width must be one the
+    labels name: their tokenizer's length or their id bound (the teacher's
+    logits, padding included). Narrower fails mid-run on an id it lacks;
+    any other width is most likely another tokenizer's model, which would
+    train silently on these ids."""
+    tokens = (manifest.get("tokenizer") or {}).get("vocab_size")
+    bound = int(manifest["vocab_size"])
+    if width not in (tokens, bound):
+        raise FormatError(f"{where}: the student's logits are {width} wide, but the labels' tokenizer has {tokens} tokens "
+                          f"(ids below {bound}); pass the student's tokenizer (processing_class=...) to check that it is "
+                          "the labels' one, or use a student built for it")
+
+
 def check_loss_fits_labels(cfg: TrainConfig, kind: str, stored_k: int) -> int:
     if cfg.loss == "kd" and kind not in ("topk", "sampled"):
         raise FormatError(f"--loss kd needs topk or sampled labels; {cfg.labels[0]} holds {kind} "

@@ -11,3 +11,21 @@ import pytest
 def test_every_module_imports_first_without_a_circular_import(module):
     r = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def _minimum(requirement: str) -> tuple[int, ...]:
+    import re
+    version = re.search(r">=\s*([\d.]+)", requirement).group(1)
+    return tuple(int(p) for p in version.split("."))
+
+
+def test_the_trainer_page_says_how_to_install_what_its_script_needs_and_the_extra_pins_what_transformers_asks():
+    import importlib.metadata
+    import tomllib
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    assert "pip install 'labelgen[trainer]'" in (root / "docs" / "trainer.md").read_text()
+    extra = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]["trainer"]
+    ours = next(r for r in extra if r.startswith("accelerate"))
+    theirs = next(r for r in importlib.metadata.requires("transformers") if r.startswith("accelerate"))
+    assert _minimum(ours) >= _minimum(theirs), (ours, theirs)

@@ -118,6 +118,29 @@ def test_the_labels_must_fit_the_students_tokenizer(topk_labels, student_config,
                        train_dataset=LabelDataset(str(topk_labels)), processing_class=other)
 
 
+@pytest.mark.parametrize("width", [600, 300])
+def test_without_a_tokenizer_a_student_of_another_width_is_refused_before_training(topk_labels, student_config,
+                                                                                   tmp_path, width):
+    """Wider: most likely another tokenizer's model (it trained silently); narrower: an IndexError mid-run."""
+    from transformers import TrainingArguments
+    from labelgen.format import FormatError
+    model, _ = student_and_tokenizer(topk_labels, student_config)
+    model.resize_token_embeddings(width)
+    with pytest.raises(FormatError, match=rf"the student's logits are {width} wide, but the labels' tokenizer has 512 "
+                                          r"tokens.*pass the student's tokenizer \(processing_class=...\)"):
+        DistillTrainer(model=model, args=TrainingArguments(str(tmp_path), max_steps=1, report_to=[], use_cpu=True),
+                       train_dataset=LabelDataset(str(topk_labels)))
+
+
+def test_an_empty_label_set_says_it_is_empty(tmp_path):
+    from labelgen.format import FormatError
+    from labelgen.shards import ShardWriter
+    with ShardWriter(tmp_path / "empty", "topk", 4, 512):
+        pass
+    with pytest.raises(FormatError, match=r"empty: the label set is empty \(0 rows\); nothing to read"):
+        LabelDataset(str(tmp_path / "empty"))
+
+
 def doc_script(tmp_path) -> Path:
     blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(), re.S)
     assert len(blocks) == 1 and len(blocks[0].strip().splitlines()) <= 30

@@ -162,3 +162,40 @@ def test_a_run_that_failed_before_its_first_checkpoint_can_be_rerun_plainly(topk
     r = run_train(topk_labels, student_config, tmp_path / "o")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "o" / "step_000002").is_dir()
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_leaves_no_half_checkpoint(topk_labels, student_config,
+                                                                                       tmp_path, monkeypatch):
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+    r = run_train(topk_labels, student_config, tmp_path / "o", "--save-every", "1")
+    assert_one_line_error(r, r"step_000001: cannot write the checkpoint \(.*No space left on device")
+    assert not [p.name for p in (tmp_path / "o").iterdir() if p.name.startswith((".step", "step"))]
+
+
+def test_a_full_disk_while_logging_metrics_is_one_line(topk_labels, student_config, tmp_path, monkeypatch):
+    import errno
+    from student_train.runtime import MetricsLog
+
+    def full(self, record):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+    monkeypatch.setattr(MetricsLog, "write", full)
+    assert_one_line_error(run_train(topk_labels, student_config, tmp_path / "o"), r"metrics.jsonl: No space left on device$")
+
+
+def test_a_metrics_log_torn_by_a_crash_resumes_and_a_damaged_middle_is_refused(topk_labels, student_config, tmp_path):
+    assert run_train(topk_labels, student_config, tmp_path / "o", "--log-every", "1").exit_code == 0
+    log = tmp_path / "o" / "metrics.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines) + "\n" + lines[-1][: len(lines[-1]) // 2])   # the crash cut a line in two
+    r = run_train(topk_labels, student_config, tmp_path / "o", "--max-steps", "3", "--log-every", "1", "--resume")
+    assert r.exit_code == 0, r.output
+    steps = [json.loads(l)["step"] for l in log.read_text().splitlines() if "eval" not in l]
+    assert steps == sorted(set(steps)) and steps[-1] == 3
+    log.write_text("\n".join([lines[0], "garbage", lines[-1]]) + "\n")
+    r = run_train(topk_labels, student_config, tmp_path / "o", "--max-steps", "4", "--resume")
+    assert_one_line_error(r, r"metrics.jsonl: not a metrics log \(a line without a step\)")
