@@ -155,3 +155,39 @@ def test_finalize_and_a_second_copy_of_a_worker_are_refused_while_a_worker_runs(
                 pass
         with pytest.raises(FormatError, match="in use by another labelgen run"):
             finalize(tmp_path)
+
+
+@pytest.mark.slow
+def test_an_import_stopped_by_sigterm_keeps_nothing_and_the_same_command_then_completes(tiny_teacher, tmp_path):
+    K = 8
+    import numpy as np
+    rng = np.random.default_rng(0)
+    with open(tmp_path / "big.jsonl", "w") as f:
+        for n in range(3000):
+            ids = rng.integers(0, 512, 40).tolist()
+            plp = [None] + [{str(t): {"logprob": float(-1.0 - r), "rank": r + 1}
+                             for r, t in enumerate(dict.fromkeys([ids[i], *rng.permutation(512)[:K].tolist()]))}
+                            for i in range(1, 40)]
+            f.write(json.dumps({"prompt_token_ids": ids, "prompt_logprobs": plp}) + "\n")
+    args = ["import", str(tmp_path / "big.jsonl"), "--tokenizer", tiny_teacher, "--k", str(K), "--out",
+            str(tmp_path / "l"), "--rows-per-shard", "100"]
+    proc = labelgen(*args)
+    wait_for(lambda: len(shards(tmp_path / "l")) >= 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    code, err = ended(proc)
+    assert code == 143 and "labelgen: stopped by SIGTERM; nothing was kept" in err and "Traceback" not in err, err
+    assert not (tmp_path / "l").exists()
+    code, err = ended(labelgen(*args), 600)
+    assert code == 0, err
+    assert validate(tmp_path / "l")["rows"] == 3000
+
+
+def test_an_import_into_a_label_set_another_run_holds_is_refused(tiny_teacher, tmp_path):
+    from typer.testing import CliRunner
+    from labelgen.cli import app
+    from labelgen.fsutil import run_lock
+    (tmp_path / "x.jsonl").write_text("{}\n")
+    with run_lock(tmp_path / "l"):
+        r = CliRunner().invoke(app, ["import", str(tmp_path / "x.jsonl"), "--tokenizer", tiny_teacher, "--k", "4",
+                                     "--out", str(tmp_path / "l")])
+    assert r.exit_code == 2 and "in use by another labelgen run" in r.output, r.output
