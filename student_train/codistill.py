@@ -70,7 +70,8 @@ def check_widths(teacher, student, tokenizer) -> int:
     return n
 
 
-def kd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, mask: torch.Tensor, cfg: CodistillConfig) -> torch.Tensor:
+def kd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor,
+            cfg: CodistillConfig) -> torch.Tensor:
     """The training stage's losses against the teacher's live distribution:
     all of it (full) or its top-k only (as offline labels would keep)."""
     if cfg.kd == "full":
@@ -78,7 +79,7 @@ def kd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, mask: torch.Tensor, 
     t_lp = torch.log_softmax(t_logits.float(), dim=-1)
     top = t_lp.topk(cfg.k, dim=-1)
     return losses.topk_kd(s_logits, top.indices, top.values, top.values.exp().sum(-1), mask, kind=cfg.kd_kind,
-                          tail=cfg.tail, temperature=cfg.temperature, beta=cfg.beta)
+                          tail=cfg.tail, temperature=cfg.temperature, beta=cfg.beta, targets=targets)
 
 
 def forward(model, batch: dict, n_vocab: int) -> torch.Tensor:
@@ -99,7 +100,7 @@ def micro_step(models: dict, batch: dict, alpha: float, backward, *, cfg: Codist
             backward(t_ce)
     s_logits = forward(models["student"], batch, n_vocab)
     s_ce = losses.cross_entropy(s_logits, batch["targets"], mask)
-    kd = kd_loss(s_logits, t_logits.detach(), mask, cfg) if alpha < 1 else torch.zeros_like(s_ce)
+    kd = kd_loss(s_logits, t_logits.detach(), mask, batch["targets"], cfg) if alpha < 1 else torch.zeros_like(s_ce)
     s_loss = alpha * s_ce + (1 - alpha) * kd
     backward(s_loss)
     return {"loss": s_loss, "ce": s_ce, "kd": kd, "teacher_ce": t_ce}
@@ -109,7 +110,8 @@ def score(models: dict, batch: dict, *, n_vocab: int) -> dict:
     """Held-out: the student's CE and KL(teacher || student), the teacher's CE."""
     t, s = forward(models["teacher"], batch, n_vocab), forward(models["student"], batch, n_vocab)
     return {"ce": losses.cross_entropy(s, batch["targets"], batch["mask"]), "kl": losses.full_kd(s, t, batch["mask"]),
-            "teacher_ce": losses.cross_entropy(t, batch["targets"], batch["mask"])}
+            "teacher_ce": losses.cross_entropy(t, batch["targets"], batch["mask"]),
+            **losses.calibration_metrics(s, batch["targets"], batch["mask"])}
 
 
 def codistill(cfg: CodistillConfig) -> dict:

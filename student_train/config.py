@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from labelgen.config import config_from_sources
-from student_train.losses import KINDS, TAILS, alpha_at
+from student_train.losses import KINDS, TAILS, alpha_at, check_tail
 
 DTYPES = ("auto", "float32", "bfloat16")
 LOSSES = ("kd", "ce", "sft")
@@ -38,7 +38,8 @@ class LoopConfig:
     """forward KL(teacher||student), reverse KL, or jsd."""
     tail: str = "tail"
     """tail: top-k plus one bucket for the missing mass (also pins the student's
-    total mass on the top-k); renorm: renormalised top-k only."""
+    total mass on the top-k); renorm: renormalised top-k only; target: the
+    missing mass given to the actual next token (student_train.losses)."""
     temperature: float = 1.0
     beta: float = 0.5
     """JSD mixing weight."""
@@ -60,6 +61,11 @@ class LoopConfig:
     overwrite: bool = False
     progress: bool = True
 
+    @property
+    def topk_support(self) -> bool:
+        """KD compares the student with a top-k (so --tail applies)."""
+        return True
+
     def __post_init__(self):
         def bad(option, msg):
             raise ValueError(f"{option}: {msg}")
@@ -79,10 +85,12 @@ class LoopConfig:
             bad("--dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.kd_kind not in KINDS:
             bad("--kd-kind", f"must be one of {', '.join(KINDS)}, got {self.kd_kind!r}")
-        if self.tail not in TAILS:
-            bad("--tail", f"must be one of {', '.join(TAILS)}, got {self.tail!r}")
         if self.temperature <= 0:
             bad("--temperature", f"must be > 0, got {self.temperature}")
+        if self.tail not in TAILS:
+            bad("--tail", f"must be one of {', '.join(TAILS)}, got {self.tail!r}")
+        if self.topk_support and (problem := check_tail(self.tail, self.kd_kind, self.temperature)):
+            bad(*problem)
         if not 0 <= self.beta <= 1:
             bad("--beta", f"must be in [0, 1], got {self.beta}")
         if self.resume and self.overwrite:
@@ -132,8 +140,6 @@ class TrainConfig(LoopConfig):
             bad("--student/--student-config", "pass exactly one")
         if self.loss not in LOSSES:
             bad("--loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if self.tail == "tail" and self.temperature != 1.0:
-            bad("--temperature", "must be 1 with --tail tail (the shape of the missing mass is unknown)")
         for name in ("alpha", "alpha_end"):
             v = getattr(self, name)
             if v is not None and not 0 <= v <= 1:
@@ -196,6 +202,10 @@ class CodistillConfig(LoopConfig):
     """0 freezes the teacher."""
     student_lr: float = 3e-4
 
+    @property
+    def topk_support(self) -> bool:
+        return self.kd == "topk"
+
     def __post_init__(self):
         super().__post_init__()
 
@@ -220,8 +230,6 @@ class CodistillConfig(LoopConfig):
             bad("--alpha-schedule", f"must be one of {', '.join(ALPHA_SCHEDULES)}")
         if self.kd not in KD_SUPPORTS:
             bad("--kd", f"must be one of {', '.join(KD_SUPPORTS)}")
-        if self.tail == "tail" and self.kd == "topk" and self.temperature != 1.0:
-            bad("--temperature", "must be 1 with --tail tail")
         for name in ("k", "max_seq_len", "rows_per_shard"):
             if getattr(self, name) < 1:
                 bad(f"--{name.replace('_', '-')}", f"must be >= 1, got {getattr(self, name)}")

@@ -30,8 +30,10 @@ from labelgen import format as fmt
 from labelgen.format import FormatError
 from student_train.config import LOSSES
 from student_train.data import LabelStream, collate, columns_from_rows, open_label_sets
-from student_train.losses import KINDS, TAILS, alpha_at
-from student_train.train import check_vocabulary, check_width_against_labels, load_tokenizer_for, loss_step
+from student_train.losses import (ECE_BINS, KINDS, TAILS, alpha_at, calibration_gaps, check_tail,
+                                  expected_calibration_error)
+from student_train.train import (check_vocabulary, check_width_against_labels, load_tokenizer_for, loss_step,
+                                 student_logits)
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,8 @@ class DistillLoss:
         if not 0 <= self.alpha <= 1 or not 0 <= (self.alpha_end or 0) <= 1 or not 0 <= self.beta <= 1 \
                 or self.temperature <= 0:
             raise ValueError("DistillLoss: alpha, alpha_end and beta must be in [0, 1], temperature > 0")
-        if self.tail == "tail" and self.temperature != 1.0:
-            raise ValueError("DistillLoss: temperature must be 1 with tail='tail' (the shape of the missing mass is unknown)")
+        if problem := check_tail(self.tail, self.kd_kind, self.temperature):
+            raise ValueError("DistillLoss: {}: {}".format(*problem))
 
     def alpha_at(self, step: int, max_steps: int = 0) -> float:
         """CE weight at `step` of a run of `max_steps` (0: unknown, alpha stays)."""
@@ -152,6 +154,7 @@ class DistillTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.args.remove_unused_columns = False   # the label tensors are not model inputs, but the loss's
         self.distill = loss
+        self._calibration: torch.Tensor | None = None   # while evaluating: [gaps x tokens..., tokens]
         evals = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
         for d in (self.train_dataset, *evals):
             if isinstance(d, LabelDataset):
@@ -172,9 +175,28 @@ class DistillTrainer(Trainer):
         finally:
             self.data_collator = train_collator
 
+    def evaluation_loop(self, *args, **kwargs):
+        """Trainer's evaluation, plus `eval_ece`: the student's expected
+        calibration error (15 bins of its top-1 probability, against the
+        actual next token), from the bins compute_loss adds up as it goes."""
+        self._calibration = torch.zeros(ECE_BINS + 1, dtype=torch.float64, device=self.args.device)
+        try:
+            output = super().evaluation_loop(*args, **kwargs)
+            total = self.accelerator.reduce(self._calibration, "sum")   # [gaps x tokens..., tokens] of every rank
+        finally:
+            self._calibration = None
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        output.metrics[f"{prefix}_ece"] = expected_calibration_error(total[:-1] / total[-1].clamp(min=1))
+        return output
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         alpha = self.distill.alpha_at(self.state.global_step, self.state.max_steps)
-        ce, kd = loss_step(model, inputs, self.distill, alpha)
+        logits = student_logits(model, inputs)
+        ce, kd = loss_step(model, inputs, self.distill, alpha, logits=logits)
+        if self._calibration is not None:   # evaluating: the bins of eval_ece
+            tokens = inputs["mask"].sum().double().reshape(1)
+            gaps = calibration_gaps(logits.detach(), inputs["targets"], inputs["mask"]).double()
+            self._calibration += torch.cat([gaps * tokens, tokens]).to(self._calibration.device)
         loss = ce if alpha == 1 else kd if alpha == 0 else alpha * ce + (1 - alpha) * kd
         if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
             # Trainer then treats the loss as scaled for accumulation: weigh

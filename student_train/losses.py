@@ -15,12 +15,19 @@ support, chosen by `tail`:
   tail    K+1 buckets: the K teacher probabilities plus the missing mass
           1 - coverage, against the student's probabilities of those K ids
           plus all of its remaining mass.
+  target  the missing mass 1 - coverage is given to the actual next token
+          (Anshumann et al., 2025: "top-k with the leftover mass on the
+          ground truth"): added to its entry when it is among the K, else
+          one more bucket for it; against the student's probabilities of
+          those ids plus all of its remaining mass (where the teacher puts
+          0, so forward KL is the student's cross-entropy on that support).
 `temperature` T re-tempers both sides: p_i ∝ p_i^(1/T) and q ∝ softmax(z/T).
 On the renorm support this is exact — tempering and renormalising over a
 fixed set of ids commute — but it is the tempered *truncated* teacher, not
 the truncation of the tempered full teacher (whose top-k mass would differ).
 With `tail` the shape of the missing mass is unknown, so re-tempering it is
-undefined and only T = 1 is accepted. Losses at T != 1 are multiplied by T²
+undefined and only T = 1 is accepted (with `target` too). Reverse KL is
+undefined on `target`'s support (the teacher gives the rest bucket 0). Losses at T != 1 are multiplied by T²
 (Hinton et al.) so gradient scales stay comparable across temperatures.
 """
 
@@ -31,7 +38,7 @@ import math
 import torch
 
 KINDS = ("forward", "reverse", "jsd")
-TAILS = ("renorm", "tail")
+TAILS = ("renorm", "tail", "target")
 # Bytes of fp32 logits processed at once by the full-vocabulary reductions.
 CHUNK_BYTES = 256 << 20
 
@@ -74,19 +81,34 @@ def _divergence(logp: torch.Tensor, logq: torch.Tensor, kind: str, beta: float) 
     return beta * kl_pm + (1 - beta) * kl_qm
 
 
+def check_tail(tail: str, kind: str, temperature: float) -> tuple[str, str] | None:
+    """(option, what is wrong) with this support, kind and temperature, or None."""
+    if tail not in TAILS:
+        return "--tail", f"must be one of {', '.join(TAILS)}, got {tail!r}"
+    if tail != "renorm" and temperature != 1.0:
+        return "--temperature", f"must be 1 with --tail {tail} (the shape of the missing mass is unknown)"
+    if tail == "target" and kind == "reverse":
+        return "--kd-kind", "must be forward or jsd with --tail target (reverse KL is undefined where the teacher puts 0)"
+    return None
+
+
 def topk_kd(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, coverage: torch.Tensor,
             mask: torch.Tensor, kind: str = "forward", tail: str = "renorm", temperature: float = 1.0,
-            beta: float = 0.5, lse: torch.Tensor | None = None) -> torch.Tensor:
+            beta: float = 0.5, lse: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
     """KD against stored top-k labels.
 
     logits [B,T,V] student; topk_ids [B,T,K] (long); topk_logprobs [B,T,K]
     teacher logprobs, -inf for empty slots; coverage [B,T] teacher mass in the
-    top-k; mask [B,T]; lse [B,T] the logits' logsumexp, if already computed.
+    top-k; mask [B,T]; lse [B,T] the logits' logsumexp, if already computed;
+    targets [B,T] the actual next tokens (tail="target" only).
     """
-    if kind not in KINDS or tail not in TAILS:
-        raise ValueError(f"kind must be one of {KINDS} and tail one of {TAILS}")
-    if tail == "tail" and temperature != 1.0:
-        raise ValueError("--temperature must be 1 with --tail tail: the shape of the missing mass is unknown")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}")
+    problem = check_tail(tail, kind, temperature)
+    if problem:
+        raise ValueError("{}: {}".format(*problem))
+    if tail == "target" and targets is None:
+        raise ValueError("tail='target' needs the actual next tokens (targets)")
     t_lp = topk_logprobs.float()
     s = logits.gather(-1, topk_ids).float() / temperature                   # [B,T,K]
     # Empty slots (adaptive truncation, padded vocabulary) are not part of the
@@ -95,6 +117,22 @@ def topk_kd(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.T
     if tail == "renorm":
         logp = torch.log_softmax(t_lp / temperature, dim=-1)
         logq = torch.log_softmax(s, dim=-1)
+    elif tail == "target":
+        lse = logsumexp_chunked(logits) if lse is None else lse              # [B,T]
+        y = targets.clamp(min=0)
+        hit = (topk_ids == y.unsqueeze(-1)) & torch.isfinite(t_lp)           # [B,T,K]
+        in_k = hit.any(-1)
+        missing = (1 - coverage.float()).clamp(min=0)
+        p_k = t_lp.exp() + missing.unsqueeze(-1) * hit                       # the leftover on the target's entry,
+        p_y = torch.where(in_k, torch.zeros_like(missing), missing)          # or on a bucket of its own
+        logq_k = s - lse.unsqueeze(-1)
+        logq_y = logits.gather(-1, y.unsqueeze(-1)).squeeze(-1).float() - lse
+        q_rest = 1 - logq_k.exp().sum(-1) - torch.where(in_k, torch.zeros_like(logq_y), logq_y.exp())
+        logq_rest = q_rest.clamp(min=1e-6).log()
+        # The target's own bucket duplicates its entry when it is among the K: empty (p = 0, q = 0) then.
+        logq_y = logq_y.masked_fill(in_k, float("-inf"))
+        logp = torch.cat([p_k.log(), p_y.log().unsqueeze(-1), torch.full_like(missing, float("-inf")).unsqueeze(-1)], -1)
+        logq = torch.cat([logq_k, logq_y.unsqueeze(-1), logq_rest.unsqueeze(-1)], -1)
     else:
         lse = logsumexp_chunked(logits) if lse is None else lse              # [B,T]
         logq_k = s - lse.unsqueeze(-1)
@@ -138,6 +176,42 @@ def topk_agreement(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: 
     top-1 (its most probable stored entry: entries may be in any order)."""
     top1 = topk_ids.gather(-1, topk_logprobs.argmax(-1, keepdim=True)).squeeze(-1)
     return masked_mean((logits.argmax(-1) == top1).float(), mask)
+
+
+ECE_BINS = 15
+
+
+def calibration_gaps(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                     lse: torch.Tensor | None = None) -> torch.Tensor:
+    """[ECE_BINS]: per bin of the student's top-1 probability (equal widths
+    over [0, 1]), the mean over counted positions of (top-1 correct -
+    top-1 probability) for positions in that bin, 0 elsewhere. Being means
+    over positions, they average across batches and ranks like any other
+    metric; the expected calibration error is the sum of their absolute
+    values (`expected_calibration_error`), taken once at the end."""
+    lse = logsumexp_chunked(logits) if lse is None else lse
+    top = logits.max(-1)
+    conf = (top.values.float() - lse).exp()
+    gap = (top.indices == targets).float() - conf
+    bins = (conf * ECE_BINS).long().clamp(0, ECE_BINS - 1)
+    m = mask.to(gap.dtype)
+    sums = torch.zeros(ECE_BINS, dtype=gap.dtype, device=gap.device).index_add_(0, bins.flatten(), (gap * m).flatten())
+    return sums / m.sum().clamp(min=1)
+
+
+CALIBRATION_PREFIX = "ece_gap"   # the bins' metric names; the evaluation folds them into eval_ece
+
+
+def calibration_metrics(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                        lse: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """calibration_gaps as named per-position metrics (ece_gap00 ... ece_gap14)."""
+    gaps = calibration_gaps(logits, targets, mask, lse)
+    return {f"{CALIBRATION_PREFIX}{b:02d}": g for b, g in enumerate(gaps)}
+
+
+def expected_calibration_error(gaps) -> float:
+    """ECE from the bins' averaged gaps: sum over bins of |accuracy - confidence| x the bin's share of positions."""
+    return float(sum(abs(float(g)) for g in gaps))
 
 
 def alpha_at(step: int, start: float, end: float | None, ramp_start: int = 0, ramp_steps: int = 0,

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from labelgen import fsutil
+from student_train import losses
 from student_train.checkpoint import latest_checkpoint, load_states, load_weights, save_checkpoint
 from student_train.data import LabelStream, LoaderState, take_batches
 
@@ -275,6 +276,9 @@ def evaluate(models: dict, score, batches, d: Dist, dtype: str) -> dict:
     out = {f"eval_{k}": v / max(n, 1) for k, v in zip(keys, totals)}
     if "eval_bytes" in out and "eval_ce" in out:   # tokenizer-independent: total nats / (ln 2 x total bytes)
         out["eval_bpb"] = out["eval_ce"] / (math.log(2) * max(out["eval_bytes"], 1e-9))
+    gaps = [out.pop(k) for k in sorted(out) if k.startswith("eval_" + losses.CALIBRATION_PREFIX)]
+    if gaps:   # |accuracy - confidence| per bin is taken after averaging over all batches and ranks
+        out["eval_ece"] = losses.expected_calibration_error(gaps)
     return out
 
 

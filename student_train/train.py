@@ -100,12 +100,19 @@ def check_loss_fits_labels(cfg: TrainConfig, kind: str, stored_k: int) -> int:
 # ---------------------------------------------------------------- one micro-batch, one held-out batch
 
 
-def loss_step(model, batch: dict, cfg: TrainConfig, alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def student_logits(model, batch: dict) -> torch.Tensor:
+    """[B, T-1, V]: the logits that predict each next token."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+
+
+def loss_step(model, batch: dict, cfg: TrainConfig, alpha: float = 1.0,
+              logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(ce, kd) per counted position. ce is on the actual next tokens (or the
     teacher's completion, prompt masked); kd is top-k or sampled KD, 0 unless
     loss=kd. The logits' logsumexp is computed once for both; at alpha = 0
-    ce is only measured (no gradient)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    ce is only measured (no gradient). `logits`: the student's, if the
+    caller already ran it (student_logits)."""
+    logits = student_logits(model, batch) if logits is None else logits
     lse = losses.logsumexp_chunked(logits)
     with contextlib.nullcontext() if alpha > 0 else torch.no_grad():
         ce = losses.cross_entropy(logits, batch["targets"], batch["mask"], lse=lse)
@@ -118,7 +125,7 @@ def loss_step(model, batch: dict, cfg: TrainConfig, alpha: float = 1.0) -> tuple
     # Cross-tokenizer batches label only the positions aligned with a teacher position (kd_mask).
     kd = losses.topk_kd(logits, batch["topk_ids"], batch["topk_logprobs"], batch["coverage"],
                         batch.get("kd_mask", batch["mask"]), kind=cfg.kd_kind, tail=cfg.tail,
-                        temperature=cfg.temperature, beta=cfg.beta, lse=shared)
+                        temperature=cfg.temperature, beta=cfg.beta, lse=shared, targets=batch["targets"])
     return ce, kd
 
 
@@ -131,11 +138,13 @@ def micro_step(models: dict, batch: dict, alpha: float, backward, *, cfg: TrainC
 
 
 def score(models: dict, batch: dict) -> dict:
-    """Held-out CE on actual tokens; for topk labels also KL(teacher||student)
-    over the top-k plus tail bucket and top-1 agreement with the teacher."""
-    logits = models["student"](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    """Held-out CE on actual tokens and the calibration bins (eval_ece); for
+    topk labels also KL(teacher||student) over the top-k plus tail bucket and
+    top-1 agreement with the teacher."""
+    logits = student_logits(models["student"], batch)
     lse = losses.logsumexp_chunked(logits)
     out = {"ce": losses.cross_entropy(logits, batch["targets"], batch["mask"], lse=lse)}
+    out.update(losses.calibration_metrics(logits, batch["targets"], batch["mask"], lse=lse))
     if "topk_ids" in batch:
         kd_mask = batch.get("kd_mask", batch["mask"])
         out["kl"] = losses.topk_kd(logits, batch["topk_ids"], batch["topk_logprobs"], batch["coverage"],

@@ -37,6 +37,7 @@ def sampled_labels(tiny_teacher, corpus, tmp_path_factory):
 
 @pytest.mark.parametrize("labels, loss", [
     ("topk", dict(tail="tail", alpha=0.0)),
+    ("topk", dict(tail="target", alpha=0.0)),
     ("topk", dict(tail="renorm", alpha=0.3, temperature=2.0, kd_kind="jsd")),
     ("sampled", dict(alpha=0.5)),
     ("topk", dict(loss="ce")),
@@ -67,6 +68,24 @@ def test_the_same_batch_gives_the_same_loss_through_student_train_and_trainer(to
     assert scaled.item() == pytest.approx(ours.item() / 3, rel=1e-6)
     if loss.get("tail") == "tail":   # Trainer's evaluation runs the same loss over a held-out LabelDataset
         assert 0 < trainer.evaluate(LabelDataset(str(labels), shuffle=False))["eval_loss"] < 20
+
+
+def test_trainer_evaluation_reports_the_same_calibration_error_as_student_train(topk_labels, student_config, tmp_path):
+    from transformers import TrainingArguments
+    from student_train.losses import expected_calibration_error
+    from student_train.runtime import Dist, evaluate
+    from student_train.train import score
+    model, tok = student_and_tokenizer(topk_labels, student_config)
+    args = TrainingArguments(str(tmp_path), max_steps=1, per_device_eval_batch_size=3, report_to=[], use_cpu=True)
+    held_out = LabelDataset(str(topk_labels), shuffle=False)
+    trainer = DistillTrainer(model=model, args=args, train_dataset=held_out, processing_class=tok)
+    metrics = trainer.evaluate(held_out)
+    batches = list(trainer.get_eval_dataloader(held_out))   # the batches Trainer evaluated, uneven token counts
+    assert len(batches) > 2
+    ours = evaluate({"student": model}, score, batches, Dist(0, 1, 0, torch.device("cpu")), "float32")
+    assert 0 < metrics["eval_ece"] < 1
+    assert metrics["eval_ece"] == pytest.approx(ours["eval_ece"], rel=1e-6)
+    assert not [k for k in ours if "gap" in k]   # the bins are folded into eval_ece
 
 
 def test_alpha_moves_to_alpha_end_over_the_trainers_run_as_in_student_train(topk_labels, student_config, tmp_path):

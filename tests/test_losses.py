@@ -116,7 +116,7 @@ def test_empty_slots_count_on_neither_side():
 
 def test_tail_refuses_a_temperature():
     student, _, ids, lp, cov, mask = rand_case()
-    with pytest.raises(ValueError, match="temperature must be 1 with --tail tail"):
+    with pytest.raises(ValueError, match="--temperature: must be 1 with --tail tail"):
         topk_kd(student, ids, lp, cov, mask, tail="tail", temperature=2.0)
 
 
@@ -125,3 +125,87 @@ def test_alpha_schedule_is_linear_from_start_to_end():
     assert alpha_at(5, 1.0, 0.0, 0, 10) == pytest.approx(0.5)
     assert alpha_at(10, 1.0, 0.0, 0, 10) == 0.0
     assert alpha_at(7, 0.3, None, 0, 10) == 0.3
+
+
+class FixedLogits(torch.nn.Module):
+    """A 'model' whose logits are a parameter: the loss paths run on numbers chosen by hand."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.tensor(logits))
+
+    def forward(self, input_ids, attention_mask):
+        from types import SimpleNamespace
+        return SimpleNamespace(logits=self.logits)
+
+
+def target_tail_case():
+    """One window of 3 tokens, 2 predicted positions, V = 5, teacher top-2 = ids
+    (0, 2) with p (0.5, 0.3): coverage 0.8, 0.2 missing. Position 0's next token
+    is 2 (among the top-2), position 1's is 3 (not)."""
+    z = [[2.0, 1.0, 0.0, -1.0, 0.5], [0.3, -0.2, 1.1, 0.4, -0.7], [0.0] * 5]   # the last position predicts nothing
+    lp = [[math.log(0.5), math.log(0.3)]] * 2
+    batch = {"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+             "targets": torch.tensor([[2, 3]]), "mask": torch.ones(1, 2, dtype=torch.bool),
+             "topk_ids": torch.tensor([[[0, 2], [0, 2]]]), "topk_logprobs": torch.tensor([lp]),
+             "coverage": torch.tensor([[0.8, 0.8]])}
+
+    def q(row):
+        e = [math.exp(x) for x in z[row]]
+        return [x / sum(e) for x in e]
+    # Position 0: the missing 0.2 joins token 2 -> p = {0: 0.5, 2: 0.5}.
+    kl0 = 0.5 * math.log(0.5 / q(0)[0]) + 0.5 * math.log(0.5 / q(0)[2])
+    # Position 1: token 3 gets a bucket of its own -> p = {0: 0.5, 2: 0.3, 3: 0.2}.
+    kl1 = 0.5 * math.log(0.5 / q(1)[0]) + 0.3 * math.log(0.3 / q(1)[2]) + 0.2 * math.log(0.2 / q(1)[3])
+    return z, batch, (kl0 + kl1) / 2
+
+
+def test_the_missing_mass_on_the_actual_token_matches_a_hand_computed_kl_in_both_paths():
+    from student_train.config import TrainConfig
+    from student_train.hf import DistillLoss
+    from student_train.train import loss_step
+    z, batch, expected = target_tail_case()
+    direct = topk_kd(torch.tensor([z[:2]]), batch["topk_ids"], batch["topk_logprobs"], batch["coverage"],
+                     batch["mask"], tail="target", targets=batch["targets"])
+    assert direct.item() == pytest.approx(expected, rel=1e-5)
+    cfg = TrainConfig(labels=("l",), student_config="s.json", out="o", tail="target", alpha=0.0)
+    for settings in (cfg, DistillLoss(loss="kd", tail="target", alpha=0.0)):   # student-train, the Trainer API
+        model = FixedLogits([z])
+        ce, kd = loss_step(model, batch, settings, alpha=0.0)
+        assert kd.item() == pytest.approx(expected, rel=1e-5), type(settings).__name__
+        kd.backward()
+        assert torch.isfinite(model.logits.grad).all() and model.logits.grad[0, 2].abs().sum() == 0
+    # Where the teacher's top-k covers everything, the target gets nothing and the loss is the tail loss.
+    full_cov = {**batch, "coverage": torch.tensor([[1.0, 1.0]])}
+    args = (torch.tensor([z[:2]]), batch["topk_ids"], batch["topk_logprobs"], full_cov["coverage"], batch["mask"])
+    assert topk_kd(*args, tail="target", targets=batch["targets"]).item() == \
+        pytest.approx(topk_kd(*args, tail="tail").item(), rel=1e-5)
+
+
+def test_target_tail_refuses_reverse_kl_a_temperature_and_missing_targets():
+    from student_train.config import TrainConfig
+    student, _, ids, lp, cov, mask = rand_case()
+    with pytest.raises(ValueError, match="--kd-kind: must be forward or jsd with --tail target"):
+        TrainConfig(labels=("l",), student_config="s.json", out="o", tail="target", kd_kind="reverse")
+    with pytest.raises(ValueError, match="--temperature: must be 1 with --tail target"):
+        topk_kd(student, ids, lp, cov, mask, tail="target", temperature=2.0, targets=ids[..., 0])
+    with pytest.raises(ValueError, match="needs the actual next tokens"):
+        topk_kd(student, ids, lp, cov, mask, tail="target")
+    jsd = topk_kd(student, ids, lp, cov, mask, kind="jsd", tail="target", targets=ids[..., 3])
+    jsd.backward()
+    assert jsd.item() > 0 and torch.isfinite(student.grad).all()
+
+
+def test_expected_calibration_error_matches_a_hand_count_and_does_not_depend_on_batching():
+    from student_train.losses import calibration_gaps, expected_calibration_error
+    logit = lambda p: [math.log(p), math.log(1 - p)]   # top-1 probability p on token 0
+    # top-1 prob 0.95 right, 0.95 wrong (bin 14), 0.6 right (bin 9), 0.55 wrong (bin 8), and a masked position.
+    logits = torch.tensor([[logit(0.95), logit(0.95), logit(0.6), logit(0.55), logit(0.99)]])
+    targets = torch.tensor([[0, 1, 0, 1, 1]])
+    mask = torch.tensor([[True, True, True, True, False]])
+    expected = abs(0.5 - 0.95) * 2 / 4 + abs(1 - 0.6) / 4 + abs(0 - 0.55) / 4
+    assert expected_calibration_error(calibration_gaps(logits, targets, mask)) == pytest.approx(expected, rel=1e-5)
+    # Split 1 + 3 positions: averaging the gaps by tokens gives the same error.
+    first = calibration_gaps(logits[:, :1], targets[:, :1], mask[:, :1])
+    rest = calibration_gaps(logits[:, 1:], targets[:, 1:], mask[:, 1:])
+    assert expected_calibration_error((first * 1 + rest * 3) / 4) == pytest.approx(expected, rel=1e-5)

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import shutil
 
@@ -34,7 +35,7 @@ def test_resume_reproduces_the_losses_of_an_uninterrupted_run(topk_labels, stude
     a, b = metrics(tmp_path / "straight"), metrics(tmp_path / "stopped")
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for x, y in zip(a, b):
-        for key in ("loss", "ce", "kd", "eval_ce", "eval_kl"):
+        for key in ("loss", "ce", "kd", "eval_ce", "eval_kl", "eval_ece"):
             if x.get(key) is not None:
                 assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), (x["step"], key)
 
@@ -59,6 +60,20 @@ def test_topk_kd_brings_the_student_closer_to_the_teacher_than_ce(topk_labels, s
     start, kd_end, ce_end = kd[0]["eval_kl"], kd[-1]["eval_kl"], ce[-1]["eval_kl"]
     assert kd_end < 0.5 * start, (start, kd_end)
     assert kd_end < ce_end, (kd_end, ce_end)
+    evals = [r for r in kd if "eval_ce" in r]
+    assert all(0 <= r["eval_ece"] <= 1 for r in evals) and not [k for k in evals[0] if "gap" in k]
+
+
+def test_the_missing_mass_on_the_actual_token_trains_from_the_command_line(topk_labels, student_config, tmp_path):
+    r = runner.invoke(app, ["train", "--labels", str(topk_labels), "--student-config", student_config, "--out",
+                            str(tmp_path / "target"), "--tail", "target", "--max-steps", "8", "--lr", "5e-3",
+                            "--log-every", "1", "--no-progress", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    kd = [rec["kd"] for rec in metrics(tmp_path / "target") if "kd" in rec]
+    assert len(kd) == 8 and all(math.isfinite(x) for x in kd) and kd[-1] < kd[0]
+    r = runner.invoke(app, ["train", "--labels", str(topk_labels), "--student-config", student_config, "--out",
+                            str(tmp_path / "x"), "--tail", "target", "--kd-kind", "reverse"])
+    assert r.exit_code == 2 and "--kd-kind: must be forward or jsd with --tail target" in r.output
 
 
 def test_two_process_torchrun_on_gloo_ends_with_identical_weights(topk_labels, student_config, tmp_path):
