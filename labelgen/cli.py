@@ -9,19 +9,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
-import signal
 import sys
-import threading
 from inspect import signature
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
+from labelgen import stopping
 from labelgen.config import GenerateConfig
 from labelgen.format import FormatError
 
@@ -29,30 +29,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Teacher labels for LLM distillation: generate, validate and inspect label shards.")
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (Slurm's preemption, `kill`), raised in the main thread so that
-    a labelgen run stops the way Ctrl-C stops it: threads ended, the shard in
-    flight discarded, no manifest."""
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
-
-
 def cli_errors(fn=None, *, on_stop: str = ""):
     """Turn expected failures into one line on stderr, named by the program
-    (labelgen or student-train), and exit code 2; Ctrl-C and (for labelgen)
-    SIGTERM into one line, `on_stop` (what was kept), and 130 / 143."""
+    (labelgen or student-train), and exit code 2; Ctrl-C into one line and
+    130, and (for labelgen) a preemption signal into one line and
+    PREEMPTED_EXIT (labelgen.stopping), each followed by `on_stop` (what was kept)."""
     if fn is None:
         return functools.partial(cli_errors, on_stop=on_stop)
     program = "student-train" if fn.__module__.startswith("student_train") else "labelgen"
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        catch_term = program == "labelgen" and threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, _raise_terminated) if catch_term else None
         try:
-            return fn(*args, **kwargs)
+            with stopping.raise_on_preemption() if program == "labelgen" else contextlib.nullcontext():
+                return fn(*args, **kwargs)
         except (FormatError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
             typer.echo(f"{program}: error: {e}", err=True)
             raise typer.Exit(2)
@@ -61,13 +51,10 @@ def cli_errors(fn=None, *, on_stop: str = ""):
             typer.echo(f"{program}: error: {where}{e.strerror or ' '.join(str(e).split())}", err=True)
             raise typer.Exit(2)
         except KeyboardInterrupt as e:
-            term = isinstance(e, Terminated)
-            typer.echo(f"{program}: stopped by {'SIGTERM' if term else 'SIGINT'}" + (f"; {on_stop}" if on_stop else ""),
+            preempted = isinstance(e, stopping.Preempted)
+            typer.echo(f"{program}: stopped by {e.name if preempted else 'SIGINT'}" + (f"; {on_stop}" if on_stop else ""),
                        err=True)
-            raise typer.Exit(143 if term else 130)
-        finally:
-            if catch_term:
-                signal.signal(signal.SIGTERM, previous)
+            raise typer.Exit(stopping.PREEMPTED_EXIT if preempted else 130)
     return wrapper
 
 
@@ -236,8 +223,18 @@ def generate(
 
 @app.command()
 @cli_errors
-def finalize(label_dir: Path = typer.Argument(..., help="label directory written by several workers")):
+def finalize(label_dir: Path = typer.Argument(..., help="label directory written by several workers"),
+             missing: bool = typer.Option(False, "--missing", help="print the workers that have not finished, as a "
+                                                                  "Slurm --array= list, and write nothing")):
     """Merge the workers' partial manifests into manifest.json (fails if any slice is missing)."""
+    if missing:
+        from labelgen.generate import slurm_array, unfinished_workers
+        left, n = unfinished_workers(label_dir)
+        typer.echo(f"{len(left)} of {n} workers have not finished" + (": resubmit them with --array=" if left else ""),
+                   err=True)
+        if left:
+            typer.echo(slurm_array(left))
+        return
     from labelgen.generate import finalize as run
     m = run(label_dir)
     typer.echo(f"{label_dir}: {len(m['shards'])} shards, {m['counts']['rows']:,} rows; manifest written")

@@ -624,6 +624,37 @@ def finalize(label_dir: Path | str) -> dict:
         return _finalize(out)
 
 
+def unfinished_workers(label_dir: Path | str) -> tuple[list[int], int]:
+    """(indices of the workers of the run in `label_dir` that have not written
+    their partial manifest, how many workers the run has); reads only."""
+    out = Path(label_dir)
+    try:
+        run = json.loads((out / fmt.RUN_FILE).read_text())
+        n, config_hash = int(run["config"]["num_workers"]), run["config_hash"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise FormatError(f"{out}: no generation run here ({fmt.RUN_FILE} missing or unreadable)") from None
+    done = set()
+    for i in range(n):
+        try:
+            part = json.loads((out / fmt.partial_manifest_name(i, n)).read_text())
+        except (OSError, ValueError):
+            continue
+        if part.get("config_hash") == config_hash:
+            done.add(i)
+    return sorted(set(range(n)) - done), n
+
+
+def slurm_array(indices: list[int]) -> str:
+    """0,3,5-7: the --array= expression of these task indices."""
+    runs: list[list[int]] = []
+    for i in sorted(indices):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+
+
 def _finalize(out: Path) -> dict:
     partials = sorted(out.glob("manifest.worker-*-of-*.json"))
     if not partials:

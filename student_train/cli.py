@@ -14,10 +14,19 @@ from typing import List, Optional
 import typer
 
 from labelgen.cli import cli_errors, show_defaults
+from labelgen.stopping import PREEMPTED_EXIT
 from student_train.config import CodistillConfig, TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train a student LLM on label shards written by `labelgen generate`.")
+
+
+def stopped(result: dict) -> None:
+    """Exit PREEMPTED_EXIT, saying so, when a preemption signal stopped the run."""
+    if result.get("stopped_by"):
+        typer.echo(f"student-train: stopped by {result['stopped_by']} after step {result['step']}, which is "
+                   "checkpointed: rerun the same command with --resume to continue", err=True)
+        raise typer.Exit(PREEMPTED_EXIT)
 
 
 @app.command("train")
@@ -80,6 +89,7 @@ def train_cmd(
         return
     from student_train.train import train
     r = train(cfg)
+    stopped(r)
     typer.echo(f"trained to step {r['step']}; checkpoints and metrics.jsonl in {r['out']}")
 
 
@@ -151,6 +161,7 @@ def codistill_cmd(
         return
     from student_train.codistill import codistill
     r = codistill(cfg)
+    stopped(r)
     typer.echo(f"co-distilled to step {r['step']}; checkpoints (teacher/ and student/) and metrics.jsonl in {r['out']}")
 
 

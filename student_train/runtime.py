@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from labelgen import fsutil
+from labelgen.stopping import StopFlag
 from student_train import losses
 from student_train.checkpoint import latest_checkpoint, load_states, load_weights, save_checkpoint
 from student_train.data import LabelStream, LoaderState, take_batches
@@ -210,6 +211,15 @@ def gather_weight_digests(model) -> list[str]:
     return parts
 
 
+def any_rank(flag: bool, d: Dist) -> bool:
+    """True on every rank when `flag` is true on any (collective under torchrun)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)], device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def all_reduce_sum(values: list[float], device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
@@ -284,7 +294,9 @@ def evaluate(models: dict, score, batches, d: Dist, dtype: str) -> dict:
 
 def fit(cfg, d: Dist, run: Run, ckpt: Path | None) -> dict:
     """Train run.models for cfg.max_steps optimizer steps of cfg.grad_accum
-    micro-batches each, resuming from `ckpt` if given. Returns {step, out}."""
+    micro-batches each, resuming from `ckpt` if given. A preemption signal
+    (SIGTERM, SIGUSR1) ends the run after the step in progress, with a
+    checkpoint of it. Returns {step, out, stopped_by: the signal's name or None}."""
     out = Path(cfg.out)
     if ckpt is not None:
         load_weights(ckpt, run.models)
@@ -321,60 +333,67 @@ def fit(cfg, d: Dist, run: Run, ckpt: Path | None) -> dict:
         log.write({"step": 0, "loss": None, **held_out()})
 
     t0, tokens = time.time(), 0
-    while step < cfg.max_steps:
-        alpha = cfg.alpha_at(step)
-        for name in trained:
-            opts[name].zero_grad(set_to_none=True)
-        sums, step_tokens = {}, 0   # metric sums stay on the device: no sync per micro-step
-        for micro in range(cfg.grad_accum):
-            batch, where = next(batches)
-            tracker.update(where)
-            n = int(batch["mask"].sum())   # still on the host
-            step_tokens += n
-            batch = {key: v.to(d.device, non_blocking=True) for key, v in batch.items()}
-            with contextlib.ExitStack() as no_sync:
-                if micro < cfg.grad_accum - 1 and d.world > 1 and not cfg.fsdp:
-                    for name in trained:   # DDP all-reduces on the last micro-batch only
-                        no_sync.enter_context(wrapped[name].no_sync())
-                with autocast(d, cfg.dtype):
-                    # Summed per counted position here, divided by the step's total below.
-                    metrics = run.loss(wrapped, batch, alpha, lambda objective: (objective * n).backward())
-            for key, v in metrics.items():
-                sums[key] = sums.get(key, 0) + v.detach() * n
-        tokens += step_tokens
-        to_token_mean([wrapped[name] for name in trained], step_tokens, d)
-        for name in trained:
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(wrapped[name].parameters(), cfg.grad_clip)
-            opts[name].step()
-            scheds[name].step()
-        step += 1
+    stop = False
+    with StopFlag() as preempt:
+        while step < cfg.max_steps:
+            alpha = cfg.alpha_at(step)
+            for name in trained:
+                opts[name].zero_grad(set_to_none=True)
+            sums, step_tokens = {}, 0   # metric sums stay on the device: no sync per micro-step
+            for micro in range(cfg.grad_accum):
+                batch, where = next(batches)
+                tracker.update(where)
+                n = int(batch["mask"].sum())   # still on the host
+                step_tokens += n
+                batch = {key: v.to(d.device, non_blocking=True) for key, v in batch.items()}
+                with contextlib.ExitStack() as no_sync:
+                    if micro < cfg.grad_accum - 1 and d.world > 1 and not cfg.fsdp:
+                        for name in trained:   # DDP all-reduces on the last micro-batch only
+                            no_sync.enter_context(wrapped[name].no_sync())
+                    with autocast(d, cfg.dtype):
+                        # Summed per counted position here, divided by the step's total below.
+                        metrics = run.loss(wrapped, batch, alpha, lambda objective: (objective * n).backward())
+                for key, v in metrics.items():
+                    sums[key] = sums.get(key, 0) + v.detach() * n
+            tokens += step_tokens
+            to_token_mean([wrapped[name] for name in trained], step_tokens, d)
+            for name in trained:
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(wrapped[name].parameters(), cfg.grad_clip)
+                opts[name].step()
+                scheds[name].step()
+            step += 1
 
-        last = step == cfg.max_steps
-        evaluating = run.eval_stream is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or last)
-        if step % cfg.log_every == 0 or evaluating or last:
-            record = {"step": step, **{k: float(v) / max(step_tokens, 1) for k, v in sums.items()}, "alpha": alpha,
-                      **{("lr" if name == "student" else f"{name}_lr"): scheds[name].get_last_lr()[0]
-                         for name in trained},
-                      "tokens_per_s": tokens * d.world / max(time.time() - t0, 1e-9)}
-            if evaluating:
-                record.update(held_out())
-            if last and dist.is_initialized():
-                record["weight_digests"] = [x for m in run.models.values() for x in gather_weight_digests(m)]
-            log.write(record)
+            last = step == cfg.max_steps
+            evaluating = run.eval_stream is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or last)
+            if step % cfg.log_every == 0 or evaluating or last:
+                record = {"step": step, **{k: float(v) / max(step_tokens, 1) for k, v in sums.items()}, "alpha": alpha,
+                          **{("lr" if name == "student" else f"{name}_lr"): scheds[name].get_last_lr()[0]
+                             for name in trained},
+                          "tokens_per_s": tokens * d.world / max(time.time() - t0, 1e-9)}
+                if evaluating:
+                    record.update(held_out())
+                if last and dist.is_initialized():
+                    record["weight_digests"] = [x for m in run.models.values() for x in gather_weight_digests(m)]
+                log.write(record)
+                if bar is not None:
+                    bar.set_postfix_str(f"loss {record['loss']:.3f}", refresh=False)
             if bar is not None:
-                bar.set_postfix_str(f"loss {record['loss']:.3f}", refresh=False)
-        if bar is not None:
-            bar.update(1)
-        if (cfg.save_every and step % cfg.save_every == 0) or last:
-            full = {name: full_states(wrapped[name], opts[name]) for name in trained} if fsdp else None
-            loader_state = gather_loader_state(tracker)
-            if d.main:
-                save_checkpoint(out, step, run.models, opts, scheds, run.tokenizer, loader_state, run.meta, full)
-            if dist.is_initialized():
-                dist.barrier()
+                bar.update(1)
+            # A preemption signal on any rank stops every rank here, after a checkpoint of this step.
+            stop = any_rank(preempt.signal is not None, d)
+            if (cfg.save_every and step % cfg.save_every == 0) or last or stop:
+                full = {name: full_states(wrapped[name], opts[name]) for name in trained} if fsdp else None
+                loader_state = gather_loader_state(tracker)
+                if d.main:
+                    save_checkpoint(out, step, run.models, opts, scheds, run.tokenizer, loader_state, run.meta, full)
+                if dist.is_initialized():
+                    dist.barrier()
+            if stop:
+                break
     if bar is not None:
         bar.close()
     if dist.is_initialized():
         dist.destroy_process_group()
-    return {"step": step, "out": str(out)}
+    stopped = (preempt.signal or "another rank's signal") if stop and step < cfg.max_steps else None
+    return {"step": step, "out": str(out), "stopped_by": stopped}

@@ -203,6 +203,25 @@ def test_finalize_fails_when_a_worker_is_missing(tiny_teacher, corpus, tmp_path)
         finalize(tmp_path / "two")
 
 
+def test_finalize_missing_lists_the_unfinished_workers_as_a_slurm_array_and_writes_nothing(tiny_teacher, corpus, tmp_path):
+    from typer.testing import CliRunner
+    from labelgen.cli import app
+    out = tmp_path / "five"
+    for w in (0, 2):
+        run(cfg(tiny_teacher, [corpus / "docs.jsonl"], out, num_workers=5, worker_index=w))
+    before = sorted(p.name for p in out.iterdir())
+    r = CliRunner().invoke(app, ["finalize", str(out), "--missing"])
+    assert r.exit_code == 0 and r.stdout.strip() == "1,3-4", r.output
+    assert "3 of 5 workers have not finished" in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == before
+    for w in (1, 3, 4):
+        run(cfg(tiny_teacher, [corpus / "docs.jsonl"], out, num_workers=5, worker_index=w))
+    r = CliRunner().invoke(app, ["finalize", str(out), "--missing"])
+    assert r.exit_code == 0 and r.stdout.strip() == "" and "0 of 5 workers" in r.stderr
+    r = CliRunner().invoke(app, ["finalize", str(tmp_path), "--missing"])
+    assert r.exit_code == 2 and "no generation run here" in r.stderr
+
+
 def test_resume_after_kill_writes_each_row_once(tiny_teacher, corpus, tmp_path):
     args = [sys.executable, "-m", "labelgen.cli", "generate", "--teacher", tiny_teacher,
             "--input", str(corpus / "docs.jsonl"), "--out", str(tmp_path / "killed"), "--k", "16",

@@ -5,6 +5,7 @@ manifest, and resumes; a second run is refused at once. The runs are real
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -64,15 +65,16 @@ def generate_args(teacher: str, corpus: Path, out: Path, *extra: str) -> list[st
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1])
 def test_ctrl_c_stops_generation_within_seconds_and_resume_continues(tiny_teacher, tmp_path, sig):
+    """Ctrl-C exits 130; a preemption signal (SIGTERM, SIGUSR1) exits 75, which job scripts requeue on."""
     corpus, out = big_corpus(tmp_path / "docs.jsonl"), tmp_path / "out"
     proc = labelgen(*generate_args(tiny_teacher, corpus, out))
     wait_for(lambda: len(shards(out)) >= 2, proc)
     proc.send_signal(sig)
     code, err = ended(proc)
-    name = "SIGINT" if sig == signal.SIGINT else "SIGTERM"
-    assert code == (130 if sig == signal.SIGINT else 143), err
+    name = signal.Signals(sig).name
+    assert code == (130 if sig == signal.SIGINT else 75), err
     assert f"labelgen: stopped by {name}; finished shards are kept" in err and "Traceback" not in err, err
     assert not (out / "manifest.json").exists() and not list(out.glob("*.tmp"))
     kept = len(shards(out))
@@ -175,7 +177,7 @@ def test_an_import_stopped_by_sigterm_keeps_nothing_and_the_same_command_then_co
     wait_for(lambda: len(shards(tmp_path / "l")) >= 1, proc)
     proc.send_signal(signal.SIGTERM)
     code, err = ended(proc)
-    assert code == 143 and "labelgen: stopped by SIGTERM; nothing was kept" in err and "Traceback" not in err, err
+    assert code == 75 and "labelgen: stopped by SIGTERM; nothing was kept" in err and "Traceback" not in err, err
     assert not (tmp_path / "l").exists()
     code, err = ended(labelgen(*args), 600)
     assert code == 0, err
@@ -191,3 +193,80 @@ def test_an_import_into_a_label_set_another_run_holds_is_refused(tiny_teacher, t
         r = CliRunner().invoke(app, ["import", str(tmp_path / "x.jsonl"), "--tokenizer", tiny_teacher, "--k", "4",
                                      "--out", str(tmp_path / "l")])
     assert r.exit_code == 2 and "in use by another labelgen run" in r.output, r.output
+
+
+def student_train(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "student_train.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def logged_steps(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    return [json.loads(l) for l in path.read_text().splitlines() if l.endswith("}")] if path.exists() else []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_preempted_training_run_checkpoints_exits_75_and_the_same_command_resumes_to_the_same_losses(
+        topk_labels, student_config, tmp_path, sig):
+    def args(out):
+        return ["train", "--labels", str(topk_labels), "--student-config", student_config, "--out", str(out),
+                "--max-steps", "300", "--batch-size", "2", "--log-every", "1", "--save-every", "0", "--no-progress",
+                "--device", "cpu", "--resume"]
+    straight = student_train(*args(tmp_path / "straight"))
+    proc = student_train(*args(tmp_path / "stopped"))
+    wait_for(lambda: len(logged_steps(tmp_path / "stopped")) >= 5, proc)
+    proc.send_signal(sig)
+    code, err = ended(proc)
+    assert code == 75, err
+    at = int(re.search(r"stopped by (SIGTERM|SIGUSR1) after step (\d+), which is checkpointed", err).group(2))
+    assert 5 <= at < 300 and (tmp_path / "stopped" / f"step_{at:06d}").is_dir(), err
+    code, err = ended(student_train(*args(tmp_path / "stopped")), 900)
+    assert code == 0, err
+    code, err = ended(straight, 900)
+    assert code == 0, err
+    a, b = logged_steps(tmp_path / "straight"), logged_steps(tmp_path / "stopped")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 301))
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6), x["step"]
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_every_rank_after_one_checkpointed_step(topk_labels, student_config, tmp_path):
+    """torchrun passes SIGTERM to its workers; the ranks agree to stop after the same step and save it."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                             "29537", "-m", "student_train.cli", "train", "--labels", str(topk_labels),
+                             "--student-config", student_config, "--out", str(out), "--max-steps", "100000",
+                             "--batch-size", "2", "--log-every", "1", "--save-every", "0", "--no-progress",
+                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    wait_for(lambda: len(logged_steps(out)) >= 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = ended(proc)
+    steps = set(map(int, re.findall(r"stopped by SIGTERM after step (\d+), which is checkpointed", err)))
+    assert len(steps) == 1, err[-3000:]   # both ranks, one step
+    assert (out / f"step_{steps.pop():06d}" / "meta.json").is_file()
+
+
+@pytest.mark.slow
+def test_the_slurm_array_script_forwards_the_warning_signal_and_requeues_on_preemption(tiny_teacher, tmp_path):
+    """jobs/generate_slurm_array.sh as Slurm runs it (sbatch --signal=B:USR1 signals the script itself),
+    with a stand-in scontrol that records what it is asked."""
+    root = Path(__file__).resolve().parents[1]
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    (shims / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    (shims / "scontrol").chmod(0o755)
+    corpus, out = big_corpus(tmp_path / "docs.jsonl"), tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLURM_JOB_ID": "4242",
+           "PATH": f"{shims}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    script = subprocess.Popen(["bash", str(root / "jobs" / "generate_slurm_array.sh"), tiny_teacher, str(corpus),
+                               str(out), "--backend", "hf", "--k", "8", "--max-seq-len", "64", "--rows-per-shard", "8",
+                               "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    wait_for(lambda: len(shards(out)) >= 2, script)
+    script.send_signal(signal.SIGUSR1)
+    code, err = ended(script)
+    assert code == 75 and "labelgen: stopped by SIGUSR1; finished shards are kept" in err, err
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    assert not (out / "manifest.json").exists()
