@@ -213,6 +213,18 @@ def test_a_damaged_or_hostile_cached_candidate_map_is_rebuilt_never_trusted(tmp_
         x = CrossTokenizer(TEACHER, STUDENT, tmp_path)
         np.testing.assert_array_equal(x.map, fresh, err_msg=name)
         assert cached.read_bytes() == good, name   # rebuilt and cached again
+    rng = np.random.default_rng(3)
+    for case in range(100):   # random damage: bytes flipped (header or values), cut short, or grown
+        data = bytearray(good)
+        if case % 3 == 0:
+            data = data[: int(rng.integers(0, len(data)))]
+        elif case % 3 == 1:
+            data += bytes(rng.integers(0, 256, int(rng.integers(1, 64)), dtype=np.uint8))
+        for at in rng.integers(0, max(len(data), 1), int(rng.integers(1, 4))):
+            if len(data):
+                data[at] ^= int(rng.integers(1, 256))
+        cached.write_bytes(bytes(data))
+        np.testing.assert_array_equal(CrossTokenizer(TEACHER, STUDENT, tmp_path).map, fresh, err_msg=str(case))
     cached.with_suffix(".sha256").unlink()   # a map without its hash is rebuilt too
     cached.write_bytes(_npy(np.roll(fresh, 1)))
     np.testing.assert_array_equal(CrossTokenizer(TEACHER, STUDENT, tmp_path).map, fresh)
