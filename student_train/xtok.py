@@ -141,7 +141,7 @@ def load_candidate_map(path: Path, key: str, teacher_vocab: int, student_vocab: 
         if path.with_suffix(".sha256").read_text().strip() != _map_digest(key, data):
             return None
         mapping = np.load(io.BytesIO(data), allow_pickle=False)
-    except (OSError, ValueError, EOFError):
+    except Exception:   # a damaged header surfaces as any error of numpy's parser (SyntaxError, TokenError, ...)
         return None
     if mapping.shape != (teacher_vocab,) or mapping.size and (mapping.min() < -1 or mapping.max() >= student_vocab):
         return None
