@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from labelgen import format as fmt
 from labelgen.format import FormatError
+from labelgen.stopping import StopFlag
 from student_train.config import LOSSES
 from student_train.data import LabelStream, collate, columns_from_rows, open_label_sets
 from student_train.losses import (ECE_BINS, KINDS, TAILS, alpha_at, calibration_gaps, check_tail,
@@ -142,6 +143,22 @@ class LabelCollator:
         return batch
 
 
+class _StopOnPreemption(TrainerCallback):
+    """After each optimizer step: when a preemption signal reached any rank,
+    save a checkpoint of this step and end training."""
+
+    def __init__(self, trainer: "DistillTrainer"):
+        self.trainer, self.flag = trainer, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        hit = torch.tensor([float(self.flag is not None and self.flag.signal is not None)], device=args.device)
+        if self.trainer.accelerator.num_processes > 1:
+            hit = self.trainer.accelerator.reduce(hit, "sum")   # every rank stops after the same step
+        if hit.item():
+            control.should_save = control.should_training_stop = True
+        return control
+
+
 class DistillTrainer(Trainer):
     """transformers.Trainer whose loss is student-train's (see DistillLoss).
     A LabelDataset train set is checked against the model (and its
@@ -155,6 +172,23 @@ class DistillTrainer(Trainer):
         self.args.remove_unused_columns = False   # the label tensors are not model inputs, but the loss's
         self.distill = loss
         self._calibration: torch.Tensor | None = None   # while evaluating: [gaps x tokens..., tokens]
+        self._preemption = _StopOnPreemption(self)
+        self.add_callback(self._preemption)
+        self.stopped_by: str | None = None
+
+    def train(self, *args, **kwargs):
+        """Trainer.train; a preemption signal (SIGTERM, SIGUSR1) ends it after
+        the step in progress with a checkpoint of that step, and `stopped_by`
+        names the signal: exit with labelgen.stopping.PREEMPTED_EXIT then, so
+        a job script requeues, and resume_from_checkpoint continues."""
+        with StopFlag() as flag:
+            self._preemption.flag = flag
+            try:
+                return super().train(*args, **kwargs)
+            finally:
+                self._preemption.flag = None
+                done = self.state.max_steps and self.state.global_step >= self.state.max_steps
+                self.stopped_by = None if done else flag.signal
         evals = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
         for d in (self.train_dataset, *evals):
             if isinstance(d, LabelDataset):

@@ -218,3 +218,30 @@ def test_the_documented_trainer_script_trains_checkpoints_and_resumes(topk_label
     resumed = losses(tmp_path / "resumed", 9)
     for s in (7, 8, 9):
         assert resumed[s] == pytest.approx(straight[s], rel=1e-4), s
+
+
+@pytest.mark.slow
+def test_the_documented_script_checkpoints_and_exits_75_on_sigterm_and_then_resumes(topk_labels, student_config,
+                                                                                     tmp_path):
+    import signal
+    import time
+    script = doc_script(tmp_path)
+    model, tok = student_and_tokenizer(topk_labels, student_config)
+    model.save_pretrained(tmp_path / "student")
+    tok.save_pretrained(tmp_path / "student")
+    cmd = [sys.executable, str(script), str(topk_labels), str(tmp_path / "student"), str(tmp_path / "run"), "300"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    end = time.monotonic() + 600
+    while not (tmp_path / "run" / "checkpoint-3").is_dir():
+        assert proc.poll() is None and time.monotonic() < end, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 75, err[-3000:]
+    steps = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "run").glob("checkpoint-*"))
+    state = json.loads((tmp_path / "run" / f"checkpoint-{steps[-1]}" / "trainer_state.json").read_text())
+    trained = len(re.findall(r"'loss': ", out + err))   # Trainer prints each step's logs (logging_steps=1)
+    assert 3 <= state["global_step"] == steps[-1] == trained < 300, (steps, trained)   # the last step is saved
+    run_script(script, topk_labels, tmp_path / "student", tmp_path / "run", steps[-1] + 3)   # resumes from it
+    assert (tmp_path / "run" / f"checkpoint-{steps[-1] + 3}").is_dir()
