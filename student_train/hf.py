@@ -171,6 +171,10 @@ class DistillTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.args.remove_unused_columns = False   # the label tensors are not model inputs, but the loss's
         self.distill = loss
+        evals = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
+        for d in (self.train_dataset, *evals):
+            if isinstance(d, LabelDataset):
+                d.fit_to(self.model, self.processing_class)
         self._calibration: torch.Tensor | None = None   # while evaluating: [gaps x tokens..., tokens]
         self._preemption = _StopOnPreemption(self)
         self.add_callback(self._preemption)
@@ -189,10 +193,6 @@ class DistillTrainer(Trainer):
                 self._preemption.flag = None
                 done = self.state.max_steps and self.state.global_step >= self.state.max_steps
                 self.stopped_by = None if done else flag.signal
-        evals = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
-        for d in (self.train_dataset, *evals):
-            if isinstance(d, LabelDataset):
-                d.fit_to(self.model, self.processing_class)
 
     def get_eval_dataloader(self, eval_dataset=None):
         """An eval LabelDataset is batched by its own collator: it may hold
