@@ -228,3 +228,35 @@ def test_a_damaged_or_hostile_cached_candidate_map_is_rebuilt_never_trusted(tmp_
     cached.with_suffix(".sha256").unlink()   # a map without its hash is rebuilt too
     cached.write_bytes(_npy(np.roll(fresh, 1)))
     np.testing.assert_array_equal(CrossTokenizer(TEACHER, STUDENT, tmp_path).map, fresh)
+
+
+def test_cross_tokenizer_positions_without_a_teacher_label_keep_their_full_ce_weight():
+    """alpha * CE + (1 - alpha) * KD where the teacher labels a position, CE where it does not:
+    mixing over every position halved (at alpha 0.5; at alpha 0, removed) the only signal of the
+    positions inside teacher tokens, and cross-tokenizer KD ended worse than CE only."""
+    from student_train.config import TrainConfig
+    from student_train.losses import cross_entropy, topk_kd
+    from student_train.train import loss_step
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 11, generator=g, requires_grad=True)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            from types import SimpleNamespace
+            return SimpleNamespace(logits=torch.cat([logits, torch.zeros(2, 1, 11)], 1))
+    lp = torch.log_softmax(torch.randn(2, 5, 11, generator=g), -1).topk(4, -1)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 4] = False
+    labelled = torch.tensor([[1, 0, 1, 1, 0], [0, 1, 1, 0, 0]], dtype=torch.bool)
+    batch = {"input_ids": torch.zeros(2, 6, dtype=torch.long), "attention_mask": torch.ones(2, 6, dtype=torch.long),
+             "targets": torch.randint(0, 11, (2, 5), generator=g), "mask": mask, "kd_mask": labelled,
+             "topk_ids": lp.indices, "topk_logprobs": lp.values, "coverage": lp.values.exp().sum(-1)}
+    cfg = TrainConfig(labels=("l",), student_config="s.json", out="o", alpha=0.0)
+    ce, kd = loss_step(Fixed(), batch, cfg, alpha=0.0)
+    unlabelled = mask & ~labelled
+    kd_part = topk_kd(logits, lp.indices, lp.values, batch["coverage"], labelled, tail="tail") * labelled.sum()
+    ce_part = cross_entropy(logits, batch["targets"], unlabelled) * unlabelled.sum()
+    assert kd.item() == pytest.approx(((kd_part + ce_part) / mask.sum()).item(), rel=1e-6)
+    kd.backward()
+    grad = logits.grad.abs().sum(-1)
+    assert (grad[unlabelled] > 0).all() and (grad[~mask] == 0).all()   # alpha 0 still trains the unlabelled positions
