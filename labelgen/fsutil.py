@@ -153,6 +153,13 @@ def run_lock(directory: Path, worker: tuple[int, int] | None = None) -> Iterator
             raise
 
 
+def read_head(path: Path, max_bytes: int) -> bytes:
+    """At most the first `max_bytes` of a file: a file from elsewhere is read
+    within the size its reader expects, however large it claims or grew to be."""
+    with open(path, "rb") as f:
+        return f.read(max_bytes)
+
+
 def footer_sha256(path: Path) -> str:
     """sha256 of a Parquet file's footer (its metadata, length and magic)."""
     with open(path, "rb") as f:

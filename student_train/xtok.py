@@ -108,6 +108,9 @@ def candidate_map(teacher_bytes: list[bytes], student, student_bytes: list[bytes
     return out
 
 
+MAX_NPY_HEADER = 10_000 + 16   # numpy's bound on the header it parses, plus the magic and the length field
+
+
 def _map_digest(key: str, data: bytes) -> str:
     return hashlib.sha256(key.encode() + b"\0" + data).hexdigest()
 
@@ -127,17 +130,16 @@ def load_candidate_map(path: Path, key: str, teacher_vocab: int, student_vocab: 
     [-1, student vocabulary). A cache beside a run is not trusted blindly:
     wrong values would train silently on wrong targets."""
     try:
-        with open(path, "rb") as f:
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                           (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(f))
-            if read_header is None:
-                return None
-            shape, fortran, dtype = read_header(f)
-            if dtype != np.dtype("<i8") or fortran or shape != (teacher_vocab,):
-                return None
-            size = f.tell() + 8 * teacher_vocab   # the header and the array, no more
-            f.seek(0)
-            data = f.read(size)
+        data = fsutil.read_head(path, MAX_NPY_HEADER + 8 * teacher_vocab)
+        f = io.BytesIO(data)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(f))
+        if read_header is None:
+            return None
+        shape, fortran, dtype = read_header(f)
+        if dtype != np.dtype("<i8") or fortran or shape != (teacher_vocab,):
+            return None
+        data = data[:f.tell() + 8 * teacher_vocab]   # the header and the array, no more
         if path.with_suffix(".sha256").read_text().strip() != _map_digest(key, data):
             return None
         mapping = np.load(io.BytesIO(data), allow_pickle=False)
