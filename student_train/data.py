@@ -204,8 +204,12 @@ class LabelStream(torch.utils.data.IterableDataset):
     def __init__(self, readers: list[ShardReader], batch_size: int, *, seed: int = 0, shuffle: bool = True,
                  group_units: int = 4, rank: int = 0, world_size: int = 1, max_epochs: int | None = None,
                  k: int | None = None, vocab_limit: int | None = None, shards: list[tuple[int, int]] | None = None,
-                 cross=None):
+                 cross=None, byte_lengths: np.ndarray | None = None):
+        """`byte_lengths`: bytes of each token id; batches then carry
+        `target_bytes` (cross-tokenizer batches always do), so evaluation
+        reports bits per byte, a unit that compares across tokenizers."""
         self.readers, self.batch_size, self.seed, self.shuffle = readers, batch_size, seed, shuffle
+        self.byte_lengths = byte_lengths
         self.group_units, self.rank, self.world_size, self.max_epochs = group_units, rank, world_size, max_epochs
         self.kind, self.k, self.vocab_limit = readers[0].kind, k, vocab_limit
         self.cross = cross   # a student_train.xtok.CrossTokenizer: batches in the student's own tokenization
@@ -261,7 +265,11 @@ class LabelStream(torch.utils.data.IterableDataset):
             concat_columns([take_rows(c, r) for c, r in pieces]), None)
         if self.cross is not None:
             return self.cross.collate(columns, rows, self.k, self.vocab_limit)
-        return collate(columns, self.kind, rows, self.k, self.vocab_limit, self.proposal_temperature)
+        batch = collate(columns, self.kind, rows, self.k, self.vocab_limit, self.proposal_temperature)
+        if self.byte_lengths is not None:
+            lengths = torch.from_numpy(self.byte_lengths)
+            batch["target_bytes"] = lengths[batch["targets"].clamp(0, len(lengths) - 1)] * batch["mask"]
+        return batch
 
     def _groups(self, epoch: int, slot: int, n_slots: int, first: int = 0):
         """(index, columns, row order) of this consumer's shuffle groups in `epoch`, from group `first`."""

@@ -13,6 +13,7 @@ import contextlib
 import functools
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from labelgen import format as fmt
@@ -78,6 +79,16 @@ def check_width_against_labels(manifest: dict, width: int, where: str) -> None:
         raise FormatError(f"{where}: the student's logits are {width} wide, but the labels' tokenizer has {tokens} tokens "
                           f"(ids below {bound}); pass the student's tokenizer (processing_class=...) to check that it is "
                           "the labels' one, or use a student built for it")
+
+
+def token_byte_lengths(tokenizer, width: int) -> np.ndarray:
+    """[width] float32: bytes of each token id's text (0 for special tokens and
+    padding slots): with them evaluation reports bits per byte (eval_bpb)."""
+    from student_train.xtok import token_bytes
+    lengths = np.zeros(width, np.float32)
+    pieces = token_bytes(tokenizer)[:width]
+    lengths[:len(pieces)] = [len(p) for p in pieces]
+    return lengths
 
 
 def check_loss_fits_labels(cfg: TrainConfig, kind: str, stored_k: int) -> int:
@@ -205,7 +216,7 @@ def train(cfg: TrainConfig) -> dict:
                 raise FormatError(f"--eval-labels: {r.dir} was made with another tokenizer than --labels")
         eval_stream = LabelStream(eval_readers, cfg.batch_size, shuffle=False, rank=d.rank, world_size=d.world,
                                   k=None, vocab_limit=width, shards=None if cfg.eval_labels else eval_shards,
-                                  cross=cross)
+                                  cross=cross, byte_lengths=None if cross else token_byte_lengths(tokenizer, width))
     fingerprints = [r.manifest["fingerprint"] for r in readers]
 
     def check_resume(meta: dict, ckpt: Path) -> None:

@@ -62,6 +62,21 @@ def test_topk_kd_brings_the_student_closer_to_the_teacher_than_ce(topk_labels, s
     assert kd_end < ce_end, (kd_end, ce_end)
     evals = [r for r in kd if "eval_ce" in r]
     assert all(0 <= r["eval_ece"] <= 1 for r in evals) and not [k for k in evals[0] if "gap" in k]
+    # Bits per byte for a same-tokenizer run too: every report row compares in one unit.
+    assert all(0 < r["eval_bpb"] < r["eval_ce"] / math.log(2) for r in evals)
+
+
+def test_same_tokenizer_eval_batches_carry_the_bytes_of_their_targets(topk_labels):
+    from student_train.data import LabelStream, open_label_sets
+    from student_train.train import load_tokenizer_for, token_byte_lengths
+    from student_train.xtok import token_bytes
+    tok = load_tokenizer_for(None, topk_labels)
+    lengths = token_byte_lengths(tok, 512)
+    batch, _ = next(iter(LabelStream(open_label_sets([str(topk_labels)]), 4, shuffle=False, byte_lengths=lengths)))
+    pieces = token_bytes(tok)
+    expect = [[len(pieces[t]) if m else 0 for t, m in zip(ts, ms)] for ts, ms in zip(batch["targets"].tolist(),
+                                                                                      batch["mask"].tolist())]
+    assert batch["target_bytes"].tolist() == expect and batch["target_bytes"].sum() > 0
 
 
 def test_the_missing_mass_on_the_actual_token_trains_from_the_command_line(topk_labels, student_config, tmp_path):
