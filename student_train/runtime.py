@@ -211,29 +211,19 @@ def gather_weight_digests(model) -> list[str]:
     return parts
 
 
-def any_rank(flag: bool, d: Dist) -> bool:
-    """True on every rank when `flag` is true on any (collective under torchrun)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([int(flag)], device=d.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def all_reduce_sum(values: list[float], device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
 
-def to_token_mean(models: list, tokens: int, d: Dist) -> None:
+def to_token_mean(models: list, total: float, d: Dist) -> None:
     """Gradient accumulation by tokens: each micro-batch back-propagates its
     mean loss times its counted positions; before the optimizer step this
-    divides the summed gradients by the `tokens` counted since the last step
-    on all ranks (DDP and FSDP average over ranks, hence x world). A short or
-    heavily masked micro-batch then weighs by its tokens, not as much as a
-    full one."""
-    (total,) = all_reduce_sum([tokens], d.device) if d.world > 1 else (tokens,)
+    divides the summed gradients by the `total` tokens counted since the last
+    step on all ranks (DDP and FSDP average over ranks, hence x world). A
+    short or heavily masked micro-batch then weighs by its tokens, not as
+    much as a full one."""
     for model in models:
         for p in model.parameters():
             if p.grad is not None:
@@ -296,7 +286,7 @@ def fit(cfg, d: Dist, run: Run, ckpt: Path | None) -> dict:
     """Train run.models for cfg.max_steps optimizer steps of cfg.grad_accum
     micro-batches each, resuming from `ckpt` if given. A preemption signal
     (SIGTERM, SIGUSR1) ends the run after the step in progress, with a
-    checkpoint of it. Returns {step, out, stopped_by: the signal's name or None}."""
+    checkpoint of it. Returns {step, out, stopped_by: the signal's name or None, world}."""
     out = Path(cfg.out)
     if ckpt is not None:
         load_weights(ckpt, run.models)
@@ -356,7 +346,13 @@ def fit(cfg, d: Dist, run: Run, ckpt: Path | None) -> dict:
                 for key, v in metrics.items():
                     sums[key] = sums.get(key, 0) + v.detach() * n
             tokens += step_tokens
-            to_token_mean([wrapped[name] for name in trained], step_tokens, d)
+            # The step's one all-reduce: its tokens on all ranks, and how many ranks a preemption signal reached
+            # (any of them stops every rank after this same step; a second collective per step made FSDP's
+            # teardown abort now and then).
+            asked = float(preempt.signal is not None)
+            total, asked = all_reduce_sum([step_tokens, asked], d.device) if d.world > 1 else (step_tokens, asked)
+            stop = asked > 0
+            to_token_mean([wrapped[name] for name in trained], total, d)
             for name in trained:
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(wrapped[name].parameters(), cfg.grad_clip)
@@ -380,8 +376,6 @@ def fit(cfg, d: Dist, run: Run, ckpt: Path | None) -> dict:
                     bar.set_postfix_str(f"loss {record['loss']:.3f}", refresh=False)
             if bar is not None:
                 bar.update(1)
-            # A preemption signal on any rank stops every rank here, after a checkpoint of this step.
-            stop = any_rank(preempt.signal is not None, d)
             if (cfg.save_every and step % cfg.save_every == 0) or last or stop:
                 full = {name: full_states(wrapped[name], opts[name]) for name in trained} if fsdp else None
                 loader_state = gather_loader_state(tracker)
@@ -396,4 +390,4 @@ def fit(cfg, d: Dist, run: Run, ckpt: Path | None) -> dict:
     if dist.is_initialized():
         dist.destroy_process_group()
     stopped = (preempt.signal or "another rank's signal") if stop and step < cfg.max_steps else None
-    return {"step": step, "out": str(out), "stopped_by": stopped}
+    return {"step": step, "out": str(out), "stopped_by": stopped, "world": d.world}
