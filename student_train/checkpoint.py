@@ -54,8 +54,21 @@ def save_checkpoint(out: Path, step: int, models: dict, optimizers: dict, schedu
     tmp = final.with_name("." + final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write_checkpoint(tmp, models, optimizers, schedulers, tokenizer, loader_state, {**meta, "step": step},
-                          full_states)
+        tmp.mkdir(parents=True)
+        for name, model in models.items():
+            where = tmp if len(models) == 1 else tmp / name
+            model_state, opt_state = (full_states or {}).get(name, (None, optimizers[name].state_dict()))
+            model.save_pretrained(where, safe_serialization=True, state_dict=model_state)
+            tokenizer.save_pretrained(where)
+            torch.save(opt_state, where / "optimizer.pt")
+            (where / "scheduler.json").write_text(json.dumps(schedulers[name].state_dict(), default=float))
+        torch.save(rng_state(), tmp / "rng.pt")
+        (tmp / "loader.json").write_text(json.dumps(loader_state))
+        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2, default=str))
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb+") as fh:
+                    os.fsync(fh.fileno())
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)   # no half checkpoint: resume takes the last whole one
         if isinstance(e, SafetensorError):   # a full disk while writing weights: say so in one line, not a traceback
@@ -66,25 +79,6 @@ def save_checkpoint(out: Path, step: int, models: dict, optimizers: dict, schedu
     os.replace(tmp, final)
     fsync_dir(final.parent)
     return final
-
-
-def _write_checkpoint(tmp: Path, models: dict, optimizers: dict, schedulers: dict, tokenizer, loader_state: dict,
-                      meta: dict, full_states: dict | None) -> None:
-    tmp.mkdir(parents=True)
-    for name, model in models.items():
-        where = tmp if len(models) == 1 else tmp / name
-        model_state, opt_state = (full_states or {}).get(name, (None, optimizers[name].state_dict()))
-        model.save_pretrained(where, safe_serialization=True, state_dict=model_state)
-        tokenizer.save_pretrained(where)
-        torch.save(opt_state, where / "optimizer.pt")
-        (where / "scheduler.json").write_text(json.dumps(schedulers[name].state_dict(), default=float))
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "loader.json").write_text(json.dumps(loader_state))
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            with open(f, "rb+") as fh:
-                os.fsync(fh.fileno())
 
 
 def _load_tensors(path: Path):
