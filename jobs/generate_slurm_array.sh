@@ -21,4 +21,6 @@ TEACHER=$1 INPUT=$2 OUT=$3
 shift 3
 labelgen generate --teacher "$TEACHER" --input "$INPUT" --out "$OUT" \
     --mode topk --k 64 --backend vllm --resume --no-progress "$@" &
-source "$(dirname "$0")/requeue.sh"
+JOBS=$(dirname "$0")   # sbatch runs a copy of this script: then jobs/ under the directory it was submitted from
+[ -f "$JOBS/requeue.sh" ] || JOBS=${SLURM_SUBMIT_DIR:-.}/jobs
+source "$JOBS/requeue.sh"

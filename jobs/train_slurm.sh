@@ -18,19 +18,11 @@
 #SBATCH --output=logs/student-train-%j.out
 set -uo pipefail
 HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-preempted=0
-trap 'preempted=1; scancel --signal=TERM "$SLURM_JOB_ID"' USR1 TERM
+# torchrun passes SIGTERM on to its workers (a worker's exit code does not reach srun's, so the warning decides).
+forward_signal() { scancel --signal=TERM "$SLURM_JOB_ID"; }
 srun torchrun --nnodes "$SLURM_NNODES" --nproc-per-node "${GPUS_PER_NODE:-8}" \
     --rdzv-id "$SLURM_JOB_ID" --rdzv-backend c10d --rdzv-endpoint "$HEAD:29500" \
     -m student_train.cli train "$@" --resume &
-pid=$!
-rc=0
-while kill -0 "$pid" 2>/dev/null; do
-    wait "$pid"
-    rc=$?
-done
-if [ "$preempted" -eq 1 ]; then
-    echo "stopped for preemption (srun exit $rc): requeueing job $SLURM_JOB_ID" >&2
-    scontrol requeue "$SLURM_JOB_ID"
-fi
-exit "$rc"
+JOBS=$(dirname "$0")   # sbatch runs a copy of this script: then jobs/ under the directory it was submitted from
+[ -f "$JOBS/requeue.sh" ] || JOBS=${SLURM_SUBMIT_DIR:-.}/jobs
+source "$JOBS/requeue.sh"
