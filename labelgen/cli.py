@@ -85,7 +85,7 @@ def _print_json(obj) -> None:
 
 @app.command()
 @cli_errors
-def validate(label_dir: Path = typer.Argument(..., help="label set directory"),
+def validate(label_dir: str = typer.Argument(..., help="label set directory, or an s3:// or gs:// URI"),
              as_json: bool = typer.Option(False, "--json", help="print a JSON report"),
              max_problems: int = typer.Option(20, help="stop listing after this many problems")):
     """Check a label set: manifest vs files, checksums, schema, ids, logprobs, coverage."""
@@ -105,7 +105,7 @@ def validate(label_dir: Path = typer.Argument(..., help="label set directory"),
 
 @app.command()
 @cli_errors
-def inspect(label_dir: Path = typer.Argument(..., help="label set directory"),
+def inspect(label_dir: str = typer.Argument(..., help="label set directory, or an s3:// or gs:// URI"),
             as_json: bool = typer.Option(False, "--json", help="print JSON"),
             plot: Optional[Path] = typer.Option(None, help="write a coverage histogram PNG (needs matplotlib)")):
     """Sizes, bytes per position/entry, compression ratios and top-k coverage."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from labelgen.errors import FormatError
+from labelgen.storage import footer_sha256, read_head, sha256_file  # noqa: F401  (re-exported: one reader for local paths and URIs)
 
 TMP_SUFFIX = ".tmp"
 LOCK_SUFFIX = ".lock"
@@ -153,32 +153,3 @@ def run_lock(directory: Path, worker: tuple[int, int] | None = None) -> Iterator
             raise
 
 
-def read_head(path: Path, max_bytes: int) -> bytes:
-    """At most the first `max_bytes` of a file: a file from elsewhere is read
-    within the size its reader expects, however large it claims or grew to be."""
-    with open(path, "rb") as f:
-        return f.read(max_bytes)
-
-
-def footer_sha256(path: Path) -> str:
-    """sha256 of a Parquet file's footer (its metadata, length and magic)."""
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        if size < 12:
-            raise FormatError(f"{path}: {size} bytes, too short for Parquet")
-        f.seek(size - 8)
-        tail = f.read(8)
-        n = int.from_bytes(tail[:4], "little")
-        if tail[4:] != b"PAR1" or n + 12 > size:
-            raise FormatError(f"{path}: no Parquet footer (truncated or not Parquet)")
-        f.seek(size - 8 - n)
-        return hashlib.sha256(f.read(n) + tail).hexdigest()
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()

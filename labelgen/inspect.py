@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from labelgen import format as fmt
-from labelgen import fsutil
+from labelgen import fsutil, storage
 from labelgen.format import FormatError
 from labelgen.shards import ShardReader
 
@@ -26,7 +26,7 @@ COVERAGE_BINS = 10_000
 
 def validate(label_dir: Path | str, max_problems: int = 20) -> dict:
     """Check a label set. Returns {"ok", "problems": [{"file", "row", "problem"}], ...}."""
-    label_dir = Path(label_dir)
+    label_dir = storage.location(label_dir)
     problems: list[dict] = []
 
     def add(file, row, problem):

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from labelgen import format as fmt
-from labelgen import fsutil
+from labelgen import fsutil, storage
 from labelgen.format import Encoding, FormatError
 
 
@@ -307,7 +307,7 @@ class ShardReader:
     page it decodes against the page's CRC32."""
 
     def __init__(self, label_dir: Path | str, verify: bool = False, checksums: bool = True):
-        self.dir = Path(label_dir)
+        self.dir = storage.location(label_dir)   # a local Path, or a StorePath for s3:// and gs://
         self.manifest = fmt.read_manifest(self.dir)
         m = self.manifest
         self.kind, self.k, self.vocab_size = m["kind"], int(m["k"]), int(m["vocab_size"])
@@ -345,8 +345,11 @@ class ShardReader:
         hash (format 1.2: the footer holds the schema, the row group index and
         the id table) and its data pages against their CRC32 as they are read."""
         path = self.shard_path(shard)
+        remote = storage.is_uri(path)
         try:
-            pf = pq.ParquetFile(path, page_checksum_verification=self.checksums, thrift_string_size_limit=64 << 20,
+            # From a bucket, each row group's column chunks are fetched together (pre_buffer), by ranged reads.
+            pf = pq.ParquetFile(storage.open_input(path) if remote else path, pre_buffer=remote,
+                                page_checksum_verification=self.checksums, thrift_string_size_limit=64 << 20,
                                 thrift_container_size_limit=1 << 20)
         except Exception as e:  # a damaged footer can surface as any error of the parser
             raise FormatError(f"{path}: unreadable Parquet ({fmt.one_line(e)})") from None

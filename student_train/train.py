@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from labelgen import format as fmt
+from labelgen import storage
 from labelgen.format import FormatError
 from student_train import losses
 from student_train.config import TrainConfig
@@ -32,10 +33,10 @@ def load_tokenizer_for(student: str | None, label_dir: Path, option: str | None 
         if not any((label_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
             raise FormatError(f"{option}: {label_dir} holds no tokenizer (tokenizer.json / tokenizer_config.json)")
         return AutoTokenizer.from_pretrained(label_dir, trust_remote_code=False)
-    for where in ([Path(student)] if student else []) + [Path(label_dir) / fmt.TOKENIZER_DIR]:
+    for where in ([Path(student)] if student else []) + [storage.location(label_dir) / fmt.TOKENIZER_DIR]:
         if (where / "tokenizer_config.json").is_file() or (where / "tokenizer.json").is_file():
-            try:
-                return AutoTokenizer.from_pretrained(where, trust_remote_code=False)
+            try:   # a label set in a bucket: its tokenizer is copied to a local cache first
+                return AutoTokenizer.from_pretrained(storage.local_dir(where), trust_remote_code=False)
             except (OSError, ValueError) as e:
                 raise FormatError(f"{where}: cannot load the tokenizer ({e})") from None
     raise FormatError(f"{label_dir}: the labels carry no tokenizer ({fmt.TOKENIZER_DIR}/) and the student has none; "

@@ -12,6 +12,7 @@ from typing import Any
 from labelgen.format.codec import MAX_VOCAB
 from labelgen.format.schema import (FORMAT_NAME, KINDS, MANIFEST_NAME, SHARD_SUFFIX, Encoding, FormatError,
                                     check_version)
+from labelgen import storage
 from labelgen.fsutil import atomic_write_bytes
 
 
@@ -34,9 +35,10 @@ def write_manifest(out_dir: Path, manifest: dict, name: str = MANIFEST_NAME) -> 
 
 
 def read_manifest(label_dir: Path | str) -> dict:
-    path = Path(label_dir) / MANIFEST_NAME
+    label_dir = storage.location(label_dir)
+    path = label_dir / MANIFEST_NAME
     if not path.is_file():
-        hint = " (the job did not finish, or run `labelgen finalize` after all workers)" if Path(label_dir).is_dir() else ""
+        hint = " (the job did not finish, or run `labelgen finalize` after all workers)" if label_dir.is_dir() else ""
         raise FormatError(f"{path}: no manifest; not a complete label set{hint}")
     try:
         m = json.loads(path.read_text())

@@ -1,0 +1,225 @@
+"""Where label sets are read from: a local directory or an object-store URI
+(s3://bucket/prefix, gs://bucket/prefix), through one small path type.
+
+`location(x)` gives a `pathlib.Path` for a local path and a `StorePath` for a
+URI. A StorePath answers the part of pathlib that readers use (`/`, `name`,
+`parent`, `is_file`, `is_dir`, `stat().st_size`, `read_bytes`, `read_text`),
+and `open_input(p)` gives a seekable binary file for either kind, which
+Parquet reads by ranged requests: a reader streams row groups from the bucket
+and never downloads a whole label set first. `local_dir(p)` brings a small
+directory (a tokenizer) to a local cache when a library needs a real one.
+
+Object stores are reached through pyarrow.fs with the usual environment:
+AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS_REGION
+(or AWS_DEFAULT_REGION), and AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL for
+S3-compatible stores (MinIO, Ceph, R2, ...), which pyarrow itself does not
+read; gs:// uses Google's default credentials.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from labelgen.errors import FormatError
+
+SCHEMES = ("s3", "gs")
+
+
+def is_uri(where) -> bool:
+    return isinstance(where, StorePath) or (isinstance(where, str) and "://" in where)
+
+
+def location(where) -> "Path | StorePath":
+    """A local Path, or a StorePath for an s3:// or gs:// URI."""
+    if isinstance(where, (Path, StorePath)):
+        return where
+    where = os.fspath(where)
+    if "://" not in where:
+        return Path(where)
+    scheme = where.split("://", 1)[0].lower()
+    if scheme not in SCHEMES:
+        raise ValueError(f"{where}: unsupported URI scheme {scheme!r}; use a local path, s3:// or gs://")
+    parsed = urlparse(where)
+    if not parsed.netloc:
+        raise ValueError(f"{where}: no bucket in the URI")
+    return StorePath(scheme, parsed.netloc, posixpath.normpath("/" + parsed.path).lstrip("/").rstrip("/"))
+
+
+@functools.lru_cache(maxsize=None)
+def filesystem(scheme: str):
+    """The pyarrow filesystem of a scheme, configured from the environment."""
+    import pyarrow.fs as pafs
+    if scheme == "gs":
+        return pafs.GcsFileSystem()
+    kw = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        u = urlparse(endpoint if "://" in endpoint else "https://" + endpoint)
+        kw.update(endpoint_override=u.netloc, scheme=u.scheme or "https")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kw["region"] = region
+    return pafs.S3FileSystem(**kw)
+
+
+@dataclass(frozen=True)
+class _Stat:
+    st_size: int
+
+
+@dataclass(frozen=True)
+class StorePath:
+    """An object (or prefix) in a bucket: scheme://bucket/key."""
+    scheme: str
+    bucket: str
+    key: str
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.bucket}/{self.key}".rstrip("/")
+
+    def __fspath__(self):   # os.fspath() must not pass a URI off as a local path
+        raise TypeError(f"{self} is an object-store URI, not a local path")
+
+    def __truediv__(self, name) -> "StorePath":
+        name = str(name)
+        # Names come from manifests: never let one climb out of its directory.
+        if name.startswith("/") or ".." in name.split("/"):
+            raise FormatError(f"{self}: {name!r} would lead out of the label directory")
+        return StorePath(self.scheme, self.bucket, posixpath.join(self.key, name) if self.key else name)
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.key)
+
+    @property
+    def parent(self) -> "StorePath":
+        return StorePath(self.scheme, self.bucket, posixpath.dirname(self.key))
+
+    @property
+    def _fs_path(self) -> str:
+        return f"{self.bucket}/{self.key}" if self.key else self.bucket
+
+    def _info(self):
+        from pyarrow.fs import FileType
+        try:
+            info = filesystem(self.scheme).get_file_info(self._fs_path)
+        except OSError as e:
+            raise OSError(f"{self}: {e}") from None
+        return info, FileType
+
+    def is_file(self) -> bool:
+        info, ft = self._info()
+        return info.type == ft.File
+
+    def is_dir(self) -> bool:
+        info, ft = self._info()
+        return info.type == ft.Directory
+
+    def is_symlink(self) -> bool:
+        return False
+
+    def exists(self) -> bool:
+        info, ft = self._info()
+        return info.type != ft.NotFound
+
+    def stat(self) -> _Stat:
+        info, ft = self._info()
+        if info.type == ft.NotFound:
+            raise FileNotFoundError(f"{self}: no such object")
+        return _Stat(int(info.size or 0))
+
+    def resolve(self) -> "StorePath":
+        return self
+
+    def iterdir(self):
+        from pyarrow.fs import FileSelector
+        for info in filesystem(self.scheme).get_file_info(FileSelector(self._fs_path, allow_not_found=True)):
+            yield StorePath(self.scheme, self.bucket, info.path.split("/", 1)[1] if "/" in info.path else "")
+
+    def glob(self, pattern: str):
+        """Objects directly under this prefix whose names match `pattern` (no recursion)."""
+        import fnmatch
+        return (p for p in self.iterdir() if fnmatch.fnmatchcase(p.name, pattern))
+
+    def read_bytes(self) -> bytes:
+        with open_input(self) as f:
+            return f.read()
+
+    def read_text(self, encoding: str = "utf-8") -> str:
+        return self.read_bytes().decode(encoding)
+
+
+def open_input(path, buffer_size: int = 0):
+    """A seekable binary file (read, seek, tell, size) of a local path or an object."""
+    if isinstance(path, StorePath):
+        try:
+            return filesystem(path.scheme).open_input_file(path._fs_path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no such object") from None
+        except OSError as e:
+            raise OSError(f"{path}: {e}") from None
+    return open(path, "rb")
+
+
+def read_head(path, max_bytes: int) -> bytes:
+    """At most the first `max_bytes` of a file: a file from elsewhere is read
+    within the size its reader expects, however large it claims or grew to be."""
+    with open_input(path) as f:
+        return f.read(max_bytes)
+
+
+def footer_sha256(path) -> str:
+    """sha256 of a Parquet file's footer (its metadata, length and magic)."""
+    with open_input(path) as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        if size < 12:
+            raise FormatError(f"{path}: {size} bytes, too short for Parquet")
+        f.seek(size - 8)
+        tail = f.read(8)
+        n = int.from_bytes(tail[:4], "little")
+        if tail[4:] != b"PAR1" or n + 12 > size:
+            raise FormatError(f"{path}: no Parquet footer (truncated or not Parquet)")
+        f.seek(size - 8 - n)
+        return hashlib.sha256(f.read(n) + tail).hexdigest()
+
+
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open_input(path) as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+MAX_LOCAL_COPY_BYTES = 256 << 20
+
+
+def local_dir(path) -> Path:
+    """A local directory with the files of `path` (a tokenizer, say): the
+    path itself when it is local, else a copy in a cache keyed by the URI,
+    refreshed when an object's size changed. Subdirectories are not copied."""
+    if not isinstance(path, StorePath):
+        return Path(path)
+    cache = Path(os.environ.get("LABELGEN_CACHE", Path.home() / ".cache" / "labelgen")) / "objects"
+    dest = cache / hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    dest.mkdir(parents=True, exist_ok=True)
+    from labelgen.fsutil import atomic_write_bytes
+    total = 0
+    for obj in path.iterdir():
+        if not obj.name or not obj.is_file():
+            continue
+        size = obj.stat().st_size
+        total += size
+        if total > MAX_LOCAL_COPY_BYTES:
+            raise FormatError(f"{path}: more than {MAX_LOCAL_COPY_BYTES >> 20} MiB to copy locally; not a tokenizer")
+        target = dest / obj.name
+        if not (target.is_file() and target.stat().st_size == size):
+            atomic_write_bytes(target, obj.read_bytes())
+    return dest
