@@ -8,6 +8,12 @@ positions/s a small student consumes (target: loader >= 10x); peak RSS of a
 process that reads a label set of N shards and of one 10x as large (target:
 within +10 %); and the student's step time with top-k KD (k = 64) against
 CE only (target: KD <= 1.15x CE).
+
+    python benchmarks/bench_loader.py --labels DIR --bucket
+
+also streams the same set from an S3 API (moto's server on localhost, needs
+the test extra) beside local disk: positions/s of each, their ratio (target
+>= 0.8), and the peak RSS of streaming 1x and 10x the shards from each.
 """
 
 from __future__ import annotations
@@ -98,6 +104,60 @@ def peak_rss_mb(label_dir: Path) -> float:
     return float(out[1])
 
 
+def serve_bucket(labels: Path, times: int) -> tuple[str, str, object]:
+    """A moto S3 server on localhost holding `labels` (as s3://bench/x1) and a
+    set listing its shards `times` times (s3://bench/x10); the environment
+    points pyarrow at it. Returns the two URIs and the server (to stop)."""
+    import logging
+    import socket
+    import boto3
+    from moto.server import ThreadedMotoServer
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1")
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="us-east-1")
+    s3.create_bucket(Bucket="bench")
+    for p in labels.rglob("*"):
+        if p.is_file() and not p.name.endswith(".lock"):
+            s3.upload_file(str(p), "bench", f"x1/{p.relative_to(labels)}")
+    m = json.loads((labels / "manifest.json").read_text())
+    shards = []
+    for rep in range(times):
+        for sh in m["shards"]:
+            name = f"rep{rep:02d}-{sh['name']}"
+            s3.copy_object(Bucket="bench", Key=f"x{times}/{name}", CopySource={"Bucket": "bench", "Key": f"x1/{sh['name']}"})
+            shards.append({**sh, "name": name})
+    s3.put_object(Bucket="bench", Key=f"x{times}/manifest.json", Body=json.dumps({**m, "shards": shards}).encode())
+    return "s3://bench/x1", f"s3://bench/x{times}", server
+
+
+def bucket_report(labels: Path, batch_size: int) -> None:
+    one, ten, server = serve_bucket(labels, 10)
+    try:
+        rates = {"local": [], "bucket": []}
+        for _ in range(3):   # alternated, so drift on a busy machine hits both alike
+            rates["local"].append(loader_rate(labels, batch_size, 0)[1])
+            rates["bucket"].append(loader_rate(one, batch_size, 0)[1])
+        local, bucket = (sorted(v)[1] for v in rates.values())
+        print("\n| loader, main process (median of 3) | positions/s |\n|---|---:|")
+        print(f"| local disk (page cache warm) | {local:,.0f} |\n| S3 API on localhost (moto server) | {bucket:,.0f} |")
+        print(f"bucket / local = {bucket / local:.2f}  (target >= 0.8)")
+        big = replicate(labels, Path(tempfile.mkdtemp(prefix="bench_loader_")) / "x10", 10)
+        rss = {(where, n): peak_rss_mb(d) for (where, n), d in
+               {("local", 1): labels, ("bucket", 1): one, ("local", 10): big, ("bucket", 10): ten}.items()}
+        shutil.rmtree(big.parent, ignore_errors=True)
+        for n in (1, 10):
+            print(f"peak RSS streaming {n}x the shards: local {rss['local', n]:,.0f} MB, bucket {rss['bucket', n]:,.0f} MB; "
+                  f"bucket / local {rss['bucket', n] / rss['local', n]:.3f}")
+    finally:
+        server.stop()
+
+
 def student_rate(label_dir: Path, loss: str, batch_size: int, steps: int) -> tuple[float, float]:
     """(seconds per optimizer step, positions per second) of a small student."""
     from student_train.config import TrainConfig
@@ -132,6 +192,7 @@ def main():
     ap.add_argument("--teacher", help="make the labels with this teacher (a small one: 1.5 MB of text is scored)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--bucket", action="store_true", help="only the bucket-against-disk comparison (moto S3 server)")
     ap.add_argument("--student-tokenizer", help="also time the cross-tokenizer loader for this student tokenizer "
                                                  "(default: a byte-level BPE trained here on other text)")
     args = ap.parse_args()
@@ -145,6 +206,9 @@ def main():
     m = json.loads((labels / "manifest.json").read_text())
     print(f"labels {labels}: {len(m['shards'])} shards, {m['counts']['rows']:,} rows, "
           f"{m['counts']['positions']:,} positions, k={m['k']}; torch threads {torch.get_num_threads()}\n")
+    if args.bucket:
+        bucket_report(labels, args.batch_size)
+        return
 
     loader_rate(labels, args.batch_size, 0)   # warm the page cache: both timed runs read from memory
     rows0, pos0 = loader_rate(labels, args.batch_size, 0)
