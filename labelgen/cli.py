@@ -194,10 +194,19 @@ def generate(
     num_workers: Optional[int] = typer.Option(None, help="data-parallel workers (default: Slurm array / WORLD_SIZE)"),
     worker_index: Optional[int] = typer.Option(None, help="this worker (default: Slurm array task / RANK)"),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress"),
+    ray: Optional[str] = typer.Option(None, "--ray", help="run the --num-workers units as Ray tasks, then finalize: "
+                                      "local (a Ray instance on this machine), auto (this node's cluster) or an address"),
+    ray_gpus: float = typer.Option(0.0, "--ray-gpus", help="GPUs per unit (with --ray)"),
+    ray_cpus: float = typer.Option(1.0, "--ray-cpus", help="CPUs per unit (with --ray)"),
+    ray_retries: int = typer.Option(3, "--ray-retries", help="reruns of a unit whose process or node died (with --ray)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and exit"),
 ):
     """Run a teacher over inputs and write label shards (top-k soft labels or completions)."""
     env_workers, env_index = _worker_from_env()
+    if ray is not None:   # every unit is run from here: the Slurm/torchrun environment does not pick one
+        if worker_index is not None:
+            raise ValueError("--worker-index: not with --ray, which runs every unit")
+        env_workers, env_index = 1, 0
     overrides = dict(
         teacher=teacher, inputs=input, out=out, mode=mode, backend=backend, k=k, keep_mass=keep_mass, min_prob=min_prob, draws=draws,
         proposal_temperature=proposal_temperature, max_seq_len=max_seq_len,
@@ -212,6 +221,12 @@ def generate(
     cfg = GenerateConfig.from_sources(str(config) if config else None, overrides)
     if dry_run:
         _print_json(cfg.to_dict())
+        return
+    if ray is not None:
+        from labelgen.ray_run import RayConfig, run_on_ray
+        m = run_on_ray(cfg, RayConfig(address=ray, gpus_per_unit=ray_gpus, cpus_per_unit=ray_cpus, retries=ray_retries))
+        typer.echo(f"wrote {m['counts']['rows']:,} rows ({m['counts']['positions']:,} positions) in {len(m['shards'])} "
+                   f"shards to {cfg.out} from {cfg.num_workers} Ray units in {m['summary']['seconds']:.1f}s; manifest written")
         return
     from labelgen.generate import run
     m = run(cfg)

@@ -44,7 +44,8 @@ def atomic_writer(path: Path, text: bool = False) -> Iterator:
     refuse_symlink(path)
     if path.is_dir():
         raise FormatError(f"{path}: is a directory; name a file to write")
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+    # Unique to the process: two workers writing the same file (run.json) must not remove each other's tmp.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
     f = create_fresh(tmp, text)
     try:
         with f:

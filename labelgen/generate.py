@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import queue
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -98,6 +99,15 @@ def input_identity(files: list[Path]) -> dict[str, list[int]]:
     return {str(p): [(st := p.stat()).st_size, st.st_mtime_ns] for p in files}
 
 
+def _owned_tmp(cfg: GenerateConfig):
+    """Which leftover tmp files this worker may remove: with several workers
+    (started and stopped at different times), only those of its own shards."""
+    if cfg.num_workers == 1:
+        return None
+    own = re.compile(r"^shard-(\d+)" + re.escape(fmt.SHARD_SUFFIX + fmt.TMP_SUFFIX) + "$")
+    return lambda name: bool(m := own.match(name)) and int(m.group(1)) % cfg.num_workers == cfg.worker_index
+
+
 def check_output_dir(cfg: GenerateConfig, files: list[Path]) -> None:
     """Refuse a non-empty output directory unless resuming the same run or
     overwriting; refuse to resume under a changed config or changed inputs."""
@@ -133,7 +143,7 @@ def check_output_dir(cfg: GenerateConfig, files: list[Path]) -> None:
         if not cfg.resume and cfg.num_workers == 1:
             raise ValueError(f"--out: {out} already holds this run; pass --resume to continue it "
                              f"(--overwrite would delete its {len(finished)} finished shard(s))")
-    prepare_output_dir(out, "overwrite" if cfg.overwrite else "resume")
+    prepare_output_dir(out, "overwrite" if cfg.overwrite else "resume", owns=_owned_tmp(cfg))
     fsutil.atomic_write_bytes(run_file, json.dumps({"config_hash": cfg.output_hash(), "format_version": fmt.FORMAT_VERSION,
                                                  "config": cfg.to_dict(),
                                                  "inputs": inputs}, indent=2).encode())

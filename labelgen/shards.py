@@ -205,10 +205,12 @@ class ShardFile:
             self.abort()
 
 
-def prepare_output_dir(out_dir: Path, exist: str) -> None:
+def prepare_output_dir(out_dir: Path, exist: str, owns=None) -> None:
     """Create `out_dir`; refuse a non-empty one unless exist is 'resume' (keep
-    it) or 'overwrite' (empty it). Leftover `.tmp` files are always removed.
-    Lock files (fsutil.run_lock) do not count and stay."""
+    it) or 'overwrite' (empty it). Leftover `.tmp` files are removed: all of
+    them, or those whose names `owns` accepts (a worker of a data-parallel run
+    must not delete the shard another worker is writing). Lock files
+    (fsutil.run_lock) do not count and stay."""
     if exist not in ("error", "resume", "overwrite"):
         raise ValueError(f"exist must be error, resume or overwrite, got {exist!r}")
     out_dir = Path(out_dir)
@@ -221,7 +223,8 @@ def prepare_output_dir(out_dir: Path, exist: str) -> None:
             fsutil.clear_directory(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for tmp in out_dir.glob("*" + fmt.TMP_SUFFIX):
-        tmp.unlink()
+        if owns is None or owns(tmp.name):
+            tmp.unlink(missing_ok=True)
 
 
 class ShardWriter:

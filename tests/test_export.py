@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -99,7 +100,7 @@ def test_export_refuses_labels_it_cannot_express(tiny_teacher, corpus, chats, tm
     mine.write_text("\n".join(lines) + "\n")   # edited after the labels were made
     r = runner.invoke(app, ["export", str(tmp_path / "chat"), "--to", "axolotl", str(tmp_path / "y.jsonl")])
     assert r.exit_code == 2 and "chats.jsonl:3: the chat template no longer renders" in r.output
-    assert not (tmp_path / "y.jsonl").exists() and not (tmp_path / "y.jsonl.tmp").exists()
+    assert not (tmp_path / "y.jsonl").exists() and not list(tmp_path.glob("y.jsonl*.tmp"))
     r = runner.invoke(app, ["export", str(tmp_path / "chat"), "--to", "trl", str(tmp_path / "z.jsonl")])
     assert r.exit_code == 2 and "--to: unknown target 'trl'" in r.output
 
@@ -115,7 +116,7 @@ def chat_labels(tiny_teacher, chats, tmp_path_factory):
 def test_a_symlink_planted_at_the_temporary_file_is_not_written_through(chat_labels, tmp_path):
     target = tmp_path / "victim.txt"
     target.write_text("keep me")
-    (tmp_path / "kd.jsonl.tmp").symlink_to(target)
+    (tmp_path / f"kd.jsonl.{os.getpid()}.tmp").symlink_to(target)   # the name this process writes through
     r = runner.invoke(app, ["export", str(chat_labels), "--to", "axolotl", str(tmp_path / "kd.jsonl")])
     assert r.exit_code == 0, r.output
     assert target.read_text() == "keep me"

@@ -295,3 +295,20 @@ def test_blocked_topk_equals_torch_topk():
     lse, rank = _row_stats(logits, tgt)
     torch.testing.assert_close(lse[:, 0], torch.logsumexp(logits, -1))
     assert torch.equal(rank, (logits > tgt).sum(-1))
+
+
+def test_a_worker_starting_late_leaves_alone_the_shard_another_worker_is_writing(tiny_teacher, corpus, tmp_path):
+    out = tmp_path / "labels"
+    cfg = GenerateConfig(teacher=tiny_teacher, inputs=(str(corpus / "docs.jsonl"),), out=str(out), k=4, max_seq_len=64,
+                         rows_per_shard=4, progress=False, device="cpu", num_workers=3)
+    import dataclasses
+    run(dataclasses.replace(cfg, worker_index=0))
+    (out / "shard-000002.parquet.tmp").write_bytes(b"worker 2, in progress")   # another worker's shard
+    (out / "shard-000004.parquet.tmp").write_bytes(b"worker 1, killed")        # this worker's own leftover
+    run(dataclasses.replace(cfg, worker_index=1))
+    assert (out / "shard-000002.parquet.tmp").read_bytes() == b"worker 2, in progress"
+    assert not (out / "shard-000004.parquet.tmp").exists() and (out / "shard-000004.parquet").is_file()
+    (out / "shard-000002.parquet.tmp").unlink()
+    run(dataclasses.replace(cfg, worker_index=2))
+    finalize(out)
+    assert validate(out)["ok"]

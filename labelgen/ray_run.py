@@ -1,0 +1,111 @@
+"""A generation run's `--num-workers` units as Ray tasks (`labelgen generate
+--ray ADDRESS`), for clusters that run Ray rather than Slurm.
+
+Each unit is the same resumable worker a Slurm array task runs
+(`generate.run` with worker_index i of n, `--resume`): no second generation
+loop. Ray reruns a unit whose process or node died (`retries`); the rerun
+resumes from the unit's own finished shards. A unit that fails for a reason
+a retry cannot fix (bad input or config: an exception from the unit) is not
+retried: the run stops, naming the unit and its error. When every unit has
+finished, the driver finalizes once (manifest.json written last).
+
+Ray is an optional extra (`pip install 'labelgen[ray]'`); nothing else
+imports this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+from labelgen.config import GenerateConfig
+from labelgen.errors import FormatError
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str = "local"
+    """local: start a Ray instance on this machine; auto: the cluster this
+    node belongs to (`ray start`, KubeRay); or an address (ray://host:10001)."""
+    gpus_per_unit: float = 0.0
+    """GPUs each unit holds (several for a vLLM --engine tensor_parallel_size)."""
+    cpus_per_unit: float = 1.0
+    """CPUs each unit holds (Ray sets OMP_NUM_THREADS to it)."""
+    retries: int = 3
+    """Reruns of a unit whose worker process or node died."""
+    object_store_mb: int = 256
+    """Object store of a local instance: units pass only small manifests."""
+
+    def __post_init__(self):
+        if self.gpus_per_unit < 0 or self.cpus_per_unit <= 0:
+            raise ValueError("--ray-gpus/--ray-cpus: per-unit resources must be >= 0 (GPUs) and > 0 (CPUs)")
+        if self.retries < 0:
+            raise ValueError(f"--ray-retries: must be >= 0, got {self.retries}")
+
+
+def _unit(cfg: GenerateConfig) -> dict:
+    """One unit, in a Ray worker process: the worker's run; its partial manifest's counts."""
+    from labelgen.generate import run
+    m = run(cfg)
+    return {"counts": m["counts"], "summary": m.get("summary", {})}
+
+
+class UnitFailed(FormatError):
+    """A unit ended with an error a retry cannot fix."""
+
+
+def run_on_ray(cfg: GenerateConfig, ray_cfg: RayConfig) -> dict:
+    """Run cfg's num_workers units as Ray tasks, then finalize. Returns the manifest."""
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("--ray: Ray is not installed; pip install 'labelgen[ray]'") from None
+    from labelgen.generate import finalize
+    n = cfg.num_workers
+    if not ray.is_initialized():
+        if ray_cfg.address == "local":
+            ray.init(include_dashboard=False, object_store_memory=ray_cfg.object_store_mb << 20,
+                     log_to_driver=False, configure_logging=False)
+        else:
+            ray.init(address=ray_cfg.address, log_to_driver=False, configure_logging=False)
+    task = ray.remote(num_cpus=ray_cfg.cpus_per_unit, num_gpus=ray_cfg.gpus_per_unit,
+                      max_retries=ray_cfg.retries, retry_exceptions=False)(_unit)
+    units = {task.remote(dataclasses.replace(cfg, worker_index=i, resume=True, progress=False, overwrite=False)): i
+             for i in range(n)}
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=n, unit="unit", desc=f"labelgen {cfg.mode} on Ray", dynamic_ncols=True)
+    counts = {"rows": 0, "positions": 0}
+    t0 = time.time()
+    pending = list(units)
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ref = done[0]
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                cause = e.cause if getattr(e, "cause", None) is not None else e
+                lines = [line for line in str(cause).strip().splitlines() if line.strip()]
+                raise UnitFailed(f"unit {units[ref]} of {n} failed: {lines[-1] if lines else type(cause).__name__}; "
+                                 f"fix it and rerun the same command (finished units are kept)") from None
+            except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as e:
+                raise UnitFailed(f"unit {units[ref]} of {n} failed after {ray_cfg.retries} retries: "
+                                 f"{type(e).__name__}; rerun the same command to resume it") from None
+            for key in counts:
+                counts[key] += result["counts"].get(key, 0)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(f"{counts['rows']:,} rows, {counts['positions']:,} positions", refresh=False)
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    manifest = finalize(cfg.out)
+    manifest["summary"] = {"seconds": round(time.time() - t0, 2), "units": n}
+    return manifest
