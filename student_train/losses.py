@@ -170,6 +170,33 @@ def full_kd(logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tens
     return masked_mean(_divergence(logp, logq, kind, beta), mask) * temperature ** 2
 
 
+def on_policy_kd(logits: torch.Tensor, targets: torch.Tensor, teacher_logprob: torch.Tensor,
+                 sampler_logprob: torch.Tensor, mask: torch.Tensor, clip: float = 0.2,
+                 lse: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """On-policy distillation at the tokens y_t the student sampled (`mask`:
+    completion tokens only), as a policy gradient with discount 0: the
+    per-token reverse-KL advantage A_t = log pT(y_t) - log p(y_t) (no
+    gradient through it), weighted by the importance ratio r_t = p(y_t) /
+    p_old(y_t) against the sampling-time logprob, clipped to [1 - clip,
+    1 + clip] as in PPO so a stale sample cannot push far:
+        loss = -mean_t min(r_t A_t, clip(r_t) A_t).
+    At r = 1 its gradient is sum_t (log p - log pT)(y_t) grad log p(y_t), the
+    sampled gradient of KL(p || pT). Returns the loss and per-position
+    statistics: the advantage, the share of clipped tokens, and log p_old -
+    log p (its mean estimates KL(p_old || p), how stale the samples are)."""
+    lse = logsumexp_chunked(logits) if lse is None else lse
+    logp = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1).float() - lse
+    adv = (teacher_logprob.float() - logp).detach()
+    log_ratio = logp - sampler_logprob.float()
+    ratio = log_ratio.clamp(max=30).exp()   # bounded: a sample the student now finds far likelier
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
+    surrogate = torch.where(mask, surrogate, torch.zeros_like(surrogate))
+    clipped = ratio.clamp(1 - clip, 1 + clip) * adv < ratio * adv   # the min took the clipped term: no gradient
+    stats = {"advantage": masked_mean(adv, mask), "clipped": masked_mean(clipped.float(), mask),
+             "staleness": masked_mean(-log_ratio.detach(), mask)}
+    return -masked_mean(surrogate, mask), stats
+
+
 def topk_agreement(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
                    mask: torch.Tensor) -> torch.Tensor:
     """Share of counted positions where the student's argmax is the teacher's

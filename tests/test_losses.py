@@ -209,3 +209,36 @@ def test_expected_calibration_error_matches_a_hand_count_and_does_not_depend_on_
     first = calibration_gaps(logits[:, :1], targets[:, :1], mask[:, :1])
     rest = calibration_gaps(logits[:, 1:], targets[:, 1:], mask[:, 1:])
     assert expected_calibration_error((first * 1 + rest * 3) / 4) == pytest.approx(expected, rel=1e-5)
+
+
+def test_on_policy_kd_matches_a_hand_computed_batch_with_a_clipped_and_an_unclipped_token():
+    from student_train.losses import on_policy_kd
+    # One row of 3 positions over a 3-token vocabulary; position 0 is a prompt position (not counted).
+    logits = torch.tensor([[[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]], requires_grad=True)
+    targets = torch.tensor([[0, 0, 1]])
+    mask = torch.tensor([[False, True, True]])
+    logp1, logp2 = 1 - math.log(math.e + 2), 2 - math.log(math.e ** 2 + 2)        # log p(y) at positions 1, 2
+    sampler = torch.tensor([[-9.0, logp1, logp2 - 0.5]])   # position 1 on-policy (r = 1); position 2: r = e^0.5
+    teacher = torch.tensor([[-1.0, -0.5, -0.2]])
+    loss, stats = on_policy_kd(logits, targets, teacher, sampler, mask, clip=0.2)
+    a1, a2 = -0.5 - logp1, -0.2 - logp2                     # both > 0; r2 = 1.65 > 1.2: its term is clipped
+    assert a1 > 0 and a2 > 0
+    assert loss.item() == pytest.approx(-(1.0 * a1 + 1.2 * a2) / 2, abs=1e-6)
+    assert stats["clipped"].item() == pytest.approx(0.5) and stats["advantage"].item() == pytest.approx((a1 + a2) / 2, abs=1e-6)
+    assert stats["staleness"].item() == pytest.approx((0.0 - 0.5) / 2, abs=1e-6)   # mean of log p_old - log p
+    loss.backward()
+    soft1 = torch.softmax(torch.tensor([1.0, 0.0, 0.0]), -1)
+    expected1 = -0.5 * 1.0 * a1 * (torch.tensor([1.0, 0.0, 0.0]) - soft1)    # d(-r A / 2)/dz = -(r A / 2)(onehot - softmax)
+    assert torch.allclose(logits.grad[0, 1], expected1, atol=1e-6)
+    assert torch.allclose(logits.grad[0, 2], torch.zeros(3))   # clipped: no gradient
+    assert torch.allclose(logits.grad[0, 0], torch.zeros(3))   # prompt position: never counts
+    # A token the teacher finds unlikely (A < 0) is pushed down even when r > 1 + clip: the min keeps r A.
+    logits.grad = None
+    teacher = torch.tensor([[-1.0, -0.5, -3.0]])
+    loss, stats = on_policy_kd(logits, targets, teacher, sampler, mask, clip=0.2)
+    a2 = -3.0 - logp2
+    r2 = math.exp(0.5)
+    assert loss.item() == pytest.approx(-(a1 + r2 * a2) / 2, abs=1e-6) and stats["clipped"].item() == 0
+    loss.backward()
+    soft2 = torch.softmax(torch.tensor([0.0, 2.0, 0.0]), -1)
+    assert torch.allclose(logits.grad[0, 2], -0.5 * r2 * a2 * (torch.tensor([0.0, 1.0, 0.0]) - soft2), atol=1e-6)
