@@ -45,13 +45,20 @@ class Dist:
         return self.rank == 0
 
 
+def resolve_device(device: str, local_rank: int, cuda: bool) -> torch.device:
+    """auto: this rank's GPU if there is one, else the CPU; a bare "cuda" is
+    this rank's GPU too (torch.cuda.set_device needs an index)."""
+    if device == "auto":
+        device = "cuda" if cuda else "cpu"
+    dev = torch.device(device)
+    return torch.device("cuda", local_rank) if dev.type == "cuda" and dev.index is None else dev
+
+
 def setup_distributed(device: str) -> Dist:
     """Join the torchrun group if there is one (nccl on GPU, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device, local, torch.cuda.is_available())
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():

@@ -199,3 +199,14 @@ def test_a_metrics_log_torn_by_a_crash_resumes_and_a_damaged_middle_is_refused(t
     log.write_text("\n".join([lines[0], "garbage", lines[-1]]) + "\n")
     r = run_train(topk_labels, student_config, tmp_path / "o", "--max-steps", "4", "--resume")
     assert_one_line_error(r, r"metrics.jsonl: not a metrics log \(a line without a step\)")
+
+
+def test_a_bare_cuda_device_means_this_ranks_gpu():
+    # `--device cuda` failed on a GPU machine: torch.cuda.set_device needs an index.
+    import torch
+    from student_train.runtime import resolve_device
+    assert resolve_device("cuda", 3, cuda=True) == torch.device("cuda", 3)
+    assert resolve_device("cuda:1", 3, cuda=True) == torch.device("cuda", 1)
+    assert resolve_device("auto", 2, cuda=True) == torch.device("cuda", 2)
+    assert resolve_device("auto", 0, cuda=False) == torch.device("cpu")
+    assert resolve_device("cpu", 5, cuda=True) == torch.device("cpu")
