@@ -121,7 +121,7 @@ def inspect(label_dir: str = typer.Argument(..., help="label set directory, or a
 def estimate(tokens: float = typer.Option(..., help="tokens in the corpus, e.g. 5e12"),
              vocab: int = typer.Option(..., help="vocabulary size"),
              k: int = typer.Option(64, help="top-k entries per position"),
-             from_dir: Optional[Path] = typer.Option(None, "--from", help="measure bytes per entry from this label set"),
+             from_dir: Optional[str] = typer.Option(None, "--from", help="measure bytes per entry from this label set (a directory or URI)"),
              as_json: bool = typer.Option(False, "--json")):
     """Storage of full-vocabulary soft labels against top-k labels."""
     from labelgen.inspect import estimate as run, format_estimate
@@ -257,7 +257,7 @@ def finalize(label_dir: Path = typer.Argument(..., help="label directory written
 
 @app.command()
 @cli_errors
-def export(label_dir: Path = typer.Argument(..., help="top-k label set made with --messages-field"),
+def export(label_dir: str = typer.Argument(..., help="top-k label set made with --messages-field (a directory or URI)"),
            out: Path = typer.Argument(..., help="JSONL file to write"),
            to: str = typer.Option("axolotl", "--to", help="target format: axolotl"),
            inputs: Optional[List[str]] = typer.Option(None, "--input",

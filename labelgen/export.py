@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from labelgen import format as fmt
-from labelgen import fsutil
+from labelgen import fsutil, storage
 from labelgen.format import FormatError
 from labelgen.inputs import FieldSpec, InputError, expand_paths, read_records
 from labelgen.shards import ShardReader
@@ -63,7 +63,7 @@ def export_axolotl(label_dir: str | Path, out: str | Path, inputs: list[str] | N
     if reader.kind != "topk" or not cfg.get("messages_field"):
         raise FormatError(f"{where}: Axolotl's KD plugin reads top-k labels of chat messages; this label set holds "
                           f"{reader.kind} labels{'' if cfg.get('messages_field') else ' not made with --messages-field'}")
-    tokenizer = AutoTokenizer.from_pretrained(reader.dir / fmt.TOKENIZER_DIR, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(storage.local_dir(reader.dir / fmt.TOKENIZER_DIR), trust_remote_code=False)
     files = expand_paths(list(inputs or cfg.get("inputs") or []))
     names = _labelled_names(reader.dir, files)
     spec = FieldSpec(messages_field=cfg["messages_field"], id_field=cfg.get("id_field"))

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Iterator
 
 from labelgen.errors import FormatError
-from labelgen.storage import footer_sha256, read_head, sha256_file  # noqa: F401  (re-exported: one reader for local paths and URIs)
 
 TMP_SUFFIX = ".tmp"
 LOCK_SUFFIX = ".lock"

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from labelgen import format as fmt
-from labelgen import fsutil
+from labelgen import fsutil, storage
 from labelgen.backends import SampleRequest, Teacher, load_teacher
 from labelgen.config import DEFAULT_MAX_SEQ_LEN, EXECUTION_ONLY, GenerateConfig
 from labelgen.format import Encoding, FormatError
@@ -262,7 +262,7 @@ def _write_manifest(cfg, out, teacher: Teacher, tokenizer, enc, id_bound, shards
     header = {
         "mode": cfg.mode,
         "teacher": {"path": str(Path(cfg.teacher).resolve()),
-                    "config_sha256": fsutil.sha256_file(config_file) if config_file.is_file() else None,
+                    "config_sha256": storage.sha256_file(config_file) if config_file.is_file() else None,
                     "vocab_size": teacher.vocab_size, "logits_size": teacher.logits_size, **teacher.info()},
         "tokenizer": fmt.tokenizer_fingerprint(tokenizer),
         "config": cfg.to_dict(),

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from labelgen import format as fmt
-from labelgen import fsutil, storage
+from labelgen import storage
 from labelgen.format import FormatError
 from labelgen.shards import ShardReader
 
@@ -51,7 +51,7 @@ def validate(label_dir: Path | str, max_problems: int = 20) -> dict:
         except FormatError as e:
             add(path, None, str(e).removeprefix(f"{path}: "))
             continue
-        if fsutil.sha256_file(path) != shard["sha256"]:
+        if storage.sha256_file(path) != shard["sha256"]:
             add(path, None, "sha256 does not match the manifest (corrupted)")
             continue
         if pf.metadata.num_rows != shard["rows"]:

@@ -61,8 +61,8 @@ def shard_info_from_file(path: Path, kind: str) -> ShardInfo:
     pf = pq.ParquetFile(path)
     rk = fmt.record_kind(kind)
     positions = sum(rk.positions(pf.read_row_group(i, columns=[rk.position_column])) for i in range(pf.num_row_groups))
-    return ShardInfo(path.name, pf.metadata.num_rows, positions, path.stat().st_size, fsutil.sha256_file(path),
-                     pf.num_row_groups, fsutil.footer_sha256(path))
+    return ShardInfo(path.name, pf.metadata.num_rows, positions, path.stat().st_size, storage.sha256_file(path),
+                     pf.num_row_groups, storage.footer_sha256(path))
 
 
 class _HashingFile(io.RawIOBase):
@@ -180,7 +180,7 @@ class ShardFile:
             self.abort()
             raise
         info = ShardInfo(self.path.name, self.rows, self.positions, self._file.size, self._file.sha256.hexdigest(),
-                         self.row_groups, fsutil.footer_sha256(self.tmp))
+                         self.row_groups, storage.footer_sha256(self.tmp))
         os.replace(self.tmp, self.path)
         fsutil.fsync_dir(self.path.parent)
         return info
@@ -340,7 +340,7 @@ class ShardReader:
         verify=True): a training job fails before its first step, not hours in."""
         for shard in self.shards:
             path = self.shard_path(shard)
-            if self.verify and fsutil.sha256_file(path) != shard["sha256"]:
+            if self.verify and storage.sha256_file(path) != shard["sha256"]:
                 raise FormatError(f"{path}: sha256 does not match the manifest (corrupted)")
 
     def open_shard(self, shard: dict) -> pq.ParquetFile:
@@ -359,7 +359,7 @@ class ShardReader:
         info = fmt.read_file_metadata(pf.schema_arrow.metadata, str(path))
         if info.get("kind") != self.kind:
             raise FormatError(f"{path}: holds {info.get('kind')!r} records, manifest says {self.kind!r}")
-        if self.checksums and "footer_sha256" in shard and fsutil.footer_sha256(path) != shard["footer_sha256"]:
+        if self.checksums and "footer_sha256" in shard and storage.footer_sha256(path) != shard["footer_sha256"]:
             raise FormatError(f"{path}: Parquet footer does not match the manifest's hash (corrupted)")
         return pf
 

@@ -223,3 +223,57 @@ def local_dir(path) -> Path:
         if not (target.is_file() and target.stat().st_size == size):
             atomic_write_bytes(target, obj.read_bytes())
     return dest
+
+
+# ---------------------------------------------------------------- run directories in a bucket
+
+
+def staging_dir(uri) -> Path:
+    """The local directory a run whose output is `uri` works in (checkpoints
+    are written here first, then uploaded whole)."""
+    cache = Path(os.environ.get("LABELGEN_CACHE", Path.home() / ".cache" / "labelgen")) / "runs"
+    return cache / hashlib.sha256(str(uri).encode()).hexdigest()[:16]
+
+
+def list_tree(remote: StorePath) -> list[StorePath]:
+    """Every object under `remote`, recursively."""
+    from pyarrow.fs import FileSelector, FileType
+    infos = filesystem(remote.scheme).get_file_info(FileSelector(remote._fs_path, recursive=True, allow_not_found=True))
+    return [StorePath(remote.scheme, remote.bucket, i.path.split("/", 1)[1]) for i in infos if i.type == FileType.File]
+
+
+def upload_tree(local: Path, remote: StorePath, last: str | None = None) -> None:
+    """Copy the files under `local` to `remote`; files named `last` go after
+    all others (a commit marker: readers trust what has one)."""
+    files = sorted((p for p in Path(local).rglob("*") if p.is_file()), key=lambda p: (p.name == last, str(p)))
+    for p in files:
+        upload_file(p, remote / p.relative_to(local).as_posix())
+
+
+def upload_file(local: Path, remote: StorePath) -> None:
+    """One local file to one object (an object appears whole or not at all)."""
+    import shutil
+    with open(local, "rb") as src, filesystem(remote.scheme).open_output_stream(remote._fs_path) as out:
+        shutil.copyfileobj(src, out, 1 << 20)
+
+
+def download_tree(remote: StorePath, local: Path) -> None:
+    """Copy every object under `remote` into `local` (through tmp files)."""
+    for obj in list_tree(remote):
+        rel = obj.key[len(remote.key):].lstrip("/")
+        if ".." in Path(rel).parts:
+            raise FormatError(f"{obj}: would lead out of {local}")
+        download_file(obj, Path(local) / rel)
+
+
+def download_file(remote: StorePath, local: Path) -> None:
+    """One object to a local file, written through a tmp file."""
+    from labelgen.fsutil import atomic_writer
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with open_input(remote) as src, atomic_writer(local) as out:
+        while chunk := src.read(1 << 20):
+            out.write(chunk)
+
+
+def delete_tree(remote: StorePath) -> None:
+    filesystem(remote.scheme).delete_dir_contents(remote._fs_path, missing_dir_ok=True)

@@ -25,7 +25,7 @@ from labelgen.format import FormatError
 from student_train import losses
 from student_train.config import CodistillConfig
 from student_train.data import LabelStream, open_label_sets
-from student_train.runtime import Run, build_model, fit, prepare_out_dir, setup_distributed
+from student_train.runtime import Run, build_model, fit, local_out, prepare_out_dir, setup_distributed
 
 
 def shared_tokenizer(cfg: CodistillConfig):
@@ -122,8 +122,8 @@ def codistill(cfg: CodistillConfig) -> dict:
     teacher = build_model(cfg.teacher, cfg.teacher_config, tokenizer, cfg.seed + 1)
     student = build_model(cfg.student, cfg.student_config, tokenizer, cfg.seed)
     n_vocab = check_widths(teacher, student, tokenizer)
-    out = Path(cfg.out)
-    ckpt = prepare_out_dir(out, cfg.resume, cfg.overwrite, d.main)
+    out = local_out(cfg.out)
+    ckpt = prepare_out_dir(cfg.out, cfg.resume, cfg.overwrite, d.main)
     if d.main:
         tokenize_corpus(cfg.inputs, out / "data", tok_dir, cfg)
         if cfg.eval_input:

@@ -22,7 +22,7 @@ from labelgen.format import FormatError
 from student_train import losses
 from student_train.config import TrainConfig
 from student_train.data import LabelStream, holdout_split, open_label_sets
-from student_train.runtime import Run, build_model, fit, prepare_out_dir, setup_distributed
+from student_train.runtime import Run, build_model, fit, local_out, prepare_out_dir, setup_distributed
 
 
 def load_tokenizer_for(student: str | None, label_dir: Path, option: str | None = None):
@@ -200,10 +200,10 @@ def train(cfg: TrainConfig) -> dict:
         tokenizer = load_tokenizer_for(cfg.student, readers[0].dir)
         model = build_model(cfg.student, cfg.student_config, tokenizer, cfg.seed)
         width = check_vocabulary(manifest, tokenizer, model, str(readers[0].dir))
-    ckpt = prepare_out_dir(Path(cfg.out), cfg.resume, cfg.overwrite, d.main)
+    ckpt = prepare_out_dir(cfg.out, cfg.resume, cfg.overwrite, d.main)
     if cfg.student_tokenizer:
         from student_train.xtok import CrossTokenizer
-        cross = CrossTokenizer(load_tokenizer_for(None, readers[0].dir), tokenizer, Path(cfg.out) if d.main else None)
+        cross = CrossTokenizer(load_tokenizer_for(None, readers[0].dir), tokenizer, local_out(cfg.out) if d.main else None)
     train_shards, eval_shards = holdout_split(readers, cfg.eval_holdout)
     stream = LabelStream(readers, cfg.batch_size, seed=cfg.seed, group_units=cfg.group_units, rank=d.rank,
                          world_size=d.world, k=k, vocab_limit=width, shards=train_shards, cross=cross)

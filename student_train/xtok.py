@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from labelgen import format as fmt
-from labelgen import fsutil
+from labelgen import fsutil, storage
 from labelgen.format import FormatError
 
 
@@ -130,7 +130,7 @@ def load_candidate_map(path: Path, key: str, teacher_vocab: int, student_vocab: 
     [-1, student vocabulary). A cache beside a run is not trusted blindly:
     wrong values would train silently on wrong targets."""
     try:
-        data = fsutil.read_head(path, MAX_NPY_HEADER + 8 * teacher_vocab)
+        data = storage.read_head(path, MAX_NPY_HEADER + 8 * teacher_vocab)
         f = io.BytesIO(data)
         read_header = {(1, 0): np.lib.format.read_array_header_1_0,
                        (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(f))

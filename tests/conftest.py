@@ -8,6 +8,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 import pytest
 
+import helpers
+
 
 @pytest.fixture
 def rng():
@@ -71,3 +73,33 @@ def student_config(tmp_path_factory):
                                 "num_hidden_layers": 1, "num_attention_heads": 1, "num_key_value_heads": 1,
                                 "max_position_embeddings": 512, "tie_word_embeddings": True}))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A moto S3 server on localhost (its in-process mock does not reach
+    pyarrow's C++ client) and the environment that points pyarrow and boto3 at it."""
+    import logging
+    import socket
+    import boto3
+    from moto import server as moto_server
+    from labelgen import storage
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)   # one line per request otherwise
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}
+    mp = pytest.MonkeyPatch()
+    for k, v in env.items():
+        mp.setenv(k, v)
+    mp.setenv("LABELGEN_CACHE", str(tmp_path_factory.mktemp("cache")))
+    storage.filesystem.cache_clear()
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1")
+    client.create_bucket(Bucket=helpers.BUCKET)
+    yield {"client": client, "env": env}
+    storage.filesystem.cache_clear()
+    mp.undo()
+    server.stop()

@@ -55,3 +55,13 @@ def torchrun_student_train(port: int, *args: str) -> None:
            "-m", "student_train.cli", *args, "--no-progress", "--device", "cpu"]
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+BUCKET = "labels"   # the bucket of the `s3` fixture (conftest.py)
+
+
+def upload(client, local_dir, prefix) -> str:
+    for p in sorted(local_dir.rglob("*")):
+        if p.is_file() and not p.name.endswith(".lock"):
+            client.upload_file(str(p), BUCKET, f"{prefix}/{p.relative_to(local_dir)}")
+    return f"s3://{BUCKET}/{prefix}"

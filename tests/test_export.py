@@ -147,3 +147,14 @@ def test_export_errors_are_one_short_line(chat_labels, tmp_path):
     r = runner.invoke(app, ["export", str(chat_labels), "--to", "axolotl", str(tmp_path / "c.jsonl"), "--input", str(many)])
     assert r.exit_code == 2 and "and 397 more); pass the inputs the labels were made from" in r.output, r.output
     assert len(r.output) < 1000
+
+
+def test_export_and_estimate_read_the_label_set_from_a_bucket(s3, chat_labels, chats, tmp_path):
+    from helpers import upload
+    uri = upload(s3["client"], chat_labels, "export/chat")
+    for where, out in ((str(chat_labels), "local.jsonl"), (uri, "bucket.jsonl")):
+        r = runner.invoke(app, ["export", where, "--to", "axolotl", str(tmp_path / out), "--input", str(chats)])
+        assert r.exit_code == 0, r.output
+    assert (tmp_path / "bucket.jsonl").read_bytes() == (tmp_path / "local.jsonl").read_bytes()
+    r = runner.invoke(app, ["estimate", "--tokens", "1e9", "--vocab", "512", "--k", "4", "--from", uri, "--json"])
+    assert r.exit_code == 0 and f"measured from {uri}" in r.output, r.output

@@ -13,7 +13,7 @@ import pytest
 
 from helpers import assert_stored_coverage, assert_stored_target_logprob, topk_row
 from labelgen import format as fmt
-from labelgen import fsutil
+from labelgen import storage
 from labelgen.format import Encoding, FormatError
 from labelgen.shards import ShardReader, ShardWriter
 
@@ -262,7 +262,7 @@ def test_foreign_and_extra_files_are_reported(tmp_path, rng):
     # A foreign file in place of a shard: same name and size in the manifest.
     m = json.loads((tmp_path / "l" / "manifest.json").read_text())
     foreign = tmp_path / "l" / "stray.parquet"
-    m["shards"][0].update(name="stray.parquet", bytes=foreign.stat().st_size, sha256=fsutil.sha256_file(foreign))
+    m["shards"][0].update(name="stray.parquet", bytes=foreign.stat().st_size, sha256=storage.sha256_file(foreign))
     (tmp_path / "l" / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(FormatError, match="stray.parquet: not a labelgen shard"):
         list(ShardReader(tmp_path / "l").rows())
@@ -391,8 +391,8 @@ def test_shards_written_before_format_2_keep_their_id_table_in_the_labelgen_meta
     m = json.loads((tmp_path / "l" / "manifest.json").read_text())
     m["format_version"] = "1.3"
     del m["encoding"]["position_codec"]
-    m["shards"][0].update(bytes=shard.stat().st_size, sha256=fsutil.sha256_file(shard),
-                          footer_sha256=fsutil.footer_sha256(shard))
+    m["shards"][0].update(bytes=shard.stat().st_size, sha256=storage.sha256_file(shard),
+                          footer_sha256=storage.footer_sha256(shard))
     (tmp_path / "l" / "manifest.json").write_text(json.dumps(m))
     for a, b in zip(rows, ShardReader(tmp_path / "l", verify=True).rows()):
         assert_same_entries(a["topk_ids"], a["topk_logprobs"], b["topk_ids"], b["topk_logprobs"], enc)

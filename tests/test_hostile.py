@@ -12,7 +12,7 @@ from helpers import topk_row
 from typer.testing import CliRunner
 
 from labelgen import format as fmt
-from labelgen import fsutil
+from labelgen import storage
 from labelgen.cli import app
 from labelgen.format import Encoding, FormatError
 from labelgen.inspect import inspect, validate
@@ -168,6 +168,6 @@ def test_a_damaged_id_table_is_caught_by_the_footer_hash(clean_set, tmp_path):
     at = data.find(fmt.ID_TABLE_FOOTER_KEY) + len(fmt.ID_TABLE_FOOTER_KEY) + 8   # inside the table's base64
     data[at] = ord("A") if data[at] != ord("A") else ord("B")   # still valid base64: another id order
     shard.write_bytes(bytes(data))
-    rewrite_manifest(d, lambda m: m["shards"][0].update(sha256=fsutil.sha256_file(shard)))   # a consistent forgery
+    rewrite_manifest(d, lambda m: m["shards"][0].update(sha256=storage.sha256_file(shard)))   # a consistent forgery
     with pytest.raises(FormatError, match="footer does not match the manifest's hash"):
         read_all(d)

@@ -2,9 +2,7 @@
 (moto's server mode; its in-process mock does not reach pyarrow's C++ client)."""
 
 import json
-import logging
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -14,40 +12,7 @@ import pytest
 from labelgen import storage
 from labelgen.format import FormatError
 
-BUCKET = "labels"
-
-
-@pytest.fixture(scope="session")
-def s3(tmp_path_factory):
-    """A moto S3 server and the environment that points pyarrow and boto3 at it."""
-    import boto3
-    from moto import server as moto_server
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)   # one line per request otherwise
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}
-    mp = pytest.MonkeyPatch()
-    for k, v in env.items():
-        mp.setenv(k, v)
-    mp.setenv("LABELGEN_CACHE", str(tmp_path_factory.mktemp("cache")))
-    storage.filesystem.cache_clear()
-    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1")
-    client.create_bucket(Bucket=BUCKET)
-    yield {"client": client, "env": env}
-    storage.filesystem.cache_clear()
-    mp.undo()
-    server.stop()
-
-
-def upload(client, local_dir, prefix) -> str:
-    for p in sorted(local_dir.rglob("*")):
-        if p.is_file() and not p.name.endswith(".lock"):
-            client.upload_file(str(p), BUCKET, f"{prefix}/{p.relative_to(local_dir)}")
-    return f"s3://{BUCKET}/{prefix}"
+from helpers import BUCKET, upload
 
 
 def test_a_uri_is_a_store_path_and_a_name_cannot_climb_out():
@@ -128,3 +93,37 @@ def test_a_damaged_or_incomplete_set_in_the_bucket_is_one_clear_error_naming_the
     r = subprocess.run([sys.executable, "-m", "labelgen.cli", "inspect", f"s3://{BUCKET}/nothing/here"],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "no manifest" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_student_train_writes_its_run_to_a_bucket_and_a_new_machine_resumes_from_it(s3, topk_labels, student_config,
+                                                                                   tmp_path):
+    from safetensors.numpy import load
+    from student_train.config import TrainConfig
+    from student_train.train import train
+
+    def run(out, **kw):
+        train(TrainConfig(labels=(str(topk_labels),), out=out, student_config=student_config, max_steps=6, batch_size=4,
+                          warmup_steps=1, eval_every=3, eval_batches=2, save_every=3, log_every=1, progress=False,
+                          device="cpu", **kw))
+
+    def metrics(text):
+        return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in text.splitlines()]
+
+    def remote(key):
+        return s3["client"].get_object(Bucket=BUCKET, Key=f"runs/a/{key}")["Body"].read()
+
+    run(str(tmp_path / "local"))
+    uri = f"s3://{BUCKET}/runs/a"
+    run(uri)
+    assert metrics(remote("metrics.jsonl").decode()) == metrics((tmp_path / "local" / "metrics.jsonl").read_text())
+    for step in ("step_000003", "step_000006"):
+        mine, theirs = load(remote(f"{step}/model.safetensors")), load((tmp_path / "local" / step / "model.safetensors").read_bytes())
+        assert mine.keys() == theirs.keys() and all(np.array_equal(mine[k], theirs[k]) for k in mine)
+    # Another machine (no staging directory), and the last checkpoint was cut off before its meta.json went up.
+    shutil.rmtree(storage.staging_dir(uri))
+    s3["client"].delete_object(Bucket=BUCKET, Key="runs/a/step_000006/meta.json")
+    run(uri, resume=True)
+    assert metrics(remote("metrics.jsonl").decode()) == metrics((tmp_path / "local" / "metrics.jsonl").read_text())
+    assert json.loads(remote("step_000006/meta.json"))["step"] == 6
+    with pytest.raises(ValueError, match=f"--out: {uri} is not empty; pass --resume"):
+        run(uri)
