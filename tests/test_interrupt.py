@@ -118,8 +118,12 @@ def test_a_second_run_on_the_same_label_set_is_refused_naming_the_first(tiny_tea
     corpus, out = big_corpus(tmp_path / "docs.jsonl", docs=120), tmp_path / "out"
     first = labelgen(*generate_args(tiny_teacher, corpus, out))
     wait_for(lambda: (out / "run.json").is_file(), first)
-    second = labelgen(*generate_args(tiny_teacher, corpus, out, "--k", "4", "--overwrite"))
-    code, err = ended(second)
+    os.kill(first.pid, signal.SIGSTOP)   # still holding the set however fast it would have finished
+    try:
+        second = labelgen(*generate_args(tiny_teacher, corpus, out, "--k", "4", "--overwrite"))
+        code, err = ended(second)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     assert code == 2 and f"in use by another labelgen run (pid {first.pid} on " in err, err
     code, err = ended(first, 600)
     assert code == 0, err

@@ -84,18 +84,28 @@ def test_a_unit_killed_mid_shard_is_rerun_by_ray_and_resumes_to_the_same_set(ray
     driver = threading.Thread(target=drive)
     driver.start()
     lock = out / "labelgen.worker-1-of-3.lock"
+    partial = out / fmt.partial_manifest_name(1, 3)
     mine = [fmt.shard_name(i) for i in range(1, 200, 3)]
-    while driver.is_alive() and not killed:
-        finished = [n for n in mine if (out / n).is_file()]
-        in_flight = [n for n in mine if (out / (n + ".tmp")).is_file()]
-        if finished and in_flight and lock.is_file():
+    pid = None
+    while driver.is_alive() and not killed and not partial.exists():
+        if pid is None:
             try:
-                pid = json.loads(lock.read_text())["pid"]
+                pid = json.loads(lock.read_text())["pid"]   # unit 1 has started
             except (ValueError, KeyError, OSError):
+                time.sleep(0.005)
                 continue
+        # Freeze it, look, and kill it only while a shard of it is on disk unfinished (race-free while stopped).
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            break
+        in_flight = [n for n in mine if (out / (n + ".tmp")).is_file()]
+        if in_flight:
             os.kill(pid, signal.SIGKILL)   # the unit's Ray worker process, mid-shard
             killed.append((pid, in_flight[0]))
-        time.sleep(0.01)
+        else:
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(0.005)
     driver.join()
     assert killed, "unit 1 finished before it could be killed; give it more input"
     assert "error" not in result, result.get("error")
