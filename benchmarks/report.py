@@ -31,7 +31,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from report_teacher import SECTION_ORDER, replace_section   # noqa: E402  (benchmarks/ is on sys.path)
+from report_teacher import SECTION_ORDER, plot_bytes_vs_gain, replace_section   # noqa: E402  (benchmarks/ is on sys.path)
 
 STUDENT = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 2,
            "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 1024,
@@ -319,18 +319,9 @@ def write_report(labels: dict, students: dict, teacher_info: dict, scale: Scale,
     fig.savefig(out_dir / "results_coverage.png", dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        if r["bytes_per_position"] is not None and r["recovered"] is not None:
-            ax.scatter(r["bytes_per_position"], r["recovered"])
-            ax.annotate(r["method"], (r["bytes_per_position"], r["recovered"]), fontsize=7)
-    ax.set_xscale("log")
-    ax.set_xlabel("label bytes per position")
-    ax.set_ylabel("share of full-KD gain recovered")
-    ax.set_title("Storage against student quality")
-    fig.tight_layout()
-    fig.savefig(out_dir / "results_bytes_vs_gain.png", dpi=110)
-    plt.close(fig)
+    plot_bytes_vs_gain([(r["method"], r["bytes_per_position"], r["recovered"]) for r in rows],
+                       out_dir / "results_bytes_vs_gain.png", "share of full-KD gain recovered",
+                       "Storage against student quality")
     return report
 
 

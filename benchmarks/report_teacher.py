@@ -479,19 +479,29 @@ def write_section(args, teacher: str, scale: RealScale, split: dict, labels: dic
     fig.tight_layout()
     fig.savefig(out_dir / "results_smollm2_ce_curves.png", dpi=110)
     plt.close(fig)
+    plot_bytes_vs_gain([(r["method"], r["bpp"], r["recovered"]) for r in rows],
+                       out_dir / "results_smollm2_bytes_vs_gain.png", f"share of top-{scale.reference_k} KD's gain recovered",
+                       f"Storage against student quality ({Path(teacher).name} teacher)")
+    return report
+
+
+def plot_bytes_vs_gain(points: list[tuple[str, float | None, float | None]], path: Path, ylabel: str, title: str) -> None:
+    """(method, bytes per position, share of the gain recovered) as a labelled scatter, bytes on a log axis."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for r in rows:
-        if r["bpp"] is not None and r["recovered"] is not None:
-            ax.scatter(r["bpp"], r["recovered"])
-            ax.annotate(r["method"], (r["bpp"], r["recovered"]), fontsize=6)
+    for method, x, y in points:
+        if x is not None and y is not None:
+            ax.scatter(x, y)
+            ax.annotate(method, (x, y), fontsize=6)
     ax.set_xscale("log")
     ax.set_xlabel("label bytes per position")
-    ax.set_ylabel(f"share of top-{scale.reference_k} KD's gain recovered")
-    ax.set_title(f"Storage against student quality ({Path(teacher).name} teacher)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(out_dir / "results_smollm2_bytes_vs_gain.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return report
 
 
 def main(args) -> None:
