@@ -116,7 +116,9 @@ def check_output_dir(cfg: GenerateConfig, files: list[Path]) -> None:
     run_file = out / fmt.RUN_FILE
     finished = sorted(out.glob("shard-*" + fmt.SHARD_SUFFIX)) if out.is_dir() else []
     # A run that failed before its first shard left only run.json: nothing to resume or lose.
-    started = out.is_dir() and any(p.name != fmt.RUN_FILE and not fsutil.is_lock_file(p) for p in out.iterdir())
+    # Tmp files do not count either: another worker of the run may be writing run.json at this moment.
+    started = out.is_dir() and any(p.name != fmt.RUN_FILE and not fsutil.is_lock_file(p)
+                                   and not p.name.endswith(fmt.TMP_SUFFIX) for p in out.iterdir())
     if started and not cfg.overwrite:
         if not run_file.is_file():
             raise ValueError(f"--out: {out} is not empty and holds no labelgen run; choose another directory or pass --overwrite")

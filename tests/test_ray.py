@@ -36,9 +36,11 @@ def many_docs(tmp_path_factory):
 
 def config(teacher, inputs, out, n, **kw):
     from labelgen.config import GenerateConfig
-    # Small row groups: a shard in progress is on disk as .tmp from its first row group on.
+    # Teacher batches of 8 windows and row groups of 8 rows: a shard in progress is on disk as .tmp from its
+    # first batch to its last (with one big batch per shard it would exist only while being written out).
     return GenerateConfig(teacher=teacher, inputs=(str(inputs),), out=str(out), k=8, max_seq_len=64, rows_per_shard=5,
-                          encoding={"row_group_rows": 8}, progress=False, device="cpu", num_workers=n, **kw)
+                          batch_tokens=512, encoding={"row_group_rows": 8}, progress=False, device="cpu",
+                          num_workers=n, **kw)
 
 
 def rows(label_dir):
