@@ -278,8 +278,6 @@ def cross_tokenizer_runs(labels: dict, other_text: list[str], eval_dir: str, wor
 
 
 def run_report(args, teacher: str, work: Path) -> Path:
-    import torch
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     scale = QUICK if args.quick else FULL
     if args.student_steps:
         import dataclasses

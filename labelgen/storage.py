@@ -201,14 +201,18 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
 MAX_LOCAL_COPY_BYTES = 256 << 20
 
 
+def cache_root() -> Path:
+    """$LABELGEN_CACHE, default ~/.cache/labelgen: local copies of small remote files and staged bucket runs."""
+    return Path(os.environ.get("LABELGEN_CACHE", Path.home() / ".cache" / "labelgen"))
+
+
 def local_dir(path) -> Path:
     """A local directory with the files of `path` (a tokenizer, say): the
     path itself when it is local, else a copy in a cache keyed by the URI,
     refreshed when an object's size changed. Subdirectories are not copied."""
     if not isinstance(path, StorePath):
         return Path(path)
-    cache = Path(os.environ.get("LABELGEN_CACHE", Path.home() / ".cache" / "labelgen")) / "objects"
-    dest = cache / hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    dest = cache_root() / "objects" / hashlib.sha256(str(path).encode()).hexdigest()[:16]
     dest.mkdir(parents=True, exist_ok=True)
     from labelgen.fsutil import atomic_write_bytes
     total = 0
@@ -231,8 +235,7 @@ def local_dir(path) -> Path:
 def staging_dir(uri) -> Path:
     """The local directory a run whose output is `uri` works in (checkpoints
     are written here first, then uploaded whole)."""
-    cache = Path(os.environ.get("LABELGEN_CACHE", Path.home() / ".cache" / "labelgen")) / "runs"
-    return cache / hashlib.sha256(str(uri).encode()).hexdigest()[:16]
+    return cache_root() / "runs" / hashlib.sha256(str(uri).encode()).hexdigest()[:16]
 
 
 def list_tree(remote: StorePath) -> list[StorePath]:
