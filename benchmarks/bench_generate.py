@@ -55,7 +55,7 @@ def random_teacher(out: Path, size: str) -> Path:
 
 
 def windows_of(corpus: Path, tokenizer, seq_len: int) -> list[np.ndarray]:
-    from labelgen.generate import windows
+    from labelgen.reader import windows
     out = []
     for line in open(corpus):
         ids = np.asarray(tokenizer(json.loads(line)["text"])["input_ids"])
@@ -70,10 +70,11 @@ def bare_loop(teacher: str, wins: list[np.ndarray], k: int, batch_tokens: int, d
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(teacher, dtype=dtype).to(dev).eval()
-    from labelgen.generate import GenerateConfig, _topk_batches
+    from labelgen.batches import topk_batches
+    from labelgen.config import GenerateConfig
     cfg = GenerateConfig(teacher=teacher, inputs=("x",), out="x", k=k, max_seq_len=max(len(w) for w in wins),
                          batch_tokens=batch_tokens)
-    batches = list(_topk_batches([("x", 0, w) for w in wins], cfg))
+    batches = list(topk_batches([("x", 0, w) for w in wins], cfg))
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     tokens, t0 = 0, None
     with torch.inference_mode():
@@ -122,7 +123,7 @@ def vllm_direct_topk(llm, wins: list[np.ndarray], k: int) -> float:
 def vllm_direct_sample(llm, prompts_ids: list[list[int]], n: int, max_new: int) -> float:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
-    from labelgen.generate import derive_seed
+    from labelgen.batches import derive_seed
     reqs, params = [], []
     for i, ids in enumerate(prompts_ids):
         for j in range(n):

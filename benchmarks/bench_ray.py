@@ -31,7 +31,8 @@ def main():
     import ray
     from labelgen.config import GenerateConfig
     from labelgen.demo import read_corpus
-    from labelgen.generate import finalize, run
+    from labelgen.finalize import finalize
+    from labelgen.generate import run
     from labelgen.ray_run import RayConfig, run_on_ray
     work = Path(tempfile.mkdtemp(prefix="bench_ray_"))
     inputs = work / "docs.jsonl"

@@ -296,7 +296,7 @@ def full_plogp(teacher, windows) -> np.ndarray:
 
 def report_truncation(title: str, rows: list[dict], plogp: np.ndarray, k: int, vocab: int) -> None:
     """Bytes and fidelity to the full distribution of fixed k against adaptive truncation."""
-    from labelgen.generate import truncate
+    from labelgen.batches import truncate
     positions = len(plogp)
     print(f"\n### {title}: adaptive truncation, V = {vocab:,}, cap k = {k}, {positions:,} positions\n")
     print("| setting | entries/position | B/position | mean kept mass | mean KL(full ‖ kept + uniform tail) |")

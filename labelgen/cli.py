@@ -243,14 +243,14 @@ def finalize(label_dir: Path = typer.Argument(..., help="label directory written
                                                                   "Slurm --array= list, and write nothing")):
     """Merge the workers' partial manifests into manifest.json (fails if any slice is missing)."""
     if missing:
-        from labelgen.generate import slurm_array, unfinished_workers
+        from labelgen.finalize import slurm_array, unfinished_workers
         left, n = unfinished_workers(label_dir)
         typer.echo(f"{len(left)} of {n} workers have not finished" + (": resubmit them with --array=" if left else ""),
                    err=True)
         if left:
             typer.echo(slurm_array(left))
         return
-    from labelgen.generate import finalize as run
+    from labelgen.finalize import finalize as run
     m = run(label_dir)
     typer.echo(f"{label_dir}: {len(m['shards'])} shards, {m['counts']['rows']:,} rows; manifest written")
 

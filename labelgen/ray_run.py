@@ -61,7 +61,7 @@ def run_on_ray(cfg: GenerateConfig, ray_cfg: RayConfig) -> dict:
         import ray
     except ImportError:
         raise ValueError("--ray: Ray is not installed; pip install 'labelgen[ray]'") from None
-    from labelgen.generate import finalize
+    from labelgen.finalize import finalize
     n = cfg.num_workers
     if not ray.is_initialized():
         if ray_cfg.address == "local":

@@ -13,7 +13,10 @@ from labelgen.config import GenerateConfig
 from helpers import assert_stored_coverage, assert_stored_target_logprob
 from labelgen.format import Encoding
 from test_format import assert_same_entries
-from labelgen.generate import derive_seed, finalize, run, windows
+from labelgen.batches import derive_seed
+from labelgen.finalize import finalize
+from labelgen.generate import run
+from labelgen.reader import windows
 from labelgen.inspect import validate
 from labelgen.shards import ShardReader
 
@@ -179,8 +182,8 @@ def test_the_progress_bar_measures_input_bytes_read_in_the_one_pass(corpus, tmp_
     assert len(seen) == 3 * len(raw.decode().splitlines()) + 1
     assert seen == sorted(seen) and 0 < seen[0] and position.bytes == sum(f.stat().st_size for f in files)
     # The generation bar ends full.
-    from labelgen.generate import _Progress
-    bar = _Progress(GenerateConfig(teacher="t", inputs=("x",), out="o", progress=True), position.bytes)
+    from labelgen.pipeline import Progress
+    bar = Progress(GenerateConfig(teacher="t", inputs=("x",), out="o", progress=True), position.bytes)
     bar.update(3, 100, position.bytes)
     assert bar.bar.n == bar.bar.total == position.bytes
     bar.close()

@@ -152,7 +152,7 @@ def test_a_lock_left_by_a_killed_run_does_not_block_a_resume(tiny_teacher, corpu
 def test_finalize_and_a_second_copy_of_a_worker_are_refused_while_a_worker_runs(tmp_path):
     from labelgen.fsutil import run_lock
     from labelgen.format import FormatError
-    from labelgen.generate import finalize
+    from labelgen.finalize import finalize
     with run_lock(tmp_path, (0, 2)):
         with run_lock(tmp_path, (1, 2)):   # the other worker of the run shares the directory
             pass

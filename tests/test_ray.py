@@ -54,7 +54,8 @@ def rows(label_dir):
 @pytest.fixture(scope="module")
 def by_hand(tiny_teacher, many_docs, tmp_path_factory):
     """The same 3 units run one after another with --worker i/3, then finalize."""
-    from labelgen.generate import finalize, run
+    from labelgen.finalize import finalize
+    from labelgen.generate import run
     out = tmp_path_factory.mktemp("by_hand") / "labels"
     for i in range(3):
         run(config(tiny_teacher, many_docs, out, 3, worker_index=i))

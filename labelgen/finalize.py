@@ -1,0 +1,81 @@
+"""Finishing a data-parallel run: the workers' partial manifests merged into
+manifest.json, and which workers have not finished."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from labelgen import format as fmt
+from labelgen import fsutil
+from labelgen.format import FormatError
+
+
+def finalize(label_dir: Path | str) -> dict:
+    """Merge the workers' partial manifests into manifest.json; fail if any
+    worker or any shard is missing."""
+    out = Path(label_dir)
+    if not out.is_dir():
+        raise FormatError(f"{out}: no such label directory")
+    with fsutil.run_lock(out):   # refused while any worker of the run still holds it
+        return _finalize(out)
+
+
+def unfinished_workers(label_dir: Path | str) -> tuple[list[int], int]:
+    """(indices of the workers of the run in `label_dir` that have not written
+    their partial manifest, how many workers the run has); reads only."""
+    out = Path(label_dir)
+    try:
+        run = json.loads((out / fmt.RUN_FILE).read_text())
+        n, config_hash = int(run["config"]["num_workers"]), run["config_hash"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise FormatError(f"{out}: no generation run here ({fmt.RUN_FILE} missing or unreadable)") from None
+    done = set()
+    for i in range(n):
+        try:
+            part = json.loads((out / fmt.partial_manifest_name(i, n)).read_text())
+        except (OSError, ValueError):
+            continue
+        if part.get("config_hash") == config_hash:
+            done.add(i)
+    return sorted(set(range(n)) - done), n
+
+
+def slurm_array(indices: list[int]) -> str:
+    """0,3,5-7: the --array= expression of these task indices."""
+    runs: list[list[int]] = []
+    for i in sorted(indices):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _finalize(out: Path) -> dict:
+    partials = sorted(out.glob("manifest.worker-*-of-*.json"))
+    if not partials:
+        raise FormatError(f"{out}: no partial manifests (manifest.worker-*.json); did the workers finish?")
+    parts = [json.loads(p.read_text()) for p in partials]
+    n = parts[0]["worker"]["num_workers"]
+    if any(p["worker"]["num_workers"] != n or p["config_hash"] != parts[0]["config_hash"] for p in parts):
+        raise FormatError(f"{out}: partial manifests come from different runs (worker counts or configs differ)")
+    seen = {p["worker"]["index"] for p in parts}
+    missing_workers = sorted(set(range(n)) - seen)
+    if missing_workers:
+        raise FormatError(f"{out}: no manifest from worker(s) {', '.join(map(str, missing_workers))} of {n}; rerun them with --resume")
+    total = max(p["worker"]["total_shards"] for p in parts)
+    shards = {s["name"]: s for p in parts for s in p["shards"]}
+    missing = [fmt.shard_name(i) for i in range(total) if fmt.shard_name(i) not in shards]
+    if missing:
+        raise FormatError(f"{out}: shard(s) missing: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    merged = {k: v for k, v in parts[0].items() if k not in ("worker", "fingerprint")}
+    merged["shards"] = [shards[fmt.shard_name(i)] for i in range(total)]
+    merged["counts"] = {k: sum(p["counts"].get(k, 0) for p in parts) for k in parts[0]["counts"]}
+    merged["counts"]["rows"] = sum(s["rows"] for s in merged["shards"])
+    if not merged["counts"]["rows"]:
+        raise FormatError(f"{out}: the workers labelled no rows ({merged['counts'].get('skipped', 0)} input records "
+                          "skipped as bad); nothing to finalize")
+    merged["counts"]["positions"] = sum(s["positions"] for s in merged["shards"])
+    merged["config"] = {**merged["config"], "num_workers": n, "worker_index": None}
+    return fmt.write_manifest(out, merged)

@@ -1,0 +1,122 @@
+"""The generation job's reader: input records -> tokenized, windowed shard
+work, cut into shards of `rows_per_shard` records in input order."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from labelgen.config import GenerateConfig
+from labelgen.inputs import FieldSpec, InputError, ReadPosition, Record, read_records
+from labelgen.pipeline import offer
+
+
+def windows(ids: np.ndarray, size: int, stride: int) -> list[tuple[int, np.ndarray]]:
+    """(offset, window) pairs covering `ids`; with stride = size - 1 every
+    token after the first is predicted exactly once."""
+    out, start = [], 0
+    while True:
+        out.append((start, ids[start:start + size]))
+        if start + size >= len(ids):
+            return out
+        start += stride
+
+
+@dataclass
+class ShardWork:
+    index: int
+    items: list = field(default_factory=list)   # topk: (example_id, offset, ids); samples: (example_id, prompt, ids)
+    examples: int = 0
+    skipped: int = 0
+    done: bool = False                          # already finished by an earlier run
+    input_bytes: int = 0                        # how far the input had been read when the shard was cut
+
+
+def read_shards(cfg: GenerateConfig, files: list[Path], tokenizer, max_positions: int, finished, work_q: queue.Queue,
+                stop: threading.Event):
+    """Put this worker's ShardWork on `work_q` in order (those `finished(index)`
+    holds as done, without their records), then the number of shards, then None."""
+    spec = FieldSpec(cfg.text_field, cfg.prompt_field, cfg.messages_field, cfg.id_field)
+    work, records, index = None, [], -1
+    position, read_before = ReadPosition(), 0   # input bytes read before the current record
+    for n, rec in enumerate(read_records(files, spec, position)):
+        if stop.is_set():
+            return
+        if n % cfg.rows_per_shard == 0:
+            if work is not None:
+                work.input_bytes = read_before
+                if not offer(work_q, prepare(work, records, tokenizer, cfg, max_positions), stop):
+                    return
+            index, records = n // cfg.rows_per_shard, []
+            mine = index % cfg.num_workers == cfg.worker_index
+            work = ShardWork(index, done=finished(index)) if mine else None
+        if work is not None:
+            work.examples += 1
+            if not work.done:
+                records.append(rec)
+        read_before = position.bytes
+    if index < 0:
+        raise InputError(f"{', '.join(cfg.inputs)}: no input records (--input); nothing to label")
+    if work is not None:
+        work.input_bytes = position.bytes
+        if not offer(work_q, prepare(work, records, tokenizer, cfg, max_positions), stop):
+            return
+    for last in (index + 1, None):   # how many shards exist, then the end
+        if not offer(work_q, last, stop):
+            return
+
+
+def prepare(work: ShardWork, records: list, tokenizer, cfg: GenerateConfig, max_positions: int) -> ShardWork:
+    """Tokenize a shard's records in one batch call (the fast tokenizer then
+    uses all cores) and cut them into teacher items; bad records fail the run
+    or, with --skip-bad, are counted."""
+    good = [r for r in records if not isinstance(r, InputError)]
+    ids_of = dict(zip(map(id, good), tokenize_batch(good, tokenizer, generation_prompt=not cfg.windowed)))
+    for rec in records:
+        try:
+            if isinstance(rec, InputError):
+                raise rec
+            work.items.extend(items_of(rec, ids_of[id(rec)], cfg, max_positions))
+        except InputError as e:
+            if not cfg.skip_bad:
+                raise InputError(f"{e} (pass --skip-bad to skip bad records)") from None
+            work.skipped += 1
+    return work
+
+
+def tokenize_batch(records: list[Record], tokenizer, generation_prompt: bool) -> list[tuple[str, list[int]]]:
+    """(text the teacher sees, its ids) per record; chat messages are rendered
+    with the tokenizer's template (which brings its own special tokens), with
+    the assistant's generation prompt appended when the teacher is to answer
+    (sampling modes) and as they stand when the conversation is scored."""
+    texts, plain = [], []
+    for rec in records:
+        if rec.messages is not None:
+            if not getattr(tokenizer, "chat_template", None):
+                raise InputError(f"{rec.where}: --messages-field needs a chat template and the teacher's tokenizer has none")
+            texts.append(tokenizer.apply_chat_template(rec.messages, tokenize=False, add_generation_prompt=generation_prompt))
+        else:
+            texts.append(rec.text if rec.text is not None else rec.prompt)
+        plain.append(rec.messages is None)
+    if not texts:
+        return []
+    with_specials = tokenizer(texts)["input_ids"] if any(plain) else [None] * len(texts)
+    without = tokenizer(texts, add_special_tokens=False)["input_ids"] if not all(plain) else [None] * len(texts)
+    return [(t, a if p else b) for t, p, a, b in zip(texts, plain, with_specials, without)]
+
+
+def items_of(rec: Record, text_ids: tuple[str, list[int]], cfg: GenerateConfig, max_positions: int) -> list[tuple]:
+    text, ids = text_ids
+    if cfg.windowed:
+        if len(ids) < 2:
+            raise InputError(f"{rec.where}: text has {len(ids)} token(s); at least 2 are needed to predict one")
+        arr = np.asarray(ids, dtype=np.int64)
+        return [(rec.example_id, off, w) for off, w in windows(arr, cfg.max_seq_len, cfg.window_stride)]
+    if len(ids) + cfg.max_new_tokens > max_positions:
+        raise InputError(f"{rec.where}: prompt has {len(ids)} tokens; with --max-new-tokens {cfg.max_new_tokens} "
+                         f"that exceeds the teacher's {max_positions} positions")
+    return [(rec.example_id, text, list(ids))]
