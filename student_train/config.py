@@ -33,8 +33,6 @@ class LoopConfig:
     min_lr_ratio: float = 0.1
     """Cosine decay ends at lr * min_lr_ratio."""
     weight_decay: float = 0.1
-    adam_eps: float = 1e-8
-    """AdamW's epsilon: coordinates whose gradients are much smaller than it take smaller steps."""
     grad_clip: float = 1.0
     kd_kind: str = "forward"
     """forward KL(teacher||student), reverse KL, or jsd."""
@@ -81,8 +79,6 @@ class LoopConfig:
             bad("--min-lr-ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         if self.weight_decay < 0:
             bad("--weight-decay", f"must be >= 0, got {self.weight_decay}")
-        if not self.adam_eps > 0:
-            bad("--adam-eps", f"must be > 0, got {self.adam_eps}")
         if self.grad_clip < 0:
             bad("--grad-clip", f"must be >= 0 (0: no clipping), got {self.grad_clip}")
         if self.dtype not in DTYPES:

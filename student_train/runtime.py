@@ -96,13 +96,12 @@ def build_model(path: str | None, config_file: str | None, tokenizer, seed: int)
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(**d), dtype=torch.float32)
 
 
-def make_optimizer(model, lr: float, weight_decay: float, warmup: int, max_steps: int, min_lr_ratio: float,
-                   eps: float = 1e-8):
+def make_optimizer(model, lr: float, weight_decay: float, warmup: int, max_steps: int, min_lr_ratio: float):
     """AdamW (no decay on norms and biases) with linear warmup and cosine decay."""
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95), eps=eps)
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
 
     def schedule(step: int) -> float:
         if step < warmup:
@@ -358,7 +357,7 @@ def fit(cfg, d: Dist, run: Run, ckpt: Path | None) -> dict:
     opts, scheds = {}, {}
     for name in run.models:
         opts[name], scheds[name] = make_optimizer(wrapped[name], run.lrs[name], cfg.weight_decay, cfg.warmup_steps,
-                                                  cfg.max_steps, cfg.min_lr_ratio, cfg.adam_eps)
+                                                  cfg.max_steps, cfg.min_lr_ratio)
     fsdp = {name: wrapped[name] for name in trained} if cfg.fsdp and dist.is_initialized() else None
     step = 0
     if ckpt is not None:
