@@ -9,6 +9,12 @@ Rows (tokens/s of teacher input, same windows for every row):
   (c) vLLM prompt logprobs (k) called directly
   (d) sample mode: `labelgen generate --mode sample` vs a direct LLM.generate with the same requests
 and the ratios the targets are stated in: (b hf)/(a) >= 0.90, (b vllm)/(c) >= 0.95, (d) >= 0.95.
+
+    python benchmarks/bench_generate.py --teacher demo/teacher --bucket
+
+instead writes the same label set to local disk and to an S3 API (moto's
+server on localhost), three times each, alternating, and prints the
+throughput ratio bucket / local (target >= 0.9: uploads overlap the teacher).
 """
 
 from __future__ import annotations
@@ -136,6 +142,30 @@ def vllm_direct_sample(llm, prompts_ids: list[list[int]], n: int, max_new: int) 
     return tokens / (time.perf_counter() - t0)
 
 
+def bucket_report(teacher: str, tok, corpus: Path, work: Path, wins, args) -> None:
+    """The same run to local disk and to s3://bench/gen, alternating; median tokens/s of each."""
+    from bench_loader import start_moto
+    from labelgen import storage
+    from labelgen.backends.hf import HFTeacher
+    _, server = start_moto("bench")
+    storage.filesystem.cache_clear()
+    try:
+        ht = HFTeacher(teacher, tok)
+        ht.score(wins[: max(1, args.batch_tokens // args.seq_len)], args.k)
+        rates = {"local": [], "bucket": []}
+        for _ in range(3):
+            for where, out in (("local", work / "local"), ("bucket", "s3://bench/gen")):
+                rates[where].append(pipeline(teacher, corpus, out, "hf", args.k, args.seq_len, args.batch_tokens,
+                                             teacher_obj=ht))
+        ht.close()
+        local, bucket = (sorted(v)[1] for v in rates.values())
+        print("| --out | teacher tokens/s (median of 3) |\n|---|---:|")
+        print(f"| local disk | {local:,.0f} |\n| S3 API on localhost (moto server) | {bucket:,.0f} |")
+        print(f"bucket / local = {bucket / local:.2f}  (target >= 0.9)")
+    finally:
+        server.stop()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="demo/teacher")
@@ -147,6 +177,7 @@ def main():
     ap.add_argument("--batch-tokens", type=int, default=4096)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--bucket", action="store_true", help="only generation to a bucket against local disk (moto S3 server)")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import AutoTokenizer
@@ -159,6 +190,8 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     n_tokens = sum(len(w) for w in wins)
     print(f"teacher {teacher} on {device}; {len(wins)} windows, {n_tokens:,} tokens; k={args.k}\n")
+    if args.bucket:
+        return bucket_report(teacher, tok, corpus, work, wins, args)
     rows = {}
     rows["(a) bare loop: HF forward + log_softmax + top-k"] = bare_loop(teacher, wins, args.k, args.batch_tokens, device)
     if "hf" in args.backends:

@@ -104,10 +104,9 @@ def peak_rss_mb(label_dir: Path) -> float:
     return float(out[1])
 
 
-def serve_bucket(labels: Path, times: int) -> tuple[str, str, object]:
-    """A moto S3 server on localhost holding `labels` (as s3://bench/x1) and a
-    set listing its shards `times` times (s3://bench/x10); the environment
-    points pyarrow at it. Returns the two URIs and the server (to stop)."""
+def start_moto(bucket: str):
+    """A moto S3 server on localhost with an empty `bucket`; the environment
+    points pyarrow and boto3 at it. Returns (boto3 client, server to stop)."""
     import logging
     import socket
     import boto3
@@ -121,7 +120,15 @@ def serve_bucket(labels: Path, times: int) -> tuple[str, str, object]:
     os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
                       AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1")
     s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="us-east-1")
-    s3.create_bucket(Bucket="bench")
+    s3.create_bucket(Bucket=bucket)
+    return s3, server
+
+
+def serve_bucket(labels: Path, times: int) -> tuple[str, str, object]:
+    """A moto S3 server on localhost holding `labels` (as s3://bench/x1) and a
+    set listing its shards `times` times (s3://bench/x10); the environment
+    points pyarrow at it. Returns the two URIs and the server (to stop)."""
+    s3, server = start_moto("bench")
     for p in labels.rglob("*"):
         if p.is_file() and not p.name.endswith(".lock"):
             s3.upload_file(str(p), "bench", f"x1/{p.relative_to(labels)}")

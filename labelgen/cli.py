@@ -163,7 +163,7 @@ def generate(
     config: Optional[Path] = typer.Argument(None, help="YAML/JSON config file; flags override its keys"),
     teacher: Optional[str] = typer.Option(None, help="teacher model directory (HF format)"),
     input: Optional[List[str]] = typer.Option(None, "--input", help="input file or directory (repeatable)"),
-    out: Optional[str] = typer.Option(None, help="output label directory"),
+    out: Optional[str] = typer.Option(None, help="output label directory, or an s3:// gs:// URI"),
     mode: Optional[str] = typer.Option(None, help="topk | sampled | sample | greedy | tokens"),
     backend: Optional[str] = typer.Option(None, help="hf | vllm"),
     k: Optional[int] = typer.Option(None, help="top-k entries per position (the cap under adaptive truncation)"),
@@ -238,7 +238,7 @@ def generate(
 
 @app.command()
 @cli_errors
-def finalize(label_dir: Path = typer.Argument(..., help="label directory written by several workers"),
+def finalize(label_dir: str = typer.Argument(..., help="label directory (or s3:// gs:// URI) written by several workers"),
              missing: bool = typer.Option(False, "--missing", help="print the workers that have not finished, as a "
                                                                   "Slurm --array= list, and write nothing")):
     """Merge the workers' partial manifests into manifest.json (fails if any slice is missing)."""

@@ -7,14 +7,18 @@ import json
 from pathlib import Path
 
 from labelgen import format as fmt
-from labelgen import fsutil
+from labelgen import bucket_run, fsutil, storage
 from labelgen.format import FormatError
 
 
 def finalize(label_dir: Path | str) -> dict:
     """Merge the workers' partial manifests into manifest.json; fail if any
-    worker or any shard is missing."""
-    out = Path(label_dir)
+    worker or any shard is missing. In a bucket manifest.json is created only
+    if absent (two finalizers cannot both win) and the shard objects it does
+    not list (left by stopped attempts) are deleted."""
+    out = storage.location(label_dir)
+    if isinstance(out, storage.StorePath):
+        return _finalize(out)
     if not out.is_dir():
         raise FormatError(f"{out}: no such label directory")
     with fsutil.run_lock(out):   # refused while any worker of the run still holds it
@@ -24,7 +28,7 @@ def finalize(label_dir: Path | str) -> dict:
 def unfinished_workers(label_dir: Path | str) -> tuple[list[int], int]:
     """(indices of the workers of the run in `label_dir` that have not written
     their partial manifest, how many workers the run has); reads only."""
-    out = Path(label_dir)
+    out = storage.location(label_dir)
     try:
         run = json.loads((out / fmt.RUN_FILE).read_text())
         n, config_hash = int(run["config"]["num_workers"]), run["config_hash"]
@@ -52,7 +56,7 @@ def slurm_array(indices: list[int]) -> str:
     return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
 
 
-def _finalize(out: Path) -> dict:
+def _finalize(out) -> dict:
     partials = sorted(out.glob("manifest.worker-*-of-*.json"))
     if not partials:
         raise FormatError(f"{out}: no partial manifests (manifest.worker-*.json); did the workers finish?")
@@ -65,12 +69,12 @@ def _finalize(out: Path) -> dict:
     if missing_workers:
         raise FormatError(f"{out}: no manifest from worker(s) {', '.join(map(str, missing_workers))} of {n}; rerun them with --resume")
     total = max(p["worker"]["total_shards"] for p in parts)
-    shards = {s["name"]: s for p in parts for s in p["shards"]}
-    missing = [fmt.shard_name(i) for i in range(total) if fmt.shard_name(i) not in shards]
+    shards = {fmt.shard_index(s["name"]): s for p in parts for s in p["shards"]}
+    missing = [fmt.shard_name(i) for i in range(total) if i not in shards]
     if missing:
         raise FormatError(f"{out}: shard(s) missing: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     merged = {k: v for k, v in parts[0].items() if k not in ("worker", "fingerprint")}
-    merged["shards"] = [shards[fmt.shard_name(i)] for i in range(total)]
+    merged["shards"] = [shards[i] for i in range(total)]
     merged["counts"] = {k: sum(p["counts"].get(k, 0) for p in parts) for k in parts[0]["counts"]}
     merged["counts"]["rows"] = sum(s["rows"] for s in merged["shards"])
     if not merged["counts"]["rows"]:
@@ -78,4 +82,15 @@ def _finalize(out: Path) -> dict:
                           "skipped as bad); nothing to finalize")
     merged["counts"]["positions"] = sum(s["positions"] for s in merged["shards"])
     merged["config"] = {**merged["config"], "num_workers": n, "worker_index": None}
-    return fmt.write_manifest(out, merged)
+    if not isinstance(out, storage.StorePath):
+        return fmt.write_manifest(out, merged)
+    try:
+        written = fmt.write_manifest(out, merged, if_absent=True)
+    except storage.AlreadyExists:
+        there = fmt.read_manifest(out)
+        if there.get("fingerprint") != fmt.dataset_fingerprint(merged):
+            raise FormatError(f"{out / fmt.MANIFEST_NAME}: already exists and lists other shards (another finalize "
+                              "won, or the run was finalized before); validate it, or delete it to finalize again") from None
+        written = there
+    bucket_run.remove_unlisted(out, written)
+    return written

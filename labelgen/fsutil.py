@@ -93,7 +93,7 @@ def clear_directory(path: Path) -> None:
 
 
 def is_lock_file(path: Path) -> bool:
-    return Path(path).name.endswith(LOCK_SUFFIX)
+    return path.name.endswith(LOCK_SUFFIX)
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from labelgen import format as fmt
-from labelgen import fsutil, storage
+from labelgen import bucket_run, fsutil, storage
 from labelgen.backends import Teacher, load_teacher
 from labelgen.batches import (TokenizerOnly, draw_batch, model_config, sample_batch, sample_batches, score_batch,
                               topk_batches, truncate, windows_only)
@@ -36,7 +36,8 @@ from labelgen.inputs import InputError, expand_paths
 from labelgen.pipeline import Progress, StageThread, get_from, put_to, take
 from labelgen.reader import read_shards
 from labelgen.resume import LocalShards, canonical_path, check_output_dir, input_identity
-from labelgen.shards import ShardFile, ShardInfo, build_manifest
+from labelgen.shards import ShardFile, ShardInfo, build_manifest, prepare_output_dir
+from labelgen.storage import StorePath
 
 QUEUE_DEPTH = 4
 
@@ -59,38 +60,46 @@ def load_tokenizer(path: str, need_model: bool = True):
 
 def run(cfg: GenerateConfig, teacher: Teacher | None = None) -> dict:
     """Run the job; returns the manifest (or the worker's partial manifest).
-    `teacher` reuses an already loaded backend (it must be cfg.teacher)."""
+    `teacher` reuses an already loaded backend (it must be cfg.teacher).
+    --out may be a bucket URI (bucket_run.py)."""
     # A resumed run is the same run however its paths were spelled (dir/ or dir, relative or absolute).
-    cfg = dataclasses.replace(cfg, inputs=tuple(map(canonical_path, cfg.inputs)), out=canonical_path(cfg.out),
-                              teacher=canonical_path(cfg.teacher))
+    remote = storage.location(cfg.out) if storage.is_uri(cfg.out) else None
+    cfg = dataclasses.replace(cfg, inputs=tuple(map(canonical_path, cfg.inputs)),
+                              out=str(remote) if remote else canonical_path(cfg.out), teacher=canonical_path(cfg.teacher))
     files = expand_paths(list(cfg.inputs))   # fails on a missing input before anything is loaded
     tokenizer = load_tokenizer(cfg.teacher, need_model=cfg.mode != "tokens")
     cfg = resolve(cfg, tokenizer)
-    with fsutil.run_lock(Path(cfg.out), (cfg.worker_index, cfg.num_workers)):
-        check_output_dir(cfg, files)
+    local = bucket_run.staging_for(cfg) if remote else Path(cfg.out)
+    with fsutil.run_lock(local, (cfg.worker_index, cfg.num_workers)):
+        complete = check_output_dir(cfg, files, remote or local)
+        if complete is not None:   # a bucket run that already has its manifest
+            return complete
+        if remote:   # shards not uploaded by an earlier attempt are redone
+            prepare_output_dir(local, "overwrite")
         if teacher is None and cfg.mode == "tokens":
             teacher = TokenizerOnly(cfg.teacher, tokenizer)
         if teacher is None:
             teacher = load_teacher(cfg, tokenizer)
             try:
-                return _generate(cfg, teacher, tokenizer, files)
+                return _generate(cfg, teacher, tokenizer, files, local, remote)
             finally:
                 teacher.close()
-        return _generate(cfg, teacher, tokenizer, files)
+        return _generate(cfg, teacher, tokenizer, files, local, remote)
 
 
-def _generate(cfg: GenerateConfig, teacher: Teacher, tokenizer, files: list[Path]) -> dict:
+def _generate(cfg: GenerateConfig, teacher: Teacher, tokenizer, files: list[Path], out: Path,
+              remote: StorePath | None) -> dict:
+    """The pipeline, writing shards into `out` (uploaded to `remote` as they finish, when given)."""
     enc = Encoding(**cfg.encoding)
     id_bound = max(teacher.logits_size, teacher.vocab_size)
-    out = Path(cfg.out)
     t0 = time.time()
     progress = Progress(cfg, sum(size for size, _ in input_identity(files).values()))
 
     work_q: queue.Queue = queue.Queue(maxsize=2)
     write_q: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
-    finished = LocalShards(cfg)
+    finished = bucket_run.BucketShards(cfg, remote, out) if remote else LocalShards(cfg)
     reader = StageThread(read_shards, cfg, files, tokenizer, teacher.max_positions, finished.done, work_q)
-    writer = StageThread(write_shards, cfg, out, id_bound, enc, write_q)
+    writer = StageThread(write_shards, cfg, out, id_bound, enc, finished.closed if remote else None, write_q)
     shards: dict[int, ShardInfo] = {}
     counts = {"examples": 0, "skipped": 0}
     total_shards = 0
@@ -126,17 +135,19 @@ def _generate(cfg: GenerateConfig, teacher: Teacher, tokenizer, files: list[Path
             progress.update(work.examples, 0, work.input_bytes)
         put_to(write_q, None, writer)
         writer.join_checked()
+        shards.update(finished.finish() if remote else writer.result)
     except BaseException:
         writer.stop()
         reader.stop()
+        if remote:
+            finished.stop()
         raise
     finally:
         progress.close()
-    shards.update(writer.result)
     if cfg.num_workers == 1 and not any(s.rows for s in shards.values()):
         raise InputError(f"{', '.join(cfg.inputs)}: all {counts['skipped']} input record(s) were bad and skipped "
                          "(--skip-bad); nothing to label, no label set written")
-    manifest = _write_manifest(cfg, out, teacher, tokenizer, enc, id_bound, shards, counts, total_shards)
+    manifest = _write_manifest(cfg, out, remote, teacher, tokenizer, enc, id_bound, shards, counts, total_shards)
     elapsed = time.time() - t0
     manifest["summary"] = {"seconds": round(elapsed, 2), "teacher_tokens": progress.tokens,
                            "tokens_per_second": progress.tokens / elapsed if elapsed else 0.0}
@@ -158,7 +169,7 @@ def resolve(cfg: GenerateConfig, tokenizer) -> GenerateConfig:
     return cfg
 
 
-def _write_manifest(cfg, out, teacher: Teacher, tokenizer, enc, id_bound, shards, counts, total_shards) -> dict:
+def _write_manifest(cfg, out, remote, teacher: Teacher, tokenizer, enc, id_bound, shards, counts, total_shards) -> dict:
     config_file = Path(cfg.teacher) / "config.json"
     header = {
         "mode": cfg.mode,
@@ -182,16 +193,21 @@ def _write_manifest(cfg, out, teacher: Teacher, tokenizer, enc, id_bound, shards
         header["sampling"] = {"draws": cfg.draws, "proposal_temperature": cfg.proposal_temperature, "seed": cfg.seed,
                               "seed_rule": "sha256(seed, example_id, window_offset)[:8] & (2**63-1), one stream per window"}
     manifest = build_manifest(cfg.kind, cfg.entries, id_bound, enc, ordered, header)
-    if cfg.num_workers == 1:
-        return fmt.write_manifest(out, manifest)
-    manifest["worker"] = {"index": cfg.worker_index, "num_workers": cfg.num_workers, "total_shards": total_shards}
-    return fmt.write_manifest(out, manifest, fmt.partial_manifest_name(cfg.worker_index, cfg.num_workers))
+    name = fmt.MANIFEST_NAME
+    if cfg.num_workers > 1:
+        manifest["worker"] = {"index": cfg.worker_index, "num_workers": cfg.num_workers, "total_shards": total_shards}
+        name = fmt.partial_manifest_name(cfg.worker_index, cfg.num_workers)
+    if remote:
+        return bucket_run.publish(cfg, remote, out, manifest, name)
+    return fmt.write_manifest(out, manifest, name)
 
 # ---------------------------------------------------------------- writer
 
 
-def write_shards(cfg: GenerateConfig, out: Path, id_bound: int, enc: Encoding, write_q: queue.Queue,
-                  stop: threading.Event) -> dict[int, ShardInfo]:
+def write_shards(cfg: GenerateConfig, out: Path, id_bound: int, enc: Encoding, on_close, write_q: queue.Queue,
+                 stop: threading.Event) -> dict[int, ShardInfo]:
+    """Write the shards the main thread sends; `on_close(index, info, counts)`,
+    if given, hears of each as it is finished (the bucket uploader)."""
     done: dict[int, ShardInfo] = {}
     current: ShardFile | None = None
     k = cfg.entries
@@ -215,6 +231,8 @@ def write_shards(cfg: GenerateConfig, out: Path, id_bound: int, enc: Encoding, w
             else:
                 done[index] = current.close(counts=payload)
                 current = None
+                if on_close is not None:
+                    on_close(index, done[index], payload)
     finally:
         if current is not None:
             current.abort()

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from labelgen import format as fmt
-from labelgen import fsutil
+from labelgen import fsutil, storage
 from labelgen.config import EXECUTION_ONLY, GenerateConfig
 from labelgen.shards import ShardInfo, prepare_output_dir, shard_counts, shard_info_from_file
 
@@ -38,17 +38,20 @@ def owned_tmp(cfg: GenerateConfig):
     return lambda name: bool(m := own.match(name)) and int(m.group(1)) % cfg.num_workers == cfg.worker_index
 
 
-def check_output_dir(cfg: GenerateConfig, files: list[Path]) -> None:
-    """Refuse a non-empty output directory unless resuming the same run or
-    overwriting; refuse to resume under a changed config or changed inputs."""
-    out = Path(cfg.out)
+def check_output_dir(cfg: GenerateConfig, files: list[Path], out) -> dict | None:
+    """Refuse a non-empty output directory (or bucket prefix) unless resuming
+    the same run or overwriting; refuse to resume under a changed config or
+    changed inputs; then record the run (run.json). Returns the manifest of a
+    bucket run that is already complete (nothing to do), else None."""
+    remote = isinstance(out, storage.StorePath)
     inputs = input_identity(files)
     run_file = out / fmt.RUN_FILE
-    finished = sorted(out.glob("shard-*" + fmt.SHARD_SUFFIX)) if out.is_dir() else []
+    present = [p for p in out.iterdir()] if out.is_dir() else []
+    finished = [p for p in present if fmt.shard_index(p.name) is not None]
     # A run that failed before its first shard left only run.json: nothing to resume or lose.
     # Tmp files do not count either: another worker of the run may be writing run.json at this moment.
-    started = out.is_dir() and any(p.name != fmt.RUN_FILE and not fsutil.is_lock_file(p)
-                                   and not p.name.endswith(fmt.TMP_SUFFIX) for p in out.iterdir())
+    started = any(p.name != fmt.RUN_FILE and not fsutil.is_lock_file(p) and not p.name.endswith(fmt.TMP_SUFFIX)
+                  for p in present)
     if started and not cfg.overwrite:
         if not run_file.is_file():
             raise ValueError(f"--out: {out} is not empty and holds no labelgen run; choose another directory or pass --overwrite")
@@ -75,10 +78,16 @@ def check_output_dir(cfg: GenerateConfig, files: list[Path]) -> None:
         if not cfg.resume and cfg.num_workers == 1:
             raise ValueError(f"--out: {out} already holds this run; pass --resume to continue it "
                              f"(--overwrite would delete its {len(finished)} finished shard(s))")
-    prepare_output_dir(out, "overwrite" if cfg.overwrite else "resume", owns=owned_tmp(cfg))
-    fsutil.atomic_write_bytes(run_file, json.dumps({"config_hash": cfg.output_hash(), "format_version": fmt.FORMAT_VERSION,
-                                                 "config": cfg.to_dict(),
-                                                 "inputs": inputs}, indent=2).encode())
+        if remote and (out / fmt.MANIFEST_NAME).is_file():   # a manifest in a bucket is created once
+            return fmt.read_manifest(out)
+    if remote:
+        if cfg.overwrite:
+            storage.delete_tree(out)
+    else:
+        prepare_output_dir(out, "overwrite" if cfg.overwrite else "resume", owns=owned_tmp(cfg))
+    storage.write_bytes(run_file, json.dumps({"config_hash": cfg.output_hash(), "format_version": fmt.FORMAT_VERSION,
+                                              "config": cfg.to_dict(), "inputs": inputs}, indent=2).encode())
+    return None
 
 
 def is_finished(path: Path, cfg: GenerateConfig) -> bool:

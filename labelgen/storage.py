@@ -73,7 +73,7 @@ class _Stat:
     st_size: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class StorePath:
     """An object (or prefix) in a bucket: scheme://bucket/key."""
     scheme: str
@@ -280,3 +280,61 @@ def download_file(remote: StorePath, local: Path) -> None:
 
 def delete_tree(remote: StorePath) -> None:
     filesystem(remote.scheme).delete_dir_contents(remote._fs_path, missing_dir_ok=True)
+
+
+class AlreadyExists(FormatError):
+    """write_bytes(..., if_absent=True) found the object there."""
+
+
+def write_bytes(path, data: bytes, if_absent: bool = False) -> None:
+    """Write a whole file or object: locally through a tmp file (fsync, rename);
+    in a bucket as one PUT (an object appears whole or not at all). With
+    `if_absent` the write fails (AlreadyExists) when `path` exists: on S3 with
+    a conditional PUT (If-None-Match: *, through boto3 when installed, the
+    `s3` extra), so of two writers exactly one wins; without boto3, and on
+    gs:// and local paths (callers hold the run lock there), by a check first."""
+    if not isinstance(path, StorePath):
+        from labelgen.fsutil import atomic_write_bytes
+        if if_absent and Path(path).exists():
+            raise AlreadyExists(f"{path}: already exists")
+        atomic_write_bytes(Path(path), data)
+        return
+    if if_absent and path.scheme == "s3" and _boto3_client() is not None:
+        import botocore.exceptions
+        try:
+            _boto3_client().put_object(Bucket=path.bucket, Key=path.key, Body=data, IfNoneMatch="*")
+        except botocore.exceptions.ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise AlreadyExists(f"{path}: already exists") from None
+            raise OSError(f"{path}: {e}") from None
+        return
+    if if_absent and path.exists():
+        raise AlreadyExists(f"{path}: already exists")
+    try:
+        with filesystem(path.scheme).open_output_stream(path._fs_path) as out:
+            out.write(data)
+    except OSError as e:
+        raise OSError(f"{path}: {e}") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _boto3_client():
+    """An S3 client configured like pyarrow's (the same environment), or None without boto3."""
+    try:
+        import boto3
+    except ImportError:
+        return None
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    return boto3.client("s3", endpoint_url=endpoint or None, region_name=region or None)
+
+
+def delete(path) -> None:
+    """Remove one file or object (missing is fine)."""
+    if isinstance(path, StorePath):
+        try:
+            filesystem(path.scheme).delete_file(path._fs_path)
+        except FileNotFoundError:
+            pass
+        return
+    Path(path).unlink(missing_ok=True)

@@ -97,9 +97,11 @@ def s3(tmp_path_factory):
         mp.setenv(k, v)
     mp.setenv("LABELGEN_CACHE", str(tmp_path_factory.mktemp("cache")))
     storage.filesystem.cache_clear()
+    storage._boto3_client.cache_clear()
     client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1")
     client.create_bucket(Bucket=helpers.BUCKET)
     yield {"client": client, "env": env}
     storage.filesystem.cache_clear()
+    storage._boto3_client.cache_clear()
     mp.undo()
     server.stop()

@@ -13,7 +13,6 @@ from labelgen.format.codec import MAX_VOCAB
 from labelgen.format.schema import (FORMAT_NAME, KINDS, MANIFEST_NAME, SHARD_SUFFIX, Encoding, FormatError,
                                     check_version)
 from labelgen import storage
-from labelgen.fsutil import atomic_write_bytes
 
 
 def dataset_fingerprint(manifest: dict) -> str:
@@ -27,10 +26,13 @@ def dataset_fingerprint(manifest: dict) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
-def write_manifest(out_dir: Path, manifest: dict, name: str = MANIFEST_NAME) -> dict:
+def write_manifest(out_dir, manifest: dict, name: str = MANIFEST_NAME, if_absent: bool = False) -> dict:
+    """Write the manifest (last: it makes the label set) into a directory or
+    bucket prefix; `if_absent`: fail (storage.AlreadyExists) when one is there."""
     manifest = dict(manifest)
     manifest["fingerprint"] = dataset_fingerprint(manifest)
-    atomic_write_bytes(Path(out_dir) / name, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
+    storage.write_bytes(storage.location(out_dir) / name, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode(),
+                        if_absent=if_absent)
     return manifest
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -215,6 +216,13 @@ def logprob_dtype(enc: Encoding) -> np.dtype:
 def shard_name(index: int, worker: int | None = None) -> str:
     """File name of shard `index` (a pure function of its input slice)."""
     return f"shard-{index:06d}{SHARD_SUFFIX}" if worker is None else f"shard-w{worker:04d}-{index:06d}{SHARD_SUFFIX}"
+
+
+def shard_index(name: str) -> int | None:
+    """The index of a generated shard from its name (shard-000003.parquet, or
+    shard-000003-<attempt>.parquet in a bucket), else None."""
+    m = re.fullmatch(r"shard-(\d{6,})(?:-[0-9a-f]{8})?" + re.escape(SHARD_SUFFIX), name)
+    return int(m.group(1)) if m else None
 
 
 def partial_manifest_name(worker: int, num_workers: int) -> str:
