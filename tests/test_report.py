@@ -51,6 +51,10 @@ def test_real_teacher_report_has_every_method_keeps_other_sections_and_resumes_f
     assert "| reference: top-256 KD (tail) |" in md and "100% |" in md.split("| reference: top-256 KD (tail) |")[1].split("\n")[0]
     assert len([l for l in md.splitlines() if re.match(r"\| .* \| 0\.[59] \|", l)]) == 4
     assert "| own (V = " in md and "sampled N=12, stored labels" in md and "sampled N=50, fresh draws" in md
+    # the studies of the sampled gap: a second seed, Adam's update directions, CE by the teacher's rank
+    assert "| sampled KD (N=50) | " in md.split("**Run to run.**")[1].split("\n\n")[1]
+    assert re.search(r"\| sampled N=50 \| [01]\.\d{3} \| -?[01]\.\d{3} \|", md)
+    assert "| rank 0 (" in md and "| rank 256+ (" in md
     # the real-teacher section leads; the toy sections stay, in order
     assert md.index("# Results: what a student keeps") < md.index("toy table") < md.index("cross table")
     # The same command again reads every stage from the cache; a stage whose result is gone is redone alone.
@@ -61,5 +65,6 @@ def test_real_teacher_report_has_every_method_keeps_other_sections_and_resumes_f
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert [l.split("] ", 2)[2] for l in r.stdout.splitlines() if "running" in l] == \
-        ["student: sampled KD (N=12): running (11 stages after it)"]
-    assert (docs / "results.md").read_text().count("| sampled KD (N=12) |") == 1
+        ["student: sampled KD (N=12): running (16 stages after it)"]
+    md = (docs / "results.md").read_text()
+    assert md.count("# Results: what a student keeps") == 1 and md.count("| sampled KD (N=12) |") == 2   # method, tail tables
