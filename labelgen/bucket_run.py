@@ -112,8 +112,7 @@ def publish(cfg: GenerateConfig, remote: StorePath, local: Path, manifest: dict,
     the worker's partial manifest. manifest.json is created only if absent;
     then the shard objects it does not list are deleted."""
     if cfg.worker_index == 0:
-        for p in sorted((local / fmt.TOKENIZER_DIR).iterdir()):
-            storage.upload_file(p, remote / fmt.TOKENIZER_DIR / p.name)
+        storage.upload_tree(local / fmt.TOKENIZER_DIR, remote / fmt.TOKENIZER_DIR)
     if name != fmt.MANIFEST_NAME:
         return fmt.write_manifest(remote, manifest, name)
     written = fmt.write_manifest(remote, manifest, name, if_absent=True)
@@ -124,6 +123,6 @@ def publish(cfg: GenerateConfig, remote: StorePath, local: Path, manifest: dict,
 def remove_unlisted(remote: StorePath, manifest: dict) -> None:
     """Delete the shard objects under `remote` that the manifest does not list."""
     listed = {s["name"] for s in manifest["shards"]}
-    for obj in remote.glob("shard-*" + fmt.SHARD_SUFFIX):
+    for obj in storage.list_dir(remote, "shard-*" + fmt.SHARD_SUFFIX):
         if obj.name not in listed:
             storage.delete(obj)

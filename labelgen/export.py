@@ -102,7 +102,7 @@ def _labelled_names(label_dir: Path, files: list[Path]) -> list[str] | None:
     `files` are the same files, maybe moved or spelled otherwise (matched in
     order, by size): default example ids embed those spellings."""
     try:
-        labelled = json.loads((label_dir / fmt.RUN_FILE).read_text()).get("inputs") or {}
+        labelled = json.loads(storage.read_text(label_dir / fmt.RUN_FILE)).get("inputs") or {}
     except (OSError, ValueError, AttributeError):
         return None
     if len(labelled) != len(files) or not all(isinstance(v, list) and v and v[0] == f.stat().st_size

@@ -30,14 +30,14 @@ def unfinished_workers(label_dir: Path | str) -> tuple[list[int], int]:
     their partial manifest, how many workers the run has); reads only."""
     out = storage.location(label_dir)
     try:
-        run = json.loads((out / fmt.RUN_FILE).read_text())
+        run = json.loads(storage.read_text(out / fmt.RUN_FILE))
         n, config_hash = int(run["config"]["num_workers"]), run["config_hash"]
     except (OSError, ValueError, KeyError, TypeError):
         raise FormatError(f"{out}: no generation run here ({fmt.RUN_FILE} missing or unreadable)") from None
     done = set()
     for i in range(n):
         try:
-            part = json.loads((out / fmt.partial_manifest_name(i, n)).read_text())
+            part = json.loads(storage.read_text(out / fmt.partial_manifest_name(i, n)))
         except (OSError, ValueError):
             continue
         if part.get("config_hash") == config_hash:
@@ -57,10 +57,10 @@ def slurm_array(indices: list[int]) -> str:
 
 
 def _finalize(out) -> dict:
-    partials = sorted(out.glob("manifest.worker-*-of-*.json"))
+    partials = storage.list_dir(out, "manifest.worker-*-of-*.json")
     if not partials:
         raise FormatError(f"{out}: no partial manifests (manifest.worker-*.json); did the workers finish?")
-    parts = [json.loads(p.read_text()) for p in partials]
+    parts = [json.loads(storage.read_text(p)) for p in partials]
     n = parts[0]["worker"]["num_workers"]
     if any(p["worker"]["num_workers"] != n or p["config_hash"] != parts[0]["config_hash"] for p in parts):
         raise FormatError(f"{out}: partial manifests come from different runs (worker counts or configs differ)")

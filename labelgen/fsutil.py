@@ -64,6 +64,28 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         f.write(data)
 
 
+def commit_file(tmp: Path, path: Path) -> None:
+    """Rename a finished, fsynced tmp file into place and make the rename durable."""
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
+
+
+def fsync_tree(directory: Path) -> None:
+    """fsync every file under `directory` (files a library wrote, before the directory is committed)."""
+    for f in Path(directory).rglob("*"):
+        if f.is_file():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Put a finished directory in place of `final` (removed first if there)."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
 def refuse_symlink(path: Path) -> None:
     """Outputs are written inside their directory: a symlink planted in their
     place (pointing anywhere) is refused, not written through."""

@@ -41,7 +41,7 @@ def validate(label_dir: Path | str, max_problems: int = 20) -> dict:
         return {"ok": False, "problems": problems, "shards": 0, "rows": 0}
 
     listed = {s["name"] for s in reader.shards}
-    for extra in sorted(p.name for p in label_dir.glob("*" + fmt.SHARD_SUFFIX) if p.name not in listed):
+    for extra in [p.name for p in storage.list_dir(label_dir, "*" + fmt.SHARD_SUFFIX) if p.name not in listed]:
         add(label_dir / extra, None, "shard file not listed in the manifest")
     rows_checked = 0
     for si, shard in enumerate(reader.shards):

@@ -46,7 +46,7 @@ def check_output_dir(cfg: GenerateConfig, files: list[Path], out) -> dict | None
     remote = isinstance(out, storage.StorePath)
     inputs = input_identity(files)
     run_file = out / fmt.RUN_FILE
-    present = [p for p in out.iterdir()] if out.is_dir() else []
+    present = storage.list_dir(out)
     finished = [p for p in present if fmt.shard_index(p.name) is not None]
     # A run that failed before its first shard left only run.json: nothing to resume or lose.
     # Tmp files do not count either: another worker of the run may be writing run.json at this moment.
@@ -56,7 +56,7 @@ def check_output_dir(cfg: GenerateConfig, files: list[Path], out) -> dict | None
         if not run_file.is_file():
             raise ValueError(f"--out: {out} is not empty and holds no labelgen run; choose another directory or pass --overwrite")
         try:
-            previous = json.loads(run_file.read_text())
+            previous = json.loads(storage.read_text(run_file))
         except (OSError, ValueError) as e:
             raise ValueError(f"--out: {run_file} is unreadable ({e}); choose another --out, or pass --overwrite "
                              f"to delete its {len(finished)} finished shard(s)") from None

@@ -181,8 +181,7 @@ class ShardFile:
             raise
         info = ShardInfo(self.path.name, self.rows, self.positions, self._file.size, self._file.sha256.hexdigest(),
                          self.row_groups, storage.footer_sha256(self.tmp))
-        os.replace(self.tmp, self.path)
-        fsutil.fsync_dir(self.path.parent)
+        fsutil.commit_file(self.tmp, self.path)
         return info
 
     def abort(self) -> None:
@@ -195,7 +194,7 @@ class ShardFile:
                 self._file.close()
         except Exception:
             pass
-        self.tmp.unlink(missing_ok=True)
+        storage.delete(self.tmp)
 
     def __enter__(self) -> "ShardFile":
         return self
@@ -216,15 +215,15 @@ def prepare_output_dir(out_dir: Path, exist: str, owns=None) -> None:
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FormatError(f"{out_dir}: exists and is not a directory")
-    if out_dir.is_dir() and any(not fsutil.is_lock_file(p) for p in out_dir.iterdir()):
+    if any(not fsutil.is_lock_file(p) for p in storage.list_dir(out_dir)):
         if exist == "error":
             raise FormatError(f"{out_dir}: output directory is not empty; pass --overwrite to replace what it holds")
         if exist == "overwrite":
             fsutil.clear_directory(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for tmp in out_dir.glob("*" + fmt.TMP_SUFFIX):
+    storage.make_dir(out_dir)
+    for tmp in storage.list_dir(out_dir, "*" + fmt.TMP_SUFFIX):
         if owns is None or owns(tmp.name):
-            tmp.unlink(missing_ok=True)
+            storage.delete(tmp)
 
 
 class ShardWriter:

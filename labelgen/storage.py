@@ -338,3 +338,45 @@ def delete(path) -> None:
             pass
         return
     Path(path).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- the calls other modules make instead of their own
+
+
+def list_dir(path, pattern: str = "*") -> list:
+    """The entries directly in a directory (or under a bucket prefix) whose
+    names match `pattern`, sorted; [] when it does not exist."""
+    import fnmatch
+    path = location(path)
+    if isinstance(path, StorePath):
+        return sorted(path.glob(pattern))
+    return sorted(p for p in path.iterdir() if fnmatch.fnmatchcase(p.name, pattern)) if path.is_dir() else []
+
+
+def read_text(path, max_bytes: int | None = None, errors: str = "strict") -> str:
+    """A whole text file or object (at most `max_bytes` of it, when given)."""
+    path = location(path)
+    data = read_head(path, max_bytes) if max_bytes is not None else (
+        path.read_bytes() if isinstance(path, StorePath) else Path(path).read_bytes())
+    return data.decode("utf-8", errors)
+
+
+def make_dir(path) -> None:
+    """A local directory and its parents (a bucket prefix needs none)."""
+    if not isinstance(path, StorePath):
+        Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def remove_tree(path) -> None:
+    """A directory (or everything under a bucket prefix) and all it holds; missing is fine."""
+    if isinstance(path, StorePath):
+        delete_tree(path)
+        return
+    import shutil
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def append_text(path: Path, text: str) -> None:
+    """Append to a local file (a log: metrics.jsonl)."""
+    with open(path, "a") as f:
+        f.write(text)

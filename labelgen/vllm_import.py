@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from labelgen import format as fmt
-from labelgen import fsutil
+from labelgen import fsutil, storage
 from labelgen.format import FormatError
 from labelgen.inputs import InputError, expand_paths, file_kind, jsonl_lines, parse_json
 from labelgen.shards import ShardWriter
@@ -163,6 +163,6 @@ def _interrupted_import(out: Path) -> bool:
     if not (out / fmt.RUN_FILE).is_file() or (out / fmt.MANIFEST_NAME).exists():
         return False
     try:
-        return json.loads((out / fmt.RUN_FILE).read_text()).get("command") == "import"
+        return json.loads(storage.read_text(out / fmt.RUN_FILE)).get("command") == "import"
     except (OSError, ValueError, AttributeError):
         return False

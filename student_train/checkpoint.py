@@ -7,14 +7,12 @@ unpickled on load: torch.load(weights_only=True) and JSON only."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
 
-from labelgen.fsutil import fsync_dir
+from labelgen import fsutil, storage
 
 STEP_RE = re.compile(r"^step_(\d{6,})$")
 
@@ -24,7 +22,7 @@ def checkpoint_dir(out: Path, step: int) -> Path:
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    found = [(int(m.group(1)), p) for p in Path(out).glob("step_*")
+    found = [(int(m.group(1)), p) for p in storage.list_dir(out, "step_*")
              if (m := STEP_RE.match(p.name)) and (p / "meta.json").is_file()]
     return max(found)[1] if found else None
 
@@ -52,32 +50,26 @@ def save_checkpoint(out: Path, step: int, models: dict, optimizers: dict, schedu
     from safetensors import SafetensorError
     final = checkpoint_dir(out, step)
     tmp = final.with_name("." + final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    storage.remove_tree(tmp)
     try:
-        tmp.mkdir(parents=True)
+        storage.make_dir(tmp)
         for name, model in models.items():
             where = tmp if len(models) == 1 else tmp / name
             model_state, opt_state = (full_states or {}).get(name, (None, optimizers[name].state_dict()))
             model.save_pretrained(where, safe_serialization=True, state_dict=model_state)
             tokenizer.save_pretrained(where)
             torch.save(opt_state, where / "optimizer.pt")
-            (where / "scheduler.json").write_text(json.dumps(schedulers[name].state_dict(), default=float))
+            storage.write_bytes(where / "scheduler.json", json.dumps(schedulers[name].state_dict(), default=float).encode())
         torch.save(rng_state(), tmp / "rng.pt")
-        (tmp / "loader.json").write_text(json.dumps(loader_state))
-        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2, default=str))
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
+        storage.write_bytes(tmp / "loader.json", json.dumps(loader_state).encode())
+        storage.write_bytes(tmp / "meta.json", json.dumps({**meta, "step": step}, indent=2, default=str).encode())
+        fsutil.fsync_tree(tmp)   # what the libraries wrote (weights, optimizer state)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)   # no half checkpoint: resume takes the last whole one
+        storage.remove_tree(tmp)   # no half checkpoint: resume takes the last whole one
         if isinstance(e, SafetensorError):   # a full disk while writing weights: say so in one line, not a traceback
             raise OSError(f"{final}: cannot write the checkpoint ({' '.join(str(e).split())})") from None
         raise
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
+    fsutil.replace_dir(tmp, final)
     return final
 
 
@@ -95,7 +87,7 @@ def _load_tensors(path: Path):
 
 def _load_json(path: Path):
     try:
-        return json.loads(path.read_text())
+        return json.loads(storage.read_text(path, 64 << 20))
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: unreadable checkpoint file ({e})") from None
 
@@ -106,7 +98,7 @@ def load_weights(path: Path, models: dict) -> None:
     for name, model in models.items():
         where = path if len(models) == 1 else path / name
         state = {}
-        for f in sorted(where.glob("*.safetensors")):
+        for f in storage.list_dir(where, "*.safetensors"):
             try:
                 state.update(load_file(f))
             except Exception as e:  # safetensors' own error type: a truncated or damaged file

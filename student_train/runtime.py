@@ -82,7 +82,7 @@ def build_model(path: str | None, config_file: str | None, tokenizer, seed: int)
         except Exception as e:  # missing, partial or corrupt weights
             raise ValueError(f"--student: cannot load the model in {path} ({_first_line(e)})") from None
     try:
-        d = json.loads(Path(config_file).read_text())
+        d = json.loads(storage.read_text(config_file, 1 << 20))
     except (OSError, ValueError) as e:
         raise ValueError(f"--student-config: cannot read {config_file} ({e})") from None
     if "model_type" not in d:
@@ -158,15 +158,14 @@ def _remote_checkpoints(remote) -> list[int]:
 def _prepare_remote_out(remote, resume: bool, overwrite: bool, main: bool) -> Path | None:
     """A bucket --out: the local staging directory starts from what the bucket
     holds (its last whole checkpoint and metrics, with --resume)."""
-    import shutil
     local = storage.staging_dir(remote)
     if main:
         if storage.list_tree(remote) and not (resume or overwrite):
             raise ValueError(f"--out: {remote} is not empty; pass --resume to continue the run or --overwrite to start over")
         if overwrite:
             storage.delete_tree(remote)
-        shutil.rmtree(local, ignore_errors=True)
-        local.mkdir(parents=True)
+        storage.remove_tree(local)
+        storage.make_dir(local)
         steps = _remote_checkpoints(remote) if resume else []
         if steps:
             name = checkpoint_dir(local, max(steps)).name
@@ -194,15 +193,14 @@ def prepare_out_dir(out: str | Path, resume: bool, overwrite: bool, main: bool) 
     out = Path(out)
     ckpt = latest_checkpoint(out) if out.is_dir() else None
     # A run that failed before its first checkpoint left at most its metrics log: nothing to resume or lose.
-    started = out.is_dir() and any(p.name != METRICS_FILE for p in out.iterdir())
+    started = any(p.name != METRICS_FILE for p in storage.list_dir(out))
     if started and not (resume or overwrite):
         raise ValueError(f"--out: {out} is not empty; pass --resume to continue the run or --overwrite to start over"
                          + (f" (this deletes its checkpoints up to {ckpt.name})" if ckpt else ""))
-    if overwrite and main and out.is_dir():
-        import shutil
-        shutil.rmtree(out)
+    if overwrite and main:
+        storage.remove_tree(out)
     if main:
-        out.mkdir(parents=True, exist_ok=True)
+        storage.make_dir(out)
     if dist.is_initialized():
         dist.barrier()
     return ckpt if resume else None
@@ -220,19 +218,18 @@ class MetricsLog:
         if main:
             fsutil.refuse_symlink(self.path)
         if main and resume_step is not None and self.path.exists():
-            lines = [l for l in self.path.read_text(errors="replace").splitlines() if l.strip()]
+            lines = [l for l in storage.read_text(self.path, errors="replace").splitlines() if l.strip()]
             if lines and _step_of(lines[-1], self.path, torn_ok=True) is None:
                 lines.pop()   # a crash in the middle of writing it tore the last line
             kept = [l for l in lines if _step_of(l, self.path) <= resume_step]
             fsutil.atomic_write_bytes(self.path, ("\n".join(kept) + "\n" if kept else "").encode())
         elif main and resume_step is None:
-            self.path.write_text("")
+            storage.write_bytes(self.path, b"")
 
     def write(self, record: dict) -> None:
         if self.main:
             fsutil.refuse_symlink(self.path)
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            storage.append_text(self.path, json.dumps(record) + "\n")
 
 
 def _step_of(line: str, path: Path, torn_ok: bool = False) -> int | None:

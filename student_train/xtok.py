@@ -40,7 +40,6 @@ import torch
 
 from labelgen import format as fmt
 from labelgen import fsutil, storage
-from labelgen.format import FormatError
 
 
 @lru_cache(maxsize=1)
@@ -140,7 +139,7 @@ def load_candidate_map(path: Path, key: str, teacher_vocab: int, student_vocab: 
         if dtype != np.dtype("<i8") or fortran or shape != (teacher_vocab,):
             return None
         data = data[:f.tell() + 8 * teacher_vocab]   # the header and the array, no more
-        if path.with_suffix(".sha256").read_text().strip() != _map_digest(key, data):
+        if storage.read_text(path.with_suffix(".sha256"), 1024).strip() != _map_digest(key, data):
             return None
         mapping = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception:   # a damaged header surfaces as any error of numpy's parser (SyntaxError, TokenError, ...)

@@ -43,7 +43,7 @@ def read_manifest(label_dir: Path | str) -> dict:
         hint = " (the job did not finish, or run `labelgen finalize` after all workers)" if label_dir.is_dir() else ""
         raise FormatError(f"{path}: no manifest; not a complete label set{hint}")
     try:
-        m = json.loads(path.read_text())
+        m = json.loads(storage.read_text(path))
     except (ValueError, UnicodeDecodeError) as e:
         raise FormatError(f"{path}: manifest is not valid JSON ({e})") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
