@@ -68,10 +68,9 @@ class BucketShards:
             try:
                 check_shard_entry(entry["shard"], str(self.progress))
                 obj = self.remote / entry["shard"]["name"]
-                if fmt.shard_index(obj.name) == int(index) and obj.is_file() \
-                        and obj.stat().st_size == entry["shard"]["bytes"]:
-                    found[int(index)] = entry
-            except (fmt.FormatError, KeyError, TypeError, ValueError):
+                if fmt.shard_index(obj.name) == int(index) and obj.stat().st_size == entry["shard"]["bytes"]:
+                    found[int(index)] = entry   # one request per shard: stat fails on a missing object
+            except (fmt.FormatError, FileNotFoundError, KeyError, TypeError, ValueError):
                 continue
         return found
 

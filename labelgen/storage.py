@@ -356,9 +356,7 @@ def list_dir(path, pattern: str = "*") -> list:
 def read_text(path, max_bytes: int | None = None, errors: str = "strict") -> str:
     """A whole text file or object (at most `max_bytes` of it, when given)."""
     path = location(path)
-    data = read_head(path, max_bytes) if max_bytes is not None else (
-        path.read_bytes() if isinstance(path, StorePath) else Path(path).read_bytes())
-    return data.decode("utf-8", errors)
+    return (read_head(path, max_bytes) if max_bytes is not None else path.read_bytes()).decode("utf-8", errors)
 
 
 def make_dir(path) -> None:
