@@ -64,6 +64,21 @@ def score_batch(teacher: Teacher, batch: list, cfg: GenerateConfig) -> tuple[lis
     return rows, sum(len(w) for _, _, w in batch)
 
 
+def score_completions(teacher: Teacher, batch: list, cfg: GenerateConfig) -> tuple[list[dict], int]:
+    """Score items (example_id, sample_index, prompt + completion ids, prompt
+    length, sampling logprobs): the teacher scores every position, the rows
+    keep the completion tokens' only."""
+    labels = teacher.score([ids for _, _, ids, _, _ in batch], cfg.k)
+    rows = []
+    for (ex, j, ids, plen, sampling), t in zip(batch, labels):
+        c = slice(plen - 1, None)   # position plen - 1 predicts the first completion token
+        rows.append({fmt.EXAMPLE_ID: ex, fmt.SAMPLE_INDEX: j, fmt.ROUND: cfg.round, fmt.INPUT_IDS: ids,
+                     fmt.TOPK_IDS: t.ids[c], fmt.TOPK_LOGPROBS: t.logprobs[c], fmt.COVERAGE: t.coverage[c],
+                     fmt.TARGET_LOGPROB: t.target_logprob[c], fmt.TARGET_RANK: t.target_rank[c],
+                     fmt.SAMPLING_LOGPROB: sampling})
+    return rows, sum(len(ids) for _, _, ids, _, _ in batch)
+
+
 def draw_batch(teacher: Teacher, batch: list, cfg: GenerateConfig) -> tuple[list[dict], int]:
     seeds = [derive_seed(cfg.seed, ex, off) for ex, off, _ in batch]
     labels = teacher.draw([w for _, _, w in batch], cfg.draws, cfg.proposal_temperature, seeds)

@@ -14,12 +14,12 @@ import yaml
 
 from labelgen.format import Encoding
 
-MODES = ("topk", "sampled", "sample", "greedy", "tokens")
+MODES = ("topk", "sampled", "sample", "greedy", "tokens", "score")
 BACKENDS = ("hf", "vllm")
 DEFAULT_MAX_SEQ_LEN = 2048
 # Settings added after runs were first hashed: they enter the output hash only
 # when set, so a run started before they existed still resumes.
-ADDED_LATER = {"keep_mass": 1.0, "min_prob": 0.0}
+ADDED_LATER = {"keep_mass": 1.0, "min_prob": 0.0, "round": 0}
 # Settings that change how or where a run executes but not a single byte of its output.
 EXECUTION_ONLY = ("out", "resume", "overwrite", "num_workers", "worker_index", "progress", "skip_bad")
 
@@ -38,7 +38,11 @@ class GenerateConfig:
     sampled: score text, keep `draws` samples from the teacher's distribution
     per position (distinct ids with counts: sparse, unbiased soft labels).
     tokens: tokenize and window the text only (no teacher runs; --teacher
-    names the tokenizer), e.g. for co-distillation or a CE baseline."""
+    names the tokenizer), e.g. for co-distillation or a CE baseline.
+    score: --input is a samples label set (completions another model, e.g.
+    the student, wrote); the teacher scores each prompt + completion and
+    keeps its top-k at the completion tokens (a scored label set, for
+    on-policy distillation)."""
     backend: str = "hf"
     """hf (transformers; CPU or GPU) or vllm."""
     k: int = 64
@@ -91,6 +95,8 @@ class GenerateConfig:
     overwrite: bool = False
     num_workers: int = 1
     worker_index: int = 0
+    round: int = 0
+    """score mode: the on-policy round the completions were sampled in (stored in every row)."""
     progress: bool = True
 
     def __post_init__(self):
@@ -119,8 +125,12 @@ class GenerateConfig:
             bad("--keep-mass", f"must be in (0, 1], got {self.keep_mass}")
         if not 0 <= self.min_prob < 1:
             bad("--min-prob", f"must be in [0, 1), got {self.min_prob}")
-        if self.truncates and self.mode != "topk":
-            bad("--keep-mass/--min-prob", f"adaptive truncation is for --mode topk, not {self.mode}")
+        if self.truncates and self.mode not in ("topk", "score"):
+            bad("--keep-mass/--min-prob", f"adaptive truncation is for --mode topk or score, not {self.mode}")
+        if self.mode == "score" and len(self.inputs) != 1:
+            bad("--input", f"--mode score reads one samples label set, got {len(self.inputs)} inputs")
+        if not 0 <= self.round < 2**31:
+            bad("--round", f"must be in [0, 2^31), got {self.round}")
         if self.n < 1:
             bad("--n", f"must be >= 1, got {self.n}")
         if self.temperature < 0:
@@ -157,7 +167,7 @@ class GenerateConfig:
 
     @property
     def kind(self) -> str:
-        return {"topk": "topk", "tokens": "tokens", "sampled": "sampled"}.get(self.mode, "samples")
+        return {"topk": "topk", "tokens": "tokens", "sampled": "sampled", "score": "scored"}.get(self.mode, "samples")
 
     @property
     def windowed(self) -> bool:
@@ -167,7 +177,7 @@ class GenerateConfig:
     @property
     def entries(self) -> int:
         """The manifest's `k`: top-k entries, or draws per position."""
-        return {"topk": self.k, "sampled": self.draws}.get(self.mode, 0)
+        return {"topk": self.k, "score": self.k, "sampled": self.draws}.get(self.mode, 0)
 
     @property
     def samples_per_prompt(self) -> int:

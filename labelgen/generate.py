@@ -29,12 +29,12 @@ from labelgen import format as fmt
 from labelgen import bucket_run, fsutil, storage
 from labelgen.backends import Teacher, load_teacher
 from labelgen.batches import (TokenizerOnly, draw_batch, model_config, sample_batch, sample_batches, score_batch,
-                              topk_batches, truncate, windows_only)
+                              score_completions, topk_batches, truncate, windows_only)
 from labelgen.config import DEFAULT_MAX_SEQ_LEN, GenerateConfig
 from labelgen.format import Encoding
 from labelgen.inputs import InputError, expand_paths
 from labelgen.pipeline import Progress, StageThread, get_from, put_to, take
-from labelgen.reader import read_shards
+from labelgen.reader import read_shards, samples_input
 from labelgen.resume import LocalShards, canonical_path, check_output_dir, input_identity
 from labelgen.shards import ShardFile, ShardInfo, build_manifest, prepare_output_dir
 from labelgen.storage import StorePath
@@ -64,10 +64,19 @@ def run(cfg: GenerateConfig, teacher: Teacher | None = None) -> dict:
     --out may be a bucket URI (bucket_run.py)."""
     # A resumed run is the same run however its paths were spelled (dir/ or dir, relative or absolute).
     remote = storage.location(cfg.out) if storage.is_uri(cfg.out) else None
+    if cfg.mode == "score" and storage.is_uri(cfg.inputs[0]):
+        raise InputError(f"--input {cfg.inputs[0]}: --mode score reads a samples label set on local disk; copy it first")
     cfg = dataclasses.replace(cfg, inputs=tuple(map(canonical_path, cfg.inputs)),
                               out=str(remote) if remote else canonical_path(cfg.out), teacher=canonical_path(cfg.teacher))
     files = expand_paths(list(cfg.inputs))   # fails on a missing input before anything is loaded
     tokenizer = load_tokenizer(cfg.teacher, need_model=cfg.mode != "tokens")
+    sampled_by = None
+    if cfg.mode == "score":   # the input is a samples label set: its shards are the input files
+        samples = samples_input(cfg, tokenizer)
+        files = [Path(samples.dir) / s["name"] for s in samples.shards]
+        sampled_by = {"labels": str(samples.dir), "fingerprint": samples.manifest.get("fingerprint"),
+                      "model": (samples.manifest.get("teacher") or {}).get("path"),
+                      "sampling": samples.manifest.get("sampling")}
     cfg = resolve(cfg, tokenizer)
     local = bucket_run.staging_for(cfg) if remote else Path(cfg.out)
     with fsutil.run_lock(local, (cfg.worker_index, cfg.num_workers)):
@@ -81,14 +90,14 @@ def run(cfg: GenerateConfig, teacher: Teacher | None = None) -> dict:
         if teacher is None:
             teacher = load_teacher(cfg, tokenizer)
             try:
-                return _generate(cfg, teacher, tokenizer, files, local, remote)
+                return _generate(cfg, teacher, tokenizer, files, local, remote, sampled_by)
             finally:
                 teacher.close()
-        return _generate(cfg, teacher, tokenizer, files, local, remote)
+        return _generate(cfg, teacher, tokenizer, files, local, remote, sampled_by)
 
 
 def _generate(cfg: GenerateConfig, teacher: Teacher, tokenizer, files: list[Path], out: Path,
-              remote: StorePath | None) -> dict:
+              remote: StorePath | None, sampled_by: dict | None = None) -> dict:
     """The pipeline, writing shards into `out` (uploaded to `remote` as they finish, when given)."""
     enc = Encoding(**cfg.encoding)
     id_bound = max(teacher.logits_size, teacher.vocab_size)
@@ -119,7 +128,7 @@ def _generate(cfg: GenerateConfig, teacher: Teacher, tokenizer, files: list[Path
                 continue
             counts["skipped"] += work.skipped
             put_to(write_q, ("open", work.index, None), writer)
-            batches = topk_batches(work.items, cfg) if cfg.windowed else sample_batches(work.items, cfg)
+            batches = topk_batches(work.items, cfg) if cfg.windowed or cfg.mode == "score" else sample_batches(work.items, cfg)
             for batch in batches:
                 if cfg.mode == "tokens":
                     rows, tokens = windows_only(batch)
@@ -127,6 +136,8 @@ def _generate(cfg: GenerateConfig, teacher: Teacher, tokenizer, files: list[Path
                     rows, tokens = score_batch(teacher, batch, cfg)
                 elif cfg.mode == "sampled":
                     rows, tokens = draw_batch(teacher, batch, cfg)
+                elif cfg.mode == "score":
+                    rows, tokens = score_completions(teacher, batch, cfg)
                 else:
                     rows, tokens = sample_batch(teacher, tokenizer, batch, cfg)
                 put_to(write_q, ("rows", work.index, rows), writer)
@@ -147,7 +158,8 @@ def _generate(cfg: GenerateConfig, teacher: Teacher, tokenizer, files: list[Path
     if cfg.num_workers == 1 and not any(s.rows for s in shards.values()):
         raise InputError(f"{', '.join(cfg.inputs)}: all {counts['skipped']} input record(s) were bad and skipped "
                          "(--skip-bad); nothing to label, no label set written")
-    manifest = _write_manifest(cfg, out, remote, teacher, tokenizer, enc, id_bound, shards, counts, total_shards)
+    manifest = _write_manifest(cfg, out, remote, teacher, tokenizer, enc, id_bound, shards, counts, total_shards,
+                               sampled_by)
     elapsed = time.time() - t0
     manifest["summary"] = {"seconds": round(elapsed, 2), "teacher_tokens": progress.tokens,
                            "tokens_per_second": progress.tokens / elapsed if elapsed else 0.0}
@@ -162,14 +174,15 @@ def resolve(cfg: GenerateConfig, tokenizer) -> GenerateConfig:
         cfg = dataclasses.replace(cfg, max_seq_len=min(DEFAULT_MAX_SEQ_LEN, positions))
     if cfg.windowed and cfg.max_seq_len > positions:
         raise ValueError(f"--max-seq-len {cfg.max_seq_len} exceeds the teacher's {positions} positions")
-    if cfg.mode == "topk" and cfg.k > vocab:
+    if cfg.mode in ("topk", "score") and cfg.k > vocab:
         raise ValueError(f"--k {cfg.k} is larger than the teacher's vocabulary ({vocab})")
     if cfg.truncates and not cfg.encoding.get("variable_k"):
         cfg = dataclasses.replace(cfg, encoding={**cfg.encoding, "variable_k": True})
     return cfg
 
 
-def _write_manifest(cfg, out, remote, teacher: Teacher, tokenizer, enc, id_bound, shards, counts, total_shards) -> dict:
+def _write_manifest(cfg, out, remote, teacher: Teacher, tokenizer, enc, id_bound, shards, counts, total_shards,
+                    sampled_by: dict | None = None) -> dict:
     config_file = Path(cfg.teacher) / "config.json"
     header = {
         "mode": cfg.mode,
@@ -189,6 +202,8 @@ def _write_manifest(cfg, out, remote, teacher: Teacher, tokenizer, enc, id_bound
         fsutil.refuse_symlink(out / fmt.TOKENIZER_DIR)
         tokenizer.save_pretrained(out / fmt.TOKENIZER_DIR)
     ordered = [shards[i] for i in sorted(shards)]
+    if sampled_by is not None:   # score mode: where the completions came from
+        header["scored"] = {"round": cfg.round, "samples": sampled_by}
     if cfg.mode == "sampled":
         header["sampling"] = {"draws": cfg.draws, "proposal_temperature": cfg.proposal_temperature, "seed": cfg.seed,
                               "seed_rule": "sha256(seed, example_id, window_offset)[:8] & (2**63-1), one stream per window"}

@@ -88,12 +88,12 @@ def _check_rows(d: dict, reader: ShardReader):
         bad = np.flatnonzero(values.reshape(len(values), -1).max(axis=1) >= V) if values.size else []
         if len(bad):
             yield _row_of(off, bad[0]), f"{col} has an id >= vocab_size {V}"
-    if reader.kind != "topk":
+    if reader.kind not in fmt.TOPK_KINDS:
         return
     lp, off = d[fmt.TOPK_LOGPROBS]
     cov, _ = d[fmt.COVERAGE]
     ids_off = d[fmt.INPUT_IDS][1]
-    if not np.array_equal(np.diff(ids_off) - 1, np.diff(off)):
+    if reader.kind == "topk" and not np.array_equal(np.diff(ids_off) - 1, np.diff(off)):
         yield 0, "per-position columns do not have len(input_ids) - 1 entries"
         return
     with np.errstate(invalid="ignore"):   # -inf - -inf between empty slots (adaptive truncation)
@@ -151,9 +151,11 @@ def inspect(label_dir: Path | str) -> dict:
     """Sizes, compression and (for topk) coverage statistics of a label set."""
     reader = ShardReader(label_dir)
     kind, k, V = reader.kind, reader.k, reader.vocab_size
-    variable_k = kind == "topk" and reader.encoding.variable_k
+    topk = kind in fmt.TOPK_KINDS
+    variable_k = topk and reader.encoding.variable_k
     shards, hist = [], np.zeros(COVERAGE_BINS, dtype=np.int64)
     cov_sum, in_topk, finish = 0.0, 0, {}
+    sampler_lp, teacher_lp, rounds = 0.0, 0.0, set()   # scored: the sampler's and the teacher's logprobs
     unique_sum, unique_hist = 0, np.zeros(256, dtype=np.int64)
     by_column: dict[str, int] = {}
     for si, shard in enumerate(reader.shards):
@@ -163,13 +165,18 @@ def inspect(label_dir: Path | str) -> dict:
             for j in range(md.num_columns):
                 name = md.column(j).path_in_schema.split(".")[0]
                 by_column[name] = by_column.get(name, 0) + md.column(j).total_compressed_size
-        cols = {"topk": [fmt.COVERAGE, fmt.TARGET_RANK] + ([fmt.TOPK_LENGTHS] if variable_k else []),
-                "samples": [fmt.FINISH_REASON], "tokens": [], "sampled": [fmt.SAMPLED_LENGTHS]}[kind]
+        topk_cols = [fmt.COVERAGE, fmt.TARGET_RANK] + ([fmt.TOPK_LENGTHS] if variable_k else [])
+        cols = {"topk": topk_cols, "samples": [fmt.FINISH_REASON], "tokens": [], "sampled": [fmt.SAMPLED_LENGTHS],
+                "scored": topk_cols + [fmt.TARGET_LOGPROB, fmt.SAMPLING_LOGPROB, fmt.ROUND]}[kind]
         # stored entries (counted below under variable_k); positions for the other kinds
-        entries = 0 if variable_k else shard["positions"] * (k if kind == "topk" else 1)
+        entries = 0 if variable_k else shard["positions"] * (k if topk else 1)
         for rg in range(pf.num_row_groups if cols else 0):
             d = reader.read_row_group(si, rg, cols, pf)
-            if kind == "topk":
+            if kind == "scored":
+                sampler_lp += float(d[fmt.SAMPLING_LOGPROB][0].astype(np.float64).sum())
+                teacher_lp += float(d[fmt.TARGET_LOGPROB][0].astype(np.float64).sum())
+                rounds.update(int(x) for x in np.unique(d[fmt.ROUND]))
+            if topk:
                 kept = k
                 if variable_k:
                     kept = d[fmt.TOPK_LENGTHS][0]
@@ -195,7 +202,7 @@ def inspect(label_dir: Path | str) -> dict:
     by_column["footers"] = total["bytes"] - sum(by_column.values())
     out = {"dir": str(label_dir), "kind": kind, "k": k, "vocab_size": V, "encoding": reader.encoding.to_dict(),
            **{key: total[key] for key in total if key != "name"}, "shards": shards, "bytes_by_column": by_column}
-    if kind == "topk":
+    if topk:
         n = max(total["positions"], 1)
         out.update({
             "entries_per_position": total["entries"] / n,
@@ -216,6 +223,11 @@ def inspect(label_dir: Path | str) -> dict:
                     "bytes_per_unique_id": total["bytes"] / max(unique_sum, 1)})
     elif kind == "samples":
         out["finish_reasons"] = finish
+    if kind == "scored":
+        n = max(total["positions"], 1)
+        # E_y~sampler[log p_sampler(y) - log p_teacher(y)]: the sampler's reverse KL to the teacher, per token
+        out.update({"rounds": sorted(rounds), "sampler_logprob_mean": sampler_lp / n,
+                    "teacher_logprob_mean": teacher_lp / n, "reverse_kl": (sampler_lp - teacher_lp) / n})
     return out
 
 
@@ -236,7 +248,7 @@ def _sizes(s: dict, entries: int, V: int) -> dict:
 def format_inspect(r: dict) -> str:
     lines = [f"{r['dir']}: {r['kind']} labels, k={r['k']}, vocab {r['vocab_size']}, "
              f"logprobs {r['encoding']['logprob_codec']}, zstd {r['encoding']['zstd_level']}"]
-    if r["kind"] == "topk":
+    if r["kind"] in fmt.TOPK_KINDS:
         lines.append(f"{'shard':<24}{'rows':>10}{'positions':>12}{'bytes':>14}{'B/pos':>9}{'B/entry':>9}{'vs raw':>8}{'vs bf16':>10}")
         for s in r["shards"] + [dict(r, name="total")]:
             lines.append(f"{s['name']:<24}{s['rows']:>10,}{s['positions']:>12,}{s['bytes']:>14,}"
@@ -250,7 +262,11 @@ def format_inspect(r: dict) -> str:
     unit = "token" if r["kind"] == "samples" else "position"
     lines.append(f"B/{unit} by column: " + ", ".join(f"{c} {b / max(r['positions'], 1):.2f}"
                                                      for c, b in r["bytes_by_column"].items()))
-    if r["kind"] == "topk":
+    if r["kind"] == "scored":
+        lines.append(f"completions of round(s) {', '.join(map(str, r['rounds']))}: teacher logprob "
+                     f"{r['teacher_logprob_mean']:.3f}, sampler logprob {r['sampler_logprob_mean']:.3f} nats per token; "
+                     f"the sampler's reverse KL to the teacher {r['reverse_kl']:.3f} nats per token")
+    if r["kind"] in fmt.TOPK_KINDS:
         lines.append(f"coverage: mean {r['coverage_mean']:.4f}  p1 {r['coverage_p1']:.4f}  p5 {r['coverage_p5']:.4f}  "
                      f"p50 {r['coverage_p50']:.4f}  below 0.9: {r['coverage_below_0.9']:.1%}  "
                      f"below 0.99: {r['coverage_below_0.99']:.1%}")
@@ -277,7 +293,7 @@ def plot_inspect(r: dict, path: Path | str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise FormatError("--plot needs matplotlib: pip install 'labelgen[plot]'") from None
-    if r["kind"] != "topk":
+    if r["kind"] not in fmt.TOPK_KINDS:
         raise FormatError("--plot draws the top-k coverage histogram; this label set holds samples")
     h = np.asarray(r["coverage_histogram"], dtype=float)
     fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -29,7 +29,8 @@ def windows(ids: np.ndarray, size: int, stride: int) -> list[tuple[int, np.ndarr
 @dataclass
 class ShardWork:
     index: int
-    items: list = field(default_factory=list)   # topk: (example_id, offset, ids); samples: (example_id, prompt, ids)
+    items: list = field(default_factory=list)   # topk: (example_id, offset, ids); samples: (example_id, prompt, ids);
+    #                                             score: (example_id, sample_index, ids, prompt length, sampling logprobs)
     examples: int = 0
     skipped: int = 0
     done: bool = False                          # already finished by an earlier run
@@ -43,7 +44,8 @@ def read_shards(cfg: GenerateConfig, files: list[Path], tokenizer, max_positions
     spec = FieldSpec(cfg.text_field, cfg.prompt_field, cfg.messages_field, cfg.id_field)
     work, records, index = None, [], -1
     position, read_before = ReadPosition(), 0   # input bytes read before the current record
-    for n, rec in enumerate(read_records(files, spec, position)):
+    source = samples_records(cfg, position) if cfg.mode == "score" else read_records(files, spec, position)
+    for n, rec in enumerate(source):
         if stop.is_set():
             return
         if n % cfg.rows_per_shard == 0:
@@ -74,6 +76,8 @@ def prepare(work: ShardWork, records: list, tokenizer, cfg: GenerateConfig, max_
     """Tokenize a shard's records in one batch call (the fast tokenizer then
     uses all cores) and cut them into teacher items; bad records fail the run
     or, with --skip-bad, are counted."""
+    if cfg.mode == "score":
+        return prepare_completions(work, records, cfg, max_positions)
     good = [r for r in records if not isinstance(r, InputError)]
     ids_of = dict(zip(map(id, good), tokenize_batch(good, tokenizer, generation_prompt=not cfg.windowed)))
     for rec in records:
@@ -120,3 +124,62 @@ def items_of(rec: Record, text_ids: tuple[str, list[int]], cfg: GenerateConfig, 
         raise InputError(f"{rec.where}: prompt has {len(ids)} tokens; with --max-new-tokens {cfg.max_new_tokens} "
                          f"that exceeds the teacher's {max_positions} positions")
     return [(rec.example_id, text, list(ids))]
+
+
+# ---------------------------------------------------------------- score mode: a samples label set as input
+
+
+def samples_input(cfg: GenerateConfig, tokenizer):
+    """The samples label set `--mode score` reads, checked: its kind, and
+    the tokenizer its completions were written in (the teacher's)."""
+    from labelgen import format as fmt
+    from labelgen.shards import ShardReader
+    reader = ShardReader(cfg.inputs[0])
+    if reader.kind != "samples":
+        raise InputError(f"{cfg.inputs[0]}: holds {reader.kind} labels; --mode score scores a samples label set "
+                         "(completions from `labelgen generate --mode sample`)")
+    theirs = (reader.manifest.get("tokenizer") or {}).get("fingerprint")
+    ours = fmt.tokenizer_fingerprint(tokenizer)
+    if theirs != ours["fingerprint"]:
+        raise InputError(f"{cfg.inputs[0]}: its completions were written with another tokenizer than the teacher's "
+                         f"(differs in: {fmt.tokenizer_difference(reader.manifest.get('tokenizer') or {}, ours)}); "
+                         "the teacher can only score ids of its own vocabulary")
+    reader.check_files()
+    return reader
+
+
+def samples_records(cfg: GenerateConfig, position: ReadPosition):
+    """The rows of the samples label set as score items (see ShardWork.items);
+    `position` counts the bytes of the shards read so far."""
+    from labelgen import format as fmt
+    from labelgen.shards import ShardReader
+    reader = ShardReader(cfg.inputs[0])
+    columns = [fmt.EXAMPLE_ID, fmt.SAMPLE_INDEX, fmt.PROMPT_IDS, fmt.COMPLETION_IDS, fmt.COMPLETION_LOGPROBS]
+    for si, shard in enumerate(reader.shards):
+        pf = reader.open_shard(shard)
+        for rg in range(pf.num_row_groups):
+            for row in fmt.rows_from_decoded(reader.read_row_group(si, rg, columns, pf)):
+                prompt, completion = row[fmt.PROMPT_IDS], row[fmt.COMPLETION_IDS]
+                yield (row[fmt.EXAMPLE_ID], int(row[fmt.SAMPLE_INDEX]), np.concatenate([prompt, completion]),
+                       len(prompt), row[fmt.COMPLETION_LOGPROBS])
+        position.bytes += int(shard["bytes"])
+
+
+def prepare_completions(work: ShardWork, records: list, cfg: GenerateConfig, max_positions: int) -> ShardWork:
+    """Score items of a shard: a completion must have a token to score, and
+    prompt + completion must fit the teacher."""
+    for item in records:
+        ex, j, ids, prompt_length, _ = item
+        try:
+            if prompt_length < 1 or len(ids) <= prompt_length:
+                raise InputError(f"{cfg.inputs[0]}: example {ex!r} sample {j}: "
+                                 f"{'the prompt is' if prompt_length < 1 else 'the completion is'} empty; nothing to score")
+            if len(ids) > max_positions:
+                raise InputError(f"{cfg.inputs[0]}: example {ex!r} sample {j}: prompt + completion hold {len(ids)} "
+                                 f"tokens, more than the teacher's {max_positions} positions")
+            work.items.append(item)
+        except InputError as e:
+            if not cfg.skip_bad:
+                raise InputError(f"{e} (pass --skip-bad to skip bad records)") from None
+            work.skipped += 1
+    return work

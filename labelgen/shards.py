@@ -236,7 +236,7 @@ class ShardWriter:
                  max_rows: int = 100_000, max_bytes: int = 512 << 20, exist: str = "error"):
         if kind not in fmt.KINDS:
             raise FormatError(f"unknown record kind {kind!r}; this version knows {fmt.KINDS}")
-        if kind == "topk" and k < 1:
+        if kind in fmt.TOPK_KINDS and k < 1:
             raise FormatError(f"k must be >= 1, got {k}")
         self.out_dir, self.kind, self.k, self.vocab_size, self.enc = Path(out_dir), kind, k, vocab_size, encoding
         self.header, self.max_rows, self.max_bytes = header or {}, max_rows, max_bytes
@@ -382,10 +382,10 @@ class ShardReader:
         shard = self.shards[shard_index]
         pf = pf or self.open_shard(shard)
         wanted = columns
-        if columns is not None and self.kind == "topk" and self.encoding.id_order == "sorted" and rank_order \
+        if columns is not None and self.kind in fmt.TOPK_KINDS and self.encoding.id_order == "sorted" and rank_order \
                 and fmt.TOPK_IDS in columns and fmt.TOPK_LOGPROBS not in columns:
             columns = list(columns) + [fmt.TOPK_LOGPROBS]   # ids are put in rank order by their logprobs
-        if columns is not None and self.kind == "topk" and self.encoding.variable_k \
+        if columns is not None and self.kind in fmt.TOPK_KINDS and self.encoding.variable_k \
                 and {fmt.TOPK_IDS, fmt.TOPK_LOGPROBS} & set(columns) and fmt.TOPK_LENGTHS not in columns:
             columns = list(columns) + [fmt.TOPK_LENGTHS]    # entries kept per position
         if columns is not None and fmt.SAMPLED_IDS in columns and fmt.SAMPLED_LENGTHS not in columns:
@@ -395,6 +395,11 @@ class ShardReader:
         try:
             table = pf.read_row_group(row_group, columns=columns)
             decoded = fmt.decode_batch(table, self.kind, self.k, self.encoding, self.id_map(shard, pf), rank_order)
+            if self.kind == "scored" and fmt.INPUT_IDS in decoded and fmt.COVERAGE in decoded:
+                tokens, positions = np.diff(decoded[fmt.INPUT_IDS][1]), np.diff(decoded[fmt.COVERAGE][1])
+                if ((positions < 1) | (positions > tokens - 1)).any():
+                    row = int(np.flatnonzero((positions < 1) | (positions > tokens - 1))[0])
+                    raise FormatError(f"row {row}: {positions[row]} completion positions for {tokens[row]} input ids")
         except FormatError as e:
             raise FormatError(f"{where}: {e}") from None
         except Exception as e:  # damaged pages surface as checksum, decoding or shape errors
@@ -419,10 +424,15 @@ class ShardReader:
         tokens = counts.get(fmt.INPUT_IDS)
         if tokens is not None and seq and tokens > rows * seq:
             raise FormatError(f"{where}: {tokens} input ids in {rows} rows, more than max_seq_len {seq} allows")
-        if self.kind == "topk":
+        if self.kind in fmt.TOPK_KINDS:
             positions = counts[fmt.COVERAGE]
-            if positions > shard["positions"] or (tokens is not None and positions != tokens - rows):
+            # topk: one position per input id after the first; scored: at most that (completion tokens only)
+            fits = tokens is None or (positions == tokens - rows if self.kind == "topk" else positions <= tokens - rows)
+            if positions > shard["positions"] or not fits:
                 raise FormatError(f"{where}: {positions} positions do not fit the input ids or the manifest")
+            if self.kind == "scored" and counts[fmt.SAMPLING_LOGPROB] != positions:
+                raise FormatError(f"{where}: {fmt.SAMPLING_LOGPROB} holds {counts[fmt.SAMPLING_LOGPROB]} values "
+                                  f"for {positions} positions")
             if self.encoding.variable_k and counts[fmt.TOPK_LENGTHS] != positions:
                 raise FormatError(f"{where}: {fmt.TOPK_LENGTHS} holds {counts[fmt.TOPK_LENGTHS]} values for {positions} positions")
             for col in (fmt.TOPK_IDS, fmt.TOPK_LOGPROBS):

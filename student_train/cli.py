@@ -1,6 +1,7 @@
 """`student-train` command line: a thin shell over TrainConfig and train().
 
     student-train train [CONFIG.yaml] --labels DIR --student-config cfg.json --out runs/a --loss kd
+    student-train rounds --teacher T --student S --prompts p.jsonl --out runs/opd --rounds 4
     torchrun --nproc-per-node 8 -m student_train.cli train CONFIG.yaml
 """
 
@@ -16,7 +17,7 @@ import typer
 
 from labelgen.cli import cli_errors, show_defaults
 from labelgen.stopping import PREEMPTED_EXIT
-from student_train.config import CodistillConfig, TrainConfig
+from student_train.config import CodistillConfig, RoundsConfig, TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train a student LLM on label shards written by `labelgen generate`.")
@@ -56,7 +57,7 @@ def train_cmd(
     student_tokenizer: Optional[str] = typer.Option(None, help="a tokenizer other than the labels': cross-tokenizer KD"),
     out: Optional[str] = typer.Option(None, help="run directory"),
     max_steps: Optional[int] = typer.Option(None, help="optimizer steps"),
-    loss: Optional[str] = typer.Option(None, help="kd | ce | sft"),
+    loss: Optional[str] = typer.Option(None, help="kd | ce | sft | opd (on-policy: scored labels)"),
     kd_kind: Optional[str] = typer.Option(None, help="forward | reverse | jsd"),
     tail: Optional[str] = typer.Option(None, help="renorm | tail | target (the missing mass on the actual next token)"),
     temperature: Optional[float] = typer.Option(None),
@@ -64,6 +65,8 @@ def train_cmd(
     k: Optional[int] = typer.Option(None, help="use the first k stored top-k entries"),
     alpha: Optional[float] = typer.Option(None, help="weight of CE on actual tokens (kd loss)"),
     alpha_end: Optional[float] = typer.Option(None, help="alpha moves linearly to this value over the run"),
+    opd_forward_kl: Optional[float] = typer.Option(None, help="opd: weight of forward KL on the teacher's top-k"),
+    opd_clip: Optional[float] = typer.Option(None, help="opd: importance ratio clipped to [1 - clip, 1 + clip]"),
     lr: Optional[float] = typer.Option(None),
     warmup_steps: Optional[int] = typer.Option(None),
     batch_size: Optional[int] = typer.Option(None, help="rows per micro-batch per rank"),
@@ -87,10 +90,11 @@ def train_cmd(
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and exit"),
 ):
-    """Fit a student to top-k soft labels (kd), actual tokens (ce) or teacher completions (sft)."""
+    """Fit a student to top-k soft labels (kd), actual tokens (ce), completions (sft) or its own scored completions (opd)."""
     overrides = dict(labels=labels, eval_labels=eval_labels, eval_holdout=eval_holdout, student=student,
                      student_config=student_config, student_tokenizer=student_tokenizer, out=out, max_steps=max_steps, loss=loss, kd_kind=kd_kind,
-                     tail=tail, temperature=temperature, beta=beta, k=k, alpha=alpha, alpha_end=alpha_end, lr=lr,
+                     tail=tail, temperature=temperature, beta=beta, k=k, alpha=alpha, alpha_end=alpha_end,
+                     opd_forward_kl=opd_forward_kl, opd_clip=opd_clip, lr=lr,
                      warmup_steps=warmup_steps, batch_size=batch_size, grad_accum=grad_accum, min_lr_ratio=min_lr_ratio,
                      weight_decay=weight_decay, grad_clip=grad_clip, group_units=group_units, dtype=dtype,
                      eval_every=eval_every,
@@ -175,6 +179,69 @@ def codistill_cmd(
     from student_train.codistill import codistill
     r = codistill(cfg)
     finish(r, f"co-distilled to step {r['step']}; checkpoints (teacher/ and student/) and metrics.jsonl in {r['out']}")
+
+
+@app.command("rounds")
+@show_defaults(RoundsConfig)
+@cli_errors(on_stop="finished stages are kept: rerun the same command to continue")
+def rounds_cmd(
+    config: Optional[Path] = typer.Argument(None, help="YAML/JSON config file; flags override its keys"),
+    teacher: Optional[str] = typer.Option(None, help="teacher model directory (HF format): scores every completion"),
+    student: Optional[str] = typer.Option(None, help="student model directory the first round samples from"),
+    prompts: Optional[List[str]] = typer.Option(None, "--prompts", help="prompt file (JSONL, repeatable)"),
+    eval_prompts: Optional[List[str]] = typer.Option(None, "--eval-prompts", help="held-out prompt file (repeatable)"),
+    out: Optional[str] = typer.Option(None, help="work directory (every stage is cached there)"),
+    rounds: Optional[int] = typer.Option(None, help="sample -> score -> train rounds"),
+    sampler: Optional[str] = typer.Option(None, help="student (on-policy) | teacher (off-policy baseline)"),
+    loss: Optional[str] = typer.Option(None, help="opd | kd | sft"),
+    n: Optional[int] = typer.Option(None, help="completions per prompt per round"),
+    eval_n: Optional[int] = typer.Option(None, help="completions per held-out prompt"),
+    max_new_tokens: Optional[int] = typer.Option(None),
+    k: Optional[int] = typer.Option(None, help="top-k the teacher keeps per completion token"),
+    prompt_field: Optional[str] = typer.Option(None),
+    messages_field: Optional[str] = typer.Option(None),
+    id_field: Optional[str] = typer.Option(None),
+    max_steps: Optional[int] = typer.Option(None, help="optimizer steps per round"),
+    batch_size: Optional[int] = typer.Option(None, help="completions per micro-batch"),
+    grad_accum: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None),
+    opd_forward_kl: Optional[float] = typer.Option(None, help="opd: weight of forward KL on the teacher's top-k"),
+    opd_clip: Optional[float] = typer.Option(None, help="opd: importance ratio clipped to [1 - clip, 1 + clip]"),
+    tail: Optional[str] = typer.Option(None, help="tail | renorm | target (the forward-KL support)"),
+    warmup_steps: Optional[int] = typer.Option(None),
+    min_lr_ratio: Optional[float] = typer.Option(None),
+    weight_decay: Optional[float] = typer.Option(None),
+    grad_clip: Optional[float] = typer.Option(None),
+    backend: Optional[str] = typer.Option(None, help="sampling and scoring: hf | vllm"),
+    batch_tokens: Optional[int] = typer.Option(None, help="padded tokens per generation batch"),
+    log_every: Optional[int] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None),
+    device: Optional[str] = typer.Option(None),
+    dtype: Optional[str] = typer.Option(None, help="training: auto | float32 | bfloat16"),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="start over in a non-empty --out"),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and exit"),
+):
+    """On-policy distillation in batch rounds: the student writes, the teacher scores offline, the student trains."""
+    overrides = dict(teacher=teacher, student=student, prompts=prompts, eval_prompts=eval_prompts, out=out,
+                     rounds=rounds, sampler=sampler, loss=loss, n=n, eval_n=eval_n, max_new_tokens=max_new_tokens,
+                     k=k, prompt_field=prompt_field, messages_field=messages_field, id_field=id_field,
+                     max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                     opd_forward_kl=opd_forward_kl, opd_clip=opd_clip, tail=tail, warmup_steps=warmup_steps,
+                     min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, grad_clip=grad_clip, backend=backend,
+                     batch_tokens=batch_tokens, log_every=log_every, seed=seed, device=device, dtype=dtype,
+                     overwrite=overwrite, progress=progress)
+    cfg = RoundsConfig.from_sources(str(config) if config else None, overrides)
+    if dry_run:
+        typer.echo(json.dumps(cfg.to_dict(), indent=2))
+        return
+    from student_train.rounds import run_rounds
+    r = run_rounds(cfg)
+    if r["stopped_by"]:
+        typer.echo(f"student-train: stopped by {r['stopped_by']} in round {r['round']}'s training after step {r['step']}, "
+                   "which is checkpointed: rerun the same command to continue", err=True)
+        raise typer.Exit(PREEMPTED_EXIT)
+    typer.echo(f"{len(r['rounds'])} rounds done; the last student is {r['student']}; rounds.jsonl in {r['out']}")
 
 
 if __name__ == "__main__":  # pragma: no cover

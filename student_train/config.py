@@ -13,9 +13,11 @@ from labelgen.config import config_from_sources
 from student_train.losses import KINDS, TAILS, alpha_at, check_tail
 
 DTYPES = ("auto", "float32", "bfloat16")
-LOSSES = ("kd", "ce", "sft")
+LOSSES = ("kd", "ce", "sft", "opd")
 ALPHA_SCHEDULES = ("linear", "cosine")
 KD_SUPPORTS = ("full", "topk")
+# The forward-KL weight beside on-policy distillation's policy gradient (docs/results.md, on-policy rounds).
+OPD_FORWARD_KL = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,15 +118,22 @@ class TrainConfig(LoopConfig):
     eval_holdout: int = 0
     """Or hold out this many shards at the end of --labels for evaluation."""
     loss: str = "kd"
-    """kd: alpha*CE + (1-alpha)*top-k KD (topk labels). ce: CE on the actual
-    tokens (topk or tokens labels). sft: CE on teacher completions, prompt
-    masked (samples labels)."""
+    """kd: alpha*CE + (1-alpha)*top-k KD (topk, sampled or scored labels). ce:
+    CE on the actual tokens (topk or tokens labels). sft: CE on completions,
+    prompt masked (samples or scored labels). opd: on-policy distillation on
+    the student's own scored completions (scored labels): the per-token
+    reverse-KL policy gradient plus opd_forward_kl x forward KL on the
+    teacher's top-k."""
     k: int | None = None
     """Use the first k stored entries (default: all the labels hold)."""
     alpha: float = 0.0
     """Weight of CE on actual tokens in the kd loss."""
     alpha_end: float | None = None
     """If set, alpha moves linearly to this value over the run."""
+    opd_forward_kl: float = OPD_FORWARD_KL
+    """opd: weight of the forward KL on the teacher's top-k + tail beside the reverse-KL policy gradient."""
+    opd_clip: float = 0.2
+    """opd: the importance ratio against the sampling-time logprob is clipped to [1 - clip, 1 + clip]."""
     lr: float = 3e-4
     verify: bool = False
     """Check every shard's sha256 before training (sizes are always checked)."""
@@ -150,13 +159,18 @@ class TrainConfig(LoopConfig):
             bad("--eval-holdout", f"must be >= 0, got {self.eval_holdout}")
         if self.lr <= 0:
             bad("--lr", f"must be > 0, got {self.lr}")
+        if self.opd_forward_kl < 0:
+            bad("--opd-forward-kl", f"must be >= 0, got {self.opd_forward_kl}")
+        if not 0 < self.opd_clip < 1:
+            bad("--opd-clip", f"must be in (0, 1), got {self.opd_clip}")
         if self.eval_labels and self.eval_holdout:
             bad("--eval-labels/--eval-holdout", "pass one, not both")
 
     def alpha_at(self, step: int) -> float:
-        """CE weight at `step`: 1 for ce/sft; for kd alpha, or linear to alpha_end over the run."""
+        """CE weight at `step`: 1 for ce/sft, 0 for opd (CE is only measured); for kd alpha, or linear to
+        alpha_end over the run."""
         if self.loss != "kd":
-            return 1.0
+            return 0.0 if self.loss == "opd" else 1.0
         return alpha_at(step, self.alpha, self.alpha_end if self.max_steps > 1 else None, 0, self.max_steps - 1)
 
     def to_dict(self) -> dict:
@@ -248,3 +262,95 @@ class CodistillConfig(LoopConfig):
     @classmethod
     def from_sources(cls, config_file: str | None, overrides: dict) -> "CodistillConfig":
         return config_from_sources(cls, config_file, overrides, tuple_fields=("inputs", "eval_input"))
+
+
+SAMPLERS = ("student", "teacher")
+ROUND_LOSSES = ("opd", "kd", "sft")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundsConfig(LoopConfig):
+    """`student-train rounds`: on-policy distillation in batch rounds. Each
+    round the sampler writes `n` completions per prompt (temperature 1), the
+    teacher scores them offline (`labelgen generate --mode score`), and the
+    student trains `max_steps` optimizer steps on them; the next round
+    samples from the student it ends with. Every stage is cached in `out`:
+    the same command run again continues where it stopped."""
+    teacher: str
+    """HF teacher directory: it scores every completion (top-k at the completion tokens)."""
+    student: str
+    """HF student directory the first round samples from and trains."""
+    prompts: tuple[str, ...]
+    """Prompt files (JSONL with --prompt-field or --messages-field), as `labelgen generate --mode sample` reads them."""
+    out: str
+    """Work directory: round-NNN/{samples,scored,train}/, rounds.jsonl."""
+    eval_prompts: tuple[str, ...] = ()
+    """Held-out prompts: after every round (and before the first) the student's completions of them are
+    scored by the teacher: its on-policy reverse KL and the teacher's logprob of what it writes."""
+    rounds: int = 4
+    sampler: str = "student"
+    """student: on-policy (the current student writes). teacher: the teacher writes (an off-policy
+    baseline with the same loop, prompts and token counts)."""
+    loss: str = "opd"
+    """opd (the student's own samples only), kd (forward KL on the teacher's top-k at the completion
+    tokens) or sft (CE on the completions; they are not scored)."""
+    n: int = 4
+    """Completions per prompt per round."""
+    eval_n: int = 1
+    max_new_tokens: int = 128
+    k: int = 64
+    """Top-k the teacher keeps per completion token."""
+    prompt_field: str | None = None
+    """The prompt's field in the prompt files (default "prompt"), or:"""
+    messages_field: str | None = None
+    id_field: str | None = None
+    lr: float = 5e-5
+    opd_forward_kl: float = OPD_FORWARD_KL
+    opd_clip: float = 0.2
+    backend: str = "hf"
+    """Generation backend for sampling and scoring: hf or vllm."""
+    batch_tokens: int = 16384
+    """Padded tokens per generation batch (hf backend)."""
+    # Each round's training starts a fresh optimizer: no warmup, a constant LR by default.
+    warmup_steps: int = 0
+    min_lr_ratio: float = 1.0
+    max_steps: int = 50
+    """Optimizer steps per round."""
+    save_every: int = 0
+    eval_every: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+
+        def bad(option, msg):
+            raise ValueError(f"{option}: {msg}")
+        if not self.prompts:
+            bad("--prompts", "at least one prompt file is required")
+        if self.sampler not in SAMPLERS:
+            bad("--sampler", f"must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.loss not in ROUND_LOSSES:
+            bad("--loss", f"must be one of {', '.join(ROUND_LOSSES)}, got {self.loss!r}")
+        if self.loss == "opd" and self.sampler != "student":
+            bad("--loss", "opd learns from the student's own completions (--sampler student)")
+        for name in ("rounds", "n", "eval_n", "max_new_tokens", "k", "batch_tokens"):
+            if getattr(self, name) < 1:
+                bad(f"--{name.replace('_', '-')}", f"must be >= 1, got {getattr(self, name)}")
+        if self.prompt_field and self.messages_field:
+            bad("--prompt-field/--messages-field", "pass one, not both")
+        if self.lr <= 0:
+            bad("--lr", f"must be > 0, got {self.lr}")
+        if self.opd_forward_kl < 0:
+            bad("--opd-forward-kl", f"must be >= 0, got {self.opd_forward_kl}")
+        if not 0 < self.opd_clip < 1:
+            bad("--opd-clip", f"must be in (0, 1), got {self.opd_clip}")
+        if self.backend not in ("hf", "vllm"):
+            bad("--backend", f"must be hf or vllm, got {self.backend!r}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["prompts"], d["eval_prompts"] = list(self.prompts), list(self.eval_prompts)
+        return d
+
+    @classmethod
+    def from_sources(cls, config_file: str | None, overrides: dict) -> "RoundsConfig":
+        return config_from_sources(cls, config_file, overrides, tuple_fields=("prompts", "eval_prompts"))

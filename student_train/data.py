@@ -101,11 +101,14 @@ def collate(columns: dict, kind: str, rows: np.ndarray | None = None, k: int | N
     columns (values, offsets), with no per-row objects. Position t of a row
     predicts input_ids[t + 1].
 
-    Rows are topk, tokens (windows of ids) or samples (prompt + completion).
-    Returns input_ids, attention_mask [B, T]; targets, mask [B, T-1]; and for
-    topk rows topk_ids (long), topk_logprobs (float32, -inf for empty slots),
-    coverage [B, T-1, k] / [B, T-1] (entries in stored order unless k drops
-    some, which needs rank order). Label ids at or above `vocab_limit` (the
+    Rows are topk, tokens (windows of ids), samples (prompt + completion) or
+    scored (prompt + completion, labelled at the completion only).
+    Returns input_ids, attention_mask [B, T]; targets, mask [B, T-1]; for
+    topk and scored rows topk_ids (long), topk_logprobs (float32, -inf for
+    empty slots), coverage [B, T-1, k] / [B, T-1] (entries in stored order
+    unless k drops some, which needs rank order); for scored rows also
+    teacher_logprob and sampling_logprob [B, T-1], the teacher's and the
+    sampler's logprob of each completion token. Label ids at or above `vocab_limit` (the
     teacher's padded vocabulary slots) are emptied: they carry no mass the
     student could match.
     """
@@ -120,6 +123,9 @@ def collate(columns: dict, kind: str, rows: np.ndarray | None = None, k: int | N
         tokens, t_off = columns[fmt.INPUT_IDS]
         lengths = t_off[rows + 1] - t_off[rows]
         first = np.zeros(len(rows), np.int64)
+        if kind == "scored":   # the labels cover the last positions of each row: its completion
+            c_off = columns[fmt.COVERAGE][1]
+            first = lengths - 1 - (c_off[rows + 1] - c_off[rows])
     B, T = len(rows), int(lengths.max())
     ids = np.zeros((B, T), np.int64)
     if kind == "samples":
@@ -135,11 +141,12 @@ def collate(columns: dict, kind: str, rows: np.ndarray | None = None, k: int | N
     mask = (step[:-1] >= first[:, None]) & (step[:-1] < (lengths - 1)[:, None])
     out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn),
            "targets": torch.from_numpy(ids[:, 1:].copy()), "mask": torch.from_numpy(mask)}
-    if kind == "topk":
+    if kind in fmt.TOPK_KINDS:
         (top_ids, _), (top_lp, _), (cover, p_off) = (columns[fmt.TOPK_IDS], columns[fmt.TOPK_LOGPROBS],
                                                       columns[fmt.COVERAGE])
         K = k or top_ids.shape[1]
         r, t, pos, _ = _spread(p_off, rows)
+        t = t + first[r]
         tids = np.zeros((B, T - 1, K), np.int64)
         tlp = np.zeros((B, T - 1, K), np.float32)
         cov = np.ones((B, T - 1), np.float32)
@@ -152,6 +159,11 @@ def collate(columns: dict, kind: str, rows: np.ndarray | None = None, k: int | N
             tids[outside] = 0
             tlp[outside] = -np.inf
         out.update(topk_ids=torch.from_numpy(tids), topk_logprobs=torch.from_numpy(tlp), coverage=torch.from_numpy(cov))
+        if kind == "scored":
+            for name, column in (("teacher_logprob", fmt.TARGET_LOGPROB), ("sampling_logprob", fmt.SAMPLING_LOGPROB)):
+                values = np.zeros((B, T - 1), np.float32)
+                values[r, t] = columns[column][0][pos]
+                out[name] = torch.from_numpy(values)
     if kind == "sampled":
         (per_position, p_off), (drawn, _) = columns[fmt.SAMPLED_LENGTHS], columns[fmt.SAMPLED_IDS]
         r, t, pos, _ = _spread(p_off, rows)

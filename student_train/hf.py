@@ -29,7 +29,7 @@ from transformers import Trainer, TrainerCallback
 from labelgen import format as fmt
 from labelgen.format import FormatError
 from labelgen.stopping import StopFlag
-from student_train.config import LOSSES
+from student_train.config import LOSSES, OPD_FORWARD_KL
 from student_train.data import LabelStream, collate, columns_from_rows, open_label_sets
 from student_train.losses import (ECE_BINS, KINDS, TAILS, alpha_at, calibration_gaps, check_tail,
                                   expected_calibration_error)
@@ -41,8 +41,10 @@ from student_train.train import (check_vocabulary, check_width_against_labels, l
 class DistillLoss:
     """The loss settings of `student-train train`, for DistillTrainer."""
     loss: str = "kd"
-    """kd: alpha*CE + (1-alpha)*KD (topk or sampled labels); ce: CE on the
-    actual tokens; sft: CE on teacher completions (samples labels)."""
+    """kd: alpha*CE + (1-alpha)*KD (topk, sampled or scored labels); ce: CE on the
+    actual tokens; sft: CE on completions (samples or scored labels); opd:
+    on-policy distillation (scored labels: the student's completions scored
+    by the teacher; see TrainConfig.loss)."""
     alpha: float = 0.0
     alpha_end: float | None = None
     """If set, alpha moves linearly to this value over the run (Trainer's max_steps), as --alpha-end does."""
@@ -50,8 +52,12 @@ class DistillLoss:
     tail: str = "tail"
     temperature: float = 1.0
     beta: float = 0.5
+    opd_forward_kl: float = OPD_FORWARD_KL
+    opd_clip: float = 0.2
 
     def __post_init__(self):
+        if not self.opd_forward_kl >= 0 or not 0 < self.opd_clip < 1:
+            raise ValueError("DistillLoss: opd_forward_kl must be >= 0 and opd_clip in (0, 1)")
         if self.loss not in LOSSES or self.kd_kind not in KINDS or self.tail not in TAILS:
             raise ValueError(f"DistillLoss: loss must be one of {LOSSES}, kd_kind one of {KINDS}, tail one of {TAILS}")
         if not 0 <= self.alpha <= 1 or not 0 <= (self.alpha_end or 0) <= 1 or not 0 <= self.beta <= 1 \
@@ -63,7 +69,7 @@ class DistillLoss:
     def alpha_at(self, step: int, max_steps: int = 0) -> float:
         """CE weight at `step` of a run of `max_steps` (0: unknown, alpha stays)."""
         if self.loss != "kd":
-            return 1.0
+            return 0.0 if self.loss == "opd" else 1.0
         return alpha_at(step, self.alpha, self.alpha_end if max_steps > 1 else None, 0, max_steps - 1)
 
 
@@ -79,7 +85,7 @@ class LabelDataset(torch.utils.data.IterableDataset):
     def __init__(self, labels: str | list[str], *, k: int | None = None, seed: int = 0, shuffle: bool = True,
                  group_units: int = 4, verify: bool = False, student_tokenizer=None):
         readers = open_label_sets([labels] if isinstance(labels, str) else list(labels), verify)
-        if k is not None and readers[0].kind == "topk" and not 1 <= k <= readers[0].k:
+        if k is not None and readers[0].kind in fmt.TOPK_KINDS and not 1 <= k <= readers[0].k:
             raise FormatError(f"k={k}: the labels hold {readers[0].k} entries per position")
         cross = None
         if student_tokenizer is not None:   # cross-tokenizer KD (student_train.xtok): a tokenizer or its directory

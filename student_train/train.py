@@ -93,18 +93,21 @@ def token_byte_lengths(tokenizer, width: int) -> np.ndarray:
 
 
 def check_loss_fits_labels(cfg: TrainConfig, kind: str, stored_k: int) -> int:
-    if cfg.loss == "kd" and kind not in ("topk", "sampled"):
-        raise FormatError(f"--loss kd needs topk or sampled labels; {cfg.labels[0]} holds {kind} "
+    if cfg.loss == "kd" and kind not in ("topk", "sampled", "scored"):
+        raise FormatError(f"--loss kd needs topk, sampled or scored labels; {cfg.labels[0]} holds {kind} "
                           f"(use --loss {'sft' if kind == 'samples' else 'ce'})")
+    if cfg.loss == "opd" and kind != "scored":
+        raise FormatError(f"--loss opd needs scored labels (the student's completions scored by the teacher: "
+                          f"labelgen generate --mode score); {cfg.labels[0]} holds {kind}")
     if cfg.student_tokenizer and kind not in ("topk", "tokens"):
         raise FormatError(f"--student-tokenizer: cross-tokenizer training reads topk labels (or tokens, for CE); "
                           f"{cfg.labels[0]} holds {kind}")
-    if cfg.loss == "sft" and kind != "samples":
-        raise FormatError(f"--loss sft needs samples labels (teacher completions); {cfg.labels[0]} holds {kind}")
+    if cfg.loss == "sft" and kind not in ("samples", "scored"):
+        raise FormatError(f"--loss sft needs samples or scored labels (completions); {cfg.labels[0]} holds {kind}")
     k = cfg.k or stored_k
     if cfg.k and kind == "sampled":
         raise FormatError("--k applies to topk labels; sampled labels are used as drawn")
-    if kind == "topk" and k > stored_k:
+    if kind in fmt.TOPK_KINDS and k > stored_k:
         raise FormatError(f"--k {k} is larger than the {stored_k} entries the labels hold")
     return k
 
@@ -117,17 +120,21 @@ def student_logits(model, batch: dict) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
 
 
-def loss_step(model, batch: dict, cfg: TrainConfig, alpha: float = 1.0,
-              logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_step(model, batch: dict, cfg: TrainConfig, alpha: float = 1.0, logits: torch.Tensor | None = None,
+              stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(ce, kd) per counted position. ce is on the actual next tokens (or the
-    teacher's completion, prompt masked); kd is top-k or sampled KD, 0 unless
-    loss=kd. The logits' logsumexp is computed once for both; at alpha = 0
-    ce is only measured (no gradient). `logits`: the student's, if the
-    caller already ran it (student_logits)."""
+    completion, prompt masked); kd is top-k or sampled KD for loss=kd, the
+    on-policy objective for loss=opd, else 0. The logits' logsumexp is
+    computed once for both; at alpha = 0 ce is only measured (no gradient).
+    `logits`: the student's, if the caller already ran it (student_logits);
+    `stats`: filled with opd's statistics (advantage, clipped share,
+    staleness, forward KL)."""
     logits = student_logits(model, batch) if logits is None else logits
     lse = losses.logsumexp_chunked(logits)
     with contextlib.nullcontext() if alpha > 0 else torch.no_grad():
         ce = losses.cross_entropy(logits, batch["targets"], batch["mask"], lse=lse)
+    if cfg.loss == "opd":
+        return ce, opd_objective(logits, batch, cfg, lse, {} if stats is None else stats)
     if cfg.loss != "kd":
         return ce, torch.zeros_like(ce)
     shared = lse if cfg.temperature == 1.0 else None
@@ -153,12 +160,30 @@ def loss_step(model, batch: dict, cfg: TrainConfig, alpha: float = 1.0,
     return ce, (kd * labelled.sum() + ce_unlabelled * unlabelled.sum()) / n
 
 
+def opd_objective(logits: torch.Tensor, batch: dict, cfg: TrainConfig, lse: torch.Tensor, stats: dict) -> torch.Tensor:
+    """On-policy distillation at the completion tokens of scored labels: the
+    reverse-KL policy gradient against the sampling-time logprobs (clipped),
+    plus cfg.opd_forward_kl x forward KL on the teacher's top-k + tail."""
+    if "sampling_logprob" not in batch:
+        raise FormatError("--loss opd needs scored labels (teacher_logprob and sampling_logprob per completion token)")
+    pg, pg_stats = losses.on_policy_kd(logits, batch["targets"], batch["teacher_logprob"], batch["sampling_logprob"],
+                                       batch["mask"], clip=cfg.opd_clip, lse=lse)
+    stats.update(pg_stats, policy_gradient=pg.detach())
+    if cfg.opd_forward_kl == 0:
+        return pg
+    forward = losses.topk_kd(logits, batch["topk_ids"], batch["topk_logprobs"], batch["coverage"], batch["mask"],
+                             kind="forward", tail=cfg.tail, lse=lse, targets=batch["targets"])
+    stats["forward_kl"] = forward.detach()
+    return pg + cfg.opd_forward_kl * forward
+
+
 def micro_step(models: dict, batch: dict, alpha: float, backward, *, cfg: TrainConfig) -> dict:
-    """One micro-batch: alpha * CE + (1 - alpha) * KD, back-propagated."""
-    ce, kd = loss_step(models["student"], batch, cfg, alpha)
+    """One micro-batch: alpha * CE + (1 - alpha) * KD (or the opd objective), back-propagated."""
+    stats: dict = {}
+    ce, kd = loss_step(models["student"], batch, cfg, alpha, stats=stats)
     objective = ce if alpha == 1 else kd if alpha == 0 else alpha * ce + (1 - alpha) * kd
     backward(objective)
-    return {"loss": objective, "ce": ce, "kd": kd}
+    return {"loss": objective, "ce": ce, "kd": kd, **stats}
 
 
 def score(models: dict, batch: dict) -> dict:

@@ -6,7 +6,7 @@ record kinds, the Encoding, shard metadata), `kinds` (the record-kind table:
 columns, Parquet options, position counting, loader columns, encoder),
 `codec` (logprob codecs, id map, encoders, decode_batch) and `manifest`.
 A label set is a directory of zstd-compressed Parquet shards plus a
-``manifest.json`` written last (see docs/format.md). Four record kinds:
+``manifest.json`` written last (see docs/format.md). Five record kinds:
 
 ``topk``     one row per token window: the input ids and, for each of the
              L-1 next-token predictions, the teacher's top-k (id, logprob)
@@ -20,6 +20,11 @@ A label set is a directory of zstd-compressed Parquet shards plus a
 ``sampled``  one row per token window: at each of its L-1 positions, the
              distinct ids among N draws from the teacher's distribution and
              how often each was drawn (sparse unbiased soft labels; 1.1).
+``scored``   one row per sampled completion (prompt then completion in
+             input_ids) scored by the teacher at its completion tokens only:
+             the topk per-position columns for those P tokens, plus the
+             sampler's logprob of each (sampling_logprob) and the on-policy
+             round it came from (2.1).
 
 Encoding (chosen by benchmarks/bench_storage.py on a real LLM's labels,
 documented in docs/format.md): ids use the narrowest unsigned width the

@@ -13,10 +13,10 @@ import pyarrow as pa
 
 from labelgen.format.schema import (COMPLETION, COMPLETION_IDS, COMPLETION_LOGPROBS, COVERAGE, EXAMPLE_ID,
                                     FINISH_REASON, INPUT_IDS, LOGPROB_FLOOR, POSITIVE_TOLERANCE, PROMPT,
-                                    PROMPT_IDS, SAMPLED_COUNTS, SAMPLED_IDS, SAMPLED_LENGTHS,
-                                    SAMPLED_LOGPROBS, SAMPLE_INDEX, SEED, TAIL_SQRT_STEP, TARGET_LOGPROB,
-                                    TARGET_LOGPROB_STEP, TARGET_RANK, TOPK_IDS, TOPK_LENGTHS, TOPK_LOGPROBS,
-                                    WINDOW_OFFSET, Encoding, FormatError, id_dtype, position_dtype)
+                                    PROMPT_IDS, ROUND, SAMPLED_COUNTS, SAMPLED_IDS, SAMPLED_LENGTHS,
+                                    SAMPLED_LOGPROBS, SAMPLE_INDEX, SAMPLING_LOGPROB, SEED, TAIL_SQRT_STEP, TARGET_LOGPROB,
+                                    TARGET_LOGPROB_STEP, TARGET_RANK, TOPK_IDS, TOPK_KINDS, TOPK_LENGTHS,
+                                    TOPK_LOGPROBS, WINDOW_OFFSET, Encoding, FormatError, id_dtype, position_dtype)
 
 
 # ---------------------------------------------------------------- logprobs
@@ -175,6 +175,47 @@ def encode_topk_rows(sch: pa.Schema, rows: list[dict], k: int, vocab_size: int, 
     With enc.variable_k, entries whose logprob is -inf are dropped (the top-1
     of every position must be kept; their ids are not looked at).
     """
+    cols = _topk_columns(sch, rows, k, vocab_size, enc, id_map, scored=False)
+    cols[EXAMPLE_ID] = pa.array([r[EXAMPLE_ID] for r in rows], pa.string())
+    cols[WINDOW_OFFSET] = pa.array([int(r.get(WINDOW_OFFSET, 0)) for r in rows], pa.int64())
+    return pa.RecordBatch.from_arrays([cols[f.name] for f in sch], schema=sch)
+
+
+def encode_scored_rows(sch: pa.Schema, rows: list[dict], k: int, vocab_size: int, enc: Encoding,
+                       id_map: IdMap | None = None) -> pa.RecordBatch:
+    """Validate and encode scored rows: a sampled completion the teacher
+    scored. Each row: example_id, sample_index, round, input_ids [L] (prompt
+    then completion) and, for the P completion tokens only (1 <= P <= L-1:
+    position j predicts input_ids[L-P+j]), the topk columns as in
+    encode_topk_rows plus sampling_logprob [P], the sampler's logprob of
+    each completion token."""
+    cols = _topk_columns(sch, rows, k, vocab_size, enc, id_map, scored=True)
+    n_pos = []
+    for r in rows:
+        ex, p = r[EXAMPLE_ID], len(np.asarray(r[TARGET_LOGPROB]).reshape(-1))
+        slp = np.asarray(r[SAMPLING_LOGPROB], np.float32).reshape(-1)
+        if slp.size != p:
+            _fail(ex, f"sampling_logprob has {slp.size} entries, expected {p} (one per completion token)")
+        if np.isnan(slp).any() or (slp > POSITIVE_TOLERANCE).any():
+            _fail(ex, "sampling_logprob must be <= 0 and not NaN")
+        for name in (SAMPLE_INDEX, ROUND):
+            if not isinstance(r.get(name), (int, np.integer)) or not 0 <= r[name] < 2**31:
+                _fail(ex, f"{name} must be an integer in [0, 2^31), got {r.get(name)!r}")
+        n_pos.append(p)
+    cols[EXAMPLE_ID] = pa.array([r[EXAMPLE_ID] for r in rows], pa.string())
+    cols[SAMPLE_INDEX] = pa.array([int(r[SAMPLE_INDEX]) for r in rows], pa.int32())
+    cols[ROUND] = pa.array([int(r[ROUND]) for r in rows], pa.int32())
+    flat = np.concatenate([np.clip(np.asarray(r[SAMPLING_LOGPROB], np.float32).reshape(-1), LOGPROB_FLOOR, 0)
+                           for r in rows])
+    cols[SAMPLING_LOGPROB] = _list_array(flat, n_pos, pa.float32())
+    return pa.RecordBatch.from_arrays([cols[f.name] for f in sch], schema=sch)
+
+
+def _topk_columns(sch: pa.Schema, rows: list[dict], k: int, vocab_size: int, enc: Encoding,
+                  id_map: IdMap | None, scored: bool) -> dict[str, pa.Array]:
+    """The validated, encoded input_ids and per-position top-k columns of
+    topk rows (a prediction per next token) or scored rows (one per
+    completion token, the last len(target_logprob) of the input ids)."""
     _check_id_map(enc, id_map)
     ids_t = sch.field(INPUT_IDS).type.value_type
     inputs, tids, tlps, covs, tgt_lp, tgt_rank, n_pos, kept_n = [], [], [], [], [], [], [], []
@@ -186,6 +227,10 @@ def encode_topk_rows(sch: pa.Schema, rows: list[dict], k: int, vocab_size: int, 
         p = inp.size - 1
         if p < 1:
             _fail(ex, f"needs at least 2 input ids, got {inp.size}")
+        if scored:
+            p = np.asarray(r[TARGET_LOGPROB]).reshape(-1).size
+            if not 1 <= p <= inp.size - 1:
+                _fail(ex, f"{p} completion positions for {inp.size} input ids (expected 1 to {inp.size - 1})")
         ti = np.asarray(r[TOPK_IDS])
         tl = np.asarray(r[TOPK_LOGPROBS], dtype=np.float32)
         if ti.shape != (p, k) or tl.shape != (p, k):
@@ -237,21 +282,18 @@ def encode_topk_rows(sch: pa.Schema, rows: list[dict], k: int, vocab_size: int, 
     stored = encode_logprobs(tl_flat.reshape(-1, k) if enc.logprob_codec == "gap" else tl_flat[None], enc).reshape(-1)
     lp_t = sch.field(TOPK_LOGPROBS).type.value_type
     entries = [int(n.sum()) for n in kept_n]
-    lengths = [_list_array(np.concatenate(kept_n), n_pos, pa.uint32())] if enc.variable_k else []
-    return pa.RecordBatch.from_arrays(
-        [
-            pa.array([r[EXAMPLE_ID] for r in rows], pa.string()),
-            pa.array([int(r.get(WINDOW_OFFSET, 0)) for r in rows], pa.int64()),
-            _list_array(np.concatenate(inputs), (p + 1 for p in n_pos), ids_t),
-            _list_array(np.concatenate(tids), entries, ids_t),
-            _list_array(stored, entries, lp_t),
-            _list_array(encode_coverage(np.concatenate(covs), enc), n_pos, sch.field(COVERAGE).type.value_type),
-            _list_array(encode_target_logprob(np.concatenate(tgt_lp), enc), n_pos,
-                        sch.field(TARGET_LOGPROB).type.value_type),
-            _list_array(np.concatenate(tgt_rank), n_pos, pa.uint32()),
-        ] + lengths,
-        schema=sch,
-    )
+    cols = {
+        INPUT_IDS: _list_array(np.concatenate(inputs), (a.size for a in inputs), ids_t),
+        TOPK_IDS: _list_array(np.concatenate(tids), entries, ids_t),
+        TOPK_LOGPROBS: _list_array(stored, entries, lp_t),
+        COVERAGE: _list_array(encode_coverage(np.concatenate(covs), enc), n_pos, sch.field(COVERAGE).type.value_type),
+        TARGET_LOGPROB: _list_array(encode_target_logprob(np.concatenate(tgt_lp), enc), n_pos,
+                                    sch.field(TARGET_LOGPROB).type.value_type),
+        TARGET_RANK: _list_array(np.concatenate(tgt_rank), n_pos, pa.uint32()),
+    }
+    if enc.variable_k:
+        cols[TOPK_LENGTHS] = _list_array(np.concatenate(kept_n), n_pos, pa.uint32())
+    return cols
 
 
 def encode_samples_rows(sch: pa.Schema, rows: list[dict], k: int, vocab_size: int, enc: Encoding,
@@ -388,13 +430,13 @@ def decode_batch(batch: pa.RecordBatch | pa.Table, kind: str, k: int, enc: Encod
     stored (a consumer that ignores entry order, such as the KD loss, skips
     the per-position sort).
     """
-    id_column = {"topk": TOPK_IDS, "sampled": SAMPLED_IDS}.get(kind)   # ids the frequency map renumbers
+    id_column = {"topk": TOPK_IDS, "scored": TOPK_IDS, "sampled": SAMPLED_IDS}.get(kind)   # ids the frequency map renumbers
     if id_column:
         _check_id_map(enc, id_map)
     out: dict[str, Any] = {}
     stored_lp = None
     kept = None   # [positions, k] mask of stored slots (variable_k)
-    if kind == "topk" and enc.variable_k and (TOPK_IDS in batch.schema.names or TOPK_LOGPROBS in batch.schema.names):
+    if kind in TOPK_KINDS and enc.variable_k and (TOPK_IDS in batch.schema.names or TOPK_LOGPROBS in batch.schema.names):
         if TOPK_LENGTHS not in batch.schema.names:
             raise FormatError("variable_k topk entries need topk_lengths to decode")
         lengths, pos_offsets = _flat(batch.column(TOPK_LENGTHS))
@@ -437,13 +479,13 @@ def decode_batch(batch: pa.RecordBatch | pa.Table, kind: str, k: int, enc: Encod
         else:
             values = values.astype(np.float32, copy=False)
         out[name] = (values, offsets)
-    if kind == "topk" and enc.id_order == "sorted" and TOPK_IDS in out and not rank_order:
+    if kind in TOPK_KINDS and enc.id_order == "sorted" and TOPK_IDS in out and not rank_order:
         ids, off = out[TOPK_IDS]
         ids = np.cumsum(ids, axis=1)
         if kept is not None:
             ids[~kept] = 0
         out[TOPK_IDS] = (ids, off)
-    elif kind == "topk" and enc.id_order == "sorted" and (TOPK_IDS in out or TOPK_LOGPROBS in out):
+    elif kind in TOPK_KINDS and enc.id_order == "sorted" and (TOPK_IDS in out or TOPK_LOGPROBS in out):
         if TOPK_LOGPROBS not in out:
             raise FormatError("the sorted id layout needs topk_logprobs to decode topk_ids")
         lp, off = out[TOPK_LOGPROBS]

@@ -1,5 +1,5 @@
 """The record kinds, one table: everything that differs between topk,
-samples, tokens and sampled shards — the columns, how Parquet stores them,
+samples, tokens, sampled and scored shards — the columns, how Parquet stores them,
 which column counts a row's positions, what the trainer's loader reads,
 which ids the frequency map renumbers, and the validating encoder. A new
 kind is a new entry here (plus its encoder and decoding in codec.py)."""
@@ -14,9 +14,9 @@ import pyarrow.compute as pc
 
 from labelgen.format import codec
 from labelgen.format.schema import (COMPLETION, COMPLETION_IDS, COMPLETION_LOGPROBS, COVERAGE, EXAMPLE_ID,
-                                    FINISH_REASON, INPUT_IDS, KINDS, PROMPT, PROMPT_IDS, SAMPLE_INDEX,
+                                    FINISH_REASON, INPUT_IDS, KINDS, PROMPT, PROMPT_IDS, ROUND, SAMPLE_INDEX, SAMPLING_LOGPROB,
                                     SAMPLED_COUNTS, SAMPLED_IDS, SAMPLED_LENGTHS, SAMPLED_LOGPROBS, SEED,
-                                    TARGET_LOGPROB, TARGET_RANK, TOPK_IDS, TOPK_LENGTHS, TOPK_LOGPROBS,
+                                    TARGET_LOGPROB, TARGET_RANK, TOPK_IDS, TOPK_KINDS, TOPK_LENGTHS, TOPK_LOGPROBS,
                                     WINDOW_OFFSET, Encoding, FormatError, id_dtype, logprob_dtype, position_dtype)
 
 
@@ -49,19 +49,27 @@ def _windows(ids: pa.DataType, *rest) -> list:
     return [(EXAMPLE_ID, pa.string()), (WINDOW_OFFSET, pa.int64()), (INPUT_IDS, ids), *rest]
 
 
+def _topk_per_position(ids: pa.DataType, enc: Encoding) -> list:
+    """The per-position top-k columns (topk and scored)."""
+    return [(TOPK_IDS, ids), (TOPK_LOGPROBS, pa.list_(pa.from_numpy_dtype(logprob_dtype(enc)))),
+            (COVERAGE, pa.list_(pa.from_numpy_dtype(position_dtype(COVERAGE, enc)))),
+            (TARGET_LOGPROB, pa.list_(pa.from_numpy_dtype(position_dtype(TARGET_LOGPROB, enc)))),
+            (TARGET_RANK, pa.list_(pa.uint32())), *([(TOPK_LENGTHS, pa.list_(pa.uint32()))] if enc.variable_k else [])]
+
+
+def _topk_split(enc: Encoding) -> tuple[str, ...]:
+    return (TOPK_LOGPROBS, COVERAGE, TARGET_LOGPROB) + ((TOPK_LENGTHS,) if enc.variable_k else ())
+
+
 TABLE = {k.name: k for k in (
     RecordKind(
         "topk",
-        columns=lambda ids, enc: _windows(
-            ids, (TOPK_IDS, ids), (TOPK_LOGPROBS, pa.list_(pa.from_numpy_dtype(logprob_dtype(enc)))),
-            (COVERAGE, pa.list_(pa.from_numpy_dtype(position_dtype(COVERAGE, enc)))),
-            (TARGET_LOGPROB, pa.list_(pa.from_numpy_dtype(position_dtype(TARGET_LOGPROB, enc)))),
-            (TARGET_RANK, pa.list_(pa.uint32())), *([(TOPK_LENGTHS, pa.list_(pa.uint32()))] if enc.variable_k else [])),
+        columns=lambda ids, enc: _windows(ids, *_topk_per_position(ids, enc)),
         encode=codec.encode_topk_rows,
         position_column=COVERAGE,
         loader_columns=(INPUT_IDS, TOPK_IDS, TOPK_LOGPROBS, COVERAGE),
         # The id columns follow enc.id_encoding instead (see parquet_writer_options).
-        split_columns=lambda enc: (TOPK_LOGPROBS, COVERAGE, TARGET_LOGPROB) + ((TOPK_LENGTHS,) if enc.variable_k else ()),
+        split_columns=_topk_split,
         id_column=TOPK_IDS),
     RecordKind(
         "samples",
@@ -92,6 +100,19 @@ TABLE = {k.name: k for k in (
         loader_columns=(INPUT_IDS, SAMPLED_IDS, SAMPLED_COUNTS, SAMPLED_LENGTHS, SAMPLED_LOGPROBS),
         split_columns=lambda enc: (INPUT_IDS, SAMPLED_IDS, SAMPLED_COUNTS, SAMPLED_LENGTHS, SAMPLED_LOGPROBS),
         id_column=SAMPLED_IDS),
+    RecordKind(
+        # A sampled completion (input_ids: prompt then completion) scored by the teacher at
+        # its completion tokens only: the per-position columns cover the last P input ids.
+        "scored",
+        columns=lambda ids, enc: [
+            (EXAMPLE_ID, pa.string()), (SAMPLE_INDEX, pa.int32()), (ROUND, pa.int32()), (INPUT_IDS, ids),
+            *_topk_per_position(ids, enc), (SAMPLING_LOGPROB, pa.list_(pa.float32()))],
+        encode=codec.encode_scored_rows,
+        position_column=COVERAGE,
+        loader_columns=(INPUT_IDS, TOPK_IDS, TOPK_LOGPROBS, COVERAGE, TARGET_LOGPROB, SAMPLING_LOGPROB),
+        split_columns=lambda enc: _topk_split(enc) + (SAMPLING_LOGPROB,),
+        id_column=TOPK_IDS,
+        statistics_columns=(EXAMPLE_ID, SAMPLE_INDEX, ROUND)),
 )}
 assert tuple(TABLE) == KINDS
 
@@ -112,7 +133,7 @@ def parquet_writer_options(kind: str, enc: Encoding) -> dict:
     rk = record_kind(kind)
     dictionary = list(rk.dictionary_columns)
     column_encoding = {f"{c}.list.element": "BYTE_STREAM_SPLIT" for c in rk.split_columns(enc)}
-    if kind == "topk":   # ids (or id deltas): the encoding benchmarks chose (enc.id_encoding)
+    if kind in TOPK_KINDS:   # ids (or id deltas): the encoding benchmarks chose (enc.id_encoding)
         id_cols = [f"{c}.list.element" for c in (INPUT_IDS, TOPK_IDS)]
         if enc.id_encoding == "dictionary":
             dictionary += id_cols
@@ -131,7 +152,7 @@ def parquet_writer_options(kind: str, enc: Encoding) -> dict:
 def encode_rows(kind: str, rows: list[dict], k: int, vocab_size: int, enc: Encoding,
                 id_map: codec.IdMap | None = None) -> pa.RecordBatch:
     """Validate rows of `kind` and encode them into one batch (k: entries per
-    position for topk, draws per position for sampled)."""
+    position for topk and scored, draws per position for sampled)."""
     return record_kind(kind).encode(schema(kind, vocab_size, enc), rows, k, vocab_size, enc, id_map)
 
 

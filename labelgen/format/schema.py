@@ -17,7 +17,7 @@ from labelgen.errors import FormatError  # noqa: F401  (raised by every format m
 from labelgen.fsutil import TMP_SUFFIX  # noqa: F401
 
 FORMAT_NAME = "labelgen"
-FORMAT_VERSION = "2.0"
+FORMAT_VERSION = "2.1"   # 2.1: the scored kind
 READABLE_MAJOR_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 RUN_FILE = "run.json"         # a run's config and inputs, written first: resume and export read it
@@ -30,7 +30,8 @@ ID_TABLE_KEY = "id_table"   # in a shard's labelgen metadata: its id renumbering
 # pyarrow stored it twice (again in its copy of the Arrow schema), ~15 KB a shard.
 ID_TABLE_FOOTER_KEY = b"labelgen_id_table"
 
-KINDS = ("topk", "samples", "tokens", "sampled")
+KINDS = ("topk", "samples", "tokens", "sampled", "scored")
+TOPK_KINDS = ("topk", "scored")   # the kinds that store a teacher's top-k per position
 
 # Column names. Per-position columns of a topk row hold L-1 entries for a
 # window of L input ids: position t predicts input_ids[t + 1].
@@ -52,6 +53,9 @@ COMPLETION_IDS = "completion_ids"
 COMPLETION_LOGPROBS = "completion_logprobs"
 FINISH_REASON = "finish_reason"
 SEED = "seed"
+
+ROUND = "round"                        # scored: the on-policy round the completion was sampled in
+SAMPLING_LOGPROB = "sampling_logprob"  # scored, per position: the sampler's logprob of the completion token
 
 SAMPLED_IDS = "sampled_ids"            # per position, distinct drawn ids ascending (stored as deltas)
 SAMPLED_COUNTS = "sampled_counts"      # how often each was drawn; a position's counts sum to N
