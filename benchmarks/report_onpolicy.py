@@ -92,8 +92,8 @@ def write_prompts(work: Path, scale: Scale) -> dict:
     """Held-out, warm-up and round prompts (chat messages), disjoint; an
     unchanged file keeps its modification time, so resumed stages accept it."""
     ordered = sorted(names(), key=lambda n: hashlib.sha256(n.encode()).hexdigest())
-    rows = [{"id": n, "messages": [{"role": "user", "content": TEMPLATES[i % len(TEMPLATES)].format(name=n)}]}
-            for i, n in enumerate(ordered)]
+    text = [TEMPLATES[i % len(TEMPLATES)].format(name=n) for i, n in enumerate(ordered)]
+    rows = [{"id": n, "messages": [{"role": "user", "content": t}], "prompt": t} for n, t in zip(ordered, text)]
     need = scale.heldout + scale.warm_prompts + scale.round_prompts
     if len(rows) < need:
         raise SystemExit(f"only {len(rows)} prompts from the standard library; the scale needs {need}")
@@ -136,9 +136,13 @@ def build_student(teacher: str, out: Path) -> dict:
 
 
 def rounds_config(teacher: str, student: str, prompts: str, out: Path, scale: Scale, **kw):
+    """The prompts as chat messages (the teacher's template), or as plain text for a teacher without one."""
+    from transformers import AutoTokenizer
     from student_train.config import RoundsConfig
+    chat = bool(getattr(AutoTokenizer.from_pretrained(teacher), "chat_template", None))
     base = dict(teacher=teacher, student=student, prompts=(prompts,), out=str(out), rounds=scale.rounds, n=scale.n,
-                max_new_tokens=scale.max_new_tokens, k=scale.k, messages_field="messages", id_field="id",
+                max_new_tokens=scale.max_new_tokens, k=scale.k, id_field="id",
+                **({"messages_field": "messages"} if chat else {"prompt_field": "prompt"}),
                 max_steps=scale.steps, batch_size=scale.batch_size, lr=scale.lr, log_every=1, progress=False,
                 device="cpu", batch_tokens=8192)
     return RoundsConfig(**{**base, **kw})

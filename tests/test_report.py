@@ -68,3 +68,25 @@ def test_real_teacher_report_has_every_method_keeps_other_sections_and_resumes_f
         ["student: sampled KD (N=12): running (16 stages after it)"]
     md = (docs / "results.md").read_text()
     assert md.count("# Results: what a student keeps") == 1 and md.count("| sampled KD (N=12) |") == 2   # method, tail tables
+
+
+@pytest.mark.slow
+def test_on_policy_report_runs_every_method_in_rounds_and_writes_its_table(tmp_path, tiny_teacher):
+    docs = tmp_path / "results.md"
+    docs.write_text("# Results\n\nother sections\n")
+    cmd = [sys.executable, "benchmarks/report_onpolicy.py", "--teacher", tiny_teacher, "--teacher-name", "tiny",
+           "--quick", "--out", str(docs), "--work", str(tmp_path / "work")]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    md = docs.read_text()
+    assert md.startswith("# Results\n\nother sections") and "(tiny teacher, CPU)" in md
+    for method, rounds in (("OPD (reverse KL + forward KL)", 2), ("OPD (reverse KL only)", 2),
+                           ("off-policy KD (teacher's completions)", 2), ("SFT (teacher's completions)", 2),
+                           ("OPD, 1 round (stale samples)", 1)):
+        rows = [line.split("|") for line in md.splitlines() if line.startswith(f"| {method} |")]
+        assert len(rows) == rounds, method
+        assert all(float(row[4]) > -1 and float(row[5]) < 0 for row in rows)   # reverse KL, teacher logprob
+        assert int(rows[-1][3].replace(",", "")) > 0                           # completion tokens trained on
+        assert (rows[-1][7].strip() != "") == method.startswith("OPD")         # staleness: OPD only
+    r = subprocess.run(cmd, capture_output=True, text=True)   # everything cached: the same table again
+    assert r.returncode == 0 and "running" not in r.stdout and docs.read_text() == md
