@@ -13,7 +13,7 @@ Each method is one `student-train rounds` run from the warm student with the
 same prompts, rounds and optimizer steps:
 
   OPD              the student samples, the teacher scores, --loss opd
-  OPD, 1 round     the same samples drawn all at once from the starting student (stale)
+  OPD, 1 round     the same number of samples drawn all at once from the starting student (stale)
   off-policy KD    the teacher samples and scores its own completions, --loss kd
   SFT              the teacher's completions, --loss sft
 
@@ -157,6 +157,9 @@ def methods(scale: Scale) -> dict:
         "SFT (teacher's completions)": dict(sampler="teacher", loss="sft"),
         "OPD, 1 round (stale samples)": dict(sampler="student", loss="opd", opd_forward_kl=1.0, rounds=1,
                                              n=scale.n * scale.rounds, max_steps=scale.steps * scale.rounds),
+        "OPD (reverse KL only), 1 round (stale samples)": dict(sampler="student", loss="opd", opd_forward_kl=0.0,
+                                                              rounds=1, n=scale.n * scale.rounds,
+                                                              max_steps=scale.steps * scale.rounds),
     }
 
 
@@ -174,9 +177,25 @@ def run_method(name: str, kw: dict, teacher: str, student: str, files: dict, wor
     return {"config": cfg.to_dict(), "initial": r["initial"], "rounds": r["rounds"], "seconds": time.time() - t0}
 
 
-def table(results: dict, scale: Scale, teacher_name: str, student: dict, warm: dict) -> list[str]:
+def standard_error(scored: Path, resamples: int = 1000) -> float:
+    """Bootstrap standard error (over completions) of the reverse-KL estimate of a scored held-out set."""
+    import numpy as np
+    from labelgen.shards import ShardReader
+    rows = list(ShardReader(scored).rows(columns=["target_logprob", "sampling_logprob"]))
+    diff = np.array([float((r["sampling_logprob"] - r["target_logprob"]).sum()) for r in rows])
+    n = np.array([len(r["target_logprob"]) for r in rows])
+    pick = np.random.default_rng(0).integers(0, len(rows), (resamples, len(rows)))
+    return float(np.std(diff[pick].sum(1) / n[pick].sum(1)))
+
+
+def table(results: dict, scale: Scale, teacher_name: str, student: dict, warm: dict, reference: dict,
+          work: Path) -> list[str]:
     names_ = list(results)
     first = results[names_[0]]["initial"]
+    start_dir = Path(results[names_[0]]["config"]["out"]) / "initial" / "eval-scored"
+
+    def rkl(figures: dict, scored: Path) -> str:
+        return f"{figures['reverse_kl']:.3f} ± {standard_error(scored):.3f}"
     lines = [REAL_MARK, "",
              f"### On-policy distillation in batch rounds ({teacher_name} teacher, CPU)", "",
              f"Teacher: {teacher_name}. Student: the teacher with {student['layers']} of its 30 layers kept "
@@ -185,14 +204,20 @@ def table(results: dict, scale: Scale, teacher_name: str, student: dict, warm: d
              f"Python standard-library functions (`benchmarks/report_onpolicy.py`): {scale.round_prompts} for training, "
              f"{scale.heldout} held out. Every method: {scale.rounds} rounds x {scale.steps} steps of {scale.batch_size} "
              f"completions ({scale.n} per prompt per round, {scale.max_new_tokens} new tokens at most, temperature 1), "
-             f"top-{scale.k} teacher labels, lr {scale.lr:g}; the 1-round run samples all its completions from the starting "
-             "student. Held out: the student completes every held-out prompt (temperature 1, the same seeds for every "
+             f"top-{scale.k} teacher labels, lr {scale.lr:g}; the 1-round runs draw all their completions "
+             f"({scale.n * scale.rounds} per prompt) from the starting student and train {scale.steps * scale.rounds} steps "
+             "on them. Held out: the student completes every held-out prompt (temperature 1, the same seeds for every "
              "method and round) and the teacher scores it; reverse KL is E[log p_student - log p_teacher] per completion "
-             "token (lower is better), teacher logprob the teacher's mean logprob of the student's tokens (higher is better).",
+             "token (lower is better), teacher logprob the teacher's mean logprob of the student's tokens. The first row is "
+             "the teacher's own completions of the same prompts: where a student that matched it would land (reverse KL 0, "
+             "teacher logprob minus the teacher's entropy per token): the closer a student's teacher logprob comes to it, "
+             "the likelier the teacher finds its text.",
              "",
              "| method | after round | completion tokens trained on | held-out reverse KL | teacher logprob | wall time (min) | staleness at round end |",
              "|---|---|---|---|---|---|---|",
-             f"| start (every method) | 0 | 0 | {first['reverse_kl']:.3f} | {first['teacher_logprob']:.3f} | | |"]
+             f"| the teacher itself (reference) | | | {abs(reference['reverse_kl']):.3f} ± {standard_error(work / 'teacher-reference' / 'eval-scored'):.3f} | "
+             f"{reference['teacher_logprob']:.3f} | | |",
+             f"| start (every method) | 0 | 0 | {rkl(first, start_dir)} | {first['teacher_logprob']:.3f} | | |"]
     for name in names_:
         tokens, minutes = 0, 0.0
         for rec in results[name]["rounds"]:
@@ -201,9 +226,11 @@ def table(results: dict, scale: Scale, teacher_name: str, student: dict, warm: d
             ev = rec["eval"]
             stale = f"{rec['staleness']:.4f}" if "staleness" in rec else ""
             after = (rec["round"] + 1) * (scale.rounds // len(results[name]["rounds"]))
-            lines.append(f"| {name} | {after} | {tokens:,} | {ev['reverse_kl']:.3f} | {ev['teacher_logprob']:.3f} | "
+            scored = Path(results[name]["config"]["out"]) / f"round-{rec['round']:03d}" / "eval-scored"
+            lines.append(f"| {name} | {after} | {tokens:,} | {rkl(ev, scored)} | {ev['teacher_logprob']:.3f} | "
                          f"{minutes:.1f} | {stale} |")
-    lines += ["", "Wall time: sampling, scoring and training of the rounds so far (held-out evaluation not counted). "
+    lines += ["", "± : the bootstrap standard error of the held-out reverse KL over the completions. "
+              "Wall time: sampling, scoring and training of the rounds so far (held-out evaluation not counted). "
               "Staleness: at the last training step of the round, the mean of log p_sampler - log p_student over the "
               "batch's completion tokens (an estimate of KL(sampler || student)).", ""]
     return lines
@@ -225,7 +252,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     all_methods = methods(scale)
-    stages = Stages(work, 3 + len(all_methods))
+    stages = Stages(work, 4 + len(all_methods))
     files = stages("prompts", lambda: write_prompts(work, scale))["files"]
     student = stages("student", lambda: build_student(args.teacher, work / "student"))
 
@@ -237,12 +264,21 @@ def main() -> None:
         return {"student": r["student"], "steps": scale.warm_steps, "prompts": scale.warm_prompts,
                 "round": r["rounds"][0]}
     warm = stages("warm-up", warm_up)
+
+    def teacher_reference() -> dict:
+        """The teacher's own completions of the held-out prompts: reverse KL 0, and the teacher logprob a
+        student that matched it would reach (minus the teacher's entropy per token)."""
+        from student_train.rounds import held_out_figures
+        cfg = rounds_config(args.teacher, student["dir"], files["rounds"], work / "teacher-reference", scale,
+                            eval_prompts=(files["heldout"],))
+        return held_out_figures(cfg, args.teacher, work / "teacher-reference")
+    reference = stages("teacher on the held-out prompts", teacher_reference)
     results, shared = {}, None
     for name, kw in all_methods.items():
         results[name] = stages(name, lambda name=name, kw=kw: run_method(name, kw, args.teacher, warm["student"], files,
                                                                             work, scale, shared))
         shared = Path(results[name]["config"]["out"]) / "initial"
-    lines = table(results, scale, args.teacher_name, student, warm)
+    lines = table(results, scale, args.teacher_name, student, warm, reference, work)
     print("\n".join(lines))
     if args.out:
         path = Path(args.out)

@@ -39,6 +39,8 @@ from student_train.config import LoopConfig, RoundsConfig, TrainConfig
 
 CONFIG_FILE = "rounds.json"
 LOG_FILE = "rounds.jsonl"
+# Settings that change where or how fast the rounds run, not what they make: a rerun may change them.
+EXECUTION_ONLY = ("progress", "overwrite", "resume", "device", "num_workers", "batch_tokens")
 EVAL_SEED = 7919   # the held-out completions of every round and every run share their seeds
 
 
@@ -79,7 +81,9 @@ def on_policy_figures(scored: Path) -> dict:
             "student_logprob": r["sampler_logprob_mean"], "tokens": r["positions"]}
 
 
-def _evaluate(cfg: RoundsConfig, student: str, where: Path) -> dict | None:
+def held_out_figures(cfg: RoundsConfig, student: str, where: Path) -> dict | None:
+    """`student`'s completions of the held-out prompts in `where`, scored by the
+    teacher: on_policy_figures and the seconds it took (None without --eval-prompts)."""
     if not cfg.eval_prompts:
         return None
     t0 = time.time()
@@ -114,12 +118,12 @@ def check_out(cfg: RoundsConfig) -> Path:
     out = Path(cfg.out)
     if storage.is_uri(cfg.out):
         raise ValueError(f"--out: {cfg.out}: rounds keep their stages on local disk")
-    mine = {k: v for k, v in cfg.to_dict().items() if k not in ("progress", "overwrite", "resume")}
+    mine = {k: v for k, v in cfg.to_dict().items() if k not in EXECUTION_ONLY}
     previous = out / CONFIG_FILE
     if cfg.overwrite:
         storage.remove_tree(out)
     elif previous.is_file():
-        theirs = json.loads(storage.read_text(previous, 1 << 20))
+        theirs = {k: v for k, v in json.loads(storage.read_text(previous, 1 << 20)).items() if k not in EXECUTION_ONLY}
         changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if changed:
             raise ValueError(f"--out: {out} holds rounds run with other settings (changed: {', '.join(changed)}); "
@@ -137,7 +141,7 @@ def run_rounds(cfg: RoundsConfig) -> dict:
                          "not under torchrun")
     out = check_out(cfg)
     student, done = cfg.student, []
-    initial = _evaluate(cfg, student, out / "initial")
+    initial = held_out_figures(cfg, student, out / "initial")
     if initial:
         log(f"start: reverse KL {initial['reverse_kl']:.4f}, teacher logprob {initial['teacher_logprob']:.4f} "
             f"on {initial['tokens']:,} held-out completion tokens")
@@ -162,7 +166,7 @@ def run_rounds(cfg: RoundsConfig) -> dict:
         record = {"round": r, "student": student, "completions": samples["counts"]["rows"],
                   "completion_tokens": samples["counts"]["positions"],
                   "sample_seconds": sample_s, "score_seconds": score_s, "train_seconds": train_s, **figures}
-        record["eval"] = _evaluate(cfg, student, where)
+        record["eval"] = held_out_figures(cfg, student, where)
         fsutil.atomic_write_bytes(record_file, json.dumps(record, indent=1).encode())
         done.append(record)
         ev = record["eval"]

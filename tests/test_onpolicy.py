@@ -192,7 +192,7 @@ def test_rounds_sample_score_train_from_each_rounds_student_and_a_rerun_is_cache
     assert {r["round"] for r in ShardReader(tmp_path / "r" / "round-001" / "scored").rows()} == {1}
     assert (tmp_path / "r" / "round-001" / "train" / "step_000002" / "model.safetensors").is_file()
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "r").rglob("*.parquet")}
-    again = rounds_cmd(*args)
+    again = rounds_cmd(*args, "--batch-tokens", "4096")   # how it runs may change; what it makes may not
     assert again.returncode == 0, again.stderr
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "r").rglob("*.parquet")} == before   # nothing redone
     changed = rounds_cmd(*args, "--lr", "1e-3")

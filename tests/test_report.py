@@ -82,10 +82,11 @@ def test_on_policy_report_runs_every_method_in_rounds_and_writes_its_table(tmp_p
     assert md.startswith("# Results\n\nother sections") and "(tiny teacher, CPU)" in md
     for method, rounds in (("OPD (reverse KL + forward KL)", 2), ("OPD (reverse KL only)", 2),
                            ("off-policy KD (teacher's completions)", 2), ("SFT (teacher's completions)", 2),
-                           ("OPD, 1 round (stale samples)", 1)):
+                           ("OPD, 1 round (stale samples)", 1), ("OPD (reverse KL only), 1 round (stale samples)", 1)):
         rows = [line.split("|") for line in md.splitlines() if line.startswith(f"| {method} |")]
         assert len(rows) == rounds, method
-        assert all(float(row[4]) > -1 and float(row[5]) < 0 for row in rows)   # reverse KL, teacher logprob
+        assert all(float(row[4].split("±")[0]) > -1 and float(row[4].split("±")[1]) >= 0 and float(row[5]) < 0
+                   for row in rows)                                             # reverse KL ± SE, teacher logprob
         assert int(rows[-1][3].replace(",", "")) > 0                           # completion tokens trained on
         assert (rows[-1][7].strip() != "") == method.startswith("OPD")         # staleness: OPD only
     r = subprocess.run(cmd, capture_output=True, text=True)   # everything cached: the same table again
