@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from labelgen import format as fmt
-from labelgen import fsutil, stopping, storage
+from labelgen import stopping, storage
 from student_train.checkpoint import checkpoint_dir
 from student_train.config import LoopConfig, RoundsConfig, TrainConfig
 
@@ -167,11 +167,12 @@ def run_rounds(cfg: RoundsConfig) -> dict:
                   "completion_tokens": samples["counts"]["positions"],
                   "sample_seconds": sample_s, "score_seconds": score_s, "train_seconds": train_s, **figures}
         record["eval"] = held_out_figures(cfg, student, where)
-        fsutil.atomic_write_bytes(record_file, json.dumps(record, indent=1).encode())
+        storage.write_bytes(record_file, json.dumps(record, indent=1).encode())
         done.append(record)
+        storage.write_bytes(out / LOG_FILE, "".join(json.dumps(x) + "\n" for x in done).encode())
         ev = record["eval"]
         log(f"round {r + 1}/{cfg.rounds}: {record['completion_tokens']:,} completion tokens, trained "
             f"{cfg.max_steps} steps" + (f", staleness {record['staleness']:.4f} at the end" if "staleness" in record else "")
             + (f"; held out: reverse KL {ev['reverse_kl']:.4f}, teacher logprob {ev['teacher_logprob']:.4f}" if ev else ""))
-    storage.write_bytes(out / LOG_FILE, "".join(json.dumps(x) + "\n" for x in done).encode())
+    storage.write_bytes(out / LOG_FILE, "".join(json.dumps(x) + "\n" for x in done).encode())   # also when all were cached
     return {"out": str(out), "student": student, "initial": initial, "rounds": done, "stopped_by": None}

@@ -112,6 +112,17 @@ def check_loss_fits_labels(cfg: TrainConfig, kind: str, stored_k: int) -> int:
     return k
 
 
+def check_on_policy_sampling(manifest: dict, where: str) -> None:
+    """opd's importance ratio takes the stored sampling logprob for the
+    probability the token was drawn with: true for temperature 1 and top-p 1
+    (the samples' logprobs are untempered), not otherwise."""
+    sampling = ((manifest.get("scored") or {}).get("samples") or {}).get("sampling") or {}
+    if sampling.get("temperature", 1.0) != 1.0 or sampling.get("top_p", 1.0) != 1.0:
+        raise FormatError(f"--loss opd: {where} scores completions drawn at temperature {sampling.get('temperature')}, "
+                          f"top-p {sampling.get('top_p')}; their stored logprobs are not the probabilities they were "
+                          "drawn with, so the importance ratio would be wrong: sample at --temperature 1 --top-p 1")
+
+
 # ---------------------------------------------------------------- one micro-batch, one held-out batch
 
 
@@ -216,6 +227,9 @@ def train(cfg: TrainConfig) -> dict:
     if sum(r.manifest["counts"]["positions"] for r in readers) == 0:
         raise FormatError(f"--labels: {', '.join(cfg.labels)} hold no positions to train on (empty, or every completion is empty)")
     k = check_loss_fits_labels(cfg, readers[0].kind, readers[0].k)
+    if cfg.loss == "opd":
+        for r in readers:
+            check_on_policy_sampling(r.manifest, str(r.dir))
     cross = None
     if cfg.student_tokenizer:   # cross-tokenizer: the student reads its own tokenization of the labelled text
         tokenizer = load_tokenizer_for(None, Path(cfg.student_tokenizer), "--student-tokenizer")

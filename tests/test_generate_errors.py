@@ -5,6 +5,7 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
+from labelgen import format as fmt
 from labelgen.cli import app
 
 runner = CliRunner()
@@ -203,8 +204,8 @@ def test_resume_refuses_a_run_begun_by_a_labelgen_writing_another_format(tiny_te
     del started["format_version"]   # run.json as labelgen 1.3 wrote it
     run_file.write_text(json.dumps(started))
     r = gen(tiny_teacher, tmp_path, "--input", str(corpus / "docs.jsonl"), "--resume")
-    assert r.exit_code == 2 and re.search(r"started by a labelgen writing format 1.3 or older, this one writes 2.0; "
-                                          r"finish it with that version, or pass --overwrite to delete its \d+ finished",
+    assert r.exit_code == 2 and re.search(r"started by a labelgen writing format 1.3 or older, this one writes "
+                                          + re.escape(fmt.FORMAT_VERSION) + r"; finish it with that version, or pass --overwrite to delete its \d+ finished",
                                           r.stderr), r.stderr
     assert not (tmp_path / "out" / "manifest.json").exists()
 

@@ -136,6 +136,19 @@ def test_score_mode_refuses_a_label_set_of_another_kind_or_tokenizer(tiny_teache
         GenerateConfig(teacher=tiny_teacher, inputs=("a", "b"), out="o", mode="score")
 
 
+def test_opd_refuses_completions_not_drawn_at_temperature_1(tiny_teacher, corpus, tmp_path, student_config):
+    run(GenerateConfig(teacher=tiny_teacher, inputs=(str(corpus / "prompts.jsonl"),), out=str(tmp_path / "samples"),
+                       mode="sample", prompt_field="prompt", n=1, max_new_tokens=4, temperature=0.7, progress=False,
+                       device="cpu"))
+    run(GenerateConfig(teacher=tiny_teacher, inputs=(str(tmp_path / "samples"),), out=str(tmp_path / "scored"),
+                       mode="score", k=4, progress=False, device="cpu"))
+    p = subprocess.run([sys.executable, "-m", "student_train.cli", "train", "--labels", str(tmp_path / "scored"),
+                        "--student-config", student_config, "--out", str(tmp_path / "o"), "--loss", "opd",
+                        "--max-steps", "1", "--device", "cpu", "--no-progress"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 2 and "drawn at temperature 0.7, top-p 0.95" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_opd_loss_is_the_policy_gradient_plus_weighted_forward_kl_and_needs_scored_labels(rng):
     from student_train import losses
     from student_train.config import TrainConfig

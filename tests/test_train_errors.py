@@ -80,7 +80,7 @@ def test_k_larger_than_the_labels_hold(topk_labels, student_config, tmp_path):
 
 def test_a_loss_the_labels_cannot_feed(topk_labels, student_config, tmp_path):
     assert_one_line_error(run_train(topk_labels, student_config, tmp_path / "o", "--loss", "sft"),
-                          r"--loss sft needs samples labels")
+                          r"--loss sft needs samples or scored labels")
 
 
 def test_an_empty_label_set(topk_labels, student_config, tmp_path):
