@@ -46,7 +46,7 @@ class GenerateConfig:
     backend: str = "hf"
     """hf (transformers; CPU or GPU) or vllm."""
     k: int = 64
-    """Top-k entries kept per position (topk mode); the cap with adaptive truncation."""
+    """Top-k entries kept per position (topk and score modes); the cap with adaptive truncation."""
     keep_mass: float = 1.0
     """Adaptive truncation (topk mode): stop keeping a position's entries once
     those kept hold this much probability. 1 = keep all k."""

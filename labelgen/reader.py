@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
+from labelgen import format as fmt
 from labelgen.config import GenerateConfig
 from labelgen.inputs import FieldSpec, InputError, ReadPosition, Record, read_records
 from labelgen.pipeline import offer
+from labelgen.shards import ShardReader
 
 
 def windows(ids: np.ndarray, size: int, stride: int) -> list[tuple[int, np.ndarray]]:
@@ -132,8 +134,6 @@ def items_of(rec: Record, text_ids: tuple[str, list[int]], cfg: GenerateConfig, 
 def samples_input(cfg: GenerateConfig, tokenizer):
     """The samples label set `--mode score` reads, checked: its kind, and
     the tokenizer its completions were written in (the teacher's)."""
-    from labelgen import format as fmt
-    from labelgen.shards import ShardReader
     reader = ShardReader(cfg.inputs[0])
     if reader.kind != "samples":
         raise InputError(f"{cfg.inputs[0]}: holds {reader.kind} labels; --mode score scores a samples label set "
@@ -151,8 +151,6 @@ def samples_input(cfg: GenerateConfig, tokenizer):
 def samples_records(cfg: GenerateConfig, position: ReadPosition):
     """The rows of the samples label set as score items (see ShardWork.items);
     `position` counts the bytes of the shards read so far."""
-    from labelgen import format as fmt
-    from labelgen.shards import ShardReader
     reader = ShardReader(cfg.inputs[0])
     columns = [fmt.EXAMPLE_ID, fmt.SAMPLE_INDEX, fmt.PROMPT_IDS, fmt.COMPLETION_IDS, fmt.COMPLETION_LOGPROBS]
     for si, shard in enumerate(reader.shards):
