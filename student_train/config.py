@@ -308,6 +308,8 @@ class RoundsConfig(LoopConfig):
     messages_field: str | None = None
     id_field: str | None = None
     lr: float = 5e-5
+    """The student is fine-tuned from a trained model: lower than `train`'s from-scratch default
+    (docs/results.md used 1e-4 for a 71M student)."""
     opd_forward_kl: float = OPD_FORWARD_KL
     opd_clip: float = 0.2
     backend: str = "hf"
@@ -340,14 +342,16 @@ class RoundsConfig(LoopConfig):
                 bad(f"--{name.replace('_', '-')}", f"must be >= 1, got {getattr(self, name)}")
         if self.prompt_field and self.messages_field:
             bad("--prompt-field/--messages-field", "pass one, not both")
-        if self.lr <= 0:
-            bad("--lr", f"must be > 0, got {self.lr}")
-        if self.opd_forward_kl < 0:
-            bad("--opd-forward-kl", f"must be >= 0, got {self.opd_forward_kl}")
-        if not 0 < self.opd_clip < 1:
-            bad("--opd-clip", f"must be in (0, 1), got {self.opd_clip}")
         if self.backend not in ("hf", "vllm"):
             bad("--backend", f"must be hf or vllm, got {self.backend!r}")
+        self.train_config(labels="-", student=self.student, out="-")   # the training settings, checked now
+
+    def train_config(self, labels: str, student: str, out: str) -> TrainConfig:
+        """One round's `student-train train` settings: every loop setting, this loss, resumed if cut."""
+        loop = {f.name: getattr(self, f.name) for f in dataclasses.fields(LoopConfig)}
+        loop.update(resume=True, overwrite=False, eval_every=0)
+        return TrainConfig(**loop, labels=(labels,), out=out, student=student, loss=self.loss, lr=self.lr,
+                           opd_forward_kl=self.opd_forward_kl, opd_clip=self.opd_clip)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -26,7 +26,6 @@ stopped.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 from labelgen import format as fmt
 from labelgen import stopping, storage
 from student_train.checkpoint import checkpoint_dir
-from student_train.config import LoopConfig, RoundsConfig, TrainConfig
+from student_train.config import RoundsConfig
 
 CONFIG_FILE = "rounds.json"
 LOG_FILE = "rounds.jsonl"
@@ -97,12 +96,8 @@ def _train(cfg: RoundsConfig, labels: Path, student: str, out: Path) -> tuple[st
     from its metrics log), or (None, {stopped_by}) when a preemption signal stopped it."""
     from student_train.train import train
     final = checkpoint_dir(out, cfg.max_steps)
-    loop = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(LoopConfig)}
     if not (final / "meta.json").is_file():
-        loop.update(resume=True, overwrite=False, eval_every=0)
-        tcfg = TrainConfig(**loop, labels=(str(labels),), out=str(out), student=student, loss=cfg.loss, lr=cfg.lr,
-                           opd_forward_kl=cfg.opd_forward_kl, opd_clip=cfg.opd_clip)
-        result = train(tcfg)
+        result = train(cfg.train_config(str(labels), student, str(out)))
         if result["stopped_by"]:
             return None, result
     lines = [json.loads(x) for x in storage.read_text(out / "metrics.jsonl").splitlines() if x.strip()]
