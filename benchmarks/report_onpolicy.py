@@ -129,8 +129,6 @@ def build_student(teacher: str, out: Path) -> dict:
         if (Path(teacher) / "generation_config.json").is_file():
             shutil.copy(Path(teacher) / "generation_config.json", tmp)
         tmp.rename(out)
-    import torch  # noqa: F811
-    from transformers import AutoModelForCausalLM
     m = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     return {"dir": str(out), "layers": m.config.num_hidden_layers, "parameters": sum(p.numel() for p in m.parameters())}
 

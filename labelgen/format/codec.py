@@ -190,10 +190,11 @@ def encode_scored_rows(sch: pa.Schema, rows: list[dict], k: int, vocab_size: int
     encode_topk_rows plus sampling_logprob [P], the sampler's logprob of
     each completion token."""
     cols = _topk_columns(sch, rows, k, vocab_size, enc, id_map, scored=True)
-    n_pos = []
+    n_pos, sampling = [], []
     for r in rows:
         ex, p = r[EXAMPLE_ID], len(np.asarray(r[TARGET_LOGPROB]).reshape(-1))
         slp = np.asarray(r[SAMPLING_LOGPROB], np.float32).reshape(-1)
+        sampling.append(np.clip(slp, LOGPROB_FLOOR, 0))
         if slp.size != p:
             _fail(ex, f"sampling_logprob has {slp.size} entries, expected {p} (one per completion token)")
         if np.isnan(slp).any() or (slp > POSITIVE_TOLERANCE).any():
@@ -205,9 +206,7 @@ def encode_scored_rows(sch: pa.Schema, rows: list[dict], k: int, vocab_size: int
     cols[EXAMPLE_ID] = pa.array([r[EXAMPLE_ID] for r in rows], pa.string())
     cols[SAMPLE_INDEX] = pa.array([int(r[SAMPLE_INDEX]) for r in rows], pa.int32())
     cols[ROUND] = pa.array([int(r[ROUND]) for r in rows], pa.int32())
-    flat = np.concatenate([np.clip(np.asarray(r[SAMPLING_LOGPROB], np.float32).reshape(-1), LOGPROB_FLOOR, 0)
-                           for r in rows])
-    cols[SAMPLING_LOGPROB] = _list_array(flat, n_pos, pa.float32())
+    cols[SAMPLING_LOGPROB] = _list_array(np.concatenate(sampling), n_pos, pa.float32())
     return pa.RecordBatch.from_arrays([cols[f.name] for f in sch], schema=sch)
 
 
