@@ -191,7 +191,9 @@ def generate(
     encoding: Optional[List[str]] = typer.Option(None, help="shard encoding option KEY=VALUE (repeatable)"),
     skip_bad: Optional[bool] = typer.Option(None, "--skip-bad", help="skip bad records and count them"),
     resume: Optional[bool] = typer.Option(None, "--resume", help="continue a run in --out"),
-    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="replace what --out holds"),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="delete what a labelgen run wrote in --out and start over"),
+    inputs_changed: Optional[bool] = typer.Option(None, "--inputs-changed", help="resume although inputs changed: keep "
+                                                  "the finished shards whose input records are unchanged"),
     num_workers: Optional[int] = typer.Option(None, help="data-parallel workers (default: Slurm array / WORLD_SIZE)"),
     worker_index: Optional[int] = typer.Option(None, help="this worker (default: Slurm array task / RANK)"),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress"),
@@ -215,7 +217,7 @@ def generate(
         max_new_tokens=max_new_tokens, seed=seed, round=round, text_field=text_field, prompt_field=prompt_field,
         messages_field=messages_field, id_field=id_field, rows_per_shard=rows_per_shard, dtype=dtype,
         device=device, engine=_kv(engine, "--engine"), encoding=_kv(encoding, "--encoding"), skip_bad=skip_bad,
-        resume=resume, overwrite=overwrite, progress=progress,
+        resume=resume, overwrite=overwrite, inputs_changed=inputs_changed, progress=progress,
         num_workers=num_workers if num_workers is not None else env_workers,
         worker_index=worker_index if worker_index is not None else env_index,
     )
@@ -232,6 +234,9 @@ def generate(
     from labelgen.generate import run
     m = run(cfg)
     s = m["summary"]
+    if s.get("complete"):
+        typer.echo(f"{cfg.out}: already complete ({m['counts']['rows']:,} rows in {len(m['shards'])} shards); nothing to do")
+        return
     typer.echo(f"wrote {m['counts']['rows']:,} rows ({m['counts']['positions']:,} {'completion tokens' if cfg.kind == 'samples' else 'positions'}) "
                f"in {len(m['shards'])} shards to {cfg.out}; {m['counts']['skipped']} skipped; "
                f"{s['teacher_tokens']:,} teacher tokens in {s['seconds']:.1f}s ({s['tokens_per_second']:,.0f} tok/s)")

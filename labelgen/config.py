@@ -21,7 +21,7 @@ DEFAULT_MAX_SEQ_LEN = 2048
 # when set, so a run started before they existed still resumes.
 ADDED_LATER = {"keep_mass": 1.0, "min_prob": 0.0, "round": 0}
 # Settings that change how or where a run executes but not a single byte of its output.
-EXECUTION_ONLY = ("out", "resume", "overwrite", "num_workers", "worker_index", "progress", "skip_bad")
+EXECUTION_ONLY = ("out", "resume", "overwrite", "num_workers", "worker_index", "progress", "skip_bad", "inputs_changed")
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,12 @@ class GenerateConfig:
     skip_bad: bool = False
     """Skip bad input records (counted in the manifest) instead of failing."""
     resume: bool = False
+    """Continue the run in --out: its finished shards are kept."""
     overwrite: bool = False
+    """Delete what a labelgen run wrote in --out and start over (refused where it holds anything else)."""
+    inputs_changed: bool = False
+    """Resume although input files changed since the run began: finished shards
+    whose input records are unchanged are kept, the others redone."""
     num_workers: int = 1
     worker_index: int = 0
     round: int = 0
@@ -186,6 +191,8 @@ class GenerateConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["inputs"] = list(self.inputs)
+        if not self.inputs_changed:   # execution-only and added later: recorded only when set
+            del d["inputs_changed"]
         return d
 
     def output_hash(self) -> str:

@@ -7,22 +7,23 @@ import json
 from pathlib import Path
 
 from labelgen import format as fmt
-from labelgen import bucket_run, fsutil, storage
+from labelgen import storage
 from labelgen.format import FormatError
+from labelgen.rundir import GENERATE, RunDir
 
 
 def finalize(label_dir: Path | str) -> dict:
     """Merge the workers' partial manifests into manifest.json; fail if any
-    worker or any shard is missing. In a bucket manifest.json is created only
+    worker or any shard is missing, or while a worker still runs (locally its
+    lock, in a bucket its lease). In a bucket manifest.json is created only
     if absent (two finalizers cannot both win) and the shard objects it does
     not list (left by stopped attempts) are deleted."""
-    out = storage.location(label_dir)
-    if isinstance(out, storage.StorePath):
-        return _finalize(out)
-    if not out.is_dir():
-        raise FormatError(f"{out}: no such label directory")
-    with fsutil.run_lock(out):   # refused while any worker of the run still holds it
-        return _finalize(out)
+    rd = RunDir(label_dir, GENERATE)
+    if not rd.exists():
+        raise FormatError(f"{rd}: no such label directory")
+    with rd:
+        rd.refuse_live_workers()
+        return _finalize(rd)
 
 
 def unfinished_workers(label_dir: Path | str) -> tuple[list[int], int]:
@@ -56,7 +57,8 @@ def slurm_array(indices: list[int]) -> str:
     return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
 
 
-def _finalize(out) -> dict:
+def _finalize(rd: RunDir) -> dict:
+    out = rd.where
     partials = storage.list_dir(out, "manifest.worker-*-of-*.json")
     if not partials:
         raise FormatError(f"{out}: no partial manifests (manifest.worker-*.json); did the workers finish?")
@@ -82,15 +84,4 @@ def _finalize(out) -> dict:
                           "skipped as bad); nothing to finalize")
     merged["counts"]["positions"] = sum(s["positions"] for s in merged["shards"])
     merged["config"] = {**merged["config"], "num_workers": n, "worker_index": None}
-    if not isinstance(out, storage.StorePath):
-        return fmt.write_manifest(out, merged)
-    try:
-        written = fmt.write_manifest(out, merged, if_absent=True)
-    except storage.AlreadyExists:
-        there = fmt.read_manifest(out)
-        if there.get("fingerprint") != fmt.dataset_fingerprint(merged):
-            raise FormatError(f"{out / fmt.MANIFEST_NAME}: already exists and lists other shards (another finalize "
-                              "won, or the run was finalized before); validate it, or delete it to finalize again") from None
-        written = there
-    bucket_run.remove_unlisted(out, written)
-    return written
+    return rd.commit_manifest(merged)

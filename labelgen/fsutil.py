@@ -101,12 +101,12 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def clear_directory(path: Path) -> None:
-    """Delete what `path` holds except its lock files (held by this run), and
-    not the directory itself: it may be a symlink to where the user keeps
-    labels, and the lock must stay on the inode other runs find."""
+def clear_directory(path: Path, only) -> None:
+    """Delete the entries of `path` whose names `only` accepts, and not the
+    directory itself: it may be a symlink to where the user keeps labels, and
+    its lock must stay on the inode other runs find."""
     for child in Path(path).iterdir():
-        if child.name.endswith(LOCK_SUFFIX):
+        if not only(child.name):
             continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)

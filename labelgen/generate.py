@@ -7,7 +7,8 @@ a reader thread (reader.py: read + tokenize + window), the teacher in the
 main thread (batches.py: what it is asked per mode), and a writer thread
 (encode + compress + write) behind a bounded queue (pipeline.py). resume.py
 says which run a directory holds and which shards are finished; finalize.py
-merges the workers' partial manifests.
+merges the workers' partial manifests; rundir.py owns the output (lock, policy,
+commit order, bucket staging).
 
 Input records are cut into shards of `rows_per_shard` records in input order,
 so shard i is a pure function of (its input slice, the config). Worker w of N
@@ -26,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from labelgen import format as fmt
-from labelgen import bucket_run, fsutil, storage
+from labelgen import fsutil, storage
 from labelgen.backends import Teacher, load_teacher
 from labelgen.batches import (TokenizerOnly, draw_batch, model_config, sample_batch, sample_batches, score_batch,
                               score_completions, topk_batches, truncate, windows_only)
@@ -35,9 +36,9 @@ from labelgen.format import Encoding
 from labelgen.inputs import InputError, expand_paths
 from labelgen.pipeline import Progress, StageThread, get_from, put_to, take
 from labelgen.reader import read_shards, samples_input
-from labelgen.resume import LocalShards, canonical_path, check_output_dir, input_identity
-from labelgen.shards import ShardFile, ShardInfo, build_manifest, prepare_output_dir
-from labelgen.storage import StorePath
+from labelgen.resume import compare, complete_manifest, identity, input_identity, owned_tmp
+from labelgen.rundir import GENERATE, RunDir, canonical_path
+from labelgen.shards import ShardFile, ShardInfo, build_manifest
 
 QUEUE_DEPTH = 4
 
@@ -61,13 +62,13 @@ def load_tokenizer(path: str, need_model: bool = True):
 def run(cfg: GenerateConfig, teacher: Teacher | None = None) -> dict:
     """Run the job; returns the manifest (or the worker's partial manifest).
     `teacher` reuses an already loaded backend (it must be cfg.teacher).
-    --out may be a bucket URI (bucket_run.py)."""
-    # A resumed run is the same run however its paths were spelled (dir/ or dir, relative or absolute).
-    remote = storage.location(cfg.out) if storage.is_uri(cfg.out) else None
+    --out may be a bucket URI (the run directory stages it: rundir.py)."""
+    rd = RunDir(cfg.out, GENERATE, worker=(cfg.worker_index, cfg.num_workers))
     if cfg.mode == "score" and storage.is_uri(cfg.inputs[0]):
         raise InputError(f"--input {cfg.inputs[0]}: --mode score reads a samples label set on local disk; copy it first")
-    cfg = dataclasses.replace(cfg, inputs=tuple(map(canonical_path, cfg.inputs)),
-                              out=str(remote) if remote else canonical_path(cfg.out), teacher=canonical_path(cfg.teacher))
+    # A resumed run is the same run however its paths were spelled (dir/ or dir, relative or absolute).
+    cfg = dataclasses.replace(cfg, inputs=tuple(map(canonical_path, cfg.inputs)), out=rd.spelling,
+                              teacher=canonical_path(cfg.teacher))
     files = expand_paths(list(cfg.inputs))   # fails on a missing input before anything is loaded
     tokenizer = load_tokenizer(cfg.teacher, need_model=cfg.mode != "tokens")
     sampled_by = None
@@ -78,27 +79,32 @@ def run(cfg: GenerateConfig, teacher: Teacher | None = None) -> dict:
                       "model": (samples.manifest.get("teacher") or {}).get("path"),
                       "sampling": samples.manifest.get("sampling")}
     cfg = resolve(cfg, tokenizer)
-    local = bucket_run.staging_for(cfg) if remote else Path(cfg.out)
-    with fsutil.run_lock(local, (cfg.worker_index, cfg.num_workers)):
-        complete = check_output_dir(cfg, files, remote or local)
-        if complete is not None:   # a bucket run that already has its manifest
-            return complete
-        if remote:   # shards not uploaded by an earlier attempt are redone
-            prepare_output_dir(local, "overwrite")
+    inputs = input_identity(files)
+    with rd:
+        previous = rd.claim(cfg.resume or cfg.num_workers > 1, cfg.overwrite, compare(cfg, inputs, rd.spelling))
+        sink = rd.shards(cfg)
+        name = fmt.MANIFEST_NAME if cfg.num_workers == 1 else fmt.partial_manifest_name(cfg.worker_index, cfg.num_workers)
+        # Finished before from the same inputs (with --inputs-changed each shard is checked against its records).
+        if previous and not cfg.inputs_changed and (done := complete_manifest(rd.where, name)) is not None:
+            return {**done, "summary": {"seconds": 0.0, "teacher_tokens": 0, "tokens_per_second": 0.0, "complete": True}}
+        storage.delete(rd.where / name)   # a manifest that may no longer describe the set goes first
+        rd.record(identity(cfg, inputs))
+        rd.prepare_staging(owned_tmp(cfg))
         if teacher is None and cfg.mode == "tokens":
             teacher = TokenizerOnly(cfg.teacher, tokenizer)
         if teacher is None:
             teacher = load_teacher(cfg, tokenizer)
             try:
-                return _generate(cfg, teacher, tokenizer, files, local, remote, sampled_by)
+                return _generate(cfg, teacher, tokenizer, files, rd.local, sink, name, sampled_by)
             finally:
                 teacher.close()
-        return _generate(cfg, teacher, tokenizer, files, local, remote, sampled_by)
+        return _generate(cfg, teacher, tokenizer, files, rd.local, sink, name, sampled_by)
 
 
-def _generate(cfg: GenerateConfig, teacher: Teacher, tokenizer, files: list[Path], out: Path,
-              remote: StorePath | None, sampled_by: dict | None = None) -> dict:
-    """The pipeline, writing shards into `out` (uploaded to `remote` as they finish, when given)."""
+def _generate(cfg: GenerateConfig, teacher: Teacher, tokenizer, files: list[Path], out: Path, sink, name: str,
+              sampled_by: dict | None = None) -> dict:
+    """The pipeline, writing shards into `out`; `sink` knows which are finished
+    and commits those finished now (and the manifest, called `name`, last)."""
     enc = Encoding(**cfg.encoding)
     id_bound = max(teacher.logits_size, teacher.vocab_size)
     t0 = time.time()
@@ -106,9 +112,8 @@ def _generate(cfg: GenerateConfig, teacher: Teacher, tokenizer, files: list[Path
 
     work_q: queue.Queue = queue.Queue(maxsize=2)
     write_q: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
-    finished = bucket_run.BucketShards(cfg, remote, out) if remote else LocalShards(cfg)
-    reader = StageThread(read_shards, cfg, files, tokenizer, teacher.max_positions, finished.done, work_q)
-    writer = StageThread(write_shards, cfg, out, id_bound, enc, finished.closed if remote else None, write_q)
+    reader = StageThread(read_shards, cfg, files, tokenizer, teacher.max_positions, sink.done, work_q)
+    writer = StageThread(write_shards, cfg, out, id_bound, enc, sink.closed, write_q)
     shards: dict[int, ShardInfo] = {}
     counts = {"examples": 0, "skipped": 0}
     total_shards = 0
@@ -122,12 +127,12 @@ def _generate(cfg: GenerateConfig, teacher: Teacher, tokenizer, files: list[Path
                 continue
             counts["examples"] += work.examples
             if work.done:   # finished by an earlier run
-                shards[work.index], skipped = finished.info(work.index)
+                shards[work.index], skipped = sink.info(work.index)
                 counts["skipped"] += skipped
                 progress.update(work.examples, 0, work.input_bytes)
                 continue
             counts["skipped"] += work.skipped
-            put_to(write_q, ("open", work.index, None), writer)
+            put_to(write_q, ("open", work.index, work.digest), writer)
             batches = topk_batches(work.items, cfg) if cfg.windowed or cfg.mode == "score" else sample_batches(work.items, cfg)
             for batch in batches:
                 if cfg.mode == "tokens":
@@ -142,28 +147,29 @@ def _generate(cfg: GenerateConfig, teacher: Teacher, tokenizer, files: list[Path
                     rows, tokens = sample_batch(teacher, tokenizer, batch, cfg)
                 put_to(write_q, ("rows", work.index, rows), writer)
                 progress.update(0, tokens)
-            put_to(write_q, ("close", work.index, {"examples": work.examples, "skipped": work.skipped}), writer)
+            put_to(write_q, ("close", work.index, {"examples": work.examples, "skipped": work.skipped,
+                                                   "input_sha256": work.digest}), writer)
             progress.update(work.examples, 0, work.input_bytes)
         put_to(write_q, None, writer)
         writer.join_checked()
-        shards.update(finished.finish() if remote else writer.result)
+        shards.update(sink.finish(writer.result))
     except BaseException:
         writer.stop()
         reader.stop()
-        if remote:
-            finished.stop()
+        sink.stop()
         raise
     finally:
         progress.close()
     if cfg.num_workers == 1 and not any(s.rows for s in shards.values()):
         raise InputError(f"{', '.join(cfg.inputs)}: all {counts['skipped']} input record(s) were bad and skipped "
                          "(--skip-bad); nothing to label, no label set written")
-    manifest = _write_manifest(cfg, out, remote, teacher, tokenizer, enc, id_bound, shards, counts, total_shards,
-                               sampled_by)
+    manifest = _manifest(cfg, out, teacher, tokenizer, enc, id_bound, shards, counts, total_shards, sampled_by)
+    manifest = sink.publish(manifest, name)
     elapsed = time.time() - t0
     manifest["summary"] = {"seconds": round(elapsed, 2), "teacher_tokens": progress.tokens,
                            "tokens_per_second": progress.tokens / elapsed if elapsed else 0.0}
     return manifest
+
 
 def resolve(cfg: GenerateConfig, tokenizer) -> GenerateConfig:
     """Fill settings that depend on the teacher and check them against it."""
@@ -181,8 +187,9 @@ def resolve(cfg: GenerateConfig, tokenizer) -> GenerateConfig:
     return cfg
 
 
-def _write_manifest(cfg, out, remote, teacher: Teacher, tokenizer, enc, id_bound, shards, counts, total_shards,
-                    sampled_by: dict | None = None) -> dict:
+def _manifest(cfg, out, teacher: Teacher, tokenizer, enc, id_bound, shards, counts, total_shards,
+              sampled_by: dict | None = None) -> dict:
+    """The manifest (a worker's partial manifest with several workers); worker 0 saves the tokenizer beside the shards."""
     config_file = Path(cfg.teacher) / "config.json"
     header = {
         "mode": cfg.mode,
@@ -208,21 +215,17 @@ def _write_manifest(cfg, out, remote, teacher: Teacher, tokenizer, enc, id_bound
         header["sampling"] = {"draws": cfg.draws, "proposal_temperature": cfg.proposal_temperature, "seed": cfg.seed,
                               "seed_rule": "sha256(seed, example_id, window_offset)[:8] & (2**63-1), one stream per window"}
     manifest = build_manifest(cfg.kind, cfg.entries, id_bound, enc, ordered, header)
-    name = fmt.MANIFEST_NAME
     if cfg.num_workers > 1:
         manifest["worker"] = {"index": cfg.worker_index, "num_workers": cfg.num_workers, "total_shards": total_shards}
-        name = fmt.partial_manifest_name(cfg.worker_index, cfg.num_workers)
-    if remote:
-        return bucket_run.publish(cfg, remote, out, manifest, name)
-    return fmt.write_manifest(out, manifest, name)
+    return manifest
 
 # ---------------------------------------------------------------- writer
 
 
 def write_shards(cfg: GenerateConfig, out: Path, id_bound: int, enc: Encoding, on_close, write_q: queue.Queue,
                  stop: threading.Event) -> dict[int, ShardInfo]:
-    """Write the shards the main thread sends; `on_close(index, info, counts)`,
-    if given, hears of each as it is finished (the bucket uploader)."""
+    """Write the shards the main thread sends; `on_close(index, info, counts)`
+    hears of each as it is finished (the bucket uploader)."""
     done: dict[int, ShardInfo] = {}
     current: ShardFile | None = None
     k = cfg.entries
@@ -233,10 +236,10 @@ def write_shards(cfg: GenerateConfig, out: Path, id_bound: int, enc: Encoding, o
     try:
         while (msg := take(write_q, stop)) is not None:
             op, index, payload = msg   # payload: rows, or the shard's counts on close
-            if op == "open":
+            if op == "open":   # payload: the digest of the shard's input records
                 current = ShardFile(out / fmt.shard_name(index), cfg.kind, k, id_bound, enc,
-                                    extra_meta={"config_hash": cfg.output_hash(), "shard_index": index}, encoder=encoder,
-                                    in_flight=2 * threads)
+                                    extra_meta={"config_hash": cfg.output_hash(), "shard_index": index,
+                                                "input_sha256": payload}, encoder=encoder, in_flight=2 * threads)
             elif op == "rows":
                 for row in payload:
                     if cfg.truncates:   # here, not in the teacher loop: it waits on nothing
@@ -244,10 +247,9 @@ def write_shards(cfg: GenerateConfig, out: Path, id_bound: int, enc: Encoding, o
                             row[fmt.TOPK_LOGPROBS], row[fmt.COVERAGE], cfg.keep_mass, cfg.min_prob)
                     current.write(row)
             else:
-                done[index] = current.close(counts=payload)
+                done[index] = current.close(counts={k: v for k, v in payload.items() if k != "input_sha256"})
                 current = None
-                if on_close is not None:
-                    on_close(index, done[index], payload)
+                on_close(index, done[index], payload)
     finally:
         if current is not None:
             current.abort()

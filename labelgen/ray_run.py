@@ -15,12 +15,14 @@ imports this module.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
 
 from labelgen.config import GenerateConfig
 from labelgen.errors import FormatError
+from labelgen.inputs import InputError
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,16 @@ def _unit(cfg: GenerateConfig) -> dict:
 
 class UnitFailed(FormatError):
     """A unit ended with an error a retry cannot fix."""
+
+
+def _what_to_do(cause: BaseException, lines: list[str]) -> str:
+    """The advice after a unit's error: a refusal naming an option says it itself."""
+    if lines and lines[-1].startswith("--"):
+        return ""
+    if isinstance(cause, InputError):
+        return ("; fix the input and rerun the same command with --inputs-changed (finished shards whose input "
+                "records are unchanged are kept)")
+    return "; fix it and rerun the same command (finished units are kept)"
 
 
 def run_on_ray(cfg: GenerateConfig, ray_cfg: RayConfig) -> dict:
@@ -89,8 +101,8 @@ def run_on_ray(cfg: GenerateConfig, ray_cfg: RayConfig) -> dict:
             except ray.exceptions.RayTaskError as e:
                 cause = e.cause if getattr(e, "cause", None) is not None else e
                 lines = [line for line in str(cause).strip().splitlines() if line.strip()]
-                raise UnitFailed(f"unit {units[ref]} of {n} failed: {lines[-1] if lines else type(cause).__name__}; "
-                                 f"fix it and rerun the same command (finished units are kept)") from None
+                raise UnitFailed(f"unit {units[ref]} of {n} failed: {lines[-1] if lines else type(cause).__name__}"
+                                 + _what_to_do(cause, lines)) from None
             except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as e:
                 raise UnitFailed(f"unit {units[ref]} of {n} failed after {ray_cfg.retries} retries: "
                                  f"{type(e).__name__}; rerun the same command to resume it") from None
@@ -102,6 +114,9 @@ def run_on_ray(cfg: GenerateConfig, ray_cfg: RayConfig) -> dict:
     except BaseException:
         for ref in pending:
             ray.cancel(ref, force=True)
+        for ref in pending:   # fetched, so Ray does not print their errors as unhandled tracebacks at exit
+            with contextlib.suppress(Exception):
+                ray.get(ref, timeout=30)
         raise
     finally:
         if bar is not None:

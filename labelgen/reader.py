@@ -3,6 +3,8 @@ work, cut into shards of `rows_per_shard` records in input order."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -37,38 +39,56 @@ class ShardWork:
     skipped: int = 0
     done: bool = False                          # already finished by an earlier run
     input_bytes: int = 0                        # how far the input had been read when the shard was cut
+    digest: str = ""                            # sha256 of its input records: what the shard is a function of
+
+
+def slice_digest(records: list) -> str:
+    """sha256 of a shard's input records as read (ids, texts, conversations,
+    bad records' errors): a finished shard is kept on resume only if made
+    from the same ones, whatever happened to the rest of its file."""
+    h = hashlib.sha256()
+    for rec in records:
+        if isinstance(rec, tuple):   # score mode: (example_id, sample_index, ids, prompt length, logprobs)
+            parts = [np.asarray(x).tobytes() if isinstance(x, np.ndarray) else repr(x).encode() for x in rec]
+        elif isinstance(rec, InputError):
+            parts = [b"bad", str(rec).encode()]
+        else:
+            parts = [json.dumps([rec.example_id, rec.text, rec.prompt, rec.messages], ensure_ascii=False).encode()]
+        for part in parts:
+            h.update(len(part).to_bytes(8, "little") + part)
+    return h.hexdigest()
 
 
 def read_shards(cfg: GenerateConfig, files: list[Path], tokenizer, max_positions: int, finished, work_q: queue.Queue,
                 stop: threading.Event):
-    """Put this worker's ShardWork on `work_q` in order (those `finished(index)`
-    holds as done, without their records), then the number of shards, then None."""
+    """Put this worker's ShardWork on `work_q` in order (those `finished(index,
+    digest)` holds as done, without their records), then the number of shards, then None."""
     spec = FieldSpec(cfg.text_field, cfg.prompt_field, cfg.messages_field, cfg.id_field)
     work, records, index = None, [], -1
     position, read_before = ReadPosition(), 0   # input bytes read before the current record
     source = samples_records(cfg, position) if cfg.mode == "score" else read_records(files, spec, position)
+
+    def cut(work: ShardWork, records: list, read: int) -> bool:
+        work.input_bytes, work.digest = read, slice_digest(records)
+        work.done = finished(work.index, work.digest)
+        return offer(work_q, prepare(work, [] if work.done else records, tokenizer, cfg, max_positions), stop)
+
     for n, rec in enumerate(source):
         if stop.is_set():
             return
         if n % cfg.rows_per_shard == 0:
-            if work is not None:
-                work.input_bytes = read_before
-                if not offer(work_q, prepare(work, records, tokenizer, cfg, max_positions), stop):
-                    return
+            if work is not None and not cut(work, records, read_before):
+                return
             index, records = n // cfg.rows_per_shard, []
-            mine = index % cfg.num_workers == cfg.worker_index
-            work = ShardWork(index, done=finished(index)) if mine else None
+            work = ShardWork(index) if index % cfg.num_workers == cfg.worker_index else None
         if work is not None:
             work.examples += 1
-            if not work.done:
-                records.append(rec)
+            records.append(rec)
         read_before = position.bytes
     if index < 0:
         raise InputError(f"{', '.join(cfg.inputs)}: no input records (--input); nothing to label")
-    if work is not None:
-        work.input_bytes = position.bytes
-        if not offer(work_q, prepare(work, records, tokenizer, cfg, max_positions), stop):
-            return
+    if work is not None and not cut(work, records, position.bytes):
+        return
     for last in (index + 1, None):   # how many shards exist, then the end
         if not offer(work_q, last, stop):
             return

@@ -1,32 +1,51 @@
-"""Which run an output directory holds and what of it is finished: a rerun
-continues only the same run (config and inputs), and only its finished shards
-are kept."""
+"""Which generation run an output holds and which of its shards are finished:
+a rerun continues only the same run (config, format version and inputs), and
+keeps only the shards that run finished from the same input records."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from pathlib import Path
 
 from labelgen import format as fmt
-from labelgen import fsutil, storage
+from labelgen import storage
 from labelgen.config import EXECUTION_ONLY, GenerateConfig
-from labelgen.shards import ShardInfo, prepare_output_dir, shard_counts, shard_info_from_file
-
-
-def canonical_path(path: str) -> str:
-    """One spelling per path: relative to the working directory when inside
-    it, else absolute; no '.', '..' or trailing separators. Default example
-    ids are built from input paths, so equal spellings keep them equal."""
-    absolute = os.path.abspath(path)
-    relative = os.path.relpath(absolute)
-    return absolute if relative == ".." or relative.startswith(".." + os.sep) else relative
+from labelgen.rundir import Mismatch
+from labelgen.shards import ShardInfo, shard_counts, shard_info_from_file
 
 
 def input_identity(files: list[Path]) -> dict[str, list[int]]:
     """[size, modification time] of every input file: a resume must read what the run began with."""
     return {str(p): [(st := p.stat()).st_size, st.st_mtime_ns] for p in files}
+
+
+def identity(cfg: GenerateConfig, inputs: dict) -> dict:
+    """The run's identity record (run.json)."""
+    return {"config_hash": cfg.output_hash(), "format_version": fmt.FORMAT_VERSION, "config": cfg.to_dict(),
+            "inputs": inputs}
+
+
+def compare(cfg: GenerateConfig, inputs: dict, out: str):
+    """Why the run recorded in an output is not this one (a Mismatch), or None."""
+    def why(previous: dict) -> Mismatch | None:
+        written = previous.get("format_version", "1.3 or older")
+        if written != fmt.FORMAT_VERSION:
+            return Mismatch("--out", f"{out} holds a run started by a labelgen writing format {written}, this one "
+                                     f"writes {fmt.FORMAT_VERSION}", "finish it with that version")
+        if previous.get("config_hash") != cfg.output_hash():
+            prev_cfg = previous.get("config", {})
+            changed = sorted(k for k, v in cfg.to_dict().items() if k not in EXECUTION_ONLY and prev_cfg.get(k) != v)
+            return Mismatch("--out", f"{out} holds a run with a different config (changed: {', '.join(changed) or 'unknown'})",
+                            "choose another --out")
+        changed = [f for f, ident in previous.get("inputs", {}).items() if inputs.get(f) != ident]
+        changed += [f for f in inputs if f not in previous.get("inputs", {})]
+        if changed and not cfg.inputs_changed:
+            more = f" ({len(changed) - 1} more)" if len(changed) > 1 else ""
+            return Mismatch("--input", f"{changed[0]} changed (size or modification time) since this run started{more}",
+                            "restore it, or rerun with --inputs-changed to keep the finished shards whose input "
+                            "records are unchanged (the others are redone)", overwrite_helps=False)
+        return None
+    return why
 
 
 def owned_tmp(cfg: GenerateConfig):
@@ -38,82 +57,59 @@ def owned_tmp(cfg: GenerateConfig):
     return lambda name: bool(m := own.match(name)) and int(m.group(1)) % cfg.num_workers == cfg.worker_index
 
 
-def check_output_dir(cfg: GenerateConfig, files: list[Path], out) -> dict | None:
-    """Refuse a non-empty output directory (or bucket prefix) unless resuming
-    the same run or overwriting; refuse to resume under a changed config or
-    changed inputs; then record the run (run.json). Returns the manifest of a
-    bucket run that is already complete (nothing to do), else None."""
-    remote = isinstance(out, storage.StorePath)
-    inputs = input_identity(files)
-    run_file = out / fmt.RUN_FILE
-    present = storage.list_dir(out)
-    finished = [p for p in present if fmt.shard_index(p.name) is not None]
-    # A run that failed before its first shard left only run.json: nothing to resume or lose.
-    # Tmp files do not count either: another worker of the run may be writing run.json at this moment.
-    started = any(p.name != fmt.RUN_FILE and not fsutil.is_lock_file(p) and not p.name.endswith(fmt.TMP_SUFFIX)
-                  for p in present)
-    if started and not cfg.overwrite:
-        if not run_file.is_file():
-            raise ValueError(f"--out: {out} is not empty and holds no labelgen run; choose another directory or pass --overwrite")
-        try:
-            previous = json.loads(storage.read_text(run_file))
-        except (OSError, ValueError) as e:
-            raise ValueError(f"--out: {run_file} is unreadable ({e}); choose another --out, or pass --overwrite "
-                             f"to delete its {len(finished)} finished shard(s)") from None
-        written = previous.get("format_version", "1.3 or older")
-        if written != fmt.FORMAT_VERSION:
-            raise ValueError(f"--out: {out} holds a run started by a labelgen writing format {written}, this one writes "
-                             f"{fmt.FORMAT_VERSION}; finish it with that version, or pass --overwrite to delete its "
-                             f"{len(finished)} finished shard(s) and start over")
-        if previous.get("config_hash") != cfg.output_hash():
-            prev_cfg = previous.get("config", {})
-            changed = sorted(k for k, v in cfg.to_dict().items() if k not in EXECUTION_ONLY and prev_cfg.get(k) != v)
-            raise ValueError(f"--out: {out} holds a run with a different config (changed: {', '.join(changed) or 'unknown'}); "
-                             f"choose another --out, or pass --overwrite to delete its {len(finished)} finished shard(s) and start over")
-        changed_inputs = [f for f, ident in previous.get("inputs", {}).items() if inputs.get(f) != ident]
-        if changed_inputs:
-            raise ValueError(f"--input: {changed_inputs[0]} changed (size or modification time) since this run started"
-                             f"{f' ({len(changed_inputs) - 1} more)' if len(changed_inputs) > 1 else ''}; restore it, "
-                             f"or pass --overwrite to delete the run's {len(finished)} finished shard(s) and start over")
-        if not cfg.resume and cfg.num_workers == 1:
-            raise ValueError(f"--out: {out} already holds this run; pass --resume to continue it "
-                             f"(--overwrite would delete its {len(finished)} finished shard(s))")
-        if remote and (out / fmt.MANIFEST_NAME).is_file():   # a manifest in a bucket is created once
-            return fmt.read_manifest(out)
-    if remote:
-        if cfg.overwrite:
-            storage.delete_tree(out)
-    else:
-        prepare_output_dir(out, "overwrite" if cfg.overwrite else "resume", owns=owned_tmp(cfg))
-    storage.write_bytes(run_file, json.dumps({"config_hash": cfg.output_hash(), "format_version": fmt.FORMAT_VERSION,
-                                              "config": cfg.to_dict(), "inputs": inputs}, indent=2).encode())
-    return None
-
-
-def is_finished(path: Path, cfg: GenerateConfig) -> bool:
-    """A shard is finished when it exists under its final name and was made
-    by this config (a stale shard from another config is redone)."""
-    if not path.is_file():
-        return False
-    import pyarrow.parquet as pq
-    try:
-        meta = fmt.read_file_metadata(pq.read_schema(path).metadata, str(path))
-    except Exception:
-        return False
-    return meta.get("config_hash") == cfg.output_hash()
+def same_slice(recorded: str | None, digest: str, cfg: GenerateConfig) -> bool:
+    """A finished shard was made from these input records: its recorded digest
+    matches; one without (written before digests were kept) counts while the
+    inputs are unchanged (not with --inputs-changed)."""
+    return recorded == digest if recorded is not None else not cfg.inputs_changed
 
 
 class LocalShards:
-    """The finished shards of a run in a local directory: those under their
-    final name that this config made."""
+    """This worker's shards in a local directory: finished are those under
+    their final name that this config made from the same input records;
+    they are committed in place (ShardFile renames them), the manifest last."""
 
-    def __init__(self, cfg: GenerateConfig):
-        self.out, self.cfg = Path(cfg.out), cfg
+    def __init__(self, cfg: GenerateConfig, rd):
+        self.out, self.cfg, self.rd = rd.local, cfg, rd
 
-    def done(self, index: int) -> bool:
-        return is_finished(self.out / fmt.shard_name(index), self.cfg)
+    def done(self, index: int, digest: str) -> bool:
+        path = self.out / fmt.shard_name(index)
+        if not path.is_file():
+            return False
+        import pyarrow.parquet as pq
+        try:
+            meta = fmt.read_file_metadata(pq.read_schema(path).metadata, str(path))
+        except Exception:
+            return False
+        return meta.get("config_hash") == self.cfg.output_hash() and same_slice(meta.get("input_sha256"), digest, self.cfg)
 
     def info(self, index: int) -> tuple[ShardInfo, int]:
         """(its ShardInfo, how many input records it skipped as bad: in its footer)."""
         path = self.out / fmt.shard_name(index)
         return shard_info_from_file(path, self.cfg.kind), shard_counts(path).get("skipped", 0)
+
+    def closed(self, index: int, info: ShardInfo, counts: dict) -> None:
+        """A shard the writer finished: already in place."""
+
+    def finish(self, written: dict[int, ShardInfo]) -> dict[int, ShardInfo]:
+        return written
+
+    def stop(self) -> None:
+        pass
+
+    def publish(self, manifest: dict, name: str) -> dict:
+        return self.rd.commit_manifest(manifest, name)
+
+
+def complete_manifest(where, name: str) -> dict | None:
+    """The manifest (or partial manifest) `name` in `where` if present, readable
+    and every shard it lists is there at its recorded size; else None."""
+    import json
+    try:
+        manifest = json.loads(storage.read_text(where / name, 1 << 28))
+        for s in manifest["shards"]:
+            if (where / s["name"]).stat().st_size != s["bytes"]:
+                return None
+    except (OSError, ValueError, KeyError, TypeError, fmt.FormatError):
+        return None
+    return manifest

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from labelgen import format as fmt
 from labelgen import fsutil, storage
 from labelgen.format import Encoding, FormatError
+from labelgen.rundir import DIRECTORY, RunDir
 
 
 @dataclass
@@ -204,28 +205,6 @@ class ShardFile:
             self.abort()
 
 
-def prepare_output_dir(out_dir: Path, exist: str, owns=None) -> None:
-    """Create `out_dir`; refuse a non-empty one unless exist is 'resume' (keep
-    it) or 'overwrite' (empty it). Leftover `.tmp` files are removed: all of
-    them, or those whose names `owns` accepts (a worker of a data-parallel run
-    must not delete the shard another worker is writing). Lock files
-    (fsutil.run_lock) do not count and stay."""
-    if exist not in ("error", "resume", "overwrite"):
-        raise ValueError(f"exist must be error, resume or overwrite, got {exist!r}")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FormatError(f"{out_dir}: exists and is not a directory")
-    if any(not fsutil.is_lock_file(p) for p in storage.list_dir(out_dir)):
-        if exist == "error":
-            raise FormatError(f"{out_dir}: output directory is not empty; pass --overwrite to replace what it holds")
-        if exist == "overwrite":
-            fsutil.clear_directory(out_dir)
-    storage.make_dir(out_dir)
-    for tmp in storage.list_dir(out_dir, "*" + fmt.TMP_SUFFIX):
-        if owns is None or owns(tmp.name):
-            storage.delete(tmp)
-
-
 class ShardWriter:
     """A label set: rolls a new shard at `max_rows` rows or `max_bytes` bytes
     and writes the manifest on a clean exit (never after an exception).
@@ -240,7 +219,10 @@ class ShardWriter:
             raise FormatError(f"k must be >= 1, got {k}")
         self.out_dir, self.kind, self.k, self.vocab_size, self.enc = Path(out_dir), kind, k, vocab_size, encoding
         self.header, self.max_rows, self.max_bytes = header or {}, max_rows, max_bytes
-        prepare_output_dir(self.out_dir, "overwrite" if exist == "overwrite" else "error")
+        if exist not in ("error", "overwrite"):
+            raise ValueError(f"exist must be error or overwrite, got {exist!r}")
+        RunDir(self.out_dir, DIRECTORY).claim(resume=False, overwrite=exist == "overwrite")
+        storage.make_dir(self.out_dir)
         self.shards: list[ShardInfo] = []
         self._file: ShardFile | None = None
         self.manifest: dict | None = None

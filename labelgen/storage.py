@@ -18,6 +18,7 @@ read; gs:// uses Google's default credentials.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -141,11 +142,6 @@ class StorePath:
         from pyarrow.fs import FileSelector
         for info in filesystem(self.scheme).get_file_info(FileSelector(self._fs_path, allow_not_found=True)):
             yield StorePath(self.scheme, self.bucket, info.path.split("/", 1)[1] if "/" in info.path else "")
-
-    def glob(self, pattern: str):
-        """Objects directly under this prefix whose names match `pattern` (no recursion)."""
-        import fnmatch
-        return (p for p in self.iterdir() if fnmatch.fnmatchcase(p.name, pattern))
 
     def read_bytes(self) -> bytes:
         with open_input(self) as f:
@@ -278,43 +274,65 @@ def download_file(remote: StorePath, local: Path) -> None:
             out.write(chunk)
 
 
-def delete_tree(remote: StorePath) -> None:
-    filesystem(remote.scheme).delete_dir_contents(remote._fs_path, missing_dir_ok=True)
-
-
 class AlreadyExists(FormatError):
-    """write_bytes(..., if_absent=True) found the object there."""
+    """A conditional write found the object there (if_absent), or not as expected (if_match)."""
 
 
-def write_bytes(path, data: bytes, if_absent: bool = False) -> None:
+def write_bytes(path, data: bytes, if_absent: bool = False, if_match: str | None = None) -> str | None:
     """Write a whole file or object: locally through a tmp file (fsync, rename);
     in a bucket as one PUT (an object appears whole or not at all). With
-    `if_absent` the write fails (AlreadyExists) when `path` exists: on S3 with
-    a conditional PUT (If-None-Match: *, through boto3 when installed, the
-    `s3` extra), so of two writers exactly one wins; without boto3, and on
-    gs:// and local paths (callers hold the run lock there), by a check first."""
+    `if_absent` the write fails (AlreadyExists) when `path` exists, with
+    `if_match` unless the object's version tag is that one (see read_versioned):
+    on S3 by a conditional PUT (If-None-Match / If-Match, through boto3 when
+    installed, the `s3` extra), so of two writers exactly one wins; without
+    boto3, and on gs:// and local paths (callers hold the run lock there), by a
+    check first. Returns the new object's version tag (None locally)."""
     if not isinstance(path, StorePath):
         from labelgen.fsutil import atomic_write_bytes
         if if_absent and Path(path).exists():
             raise AlreadyExists(f"{path}: already exists")
         atomic_write_bytes(Path(path), data)
-        return
-    if if_absent and path.scheme == "s3" and _boto3_client() is not None:
+        return None
+    conditional = if_absent or if_match is not None
+    if conditional and path.scheme == "s3" and _boto3_client() is not None:
         import botocore.exceptions
         try:
-            _boto3_client().put_object(Bucket=path.bucket, Key=path.key, Body=data, IfNoneMatch="*")
+            cond = {"IfNoneMatch": "*"} if if_absent else {"IfMatch": if_match}
+            return _boto3_client().put_object(Bucket=path.bucket, Key=path.key, Body=data, **cond)["ETag"]
         except botocore.exceptions.ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
-                raise AlreadyExists(f"{path}: already exists") from None
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict",
+                                                           "NoSuchKey", "404"):
+                raise AlreadyExists(f"{path}: {'already exists' if if_absent else 'changed or gone'}") from None
             raise OSError(f"{path}: {e}") from None
-        return
     if if_absent and path.exists():
         raise AlreadyExists(f"{path}: already exists")
+    if if_match is not None and (read_versioned(path) or (None, None))[1] != if_match:
+        raise AlreadyExists(f"{path}: changed or gone")
     try:
         with filesystem(path.scheme).open_output_stream(path._fs_path) as out:
             out.write(data)
     except OSError as e:
         raise OSError(f"{path}: {e}") from None
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_versioned(path: "StorePath") -> tuple[bytes, str] | None:
+    """(an object's bytes, its version tag for write_bytes' if_match), or None
+    when it does not exist. The tag is S3's ETag through boto3, else a hash."""
+    if path.scheme == "s3" and _boto3_client() is not None:
+        import botocore.exceptions
+        try:
+            got = _boto3_client().get_object(Bucket=path.bucket, Key=path.key)
+        except botocore.exceptions.ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise OSError(f"{path}: {e}") from None
+        return got["Body"].read(), got["ETag"]
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    return data, hashlib.sha256(data).hexdigest()
 
 
 @functools.lru_cache(maxsize=None)
@@ -329,9 +347,17 @@ def _boto3_client():
     return boto3.client("s3", endpoint_url=endpoint or None, region_name=region or None)
 
 
-def delete(path) -> None:
-    """Remove one file or object (missing is fine)."""
+def delete(path, if_match: str | None = None) -> None:
+    """Remove one file or object (missing is fine); with `if_match`, an object
+    only while its version tag is that one (a lease released by its holder)."""
     if isinstance(path, StorePath):
+        if if_match is not None and path.scheme == "s3" and _boto3_client() is not None:
+            import botocore.exceptions
+            with contextlib.suppress(botocore.exceptions.ClientError):   # gone, or no longer that version
+                _boto3_client().delete_object(Bucket=path.bucket, Key=path.key, IfMatch=if_match)
+            return
+        if if_match is not None and (read_versioned(path) or (None, None))[1] != if_match:
+            return
         try:
             filesystem(path.scheme).delete_file(path._fs_path)
         except FileNotFoundError:
@@ -348,9 +374,8 @@ def list_dir(path, pattern: str = "*") -> list:
     names match `pattern`, sorted; [] when it does not exist."""
     import fnmatch
     path = location(path)
-    if isinstance(path, StorePath):
-        return sorted(path.glob(pattern))
-    return sorted(p for p in path.iterdir() if fnmatch.fnmatchcase(p.name, pattern)) if path.is_dir() else []
+    found = path.iterdir() if isinstance(path, StorePath) or path.is_dir() else ()
+    return sorted(p for p in found if fnmatch.fnmatchcase(p.name, pattern))
 
 
 def read_text(path, max_bytes: int | None = None, errors: str = "strict") -> str:
@@ -368,7 +393,7 @@ def make_dir(path) -> None:
 def remove_tree(path) -> None:
     """A directory (or everything under a bucket prefix) and all it holds; missing is fine."""
     if isinstance(path, StorePath):
-        delete_tree(path)
+        filesystem(path.scheme).delete_dir_contents(path._fs_path, missing_dir_ok=True)
         return
     import shutil
     shutil.rmtree(path, ignore_errors=True)

@@ -17,16 +17,15 @@ generate`'s (atomic shards, manifest last); nothing loads a whole file.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
 from labelgen import format as fmt
-from labelgen import fsutil, storage
 from labelgen.format import FormatError
 from labelgen.inputs import InputError, expand_paths, file_kind, jsonl_lines, parse_json
+from labelgen.rundir import LABELS, RunDir
 from labelgen.shards import ShardWriter
 
 # vLLM returns the top n (max_logprobs, 20 by default) plus the actual token;
@@ -127,14 +126,14 @@ def import_prompt_logprobs(inputs: list[str], out: str | Path, tokenizer_dir: st
               "tokenizer": fmt.tokenizer_fingerprint(tokenizer), "counts": {}}
     vocab = max(len(tokenizer), getattr(tokenizer, "vocab_size", 0) or 0)
     out = Path(out)
-    with fsutil.run_lock(out):
-        if not overwrite and _interrupted_import(out):
+    with RunDir(out, LABELS) as rd:
+        if not overwrite and _interrupted_import(rd):
             (log or (lambda m: None))(f"{out}: an import stopped before its manifest; starting it over")
             overwrite = True
-        writer = ShardWriter(out, "topk", k, vocab, header=header, max_rows=rows_per_shard,
-                             exist="overwrite" if overwrite else "error")
+        rd.claim(resume=False, overwrite=overwrite)   # refuses, or leaves the directory empty
+        writer = ShardWriter(out, "topk", k, vocab, header=header, max_rows=rows_per_shard)
         try:
-            fsutil.atomic_write_bytes(out / fmt.RUN_FILE, json.dumps({"command": "import", "k": k}).encode())
+            rd.record({"command": "import", "k": k})
             for path in files:
                 if file_kind(path) not in ("jsonl", "jsonl.zst"):
                     raise InputError(f"{path}: vLLM prompt_logprobs are read from JSONL (or .jsonl.zst) files")
@@ -154,15 +153,11 @@ def import_prompt_logprobs(inputs: list[str], out: str | Path, tokenizer_dir: st
             return writer.close()
         except BaseException:
             writer.abort()
-            fsutil.clear_directory(out)   # nothing of a stopped import is kept (the directory was empty or replaced)
+            rd.clear()   # nothing of a stopped import is kept (the directory was empty or held a label set replaced)
             raise
 
 
-def _interrupted_import(out: Path) -> bool:
-    """`out` holds what an import wrote, without the manifest that completes it."""
-    if not (out / fmt.RUN_FILE).is_file() or (out / fmt.MANIFEST_NAME).exists():
-        return False
-    try:
-        return json.loads(storage.read_text(out / fmt.RUN_FILE)).get("command") == "import"
-    except (OSError, ValueError, AttributeError):
-        return False
+def _interrupted_import(rd: RunDir) -> bool:
+    """The output holds what an import wrote, without the manifest that completes it."""
+    record = rd.read_record()
+    return bool(record) and record.get("command") == "import" and not (rd.where / fmt.MANIFEST_NAME).exists()

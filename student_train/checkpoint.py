@@ -7,14 +7,12 @@ unpickled on load: torch.load(weights_only=True) and JSON only."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 
 from labelgen import fsutil, storage
-
-STEP_RE = re.compile(r"^step_(\d{6,})$")
+from labelgen.rundir import CHECKPOINT_RE
 
 
 def checkpoint_dir(out: Path, step: int) -> Path:
@@ -23,7 +21,7 @@ def checkpoint_dir(out: Path, step: int) -> Path:
 
 def latest_checkpoint(out: Path) -> Path | None:
     found = [(int(m.group(1)), p) for p in storage.list_dir(out, "step_*")
-             if (m := STEP_RE.match(p.name)) and (p / "meta.json").is_file()]
+             if (m := CHECKPOINT_RE.match(p.name)) and (p / "meta.json").is_file()]
     return max(found)[1] if found else None
 
 

@@ -25,7 +25,7 @@ from labelgen.format import FormatError
 from student_train import losses
 from student_train.config import CodistillConfig
 from student_train.data import LabelStream, open_label_sets
-from student_train.runtime import Run, build_model, fit, local_out, prepare_out_dir, setup_distributed
+from student_train.runtime import Run, build_model, fit, run_dir, setup_distributed
 
 
 def shared_tokenizer(cfg: CodistillConfig):
@@ -122,31 +122,31 @@ def codistill(cfg: CodistillConfig) -> dict:
     teacher = build_model(cfg.teacher, cfg.teacher_config, tokenizer, cfg.seed + 1)
     student = build_model(cfg.student, cfg.student_config, tokenizer, cfg.seed)
     n_vocab = check_widths(teacher, student, tokenizer)
-    out = local_out(cfg.out)
-    ckpt = prepare_out_dir(cfg.out, cfg.resume, cfg.overwrite, d.main)
-    if d.main:
-        tokenize_corpus(cfg.inputs, out / "data", tok_dir, cfg)
+    with run_dir(cfg, d) as (rd, ckpt):
+        out = rd.local
+        if d.main:
+            tokenize_corpus(cfg.inputs, out / "data", tok_dir, cfg)
+            if cfg.eval_input:
+                tokenize_corpus(cfg.eval_input, out / "eval_data", tok_dir, cfg)
+        if dist.is_initialized():
+            dist.barrier()
+        readers = open_label_sets([str(out / "data")])
+        stream = LabelStream(readers, cfg.batch_size, seed=cfg.seed, group_units=cfg.group_units, rank=d.rank,
+                             world_size=d.world)
+        eval_stream = None
         if cfg.eval_input:
-            tokenize_corpus(cfg.eval_input, out / "eval_data", tok_dir, cfg)
-    if dist.is_initialized():
-        dist.barrier()
-    readers = open_label_sets([str(out / "data")])
-    stream = LabelStream(readers, cfg.batch_size, seed=cfg.seed, group_units=cfg.group_units, rank=d.rank,
-                         world_size=d.world)
-    eval_stream = None
-    if cfg.eval_input:
-        eval_stream = LabelStream(open_label_sets([str(out / "eval_data")]), cfg.batch_size, shuffle=False,
-                                  rank=d.rank, world_size=d.world)
-    fingerprint = readers[0].manifest["fingerprint"]
+            eval_stream = LabelStream(open_label_sets([str(out / "eval_data")]), cfg.batch_size, shuffle=False,
+                                      rank=d.rank, world_size=d.world)
+        fingerprint = readers[0].manifest["fingerprint"]
 
-    def check_resume(meta: dict, ckpt: Path) -> None:
-        if meta.get("data_fingerprint") != fingerprint:
-            raise FormatError(f"--resume: {ckpt} was trained on another corpus (fingerprints differ)")
+        def check_resume(meta: dict, ckpt: Path) -> None:
+            if meta.get("data_fingerprint") != fingerprint:
+                raise FormatError(f"--resume: {ckpt} was trained on another corpus (fingerprints differ)")
 
-    run = Run(models={"student": student, "teacher": teacher}, lrs={"student": cfg.student_lr, "teacher": cfg.teacher_lr},
-              stream=stream, eval_stream=eval_stream, loss=functools.partial(micro_step, cfg=cfg, n_vocab=n_vocab),
-              score=functools.partial(score, n_vocab=n_vocab), tokenizer=tokenizer,
-              check_resume=check_resume, desc="codistill",
-              meta={"config": cfg.to_dict(), "data_fingerprint": fingerprint,
-                    "tokenizer": fmt.tokenizer_fingerprint(tokenizer)["fingerprint"]})
-    return fit(cfg, d, run, ckpt)
+        run = Run(models={"student": student, "teacher": teacher}, lrs={"student": cfg.student_lr, "teacher": cfg.teacher_lr},
+                  stream=stream, eval_stream=eval_stream, loss=functools.partial(micro_step, cfg=cfg, n_vocab=n_vocab),
+                  score=functools.partial(score, n_vocab=n_vocab), tokenizer=tokenizer,
+                  check_resume=check_resume, desc="codistill",
+                  meta={"config": cfg.to_dict(), "data_fingerprint": fingerprint,
+                        "tokenizer": fmt.tokenizer_fingerprint(tokenizer)["fingerprint"]})
+        return fit(cfg, d, run, rd, ckpt)

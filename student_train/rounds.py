@@ -33,10 +33,10 @@ from pathlib import Path
 
 from labelgen import format as fmt
 from labelgen import stopping, storage
+from labelgen.rundir import ROUNDS, Mismatch, RunDir
 from student_train.checkpoint import checkpoint_dir
 from student_train.config import RoundsConfig
 
-CONFIG_FILE = "rounds.json"
 LOG_FILE = "rounds.jsonl"
 # Settings that change where or how fast the rounds run, not what they make: a rerun may change them.
 EXECUTION_ONLY = ("progress", "overwrite", "resume", "device", "num_workers", "batch_tokens")
@@ -108,33 +108,28 @@ def _train(cfg: RoundsConfig, labels: Path, student: str, out: Path) -> tuple[st
     return str(final), figures
 
 
-def check_out(cfg: RoundsConfig) -> Path:
-    """The work directory, holding this config (a different one is refused unless --overwrite)."""
-    out = Path(cfg.out)
-    if storage.is_uri(cfg.out):
-        raise ValueError(f"--out: {cfg.out}: rounds keep their stages on local disk")
-    mine = {k: v for k, v in cfg.to_dict().items() if k not in EXECUTION_ONLY}
-    previous = out / CONFIG_FILE
-    if cfg.overwrite:
-        storage.remove_tree(out)
-    elif previous.is_file():
-        theirs = {k: v for k, v in json.loads(storage.read_text(previous, 1 << 20)).items() if k not in EXECUTION_ONLY}
+def compare(mine: dict, out: Path):
+    """Why the rounds run recorded in `out` is not this one (a Mismatch), or None."""
+    def why(previous: dict) -> Mismatch | None:
+        theirs = {k: v for k, v in previous.items() if k not in EXECUTION_ONLY}
         changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-        if changed:
-            raise ValueError(f"--out: {out} holds rounds run with other settings (changed: {', '.join(changed)}); "
-                             "choose another --out, or pass --overwrite to start over")
-    elif out.is_dir() and storage.list_dir(out):
-        raise ValueError(f"--out: {out} is not empty and holds no rounds run; choose another directory or pass --overwrite")
-    storage.make_dir(out)
-    storage.write_bytes(previous, json.dumps(mine, indent=1).encode())
-    return out
+        return Mismatch("--out", f"{out} holds rounds run with other settings (changed: {', '.join(changed)})",
+                        "choose another --out") if changed else None
+    return why
 
 
 def run_rounds(cfg: RoundsConfig) -> dict:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("student-train rounds runs as one process (it samples, scores and trains in turn); "
                          "not under torchrun")
-    out = check_out(cfg)
+    with RunDir(cfg.out, ROUNDS) as rd:
+        mine = {k: v for k, v in cfg.to_dict().items() if k not in EXECUTION_ONLY}
+        rd.claim(resume=True, overwrite=cfg.overwrite, compare=compare(mine, rd.local))
+        rd.record(mine)
+        return _run_rounds(cfg, rd.local)
+
+
+def _run_rounds(cfg: RoundsConfig, out: Path) -> dict:
     student, done = cfg.student, []
     initial = held_out_figures(cfg, student, out / "initial")
     if initial:

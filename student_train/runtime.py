@@ -27,10 +27,10 @@ import torch
 import torch.distributed as dist
 
 from labelgen import fsutil, storage
+from labelgen.rundir import TRAIN, RunDir
 from labelgen.stopping import StopFlag
 from student_train import losses
-from student_train.checkpoint import (STEP_RE, checkpoint_dir, latest_checkpoint, load_states, load_weights,
-                                     save_checkpoint)
+from student_train.checkpoint import latest_checkpoint, load_states, load_weights, save_checkpoint
 from student_train.data import LabelStream, LoaderState, take_batches
 
 
@@ -139,71 +139,17 @@ def autocast(d: Dist, dtype: str):
     return contextlib.nullcontext()
 
 
-def local_out(out: str | Path) -> Path:
-    """Where a run writes: its --out, or for an s3:// / gs:// --out a local
-    staging directory whose checkpoints are uploaded whole as they are saved."""
-    return storage.staging_dir(out) if storage.is_uri(out) else Path(out)
-
-
-def _remote_checkpoints(remote) -> list[int]:
-    """Steps of the whole checkpoints in a bucket run directory (those whose meta.json, uploaded last, is there)."""
-    found = []
-    for obj in storage.list_tree(remote):
-        parts = obj.key[len(remote.key):].strip("/").split("/")
-        if len(parts) == 2 and parts[1] == "meta.json" and (m := STEP_RE.match(parts[0])):
-            found.append(int(m.group(1)))
-    return found
-
-
-def _prepare_remote_out(remote, resume: bool, overwrite: bool, main: bool) -> Path | None:
-    """A bucket --out: the local staging directory starts from what the bucket
-    holds (its last whole checkpoint and metrics, with --resume)."""
-    local = storage.staging_dir(remote)
-    if main:
-        if storage.list_tree(remote) and not (resume or overwrite):
-            raise ValueError(f"--out: {remote} is not empty; pass --resume to continue the run or --overwrite to start over")
-        if overwrite:
-            storage.delete_tree(remote)
-        storage.remove_tree(local)
-        storage.make_dir(local)
-        steps = _remote_checkpoints(remote) if resume else []
-        if steps:
-            name = checkpoint_dir(local, max(steps)).name
-            storage.download_tree(remote / name, local / name)
-            if (remote / METRICS_FILE).is_file():
-                storage.download_file(remote / METRICS_FILE, local / METRICS_FILE)
-    if dist.is_initialized():
-        dist.barrier()
-    return latest_checkpoint(local) if resume else None
-
-
-def push_checkpoint(out: str, local: Path, ckpt: Path) -> None:
-    """Upload a saved checkpoint to a bucket --out (meta.json last: until it is
-    there the checkpoint does not count), then the metrics log."""
-    remote = storage.location(out)
-    storage.upload_tree(ckpt, remote / ckpt.name, last="meta.json")
-    if (local / METRICS_FILE).is_file():
-        storage.upload_file(local / METRICS_FILE, remote / METRICS_FILE)
-
-
-def prepare_out_dir(out: str | Path, resume: bool, overwrite: bool, main: bool) -> Path | None:
-    """Returns the checkpoint to resume from, if any."""
-    if storage.is_uri(out):
-        return _prepare_remote_out(storage.location(out), resume, overwrite, main)
-    out = Path(out)
-    ckpt = latest_checkpoint(out) if out.is_dir() else None
-    # A run that failed before its first checkpoint left at most its metrics log: nothing to resume or lose.
-    started = any(p.name != METRICS_FILE for p in storage.list_dir(out))
-    if started and not (resume or overwrite):
-        raise ValueError(f"--out: {out} is not empty; pass --resume to continue the run or --overwrite to start over"
-                         + (f" (this deletes its checkpoints up to {ckpt.name})" if ckpt else ""))
-    if overwrite and main:
-        storage.remove_tree(out)
-    if main:
-        storage.make_dir(out)
-    if dist.is_initialized():
-        dist.barrier()
-    return ckpt if resume else None
+@contextlib.contextmanager
+def run_dir(cfg, d: Dist):
+    """The run's output (a directory or a bucket prefix staged locally:
+    labelgen/rundir.py), held by rank 0 for the whole run; yields it and the
+    checkpoint to resume from (None when the run starts afresh)."""
+    with RunDir(cfg.out, TRAIN, main=d.main) as rd:
+        rd.claim(cfg.resume, cfg.overwrite)
+        rd.pull_checkpoint(cfg.resume, (METRICS_FILE,))
+        if dist.is_initialized():
+            dist.barrier()
+        yield rd, latest_checkpoint(rd.local) if cfg.resume else None
 
 
 METRICS_FILE = "metrics.jsonl"
@@ -337,12 +283,13 @@ def evaluate(models: dict, score, batches, d: Dist, dtype: str) -> dict:
     return out
 
 
-def fit(cfg, d: Dist, run: Run, ckpt: Path | None) -> dict:
+def fit(cfg, d: Dist, run: Run, rd: RunDir, ckpt: Path | None) -> dict:
     """Train run.models for cfg.max_steps optimizer steps of cfg.grad_accum
-    micro-batches each, resuming from `ckpt` if given. A preemption signal
-    (SIGTERM, SIGUSR1) ends the run after the step in progress, with a
-    checkpoint of it. Returns {step, out, stopped_by: the signal's name or None, world}."""
-    out = local_out(cfg.out)
+    micro-batches each, writing into the run directory `rd` (run_dir),
+    resuming from `ckpt` if given. A preemption signal (SIGTERM, SIGUSR1)
+    ends the run after the step in progress, with a checkpoint of it.
+    Returns {step, out, stopped_by: the signal's name or None, world}."""
+    out = rd.local
     if ckpt is not None:
         load_weights(ckpt, run.models)
     trained = [name for name in run.models if run.lrs[name] > 0]
@@ -436,8 +383,7 @@ def fit(cfg, d: Dist, run: Run, ckpt: Path | None) -> dict:
                 loader_state = gather_loader_state(tracker)
                 if d.main:
                     saved = save_checkpoint(out, step, run.models, opts, scheds, run.tokenizer, loader_state, run.meta, full)
-                    if storage.is_uri(cfg.out):
-                        push_checkpoint(cfg.out, out, saved)
+                    rd.push_checkpoint(saved, (METRICS_FILE,))
                 if dist.is_initialized():
                     dist.barrier()
             if stop:
@@ -447,4 +393,4 @@ def fit(cfg, d: Dist, run: Run, ckpt: Path | None) -> dict:
     if dist.is_initialized():
         dist.destroy_process_group()
     stopped = (preempt.signal or "another rank's signal") if stop and step < cfg.max_steps else None
-    return {"step": step, "out": str(out), "stopped_by": stopped, "world": d.world}
+    return {"step": step, "out": str(rd), "stopped_by": stopped, "world": d.world}

@@ -22,7 +22,7 @@ from labelgen.format import FormatError
 from student_train import losses
 from student_train.config import TrainConfig
 from student_train.data import LabelStream, holdout_split, open_label_sets
-from student_train.runtime import Run, build_model, fit, local_out, prepare_out_dir, setup_distributed
+from student_train.runtime import Run, build_model, fit, run_dir, setup_distributed
 
 
 def load_tokenizer_for(student: str | None, label_dir: Path, option: str | None = None):
@@ -239,33 +239,33 @@ def train(cfg: TrainConfig) -> dict:
         tokenizer = load_tokenizer_for(cfg.student, readers[0].dir)
         model = build_model(cfg.student, cfg.student_config, tokenizer, cfg.seed)
         width = check_vocabulary(manifest, tokenizer, model, str(readers[0].dir))
-    ckpt = prepare_out_dir(cfg.out, cfg.resume, cfg.overwrite, d.main)
-    if cfg.student_tokenizer:
-        from student_train.xtok import CrossTokenizer
-        cross = CrossTokenizer(load_tokenizer_for(None, readers[0].dir), tokenizer, local_out(cfg.out) if d.main else None)
-    train_shards, eval_shards = holdout_split(readers, cfg.eval_holdout)
-    stream = LabelStream(readers, cfg.batch_size, seed=cfg.seed, group_units=cfg.group_units, rank=d.rank,
-                         world_size=d.world, k=k, vocab_limit=width, shards=train_shards, cross=cross)
-    eval_stream = None
-    if cfg.eval_labels or eval_shards:
-        eval_readers = open_label_sets(list(cfg.eval_labels), cfg.verify) if cfg.eval_labels else readers
-        for r in eval_readers:
-            if cross is None:
-                check_vocabulary(r.manifest, tokenizer, model, str(r.dir))
-            elif r.manifest.get("tokenizer") != manifest.get("tokenizer"):
-                raise FormatError(f"--eval-labels: {r.dir} was made with another tokenizer than --labels")
-        eval_stream = LabelStream(eval_readers, cfg.batch_size, shuffle=False, rank=d.rank, world_size=d.world,
-                                  k=None, vocab_limit=width, shards=None if cfg.eval_labels else eval_shards,
-                                  cross=cross, byte_lengths=None if cross else token_byte_lengths(tokenizer, width))
-    fingerprints = [r.manifest["fingerprint"] for r in readers]
+    with run_dir(cfg, d) as (rd, ckpt):
+        if cfg.student_tokenizer:
+            from student_train.xtok import CrossTokenizer
+            cross = CrossTokenizer(load_tokenizer_for(None, readers[0].dir), tokenizer, rd.local if d.main else None)
+        train_shards, eval_shards = holdout_split(readers, cfg.eval_holdout)
+        stream = LabelStream(readers, cfg.batch_size, seed=cfg.seed, group_units=cfg.group_units, rank=d.rank,
+                             world_size=d.world, k=k, vocab_limit=width, shards=train_shards, cross=cross)
+        eval_stream = None
+        if cfg.eval_labels or eval_shards:
+            eval_readers = open_label_sets(list(cfg.eval_labels), cfg.verify) if cfg.eval_labels else readers
+            for r in eval_readers:
+                if cross is None:
+                    check_vocabulary(r.manifest, tokenizer, model, str(r.dir))
+                elif r.manifest.get("tokenizer") != manifest.get("tokenizer"):
+                    raise FormatError(f"--eval-labels: {r.dir} was made with another tokenizer than --labels")
+            eval_stream = LabelStream(eval_readers, cfg.batch_size, shuffle=False, rank=d.rank, world_size=d.world,
+                                      k=None, vocab_limit=width, shards=None if cfg.eval_labels else eval_shards,
+                                      cross=cross, byte_lengths=None if cross else token_byte_lengths(tokenizer, width))
+        fingerprints = [r.manifest["fingerprint"] for r in readers]
 
-    def check_resume(meta: dict, ckpt: Path) -> None:
-        if meta.get("labels_fingerprints") != fingerprints:
-            raise FormatError(f"--resume: {ckpt} was trained on other labels (fingerprints differ)")
+        def check_resume(meta: dict, ckpt: Path) -> None:
+            if meta.get("labels_fingerprints") != fingerprints:
+                raise FormatError(f"--resume: {ckpt} was trained on other labels (fingerprints differ)")
 
-    run = Run(models={"student": model}, lrs={"student": cfg.lr}, stream=stream, eval_stream=eval_stream,
-              loss=functools.partial(micro_step, cfg=cfg), score=score, tokenizer=tokenizer,
-              check_resume=check_resume, desc="student-train",
-              meta={"config": cfg.to_dict(), "labels_fingerprints": fingerprints,
-                    "tokenizer": fmt.tokenizer_fingerprint(tokenizer)["fingerprint"]})
-    return fit(cfg, d, run, ckpt)
+        run = Run(models={"student": model}, lrs={"student": cfg.lr}, stream=stream, eval_stream=eval_stream,
+                  loss=functools.partial(micro_step, cfg=cfg), score=score, tokenizer=tokenizer,
+                  check_resume=check_resume, desc="student-train",
+                  meta={"config": cfg.to_dict(), "labels_fingerprints": fingerprints,
+                        "tokenizer": fmt.tokenizer_fingerprint(tokenizer)["fingerprint"]})
+        return fit(cfg, d, run, rd, ckpt)

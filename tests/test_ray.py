@@ -129,3 +129,30 @@ def test_a_unit_with_bad_input_fails_the_run_with_one_line_naming_it(ray_cluster
     err = [line for line in r.stderr.splitlines() if line.startswith("labelgen:")]
     assert len(err) == 1 and err[0].startswith("labelgen: error: unit 2 of 3 failed: ") and "in.jsonl:13" in err[0], r.stderr
     assert not (tmp_path / "labels" / "manifest.json").exists()
+
+
+def test_after_a_unit_fails_on_its_input_the_fixed_input_reruns_keeping_the_finished_units(ray_cluster, tiny_teacher,
+                                                                                         tmp_path):
+    lines = [json.dumps({"id": f"p{i}", "text": "def f(x):\n    return x + %d\n" % i}) for i in range(15)]
+    bad = list(lines)
+    bad[12] = '{"id": "bad", "text": '   # shard 2: unit 2 of 3
+    (tmp_path / "in.jsonl").write_text("\n".join(bad) + "\n")
+    cmd = [sys.executable, "-m", "labelgen.cli", "generate", "--teacher", tiny_teacher, "--input", str(tmp_path / "in.jsonl"),
+           "--out", str(tmp_path / "labels"), "--k", "4", "--max-seq-len", "64", "--rows-per-shard", "5",
+           "--num-workers", "3", "--device", "cpu", "--no-progress", "--ray", "auto"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 2 and "--inputs-changed" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and "Unhandled" not in r.stderr, r.stderr
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    # The same command: refused, saying what to do, deleting nothing.
+    kept = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "labels").glob("shard-*.parquet")}
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 2 and "changed (size or modification time)" in r.stderr and "--inputs-changed" in r.stderr
+    assert "--overwrite" not in r.stderr and "Traceback" not in r.stderr and "Unhandled" not in r.stderr, r.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "labels").glob("shard-*.parquet")} == kept
+    r = subprocess.run(cmd + ["--inputs-changed"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    now = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "labels").glob("shard-*.parquet")}
+    assert kept and all(now[name] == t for name, t in kept.items())   # finished before: not redone
+    ids = [r[fmt.EXAMPLE_ID] for r in rows(tmp_path / "labels")]
+    assert len(now) == 3 and len(ids) == 15 and any(i.endswith("in.jsonl:13") for i in ids)
