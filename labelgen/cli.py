@@ -9,78 +9,22 @@
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import functools
 import json
 import os
 import sys
-from inspect import signature
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from labelgen import stopping
+from labelgen import clikit
 from labelgen.config import GenerateConfig
-from labelgen.format import FormatError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Teacher labels for LLM distillation: generate, validate and inspect label shards.")
 
 
-def cli_errors(fn=None, *, on_stop: str = ""):
-    """Turn expected failures into one line on stderr, named by the program
-    (labelgen or student-train), and exit code 2; Ctrl-C into one line and
-    130, and (for labelgen) a preemption signal into one line and
-    PREEMPTED_EXIT (labelgen.stopping), each followed by `on_stop` (what was kept)."""
-    if fn is None:
-        return functools.partial(cli_errors, on_stop=on_stop)
-    program = "student-train" if fn.__module__.startswith("student_train") else "labelgen"
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            with stopping.raise_on_preemption() if program == "labelgen" else contextlib.nullcontext():
-                return fn(*args, **kwargs)
-        except (FormatError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-            typer.echo(f"{program}: error: {e}", err=True)
-            raise typer.Exit(2)
-        except OSError as e:   # a full disk, an I/O error: the system's words, without a traceback
-            where = f"{e.filename}: " if e.filename else ""
-            typer.echo(f"{program}: error: {where}{e.strerror or ' '.join(str(e).split())}", err=True)
-            raise typer.Exit(2)
-        except KeyboardInterrupt as e:
-            preempted = isinstance(e, stopping.Preempted)
-            typer.echo(f"{program}: stopped by {e.name if preempted else 'SIGINT'}" + (f"; {on_stop}" if on_stop else ""),
-                       err=True)
-            raise typer.Exit(stopping.PREEMPTED_EXIT if preempted else 130)
-    return wrapper
-
-
-def show_defaults(cls):
-    """Show each option's default, read from the config dataclass `cls`, in
-    --help (the flags themselves default to None so a config file can fill them)."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-
-    def decorate(fn):
-        for name, param in signature(fn).parameters.items():
-            info, f = param.default, fields.get(name)
-            if not isinstance(info, typer.models.OptionInfo) or f is None or info.default is not None:
-                continue
-            if f.default is not dataclasses.MISSING:
-                value = f.default
-            elif f.default_factory is not dataclasses.MISSING:
-                value = f.default_factory()
-            else:
-                value = "required"
-            info.show_default = "none" if value is None or value == () or value == {} else str(value)
-        return fn
-    return decorate
-
-
-def _print_json(obj) -> None:
-    typer.echo(json.dumps(obj, indent=2, default=float))
+cli_errors = clikit.cli_errors("labelgen", raise_on_preemption=True)
 
 
 @app.command()
@@ -92,7 +36,7 @@ def validate(label_dir: str = typer.Argument(..., help="label set directory, or 
     from labelgen.inspect import validate as run
     r = run(label_dir, max_problems)
     if as_json:
-        _print_json(r)
+        clikit.print_json(r)
     elif r["ok"]:
         typer.echo(f"{label_dir}: OK ({r['shards']} shards, {r['rows']:,} rows)")
     else:
@@ -157,7 +101,7 @@ def _worker_from_env() -> tuple[int | None, int | None]:
 
 
 @app.command()
-@show_defaults(GenerateConfig)
+@clikit.show_defaults(GenerateConfig)
 @cli_errors(on_stop="finished shards are kept: rerun the same command with --resume to continue")
 def generate(
     config: Optional[Path] = typer.Argument(None, help="YAML/JSON config file; flags override its keys"),
@@ -205,25 +149,19 @@ def generate(
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and exit"),
 ):
     """Run a teacher over inputs and write label shards (top-k soft labels or completions)."""
+    params = dict(locals())
     env_workers, env_index = _worker_from_env()
     if ray is not None:   # every unit is run from here: the Slurm/torchrun environment does not pick one
         if worker_index is not None:
             raise ValueError("--worker-index: not with --ray, which runs every unit")
         env_workers, env_index = 1, 0
-    overrides = dict(
-        teacher=teacher, inputs=input, out=out, mode=mode, backend=backend, k=k, keep_mass=keep_mass, min_prob=min_prob, draws=draws,
-        proposal_temperature=proposal_temperature, max_seq_len=max_seq_len,
-        stride=stride, batch_tokens=batch_tokens, n=n, temperature=temperature, top_p=top_p,
-        max_new_tokens=max_new_tokens, seed=seed, round=round, text_field=text_field, prompt_field=prompt_field,
-        messages_field=messages_field, id_field=id_field, rows_per_shard=rows_per_shard, dtype=dtype,
-        device=device, engine=_kv(engine, "--engine"), encoding=_kv(encoding, "--encoding"), skip_bad=skip_bad,
-        resume=resume, overwrite=overwrite, inputs_changed=inputs_changed, progress=progress,
-        num_workers=num_workers if num_workers is not None else env_workers,
-        worker_index=worker_index if worker_index is not None else env_index,
-    )
+    overrides = clikit.overrides(GenerateConfig, params, inputs=input, engine=_kv(engine, "--engine"),
+                                 encoding=_kv(encoding, "--encoding"),
+                                 num_workers=num_workers if num_workers is not None else env_workers,
+                                 worker_index=worker_index if worker_index is not None else env_index)
     cfg = GenerateConfig.from_sources(str(config) if config else None, overrides)
     if dry_run:
-        _print_json(cfg.to_dict())
+        clikit.print_json(cfg.to_dict())
         return
     if ray is not None:
         from labelgen.ray_run import RayConfig, run_on_ray

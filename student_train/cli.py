@@ -15,12 +15,14 @@ from typing import List, Optional
 
 import typer
 
-from labelgen.cli import cli_errors, show_defaults
+from labelgen import clikit
 from labelgen.stopping import PREEMPTED_EXIT
 from student_train.config import CodistillConfig, RoundsConfig, TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train a student LLM on label shards written by `labelgen generate`.")
+# A preemption signal is read by the training loop, which checkpoints first (runtime.fit).
+cli_errors = clikit.cli_errors("student-train", raise_on_preemption=False)
 
 
 def finish(result: dict, done: str) -> None:
@@ -45,7 +47,7 @@ def finish(result: dict, done: str) -> None:
 
 
 @app.command("train")
-@show_defaults(TrainConfig)
+@clikit.show_defaults(TrainConfig)
 @cli_errors
 def train_cmd(
     config: Optional[Path] = typer.Argument(None, help="YAML/JSON config file; flags override its keys"),
@@ -91,16 +93,7 @@ def train_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and exit"),
 ):
     """Fit a student to top-k soft labels (kd), actual tokens (ce), completions (sft) or its own scored completions (opd)."""
-    overrides = dict(labels=labels, eval_labels=eval_labels, eval_holdout=eval_holdout, student=student,
-                     student_config=student_config, student_tokenizer=student_tokenizer, out=out, max_steps=max_steps, loss=loss, kd_kind=kd_kind,
-                     tail=tail, temperature=temperature, beta=beta, k=k, alpha=alpha, alpha_end=alpha_end,
-                     opd_forward_kl=opd_forward_kl, opd_clip=opd_clip, lr=lr,
-                     warmup_steps=warmup_steps, batch_size=batch_size, grad_accum=grad_accum, min_lr_ratio=min_lr_ratio,
-                     weight_decay=weight_decay, grad_clip=grad_clip, group_units=group_units, dtype=dtype,
-                     eval_every=eval_every,
-                     eval_batches=eval_batches, save_every=save_every, log_every=log_every, num_workers=num_workers,
-                     seed=seed, device=device, fsdp=fsdp, verify=verify, resume=resume, overwrite=overwrite,
-                     progress=progress)
+    overrides = clikit.overrides(TrainConfig, locals())
     cfg = TrainConfig.from_sources(str(config) if config else None, overrides)
     if dry_run:
         typer.echo(json.dumps(cfg.to_dict(), indent=2))
@@ -111,7 +104,7 @@ def train_cmd(
 
 
 @app.command("codistill")
-@show_defaults(CodistillConfig)
+@clikit.show_defaults(CodistillConfig)
 @cli_errors
 def codistill_cmd(
     config: Optional[Path] = typer.Argument(None, help="YAML/JSON config file; flags override its keys"),
@@ -161,17 +154,7 @@ def codistill_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and exit"),
 ):
     """Train a teacher and a student together: the teacher on CE, the student on CE + the teacher's live soft labels."""
-    overrides = dict(inputs=input, eval_input=eval_input, teacher=teacher, teacher_config=teacher_config,
-                     student=student, student_config=student_config, tokenizer=tokenizer, out=out,
-                     max_steps=max_steps, batch_size=batch_size, max_seq_len=max_seq_len, alpha=alpha,
-                     alpha_warmup_steps=alpha_warmup_steps, alpha_ramp_steps=alpha_ramp_steps,
-                     alpha_schedule=alpha_schedule, kd=kd, k=k, kd_kind=kd_kind, temperature=temperature,
-                     teacher_lr=teacher_lr, student_lr=student_lr, grad_accum=grad_accum, warmup_steps=warmup_steps, text_field=text_field,
-                     rows_per_shard=rows_per_shard, tail=tail, beta=beta, min_lr_ratio=min_lr_ratio,
-                     weight_decay=weight_decay, grad_clip=grad_clip, group_units=group_units, dtype=dtype,
-                     num_workers=num_workers, eval_every=eval_every,
-                     eval_batches=eval_batches, save_every=save_every, log_every=log_every, seed=seed,
-                     device=device, fsdp=fsdp, resume=resume, overwrite=overwrite, progress=progress)
+    overrides = clikit.overrides(CodistillConfig, locals(), inputs=input)
     cfg = CodistillConfig.from_sources(str(config) if config else None, overrides)
     if dry_run:
         typer.echo(json.dumps(cfg.to_dict(), indent=2))
@@ -182,7 +165,7 @@ def codistill_cmd(
 
 
 @app.command("rounds")
-@show_defaults(RoundsConfig)
+@clikit.show_defaults(RoundsConfig)
 @cli_errors(on_stop="finished stages are kept: rerun the same command to continue")
 def rounds_cmd(
     config: Optional[Path] = typer.Argument(None, help="YAML/JSON config file; flags override its keys"),
@@ -223,14 +206,7 @@ def rounds_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and exit"),
 ):
     """On-policy distillation in batch rounds: the student writes, the teacher scores offline, the student trains."""
-    overrides = dict(teacher=teacher, student=student, prompts=prompts, eval_prompts=eval_prompts, out=out,
-                     rounds=rounds, sampler=sampler, loss=loss, n=n, eval_n=eval_n, max_new_tokens=max_new_tokens,
-                     k=k, prompt_field=prompt_field, messages_field=messages_field, id_field=id_field,
-                     max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-                     opd_forward_kl=opd_forward_kl, opd_clip=opd_clip, tail=tail, warmup_steps=warmup_steps,
-                     min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, grad_clip=grad_clip, backend=backend,
-                     batch_tokens=batch_tokens, log_every=log_every, seed=seed, device=device, dtype=dtype,
-                     overwrite=overwrite, progress=progress)
+    overrides = clikit.overrides(RoundsConfig, locals())
     cfg = RoundsConfig.from_sources(str(config) if config else None, overrides)
     if dry_run:
         typer.echo(json.dumps(cfg.to_dict(), indent=2))
