@@ -82,7 +82,7 @@ def cross_loader_rate(label_dir: Path, batch_size: int, student_tokenizer: str |
     """Loader rate re-tokenizing for another tokenizer, and the seconds its candidate map took."""
     from transformers import AutoTokenizer
     from labelgen.demo import read_corpus, train_tokenizer
-    from student_train.train import load_tokenizer_for
+    from student_train.vocab import load_tokenizer_for
     from student_train.xtok import CrossTokenizer
     if student_tokenizer is None:
         student_tokenizer = str(work / "student_tokenizer")
@@ -170,7 +170,8 @@ def student_rate(label_dir: Path, loss: str, batch_size: int, steps: int) -> tup
     from student_train.config import TrainConfig
     from student_train.data import LabelStream, open_label_sets
     from student_train.runtime import build_model, make_optimizer
-    from student_train.train import load_tokenizer_for, micro_step
+    from student_train.train import micro_step
+    from student_train.vocab import load_tokenizer_for
     cfg_path = label_dir.parent / "student.json"
     cfg_path.write_text(json.dumps(STUDENT))
     cfg = TrainConfig(labels=(str(label_dir),), out="unused", student_config=str(cfg_path), loss=loss,

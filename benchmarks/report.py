@@ -339,7 +339,8 @@ def cross_tokenizer(teacher: str, texts: list[str], label_text: Path, heldout: P
     from labelgen.generate import run
     from student_train.config import TrainConfig
     from student_train.data import LabelStream, open_label_sets
-    from student_train.train import load_tokenizer_for, train
+    from student_train.train import train
+    from student_train.vocab import load_tokenizer_for
     from student_train.xtok import CrossTokenizer
     labels = make_labels(teacher, {"top64": label_sets(label_text, work / "prompts.jsonl", scale)["top64"]},
                          work / "labels", scale)["top64"]["dir"]

@@ -211,7 +211,7 @@ def gradient_study(teacher: str, student_ckpt: str, labels: dict, scale: RealSca
     from transformers import AutoModelForCausalLM
     from student_train import losses
     from student_train.data import LabelStream, open_label_sets, take_batches
-    from student_train.train import student_logits
+    from student_train.objective import student_logits
     torch.manual_seed(0)
     student = AutoModelForCausalLM.from_pretrained(student_ckpt, dtype=torch.float32)
     teach = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
@@ -286,7 +286,7 @@ def optimizer_study(teacher: str, student_ckpt: str, labels: dict, scale: RealSc
     from transformers import AutoModelForCausalLM
     from student_train import losses
     from student_train.data import LabelStream, open_label_sets, take_batches
-    from student_train.train import student_logits
+    from student_train.objective import student_logits
     torch.manual_seed(0)
     student = AutoModelForCausalLM.from_pretrained(student_ckpt, dtype=torch.float32)
     teach = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
@@ -360,7 +360,7 @@ def tail_study(teacher: str, students: dict, eval_dir: str, scale: RealScale) ->
     import torch
     from transformers import AutoModelForCausalLM
     from student_train.data import LabelStream, open_label_sets, take_batches
-    from student_train.train import student_logits
+    from student_train.objective import student_logits
     teach = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
     models = {name: AutoModelForCausalLM.from_pretrained(s["checkpoint"], dtype=torch.float32).eval()
               for name, s in students.items()}
@@ -401,7 +401,7 @@ def cross_tokenizer_runs(labels: dict, other_text: list[str], eval_dir: str, wor
     labels, in held-out bits per byte; the aligned share of its positions."""
     from labelgen.demo import train_tokenizer
     from student_train.data import LabelStream, open_label_sets
-    from student_train.train import load_tokenizer_for
+    from student_train.vocab import load_tokenizer_for
     from student_train.xtok import CrossTokenizer
     own = work / "student_tokenizer"
     if not (own / "tokenizer.json").is_file():

@@ -25,6 +25,7 @@ from labelgen.format import FormatError
 from student_train import losses
 from student_train.config import CodistillConfig
 from student_train.data import LabelStream, open_label_sets
+from student_train.objective import mix
 from student_train.runtime import Run, build_model, fit, run_dir, setup_distributed
 
 
@@ -101,7 +102,7 @@ def micro_step(models: dict, batch: dict, alpha: float, backward, *, cfg: Codist
     s_logits = forward(models["student"], batch, n_vocab)
     s_ce = losses.cross_entropy(s_logits, batch["targets"], mask)
     kd = kd_loss(s_logits, t_logits.detach(), mask, batch["targets"], cfg) if alpha < 1 else torch.zeros_like(s_ce)
-    s_loss = alpha * s_ce + (1 - alpha) * kd
+    s_loss = mix(s_ce, kd, alpha)
     backward(s_loss)
     return {"loss": s_loss, "ce": s_ce, "kd": kd, "teacher_ce": t_ce}
 

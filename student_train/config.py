@@ -23,10 +23,87 @@ KD_SUPPORTS = ("full", "topk")
 OPD_FORWARD_KL = 0.0
 
 
+def _bad(option, msg):
+    raise ValueError(f"{option}: {msg}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class KDConfig:
+    """How KD compares the student with the teacher, in every command."""
+    kd_kind: str = "forward"
+    """forward KL(teacher||student), reverse KL, or jsd."""
+    tail: str = "tail"
+    """tail: top-k plus one bucket for the missing mass (also pins the student's
+    total mass on the top-k); renorm: renormalised top-k only; target: the
+    missing mass given to the actual next token (student_train.losses)."""
+    temperature: float = 1.0
+    beta: float = 0.5
+    """JSD mixing weight."""
+
+    @property
+    def topk_support(self) -> bool:
+        """KD compares the student with a top-k (so --tail applies)."""
+        return True
+
+    def __post_init__(self):
+        if self.kd_kind not in KINDS:
+            _bad("--kd-kind", f"must be one of {', '.join(KINDS)}, got {self.kd_kind!r}")
+        if self.temperature <= 0:
+            _bad("--temperature", f"must be > 0, got {self.temperature}")
+        if self.tail not in TAILS:
+            _bad("--tail", f"must be one of {', '.join(TAILS)}, got {self.tail!r}")
+        if self.topk_support and (problem := check_tail(self.tail, self.kd_kind, self.temperature)):
+            _bad(*problem)
+        if not 0 <= self.beta <= 1:
+            _bad("--beta", f"must be in [0, 1], got {self.beta}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossConfig(KDConfig):
+    """The loss of one micro-batch (student_train.objective), with one default
+    and one check each: `student-train train` and `rounds` take these
+    settings, and DistillLoss (transformers.Trainer) is this class."""
+    loss: str = "kd"
+    """kd: alpha*CE + (1-alpha)*top-k KD (topk, sampled or scored labels). ce:
+    CE on the actual tokens (topk or tokens labels). sft: CE on completions,
+    prompt masked (samples or scored labels). opd: on-policy distillation on
+    the student's own scored completions (scored labels): the per-token
+    reverse-KL policy gradient plus opd_forward_kl x forward KL on the
+    teacher's top-k."""
+    alpha: float = 0.0
+    """Weight of CE on actual tokens in the kd loss."""
+    alpha_end: float | None = None
+    """If set, alpha moves linearly to this value over the run."""
+    opd_forward_kl: float = OPD_FORWARD_KL
+    """opd: weight of the forward KL on the teacher's top-k + tail beside the reverse-KL policy gradient."""
+    opd_clip: float = 0.2
+    """opd: the importance ratio against the sampling-time logprob is clipped to [1 - clip, 1 + clip]."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss not in LOSSES:
+            _bad("--loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        for name in ("alpha", "alpha_end"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v <= 1:
+                _bad(f"--{name.replace('_', '-')}", f"must be in [0, 1], got {v}")
+        if self.opd_forward_kl < 0:
+            _bad("--opd-forward-kl", f"must be >= 0, got {self.opd_forward_kl}")
+        if not 0 < self.opd_clip < 1:
+            _bad("--opd-clip", f"must be in (0, 1), got {self.opd_clip}")
+
+    def alpha_at(self, step: int, max_steps: int = 0) -> float:
+        """CE weight at `step` of a run of `max_steps` (0: unknown, alpha stays): 1 for ce/sft, 0 for opd
+        (CE is only measured); for kd alpha, or linear to alpha_end over the run."""
+        if self.loss != "kd":
+            return 0.0 if self.loss == "opd" else 1.0
+        return alpha_at(step, self.alpha, self.alpha_end if max_steps > 1 else None, 0, max_steps - 1)
+
+
 @dataclass(frozen=True, kw_only=True)
 class LoopConfig:
-    """The settings of the training loop (`runtime.fit`) and the KD loss that
-    `train` and `codistill` share, with one default and one check each."""
+    """The settings of the training loop (`runtime.fit`) that every command
+    shares, with one default and one check each."""
     max_steps: int = 1000
     """Optimizer steps, each over grad_accum micro-batches."""
     batch_size: int = 8
@@ -39,15 +116,6 @@ class LoopConfig:
     """Cosine decay ends at lr * min_lr_ratio."""
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    kd_kind: str = "forward"
-    """forward KL(teacher||student), reverse KL, or jsd."""
-    tail: str = "tail"
-    """tail: top-k plus one bucket for the missing mass (also pins the student's
-    total mass on the top-k); renorm: renormalised top-k only; target: the
-    missing mass given to the actual next token (student_train.losses)."""
-    temperature: float = 1.0
-    beta: float = 0.5
-    """JSD mixing weight."""
     eval_every: int = 100
     eval_batches: int = 20
     save_every: int = 500
@@ -66,12 +134,9 @@ class LoopConfig:
     overwrite: bool = False
     progress: bool = True
 
-    @property
-    def topk_support(self) -> bool:
-        """KD compares the student with a top-k (so --tail applies)."""
-        return True
-
     def __post_init__(self):
+        super().__post_init__()
+
         def bad(option, msg):
             raise ValueError(f"{option}: {msg}")
         for name in ("max_steps", "batch_size", "grad_accum", "eval_batches", "log_every", "group_units"):
@@ -88,22 +153,12 @@ class LoopConfig:
             bad("--grad-clip", f"must be >= 0 (0: no clipping), got {self.grad_clip}")
         if self.dtype not in DTYPES:
             bad("--dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.kd_kind not in KINDS:
-            bad("--kd-kind", f"must be one of {', '.join(KINDS)}, got {self.kd_kind!r}")
-        if self.temperature <= 0:
-            bad("--temperature", f"must be > 0, got {self.temperature}")
-        if self.tail not in TAILS:
-            bad("--tail", f"must be one of {', '.join(TAILS)}, got {self.tail!r}")
-        if self.topk_support and (problem := check_tail(self.tail, self.kd_kind, self.temperature)):
-            bad(*problem)
-        if not 0 <= self.beta <= 1:
-            bad("--beta", f"must be in [0, 1], got {self.beta}")
         if self.resume and self.overwrite:
             bad("--resume/--overwrite", "pass one, not both")
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig(LoopConfig):
+class TrainConfig(LoopConfig, LossConfig):
     labels: tuple[str, ...]
     """Label directories to train on (written by `labelgen generate`)."""
     out: str
@@ -120,61 +175,29 @@ class TrainConfig(LoopConfig):
     """Held-out label directories for evaluation."""
     eval_holdout: int = 0
     """Or hold out this many shards at the end of --labels for evaluation."""
-    loss: str = "kd"
-    """kd: alpha*CE + (1-alpha)*top-k KD (topk, sampled or scored labels). ce:
-    CE on the actual tokens (topk or tokens labels). sft: CE on completions,
-    prompt masked (samples or scored labels). opd: on-policy distillation on
-    the student's own scored completions (scored labels): the per-token
-    reverse-KL policy gradient plus opd_forward_kl x forward KL on the
-    teacher's top-k."""
     k: int | None = None
     """Use the first k stored entries (default: all the labels hold)."""
-    alpha: float = 0.0
-    """Weight of CE on actual tokens in the kd loss."""
-    alpha_end: float | None = None
-    """If set, alpha moves linearly to this value over the run."""
-    opd_forward_kl: float = OPD_FORWARD_KL
-    """opd: weight of the forward KL on the teacher's top-k + tail beside the reverse-KL policy gradient."""
-    opd_clip: float = 0.2
-    """opd: the importance ratio against the sampling-time logprob is clipped to [1 - clip, 1 + clip]."""
     lr: float = 3e-4
     verify: bool = False
     """Check every shard's sha256 before training (sizes are always checked)."""
 
     def __post_init__(self):
         super().__post_init__()
-
-        def bad(option, msg):
-            raise ValueError(f"{option}: {msg}")
         if not self.labels:
-            bad("--labels", "at least one label directory is required")
+            _bad("--labels", "at least one label directory is required")
         if (self.student is None) == (self.student_config is None):
-            bad("--student/--student-config", "pass exactly one")
-        if self.loss not in LOSSES:
-            bad("--loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        for name in ("alpha", "alpha_end"):
-            v = getattr(self, name)
-            if v is not None and not 0 <= v <= 1:
-                bad(f"--{name.replace('_', '-')}", f"must be in [0, 1], got {v}")
+            _bad("--student/--student-config", "pass exactly one")
         if self.k is not None and self.k < 1:
-            bad("--k", f"must be >= 1, got {self.k}")
+            _bad("--k", f"must be >= 1, got {self.k}")
         if self.eval_holdout < 0:
-            bad("--eval-holdout", f"must be >= 0, got {self.eval_holdout}")
+            _bad("--eval-holdout", f"must be >= 0, got {self.eval_holdout}")
         if self.lr <= 0:
-            bad("--lr", f"must be > 0, got {self.lr}")
-        if self.opd_forward_kl < 0:
-            bad("--opd-forward-kl", f"must be >= 0, got {self.opd_forward_kl}")
-        if not 0 < self.opd_clip < 1:
-            bad("--opd-clip", f"must be in (0, 1), got {self.opd_clip}")
+            _bad("--lr", f"must be > 0, got {self.lr}")
         if self.eval_labels and self.eval_holdout:
-            bad("--eval-labels/--eval-holdout", "pass one, not both")
+            _bad("--eval-labels/--eval-holdout", "pass one, not both")
 
-    def alpha_at(self, step: int) -> float:
-        """CE weight at `step`: 1 for ce/sft, 0 for opd (CE is only measured); for kd alpha, or linear to
-        alpha_end over the run."""
-        if self.loss != "kd":
-            return 0.0 if self.loss == "opd" else 1.0
-        return alpha_at(step, self.alpha, self.alpha_end if self.max_steps > 1 else None, 0, self.max_steps - 1)
+    def alpha_at(self, step: int, max_steps: int | None = None) -> float:
+        return super().alpha_at(step, self.max_steps if max_steps is None else max_steps)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -187,7 +210,7 @@ class TrainConfig(LoopConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
-class CodistillConfig(LoopConfig):
+class CodistillConfig(LoopConfig, KDConfig):
     inputs: tuple[str, ...]
     """Raw text (the inputs `labelgen generate` reads), tokenized with the shared tokenizer."""
     out: str
@@ -272,7 +295,7 @@ ROUND_LOSSES = ("opd", "kd", "sft")
 
 
 @dataclass(frozen=True, kw_only=True)
-class RoundsConfig(LoopConfig):
+class RoundsConfig(LoopConfig, LossConfig):
     """`student-train rounds`: on-policy distillation in batch rounds. Each
     round the sampler writes `n` completions per prompt (temperature 1), the
     teacher scores them offline (`labelgen generate --mode score`), and the
@@ -310,8 +333,6 @@ class RoundsConfig(LoopConfig):
     lr: float = 5e-5
     """The student is fine-tuned from a trained model: lower than `train`'s from-scratch default
     (docs/results.md used 1e-4 for a 71M student)."""
-    opd_forward_kl: float = OPD_FORWARD_KL
-    opd_clip: float = 0.2
     backend: str = "hf"
     """Generation backend for sampling and scoring: hf or vllm."""
     batch_tokens: int = 16384
@@ -325,16 +346,15 @@ class RoundsConfig(LoopConfig):
     eval_every: int = 0
 
     def __post_init__(self):
-        super().__post_init__()
-
         def bad(option, msg):
             raise ValueError(f"{option}: {msg}")
+        if self.loss not in ROUND_LOSSES:
+            bad("--loss", f"must be one of {', '.join(ROUND_LOSSES)}, got {self.loss!r}")
+        super().__post_init__()
         if not self.prompts:
             bad("--prompts", "at least one prompt file is required")
         if self.sampler not in SAMPLERS:
             bad("--sampler", f"must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
-        if self.loss not in ROUND_LOSSES:
-            bad("--loss", f"must be one of {', '.join(ROUND_LOSSES)}, got {self.loss!r}")
         if self.loss == "opd" and self.sampler != "student":
             bad("--loss", "opd learns from the student's own completions (--sampler student)")
         for name in ("rounds", "n", "eval_n", "max_new_tokens", "k", "batch_tokens"):
@@ -348,10 +368,9 @@ class RoundsConfig(LoopConfig):
 
     def train_config(self, labels: str, student: str, out: str) -> TrainConfig:
         """One round's `student-train train` settings: every loop setting, this loss, resumed if cut."""
-        loop = {f.name: getattr(self, f.name) for f in dataclasses.fields(LoopConfig)}
-        loop.update(resume=True, overwrite=False, eval_every=0)
-        return TrainConfig(**loop, labels=(labels,), out=out, student=student, loss=self.loss, lr=self.lr,
-                           opd_forward_kl=self.opd_forward_kl, opd_clip=self.opd_clip)
+        shared = {f.name: getattr(self, f.name) for f in (*dataclasses.fields(LoopConfig), *dataclasses.fields(LossConfig))}
+        shared.update(resume=True, overwrite=False, eval_every=0)
+        return TrainConfig(**shared, labels=(labels,), out=out, student=student, lr=self.lr)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -20,7 +20,6 @@ loss through both (tested). docs/trainer.md has a complete script.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,48 +28,17 @@ from transformers import Trainer, TrainerCallback
 from labelgen import format as fmt
 from labelgen.format import FormatError
 from labelgen.stopping import StopFlag
-from student_train.config import LOSSES, OPD_FORWARD_KL
+from student_train.config import LossConfig
 from student_train.data import LabelStream, collate, columns_from_rows, open_label_sets
-from student_train.losses import (ECE_BINS, KINDS, TAILS, alpha_at, calibration_gaps, check_tail,
-                                  expected_calibration_error)
-from student_train.train import (check_vocabulary, check_width_against_labels, load_tokenizer_for, loss_step,
-                                 student_logits)
+from student_train.losses import ECE_BINS, calibration_gaps, expected_calibration_error
+from student_train.objective import loss_step, mix, student_logits
+from student_train.vocab import check_vocabulary, check_width_against_labels, load_tokenizer_for
 
 
-@dataclass(frozen=True)
-class DistillLoss:
-    """The loss settings of `student-train train`, for DistillTrainer."""
-    loss: str = "kd"
-    """kd: alpha*CE + (1-alpha)*KD (topk, sampled or scored labels); ce: CE on the
-    actual tokens; sft: CE on completions (samples or scored labels); opd:
-    on-policy distillation (scored labels: the student's completions scored
-    by the teacher; see TrainConfig.loss)."""
-    alpha: float = 0.0
-    alpha_end: float | None = None
-    """If set, alpha moves linearly to this value over the run (Trainer's max_steps), as --alpha-end does."""
-    kd_kind: str = "forward"
-    tail: str = "tail"
-    temperature: float = 1.0
-    beta: float = 0.5
-    opd_forward_kl: float = OPD_FORWARD_KL
-    opd_clip: float = 0.2
-
-    def __post_init__(self):
-        if not self.opd_forward_kl >= 0 or not 0 < self.opd_clip < 1:
-            raise ValueError("DistillLoss: opd_forward_kl must be >= 0 and opd_clip in (0, 1)")
-        if self.loss not in LOSSES or self.kd_kind not in KINDS or self.tail not in TAILS:
-            raise ValueError(f"DistillLoss: loss must be one of {LOSSES}, kd_kind one of {KINDS}, tail one of {TAILS}")
-        if not 0 <= self.alpha <= 1 or not 0 <= (self.alpha_end or 0) <= 1 or not 0 <= self.beta <= 1 \
-                or self.temperature <= 0:
-            raise ValueError("DistillLoss: alpha, alpha_end and beta must be in [0, 1], temperature > 0")
-        if problem := check_tail(self.tail, self.kd_kind, self.temperature):
-            raise ValueError("DistillLoss: {}: {}".format(*problem))
-
-    def alpha_at(self, step: int, max_steps: int = 0) -> float:
-        """CE weight at `step` of a run of `max_steps` (0: unknown, alpha stays)."""
-        if self.loss != "kd":
-            return 0.0 if self.loss == "opd" else 1.0
-        return alpha_at(step, self.alpha, self.alpha_end if max_steps > 1 else None, 0, max_steps - 1)
+DistillLoss = LossConfig
+"""The loss settings of `student-train train` (loss, alpha, alpha_end, kd_kind,
+tail, temperature, beta, opd_forward_kl, opd_clip), for DistillTrainer:
+alpha_at(step, max_steps) follows alpha_end over Trainer's max_steps."""
 
 
 class LabelDataset(torch.utils.data.IterableDataset):
@@ -237,7 +205,7 @@ class DistillTrainer(Trainer):
             tokens = inputs["mask"].sum().double().reshape(1)
             gaps = calibration_gaps(logits.detach(), inputs["targets"], inputs["mask"]).double()
             self._calibration += torch.cat([gaps * tokens, tokens]).to(self._calibration.device)
-        loss = ce if alpha == 1 else kd if alpha == 0 else alpha * ce + (1 - alpha) * kd
+        loss = mix(ce, kd, alpha)
         if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
             # Trainer then treats the loss as scaled for accumulation: weigh
             # this micro-batch by its counted tokens over all of the step's.

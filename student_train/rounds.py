@@ -40,6 +40,8 @@ from student_train.config import RoundsConfig
 LOG_FILE = "rounds.jsonl"
 # Settings that change where or how fast the rounds run, not what they make: a rerun may change them.
 EXECUTION_ONLY = ("progress", "overwrite", "resume", "device", "num_workers", "batch_tokens")
+# Settings rounds.json did not record before they existed, at the default they then had.
+ADDED_LATER = {"alpha": 0.0, "alpha_end": None}
 EVAL_SEED = 7919   # the held-out completions of every round and every run share their seeds
 
 
@@ -111,7 +113,8 @@ def _train(cfg: RoundsConfig, labels: Path, student: str, out: Path) -> tuple[st
 def compare(mine: dict, out: Path):
     """Why the rounds run recorded in `out` is not this one (a Mismatch), or None."""
     def why(previous: dict) -> Mismatch | None:
-        theirs = {k: v for k, v in previous.items() if k not in EXECUTION_ONLY}
+        # A setting added since the record was written counts at its default.
+        theirs = {**ADDED_LATER, **{k: v for k, v in previous.items() if k not in EXECUTION_ONLY}}
         changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         return Mismatch("--out", f"{out} holds rounds run with other settings (changed: {', '.join(changed)})",
                         "choose another --out") if changed else None

@@ -15,7 +15,8 @@ from student_train.config import TrainConfig
 from student_train.data import LabelStream, open_label_sets
 from student_train.hf import DistillLoss, DistillTrainer, LabelDataset
 from student_train.runtime import build_model
-from student_train.train import load_tokenizer_for, micro_step
+from student_train.train import micro_step
+from student_train.vocab import load_tokenizer_for
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "trainer.md"
 
@@ -105,7 +106,7 @@ def test_trainer_evaluation_reports_the_same_calibration_error_as_student_train(
 
 def test_alpha_moves_to_alpha_end_over_the_trainers_run_as_in_student_train(topk_labels, student_config, tmp_path):
     from transformers import TrainingArguments
-    from student_train.train import loss_step
+    from student_train.objective import loss_step
     loss = DistillLoss(alpha=0.0, alpha_end=1.0)
     cfg = TrainConfig(labels=(str(topk_labels),), out="unused", student_config=student_config, alpha=0.0,
                       alpha_end=1.0, max_steps=5)

@@ -163,7 +163,7 @@ def target_tail_case():
 def test_the_missing_mass_on_the_actual_token_matches_a_hand_computed_kl_in_both_paths():
     from student_train.config import TrainConfig
     from student_train.hf import DistillLoss
-    from student_train.train import loss_step
+    from student_train.objective import loss_step
     z, batch, expected = target_tail_case()
     direct = topk_kd(torch.tensor([z[:2]]), batch["topk_ids"], batch["topk_logprobs"], batch["coverage"],
                      batch["mask"], tail="target", targets=batch["targets"])

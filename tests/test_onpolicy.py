@@ -152,7 +152,8 @@ def test_opd_refuses_completions_not_drawn_at_temperature_1(tiny_teacher, corpus
 def test_opd_loss_is_the_policy_gradient_plus_weighted_forward_kl_and_needs_scored_labels(rng):
     from student_train import losses
     from student_train.config import TrainConfig
-    from student_train.train import check_loss_fits_labels, opd_objective
+    from student_train.objective import opd_objective
+    from student_train.train import check_loss_fits_labels
     rows = [scored_row(rng, "a", 3, 4, 50, 4)]
     batch = collate(columns_from_rows(rows), "scored")
     logits = torch.randn(1, 6, 50, requires_grad=True)

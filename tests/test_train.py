@@ -68,7 +68,7 @@ def test_topk_kd_brings_the_student_closer_to_the_teacher_than_ce(topk_labels, s
 
 def test_same_tokenizer_eval_batches_carry_the_bytes_of_their_targets(topk_labels):
     from student_train.data import LabelStream, open_label_sets
-    from student_train.train import load_tokenizer_for, token_byte_lengths
+    from student_train.vocab import load_tokenizer_for, token_byte_lengths
     from student_train.xtok import token_bytes
     tok = load_tokenizer_for(None, topk_labels)
     lengths = token_byte_lengths(tok, 512)

@@ -103,7 +103,7 @@ def test_a_window_of_special_tokens_only_gives_an_empty_row():
 
 def test_the_same_tokenizer_aligns_almost_everywhere_with_the_teachers_own_labels(topk_labels):
     from student_train.data import LabelStream, open_label_sets
-    from student_train.train import load_tokenizer_for
+    from student_train.vocab import load_tokenizer_for
     readers = open_label_sets([str(topk_labels)])
     tok = load_tokenizer_for(None, readers[0].dir)
     x = CrossTokenizer(tok, tok)
@@ -158,7 +158,8 @@ def test_the_trainer_api_distills_across_tokenizers_with_the_same_batches_and_lo
     from student_train.data import LabelStream, open_label_sets
     from student_train.hf import DistillLoss, DistillTrainer, LabelDataset
     from student_train.runtime import build_model
-    from student_train.train import load_tokenizer_for, micro_step
+    from student_train.train import micro_step
+    from student_train.vocab import load_tokenizer_for
     texts = [json.loads(line)["text"] for line in open(corpus / "docs.jsonl")]
     train_tokenizer(texts[::-1], 384).save_pretrained(tmp_path / "tok")
     student_tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
@@ -236,7 +237,7 @@ def test_cross_tokenizer_positions_without_a_teacher_label_keep_their_full_ce_we
     positions inside teacher tokens, and cross-tokenizer KD ended worse than CE only."""
     from student_train.config import TrainConfig
     from student_train.losses import cross_entropy, topk_kd
-    from student_train.train import loss_step
+    from student_train.objective import loss_step
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 5, 11, generator=g, requires_grad=True)
 
