@@ -64,17 +64,16 @@ def run(cfg: GenerateConfig, teacher: Teacher | None = None) -> dict:
     `teacher` reuses an already loaded backend (it must be cfg.teacher).
     --out may be a bucket URI (the run directory stages it: rundir.py)."""
     rd = RunDir(cfg.out, GENERATE, worker=(cfg.worker_index, cfg.num_workers))
-    if cfg.mode == "score" and storage.is_uri(cfg.inputs[0]):
-        raise InputError(f"--input {cfg.inputs[0]}: --mode score reads a samples label set on local disk; copy it first")
     # A resumed run is the same run however its paths were spelled (dir/ or dir, relative or absolute).
     cfg = dataclasses.replace(cfg, inputs=tuple(map(canonical_path, cfg.inputs)), out=rd.spelling,
                               teacher=canonical_path(cfg.teacher))
-    files = expand_paths(list(cfg.inputs))   # fails on a missing input before anything is loaded
+    # Fails on a missing input before anything is loaded (score mode's input, a label set, is checked below).
+    files = expand_paths(list(cfg.inputs)) if cfg.mode != "score" else []
     tokenizer = load_tokenizer(cfg.teacher, need_model=cfg.mode != "tokens")
     sampled_by = None
-    if cfg.mode == "score":   # the input is a samples label set: its shards are the input files
+    if cfg.mode == "score":   # the input is a samples label set (a directory or a URI): its shards are the input files
         samples = samples_input(cfg, tokenizer)
-        files = [Path(samples.dir) / s["name"] for s in samples.shards]
+        files = [samples.dir / s["name"] for s in samples.shards]
         sampled_by = {"labels": str(samples.dir), "fingerprint": samples.manifest.get("fingerprint"),
                       "model": (samples.manifest.get("teacher") or {}).get("path"),
                       "sampling": samples.manifest.get("sampling")}

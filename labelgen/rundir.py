@@ -15,7 +15,7 @@ It owns, for every command alike:
 - the lock: an flock on `local` (released by the kernel however the holder
   dies), and for a bucket a lease object beside the output that other hosts
   respect: created only if absent, renewed by a thread, taken over only once
-  it expired (see Lease);
+  it expired (lease.py);
 - the policy: `--resume` continues the same run, `--overwrite` deletes what
   runs of this kind write (names in the kind's table, below) and refuses
   where the output holds anything else; a non-empty output is refused
@@ -33,11 +33,6 @@ import fnmatch
 import json
 import os
 import re
-import secrets
-import socket
-import sys
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -45,6 +40,7 @@ from typing import Callable
 from labelgen import format as fmt
 from labelgen import fsutil, storage
 from labelgen.errors import FormatError
+from labelgen.lease import LEASE_SUFFIX, Lease, lease_name, live_holder
 from labelgen.storage import StorePath
 
 
@@ -109,7 +105,10 @@ class Mismatch:
 def canonical_path(path: str) -> str:
     """One spelling per path: relative to the working directory when inside
     it, else absolute; no '.', '..' or trailing separators. Default example
-    ids are built from input paths, so equal spellings keep them equal."""
+    ids are built from input paths, so equal spellings keep them equal. A URI
+    is spelled as storage.location does."""
+    if "://" in str(path):
+        return str(storage.location(path))
     absolute = os.path.abspath(path)
     relative = os.path.relpath(absolute)
     return absolute if relative == ".." or relative.startswith(".." + os.sep) else relative
@@ -334,131 +333,10 @@ class RunDir:
     def refuse_live_workers(self) -> None:
         """Refuse while another run holds a lease on this bucket output (a worker still running)."""
         for obj in storage.list_dir(self.remote, "labelgen*" + LEASE_SUFFIX) if self.remote else ():
-            got = None if self.lease and obj.name == self.lease.path.name else storage.read_versioned(obj)
-            info = _lease_info(got[0]) if got else {}
-            if got and time.time() - info.get("renewed", 0) < info.get("ttl", 0) and not _dead_here(info):
-                raise FormatError(f"{self}: a worker still runs ({_holder(info)}; lease {obj.name}); finalize "
-                                  "once every worker has ended")
+            if (self.lease is None or obj.name != self.lease.path.name) and (holder := live_holder(obj)):
+                raise FormatError(f"{self}: a worker still runs ({holder}; lease {obj.name}); finalize once every "
+                                  "worker has ended")
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-# ---------------------------------------------------------------- leases in a bucket
-
-LEASE_SUFFIX = ".lease"
-
-
-def lease_name(worker: int, num_workers: int) -> str:
-    return "labelgen" + (f".worker-{worker}-of-{num_workers}" if num_workers > 1 else "") + LEASE_SUFFIX
-
-
-def lease_seconds() -> float:
-    """How long a lease lasts unrenewed ($LABELGEN_LEASE_SECONDS, default 60); it is renewed every sixth of that."""
-    return float(os.environ.get("LABELGEN_LEASE_SECONDS", "60"))
-
-
-def _lease_info(data: bytes) -> dict:
-    try:
-        info = json.loads(data)
-        return {**info, "renewed": float(info["renewed"]), "ttl": float(info["ttl"])}
-    except (ValueError, KeyError, TypeError):
-        return {}   # unreadable: expired
-
-
-def _machine() -> str:
-    """This host, boot and PID namespace: where a lease's pid can be checked."""
-    parts = [socket.gethostname()]
-    with contextlib.suppress(OSError):
-        parts.append(storage.read_text("/proc/sys/kernel/random/boot_id").strip())
-        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
-    return "/".join(parts)
-
-
-def _dead_here(info: dict) -> bool:
-    """The lease's holder ran on this machine (and PID namespace) and its process is gone (killed with -9, say)."""
-    if info.get("machine") != _machine():
-        return False
-    try:
-        os.kill(int(info["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (OSError, KeyError, TypeError, ValueError):
-        return False
-    return False
-
-
-def _holder(info: dict) -> str:
-    return f"pid {info.get('pid')} on {info.get('host')}: {info.get('command', '')}".strip(": ")
-
-
-class Lease:
-    """An output in a bucket held by one run on one host. Object stores have
-    no flock, so the holder keeps an object beside the output: created only
-    if absent (If-None-Match), renewed every ttl/6 by a thread (If-Match on
-    its own version), deleted on exit. Another run finding it refuses at once
-    while it is fresh; one not renewed for two periods (its holder killed,
-    say) is waited for until it expires, then taken over (If-Match on the
-    expired version, so of two takers one wins); at once if its holder ran on
-    this machine and its process is gone. Clocks of the hosts must
-    agree to well within the lease (NTP does). Without boto3 (the s3 extra)
-    and on gs://, the conditions are checks before the writes."""
-
-    def __init__(self, path: StorePath, ttl: float | None = None):
-        self.path, self.ttl = path, ttl or lease_seconds()
-        self.tag: str | None = None
-        self.lost: str | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._renew, name="labelgen-lease", daemon=True)
-        self._me = {"holder": secrets.token_hex(8), "host": socket.gethostname(), "machine": _machine(),
-                    "pid": os.getpid(), "command": " ".join(sys.argv)[:300], "ttl": self.ttl}
-
-    def _body(self) -> bytes:
-        return json.dumps({**self._me, "renewed": time.time()}).encode()
-
-    def __enter__(self) -> "Lease":
-        seen_stale = None
-        while self.tag is None:
-            with contextlib.suppress(storage.AlreadyExists):
-                self.tag = storage.write_bytes(self.path, self._body(), if_absent=True)
-                break
-            got = storage.read_versioned(self.path)
-            if got is None:
-                continue   # released meanwhile
-            info, tag = _lease_info(got[0]), got[1]
-            age = time.time() - info.get("renewed", 0.0)
-            if age >= info.get("ttl", 0.0) or _dead_here(info):
-                with contextlib.suppress(storage.AlreadyExists):
-                    self.tag = storage.write_bytes(self.path, self._body(), if_match=tag)
-                continue
-            if age < info["ttl"] / 3 or (seen_stale is not None and tag != seen_stale):
-                raise FormatError(f"{self.path.parent}: in use by another labelgen run ({_holder(info)}; lease "
-                                  f"{self.path.name} renewed {age:.0f}s ago); wait for it to end or stop it, then rerun")
-            seen_stale = tag   # not renewed for two periods: its holder is likely gone; wait for the lease to run out
-            time.sleep(min(info["ttl"] - age, info["ttl"] / 6) + 0.05)
-        self._thread.start()
-        return self
-
-    def _renew(self) -> None:
-        while not self._stop.wait(self.ttl / 6):
-            try:
-                self.tag = storage.write_bytes(self.path, self._body(), if_match=self.tag)
-            except storage.AlreadyExists:
-                got = storage.read_versioned(self.path)
-                self.lost = _holder(_lease_info(got[0])) if got else "its lease was deleted"
-                return
-            except OSError:
-                continue   # the store did not answer: try again at the next period, within the lease
-
-    def check(self) -> None:
-        if self.lost is not None:
-            raise FormatError(f"{self.path.parent}: another run took this output over ({self.lost}) after this "
-                              "one stopped renewing its lease; this run stops without committing")
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(timeout=5)
-        if self.lost is None and self.tag is not None:
-            with contextlib.suppress(OSError):
-                storage.delete(self.path, if_match=self.tag)

@@ -1,19 +1,16 @@
-"""Where label sets are read from: a local directory or an object-store URI
-(s3://bucket/prefix, gs://bucket/prefix), through one small path type.
-
-`location(x)` gives a `pathlib.Path` for a local path and a `StorePath` for a
-URI. A StorePath answers the part of pathlib that readers use (`/`, `name`,
-`parent`, `is_file`, `is_dir`, `stat().st_size`, `read_bytes`, `read_text`),
-and `open_input(p)` gives a seekable binary file for either kind, which
-Parquet reads by ranged requests: a reader streams row groups from the bucket
-and never downloads a whole label set first. `local_dir(p)` brings a small
-directory (a tokenizer) to a local cache when a library needs a real one.
-
-Object stores are reached through pyarrow.fs with the usual environment:
-AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS_REGION
-(or AWS_DEFAULT_REGION), and AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL for
-S3-compatible stores (MinIO, Ceph, R2, ...), which pyarrow itself does not
-read; gs:// uses Google's default credentials.
+"""The one storage layer: every label set, manifest, run file and checkpoint
+is opened, listed, written, renamed and removed through it, on local disk or
+in an object store (s3://bucket/prefix, gs://bucket/prefix). `location(x)`
+gives a `pathlib.Path` or a `StorePath`, which answers the part of pathlib
+that readers use; `open_input` and `open_parquet` read either by ranged
+requests (a reader streams row groups from a bucket and never downloads a
+whole label set); `write_bytes` commits a whole file or object, conditionally
+(`if_absent`, `if_match`) where runs race. Buckets are reached through
+pyarrow.fs (and boto3 for S3's conditional requests) with the usual
+environment: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN,
+AWS_REGION, and AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL for S3-compatible
+stores (MinIO, Ceph, R2), which pyarrow itself does not read; gs:// uses
+Google's default credentials. fsutil.py is its local-disk half.
 """
 
 from __future__ import annotations
@@ -30,10 +27,6 @@ from urllib.parse import urlparse
 from labelgen.errors import FormatError
 
 SCHEMES = ("s3", "gs")
-
-
-def is_uri(where) -> bool:
-    return isinstance(where, StorePath) or (isinstance(where, str) and "://" in where)
 
 
 def location(where) -> "Path | StorePath":
@@ -72,6 +65,7 @@ def filesystem(scheme: str):
 @dataclass(frozen=True)
 class _Stat:
     st_size: int
+    st_mtime_ns: int
 
 
 @dataclass(frozen=True, order=True)
@@ -107,33 +101,28 @@ class StorePath:
         return f"{self.bucket}/{self.key}" if self.key else self.bucket
 
     def _info(self):
-        from pyarrow.fs import FileType
+        """pyarrow's FileInfo: its type is File, Directory (a prefix holding objects) or NotFound."""
         try:
-            info = filesystem(self.scheme).get_file_info(self._fs_path)
+            return filesystem(self.scheme).get_file_info(self._fs_path)
         except OSError as e:
             raise OSError(f"{self}: {e}") from None
-        return info, FileType
 
     def is_file(self) -> bool:
-        info, ft = self._info()
-        return info.type == ft.File
+        return self._info().type.name == "File"
 
     def is_dir(self) -> bool:
-        info, ft = self._info()
-        return info.type == ft.Directory
+        return self._info().type.name == "Directory"
 
     def is_symlink(self) -> bool:
         return False
 
     def exists(self) -> bool:
-        info, ft = self._info()
-        return info.type != ft.NotFound
+        return self._info().type.name != "NotFound"
 
     def stat(self) -> _Stat:
-        info, ft = self._info()
-        if info.type == ft.NotFound:
+        if (info := self._info()).type.name == "NotFound":
             raise FileNotFoundError(f"{self}: no such object")
-        return _Stat(int(info.size or 0))
+        return _Stat(int(info.size or 0), int(info.mtime_ns or 0))
 
     def resolve(self) -> "StorePath":
         return self
@@ -161,6 +150,14 @@ def open_input(path, buffer_size: int = 0):
         except OSError as e:
             raise OSError(f"{path}: {e}") from None
     return open(path, "rb")
+
+
+def open_parquet(path, **options):
+    """A pyarrow ParquetFile of a local path or an object; from a bucket each
+    row group's column chunks are fetched together (pre_buffer), by ranged reads."""
+    import pyarrow.parquet as pq
+    remote = isinstance(path, StorePath)
+    return pq.ParquetFile(open_input(path) if remote else path, pre_buffer=remote, **options)
 
 
 def read_head(path, max_bytes: int) -> bytes:
@@ -223,9 +220,6 @@ def local_dir(path) -> Path:
         if not (target.is_file() and target.stat().st_size == size):
             atomic_write_bytes(target, obj.read_bytes())
     return dest
-
-
-# ---------------------------------------------------------------- run directories in a bucket
 
 
 def staging_dir(uri) -> Path:
