@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from labelgen import format as fmt
 from labelgen import storage
 
 from helpers import BUCKET
@@ -151,3 +152,24 @@ def test_a_bucket_training_run_keeps_only_its_newest_checkpoint_in_staging_and_n
     assert sorted(p.name for p in staging.iterdir() if p.name.startswith("step_")) == ["step_000006"]
     steps = {k.split("/")[2] for k in keys(s3["client"], BUCKET, "runs/spot/") if "/step_" in k}
     assert steps == {"step_000002", "step_000004", "step_000006"}
+
+
+def test_score_mode_reads_its_samples_from_a_bucket_as_from_disk_and_resumes(s3, tiny_teacher, corpus, tmp_path):
+    from labelgen.config import GenerateConfig
+    from labelgen.generate import run
+    from helpers import upload
+    run(GenerateConfig(teacher=tiny_teacher, inputs=(str(corpus / "prompts.jsonl"),), out=str(tmp_path / "samples"),
+                       mode="sample", prompt_field="prompt", n=2, max_new_tokens=6, progress=False, device="cpu"))
+    uri = upload(s3["client"], tmp_path / "samples", "score/samples")
+
+    def score(inputs, out, **kw):
+        return run(GenerateConfig(teacher=tiny_teacher, inputs=(inputs,), out=str(tmp_path / out), mode="score", k=4,
+                                  rows_per_shard=4, progress=False, device="cpu", **kw))
+    import numpy as np
+    from labelgen.shards import ShardReader
+    local, remote = score(str(tmp_path / "samples"), "a"), score(uri, "b")
+    assert remote["counts"] == local["counts"] and remote["counts"]["rows"] == 10
+    for x, y in zip(ShardReader(tmp_path / "a").rows(), ShardReader(tmp_path / "b").rows(), strict=True):
+        assert all(np.array_equal(np.asarray(x[key]), np.asarray(y[key])) for key in x), x[fmt.EXAMPLE_ID]
+    assert remote["config"]["inputs"] == [uri] and remote["scored"]["samples"]["labels"] == uri
+    assert score(uri, "b", resume=True)["summary"].get("complete")
