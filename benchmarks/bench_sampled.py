@@ -29,7 +29,7 @@ def main():
     hf_logging.disable_progress_bar()
     from labelgen.config import GenerateConfig
     from labelgen.generate import run
-    from labelgen.inspect import inspect
+    from labelgen.inspection import inspect
     scale = QUICK if args.quick else FULL
     work = Path(tempfile.mkdtemp(prefix="bench_sampled_"))
     _, text, heldout = split_corpus(args.corpus, scale, work)

@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from labelgen.format import Encoding
-from labelgen.inspect import inspect
+from labelgen.inspection import inspect
 from labelgen.shards import ShardReader, ShardWriter
 
 LAYOUTS = {

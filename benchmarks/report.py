@@ -207,7 +207,7 @@ def write_report(labels: dict, students: dict, teacher_info: dict, scale: Scale,
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from labelgen.inspect import inspect
+    from labelgen.inspection import inspect
     out_dir.mkdir(parents=True, exist_ok=True)
     finals = {name: r.get("final") or final_metrics(r["dir"]) for name, r in students.items()}
     base, upper = finals["CE only"]["eval_ce"], finals["online full KD (frozen teacher)"]["eval_ce"]

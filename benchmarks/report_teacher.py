@@ -139,7 +139,7 @@ def label_specs(files: dict, scale: RealScale) -> dict:
 def make_label_set(teacher: str, out: Path, kw: dict, scale: RealScale) -> dict:
     from labelgen.config import GenerateConfig
     from labelgen.generate import run
-    from labelgen.inspect import inspect
+    from labelgen.inspection import inspect
     summary = {}
     if not (out / "manifest.json").is_file():
         summary = run(GenerateConfig(**{**dict(teacher=teacher, out=str(out), max_seq_len=scale.max_seq_len, batch_tokens=4096,

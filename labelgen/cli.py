@@ -33,7 +33,7 @@ def validate(label_dir: str = typer.Argument(..., help="label set directory, or 
              as_json: bool = typer.Option(False, "--json", help="print a JSON report"),
              max_problems: int = typer.Option(20, help="stop listing after this many problems")):
     """Check a label set: manifest vs files, checksums, schema, ids, logprobs, coverage."""
-    from labelgen.inspect import validate as run
+    from labelgen.inspection import validate as run
     r = run(label_dir, max_problems)
     if as_json:
         clikit.print_json(r)
@@ -53,7 +53,7 @@ def inspect(label_dir: str = typer.Argument(..., help="label set directory, or a
             as_json: bool = typer.Option(False, "--json", help="print JSON"),
             plot: Optional[Path] = typer.Option(None, help="write a coverage histogram PNG (needs matplotlib)")):
     """Sizes, bytes per position/entry, compression ratios and top-k coverage."""
-    from labelgen.inspect import format_inspect, inspect as run, plot_inspect
+    from labelgen.inspection import format_inspect, inspect as run, plot_inspect
     r = run(label_dir)
     typer.echo(json.dumps(r, indent=2) if as_json else format_inspect(r))
     if plot:
@@ -68,7 +68,7 @@ def estimate(tokens: float = typer.Option(..., help="tokens in the corpus, e.g. 
              from_dir: Optional[str] = typer.Option(None, "--from", help="measure bytes per entry from this label set (a directory or URI)"),
              as_json: bool = typer.Option(False, "--json")):
     """Storage of full-vocabulary soft labels against top-k labels."""
-    from labelgen.inspect import estimate as run, format_estimate
+    from labelgen.inspection import estimate as run, format_estimate
     r = run(tokens, vocab, k, from_dir)
     typer.echo(json.dumps(r, indent=2) if as_json else format_estimate(r))
 

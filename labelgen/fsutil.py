@@ -1,7 +1,8 @@
-"""Crash-safe files: atomic writes (a fresh tmp + fsync + rename + fsync of
-the directory), refusing to write through symlinks, the lock that keeps two
-runs out of one output directory, and the hashes a manifest keeps of each
-shard. The lowest layer: it imports nothing else of labelgen's but its error."""
+"""The local-disk half of the storage layer (storage.py): crash-safe files
+(a fresh tmp + fsync + rename + fsync of the directory), refusing to write
+through symlinks, and the flock by which a run holds its output directory
+(rundir.py takes it; buckets use a lease instead). The lowest layer: it
+imports nothing else of labelgen's but its error."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from labelgen.config import config_from_sources
-from student_train.losses import KINDS, TAILS, alpha_at, check_tail
+from student_train.losses import KD_KINDS, TAILS, alpha_at, check_tail
 
 DTYPES = ("auto", "float32", "bfloat16")
 LOSSES = ("kd", "ce", "sft", "opd")
@@ -46,8 +46,8 @@ class KDConfig:
         return True
 
     def __post_init__(self):
-        if self.kd_kind not in KINDS:
-            _bad("--kd-kind", f"must be one of {', '.join(KINDS)}, got {self.kd_kind!r}")
+        if self.kd_kind not in KD_KINDS:
+            _bad("--kd-kind", f"must be one of {', '.join(KD_KINDS)}, got {self.kd_kind!r}")
         if self.temperature <= 0:
             _bad("--temperature", f"must be > 0, got {self.temperature}")
         if self.tail not in TAILS:

@@ -37,7 +37,7 @@ import math
 
 import torch
 
-KINDS = ("forward", "reverse", "jsd")
+KD_KINDS = ("forward", "reverse", "jsd")   # divergences (record kinds are labelgen.format.KINDS)
 TAILS = ("renorm", "tail", "target")
 # Bytes of fp32 logits processed at once by the full-vocabulary reductions.
 CHUNK_BYTES = 256 << 20
@@ -102,8 +102,8 @@ def topk_kd(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.T
     top-k; mask [B,T]; lse [B,T] the logits' logsumexp, if already computed;
     targets [B,T] the actual next tokens (tail="target" only).
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}")
+    if kind not in KD_KINDS:
+        raise ValueError(f"kind must be one of {KD_KINDS}")
     problem = check_tail(tail, kind, temperature)
     if problem:
         raise ValueError("{}: {}".format(*problem))

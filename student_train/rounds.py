@@ -76,7 +76,7 @@ def _score(cfg: RoundsConfig, samples: Path, out: Path, round_index: int):
 
 def on_policy_figures(scored: Path) -> dict:
     """The sampler's reverse KL to the teacher and both logprobs, per completion token, from a scored set."""
-    from labelgen.inspect import inspect
+    from labelgen.inspection import inspect
     r = inspect(scored)
     return {"reverse_kl": r["reverse_kl"], "teacher_logprob": r["teacher_logprob_mean"],
             "student_logprob": r["sampler_logprob_mean"], "tokens": r["positions"]}

@@ -17,7 +17,7 @@ from labelgen.batches import derive_seed
 from labelgen.finalize import finalize
 from labelgen.generate import run
 from labelgen.reader import windows
-from labelgen.inspect import validate
+from labelgen.inspection import validate
 from labelgen.shards import ShardReader
 
 runner = CliRunner()

@@ -9,7 +9,7 @@ import pytest
 from labelgen.config import GenerateConfig
 from labelgen.generate import run
 from labelgen.gguf import convert_gguf
-from labelgen.inspect import inspect, validate
+from labelgen.inspection import inspect, validate
 from labelgen.shards import ShardReader
 
 

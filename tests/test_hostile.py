@@ -15,7 +15,7 @@ from labelgen import format as fmt
 from labelgen import storage
 from labelgen.cli import app
 from labelgen.format import Encoding, FormatError
-from labelgen.inspect import inspect, validate
+from labelgen.inspection import inspect, validate
 from labelgen.shards import ShardReader, ShardWriter
 
 K, V = 8, 700

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from labelgen.cli import app
 from helpers import assert_stored_coverage, assert_stored_target_logprob
 from labelgen.format import Encoding
-from labelgen.inspect import validate
+from labelgen.inspection import validate
 from labelgen.shards import ShardReader
 
 runner = CliRunner()

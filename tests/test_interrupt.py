@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from labelgen.inspect import validate
+from labelgen.inspection import validate
 
 
 def big_corpus(path: Path, docs: int = 200) -> Path:

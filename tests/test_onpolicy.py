@@ -16,7 +16,7 @@ from labelgen.config import GenerateConfig
 from labelgen.format import FormatError
 from labelgen.generate import run
 from labelgen.inputs import InputError
-from labelgen.inspect import inspect, validate
+from labelgen.inspection import inspect, validate
 from labelgen.shards import ShardReader, ShardWriter
 from student_train.data import collate, columns_from_rows
 
@@ -116,7 +116,7 @@ def test_score_mode_labels_each_completion_token_and_a_model_scoring_itself_has_
         np.testing.assert_allclose(row["target_logprob"], s["completion_logprobs"], atol=1 / 128 + 1e-4)
     info = inspect(tmp_path / "scored")
     assert abs(info["reverse_kl"]) < 0.005 and info["teacher_logprob_mean"] < -0.1
-    from labelgen.inspect import format_inspect
+    from labelgen.inspection import format_inspect
     assert "completions of round(s) 3" in format_inspect(info) and "reverse KL to the teacher" in format_inspect(info)
 
 

@@ -68,7 +68,7 @@ def test_units_on_ray_equal_the_units_run_by_hand(ray_cluster, tiny_teacher, man
     m = run_on_ray(config(tiny_teacher, many_docs, tmp_path / "labels", 3), RayConfig(address="auto"))
     assert m["counts"]["rows"] == json.loads((by_hand / "manifest.json").read_text())["counts"]["rows"]
     assert rows(tmp_path / "labels") == rows(by_hand)
-    from labelgen.inspect import validate
+    from labelgen.inspection import validate
     assert validate(tmp_path / "labels")["ok"]
 
 

@@ -9,7 +9,7 @@ import torch
 from labelgen.backends.hf import _distinct
 from labelgen.config import GenerateConfig
 from labelgen.generate import run
-from labelgen.inspect import inspect, validate
+from labelgen.inspection import inspect, validate
 from labelgen.shards import ShardReader
 from student_train.data import collate, columns_from_rows
 from student_train.losses import full_kd, sampled_kd, topk_kd
