@@ -180,10 +180,24 @@ def jsonl_lines(path: Path, at: Callable[[int], None] | None = None) -> Iterator
                 yield n, line
 
 
-def parse_json(line: str, where: str):
-    """One JSON value; any way it fails is an InputError naming `where`."""
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _unique(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise _RepeatedKey(next(k for k in keys if keys.count(k) > 1))
+    return dict(pairs)
+
+
+def parse_json(line: str, where: str, unique_keys: bool = False):
+    """One JSON value; any way it fails is an InputError naming `where`. With
+    `unique_keys` an object repeating a key is refused (json keeps the last)."""
     try:
-        return json.loads(line)
+        return json.loads(line, object_pairs_hook=_unique if unique_keys else None)
+    except _RepeatedKey as e:
+        raise InputError(f"{where}: key {str(e)[:40]!r} appears twice in one object") from None
     except json.JSONDecodeError as e:
         raise InputError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
     except RecursionError:

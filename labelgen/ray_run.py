@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import socket
 import time
 from dataclasses import dataclass
 
@@ -44,6 +45,20 @@ class RayConfig:
             raise ValueError("--ray-gpus/--ray-cpus: per-unit resources must be >= 0 (GPUs) and > 0 (CPUs)")
         if self.retries < 0:
             raise ValueError(f"--ray-retries: must be >= 0, got {self.retries}")
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A cluster address (host:port, ray://host:port) must answer a TCP
+    connection: ray.init would otherwise retry for minutes, deaf to signals."""
+    if address in ("local", "auto"):
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--ray {address}: no Ray cluster answers there ({e.strerror or e}); start one "
+                         "(`ray start --head`) or pass --ray auto (this node's cluster) or --ray local") from None
 
 
 def _unit(cfg: GenerateConfig) -> dict:
@@ -76,6 +91,7 @@ def run_on_ray(cfg: GenerateConfig, ray_cfg: RayConfig) -> dict:
     from labelgen.finalize import finalize
     n = cfg.num_workers
     if not ray.is_initialized():
+        _check_reachable(ray_cfg.address)
         if ray_cfg.address == "local":
             ray.init(include_dashboard=False, object_store_memory=ray_cfg.object_store_mb << 20,
                      log_to_driver=False, configure_logging=False)

@@ -1,16 +1,13 @@
 """The one storage layer: every label set, manifest, run file and checkpoint
 is opened, listed, written, renamed and removed through it, on local disk or
-in an object store (s3://bucket/prefix, gs://bucket/prefix). `location(x)`
-gives a `pathlib.Path` or a `StorePath`, which answers the part of pathlib
-that readers use; `open_input` and `open_parquet` read either by ranged
-requests (a reader streams row groups from a bucket and never downloads a
-whole label set); `write_bytes` commits a whole file or object, conditionally
-(`if_absent`, `if_match`) where runs race. Buckets are reached through
-pyarrow.fs (and boto3 for S3's conditional requests) with the usual
-environment: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN,
-AWS_REGION, and AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL for S3-compatible
-stores (MinIO, Ceph, R2), which pyarrow itself does not read; gs:// uses
-Google's default credentials. fsutil.py is its local-disk half.
+in a bucket (s3://bucket/prefix, gs://bucket/prefix). `location(x)` gives a
+`Path` or a `StorePath`, which answers the part of pathlib that readers use;
+`open_input`/`open_parquet` read by ranged requests (a reader streams row
+groups and never downloads a whole set); `write_bytes` commits a whole file or
+object, conditionally where runs race. Buckets go through pyarrow.fs (boto3
+for S3's conditional requests) with the usual environment: AWS_* credentials,
+AWS_REGION, AWS_ENDPOINT_URL(_S3) for MinIO/Ceph/R2 (pyarrow itself does not
+read it); gs:// uses Google's default credentials. fsutil.py is its local half.
 """
 
 from __future__ import annotations
@@ -45,12 +42,28 @@ def location(where) -> "Path | StorePath":
     return StorePath(scheme, parsed.netloc, posixpath.normpath("/" + parsed.path).lstrip("/").rstrip("/"))
 
 
+# What a store's error text means for the user, where it is known.
+_CAUSES = (("OAuth2 access token", "no Google Cloud credentials (GOOGLE_APPLICATION_CREDENTIALS, or `gcloud auth "
+                                   "application-default login`)"),
+           ("InvalidAccessKeyId", "the store does not know this S3 access key (AWS_ACCESS_KEY_ID)"),
+           ("SignatureDoesNotMatch", "wrong S3 secret key (AWS_SECRET_ACCESS_KEY)"),
+           ("AccessDenied", "access denied (credentials or bucket policy)"), ("NoSuchBucket", "no such bucket"))
+
+
+def _failed(path, e: BaseException) -> OSError:
+    """One line naming the object and, where the store's text says it, what is missing."""
+    text = " ".join(str(e).split())
+    return OSError(f"{path}: " + next((why for key, why in _CAUSES if key in text), text[:400]))
+
+
 @functools.lru_cache(maxsize=None)
 def filesystem(scheme: str):
-    """The pyarrow filesystem of a scheme, configured from the environment."""
+    """The pyarrow filesystem of a scheme, configured from the environment. Retries are bounded:
+    without credentials GCS's client would retry for many minutes, deaf to signals."""
+    import datetime
     import pyarrow.fs as pafs
     if scheme == "gs":
-        return pafs.GcsFileSystem()
+        return pafs.GcsFileSystem(retry_time_limit=datetime.timedelta(seconds=15))
     kw = {}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
@@ -105,7 +118,7 @@ class StorePath:
         try:
             return filesystem(self.scheme).get_file_info(self._fs_path)
         except OSError as e:
-            raise OSError(f"{self}: {e}") from None
+            raise _failed(self, e) from None
 
     def is_file(self) -> bool:
         return self._info().type.name == "File"
@@ -123,9 +136,6 @@ class StorePath:
         if (info := self._info()).type.name == "NotFound":
             raise FileNotFoundError(f"{self}: no such object")
         return _Stat(int(info.size or 0), int(info.mtime_ns or 0))
-
-    def resolve(self) -> "StorePath":
-        return self
 
     def iterdir(self):
         from pyarrow.fs import FileSelector
@@ -148,7 +158,7 @@ def open_input(path, buffer_size: int = 0):
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no such object") from None
         except OSError as e:
-            raise OSError(f"{path}: {e}") from None
+            raise _failed(path, e) from None
     return open(path, "rb")
 
 
@@ -191,7 +201,7 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-MAX_LOCAL_COPY_BYTES = 256 << 20
+MAX_LOCAL_COPY_BYTES = 256 << 20   # local_dir copies a tokenizer, nothing larger
 
 
 def cache_root() -> Path:
@@ -273,14 +283,11 @@ class AlreadyExists(FormatError):
 
 
 def write_bytes(path, data: bytes, if_absent: bool = False, if_match: str | None = None) -> str | None:
-    """Write a whole file or object: locally through a tmp file (fsync, rename);
-    in a bucket as one PUT (an object appears whole or not at all). With
-    `if_absent` the write fails (AlreadyExists) when `path` exists, with
-    `if_match` unless the object's version tag is that one (see read_versioned):
-    on S3 by a conditional PUT (If-None-Match / If-Match, through boto3 when
-    installed, the `s3` extra), so of two writers exactly one wins; without
-    boto3, and on gs:// and local paths (callers hold the run lock there), by a
-    check first. Returns the new object's version tag (None locally)."""
+    """Write a whole file (tmp, fsync, rename) or object (one PUT: whole or
+    absent); returns an object's version tag. It fails (AlreadyExists) with
+    `if_absent` where `path` exists, with `if_match` unless its tag is that one:
+    on S3 by a conditional PUT through boto3 (the `s3` extra: of two writers one
+    wins), else by a check first (callers hold the run's lock locally)."""
     if not isinstance(path, StorePath):
         from labelgen.fsutil import atomic_write_bytes
         if if_absent and Path(path).exists():
@@ -297,7 +304,7 @@ def write_bytes(path, data: bytes, if_absent: bool = False, if_match: str | None
             if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict",
                                                            "NoSuchKey", "404"):
                 raise AlreadyExists(f"{path}: {'already exists' if if_absent else 'changed or gone'}") from None
-            raise OSError(f"{path}: {e}") from None
+            raise _failed(path, e) from None
     if if_absent and path.exists():
         raise AlreadyExists(f"{path}: already exists")
     if if_match is not None and (read_versioned(path) or (None, None))[1] != if_match:
@@ -306,7 +313,7 @@ def write_bytes(path, data: bytes, if_absent: bool = False, if_match: str | None
         with filesystem(path.scheme).open_output_stream(path._fs_path) as out:
             out.write(data)
     except OSError as e:
-        raise OSError(f"{path}: {e}") from None
+        raise _failed(path, e) from None
     return hashlib.sha256(data).hexdigest()
 
 
@@ -320,7 +327,7 @@ def read_versioned(path: "StorePath") -> tuple[bytes, str] | None:
         except botocore.exceptions.ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
-            raise OSError(f"{path}: {e}") from None
+            raise _failed(path, e) from None
         return got["Body"].read(), got["ETag"]
     try:
         data = path.read_bytes()
@@ -344,23 +351,15 @@ def _boto3_client():
 def delete(path, if_match: str | None = None) -> None:
     """Remove one file or object (missing is fine); with `if_match`, an object
     only while its version tag is that one (a lease released by its holder)."""
-    if isinstance(path, StorePath):
-        if if_match is not None and path.scheme == "s3" and _boto3_client() is not None:
-            import botocore.exceptions
-            with contextlib.suppress(botocore.exceptions.ClientError):   # gone, or no longer that version
-                _boto3_client().delete_object(Bucket=path.bucket, Key=path.key, IfMatch=if_match)
-            return
-        if if_match is not None and (read_versioned(path) or (None, None))[1] != if_match:
-            return
-        try:
+    if not isinstance(path, StorePath):
+        Path(path).unlink(missing_ok=True)
+    elif if_match is not None and path.scheme == "s3" and _boto3_client() is not None:
+        import botocore.exceptions
+        with contextlib.suppress(botocore.exceptions.ClientError):   # gone, or no longer that version
+            _boto3_client().delete_object(Bucket=path.bucket, Key=path.key, IfMatch=if_match)
+    elif if_match is None or (read_versioned(path) or (None, None))[1] == if_match:
+        with contextlib.suppress(FileNotFoundError):
             filesystem(path.scheme).delete_file(path._fs_path)
-        except FileNotFoundError:
-            pass
-        return
-    Path(path).unlink(missing_ok=True)
-
-
-# ---------------------------------------------------------------- the calls other modules make instead of their own
 
 
 def list_dir(path, pattern: str = "*") -> list:

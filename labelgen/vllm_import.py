@@ -142,7 +142,7 @@ def import_prompt_logprobs(inputs: list[str], out: str | Path, tokenizer_dir: st
                         raise line
                     where = f"{path}:{n}"
                     try:
-                        writer.write(row_from_prompt_logprobs(parse_json(line, where), k, where, vocab))
+                        writer.write(row_from_prompt_logprobs(parse_json(line, where, unique_keys=True), k, where, vocab))
                     except FormatError as e:
                         raise FormatError(f"{where}: {e}") from None
                     except MemoryError:

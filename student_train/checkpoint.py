@@ -64,11 +64,23 @@ def save_checkpoint(out: Path, step: int, models: dict, optimizers: dict, schedu
         fsutil.fsync_tree(tmp)   # what the libraries wrote (weights, optimizer state)
     except BaseException as e:
         storage.remove_tree(tmp)   # no half checkpoint: resume takes the last whole one
-        if isinstance(e, SafetensorError):   # a full disk while writing weights: say so in one line, not a traceback
-            raise OSError(f"{final}: cannot write the checkpoint ({' '.join(str(e).split())})") from None
+        # A full disk surfaces as safetensors' error (weights) or torch.save's RuntimeError ("unexpected pos",
+        # optimizer state): one line naming the checkpoint, not a traceback.
+        if isinstance(e, (SafetensorError, RuntimeError)) and not isinstance(e, NotImplementedError):
+            raise OSError(f"{final}: cannot write the checkpoint ({_why_not_written(out, e)})") from None
         raise
     fsutil.replace_dir(tmp, final)
     return final
+
+
+def _why_not_written(out: Path, e: BaseException) -> str:
+    """'no space left on device' when the disk is (nearly) full, else the library's words."""
+    import shutil
+    try:
+        full = shutil.disk_usage(out).free < 64 << 20
+    except OSError:
+        full = False
+    return "no space left on device" if full else " ".join(str(e).split())[:300]
 
 
 def _load_tensors(path: Path):

@@ -197,6 +197,7 @@ def rounds_cmd(
     grad_clip: Optional[float] = typer.Option(None),
     backend: Optional[str] = typer.Option(None, help="sampling and scoring: hf | vllm"),
     batch_tokens: Optional[int] = typer.Option(None, help="padded tokens per generation batch"),
+    skip_bad: Optional[bool] = typer.Option(None, "--skip-bad", help="skip bad prompt records and count them"),
     log_every: Optional[int] = typer.Option(None),
     seed: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None),

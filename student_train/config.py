@@ -337,6 +337,8 @@ class RoundsConfig(LoopConfig, LossConfig):
     """Generation backend for sampling and scoring: hf or vllm."""
     batch_tokens: int = 16384
     """Padded tokens per generation batch (hf backend)."""
+    skip_bad: bool = False
+    """Skip bad prompt records (counted in each samples set's manifest) instead of failing."""
     # Each round's training starts a fresh optimizer: no warmup, a constant LR by default.
     warmup_steps: int = 0
     min_lr_ratio: float = 1.0

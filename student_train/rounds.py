@@ -39,7 +39,7 @@ from student_train.config import RoundsConfig
 
 LOG_FILE = "rounds.jsonl"
 # Settings that change where or how fast the rounds run, not what they make: a rerun may change them.
-EXECUTION_ONLY = ("progress", "overwrite", "resume", "device", "num_workers", "batch_tokens")
+EXECUTION_ONLY = ("progress", "overwrite", "resume", "device", "num_workers", "batch_tokens", "skip_bad")
 # Settings rounds.json did not record before they existed, at the default they then had.
 ADDED_LATER = {"alpha": 0.0, "alpha_end": None}
 EVAL_SEED = 7919   # the held-out completions of every round and every run share their seeds
@@ -56,7 +56,7 @@ def _generate(cfg: RoundsConfig, out: Path, **kw) -> tuple[dict, float]:
     if (out / fmt.MANIFEST_NAME).is_file():   # made by an earlier run of the command: its time is not known here
         return fmt.read_manifest(out), 0.0
     gen = GenerateConfig(out=str(out), backend=cfg.backend, batch_tokens=cfg.batch_tokens, device=cfg.device,
-                         resume=True, progress=cfg.progress, **kw)
+                         skip_bad=cfg.skip_bad, resume=True, progress=cfg.progress, **kw)
     t0 = time.time()
     with stopping.raise_on_preemption():   # a preemption signal stops the stage; its finished shards are kept
         m = run(gen)
@@ -126,10 +126,22 @@ def run_rounds(cfg: RoundsConfig) -> dict:
         raise ValueError("student-train rounds runs as one process (it samples, scores and trains in turn); "
                          "not under torchrun")
     with RunDir(cfg.out, ROUNDS) as rd:
-        mine = {k: v for k, v in cfg.to_dict().items() if k not in EXECUTION_ONLY}
-        rd.claim(resume=True, overwrite=cfg.overwrite, compare=compare(mine, rd.local))
-        rd.record(mine)
+        claim(rd, cfg)
         return _run_rounds(cfg, rd.local)
+
+
+def claim(rd: RunDir, cfg: RoundsConfig) -> None:
+    """The work directory holds this config's rounds (another's is refused unless --overwrite)."""
+    mine = {k: v for k, v in cfg.to_dict().items() if k not in EXECUTION_ONLY}
+    rd.claim(resume=True, overwrite=cfg.overwrite, compare=compare(mine, rd.local))
+    rd.record(mine)
+
+
+def check_out(cfg: RoundsConfig) -> Path:
+    """Claim the work directory without running the rounds (for a caller that seeds a stage, as the report does)."""
+    with RunDir(cfg.out, ROUNDS) as rd:
+        claim(rd, cfg)
+    return rd.local
 
 
 def _run_rounds(cfg: RoundsConfig, out: Path) -> dict:

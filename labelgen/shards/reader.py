@@ -69,6 +69,8 @@ class ShardReader:
                                       thrift_string_size_limit=64 << 20, thrift_container_size_limit=1 << 20)
         except Exception as e:  # a damaged footer can surface as any error of the parser
             raise FormatError(f"{path}: unreadable Parquet ({fmt.one_line(e)})") from None
+        if pf.metadata.num_rows != shard["rows"]:   # the manifest's counts are what a loader plans with
+            raise FormatError(f"{path}: {pf.metadata.num_rows} rows, manifest says {shard['rows']}")
         info = fmt.read_file_metadata(pf.schema_arrow.metadata, str(path))
         if info.get("kind") != self.kind:
             raise FormatError(f"{path}: holds {info.get('kind')!r} records, manifest says {self.kind!r}")

@@ -11,6 +11,7 @@ interrupted writer leaves only `.tmp` files, which nothing reads.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -64,9 +65,11 @@ def shard_info_from_file(path: Path, kind: str) -> ShardInfo:
 
 
 class _HashingFile(io.RawIOBase):
-    """A file being written that hashes its bytes on the way (no read-back)."""
+    """A file being written that hashes its bytes on the way (no read-back).
+    A failed write (a full disk) names the file: the system's error does not."""
 
     def __init__(self, path: Path):
+        self.path = path
         self._f = fsutil.create_fresh(path)
         self.sha256, self.size = hashlib.sha256(), 0
 
@@ -76,21 +79,36 @@ class _HashingFile(io.RawIOBase):
     def write(self, data) -> int:
         self.sha256.update(data)
         self.size += len(data)
-        return self._f.write(data)
+        with self._naming_the_file():
+            return self._f.write(data)
 
     def tell(self) -> int:
         return self.size
 
     def flush(self) -> None:
         if not self._f.closed:
-            self._f.flush()
+            with self._naming_the_file():
+                self._f.flush()
 
     def close(self) -> None:
         if not self._f.closed:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
+            try:
+                with self._naming_the_file():
+                    self._f.flush()
+                    os.fsync(self._f.fileno())
+            finally:
+                with contextlib.suppress(OSError):   # the flush's error, if any, is the one raised
+                    self._f.close()
         super().close()
+
+    @contextlib.contextmanager
+    def _naming_the_file(self):
+        try:
+            yield
+        except OSError as e:
+            if e.filename:
+                raise
+            raise OSError(e.errno, e.strerror or str(e), str(self.path)) from None
 
 
 class ShardFile:
