@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from labelgen import bounded
 from labelgen.errors import FormatError
 
 SCHEMES = ("s3", "gs")
@@ -43,27 +44,29 @@ def location(where) -> "Path | StorePath":
 
 
 # What a store's error text means for the user, where it is known.
+_DENIED = "access denied: check the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and the bucket's policy"
 _CAUSES = (("OAuth2 access token", "no Google Cloud credentials (GOOGLE_APPLICATION_CREDENTIALS, or `gcloud auth "
                                    "application-default login`)"),
            ("InvalidAccessKeyId", "the store does not know this S3 access key (AWS_ACCESS_KEY_ID)"),
-           ("SignatureDoesNotMatch", "wrong S3 secret key (AWS_SECRET_ACCESS_KEY)"),
-           ("AccessDenied", "access denied (credentials or bucket policy)"), ("NoSuchBucket", "no such bucket"))
+           ("SignatureDoesNotMatch", "wrong S3 secret key (AWS_SECRET_ACCESS_KEY)"), ("AccessDenied", _DENIED),
+           ("ACCESS_DENIED", _DENIED), ("NoSuchBucket", "no such bucket"))
 
 
 def _failed(path, e: BaseException) -> OSError:
     """One line naming the object and, where the store's text says it, what is missing."""
-    text = " ".join(str(e).split())
+    text = " ".join(str(e).split()) + ("; are Google Cloud credentials set up (GOOGLE_APPLICATION_CREDENTIALS)?"
+                                       if isinstance(e, TimeoutError) and getattr(path, "scheme", "") == "gs" else "")
     return OSError(f"{path}: " + next((why for key, why in _CAUSES if key in text), text[:400]))
 
 
 @functools.lru_cache(maxsize=None)
 def filesystem(scheme: str):
-    """The pyarrow filesystem of a scheme, configured from the environment. Retries are bounded:
-    without credentials GCS's client would retry for many minutes, deaf to signals."""
+    """The pyarrow filesystem of a scheme, configured from the environment, its calls bounded (bounded.py):
+    without credentials GCS's client would retry or wait for many minutes, deaf to signals."""
     import datetime
     import pyarrow.fs as pafs
     if scheme == "gs":
-        return pafs.GcsFileSystem(retry_time_limit=datetime.timedelta(seconds=15))
+        return bounded.Filesystem(pafs.GcsFileSystem(retry_time_limit=datetime.timedelta(seconds=15)))
     kw = {}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
@@ -72,7 +75,7 @@ def filesystem(scheme: str):
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kw["region"] = region
-    return pafs.S3FileSystem(**kw)
+    return bounded.Filesystem(pafs.S3FileSystem(**kw))
 
 
 @dataclass(frozen=True)
@@ -201,15 +204,12 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-MAX_LOCAL_COPY_BYTES = 256 << 20   # local_dir copies a tokenizer, nothing larger
-
-
 def cache_root() -> Path:
     """$LABELGEN_CACHE, default ~/.cache/labelgen: local copies of small remote files and staged bucket runs."""
     return Path(os.environ.get("LABELGEN_CACHE", Path.home() / ".cache" / "labelgen"))
 
 
-def local_dir(path) -> Path:
+def local_dir(path, max_bytes: int = 256 << 20) -> Path:
     """A local directory with the files of `path` (a tokenizer, say): the
     path itself when it is local, else a copy in a cache keyed by the URI,
     refreshed when an object's size changed. Subdirectories are not copied."""
@@ -224,8 +224,8 @@ def local_dir(path) -> Path:
             continue
         size = obj.stat().st_size
         total += size
-        if total > MAX_LOCAL_COPY_BYTES:
-            raise FormatError(f"{path}: more than {MAX_LOCAL_COPY_BYTES >> 20} MiB to copy locally; not a tokenizer")
+        if total > max_bytes:
+            raise FormatError(f"{path}: more than {max_bytes >> 20} MiB to copy locally; not a tokenizer")
         target = dest / obj.name
         if not (target.is_file() and target.stat().st_size == size):
             atomic_write_bytes(target, obj.read_bytes())

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from labelgen import format as fmt
@@ -130,3 +131,83 @@ def test_rounds_takes_the_skip_bad_its_errors_suggest(tmp_path):
     from student_train.config import RoundsConfig
     from student_train.rounds import EXECUTION_ONLY
     assert "skip_bad" in EXECUTION_ONLY and RoundsConfig(teacher="t", student="s", prompts=("p",), out="o").skip_bad is False
+
+
+@pytest.fixture
+def silent_metadata_server(tmp_path):
+    """A Google metadata server on loopback that accepts connections and never
+    answers: without credentials the GCS client asks it, and waits."""
+    import socket
+    import threading
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted = []
+
+    def serve():
+        while True:
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                return
+    threading.Thread(target=serve, daemon=True).start()
+    env = {k: v for k, v in os.environ.items() if k != "GOOGLE_APPLICATION_CREDENTIALS"}
+    env.update(GCE_METADATA_ROOT=f"127.0.0.1:{server.getsockname()[1]}", CLOUDSDK_CONFIG=str(tmp_path / "gcloud"))
+    yield env, accepted
+    server.close()
+    for c in accepted:
+        c.close()
+
+
+def test_gs_without_credentials_is_one_line_within_seconds_not_a_quarter_hour(silent_metadata_server):
+    env, _ = silent_metadata_server
+    r = subprocess.run([sys.executable, "-m", "labelgen.cli", "validate", "gs://nob/x"], capture_output=True, text=True,
+                       env={**env, "LABELGEN_STORE_TIMEOUT": "3"}, timeout=600)
+    assert r.returncode == 2, r.stderr
+    line = one_line_error(r.stderr, "labelgen")
+    assert line.startswith("labelgen: error: gs://nob/x") and "no answer in 3 s" in line and "credentials" in line, line
+
+
+def test_a_signal_stops_a_run_waiting_on_a_store_that_does_not_answer(silent_metadata_server, tiny_teacher, corpus):
+    import signal
+    import time
+    env, accepted = silent_metadata_server
+    proc = subprocess.Popen([sys.executable, "-m", "labelgen.cli", "generate", "--teacher", tiny_teacher, "--input",
+                             str(corpus / "docs.jsonl"), "--out", "gs://nob/x", "--no-progress", "--device", "cpu"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not accepted and proc.poll() is None:   # waiting on the store now
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)   # far above the fraction of a second it takes
+    assert proc.returncode == 75, err
+    assert one_line_error(err, "labelgen") == "labelgen: stopped by SIGTERM; finished shards are kept: rerun the same command with --resume to continue"
+
+
+def test_wrong_s3_credentials_are_one_line_naming_what_is_wrong(tiny_teacher, corpus, tmp_path):
+    import socket
+    import time
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # moto's server checking credentials: it knows no access key until one is created.
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    try:
+        for _ in range(600):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "nobody",
+               "AWS_SECRET_ACCESS_KEY": "wrong", "AWS_REGION": "us-east-1", "LABELGEN_CACHE": str(tmp_path / "cache")}
+        r = subprocess.run([sys.executable, "-m", "labelgen.cli", "validate", "s3://labels/x"], capture_output=True,
+                           text=True, env=env, timeout=600)
+        assert r.returncode == 2 and "access denied: check the credentials" in one_line_error(r.stderr, "labelgen")
+        r = subprocess.run([sys.executable, "-m", "labelgen.cli", "generate", "--teacher", tiny_teacher, "--input",
+                            str(corpus / "docs.jsonl"), "--out", "s3://labels/x", "--no-progress", "--device", "cpu"],
+                           capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 2, r.stderr
+        assert "does not know this S3 access key (AWS_ACCESS_KEY_ID)" in one_line_error(r.stderr, "labelgen")
+    finally:
+        server.terminate()
+        server.wait()
