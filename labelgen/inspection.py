@@ -55,7 +55,7 @@ def validate(label_dir: Path | str, max_problems: int = 20) -> dict:
             add(path, None, "sha256 does not match the manifest (corrupted)")
             continue
         expected = fmt.schema(reader.kind, reader.vocab_size, reader.encoding)
-        if not pf.schema_arrow.remove_metadata().equals(expected):
+        if not pf.schema.to_arrow_schema().remove_metadata().equals(expected):   # as written, strings undecoded
             add(path, None, "schema differs from the format's schema for this kind and vocabulary")
             continue
         row0 = 0

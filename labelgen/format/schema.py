@@ -67,6 +67,8 @@ SAMPLED_LOGPROBS = "sampled_logprobs"  # teacher logprob of each id (u8), only w
 LOGPROB_FLOOR = -1000.0
 # Writers accept tiny positive logprobs from float rounding and clip them to 0.
 POSITIVE_TOLERANCE = 1e-4
+# Rows a row group may hold: what any writer of this format sets (Encoding.row_group_rows) stays below it.
+MAX_ROW_GROUP_ROWS = 1 << 16
 LOGPROB_CODECS = ("sqrt", "gap", "u8", "f32")
 ID_ORDERS = ("sorted", "rank")
 ID_MAPS = ("frequency", "none")
@@ -117,7 +119,8 @@ class Encoding:
     zstd_level: int = 3
     """zstd level for every column."""
     row_group_rows: int = 128
-    """Rows per Parquet row group: the unit a reader holds in memory."""
+    """Rows per Parquet row group: the unit a reader holds in memory (at most
+    MAX_ROW_GROUP_ROWS; a reader refuses a row group declaring more)."""
     variable_k: bool = False
     """Adaptive truncation (1.3): a position keeps its first 1..k entries, the
     rest are not stored; the topk_lengths column counts them. Writers mark a
@@ -157,8 +160,8 @@ class Encoding:
             raise FormatError("logprob_codec 'gap' cannot store variable_k labels (gaps run along a full row of k)")
         if self.position_codec not in POSITION_CODECS:
             raise FormatError(f"position_codec must be one of {POSITION_CODECS}, got {self.position_codec!r}")
-        if self.row_group_rows < 1:
-            raise FormatError(f"row_group_rows must be >= 1, got {self.row_group_rows}")
+        if not 1 <= self.row_group_rows <= MAX_ROW_GROUP_ROWS:
+            raise FormatError(f"row_group_rows must be in [1, {MAX_ROW_GROUP_ROWS}], got {self.row_group_rows}")
 
     @property
     def max_logprob_error(self) -> float:

@@ -7,6 +7,7 @@ local or in a bucket, checking what it reads against the manifest.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -16,6 +17,55 @@ import pyarrow.parquet as pq
 from labelgen import format as fmt
 from labelgen import storage
 from labelgen.format import Encoding, FormatError
+
+
+def max_row_group_bytes() -> int:
+    """Uncompressed bytes a row group may always hold ($LABELGEN_MAX_ROW_GROUP_MB, default 64 MiB); above it,
+    only at most MAX_EXPANSION times its compressed size."""
+    return int(float(os.environ.get("LABELGEN_MAX_ROW_GROUP_MB", "64")) * (1 << 20))
+
+
+_WIDTHS = {"BOOLEAN": 1, "INT32": 4, "INT64": 8, "INT96": 12, "FLOAT": 4, "DOUBLE": 8}
+MAX_ID_BYTES = 64 << 10   # an example id or finish reason (the dictionary-encoded strings): longer is not a label set's
+MAX_EXPANSION = 100   # labels compress 2-20x (label sets of the tests' teacher: at most 8.3x a row group)
+
+
+def _plain_strings(table):
+    """Dictionary-encoded string columns decoded, once no value is longer than
+    MAX_ID_BYTES: one long value repeated by every row would otherwise
+    decode to rows x its length."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    for i, field in enumerate(table.schema):
+        if pa.types.is_dictionary(field.type):
+            column = table.column(i).combine_chunks()
+            longest = pc.max(pc.binary_length(column.dictionary)).as_py() or 0
+            if longest > MAX_ID_BYTES:
+                raise FormatError(f"{field.name}: a value of {longest:,} bytes; an example id or finish reason is at "
+                                  f"most {MAX_ID_BYTES:,}")
+            table = table.set_column(i, pa.field(field.name, field.type.value_type), column.dictionary_decode())
+    return table
+
+
+def check_row_group_sizes(meta, rows_per_group: int, where: str) -> None:
+    """Refuse, from the Parquet footer and before anything is decompressed,
+    row groups a writer of this format does not make: more rows than the
+    set's encoding puts in one, or an uncompressed size far beyond its
+    compressed one (a decompression bomb: a few KB that would need GBs)."""
+    for i in range(meta.num_row_groups):
+        rg = meta.row_group(i)
+        if rg.num_rows > rows_per_group:
+            raise FormatError(f"{where}: row group {i} declares {rg.num_rows:,} rows; this set's writer puts at most "
+                              f"{rows_per_group:,} in one")
+        columns = [rg.column(j) for j in range(rg.num_columns)]
+        packed = sum(c.total_compressed_size for c in columns)
+        # Run-length and dictionary encoding repeat a value without bytes: count the values a column decodes to.
+        size = max(sum(max(c.total_uncompressed_size, c.num_values * _WIDTHS.get(c.physical_type, 0)) for c in columns),
+                   rg.total_byte_size)
+        if size > max_row_group_bytes() and size > MAX_EXPANSION * packed:
+            raise FormatError(f"{where}: row group {i} would decompress to {size / 2**20:,.0f} MiB from "
+                              f"{packed / 2**10:,.0f} KiB ({size / max(packed, 1):,.0f}x); refused as a decompression "
+                              "bomb")
 
 
 class ShardReader:
@@ -64,16 +114,22 @@ class ShardReader:
         hash (format 1.2: the footer holds the schema, the row group index and
         the id table) and its data pages against their CRC32 as they are read."""
         path = self.shard_path(shard)
+        options = dict(page_checksum_verification=self.checksums, thrift_string_size_limit=64 << 20,
+                       thrift_container_size_limit=1 << 20)
         try:
-            pf = storage.open_parquet(path, page_checksum_verification=self.checksums,
-                                      thrift_string_size_limit=64 << 20, thrift_container_size_limit=1 << 20)
+            try:   # dictionary-encoded strings stay encoded until their values are checked (read_row_group)
+                pf = storage.open_parquet(path, read_dictionary=list(fmt.record_kind(self.kind).dictionary_columns),
+                                          **options)
+            except KeyError:   # no such columns: not this kind's shard, as its footer then says
+                pf = storage.open_parquet(path, **options)
         except Exception as e:  # a damaged footer can surface as any error of the parser
             raise FormatError(f"{path}: unreadable Parquet ({fmt.one_line(e)})") from None
-        if pf.metadata.num_rows != shard["rows"]:   # the manifest's counts are what a loader plans with
-            raise FormatError(f"{path}: {pf.metadata.num_rows} rows, manifest says {shard['rows']}")
         info = fmt.read_file_metadata(pf.schema_arrow.metadata, str(path))
         if info.get("kind") != self.kind:
             raise FormatError(f"{path}: holds {info.get('kind')!r} records, manifest says {self.kind!r}")
+        if pf.metadata.num_rows != shard["rows"]:   # the manifest's counts are what a loader plans with
+            raise FormatError(f"{path}: {pf.metadata.num_rows} rows, manifest says {shard['rows']}")
+        check_row_group_sizes(pf.metadata, self.encoding.row_group_rows, str(path))
         if self.checksums and "footer_sha256" in shard and storage.footer_sha256(path) != shard["footer_sha256"]:
             raise FormatError(f"{path}: Parquet footer does not match the manifest's hash (corrupted)")
         return pf
@@ -109,7 +165,7 @@ class ShardReader:
         where = f"{self.dir / shard['name']}: row group {row_group}"
         self.check_row_group(pf, row_group, shard, where)
         try:
-            table = pf.read_row_group(row_group, columns=columns)
+            table = _plain_strings(pf.read_row_group(row_group, columns=columns))
             decoded = fmt.decode_batch(table, self.kind, self.k, self.encoding, self.id_map(shard, pf), rank_order)
             if self.kind == "scored" and fmt.INPUT_IDS in decoded and fmt.COVERAGE in decoded:
                 tokens, positions = np.diff(decoded[fmt.INPUT_IDS][1]), np.diff(decoded[fmt.COVERAGE][1])
