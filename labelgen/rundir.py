@@ -283,11 +283,14 @@ class RunDir:
         """Leftover tmp files of this worker go; a bucket run's staging starts
         empty (what an earlier attempt did not upload is redone)."""
         if self.remote:
-            storage.remove_tree(self.local)
-            storage.make_dir(self.local)
+            self._empty_staging()
         for tmp in storage.list_dir(self.local, "*" + fsutil.TMP_SUFFIX):
             if owns_tmp is None or owns_tmp(tmp.name):
                 storage.delete(tmp)
+
+    def _empty_staging(self) -> None:
+        """Everything in the staging directory but the lock held on it (a new lock file would not exclude anyone)."""
+        fsutil.clear_directory(self.local, only=lambda name: not _bookkeeping(name))
 
     # ------------------------------------------------------------ training
 
@@ -297,9 +300,9 @@ class RunDir:
         checkpoint (its meta.json, uploaded last, is there) and `files`."""
         if not self.main:
             return
-        if self.remote:
-            storage.remove_tree(self.local)
         storage.make_dir(self.local)
+        if self.remote:
+            self._empty_staging()
         if not (self.remote and resume):
             return
         steps = []
