@@ -81,7 +81,6 @@ def run(cfg: GenerateConfig, teacher: Teacher | None = None) -> dict:
     inputs = input_identity(files)
     with rd:
         previous = rd.claim(cfg.resume or cfg.num_workers > 1, cfg.overwrite, compare(cfg, inputs, rd.spelling))
-        sink = rd.shards(cfg)
         name = fmt.MANIFEST_NAME if cfg.num_workers == 1 else fmt.partial_manifest_name(cfg.worker_index, cfg.num_workers)
         # Finished before from the same inputs (with --inputs-changed each shard is checked against its records).
         if previous and not cfg.inputs_changed and (done := complete_manifest(rd.where, name)) is not None:
@@ -89,6 +88,7 @@ def run(cfg: GenerateConfig, teacher: Teacher | None = None) -> dict:
         storage.delete(rd.where / name)   # a manifest that may no longer describe the set goes first
         rd.record(identity(cfg, inputs))
         rd.prepare_staging(owned_tmp(cfg))
+        sink = rd.shards(cfg)
         if teacher is None and cfg.mode == "tokens":
             teacher = TokenizerOnly(cfg.teacher, tokenizer)
         if teacher is None:
