@@ -87,6 +87,14 @@ def replace_dir(tmp: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
+def free_bytes(path: Path) -> int | None:
+    """Bytes free on the file system holding `path` (None if it cannot be told)."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
 def refuse_symlink(path: Path) -> None:
     """Outputs are written inside their directory: a symlink planted in their
     place (pointing anywhere) is refused, not written through."""

@@ -75,12 +75,8 @@ def save_checkpoint(out: Path, step: int, models: dict, optimizers: dict, schedu
 
 def _why_not_written(out: Path, e: BaseException) -> str:
     """'no space left on device' when the disk is (nearly) full, else the library's words."""
-    import shutil
-    try:
-        full = shutil.disk_usage(out).free < 64 << 20
-    except OSError:
-        full = False
-    return "no space left on device" if full else " ".join(str(e).split())[:300]
+    free = fsutil.free_bytes(out)
+    return "no space left on device" if free is not None and free < 64 << 20 else " ".join(str(e).split())[:300]
 
 
 def _load_tensors(path: Path):
