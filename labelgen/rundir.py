@@ -79,7 +79,7 @@ GENERATE = RunKind("generation run", LABELS.owned + ("manifest.worker-*-of-*.jso
                    marker=(fmt.RUN_FILE,), harmless=(fmt.RUN_FILE,), unit="finished shard", unit_pattern=_SHARDS[0],
                    record=fmt.RUN_FILE)
 TRAIN = RunKind("training run", ("step_*", "metrics.jsonl", "candidate_map-*.npy", "data", "eval_data"),
-                marker=("step_*",), harmless=("metrics.jsonl", "candidate_map-*.npy", "data", "eval_data"),
+                marker=("step_*",), harmless=("metrics.jsonl",),
                 unit="checkpoint", unit_pattern="step_*")
 ROUNDS = RunKind("rounds run", ("rounds.json", "rounds.jsonl", "initial", "round-*"), marker=("rounds.json",),
                  harmless=("rounds.json",), unit="round", unit_pattern="round-*", record="rounds.json", local_only=True)
