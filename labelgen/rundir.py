@@ -193,8 +193,9 @@ class RunDir:
             return None
         if not work:
             return None
-        previous = self.read_record() if compare is not None else None
+        previous = None
         if compare is not None:
+            previous = self.read_record()
             if previous is None:
                 raise ValueError(f"--out: {self.where / self.kind.record} is missing or unreadable; choose another "
                                  f"--out, or pass --overwrite to delete its {done} {self.kind.unit}(s)")
@@ -228,14 +229,14 @@ class RunDir:
 
     def clear(self) -> None:
         """Delete what runs of this kind wrote here (the lock and lease stay)."""
-        keep = (fsutil.LOCK_SUFFIX, LEASE_SUFFIX)
+        def ours(name: str) -> bool:
+            return self.kind.owns(name) and not _bookkeeping(name)
         if self.remote:
             for obj in storage.list_tree(self.remote):
-                top = obj.key[len(self.remote.key):].lstrip("/").split("/")[0]
-                if self.kind.owns(top) and not top.endswith(keep):
+                if ours(obj.key[len(self.remote.key):].lstrip("/").split("/")[0]):
                     storage.delete(obj)
         else:
-            fsutil.clear_directory(self.local, only=lambda name: self.kind.owns(name) and not name.endswith(keep))
+            fsutil.clear_directory(self.local, only=ours)
 
     def exists(self) -> bool:
         return self.where.is_dir()
@@ -328,7 +329,9 @@ class RunDir:
         for f in files:
             if (self.local / f).is_file():
                 storage.upload_file(self.local / f, self.remote / f)
-        for old in storage.list_dir(self.local, "step_*")[:-keep]:
+        steps = sorted((int(m.group(1)), p) for p in storage.list_dir(self.local, "step_*")
+                       if (m := CHECKPOINT_RE.match(p.name)))
+        for _, old in steps[:-keep]:   # by step, not by name: step_1000000 sorts before step_999999
             storage.remove_tree(old)
 
     # ------------------------------------------------------------ finishing a data-parallel run
