@@ -12,7 +12,7 @@ it has uploaded with their sizes and hashes; a resumed worker takes those as
 done, wherever it runs. The manifest (or the worker's partial manifest)
 comes last; manifest.json is created only if absent, and the shard objects
 it does not list (left by stopped attempts) are then deleted. A worker whose
-lease another host took over (rundir.Lease) commits nothing more.
+lease another host took over (lease.py) commits nothing more.
 """
 
 from __future__ import annotations
