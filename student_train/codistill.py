@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from labelgen import format as fmt
 from labelgen.format import FormatError
-from student_train import losses
+from student_train import head, losses
 from student_train.config import CodistillConfig
 from student_train.data import LabelStream, open_label_sets
 from student_train.objective import mix
@@ -71,20 +71,48 @@ def check_widths(teacher, student, tokenizer) -> int:
     return n
 
 
-def kd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor,
-            cfg: CodistillConfig) -> torch.Tensor:
-    """The training stage's losses against the teacher's live distribution:
-    all of it (full) or its top-k only (as offline labels would keep)."""
+def kd_terms(s_logits: torch.Tensor, t_logits: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor,
+             cfg: CodistillConfig) -> torch.Tensor:
+    """Per position: the training stage's losses against the teacher's live
+    distribution, all of it (full) or its top-k only (as offline labels would keep)."""
     if cfg.kd == "full":
-        return losses.full_kd(s_logits, t_logits, mask, kind=cfg.kd_kind, temperature=cfg.temperature, beta=cfg.beta)
+        return losses.full_kd_terms(s_logits, t_logits, mask, kind=cfg.kd_kind, temperature=cfg.temperature,
+                                    beta=cfg.beta)
     t_lp = torch.log_softmax(t_logits.float(), dim=-1)
     top = t_lp.topk(cfg.k, dim=-1)
-    return losses.topk_kd(s_logits, top.indices, top.values, top.values.exp().sum(-1), mask, kind=cfg.kd_kind,
-                          tail=cfg.tail, temperature=cfg.temperature, beta=cfg.beta, targets=targets)
+    return losses.topk_kd_terms(s_logits, top.indices, top.values, top.values.exp().sum(-1), mask, kind=cfg.kd_kind,
+                                tail=cfg.tail, temperature=cfg.temperature, beta=cfg.beta, targets=targets)
 
 
-def forward(model, batch: dict, n_vocab: int) -> torch.Tensor:
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :n_vocab]
+def teacher_pass(teacher, batch: dict, cfg: CodistillConfig, n_vocab: int) -> tuple[dict, dict]:
+    """The teacher's CE ("objective") and what makes its logits again, chunk
+    by chunk, for the student (head.run keep=True); and the student's batch:
+    `batch` with those rows added."""
+    n = batch["mask"].sum().clamp(min=1)
+    kept = head.run(teacher, batch, functools.partial(ce_terms, n=n), cfg.head_chunk_mb, n_vocab, keep=True)
+    rows = {f"teacher_{key}": kept[key] for key in ("hidden", "logits") if key in kept}
+    return kept, {**batch, **rows}
+
+
+def ce_terms(z: torch.Tensor, rows: dict, *, n: torch.Tensor) -> dict:
+    ce = losses.cross_entropy_terms(z, rows["targets"], rows["mask"]).sum() / n
+    return {"objective": ce}
+
+
+def student_terms(z: torch.Tensor, rows: dict, *, teacher: dict, cfg: CodistillConfig, alpha: float,
+                  n: torch.Tensor, held_out: bool = False) -> dict:
+    """The student's CE and KD on the logits z of some positions, against the
+    teacher's logits there (sums / n); held out: CE, the full forward KL and
+    the calibration bins instead."""
+    t_logits = head.logits_of(rows, "teacher_", teacher)
+    mask, targets = rows["mask"], rows["targets"]
+    lse = losses.logsumexp_chunked(z)
+    ce = losses.cross_entropy_terms(z, targets, mask, lse=lse).sum() / n
+    if held_out:
+        return {"objective": ce, "ce": ce, "kl": losses.full_kd_terms(z, t_logits, mask).sum() / n,
+                "calibration": losses.calibration_sums(z, targets, mask, lse) / n}
+    kd = kd_terms(z, t_logits, mask, targets, cfg).sum() / n if alpha < 1 else torch.zeros_like(ce)
+    return {"objective": mix(ce, kd, alpha), "ce": ce, "kd": kd}
 
 
 def micro_step(models: dict, batch: dict, alpha: float, backward, *, cfg: CodistillConfig, n_vocab: int) -> dict:
@@ -93,26 +121,26 @@ def micro_step(models: dict, batch: dict, alpha: float, backward, *, cfg: Codist
     teacher logits, detached. A teacher with teacher_lr 0 is frozen: no
     gradient, no backward."""
     frozen = cfg.teacher_lr == 0
-    mask = batch["mask"]
     with torch.no_grad() if frozen else contextlib.nullcontext():
-        t_logits = forward(models["teacher"], batch, n_vocab)
-        t_ce = losses.cross_entropy(t_logits, batch["targets"], mask)
+        teacher, rows = teacher_pass(models["teacher"], batch, cfg, n_vocab)
         if not frozen:
-            backward(t_ce)
-    s_logits = forward(models["student"], batch, n_vocab)
-    s_ce = losses.cross_entropy(s_logits, batch["targets"], mask)
-    kd = kd_loss(s_logits, t_logits.detach(), mask, batch["targets"], cfg) if alpha < 1 else torch.zeros_like(s_ce)
-    s_loss = mix(s_ce, kd, alpha)
-    backward(s_loss)
-    return {"loss": s_loss, "ce": s_ce, "kd": kd, "teacher_ce": t_ce}
+            backward(teacher["objective"])
+    n = batch["mask"].sum().clamp(min=1)
+    out = head.run(models["student"], rows, functools.partial(student_terms, teacher=teacher, cfg=cfg, alpha=alpha, n=n),
+                   cfg.head_chunk_mb, n_vocab)
+    backward(out["objective"])
+    return {"loss": out["objective"], "ce": out["ce"], "kd": out["kd"], "teacher_ce": teacher["objective"]}
 
 
-def score(models: dict, batch: dict, *, n_vocab: int) -> dict:
+def score(models: dict, batch: dict, *, cfg: CodistillConfig, n_vocab: int) -> dict:
     """Held-out: the student's CE and KL(teacher || student), the teacher's CE."""
-    t, s = forward(models["teacher"], batch, n_vocab), forward(models["student"], batch, n_vocab)
-    return {"ce": losses.cross_entropy(s, batch["targets"], batch["mask"]), "kl": losses.full_kd(s, t, batch["mask"]),
-            "teacher_ce": losses.cross_entropy(t, batch["targets"], batch["mask"]),
-            **losses.calibration_metrics(s, batch["targets"], batch["mask"])}
+    teacher, rows = teacher_pass(models["teacher"], batch, cfg, n_vocab)
+    n = batch["mask"].sum().clamp(min=1)
+    out = head.run(models["student"], rows, functools.partial(student_terms, teacher=teacher, cfg=cfg, alpha=1.0, n=n,
+                                                              held_out=True), cfg.head_chunk_mb, n_vocab)
+    gaps = out.pop("calibration")
+    return {"ce": out["ce"], "kl": out["kl"], "teacher_ce": teacher["objective"],
+            **{f"{losses.CALIBRATION_PREFIX}{b:02d}": g for b, g in enumerate(gaps)}}
 
 
 def codistill(cfg: CodistillConfig) -> dict:
@@ -146,7 +174,7 @@ def codistill(cfg: CodistillConfig) -> dict:
 
         run = Run(models={"student": student, "teacher": teacher}, lrs={"student": cfg.student_lr, "teacher": cfg.teacher_lr},
                   stream=stream, eval_stream=eval_stream, loss=functools.partial(micro_step, cfg=cfg, n_vocab=n_vocab),
-                  score=functools.partial(score, n_vocab=n_vocab), tokenizer=tokenizer,
+                  score=functools.partial(score, cfg=cfg, n_vocab=n_vocab), tokenizer=tokenizer,
                   check_resume=check_resume, desc="codistill",
                   meta={"config": cfg.to_dict(), "data_fingerprint": fingerprint,
                         "tokenizer": fmt.tokenizer_fingerprint(tokenizer)["fingerprint"]})

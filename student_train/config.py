@@ -29,7 +29,7 @@ def _bad(option, msg):
 
 @dataclass(frozen=True, kw_only=True)
 class KDConfig:
-    """How KD compares the student with the teacher, in every command."""
+    """How the student's outputs are made and compared with the teacher's, in every command."""
     kd_kind: str = "forward"
     """forward KL(teacher||student), reverse KL, or jsd."""
     tail: str = "tail"
@@ -39,6 +39,12 @@ class KDConfig:
     temperature: float = 1.0
     beta: float = 0.5
     """JSD mixing weight."""
+    head_chunk_mb: int | None = None
+    """MiB of fp32 logits the student's LM head makes at a time: the head and
+    every loss run a chunk of positions at a time, forward and backward, so
+    [batch, positions, vocabulary] logits never exist (student_train/head.py).
+    None: head.CHUNK_MB for the device; 0: the model's own logits, every
+    position at once (the path before chunking)."""
 
     @property
     def topk_support(self) -> bool:
@@ -56,6 +62,8 @@ class KDConfig:
             _bad(*problem)
         if not 0 <= self.beta <= 1:
             _bad("--beta", f"must be in [0, 1], got {self.beta}")
+        if self.head_chunk_mb is not None and self.head_chunk_mb < 0:
+            _bad("--head-chunk-mb", f"must be >= 0 (0: the model's full logits), got {self.head_chunk_mb}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -30,8 +30,8 @@ from labelgen.format import FormatError
 from labelgen.stopping import StopFlag
 from student_train.config import LossConfig
 from student_train.data import LabelStream, collate, columns_from_rows, open_label_sets
-from student_train.losses import ECE_BINS, calibration_gaps, expected_calibration_error
-from student_train.objective import loss_step, mix, student_logits
+from student_train.losses import ECE_BINS, expected_calibration_error
+from student_train.objective import loss_step
 from student_train.vocab import check_vocabulary, check_width_against_labels, load_tokenizer_for
 
 
@@ -199,13 +199,12 @@ class DistillTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         alpha = self.distill.alpha_at(self.state.global_step, self.state.max_steps)
-        logits = student_logits(model, inputs)
-        ce, kd = loss_step(model, inputs, self.distill, alpha, logits=logits)
+        out = loss_step(model, inputs, self.distill, alpha, calibration=self._calibration is not None)
         if self._calibration is not None:   # evaluating: the bins of eval_ece
             tokens = inputs["mask"].sum().double().reshape(1)
-            gaps = calibration_gaps(logits.detach(), inputs["targets"], inputs["mask"]).double()
+            gaps = out["calibration"].double()
             self._calibration += torch.cat([gaps * tokens, tokens]).to(self._calibration.device)
-        loss = mix(ce, kd, alpha)
+        loss, ce, kd = out["objective"], out["ce"], out["kd"]
         if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
             # Trainer then treats the loss as scaled for accumulation: weigh
             # this micro-batch by its counted tokens over all of the step's.

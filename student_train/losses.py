@@ -57,13 +57,25 @@ def logsumexp_chunked(logits: torch.Tensor) -> torch.Tensor:
     return out.reshape(logits.shape[:-1])
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-                  lse: torch.Tensor | None = None) -> torch.Tensor:
-    """CE of the student's logits [B,T,V] against token ids [B,T]. `lse`: the
-    logits' logsumexp [B,T] if the caller has it (one pass shared with KD)."""
+def counted(per_position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The values at counted positions, 0 elsewhere (padding's filler labels may compute anything)."""
+    return torch.where(mask, per_position, torch.zeros_like(per_position))
+
+
+def cross_entropy_terms(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                        lse: torch.Tensor | None = None) -> torch.Tensor:
+    """Per position [B,T]: CE of the student's logits [B,T,V] against token
+    ids [B,T], 0 where not counted. `lse`: the logits' logsumexp [B,T] if the
+    caller has it (one pass shared with KD)."""
     lse = logsumexp_chunked(logits) if lse is None else lse
     tgt = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1).float()
-    return masked_mean(lse - tgt, mask)
+    return counted(lse - tgt, mask)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                  lse: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of cross_entropy_terms over counted positions."""
+    return masked_mean(cross_entropy_terms(logits, targets, mask, lse), mask)
 
 
 def _divergence(logp: torch.Tensor, logq: torch.Tensor, kind: str, beta: float) -> torch.Tensor:
@@ -95,7 +107,16 @@ def check_tail(tail: str, kind: str, temperature: float) -> tuple[str, str] | No
 def topk_kd(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, coverage: torch.Tensor,
             mask: torch.Tensor, kind: str = "forward", tail: str = "renorm", temperature: float = 1.0,
             beta: float = 0.5, lse: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
-    """KD against stored top-k labels.
+    """KD against stored top-k labels: the mean of topk_kd_terms over counted positions."""
+    return masked_mean(topk_kd_terms(logits, topk_ids, topk_logprobs, coverage, mask, kind, tail, temperature, beta,
+                                     lse, targets), mask)
+
+
+def topk_kd_terms(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, coverage: torch.Tensor,
+                  mask: torch.Tensor, kind: str = "forward", tail: str = "renorm", temperature: float = 1.0,
+                  beta: float = 0.5, lse: torch.Tensor | None = None,
+                  targets: torch.Tensor | None = None) -> torch.Tensor:
+    """Per position [B,T]: KD against stored top-k labels, 0 where not counted.
 
     logits [B,T,V] student; topk_ids [B,T,K] (long); topk_logprobs [B,T,K]
     teacher logprobs, -inf for empty slots; coverage [B,T] teacher mass in the
@@ -142,32 +163,41 @@ def topk_kd(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.T
         logp_tail = torch.log1p(-coverage.float().clamp(max=1.0))           # -inf when coverage is 1
         logp = torch.cat([t_lp, logp_tail.unsqueeze(-1)], dim=-1)
         logq = torch.cat([logq_k, logq_tail.unsqueeze(-1)], dim=-1)
-    per_pos = _divergence(logp, logq, kind, beta)
     # Padding positions hold filler labels; keep whatever they compute out of the sum.
-    per_pos = torch.where(mask, per_pos, torch.zeros_like(per_pos))
-    return masked_mean(per_pos, mask) * temperature ** 2
+    return counted(_divergence(logp, logq, kind, beta), mask) * temperature ** 2
 
 
 def sampled_kd(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
                temperature: float = 1.0, lse: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy of the student against sampled soft labels: ids [B,T,M]
+    """Cross-entropy of the student against sampled soft labels: the mean of
+    sampled_kd_terms over counted positions. Its gradient is an unbiased
+    estimate of the full forward-KL gradient (Anshumann et al., 2025)."""
+    return masked_mean(sampled_kd_terms(logits, ids, weights, mask, temperature, lse), mask)
+
+
+def sampled_kd_terms(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
+                     temperature: float = 1.0, lse: torch.Tensor | None = None) -> torch.Tensor:
+    """Per position [B,T]: cross-entropy of the student against ids [B,T,M]
     drawn from the teacher, weights [B,T,M] their (importance-corrected)
-    empirical probabilities, 0 in empty slots. Its gradient is an unbiased
-    estimate of the full forward-KL gradient (Anshumann et al., 2025).
+    empirical probabilities, 0 in empty slots; 0 where not counted.
     `lse`: the logsumexp of logits / temperature, if already computed."""
     z = logits.gather(-1, ids).float() / temperature
     logq = z - (logsumexp_chunked(logits / temperature) if lse is None else lse).unsqueeze(-1)
-    per_pos = -(weights.float() * logq).sum(-1)
-    per_pos = torch.where(mask, per_pos, torch.zeros_like(per_pos))
-    return masked_mean(per_pos, mask) * temperature ** 2
+    return counted(-(weights.float() * logq).sum(-1), mask) * temperature ** 2
 
 
 def full_kd(logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, kind: str = "forward",
             temperature: float = 1.0, beta: float = 0.5) -> torch.Tensor:
-    """KD against the teacher's full distribution (online distillation)."""
+    """KD against the teacher's full distribution (online distillation): the mean of full_kd_terms."""
+    return masked_mean(full_kd_terms(logits, teacher_logits, mask, kind, temperature, beta), mask)
+
+
+def full_kd_terms(logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, kind: str = "forward",
+                  temperature: float = 1.0, beta: float = 0.5) -> torch.Tensor:
+    """Per position [B,T]: KD against the teacher's full logits [B,T,V], 0 where not counted."""
     logq = torch.log_softmax(logits.float() / temperature, dim=-1)
     logp = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return masked_mean(_divergence(logp, logq, kind, beta), mask) * temperature ** 2
+    return counted(_divergence(logp, logq, kind, beta), mask) * temperature ** 2
 
 
 def on_policy_kd(logits: torch.Tensor, targets: torch.Tensor, teacher_logprob: torch.Tensor,
@@ -184,25 +214,39 @@ def on_policy_kd(logits: torch.Tensor, targets: torch.Tensor, teacher_logprob: t
     sampled gradient of KL(p || pT). Returns the loss and per-position
     statistics: the advantage, the share of clipped tokens, and log p_old -
     log p (its mean estimates KL(p_old || p), how stale the samples are)."""
+    terms = on_policy_terms(logits, targets, teacher_logprob, sampler_logprob, mask, clip, lse)
+    loss = masked_mean(terms.pop("policy_gradient"), mask)
+    return loss, {name: masked_mean(v, mask) for name, v in terms.items()}
+
+
+def on_policy_terms(logits: torch.Tensor, targets: torch.Tensor, teacher_logprob: torch.Tensor,
+                    sampler_logprob: torch.Tensor, mask: torch.Tensor, clip: float = 0.2,
+                    lse: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per position [B,T], 0 where not counted: on_policy_kd's loss
+    (policy_gradient) and its statistics (advantage, clipped, staleness)."""
     lse = logsumexp_chunked(logits) if lse is None else lse
     logp = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1).float() - lse
     adv = (teacher_logprob.float() - logp).detach()
     log_ratio = logp - sampler_logprob.float()
     ratio = log_ratio.clamp(max=30).exp()   # bounded: a sample the student now finds far likelier
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
-    surrogate = torch.where(mask, surrogate, torch.zeros_like(surrogate))
     clipped = ratio.clamp(1 - clip, 1 + clip) * adv < ratio * adv   # the min took the clipped term: no gradient
-    stats = {"advantage": masked_mean(adv, mask), "clipped": masked_mean(clipped.float(), mask),
-             "staleness": masked_mean(-log_ratio.detach(), mask)}
-    return -masked_mean(surrogate, mask), stats
+    return {"policy_gradient": counted(-surrogate, mask), "advantage": counted(adv, mask),
+            "clipped": counted(clipped.float(), mask), "staleness": counted(-log_ratio.detach(), mask)}
 
 
 def topk_agreement(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
                    mask: torch.Tensor) -> torch.Tensor:
     """Share of counted positions where the student's argmax is the teacher's
     top-1 (its most probable stored entry: entries may be in any order)."""
+    return masked_mean(topk_agreement_terms(logits, topk_ids, topk_logprobs, mask), mask)
+
+
+def topk_agreement_terms(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                         mask: torch.Tensor) -> torch.Tensor:
+    """Per position [B,T]: 1 where the student's argmax is the teacher's top-1, 0 elsewhere or not counted."""
     top1 = topk_ids.gather(-1, topk_logprobs.argmax(-1, keepdim=True)).squeeze(-1)
-    return masked_mean((logits.argmax(-1) == top1).float(), mask)
+    return counted((logits.argmax(-1) == top1).float(), mask)
 
 
 ECE_BINS = 15
@@ -216,14 +260,18 @@ def calibration_gaps(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Te
     over positions, they average across batches and ranks like any other
     metric; the expected calibration error is the sum of their absolute
     values (`expected_calibration_error`), taken once at the end."""
+    return calibration_sums(logits, targets, mask, lse) / mask.sum().clamp(min=1)
+
+
+def calibration_sums(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                     lse: torch.Tensor | None = None) -> torch.Tensor:
+    """[ECE_BINS]: calibration_gaps before the division by the counted positions."""
     lse = logsumexp_chunked(logits) if lse is None else lse
     top = logits.max(-1)
     conf = (top.values.float() - lse).exp()
-    gap = (top.indices == targets).float() - conf
+    gap = counted((top.indices == targets).float() - conf, mask)
     bins = (conf * ECE_BINS).long().clamp(0, ECE_BINS - 1)
-    m = mask.to(gap.dtype)
-    sums = torch.zeros(ECE_BINS, dtype=gap.dtype, device=gap.device).index_add_(0, bins.flatten(), (gap * m).flatten())
-    return sums / m.sum().clamp(min=1)
+    return torch.zeros(ECE_BINS, dtype=gap.dtype, device=gap.device).index_add_(0, bins.flatten(), gap.flatten())
 
 
 CALIBRATION_PREFIX = "ece_gap"   # the bins' metric names; the evaluation folds them into eval_ece

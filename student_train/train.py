@@ -14,10 +14,10 @@ from pathlib import Path
 
 from labelgen import format as fmt
 from labelgen.format import FormatError
-from student_train import losses
+from student_train import head, losses
 from student_train.config import TrainConfig
 from student_train.data import LabelStream, holdout_split, open_label_sets
-from student_train.objective import loss_step, mix, student_logits
+from student_train.objective import loss_step
 from student_train.runtime import Run, build_model, fit, run_dir, setup_distributed
 from student_train.vocab import check_vocabulary, check_width, load_tokenizer_for, token_byte_lengths
 
@@ -58,28 +58,37 @@ def check_on_policy_sampling(manifest: dict, where: str) -> None:
 
 def micro_step(models: dict, batch: dict, alpha: float, backward, *, cfg: TrainConfig) -> dict:
     """One micro-batch: alpha * CE + (1 - alpha) * KD (or the opd objective), back-propagated."""
-    stats: dict = {}
-    ce, kd = loss_step(models["student"], batch, cfg, alpha, stats=stats)
-    objective = mix(ce, kd, alpha)
-    backward(objective)
-    return {"loss": objective, "ce": ce, "kd": kd, **stats}
+    out = loss_step(models["student"], batch, cfg, alpha)
+    backward(out["objective"])
+    return {"loss": out.pop("objective"), **out}
 
 
-def score(models: dict, batch: dict) -> dict:
+def score(models: dict, batch: dict, *, head_chunk_mb: int | None = None) -> dict:
     """Held-out CE on actual tokens and the calibration bins (eval_ece); for
     topk labels also KL(teacher||student) over the top-k plus tail bucket and
     top-1 agreement with the teacher."""
-    logits = student_logits(models["student"], batch)
-    lse = losses.logsumexp_chunked(logits)
-    out = {"ce": losses.cross_entropy(logits, batch["targets"], batch["mask"], lse=lse)}
-    out.update(losses.calibration_metrics(logits, batch["targets"], batch["mask"], lse=lse))
-    if "topk_ids" in batch:
-        kd_mask = batch.get("kd_mask", batch["mask"])
-        out["kl"] = losses.topk_kd(logits, batch["topk_ids"], batch["topk_logprobs"], batch["coverage"],
-                                   kd_mask, tail="tail", lse=lse)
-        out["top1"] = losses.topk_agreement(logits, batch["topk_ids"], batch["topk_logprobs"], kd_mask)
+    out = head.run(models["student"], batch, functools.partial(held_out_terms, n=batch["mask"].sum().clamp(min=1),
+                                                               n_kd=batch.get("kd_mask", batch["mask"]).sum().clamp(min=1)),
+                   head_chunk_mb)
+    out.pop("objective")
+    out.update({f"{losses.CALIBRATION_PREFIX}{b:02d}": g for b, g in enumerate(out.pop("calibration"))})
     if "target_bytes" in batch:   # bytes per counted token: with ce, bits per byte (runtime.evaluate)
         out["bytes"] = losses.masked_mean(batch["target_bytes"], batch["mask"])
+    return out
+
+
+def held_out_terms(z, rows: dict, *, n, n_kd) -> dict:
+    """score's quantities on the logits z [..., V] of some positions: sums / the batch's counted positions
+    (n; n_kd for the teacher comparisons, counted where labelled)."""
+    mask, targets = rows["mask"], rows["targets"]
+    lse = losses.logsumexp_chunked(z)
+    ce = losses.cross_entropy_terms(z, targets, mask, lse=lse).sum() / n
+    out = {"objective": ce, "ce": ce, "calibration": losses.calibration_sums(z, targets, mask, lse) / n}
+    if "topk_ids" in rows:
+        kd_mask = rows.get("kd_mask", mask)
+        out["kl"] = losses.topk_kd_terms(z, rows["topk_ids"], rows["topk_logprobs"], rows["coverage"],
+                                         kd_mask, tail="tail", lse=lse).sum() / n_kd
+        out["top1"] = losses.topk_agreement_terms(z, rows["topk_ids"], rows["topk_logprobs"], kd_mask).sum() / n_kd
     return out
 
 
@@ -132,7 +141,7 @@ def train(cfg: TrainConfig) -> dict:
                 raise FormatError(f"--resume: {ckpt} was trained on other labels (fingerprints differ)")
 
         run = Run(models={"student": model}, lrs={"student": cfg.lr}, stream=stream, eval_stream=eval_stream,
-                  loss=functools.partial(micro_step, cfg=cfg), score=score, tokenizer=tokenizer,
+                  loss=functools.partial(micro_step, cfg=cfg), score=functools.partial(score, head_chunk_mb=cfg.head_chunk_mb), tokenizer=tokenizer,
                   check_resume=check_resume, desc="student-train",
                   meta={"config": cfg.to_dict(), "labels_fingerprints": fingerprints,
                         "tokenizer": fmt.tokenizer_fingerprint(tokenizer)["fingerprint"]})

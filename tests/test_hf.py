@@ -119,7 +119,8 @@ def test_alpha_moves_to_alpha_end_over_the_trainers_run_as_in_student_train(topk
     batch = trainer.data_collator([e for _, e in zip(range(4), data)])
     trainer.state.max_steps, trainer.state.global_step = 5, 4   # the last step: CE only
     with torch.no_grad():
-        ce, kd = loss_step(model, batch, loss, 1.0)
+        out = loss_step(model, batch, loss, 1.0)
+        ce, kd = out["ce"], out["kd"]
         assert trainer.compute_loss(model, batch).item() == pytest.approx(ce.item(), rel=1e-6) and ce.item() != kd.item()
 
 

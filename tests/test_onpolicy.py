@@ -152,21 +152,21 @@ def test_opd_refuses_completions_not_drawn_at_temperature_1(tiny_teacher, corpus
 def test_opd_loss_is_the_policy_gradient_plus_weighted_forward_kl_and_needs_scored_labels(rng):
     from student_train import losses
     from student_train.config import TrainConfig
-    from student_train.objective import opd_objective
+    from student_train.objective import step_terms
     from student_train.train import check_loss_fits_labels
     rows = [scored_row(rng, "a", 3, 4, 50, 4)]
     batch = collate(columns_from_rows(rows), "scored")
     logits = torch.randn(1, 6, 50, requires_grad=True)
-    lse = losses.logsumexp_chunked(logits)
     kw = dict(labels=("l",), out="o", student="s", loss="opd")
-    stats = {}
-    both = opd_objective(logits, batch, TrainConfig(**kw, opd_forward_kl=0.5), lse, stats)
+    n = batch["mask"].sum()
+    both = step_terms(logits, batch, cfg=TrainConfig(**kw, opd_forward_kl=0.5), alpha=0.0, n=n)
     pg, _ = losses.on_policy_kd(logits, batch["targets"], batch["teacher_logprob"], batch["sampling_logprob"],
                                 batch["mask"], clip=0.2)
     fkl = losses.topk_kd(logits, batch["topk_ids"], batch["topk_logprobs"], batch["coverage"], batch["mask"], tail="tail")
-    assert both.item() == pytest.approx(pg.item() + 0.5 * fkl.item(), rel=1e-6)
-    assert set(stats) >= {"staleness", "clipped", "advantage", "forward_kl", "policy_gradient"}
-    only = opd_objective(logits, batch, TrainConfig(**kw, opd_forward_kl=0.0), lse, {})
+    assert both["kd"].item() == pytest.approx(pg.item() + 0.5 * fkl.item(), rel=1e-6)
+    assert both["objective"] is both["kd"]   # alpha 0: CE is only measured
+    assert set(both) >= {"staleness", "clipped", "advantage", "forward_kl", "policy_gradient"}
+    only = step_terms(logits, batch, cfg=TrainConfig(**kw, opd_forward_kl=0.0), alpha=0.0, n=n)["kd"]
     assert only.item() == pytest.approx(pg.item(), rel=1e-6)
     with pytest.raises(FormatError, match="--loss opd needs scored labels"):
         check_loss_fits_labels(TrainConfig(**kw), "topk", 8)
