@@ -39,7 +39,7 @@ class KDConfig:
     temperature: float = 1.0
     beta: float = 0.5
     """JSD mixing weight."""
-    head_chunk_mb: int | None = None
+    head_chunk_mb: float | None = None
     """MiB of fp32 logits the student's LM head makes at a time: the head and
     every loss run a chunk of positions at a time, forward and backward, so
     [batch, positions, vocabulary] logits never exist (student_train/head.py).

@@ -142,13 +142,13 @@ def chunkable(model) -> bool:
 CHUNK_MB = {"cpu": 32, "cuda": 256}
 
 
-def positions(chunk_mb: int | None, width: int, device: torch.device) -> int:
+def positions(chunk_mb: float | None, width: int, device: torch.device) -> int:
     """Positions per chunk: chunk_mb MiB of fp32 logits `width` wide (None: CHUNK_MB for the device)."""
     mb = CHUNK_MB.get(device.type, CHUNK_MB["cuda"]) if chunk_mb is None else chunk_mb
-    return max(1, (mb << 20) // (4 * width))
+    return max(1, int(mb * 2**20) // (4 * width))
 
 
-def run(model, batch: dict, terms: Terms, chunk_mb: int | None, width: int | None = None, keep: bool = False) -> dict:
+def run(model, batch: dict, terms: Terms, chunk_mb: float | None, width: int | None = None, keep: bool = False) -> dict:
     """`terms` over the next-token logits of every position of `batch`
     (input_ids [B, T] and per-position rows [B, T-1, ...]): the totals, their
     "objective" differentiable when gradients are on. `chunk_mb`: MiB of

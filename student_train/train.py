@@ -63,7 +63,7 @@ def micro_step(models: dict, batch: dict, alpha: float, backward, *, cfg: TrainC
     return {"loss": out.pop("objective"), **out}
 
 
-def score(models: dict, batch: dict, *, head_chunk_mb: int | None = None) -> dict:
+def score(models: dict, batch: dict, *, head_chunk_mb: float | None = None) -> dict:
     """Held-out CE on actual tokens and the calibration bins (eval_ece); for
     topk labels also KL(teacher||student) over the top-k plus tail bucket and
     top-1 agreement with the teacher."""

@@ -126,13 +126,16 @@ def test_fsdp_two_process_codistill_resumes_to_the_same_losses(tiny_teacher, cor
                                "--student-config", student_config, "--out", str(out), "--max-steps", "4",
                                "--batch-size", "2", "--max-seq-len", "64", "--alpha", "0.5", "--save-every", "2",
                                "--log-every", "1", "--fsdp", *extra)
-    torchrun(tmp_path / "straight", 29524)
-    torchrun(tmp_path / "resumed", 29525)
+    torchrun(tmp_path / "straight", 29524, "--head-chunk-mb", "0.05")   # 25 positions a chunk: several per batch
+    torchrun(tmp_path / "resumed", 29525, "--head-chunk-mb", "0.05")
     shutil.rmtree(tmp_path / "resumed" / "step_000004")
-    torchrun(tmp_path / "resumed", 29526, "--resume")
+    torchrun(tmp_path / "resumed", 29526, "--resume", "--head-chunk-mb", "0.05")
+    torchrun(tmp_path / "full_logits", 29529, "--head-chunk-mb", "0")
     a, b = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
+    full = metrics(tmp_path / "full_logits")
     for key in ("loss", "ce", "teacher_ce"):
         assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-5), key
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in full], rel=1e-5), key
     d = a[-1]["weight_digests"]
     assert len(d) == 4 and d[0] == d[1] and d[2] == d[3]
     assert (tmp_path / "straight" / "step_000004" / "teacher" / "model.safetensors").is_file()

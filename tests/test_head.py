@@ -195,3 +195,10 @@ def test_evaluation_under_no_grad_computes_no_gradient(small_chunks):
         out = loss_step(model, batch, cfg, 0.0)
     assert not out["objective"].requires_grad and torch.isfinite(out["kd"])
     assert functools.reduce(lambda a, p: a and p.grad is None, model.parameters(), True)
+
+
+def test_a_negative_chunk_size_is_refused_naming_the_option():
+    with pytest.raises(ValueError, match=r"--head-chunk-mb: must be >= 0 \(0: the model's full logits\), got -1"):
+        TrainConfig(labels=("l",), out="o", student="s", head_chunk_mb=-1)
+    with pytest.raises(ValueError, match="--head-chunk-mb"):
+        CodistillConfig(inputs=("c",), out="o", teacher="t", student="s", head_chunk_mb=-0.5)

@@ -114,12 +114,14 @@ def test_fsdp_two_process_run_resumes_to_the_same_losses(topk_labels, student_co
         torchrun_student_train(port, "train", "--labels", str(topk_labels), "--student-config", student_config,
                                "--out", str(out), "--max-steps", "6", "--batch-size", "2", "--save-every", "3",
                                "--log-every", "1", "--eval-every", "0", "--fsdp", *extra)
-    torchrun(tmp_path / "straight", 29521)
-    torchrun(tmp_path / "resumed", 29522)
+    torchrun(tmp_path / "straight", 29521, "--head-chunk-mb", "0.05")   # 25 positions a chunk: several per batch
+    torchrun(tmp_path / "resumed", 29522, "--head-chunk-mb", "0.05")
     shutil.rmtree(tmp_path / "resumed" / "step_000006")
-    torchrun(tmp_path / "resumed", 29523, "--resume")
+    torchrun(tmp_path / "resumed", 29523, "--resume", "--head-chunk-mb", "0.05")
+    torchrun(tmp_path / "full_logits", 29528, "--head-chunk-mb", "0")   # the model's full logits: the same losses
     a, b = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5)
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in metrics(tmp_path / "full_logits")], rel=1e-5)
     assert a[-1]["weight_digests"][0] == a[-1]["weight_digests"][1]
     from transformers import AutoModelForCausalLM
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "step_000006").num_parameters() > 0
