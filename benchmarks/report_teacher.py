@@ -211,7 +211,7 @@ def gradient_study(teacher: str, student_ckpt: str, labels: dict, scale: RealSca
     from transformers import AutoModelForCausalLM
     from student_train import losses
     from student_train.data import LabelStream, open_label_sets, take_batches
-    from student_train.objective import student_logits
+    from student_train.head import full_logits
     torch.manual_seed(0)
     student = AutoModelForCausalLM.from_pretrained(student_ckpt, dtype=torch.float32)
     teach = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
@@ -226,8 +226,8 @@ def gradient_study(teacher: str, student_ckpt: str, labels: dict, scale: RealSca
         stream = LabelStream(open_label_sets([labels[f"sampled{n}"]["dir"]]), scale.batch_size, shuffle=False, max_epochs=1)
         for batch in take_batches(stream, scale.grad_batches):
             with torch.no_grad():
-                t_logits = student_logits(teach, batch)[..., : student.config.vocab_size].float()
-            logits = student_logits(student, batch)
+                t_logits = full_logits(teach, batch)[..., : student.config.vocab_size].float()
+            logits = full_logits(student, batch)
             mask = batch["mask"]
             full = grad(losses.full_kd(logits, t_logits, mask))
             draws = torch.multinomial(torch.softmax(t_logits, -1).reshape(-1, t_logits.shape[-1]), n, replacement=True)
@@ -286,7 +286,7 @@ def optimizer_study(teacher: str, student_ckpt: str, labels: dict, scale: RealSc
     from transformers import AutoModelForCausalLM
     from student_train import losses
     from student_train.data import LabelStream, open_label_sets, take_batches
-    from student_train.objective import student_logits
+    from student_train.head import full_logits
     torch.manual_seed(0)
     student = AutoModelForCausalLM.from_pretrained(student_ckpt, dtype=torch.float32)
     teach = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
@@ -302,8 +302,8 @@ def optimizer_study(teacher: str, student_ckpt: str, labels: dict, scale: RealSc
         if not torch.equal(b50["input_ids"], b12["input_ids"]):
             raise RuntimeError("the two sampled label sets do not hold the same windows in the same order")
         with torch.no_grad():
-            t_logits = student_logits(teach, b50)[..., : emb.shape[0]].float()
-        logits = student_logits(student, b50)
+            t_logits = full_logits(teach, b50)[..., : emb.shape[0]].float()
+        logits = full_logits(student, b50)
         mask = b50["mask"]
         lp = torch.log_softmax(t_logits, -1)
         found = {"full KD (online)": losses.full_kd(logits, t_logits, mask)}
@@ -360,7 +360,7 @@ def tail_study(teacher: str, students: dict, eval_dir: str, scale: RealScale) ->
     import torch
     from transformers import AutoModelForCausalLM
     from student_train.data import LabelStream, open_label_sets, take_batches
-    from student_train.objective import student_logits
+    from student_train.head import full_logits
     teach = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
     models = {name: AutoModelForCausalLM.from_pretrained(s["checkpoint"], dtype=torch.float32).eval()
               for name, s in students.items()}
@@ -372,13 +372,13 @@ def tail_study(teacher: str, students: dict, eval_dir: str, scale: RealScale) ->
     with torch.no_grad():
         for batch in take_batches(stream, 1 << 30):
             mask, y = batch["mask"], batch["targets"].clamp(min=0)
-            t = student_logits(teach, batch).float()
+            t = full_logits(teach, batch).float()
             v = min(t.shape[-1], next(iter(models.values())).config.vocab_size)
             t = torch.log_softmax(t[..., :v], -1)
             rank = (t > t.gather(-1, y.unsqueeze(-1))).sum(-1)
             top = t.topk(64, dim=-1).indices
             for name, model in [*models.items(), ("teacher", None)]:
-                lp = t if model is None else torch.log_softmax(student_logits(model, batch).float()[..., :v], -1)
+                lp = t if model is None else torch.log_softmax(full_logits(model, batch).float()[..., :v], -1)
                 ce = -lp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
                 inside = lp.gather(-1, top).exp().sum(-1)
                 sums[name]["tail_mass"] += float((1 - inside).clamp(min=1e-12).log()[mask].sum())

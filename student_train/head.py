@@ -142,6 +142,12 @@ def chunkable(model) -> bool:
 CHUNK_MB = {"cpu": 32, "cuda": 256}
 
 
+def full_logits(model, batch: dict, width: int | None = None) -> torch.Tensor:
+    """[B, T-1, width] the model's own logits that predict each next token,
+    every position at once (for analyses that need them all; training does not)."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :width]
+
+
 def positions(chunk_mb: float | None, width: int, device: torch.device) -> int:
     """Positions per chunk: chunk_mb MiB of fp32 logits `width` wide (None: CHUNK_MB for the device)."""
     mb = CHUNK_MB.get(device.type, CHUNK_MB["cuda"]) if chunk_mb is None else chunk_mb
@@ -159,7 +165,7 @@ def run(model, batch: dict, terms: Terms, chunk_mb: float | None, width: int | N
     "weight" and "bias"; or "logits" [B, T-1, V] on the dense path."""
     rows = {name: v for name, v in batch.items() if name not in INPUTS}
     if chunk_mb == 0 or not chunkable(model):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :width]
+        logits = full_logits(model, batch, width)
         totals = terms(logits, rows)
         return {**totals, "logits": logits.detach()} if keep else totals
     head = unwrapped(model).get_output_embeddings()
