@@ -138,9 +138,8 @@ def score(models: dict, batch: dict, *, cfg: CodistillConfig, n_vocab: int) -> d
     n = batch["mask"].sum().clamp(min=1)
     out = head.run(models["student"], rows, functools.partial(student_terms, teacher=teacher, cfg=cfg, alpha=1.0, n=n,
                                                               held_out=True), cfg.head_chunk_mb, n_vocab)
-    gaps = out.pop("calibration")
     return {"ce": out["ce"], "kl": out["kl"], "teacher_ce": teacher["objective"],
-            **{f"{losses.CALIBRATION_PREFIX}{b:02d}": g for b, g in enumerate(gaps)}}
+            **losses.calibration_metrics(out["calibration"])}
 
 
 def codistill(cfg: CodistillConfig) -> dict:

@@ -127,9 +127,10 @@ def chunkable(model) -> bool:
                 ids = torch.zeros((1, 2), dtype=torch.long, device=head.weight.device)
                 ok = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits is sentinel
         if not ok:
-            warnings.warn(f"{type(lm).__name__}: its forward changes its LM head's output (logit soft-capping or "
-                          "scaling?), so its full [batch, positions, vocabulary] logits are computed: memory grows "
-                          "with the vocabulary", stacklevel=2)
+            why = "its forward changes its LM head's output (logit soft-capping or scaling?)" if \
+                isinstance(head, torch.nn.Linear) else "its output embedding is not a torch.nn.Linear"
+            warnings.warn(f"{type(lm).__name__}: {why}, so its full [batch, positions, vocabulary] logits are "
+                          "computed: memory grows with the vocabulary", stacklevel=2)
         _chunkable[lm] = ok
     return _chunkable[lm]
 

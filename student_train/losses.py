@@ -235,13 +235,6 @@ def on_policy_terms(logits: torch.Tensor, targets: torch.Tensor, teacher_logprob
             "clipped": counted(clipped.float(), mask), "staleness": counted(-log_ratio.detach(), mask)}
 
 
-def topk_agreement(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
-                   mask: torch.Tensor) -> torch.Tensor:
-    """Share of counted positions where the student's argmax is the teacher's
-    top-1 (its most probable stored entry: entries may be in any order)."""
-    return masked_mean(topk_agreement_terms(logits, topk_ids, topk_logprobs, mask), mask)
-
-
 def topk_agreement_terms(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
                          mask: torch.Tensor) -> torch.Tensor:
     """Per position [B,T]: 1 where the student's argmax is the teacher's top-1, 0 elsewhere or not counted."""
@@ -277,10 +270,8 @@ def calibration_sums(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Te
 CALIBRATION_PREFIX = "ece_gap"   # the bins' metric names; the evaluation folds them into eval_ece
 
 
-def calibration_metrics(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-                        lse: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """calibration_gaps as named per-position metrics (ece_gap00 ... ece_gap14)."""
-    gaps = calibration_gaps(logits, targets, mask, lse)
+def calibration_metrics(gaps: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The [ECE_BINS] gaps as named per-position metrics (ece_gap00 ... ece_gap14)."""
     return {f"{CALIBRATION_PREFIX}{b:02d}": g for b, g in enumerate(gaps)}
 
 

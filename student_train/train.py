@@ -71,7 +71,7 @@ def score(models: dict, batch: dict, *, head_chunk_mb: float | None = None) -> d
                                                                n_kd=batch.get("kd_mask", batch["mask"]).sum().clamp(min=1)),
                    head_chunk_mb)
     out.pop("objective")
-    out.update({f"{losses.CALIBRATION_PREFIX}{b:02d}": g for b, g in enumerate(out.pop("calibration"))})
+    out.update(losses.calibration_metrics(out.pop("calibration")))
     if "target_bytes" in batch:   # bytes per counted token: with ce, bits per byte (runtime.evaluate)
         out["bytes"] = losses.masked_mean(batch["target_bytes"], batch["mask"])
     return out
