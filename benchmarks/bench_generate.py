@@ -70,24 +70,27 @@ def windows_of(corpus: Path, tokenizer, seq_len: int) -> list[np.ndarray]:
     return out
 
 
-def bare_loop(teacher: str, wins: list[np.ndarray], k: int, batch_tokens: int, device: str) -> float:
-    """(a): the simplest thing a person would write, batched the same way."""
+def bare_loop(teacher: str, wins: list[np.ndarray], k: int, batch_tokens: int, device: str,
+              startup: bool = True) -> float:
+    """(a): the simplest thing a person would write, batched the same way,
+    timed from loading the model (startup) or after one warm-up batch."""
     from transformers import AutoModelForCausalLM
-    dev = torch.device(device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=dtype).to(dev).eval()
     from labelgen.batches import topk_batches
     from labelgen.config import GenerateConfig
     cfg = GenerateConfig(teacher=teacher, inputs=("x",), out="x", k=k, max_seq_len=max(len(w) for w in wins),
                          batch_tokens=batch_tokens)
     batches = list(topk_batches([("x", 0, w) for w in wins], cfg))
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=dtype).to(dev).eval()
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    tokens, t0 = 0, None
+    tokens, warm = 0, not startup
     with torch.inference_mode():
-        for batch in [batches[0]] + batches:   # the first batch warms up and is not timed
-            if t0 is None and tokens:
+        for batch in ([batches[0]] if warm else []) + batches:   # a warm-up batch is not timed
+            if warm and tokens:
                 sync()
-                tokens, t0 = 0, time.perf_counter()
+                tokens, t0, warm = 0, time.perf_counter(), False
             ws = [w for _, _, w in batch]
             T = max(len(w) for w in ws)
             ids = torch.zeros(len(ws), T, dtype=torch.long)
@@ -177,6 +180,8 @@ def main():
     ap.add_argument("--batch-tokens", type=int, default=4096)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--warm", action="store_true", help="time both after loading and one warm-up batch (default: "
+                    "from start-up, model loading included, as a job runs)")
     ap.add_argument("--bucket", action="store_true", help="only generation to a bucket against local disk (moto S3 server)")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -193,15 +198,18 @@ def main():
     if args.bucket:
         return bucket_report(teacher, tok, corpus, work, wins, args)
     rows = {}
-    rows["(a) bare loop: HF forward + log_softmax + top-k"] = bare_loop(teacher, wins, args.k, args.batch_tokens, device)
+    rows["(a) bare loop: HF forward + log_softmax + top-k"] = bare_loop(teacher, wins, args.k, args.batch_tokens, device,
+                                                                        startup=not args.warm)
     if "hf" in args.backends:
-        # Loaded once and warmed up on one batch, as the bare loop is: a long job amortises both.
-        from labelgen.backends.hf import HFTeacher
-        ht = HFTeacher(teacher, tok)
-        ht.score(wins[: max(1, args.batch_tokens // args.seq_len)], args.k)
+        ht = None
+        if args.warm:   # loaded and warmed up on one batch, as the bare loop then is
+            from labelgen.backends.hf import HFTeacher
+            ht = HFTeacher(teacher, tok)
+            ht.score(wins[: max(1, args.batch_tokens // args.seq_len)], args.k)
         rows["(b) labelgen generate --backend hf"] = pipeline(teacher, corpus, work / "hf", "hf", args.k, args.seq_len,
                                                              args.batch_tokens, teacher_obj=ht)
-        ht.close()
+        if ht is not None:
+            ht.close()
     if "vllm" in args.backends:
         from labelgen.backends.vllm import VLLMTeacher
         engine = {"gpu_memory_utilization": 0.2} if device == "cpu" else {}

@@ -315,3 +315,23 @@ def test_a_worker_starting_late_leaves_alone_the_shard_another_worker_is_writing
     run(dataclasses.replace(cfg, worker_index=2))
     finalize(out)
     assert validate(out)["ok"]
+
+
+def test_cpu_chunk_labels_equal_the_full_reductions_for_targets_inside_at_and_beyond_the_top_k():
+    from labelgen.backends.hf import chunk_labels
+    torch.manual_seed(0)
+    logits = torch.randn(40, 3000) * 3
+    logits[5, :10] = 7.0                                  # ties at the k-th value
+    order = logits.argsort(-1, descending=True)
+    targets = torch.cat([order[:10, 0], order[10:20, 7], order[20:30, 500], torch.full((10,), 2)])
+    targets[5] = 3                                        # a target tied with the 8th-best entry
+    top_i, top_lp, cov, tgt_lp, rank = chunk_labels(logits.clone(), targets, 8)
+    lp = torch.log_softmax(logits, -1)
+    ref = lp.topk(8, -1)
+    torch.testing.assert_close(top_lp, ref.values)
+    assert torch.equal(top_i[torch.arange(40) != 5], ref.indices[torch.arange(40) != 5])
+    torch.testing.assert_close(cov, ref.values.exp().sum(-1))
+    want = lp.gather(1, targets[:, None])
+    torch.testing.assert_close(tgt_lp, want[:, 0])
+    assert torch.equal(rank, (lp > want).sum(-1))
+    assert {0, 7, 500} <= set(rank.tolist())
