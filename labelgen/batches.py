@@ -56,15 +56,18 @@ def truncate(logprobs: np.ndarray, coverage: np.ndarray, keep_mass: float,
             np.clip(coverage - dropped, 0, 1).astype(np.float32))
 
 
-def score_batch(teacher: Teacher, batch: list, cfg: GenerateConfig) -> tuple[list[dict], int]:
+# Each mode's step returns (rows, the length of every sequence the teacher ran).
+
+
+def score_batch(teacher: Teacher, batch: list, cfg: GenerateConfig) -> tuple[list[dict], list[int]]:
     labels = teacher.score([w for _, _, w in batch], cfg.k)
     rows = [{fmt.EXAMPLE_ID: ex, fmt.WINDOW_OFFSET: off, fmt.INPUT_IDS: w, fmt.TOPK_IDS: t.ids,
              fmt.TOPK_LOGPROBS: t.logprobs, fmt.COVERAGE: t.coverage, fmt.TARGET_LOGPROB: t.target_logprob,
              fmt.TARGET_RANK: t.target_rank} for (ex, off, w), t in zip(batch, labels)]
-    return rows, sum(len(w) for _, _, w in batch)
+    return rows, [len(w) for _, _, w in batch]
 
 
-def score_completions(teacher: Teacher, batch: list, cfg: GenerateConfig) -> tuple[list[dict], int]:
+def score_completions(teacher: Teacher, batch: list, cfg: GenerateConfig) -> tuple[list[dict], list[int]]:
     """Score items (example_id, sample_index, prompt + completion ids, prompt
     length, sampling logprobs): the teacher scores every position, the rows
     keep the completion tokens' only."""
@@ -76,21 +79,21 @@ def score_completions(teacher: Teacher, batch: list, cfg: GenerateConfig) -> tup
                      fmt.TOPK_IDS: t.ids[c], fmt.TOPK_LOGPROBS: t.logprobs[c], fmt.COVERAGE: t.coverage[c],
                      fmt.TARGET_LOGPROB: t.target_logprob[c], fmt.TARGET_RANK: t.target_rank[c],
                      fmt.SAMPLING_LOGPROB: sampling})
-    return rows, sum(len(ids) for _, _, ids, _, _ in batch)
+    return rows, [len(ids) for _, _, ids, _, _ in batch]
 
 
-def draw_batch(teacher: Teacher, batch: list, cfg: GenerateConfig) -> tuple[list[dict], int]:
+def draw_batch(teacher: Teacher, batch: list, cfg: GenerateConfig) -> tuple[list[dict], list[int]]:
     seeds = [derive_seed(cfg.seed, ex, off) for ex, off, _ in batch]
     labels = teacher.draw([w for _, _, w in batch], cfg.draws, cfg.proposal_temperature, seeds)
     rows = [{fmt.EXAMPLE_ID: ex, fmt.WINDOW_OFFSET: off, fmt.INPUT_IDS: w, fmt.SAMPLED_IDS: s.ids,
              fmt.SAMPLED_COUNTS: s.counts, fmt.SAMPLED_LENGTHS: s.lengths, fmt.SAMPLED_LOGPROBS: s.logprobs}
             for (ex, off, w), s in zip(batch, labels)]
-    return rows, sum(len(w) for _, _, w in batch)
+    return rows, [len(w) for _, _, w in batch]
 
 
-def windows_only(batch: list) -> tuple[list[dict], int]:
+def windows_only(batch: list) -> tuple[list[dict], list[int]]:
     rows = [{fmt.EXAMPLE_ID: ex, fmt.WINDOW_OFFSET: off, fmt.INPUT_IDS: w} for ex, off, w in batch]
-    return rows, sum(len(w) for _, _, w in batch)
+    return rows, [len(w) for _, _, w in batch]
 
 
 class TokenizerOnly:
@@ -124,7 +127,7 @@ def sample_batches(items: list, cfg: GenerateConfig):
         yield batch
 
 
-def sample_batch(teacher: Teacher, tokenizer, batch: list, cfg: GenerateConfig) -> tuple[list[dict], int]:
+def sample_batch(teacher: Teacher, tokenizer, batch: list, cfg: GenerateConfig) -> tuple[list[dict], list[int]]:
     temperature = 0.0 if cfg.mode == "greedy" else cfg.temperature
     seeds = [derive_seed(cfg.seed, ex, j) for (ex, _, _), j in batch]
     comps = teacher.sample([SampleRequest(ids, s, temperature, cfg.top_p, cfg.max_new_tokens)
@@ -133,4 +136,4 @@ def sample_batch(teacher: Teacher, tokenizer, batch: list, cfg: GenerateConfig) 
              fmt.COMPLETION: tokenizer.decode(c.ids, skip_special_tokens=True), fmt.COMPLETION_IDS: c.ids,
              fmt.COMPLETION_LOGPROBS: c.logprobs, fmt.FINISH_REASON: c.finish_reason, fmt.SEED: s}
             for ((ex, prompt, ids), j), c, s in zip(batch, comps, seeds)]
-    return rows, sum(len(ids) + len(c.ids) for ((_, _, ids), _), c in zip(batch, comps))
+    return rows, [len(ids) + len(c.ids) for ((_, _, ids), _), c in zip(batch, comps)]

@@ -89,13 +89,14 @@ def _kv(pairs: list[str] | None, option: str) -> dict | None:
     return out
 
 
-def _worker_from_env() -> tuple[int | None, int | None]:
-    """(num_workers, worker_index) from a Slurm array or torchrun, if present."""
+def _worker_from_env(torchrun: bool = True) -> tuple[int | None, int | None]:
+    """(num_workers, worker_index) from a Slurm array or torchrun, if present
+    (`torchrun` False: its ranks are one tensor-parallel teacher, not workers)."""
     env = os.environ
     if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
         first = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
         return int(env["SLURM_ARRAY_TASK_COUNT"]), int(env["SLURM_ARRAY_TASK_ID"]) - first
-    if "RANK" in env and "WORLD_SIZE" in env:
+    if torchrun and "RANK" in env and "WORLD_SIZE" in env:
         return int(env["WORLD_SIZE"]), int(env["RANK"])
     return None, None
 
@@ -131,6 +132,9 @@ def generate(
     rows_per_shard: Optional[int] = typer.Option(None, help="input records per shard"),
     dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16"),
     device: Optional[str] = typer.Option(None, help="hf backend: auto | cpu | cuda[:N]"),
+    tp: Optional[int] = typer.Option(None, "--tp", help="hf backend: tensor-parallel ranks per teacher (under torchrun)"),
+    peak_tflops: Optional[float] = typer.Option(None, help="one device's dense peak TFLOP/s for the MFU figure "
+                                                "(default: the GPU's bf16 peak by name)"),
     engine: Optional[List[str]] = typer.Option(None, help="vLLM engine option KEY=VALUE (repeatable)"),
     encoding: Optional[List[str]] = typer.Option(None, help="shard encoding option KEY=VALUE (repeatable)"),
     skip_bad: Optional[bool] = typer.Option(None, "--skip-bad", help="skip bad records and count them"),
@@ -150,16 +154,21 @@ def generate(
 ):
     """Run a teacher over inputs and write label shards (top-k soft labels or completions)."""
     params = dict(locals())
-    env_workers, env_index = _worker_from_env()
-    if ray is not None:   # every unit is run from here: the Slurm/torchrun environment does not pick one
-        if worker_index is not None:
-            raise ValueError("--worker-index: not with --ray, which runs every unit")
-        env_workers, env_index = 1, 0
-    overrides = clikit.overrides(GenerateConfig, params, inputs=input, engine=_kv(engine, "--engine"),
-                                 encoding=_kv(encoding, "--encoding"),
-                                 num_workers=num_workers if num_workers is not None else env_workers,
-                                 worker_index=worker_index if worker_index is not None else env_index)
-    cfg = GenerateConfig.from_sources(str(config) if config else None, overrides)
+    if ray is not None and worker_index is not None:
+        raise ValueError("--worker-index: not with --ray, which runs every unit")
+
+    def resolved(torchrun_workers: bool) -> GenerateConfig:
+        env_workers, env_index = _worker_from_env(torchrun_workers)
+        if ray is not None:   # every unit is run from here: the Slurm/torchrun environment does not pick one
+            env_workers, env_index = 1, 0
+        overrides = clikit.overrides(GenerateConfig, params, inputs=input, engine=_kv(engine, "--engine"),
+                                     encoding=_kv(encoding, "--encoding"),
+                                     num_workers=num_workers if num_workers is not None else env_workers,
+                                     worker_index=worker_index if worker_index is not None else env_index)
+        return GenerateConfig.from_sources(str(config) if config else None, overrides)
+    cfg = resolved(torchrun_workers=False)
+    if cfg.tp == 1:   # with --tp torchrun's ranks are the tensor-parallel teacher's; else data-parallel workers
+        cfg = resolved(torchrun_workers=True)
     if dry_run:
         clikit.print_json(cfg.to_dict())
         return
@@ -171,13 +180,16 @@ def generate(
         return
     from labelgen.generate import run
     m = run(cfg)
+    if "tp_follower" in m:   # the leader (rank 0) reports
+        return
     s = m["summary"]
     if s.get("complete"):
         typer.echo(f"{cfg.out}: already complete ({m['counts']['rows']:,} rows in {len(m['shards'])} shards); nothing to do")
         return
     typer.echo(f"wrote {m['counts']['rows']:,} rows ({m['counts']['positions']:,} {'completion tokens' if cfg.kind == 'samples' else 'positions'}) "
                f"in {len(m['shards'])} shards to {cfg.out}; {m['counts']['skipped']} skipped; "
-               f"{s['teacher_tokens']:,} teacher tokens in {s['seconds']:.1f}s ({s['tokens_per_second']:,.0f} tok/s)")
+               f"{s['teacher_tokens']:,} teacher tokens in {s['seconds']:.1f}s ({s['tokens_per_second']:,.0f} tok/s"
+               + (f", MFU {s['mfu']:.1%} of {s['peak_tflops']:,.0f} TFLOP/s)" if s.get("mfu") is not None else ")"))
 
 
 @app.command()

@@ -21,7 +21,8 @@ DEFAULT_MAX_SEQ_LEN = 2048
 # when set, so a run started before they existed still resumes.
 ADDED_LATER = {"keep_mass": 1.0, "min_prob": 0.0, "round": 0}
 # Settings that change how or where a run executes but not a single byte of its output.
-EXECUTION_ONLY = ("out", "resume", "overwrite", "num_workers", "worker_index", "progress", "skip_bad", "inputs_changed")
+EXECUTION_ONLY = ("out", "resume", "overwrite", "num_workers", "worker_index", "progress", "skip_bad", "inputs_changed",
+                  "tp", "peak_tflops")
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,14 @@ class GenerateConfig:
     """auto (fp32 on CPU, bf16 on GPU), float32, bfloat16 or float16."""
     device: str = "auto"
     """hf backend: auto, cpu, cuda, cuda:N."""
+    tp: int = 1
+    """hf backend: tensor-parallel ranks per teacher, for a teacher larger than
+    one GPU (launch with torchrun --nproc-per-node N; WORLD_SIZE / tp ranks
+    are data-parallel workers). topk, sampled and score modes. vLLM: pass
+    --engine tensor_parallel_size=N instead."""
+    peak_tflops: float | None = None
+    """Dense peak of one device in TFLOP/s for the MFU figure; default: the
+    bf16 peak of the GPU, looked up by its name (A100, H100, H200, B200)."""
     engine: dict = field(default_factory=dict)
     """Extra keyword arguments for vllm.LLM (tensor_parallel_size, gpu_memory_utilization, ...)."""
     encoding: dict = field(default_factory=dict)
@@ -159,6 +168,15 @@ class GenerateConfig:
                           "--prompt-field is for sample/greedy")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             bad("--dtype", f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.tp < 1:
+            bad("--tp", f"must be >= 1, got {self.tp}")
+        if self.tp > 1 and self.backend != "hf":
+            bad("--tp", "is the hf backend's tensor parallelism; with vLLM pass --engine tensor_parallel_size=N")
+        if self.tp > 1 and self.mode not in ("topk", "sampled", "score"):
+            bad("--tp", f"runs --mode topk, sampled or score; {self.mode} with a teacher larger than one GPU runs on "
+                        "vLLM (--backend vllm --engine tensor_parallel_size=N)")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            bad("--peak-tflops", f"must be > 0, got {self.peak_tflops}")
         Encoding(**self.encoding)  # fails early with a message naming the field
 
     @property

@@ -34,6 +34,7 @@ from labelgen.batches import (TokenizerOnly, draw_batch, model_config, sample_ba
 from labelgen.config import DEFAULT_MAX_SEQ_LEN, GenerateConfig
 from labelgen.format import Encoding
 from labelgen.inputs import InputError, expand_paths
+from labelgen.mfu import meter_for
 from labelgen.pipeline import Progress, StageThread, get_from, put_to, take
 from labelgen.reader import read_shards, samples_input
 from labelgen.resume import compare, complete_manifest, identity, input_identity, owned_tmp
@@ -62,7 +63,25 @@ def load_tokenizer(path: str, need_model: bool = True):
 def run(cfg: GenerateConfig, teacher: Teacher | None = None) -> dict:
     """Run the job; returns the manifest (or the worker's partial manifest).
     `teacher` reuses an already loaded backend (it must be cfg.teacher).
-    --out may be a bucket URI (the run directory stages it: rundir.py)."""
+    --out may be a bucket URI (the run directory stages it: rundir.py).
+    With --tp, rank 0 runs the job and the other ranks only their share of
+    the teacher (backends/tensor_parallel.py); they return {"tp_follower": rank}."""
+    if cfg.tp > 1 and teacher is None:
+        from labelgen.backends.tensor_parallel import Group
+        with Group(cfg.tp) as group:
+            return _run(cfg, None, group) if group.leader else _follow(cfg, group)
+    return _run(cfg, teacher, None)
+
+
+def _follow(cfg: GenerateConfig, group) -> dict:
+    from labelgen.backends.hf import HFTeacher
+    from labelgen.backends.tensor_parallel import LOAD
+    if group.receive()[0] == LOAD:   # the leader found work to do (else: STOP)
+        HFTeacher(cfg.teacher, load_tokenizer(cfg.teacher), cfg.dtype, cfg.device, group=group).serve()
+    return {"tp_follower": group.rank}
+
+
+def _run(cfg: GenerateConfig, teacher: Teacher | None, group) -> dict:
     rd = RunDir(cfg.out, GENERATE, worker=(cfg.worker_index, cfg.num_workers))
     # A resumed run is the same run however its paths were spelled (dir/ or dir, relative or absolute).
     cfg = dataclasses.replace(cfg, inputs=tuple(map(canonical_path, cfg.inputs)), out=rd.spelling,
@@ -91,13 +110,16 @@ def run(cfg: GenerateConfig, teacher: Teacher | None = None) -> dict:
         sink = rd.shards(cfg)
         if teacher is None and cfg.mode == "tokens":
             teacher = TokenizerOnly(cfg.teacher, tokenizer)
-        if teacher is None:
-            teacher = load_teacher(cfg, tokenizer)
-            try:
-                return _generate(cfg, teacher, tokenizer, files, rd.local, sink, name, sampled_by)
-            finally:
+        own = teacher is None
+        teacher = load_teacher(cfg, tokenizer, group) if own else teacher
+        try:
+            m = _generate(cfg, teacher, tokenizer, files, rd.local, sink, name, sampled_by)
+        finally:
+            if own:
                 teacher.close()
-        return _generate(cfg, teacher, tokenizer, files, rd.local, sink, name, sampled_by)
+        if cfg.num_workers == 1:   # what the run took, beside its identity (a worker's is in its log)
+            rd.record({**identity(cfg, inputs), "summary": m["summary"]})
+        return m
 
 
 def _generate(cfg: GenerateConfig, teacher: Teacher, tokenizer, files: list[Path], out: Path, sink, name: str,
@@ -116,6 +138,7 @@ def _generate(cfg: GenerateConfig, teacher: Teacher, tokenizer, files: list[Path
     shards: dict[int, ShardInfo] = {}
     counts = {"examples": 0, "skipped": 0}
     total_shards = 0
+    meter = meter_for(cfg, teacher)
     try:
         while True:
             work = get_from(work_q, reader)
@@ -135,17 +158,19 @@ def _generate(cfg: GenerateConfig, teacher: Teacher, tokenizer, files: list[Path
             batches = topk_batches(work.items, cfg) if cfg.windowed or cfg.mode == "score" else sample_batches(work.items, cfg)
             for batch in batches:
                 if cfg.mode == "tokens":
-                    rows, tokens = windows_only(batch)
+                    rows, lengths = windows_only(batch)
                 elif cfg.mode == "topk":
-                    rows, tokens = score_batch(teacher, batch, cfg)
+                    rows, lengths = score_batch(teacher, batch, cfg)
                 elif cfg.mode == "sampled":
-                    rows, tokens = draw_batch(teacher, batch, cfg)
+                    rows, lengths = draw_batch(teacher, batch, cfg)
                 elif cfg.mode == "score":
-                    rows, tokens = score_completions(teacher, batch, cfg)
+                    rows, lengths = score_completions(teacher, batch, cfg)
                 else:
-                    rows, tokens = sample_batch(teacher, tokenizer, batch, cfg)
+                    rows, lengths = sample_batch(teacher, tokenizer, batch, cfg)
                 put_to(write_q, ("rows", work.index, rows), writer)
-                progress.update(0, tokens)
+                progress.update(0, sum(lengths))
+                if meter is not None:
+                    meter.add(lengths)
             put_to(write_q, ("close", work.index, {"examples": work.examples, "skipped": work.skipped,
                                                    "input_sha256": work.digest}), writer)
             progress.update(work.examples, 0, work.input_bytes)
@@ -166,7 +191,8 @@ def _generate(cfg: GenerateConfig, teacher: Teacher, tokenizer, files: list[Path
     manifest = sink.publish(manifest, name)
     elapsed = time.time() - t0
     manifest["summary"] = {"seconds": round(elapsed, 2), "teacher_tokens": progress.tokens,
-                           "tokens_per_second": progress.tokens / elapsed if elapsed else 0.0}
+                           "tokens_per_second": progress.tokens / elapsed if elapsed else 0.0,
+                           **(meter.summary(progress.tokens, elapsed) if meter is not None else {})}
     return manifest
 
 

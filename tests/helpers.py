@@ -46,15 +46,21 @@ def topk_row(rng: np.random.Generator, example_id: str, length: int, vocab: int,
     }
 
 
-def torchrun_student_train(port: int, *args: str) -> None:
-    """`student-train ARGS` in 2 processes under torchrun (gloo on CPU); fails the test with its stderr."""
+def torchrun(port: int, module: str, *args: str):
+    """`python -m module ARGS` in 2 processes under torchrun (gloo on CPU); fails the test with its stderr."""
     import os
     import subprocess
     import sys
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-           "-m", "student_train.cli", *args, "--no-progress", "--device", "cpu"]
+           "-m", module, *args, "--no-progress", "--device", "cpu"]
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def torchrun_student_train(port: int, *args: str) -> None:
+    """`student-train ARGS` in 2 processes under torchrun."""
+    torchrun(port, "student_train.cli", *args)
 
 
 BUCKET = "labels"   # the bucket of the `s3` fixture (conftest.py)

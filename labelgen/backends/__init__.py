@@ -63,9 +63,10 @@ class Teacher(Protocol):
     def close(self) -> None: ...
 
 
-def load_teacher(cfg, tokenizer) -> Teacher:
+def load_teacher(cfg, tokenizer, group=None) -> Teacher:
+    """The backend cfg names; `group`: the tensor-parallel group (--tp) of an hf teacher."""
     if cfg.backend == "hf":
         from labelgen.backends.hf import HFTeacher
-        return HFTeacher(cfg.teacher, tokenizer, dtype=cfg.dtype, device=cfg.device)
+        return HFTeacher(cfg.teacher, tokenizer, dtype=cfg.dtype, device=cfg.device, group=group)
     from labelgen.backends.vllm import VLLMTeacher
     return VLLMTeacher(cfg.teacher, tokenizer, dtype=cfg.dtype, max_logprobs=cfg.k, engine=cfg.engine)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from labelgen.backends import Completion, Sampled, SampleRequest, TopK
+from labelgen.backends.tensor_parallel import DRAW, LOAD, SCORE
 
 # Bytes of fp32 logits materialised at once by the chunked head. On CPU a
 # small chunk is what matters: a large allocation is fresh, page-faulted
@@ -51,21 +52,31 @@ def load_model(path: str, dtype: torch.dtype):
 
 
 class HFTeacher:
-    def __init__(self, path: str, tokenizer, dtype: str = "auto", device: str = "auto"):
+    """`group`: the tensor-parallel group this process is in (--tp); its
+    leader sends every call to the followers, which run `serve()`."""
+
+    def __init__(self, path: str, tokenizer, dtype: str = "auto", device: str = "auto", group=None):
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()   # the job's own bar is the one to watch
-        self.device = resolve_device(device)
+        self.group = group
+        self.device = group.device if group else resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.model = load_model(path, self.dtype).to(self.device).eval()
+        if group:
+            if group.leader:
+                group.send(LOAD)
+            self.model = group.load(path, self.dtype).eval()
+        else:
+            self.model = load_model(path, self.dtype).to(self.device).eval()
         self.path = path
         head = self.model.get_output_embeddings()
+        weight, bias = group.head_shard(head) if group else (head.weight, getattr(head, "bias", None))
         # Logits are produced in fp32 whatever the body's dtype: bf16 logits
         # would put ~0.1-nat errors into every stored logprob. For a half-
         # precision model on GPU a half x half GEMM with fp32 output is exact
         # (products of 8/11-bit mantissas fit fp32) and runs on tensor cores.
-        self.head_bias = None if getattr(head, "bias", None) is None else head.bias.detach().float()
+        self.head_bias = None if bias is None else bias.detach().float()
         self.half_head = self.dtype != torch.float32 and self.device.type == "cuda" and _mm_fp32_out_works(self.device)
-        self.head_weight = head.weight.detach() if self.half_head else head.weight.detach().float()
+        self.head_weight = weight.detach() if self.half_head else weight.detach().float()
         cfg = self.model.config
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
         self.logit_scale = getattr(cfg, "logit_scale", None)
@@ -88,7 +99,8 @@ class HFTeacher:
     def info(self) -> dict:
         import transformers
         return {"backend": "hf", "backend_version": transformers.__version__, "dtype": str(self.dtype).removeprefix("torch."),
-                "device": str(self.device), "head_dtype": "float32"}
+                "device": str(self.device), "head_dtype": "float32",
+                **({"tensor_parallel": self.group.size} if self.group else {})}
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.half_head:
@@ -98,6 +110,8 @@ class HFTeacher:
                 logits = logits + self.head_bias
         else:
             logits = torch.nn.functional.linear(h.float(), self.head_weight, self.head_bias)
+        if self.group:   # this rank's slice of the vocabulary -> all of it
+            logits = self.group.gather_vocab(logits)
         if self.logit_scale:
             logits = logits * self.logit_scale
         if self.softcap:
@@ -116,8 +130,24 @@ class HFTeacher:
         top_lp = top_v - lse
         return top_i, top_lp, top_lp.exp().sum(-1), (tgt_logit - lse)[:, 0], rank
 
+    def serve(self) -> None:
+        """A tensor-parallel follower: run the leader's calls until it stops."""
+        while True:
+            op, windows, number, seeds, temperature = self.group.receive()
+            if op == SCORE:
+                self.score(windows, number)
+            elif op == DRAW:
+                self.draw(windows, number, temperature, seeds)
+            else:
+                return
+
+    def _announce(self, op: int, windows, number: int, seeds=(), temperature: float = 1.0) -> None:
+        if self.group and self.group.leader:
+            self.group.send(op, windows, number, seeds, temperature)
+
     @torch.inference_mode()
     def score(self, windows: list[np.ndarray], k: int) -> list[TopK]:
+        self._announce(SCORE, windows, k)
         B, lengths = len(windows), [len(w) for w in windows]
         T = max(lengths)
         ids = torch.zeros(B, T, dtype=torch.long)
@@ -146,6 +176,7 @@ class HFTeacher:
         """`draws` samples per position from softmax(logits / temperature), on
         the device, from one RNG stream per window (seeded by `seeds`), so a
         window's labels do not depend on the batch it was in."""
+        self._announce(DRAW, windows, draws, seeds, temperature)
         lengths = [len(w) for w in windows]
         T = max(lengths)
         ids = torch.zeros(len(windows), T, dtype=torch.long)
