@@ -1,7 +1,12 @@
 """Generation throughput, measured side by side in one run on one teacher.
 
     python benchmarks/bench_generate.py --teacher demo/teacher            # CPU: hf and vLLM
-    python benchmarks/bench_generate.py --random-teacher 0.5b --backends hf   # GPU: a ~0.6B bf16 teacher
+    python benchmarks/bench_generate.py --random-teacher qwen2.5-1.5b qwen2.5-7b --backends hf \
+        --seq-len 4096 --batch-tokens 16384 --tokens 600000                 # GPU: Qwen2.5 shapes, bf16
+
+Both rows are timed from start-up (model loading included; --warm: after
+one warm-up batch), on the same windows; each row's MFU uses the FLOPs
+labelgen reports (labelgen/mfu.py) over the GPU's dense bf16 peak.
 
 Rows (tokens/s of teacher input, same windows for every row):
   (a) bare loop: HF forward + log_softmax + top-k, batches of the same windows
@@ -29,8 +34,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-H100_BF16_PEAK = 989e12   # dense bf16 FLOP/s, H100 SXM
-
 
 def make_corpus(path: Path, tokens_target: int, tokenizer) -> None:
     """JSONL of stdlib source, about tokens_target tokens."""
@@ -44,18 +47,30 @@ def make_corpus(path: Path, tokens_target: int, tokenizer) -> None:
                 return
 
 
+# Random-init teachers of real shapes (nothing to download): Qwen2.5's configs, V = 151,936.
+SHAPES = {
+    "0.5b": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
+                 num_key_value_heads=16),   # the 0.62B Llama of the first GPU figure
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2),
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4),
+}
+
+
 def random_teacher(out: Path, size: str) -> Path:
-    """A randomly initialised Llama of about 0.6B parameters (Qwen-like vocab), bf16, with the demo tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A randomly initialised bf16 teacher of a real shape (SHAPES), with the demo tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
     from labelgen.demo import DemoTeacherConfig, read_corpus, train_tokenizer
-    assert size == "0.5b"
-    cfg = LlamaConfig(vocab_size=151936, hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
-                      num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096,
-                      tie_word_embeddings=False)
+    qwen = size.startswith("qwen")
+    cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if qwen else (LlamaConfig, LlamaForCausalLM)
+    cfg = cls(vocab_size=151936, max_position_embeddings=32768 if qwen else 4096, tie_word_embeddings=False,
+              **SHAPES[size])
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        model = model_cls(cfg).to(torch.bfloat16)
     model.save_pretrained(out)
+    del model
     train_tokenizer(read_corpus(None, 2 << 20), DemoTeacherConfig().vocab_size).save_pretrained(out)
     return out
 
@@ -172,7 +187,8 @@ def bucket_report(teacher: str, tok, corpus: Path, work: Path, wins, args) -> No
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="demo/teacher")
-    ap.add_argument("--random-teacher", choices=["0.5b"], help="time a random-init ~0.6B Llama instead (GPU)")
+    ap.add_argument("--random-teacher", choices=sorted(SHAPES), nargs="+",
+                    help="time random-init teachers of these shapes instead, one after another (GPU)")
     ap.add_argument("--backends", nargs="+", default=["hf", "vllm"])
     ap.add_argument("--tokens", type=int, default=60_000, help="corpus size in teacher tokens")
     ap.add_argument("--k", type=int, default=64)
@@ -187,19 +203,30 @@ def main():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import AutoTokenizer
     work = Path(tempfile.mkdtemp(prefix="bench_generate_"))
-    teacher = str(random_teacher(work / "teacher", args.random_teacher)) if args.random_teacher else args.teacher
+    if not args.random_teacher:
+        return measure(args.teacher, work, args)
+    for size in args.random_teacher:   # one teacher at a time: a 7B teacher's 15 GB leaves disk before the next
+        import shutil
+        measure(str(random_teacher(work / size, size)), work / f"{size}-runs", args, label=size)
+        shutil.rmtree(work / size, ignore_errors=True)
+
+
+def measure(teacher: str, work: Path, args, label: str | None = None) -> None:
+    from transformers import AutoTokenizer
+    work.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(teacher)
     corpus = work / "corpus.jsonl"
     make_corpus(corpus, args.tokens, tok)
     wins = windows_of(corpus, tok, args.seq_len)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     n_tokens = sum(len(w) for w in wins)
-    print(f"teacher {teacher} on {device}; {len(wins)} windows, {n_tokens:,} tokens; k={args.k}\n")
+    print(f"teacher {label or teacher} on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; "
+          f"{len(wins)} windows, {n_tokens:,} tokens; k={args.k}\n", flush=True)
     if args.bucket:
         return bucket_report(teacher, tok, corpus, work, wins, args)
     rows = {}
-    rows["(a) bare loop: HF forward + log_softmax + top-k"] = bare_loop(teacher, wins, args.k, args.batch_tokens, device,
-                                                                        startup=not args.warm)
+    bare = "(a) bare loop: HF forward + log_softmax + top-k"
+    rows[bare] = bare_loop(teacher, wins, args.k, args.batch_tokens, device, startup=not args.warm)
     if "hf" in args.backends:
         ht = None
         if args.warm:   # loaded and warmed up on one batch, as the bare loop then is
@@ -211,39 +238,45 @@ def main():
         if ht is not None:
             ht.close()
     if "vllm" in args.backends:
-        from labelgen.backends.vllm import VLLMTeacher
-        engine = {"gpu_memory_utilization": 0.2} if device == "cpu" else {}
-        vt = VLLMTeacher(teacher, tok, max_logprobs=args.k, engine={**engine, "max_model_len": 1024})
-        vllm_direct_topk(vt.llm, wins[:16], args.k)   # warm-up (first-call compilation), not timed
-        rows["(c) vLLM prompt logprobs, direct"] = vllm_direct_topk(vt.llm, wins, args.k)
-        rows["(b) labelgen generate --backend vllm"] = pipeline(teacher, corpus, work / "vllm", "vllm", args.k,
-                                                               args.seq_len, args.batch_tokens, teacher_obj=vt)
-        prompts = [json.dumps({"prompt": json.loads(l)["text"][:200]}) for l in open(corpus)][: args.prompts]
-        (work / "prompts.jsonl").write_text("\n".join(prompts) + "\n")
-        p_ids = [tok(json.loads(p)["prompt"])["input_ids"] for p in prompts]
-        rows["(d) LLM.generate direct, n=4"] = vllm_direct_sample(vt.llm, p_ids, 4, args.max_new_tokens)
-        rows["(d) labelgen generate --mode sample --backend vllm, n=4"] = pipeline(
-            teacher, work / "prompts.jsonl", work / "samples", "vllm", args.k, None, args.batch_tokens * 4,
-            mode="sample", teacher_obj=vt, prompt_field="prompt", n=4, max_new_tokens=args.max_new_tokens)
-        vt.close()
-    print("| run | tokens/s |\n|---|---:|")
+        vllm_rows(teacher, tok, corpus, work, wins, args, device, rows)
+    # MFU of each row from the same FLOP count labelgen reports (labelgen/mfu.py), on the device's bf16 peak.
+    from transformers import AutoConfig
+    from labelgen.mfu import FlopMeter, peak_tflops
+    peak = peak_tflops(torch.cuda.get_device_name()) if device == "cuda" else None
+    meter = FlopMeter.of(AutoConfig.from_pretrained(teacher), 1, peak)
+    meter.add([len(w) for w in wins])
+    per_token = meter.flops / n_tokens
+    print(f"| run | tokens/s | MFU |\n|---|---:|---:|")
     for name, v in rows.items():
-        print(f"| {name} | {v:,.0f} |")
-    a = rows["(a) bare loop: HF forward + log_softmax + top-k"]
-    print()
+        mfu = f"{v * per_token / meter.peak:.1%}" if meter.peak else "-"
+        print(f"| {name} | {v:,.0f} | {mfu} |")
+    print(f"\n{per_token / 1e9:.2f} GFLOP per token; peak {'-' if not peak else f'{peak:,.0f} TFLOP/s bf16'}")
+    a = rows[bare]
     if "(b) labelgen generate --backend hf" in rows:
-        print(f"hf pipeline / bare loop = {rows['(b) labelgen generate --backend hf'] / a:.2f}  (target >= 0.90)")
+        print(f"hf pipeline / bare loop = {rows['(b) labelgen generate --backend hf'] / a:.2f}  (target >= 0.90 on "
+              "CPU, >= 0.95 on GPU)")
     if "(c) vLLM prompt logprobs, direct" in rows:
         print(f"vllm pipeline / direct vLLM = {rows['(b) labelgen generate --backend vllm'] / rows['(c) vLLM prompt logprobs, direct']:.2f}  (target >= 0.95)")
         print(f"sample pipeline / direct LLM.generate = {rows['(d) labelgen generate --mode sample --backend vllm, n=4'] / rows['(d) LLM.generate direct, n=4']:.2f}  (target >= 0.95)")
-    if device == "cuda":
-        from transformers import AutoConfig
-        params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_config(
-            AutoConfig.from_pretrained(teacher)).parameters())
-        for name in ("(a) bare loop: HF forward + log_softmax + top-k", "(b) labelgen generate --backend hf"):
-            if name in rows:
-                print(f"{name}: model FLOPs utilisation {rows[name] * 2 * params / H100_BF16_PEAK:.1%} "
-                      f"({params / 1e9:.2f}B params, 2*N FLOPs/token, {torch.cuda.get_device_name()})")
+    print(flush=True)
+
+
+def vllm_rows(teacher, tok, corpus, work, wins, args, device, rows) -> None:
+    from labelgen.backends.vllm import VLLMTeacher
+    engine = {"gpu_memory_utilization": 0.2} if device == "cpu" else {}
+    vt = VLLMTeacher(teacher, tok, max_logprobs=args.k, engine={**engine, "max_model_len": 1024})
+    vllm_direct_topk(vt.llm, wins[:16], args.k)   # warm-up (first-call compilation), not timed
+    rows["(c) vLLM prompt logprobs, direct"] = vllm_direct_topk(vt.llm, wins, args.k)
+    rows["(b) labelgen generate --backend vllm"] = pipeline(teacher, corpus, work / "vllm", "vllm", args.k,
+                                                           args.seq_len, args.batch_tokens, teacher_obj=vt)
+    prompts = [json.dumps({"prompt": json.loads(l)["text"][:200]}) for l in open(corpus)][: args.prompts]
+    (work / "prompts.jsonl").write_text("\n".join(prompts) + "\n")
+    p_ids = [tok(json.loads(p)["prompt"])["input_ids"] for p in prompts]
+    rows["(d) LLM.generate direct, n=4"] = vllm_direct_sample(vt.llm, p_ids, 4, args.max_new_tokens)
+    rows["(d) labelgen generate --mode sample --backend vllm, n=4"] = pipeline(
+        teacher, work / "prompts.jsonl", work / "samples", "vllm", args.k, None, args.batch_tokens * 4,
+        mode="sample", teacher_obj=vt, prompt_field="prompt", n=4, max_new_tokens=args.max_new_tokens)
+    vt.close()
 
 
 if __name__ == "__main__":

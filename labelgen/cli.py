@@ -172,6 +172,10 @@ def generate(
     if dry_run:
         clikit.print_json(cfg.to_dict())
         return
+    if ray is not None and cfg.tp > 1:
+        raise ValueError("--tp: not with --ray (a Ray unit is one process): launch torchrun per node (a Slurm array), "
+                         "or use vLLM's tensor parallelism in the units (--backend vllm --engine tensor_parallel_size=N "
+                         "--ray-gpus N)")
     if ray is not None:
         from labelgen.ray_run import RayConfig, run_on_ray
         m = run_on_ray(cfg, RayConfig(address=ray, gpus_per_unit=ray_gpus, cpus_per_unit=ray_cpus, retries=ray_retries))

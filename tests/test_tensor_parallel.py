@@ -79,6 +79,8 @@ def test_two_tensor_parallel_ranks_give_the_sampled_labels_of_one_process(tiny_t
 def test_tensor_parallel_is_refused_where_it_cannot_run(tiny_teacher, corpus, tmp_path):
     r = runner.invoke(app, args(tiny_teacher, corpus, tmp_path / "x", "--tp", "2"))
     assert r.exit_code == 2 and "torchrun --nproc-per-node 2" in r.output and not (tmp_path / "x").exists()
+    r = runner.invoke(app, args(tiny_teacher, corpus, tmp_path / "y", "--tp", "2", "--ray", "local"))
+    assert r.exit_code == 2 and "--tp: not with --ray" in r.output and not (tmp_path / "y").exists()
     for setting, words in (({"backend": "vllm"}, "tensor_parallel_size=N"), ({"mode": "sample"}, "--tp: runs"),
                            ({"tp": 0}, "--tp: must be >= 1")):
         with pytest.raises(ValueError, match=words):
