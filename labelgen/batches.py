@@ -85,8 +85,11 @@ def score_completions(teacher: Teacher, batch: list, cfg: GenerateConfig) -> tup
 def draw_batch(teacher: Teacher, batch: list, cfg: GenerateConfig) -> tuple[list[dict], list[int]]:
     seeds = [derive_seed(cfg.seed, ex, off) for ex, off, _ in batch]
     labels = teacher.draw([w for _, _, w in batch], cfg.draws, cfg.proposal_temperature, seeds)
+    # The drawn ids' logprobs are stored for a tempered proposal's importance weights, or when asked for.
+    keep_logprobs = cfg.proposal_temperature != 1.0 or cfg.draw_logprobs
     rows = [{fmt.EXAMPLE_ID: ex, fmt.WINDOW_OFFSET: off, fmt.INPUT_IDS: w, fmt.SAMPLED_IDS: s.ids,
-             fmt.SAMPLED_COUNTS: s.counts, fmt.SAMPLED_LENGTHS: s.lengths, fmt.SAMPLED_LOGPROBS: s.logprobs}
+             fmt.SAMPLED_COUNTS: s.counts, fmt.SAMPLED_LENGTHS: s.lengths,
+             fmt.SAMPLED_LOGPROBS: s.logprobs if keep_logprobs else s.logprobs[:0], fmt.COVERAGE: s.coverage}
             for (ex, off, w), s in zip(batch, labels)]
     return rows, [len(w) for _, _, w in batch]
 

@@ -116,6 +116,8 @@ def generate(
     min_prob: Optional[float] = typer.Option(None, help="adaptive truncation: drop entries below this probability (the top-1 is always kept)"),
     draws: Optional[int] = typer.Option(None, help="sampled mode: draws per position"),
     proposal_temperature: Optional[float] = typer.Option(None, help="sampled mode: draw from softmax(logits / T)"),
+    draw_logprobs: Optional[bool] = typer.Option(None, "--draw-logprobs", help="sampled mode: store the drawn ids' "
+                                                 "teacher logprobs at T = 1 too (~1 B per id)"),
     max_seq_len: Optional[int] = typer.Option(None, help="window length in tokens"),
     stride: Optional[int] = typer.Option(None, help="tokens between window starts"),
     batch_tokens: Optional[int] = typer.Option(None, help="padded tokens per teacher batch"),

@@ -19,7 +19,7 @@ BACKENDS = ("hf", "vllm")
 DEFAULT_MAX_SEQ_LEN = 2048
 # Settings added after runs were first hashed: they enter the output hash only
 # when set, so a run started before they existed still resumes.
-ADDED_LATER = {"keep_mass": 1.0, "min_prob": 0.0, "round": 0}
+ADDED_LATER = {"keep_mass": 1.0, "min_prob": 0.0, "round": 0, "draw_logprobs": False}
 # Settings that change how or where a run executes but not a single byte of its output.
 EXECUTION_ONLY = ("out", "resume", "overwrite", "num_workers", "worker_index", "progress", "skip_bad", "inputs_changed",
                   "tp", "peak_tflops")
@@ -59,6 +59,11 @@ class GenerateConfig:
     proposal_temperature: float = 1.0
     """sampled mode: draw from softmax(logits / T). T != 1 also stores each
     drawn id's logprob so training can correct back to the teacher (T = 1)."""
+    draw_logprobs: bool = False
+    """sampled mode: store each drawn id's teacher logprob at T = 1 too (~1 B
+    per distinct id); the tail-bucket loss (--tail tail) then weighs the
+    drawn ids by them instead of by their counts. Every sampled set stores
+    the teacher's mass on the drawn ids per position (coverage, ~1 B)."""
     max_seq_len: int | None = None
     """Longest window scored at once; longer documents are split into windows.
     Default: the teacher's context length, at most 2048."""

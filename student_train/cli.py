@@ -61,7 +61,9 @@ def train_cmd(
     max_steps: Optional[int] = typer.Option(None, help="optimizer steps"),
     loss: Optional[str] = typer.Option(None, help="kd | ce | sft | opd (on-policy: scored labels)"),
     kd_kind: Optional[str] = typer.Option(None, help="forward | reverse | jsd"),
-    tail: Optional[str] = typer.Option(None, help="renorm | tail | target (the missing mass on the actual next token)"),
+    tail: Optional[str] = typer.Option(None, help="renorm | tail | target (the missing mass on the actual next token); "
+                                       "sampled labels: tail (a bucket for the teacher's mass outside the drawn ids) "
+                                       "or none (the unbiased estimator)"),
     temperature: Optional[float] = typer.Option(None),
     beta: Optional[float] = typer.Option(None, help="JSD mixing weight"),
     head_chunk_mb: Optional[float] = typer.Option(None, help="MiB of student logits made at a time (0: all at once)"),

@@ -81,7 +81,7 @@ def kd_terms(s_logits: torch.Tensor, t_logits: torch.Tensor, mask: torch.Tensor,
     t_lp = torch.log_softmax(t_logits.float(), dim=-1)
     top = t_lp.topk(cfg.k, dim=-1)
     return losses.topk_kd_terms(s_logits, top.indices, top.values, top.values.exp().sum(-1), mask, kind=cfg.kd_kind,
-                                tail=cfg.tail, temperature=cfg.temperature, beta=cfg.beta, targets=targets)
+                                tail=cfg.topk_tail, temperature=cfg.temperature, beta=cfg.beta, targets=targets)
 
 
 def teacher_pass(teacher, batch: dict, cfg: CodistillConfig, n_vocab: int) -> tuple[dict, dict]:

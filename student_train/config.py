@@ -32,10 +32,13 @@ class KDConfig:
     """How the student's outputs are made and compared with the teacher's, in every command."""
     kd_kind: str = "forward"
     """forward KL(teacher||student), reverse KL, or jsd."""
-    tail: str = "tail"
+    tail: str | None = None
     """tail: top-k plus one bucket for the missing mass (also pins the student's
     total mass on the top-k); renorm: renormalised top-k only; target: the
-    missing mass given to the actual next token (student_train.losses)."""
+    missing mass given to the actual next token (student_train.losses).
+    Sampled labels: tail is the drawn ids plus a bucket for the teacher's
+    mass outside them (sets of format 2.2). None: tail for top-k labels, the
+    unbiased estimator (cross-entropy on the draws) for sampled labels."""
     temperature: float = 1.0
     beta: float = 0.5
     """JSD mixing weight."""
@@ -47,18 +50,28 @@ class KDConfig:
     position at once (the path before chunking)."""
 
     @property
+    def topk_tail(self) -> str:
+        """The support of top-k KD."""
+        return self.tail or "tail"
+
+    @property
     def topk_support(self) -> bool:
         """KD compares the student with a top-k (so --tail applies)."""
         return True
+
+    # The labels' kind is known only when they are opened (train.check_loss_fits_labels): a sampled set's
+    # default loss (the estimator) takes any temperature, a top-k set's default support (tail) only T = 1.
+    labels_decide_tail = False
 
     def __post_init__(self):
         if self.kd_kind not in KD_KINDS:
             _bad("--kd-kind", f"must be one of {', '.join(KD_KINDS)}, got {self.kd_kind!r}")
         if self.temperature <= 0:
             _bad("--temperature", f"must be > 0, got {self.temperature}")
-        if self.tail not in TAILS:
+        if self.tail is not None and self.tail not in TAILS:
             _bad("--tail", f"must be one of {', '.join(TAILS)}, got {self.tail!r}")
-        if self.topk_support and (problem := check_tail(self.tail, self.kd_kind, self.temperature)):
+        known = self.tail is not None or not self.labels_decide_tail
+        if self.topk_support and known and (problem := check_tail(self.topk_tail, self.kd_kind, self.temperature)):
             _bad(*problem)
         if not 0 <= self.beta <= 1:
             _bad("--beta", f"must be in [0, 1], got {self.beta}")
@@ -71,6 +84,7 @@ class LossConfig(KDConfig):
     """The loss of one micro-batch (student_train.objective), with one default
     and one check each: `student-train train` and `rounds` take these
     settings, and DistillLoss (transformers.Trainer) is this class."""
+    labels_decide_tail = True
     loss: str = "kd"
     """kd: alpha*CE + (1-alpha)*top-k KD (topk, sampled or scored labels). ce:
     CE on the actual tokens (topk or tokens labels). sft: CE on completions,

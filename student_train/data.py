@@ -108,7 +108,11 @@ def collate(columns: dict, kind: str, rows: np.ndarray | None = None, k: int | N
     empty slots), coverage [B, T-1, k] / [B, T-1] (entries in stored order
     unless k drops some, which needs rank order); for scored rows also
     teacher_logprob and sampling_logprob [B, T-1], the teacher's and the
-    sampler's logprob of each completion token. Label ids at or above `vocab_limit` (the
+    sampler's logprob of each completion token; for sampled rows
+    sampled_ids, sampled_weights [B, T-1, M] (the distinct drawn ids, their
+    empirical probabilities), sampled_logprobs [B, T-1, M] (-inf in empty
+    slots) where the set stores them, and sampled_coverage [B, T-1] (the
+    teacher's mass on the drawn ids) where the set has it. Label ids at or above `vocab_limit` (the
     teacher's padded vocabulary slots) are emptied: they carry no mass the
     student could match.
     """
@@ -172,17 +176,32 @@ def collate(columns: dict, kind: str, rows: np.ndarray | None = None, k: int | N
         entry = np.repeat(np.arange(len(pos)), n)
         slot = np.arange(int(n.sum())) - np.repeat(starts, n)
         flat = np.repeat((np.cumsum(per_position) - per_position)[pos], n) + slot
-        logprobs = columns[fmt.SAMPLED_LOGPROBS][0][flat] if proposal_temperature != 1.0 else None
+        stored = columns[fmt.SAMPLED_LOGPROBS][0]
+        logprobs = stored[flat] if stored.size == drawn.size else None   # stored at T != 1, or when asked for
+        if proposal_temperature != 1.0 and logprobs is None:
+            raise FormatError("sampled labels drawn at a proposal temperature need the drawn ids' logprobs")
         M = int(n.max()) if len(n) else 1
         sids = np.zeros((B, T - 1, M), np.int64)
         sw = np.zeros((B, T - 1, M), np.float32)
         sids[r[entry], t[entry], slot] = drawn[flat]
         sw[r[entry], t[entry], slot] = sampled_weights(columns[fmt.SAMPLED_COUNTS][0][flat], logprobs, starts,
                                                        proposal_temperature)
+        slp = None
+        if logprobs is not None:
+            slp = np.full((B, T - 1, M), -np.inf, np.float32)
+            slp[r[entry], t[entry], slot] = logprobs
         if vocab_limit is not None:
             outside = sids >= vocab_limit
             sids[outside], sw[outside] = 0, 0.0
+            if slp is not None:
+                slp[outside] = -np.inf
         out.update(sampled_ids=torch.from_numpy(sids), sampled_weights=torch.from_numpy(sw))
+        if slp is not None:
+            out["sampled_logprobs"] = torch.from_numpy(slp)
+        if fmt.COVERAGE in columns:   # format 2.2: the teacher's mass on each position's drawn ids
+            cov = np.ones((B, T - 1), np.float32)
+            cov[r, t] = columns[fmt.COVERAGE][0][pos]
+            out["sampled_coverage"] = torch.from_numpy(cov)
     return out
 
 
@@ -226,7 +245,9 @@ class LabelStream(torch.utils.data.IterableDataset):
         self.kind, self.k, self.vocab_limit = readers[0].kind, k, vocab_limit
         self.cross = cross   # a student_train.xtok.CrossTokenizer: batches in the student's own tokenization
         self.proposal_temperature = float(readers[0].manifest.get("sampling", {}).get("proposal_temperature", 1.0))
-        self.columns = list(fmt.record_kind(self.kind).loader_columns)
+        # The loader's columns that every set has (a sampled set's coverage came with format 2.2).
+        names = set.intersection(*(set(fmt.schema(r.kind, r.vocab_size, r.encoding).names) for r in readers))
+        self.columns = [c for c in fmt.record_kind(self.kind).loader_columns if c in names]
         # Entry order matters only when k keeps a rank prefix of what is stored.
         self.rank_order = k is not None and k < readers[0].k
         selected = shards if shards is not None else [(d, s) for d, r in enumerate(readers) for s in range(len(r.shards))]

@@ -186,6 +186,26 @@ def sampled_kd_terms(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Ten
     return counted(-(weights.float() * logq).sum(-1), mask) * temperature ** 2
 
 
+def sampled_tail_terms(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, coverage: torch.Tensor,
+                       mask: torch.Tensor, logprobs: torch.Tensor | None = None, kind: str = "forward",
+                       beta: float = 0.5, lse: torch.Tensor | None = None) -> torch.Tensor:
+    """Per position [B,T]: KD on the drawn ids plus one bucket for the rest
+    (top-k's `tail` with the drawn ids as the support). The teacher's buckets:
+    its exact mass on the drawn ids, `coverage` [B,T], shared among them by
+    their teacher logprobs [B,T,M] where the set stores them (renormalised),
+    else by their empirical `weights` [B,T,M]; the rest, 1 - coverage. The
+    student's: its probabilities of the drawn ids and all its remaining mass.
+    A never-drawn id then gets full KD's aggregate push (q_j (1 - p_rest /
+    q_rest)) instead of the estimator's push down (q_j); 0 where not counted."""
+    valid = weights > 0
+    if logprobs is not None:
+        share = torch.softmax(logprobs.float().masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0)
+    else:
+        share = weights.float()
+    inside = (coverage.float().unsqueeze(-1) * share).log().masked_fill(~valid, float("-inf"))
+    return topk_kd_terms(logits, ids, inside, coverage, mask, kind=kind, tail="tail", beta=beta, lse=lse)
+
+
 def full_kd(logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, kind: str = "forward",
             temperature: float = 1.0, beta: float = 0.5) -> torch.Tensor:
     """KD against the teacher's full distribution (online distillation): the mean of full_kd_terms."""

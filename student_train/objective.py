@@ -50,12 +50,15 @@ def step_terms(z: torch.Tensor, rows: dict, *, cfg: LossConfig, alpha: float, n:
         kd = opd_terms(z, rows, cfg, lse, out, n)
     elif cfg.loss != "kd":
         kd = torch.zeros_like(ce)
+    elif "sampled_ids" in rows and cfg.tail == "tail":   # the drawn ids + a bucket for the rest
+        kd = losses.sampled_tail_terms(z, rows["sampled_ids"], rows["sampled_weights"], rows["sampled_coverage"], mask,
+                                       rows.get("sampled_logprobs"), kind=cfg.kd_kind, beta=cfg.beta, lse=shared)
     elif "sampled_ids" in rows:
         kd = losses.sampled_kd_terms(z, rows["sampled_ids"], rows["sampled_weights"], mask,
                                      temperature=cfg.temperature, lse=shared)
     elif "kd_mask" not in rows:
         kd = losses.topk_kd_terms(z, rows["topk_ids"], rows["topk_logprobs"], rows["coverage"], mask,
-                                  kind=cfg.kd_kind, tail=cfg.tail, temperature=cfg.temperature, beta=cfg.beta,
+                                  kind=cfg.kd_kind, tail=cfg.topk_tail, temperature=cfg.temperature, beta=cfg.beta,
                                   lse=shared, targets=targets)
     else:
         # Cross-tokenizer batches label only the positions aligned with a teacher position (kd_mask). KD stands
@@ -65,7 +68,7 @@ def step_terms(z: torch.Tensor, rows: dict, *, cfg: LossConfig, alpha: float, n:
         # held-out CE went from 2.77 to 4.22 nats and KD ended worse than CE only.)
         labelled = rows["kd_mask"]
         kd = losses.topk_kd_terms(z, rows["topk_ids"], rows["topk_logprobs"], rows["coverage"], labelled,
-                                  kind=cfg.kd_kind, tail=cfg.tail, temperature=cfg.temperature, beta=cfg.beta,
+                                  kind=cfg.kd_kind, tail=cfg.topk_tail, temperature=cfg.temperature, beta=cfg.beta,
                                   lse=shared, targets=targets) + losses.counted(ce, mask & ~labelled)
     out["kd"] = kd.sum() / n
     out["objective"] = mix(out["ce"], out["kd"], alpha)
@@ -87,6 +90,6 @@ def opd_terms(z: torch.Tensor, rows: dict, cfg: LossConfig, lse: torch.Tensor, o
     if cfg.opd_forward_kl == 0:
         return pg
     forward = losses.topk_kd_terms(z, rows["topk_ids"], rows["topk_logprobs"], rows["coverage"], rows["mask"],
-                                   kind="forward", tail=cfg.tail, lse=lse, targets=rows["targets"])
+                                   kind="forward", tail=cfg.topk_tail, lse=lse, targets=rows["targets"])
     out["forward_kl"] = forward.detach().sum() / n
     return pg + cfg.opd_forward_kl * forward

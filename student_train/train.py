@@ -37,6 +37,12 @@ def check_loss_fits_labels(cfg: TrainConfig, kind: str, stored_k: int) -> int:
     k = cfg.k or stored_k
     if cfg.k and kind == "sampled":
         raise FormatError("--k applies to topk labels; sampled labels are used as drawn")
+    if kind in fmt.TOPK_KINDS and cfg.loss in ("kd", "opd") \
+            and (problem := losses.check_tail(cfg.topk_tail, cfg.kd_kind, cfg.temperature)):
+        raise ValueError("{}: {}".format(*problem))
+    if kind == "sampled" and cfg.loss == "kd" and cfg.tail not in (None, "tail"):
+        raise FormatError(f"--tail {cfg.tail}: sampled labels take --tail tail (the drawn ids plus a bucket for the "
+                          "teacher's mass outside them) or no --tail (the unbiased estimator)")
     if kind in fmt.TOPK_KINDS and k > stored_k:
         raise FormatError(f"--k {k} is larger than the {stored_k} entries the labels hold")
     return k
@@ -104,6 +110,12 @@ def train(cfg: TrainConfig) -> dict:
     if sum(r.manifest["counts"]["positions"] for r in readers) == 0:
         raise FormatError(f"--labels: {', '.join(cfg.labels)} hold no positions to train on (empty, or every completion is empty)")
     k = check_loss_fits_labels(cfg, readers[0].kind, readers[0].k)
+    if readers[0].kind == "sampled" and cfg.loss == "kd" and cfg.tail == "tail":
+        for r in readers:
+            if not r.encoding.sampled_coverage:
+                raise FormatError(f"--tail tail: {r.dir} holds sampled labels written before format 2.2, without the "
+                                  "teacher's mass on the drawn ids; regenerate them, or train without --tail (the "
+                                  "unbiased estimator)")
     if cfg.loss == "opd":
         for r in readers:
             check_on_policy_sampling(r.manifest, str(r.dir))

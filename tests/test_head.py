@@ -40,6 +40,8 @@ def batch_of(seed: int = 0) -> dict:
             "topk_ids": top.indices, "topk_logprobs": topk_lp,
             "coverage": topk_lp.exp().sum(-1), "sampled_ids": draws,
             "sampled_weights": torch.full(draws.shape, 0.2),
+            "sampled_coverage": 0.3 + 0.6 * torch.rand(B, T - 1, generator=g),
+            "sampled_logprobs": lp.gather(-1, draws),
             "teacher_logprob": lp.gather(-1, ids[:, 1:, None]).squeeze(-1),
             "sampling_logprob": lp.gather(-1, ids[:, 1:, None]).squeeze(-1) - 0.3 * torch.rand(B, T - 1, generator=g),
             "kd_mask": mask & (torch.rand(B, T - 1, generator=g) < 0.7),
@@ -47,6 +49,8 @@ def batch_of(seed: int = 0) -> dict:
 
 
 ROWS = {"topk": ("topk_ids", "topk_logprobs", "coverage"), "sampled": ("sampled_ids", "sampled_weights"),
+        "sampled tail": ("sampled_ids", "sampled_weights", "sampled_coverage"),
+        "sampled tail, logprobs": ("sampled_ids", "sampled_weights", "sampled_coverage", "sampled_logprobs"),
         "scored": ("topk_ids", "topk_logprobs", "coverage", "teacher_logprob", "sampling_logprob"),
         "cross": ("topk_ids", "topk_logprobs", "coverage", "kd_mask")}
 CASES = {   # name -> (settings, alpha, rows)
@@ -57,7 +61,9 @@ CASES = {   # name -> (settings, alpha, rows)
     "top-k renorm, T=2": (dict(tail="renorm", temperature=2.0), 0.0, "topk"),
     "top-k target, alpha 0.3": (dict(tail="target"), 0.3, "topk"),
     "sampled": (dict(), 0.0, "sampled"),
-    "sampled, T=2": (dict(temperature=2.0, tail="renorm"), 0.5, "sampled"),
+    "sampled, T=2": (dict(temperature=2.0), 0.5, "sampled"),
+    "sampled tail bucket": (dict(tail="tail"), 0.2, "sampled tail"),
+    "sampled tail bucket, logprobs, jsd": (dict(tail="tail", kd_kind="jsd"), 0.0, "sampled tail, logprobs"),
     "on-policy + forward KL": (dict(loss="opd", opd_forward_kl=0.5), 0.0, "scored"),
     "cross-tokenizer": (dict(tail="tail"), 0.2, "cross"),
 }

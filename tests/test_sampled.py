@@ -1,12 +1,15 @@
 """Sampled soft labels (Anshumann et al. 2025): N teacher draws per position."""
 
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import assert_stored_coverage
 from labelgen.backends.hf import _distinct
+from labelgen.errors import FormatError
 from labelgen.config import GenerateConfig
 from labelgen.generate import run
 from labelgen.inspection import inspect, validate
@@ -30,9 +33,9 @@ def sampled_batch(p_teacher, n, seed, temperature=1.0):
     g = torch.Generator().manual_seed(seed)
     q = torch.softmax(torch.log(p_teacher) / temperature, -1)
     drawn = torch.multinomial(q, n, replacement=True, generator=g)
-    s = _distinct([(drawn, torch.log(p_teacher) if temperature != 1.0 else None)], n)
+    s = _distinct([(drawn, torch.log(p_teacher).gather(1, drawn))])
     row = {"input_ids": np.zeros(len(p_teacher) + 1, np.int64), "sampled_ids": s.ids, "sampled_counts": s.counts,
-           "sampled_lengths": s.lengths, "sampled_logprobs": s.logprobs}
+           "sampled_lengths": s.lengths, "sampled_logprobs": s.logprobs if temperature != 1.0 else s.logprobs[:0]}
     return collate(columns_from_rows([row]), "sampled", proposal_temperature=temperature)
 
 
@@ -101,3 +104,91 @@ def test_training_on_sampled_labels_lowers_the_kl_to_the_teacher(tiny_teacher, c
                       eval_every=40, eval_batches=4, save_every=0, progress=False, device="cpu"))
     m = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
     assert m[-1]["eval_kl"] < 0.5 * m[0]["eval_kl"]
+
+
+def test_the_sampled_tail_loss_is_the_hand_computed_bucket_kl():
+    """Drawn ids {2, 5, 7} with counts 3, 1, 1 of N = 5, the teacher's exact mass on them 0.6: buckets
+    0.6 x (3/5, 1/5, 1/5) and the rest 0.4, against the student's q_2, q_5, q_7 and 1 - their sum."""
+    from student_train.losses import sampled_tail_terms
+    torch.manual_seed(0)
+    z = torch.randn(1, 1, 10, requires_grad=True)
+    ids = torch.tensor([[[2, 5, 7, 0]]])                            # a 4th, empty slot
+    weights = torch.tensor([[[0.6, 0.2, 0.2, 0.0]]])
+    coverage = torch.tensor([[0.6]])
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    loss = sampled_tail_terms(z, ids, weights, coverage, mask)[0, 0]
+    q = torch.softmax(z[0, 0].detach().double(), -1)
+    p = [0.36, 0.12, 0.12]
+    qs = [q[2], q[5], q[7]]
+    rest = 1 - sum(qs)
+    hand = sum(pi * math.log(pi / qi) for pi, qi in zip(p, qs)) + 0.4 * torch.log(0.4 / rest)
+    assert abs(float(loss) - float(hand)) < 1e-5
+    loss.backward()
+    g = z.grad[0, 0].double()
+    drawn = torch.tensor([2, 5, 7])
+    np.testing.assert_allclose(g[drawn], q[drawn] - torch.tensor(p, dtype=torch.double), atol=1e-6)
+    never = torch.tensor([0, 1, 3, 4, 6, 8, 9])                  # full KD's aggregate push: q_j (1 - p_rest / q_rest)
+    np.testing.assert_allclose(g[never], q[never] * (1 - 0.4 / rest), atol=1e-6)
+
+    # with the drawn ids' exact logprobs stored: the mass on the drawn ids is shared by them, not by the counts
+    lp = torch.log(torch.tensor([[[0.30, 0.20, 0.10, 1.0]]]))
+    loss = sampled_tail_terms(z.detach(), ids, weights, coverage, mask, logprobs=lp)[0, 0]
+    p = [0.6 * 0.5, 0.6 * 2 / 6, 0.6 / 6]
+    hand = sum(pi * math.log(pi / qi) for pi, qi in zip(p, qs)) + 0.4 * torch.log(0.4 / rest)
+    assert abs(float(loss) - float(hand)) < 1e-5
+
+
+def test_sampled_sets_record_the_mass_on_the_drawn_ids_and_train_with_a_tail_bucket(tiny_teacher, corpus, tmp_path,
+                                                                                     student_config, topk_labels):
+    from transformers import AutoModelForCausalLM
+    from student_train.config import TrainConfig
+    from student_train.train import train
+    run(GenerateConfig(teacher=tiny_teacher, inputs=(str(corpus / "docs.jsonl"),), out=str(tmp_path / "s"),
+                       mode="sampled", draws=12, max_seq_len=64, rows_per_shard=8, progress=False, device="cpu",
+                       draw_logprobs=True))
+    m = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert m["format_version"] == "2.2" and m["encoding"]["sampled_coverage"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
+    for row in list(ShardReader(tmp_path / "s").rows())[:3]:
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.as_tensor(row["input_ids"])[None]).logits[0, :-1].float(), -1)
+        starts = np.concatenate([[0], np.cumsum(row["sampled_lengths"])[:-1]])
+        position = np.repeat(np.arange(len(starts)), row["sampled_lengths"])
+        exact = lp[position, row["sampled_ids"]].numpy()
+        np.testing.assert_allclose(row["sampled_logprobs"], exact, atol=20 / 510 + 1e-4)       # the u8 codec's bound
+        mass = np.add.reduceat(np.exp(exact.astype(np.float64)), starts)
+        assert_stored_coverage(row["coverage"], mass)
+    common = dict(eval_labels=(str(topk_labels),), student_config=student_config, loss="kd", max_steps=30, batch_size=4,
+                  lr=5e-3, warmup_steps=2, eval_every=30, eval_batches=4, save_every=0, progress=False, device="cpu")
+    train(TrainConfig(labels=(str(tmp_path / "s"),), out=str(tmp_path / "tail"), tail="tail", **common))
+    metrics = [json.loads(line) for line in open(tmp_path / "tail" / "metrics.jsonl")]
+    assert metrics[-1]["eval_kl"] < 0.6 * metrics[0]["eval_kl"]
+    with pytest.raises(FormatError, match="sampled labels take --tail tail"):
+        train(TrainConfig(labels=(str(tmp_path / "s"),), out=str(tmp_path / "renorm"), tail="renorm", **common))
+
+
+def test_a_sampled_set_written_before_format_2_2_still_trains_and_refuses_the_tail_bucket(tiny_teacher, corpus,
+                                                                                          tmp_path, student_config,
+                                                                                          topk_labels):
+    """A 2.1 writer stored no coverage column and no sampled_coverage key: the estimator trains on it as before."""
+    import pyarrow.parquet as pq
+    from student_train.config import TrainConfig
+    from student_train.train import train
+    old = tmp_path / "old"
+    run(GenerateConfig(teacher=tiny_teacher, inputs=(str(corpus / "docs.jsonl"),), out=str(old), mode="sampled",
+                       draws=12, max_seq_len=64, rows_per_shard=8, progress=False, device="cpu",
+                       encoding={"sampled_coverage": False}))
+    # What a 2.1 writer put in the manifest (its shards' columns are these shards' columns).
+    m = json.loads((old / "manifest.json").read_text())
+    m["format_version"] = "2.1"
+    del m["encoding"]["sampled_coverage"]
+    for s in m["shards"]:
+        assert "coverage" not in pq.ParquetFile(old / s["name"]).schema_arrow.names
+    (old / "manifest.json").write_text(json.dumps(m))
+    assert validate(old)["ok"]
+    common = dict(eval_labels=(str(topk_labels),), student_config=student_config, loss="kd", max_steps=2, batch_size=4,
+                  warmup_steps=1, eval_every=2, eval_batches=2, save_every=0, progress=False, device="cpu")
+    train(TrainConfig(labels=(str(old),), out=str(tmp_path / "estimator"), **common))
+    assert np.isfinite(json.loads(open(tmp_path / "estimator" / "metrics.jsonl").readlines()[-1])["eval_kl"])
+    with pytest.raises(FormatError, match="written before format 2.2"):
+        train(TrainConfig(labels=(str(old),), out=str(tmp_path / "tail"), tail="tail", **common))

@@ -100,6 +100,7 @@ def test_a_non_empty_run_directory_needs_resume_or_overwrite(topk_labels, studen
 @pytest.mark.parametrize("extra, pattern", [
     (["--alpha", "1.5"], r"--alpha: must be in \[0, 1\]"),
     (["--tail", "tail", "--temperature", "2"], r"--temperature: must be 1 with --tail tail"),
+    (["--temperature", "2"], r"--temperature: must be 1 with --tail tail"),   # top-k labels' default support
     (["--loss", "distill"], r"--loss: must be one of kd, ce, sft"),
     (["--dtype", "float16"], r"--dtype: must be one of auto, float32, bfloat16"),
     (["--min-lr-ratio", "2"], r"--min-lr-ratio: must be in \[0, 1\]"),

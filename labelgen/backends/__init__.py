@@ -32,7 +32,8 @@ class Sampled:
     ids: np.ndarray        # [U] int64, ascending within each position
     counts: np.ndarray     # [U] int64, summing to N per position
     lengths: np.ndarray    # [L-1] distinct ids per position
-    logprobs: np.ndarray   # [U] float32 untempered teacher logprobs of the ids (empty when T = 1)
+    logprobs: np.ndarray   # [U] float32 untempered teacher logprobs of the ids
+    coverage: np.ndarray   # [L-1] float32 the teacher's probability mass on each position's distinct ids
 
 
 @dataclass

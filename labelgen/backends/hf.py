@@ -193,8 +193,9 @@ class HFTeacher:
                 logits = self._logits(h)
                 probs = torch.softmax(logits / temperature, dim=-1)
                 drawn = torch.multinomial(probs, draws, replacement=True, generator=gen)      # [c, N]
-                parts.append((drawn, logits if temperature != 1.0 else None))
-            out.append(_distinct(parts, draws))
+                lp = logits - torch.logsumexp(logits, dim=-1, keepdim=True)                  # untempered
+                parts.append((drawn, lp.gather(1, drawn)))
+            out.append(_distinct(parts))
         return out
 
     @torch.inference_mode()
@@ -303,20 +304,19 @@ def _topk_blocked(logits: torch.Tensor, k: int, block: int = 128) -> tuple[torch
     return values, idx.gather(1, j)
 
 
-def _distinct(parts: list, draws: int) -> Sampled:
-    """Per-position distinct ids (ascending) and their counts from [c, N] draws."""
-    drawn = torch.cat([p[0] for p in parts]).sort(dim=-1).values                 # [P, N]
+def _distinct(parts: list) -> Sampled:
+    """Per-position distinct ids (ascending), their counts, their untempered
+    teacher logprobs and their total probability, from [c, N] draws and the
+    logprobs of the drawn ids."""
+    drawn, order = torch.cat([p[0] for p in parts]).sort(dim=-1)                 # [P, N]
+    lp = torch.cat([p[1] for p in parts]).gather(1, order)
     new = torch.ones_like(drawn, dtype=torch.bool)
     new[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
     starts = new.flatten().nonzero()[:, 0]
     counts = torch.diff(starts, append=torch.tensor([drawn.numel()], device=drawn.device))
-    ids = drawn[new]
-    logprobs = np.zeros(0, np.float32)
-    if parts[0][1] is not None:   # untempered logprobs, for the importance weights of a tempered proposal
-        logits = torch.cat([p[1] for p in parts])
-        lp = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
-        logprobs = lp.gather(1, drawn)[new].cpu().numpy().astype(np.float32)
-    return Sampled(ids.cpu().numpy(), counts.cpu().numpy(), new.sum(-1).cpu().numpy(), logprobs)
+    coverage = torch.where(new, lp.exp(), torch.zeros_like(lp)).sum(-1).clamp(max=1.0)
+    return Sampled(drawn[new].cpu().numpy(), counts.cpu().numpy(), new.sum(-1).cpu().numpy(),
+                   lp[new].float().cpu().numpy(), coverage.float().cpu().numpy())
 
 
 def _mm_fp32_out_works(device: torch.device) -> bool:

@@ -353,12 +353,15 @@ def encode_sampled_rows(sch: pa.Schema, rows: list[dict], draws: int, vocab_size
     """Validate and encode sampled rows. Each row: example_id, window_offset,
     input_ids [L], sampled_lengths [L-1], sampled_ids and sampled_counts
     [sum of lengths] (per position ascending ids, counts summing to `draws`),
-    sampled_logprobs [same] or empty. `id_map` renumbers the stored ids
-    (required when enc.id_map is frequency); each position is stored in
-    ascending order of its renumbered ids."""
+    sampled_logprobs [same] or empty, and with enc.sampled_coverage
+    coverage [L-1] (the teacher's mass on each position's distinct ids).
+    `id_map` renumbers the stored ids (required when enc.id_map is
+    frequency); each position is stored in ascending order of its
+    renumbered ids."""
     _check_id_map(enc, id_map)
     u8 = Encoding(logprob_codec="u8", u8_range=enc.u8_range)
-    cols: dict[str, list] = {c: [] for c in (INPUT_IDS, SAMPLED_IDS, SAMPLED_COUNTS, SAMPLED_LENGTHS, SAMPLED_LOGPROBS)}
+    cols: dict[str, list] = {c: [] for c in (INPUT_IDS, SAMPLED_IDS, SAMPLED_COUNTS, SAMPLED_LENGTHS, SAMPLED_LOGPROBS,
+                                             COVERAGE)}
     for r in rows:
         ex = r.get(EXAMPLE_ID)
         if not isinstance(ex, str) or not ex:
@@ -394,11 +397,20 @@ def encode_sampled_rows(sch: pa.Schema, rows: list[dict], draws: int, vocab_size
         cols[SAMPLED_COUNTS].append(counts)
         cols[SAMPLED_LENGTHS].append(lengths)
         cols[SAMPLED_LOGPROBS].append(encode_logprobs(lps[None, :], u8)[0] if lps.size else np.zeros(0, np.uint8))
+        if enc.sampled_coverage:
+            cov = np.asarray(r.get(COVERAGE, ()), dtype=np.float32).reshape(-1)
+            if cov.size != lengths.size:
+                _fail(ex, f"coverage has {cov.size} entries, expected {lengths.size} (one per position)")
+            if np.isnan(cov).any() or (cov < 0).any() or (cov > 1 + POSITIVE_TOLERANCE).any():
+                _fail(ex, "coverage outside [0, 1] (or NaN)")
+            cols[COVERAGE].append(encode_coverage(cov, enc))
+    names = (INPUT_IDS, SAMPLED_IDS, SAMPLED_COUNTS, SAMPLED_LENGTHS, SAMPLED_LOGPROBS) \
+        + ((COVERAGE,) if enc.sampled_coverage else ())
     return pa.RecordBatch.from_arrays(
         [pa.array([r[EXAMPLE_ID] for r in rows], pa.string()),
          pa.array([int(r.get(WINDOW_OFFSET, 0)) for r in rows], pa.int64())]
         + [_list_array(np.concatenate(cols[c]), (a.size for a in cols[c]), sch.field(c).type.value_type)
-           for c in (INPUT_IDS, SAMPLED_IDS, SAMPLED_COUNTS, SAMPLED_LENGTHS, SAMPLED_LOGPROBS)],
+           for c in names],
         schema=sch)
 
 

@@ -94,11 +94,14 @@ TABLE = {k.name: k for k in (
         "sampled",
         columns=lambda ids, enc: _windows(
             ids, (SAMPLED_IDS, ids), (SAMPLED_COUNTS, pa.list_(pa.uint8())), (SAMPLED_LENGTHS, pa.list_(pa.uint8())),
-            (SAMPLED_LOGPROBS, pa.list_(pa.uint8()))),
+            (SAMPLED_LOGPROBS, pa.list_(pa.uint8())),
+            *([(COVERAGE, pa.list_(pa.from_numpy_dtype(position_dtype(COVERAGE, enc))))] if enc.sampled_coverage else [])),
         encode=codec.encode_sampled_rows,
         position_column=SAMPLED_LENGTHS,
-        loader_columns=(INPUT_IDS, SAMPLED_IDS, SAMPLED_COUNTS, SAMPLED_LENGTHS, SAMPLED_LOGPROBS),
-        split_columns=lambda enc: (INPUT_IDS, SAMPLED_IDS, SAMPLED_COUNTS, SAMPLED_LENGTHS, SAMPLED_LOGPROBS),
+        # COVERAGE where the set has it (Encoding.sampled_coverage): the loader reads what the schema holds.
+        loader_columns=(INPUT_IDS, SAMPLED_IDS, SAMPLED_COUNTS, SAMPLED_LENGTHS, SAMPLED_LOGPROBS, COVERAGE),
+        split_columns=lambda enc: (INPUT_IDS, SAMPLED_IDS, SAMPLED_COUNTS, SAMPLED_LENGTHS, SAMPLED_LOGPROBS)
+        + ((COVERAGE,) if enc.sampled_coverage else ()),
         id_column=SAMPLED_IDS),
     RecordKind(
         # A sampled completion (input_ids: prompt then completion) scored by the teacher at

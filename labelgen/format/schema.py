@@ -17,7 +17,7 @@ from labelgen.errors import FormatError  # noqa: F401  (raised by every format m
 from labelgen.fsutil import TMP_SUFFIX  # noqa: F401
 
 FORMAT_NAME = "labelgen"
-FORMAT_VERSION = "2.1"   # 2.1: the scored kind
+FORMAT_VERSION = "2.2"   # 2.1: the scored kind; 2.2: sampled sets may carry coverage (Encoding.sampled_coverage)
 READABLE_MAJOR_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 RUN_FILE = "run.json"         # a run's config and inputs, written first: resume and export read it
@@ -132,6 +132,11 @@ class Encoding:
     of the tail mass; code 0 decodes to a tail of (0.25/255)^2), and
     target_logprob as the uint16 code round(-logprob * 64) (max error 1/128
     nat). f32: both float32, as format 1.0-1.3 stored them."""
+    sampled_coverage: bool = False
+    """Sampled sets (2.2): a per-position coverage column, the teacher's exact
+    probability mass on the position's distinct drawn ids, stored as topk's
+    coverage is (position_codec); what the tail-bucket loss needs. Sets
+    written before 2.2 have none."""
 
     def __post_init__(self):
         if self.logprob_codec not in LOGPROB_CODECS:
@@ -154,8 +159,9 @@ class Encoding:
             raise FormatError(f"id_map_size must be in [1, 2^20], got {self.id_map_size}")
         if not 1 <= self.zstd_level <= 22:
             raise FormatError(f"zstd_level must be in [1, 22], got {self.zstd_level}")
-        if not isinstance(self.variable_k, bool):
-            raise FormatError(f"variable_k must be true or false, got {self.variable_k!r}")
+        for name in ("variable_k", "sampled_coverage"):
+            if not isinstance(getattr(self, name), bool):
+                raise FormatError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.variable_k and self.logprob_codec == "gap":
             raise FormatError("logprob_codec 'gap' cannot store variable_k labels (gaps run along a full row of k)")
         if self.position_codec not in POSITION_CODECS:

@@ -222,6 +222,8 @@ class ShardReader:
             for col in (fmt.SAMPLED_IDS, fmt.SAMPLED_COUNTS):
                 if counts[col] > positions * self.k:
                     raise FormatError(f"{where}: {col} holds {counts[col]} entries, more than positions x draws")
+            if self.encoding.sampled_coverage and counts[fmt.COVERAGE] != positions:
+                raise FormatError(f"{where}: {fmt.COVERAGE} holds {counts[fmt.COVERAGE]} values for {positions} positions")
 
     def batches(self, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
         """Decoded row groups, one at a time."""
