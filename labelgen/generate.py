@@ -68,7 +68,7 @@ def run(cfg: GenerateConfig, teacher: Teacher | None = None) -> dict:
     the teacher (backends/tensor_parallel.py); they return {"tp_follower": rank}."""
     if cfg.tp > 1 and teacher is None:
         from labelgen.backends.tensor_parallel import Group
-        with Group(cfg.tp) as group:
+        with Group(cfg.tp, cfg.device) as group:
             return _run(cfg, None, group) if group.leader else _follow(cfg, group)
     return _run(cfg, teacher, None)
 

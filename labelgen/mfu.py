@@ -94,8 +94,8 @@ def meter_for(cfg, teacher) -> FlopMeter | None:
     the table's for a GPU running the teacher in bf16/fp16; on a CPU, or a GPU
     the table lacks, the run reports tokens/s only."""
     from labelgen.batches import model_config
-    mcfg = model_config(cfg.teacher)
-    if cfg.mode == "tokens" or mcfg is None:
+    mcfg = None if cfg.mode == "tokens" else model_config(cfg.teacher)
+    if mcfg is None:
         return None
     info = teacher.info()
     if cfg.backend == "vllm":

@@ -32,12 +32,12 @@ class Group:
     """This process's place in a tensor-parallel teacher (a context: the
     leader tells the followers to stop when it leaves without an error)."""
 
-    def __init__(self, tp: int):
+    def __init__(self, tp: int, device: str = "auto"):
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world != tp:
             raise ValueError(f"--tp {tp}: launch it with torchrun --nproc-per-node {tp} (WORLD_SIZE is {world}); "
                              "run data-parallel teachers as separate launches (a Slurm array, --num-workers)")
-        cuda = torch.cuda.is_available()
+        cuda = torch.cuda.is_available() and device != "cpu"   # each rank takes the GPU of its LOCAL_RANK
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if not dist.is_initialized():
