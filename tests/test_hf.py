@@ -56,6 +56,7 @@ def scored_labels(tiny_teacher, corpus, tmp_path_factory):
     ("topk", dict(tail="target", alpha=0.0)),
     ("topk", dict(tail="renorm", alpha=0.3, temperature=2.0, kd_kind="jsd")),
     ("sampled", dict(alpha=0.5)),
+    ("sampled", dict(tail="tail", alpha=0.2)),   # the drawn ids + a bucket for the teacher's rest (format 2.2)
     ("topk", dict(loss="ce")),
 ])
 def test_the_same_batch_gives_the_same_loss_through_student_train_and_trainer(topk_labels, sampled_labels, scored_labels,
