@@ -674,7 +674,8 @@ def study_lines(studies: dict, finals: dict, ref_name: str, recovered, scale: Re
               f"{abs(ref1 - finals[ref_name]['eval_ce']):.3f}: sampled N = 50 recovers {r[0]:.0%} of the reference's "
               f"gain with seed 0, {r[1]:.0%} with seed 1, {rm:.0%} of the means. At this length of run a seed moves a "
               f"method's recovered share by {abs(r[1] - r[0]) * 100:.0f} points; differences between methods smaller "
-              "than that are not resolved by one seed."]
+              "than that are not resolved by one seed. Three seeds of the methods the choice turns on, sampled "
+              "labels with and without a tail bucket among them, are the next section (`--seeds`)."]
     parts = ("all", "embedding rows drawn", "embedding rows never drawn", "rest of the model")
     full = opt["study"]["full KD (online)"]
     lines += ["", f"**What Adam does with each gradient.** At the CE-only student's weights, over its first "
