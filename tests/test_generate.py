@@ -264,7 +264,7 @@ def test_a_run_hashed_before_adaptive_truncation_existed_still_resumes(tmp_path)
     c = cfg("t", ["in.jsonl"], tmp_path / "l")
     before = {k: v for k, v in c.to_dict().items()
               if k not in ("keep_mass", "min_prob", "round", "out", "resume", "overwrite", "num_workers", "worker_index",
-                           "progress", "dry_run", "skip_bad", "tp", "peak_tflops")}
+                           "progress", "dry_run", "skip_bad", "tp", "peak_tflops", "draw_logprobs")}
     assert c.output_hash() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
     assert cfg("t", ["in.jsonl"], tmp_path / "l", keep_mass=0.9).output_hash() != c.output_hash()
 
