@@ -114,6 +114,11 @@ class ShardReader:
         hash (format 1.2: the footer holds the schema, the row group index and
         the id table) and its data pages against their CRC32 as they are read."""
         path = self.shard_path(shard)
+        # The footer's bytes are checked before the Parquet parser reads them: pyarrow aborts the whole process
+        # (std::terminate, not an exception) on some damaged footers, e.g. a size-statistics histogram whose
+        # length was flipped ("Repetition level histogram size mismatch", pyarrow 26).
+        if self.checksums and "footer_sha256" in shard and storage.footer_sha256(path) != shard["footer_sha256"]:
+            raise FormatError(f"{path}: Parquet footer does not match the manifest's hash (corrupted)")
         options = dict(page_checksum_verification=self.checksums, thrift_string_size_limit=64 << 20,
                        thrift_container_size_limit=1 << 20)
         try:
@@ -130,8 +135,6 @@ class ShardReader:
         if pf.metadata.num_rows != shard["rows"]:   # the manifest's counts are what a loader plans with
             raise FormatError(f"{path}: {pf.metadata.num_rows} rows, manifest says {shard['rows']}")
         check_row_group_sizes(pf.metadata, self.encoding.row_group_rows, str(path))
-        if self.checksums and "footer_sha256" in shard and storage.footer_sha256(path) != shard["footer_sha256"]:
-            raise FormatError(f"{path}: Parquet footer does not match the manifest's hash (corrupted)")
         return pf
 
     def id_map(self, shard: dict, pf: pq.ParquetFile) -> fmt.IdMap | None:
