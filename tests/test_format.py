@@ -262,7 +262,8 @@ def test_foreign_and_extra_files_are_reported(tmp_path, rng):
     # A foreign file in place of a shard: same name and size in the manifest.
     m = json.loads((tmp_path / "l" / "manifest.json").read_text())
     foreign = tmp_path / "l" / "stray.parquet"
-    m["shards"][0].update(name="stray.parquet", bytes=foreign.stat().st_size, sha256=storage.sha256_file(foreign))
+    m["shards"][0].update(name="stray.parquet", bytes=foreign.stat().st_size, sha256=storage.sha256_file(foreign),
+                          footer_sha256=storage.footer_sha256(foreign))   # a manifest that lies consistently
     (tmp_path / "l" / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(FormatError, match="stray.parquet: not a labelgen shard"):
         list(ShardReader(tmp_path / "l").rows())
