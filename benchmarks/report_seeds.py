@@ -122,8 +122,11 @@ def write_seeds(args, teacher: str, scale, runs: dict, labels: dict, results: di
                for s in matched if base[s]["eval_ce"] - results[ref][s]["eval_ce"] > 1e-3]
         delta = [got[s]["eval_ce"] - results[ref][s]["eval_ce"] for s in matched]
         bpp = labels.get(bytes_of, {}) if bytes_of else {}
-        cell = lambda key, spec: (f"{stat[key][0]:{spec}} ± {stat[key][1]:{spec}}" if key in stat else "—")  # noqa: E731
-        rec_cell = f"{100 * mean_sd(rec)[0]:.0f} ± {100 * mean_sd(rec)[1]:.0f} %" if rec else "—"
+        def cell(m, sd, spec, unit=""):   # one seed: no spread to show
+            return f"{m:{spec}}{unit}" if math.isnan(sd) else f"{m:{spec}} ± {sd:{spec}}{unit}"
+        cells = {key: cell(*stat[key], spec) if key in stat else "—"
+                 for key, spec in (("eval_ce", ".3f"), ("eval_kl", ".3f"), ("eval_ece", ".4f"))}
+        rec_cell = cell(*(100 * v for v in mean_sd(rec)), ".0f", " %") if rec else "—"
         if len(delta) > 1 and name != ref:
             d, sd = mean_sd(delta)
             se = sd / math.sqrt(len(delta))
@@ -131,8 +134,8 @@ def write_seeds(args, teacher: str, scale, runs: dict, labels: dict, results: di
         else:
             delta_cell = "—"
         bytes_cell = f"{bpp['bytes_per_position']:.1f}" if bpp and bpp.get("bytes_per_position") else "—"
-        lines.append(f"| {name} | {len(seeds)} | {bytes_cell} | {cell('eval_ce', '.3f')} | {cell('eval_kl', '.3f')} | "
-                     f"{cell('eval_ece', '.4f')} | {rec_cell} | {delta_cell} |")
+        lines.append(f"| {name} | {len(seeds)} | {bytes_cell} | {cells['eval_ce']} | {cells['eval_kl']} | "
+                     f"{cells['eval_ece']} | {rec_cell} | {delta_cell} |")
         table[name] = {"seeds": seeds, "stat": stat, "recovered": rec, "delta": delta}
     lines.append("")
     report = Path(args.out) / "results.md"

@@ -132,8 +132,9 @@ def label_specs(files: dict, scale: RealScale) -> dict:
         "top64 (bytes)": dict(inputs=(str(files["bytes_text"]),), mode="topk", k=64),
         "top8 (bytes)": dict(inputs=(str(files["bytes_text"]),), mode="topk", k=8),
         "min-prob 1e-3": dict(inputs=text, mode="topk", k=k_ref // 4, min_prob=1e-3),   # p >= 1e-3: at most 1,000
-        "sampled50": dict(inputs=text, mode="sampled", draws=50),
-        "sampled12": dict(inputs=text, mode="sampled", draws=12),
+        # with the teacher's mass on the drawn ids (+1 B/position), which the tail-bucket rows (--seeds) need
+        "sampled50": dict(inputs=text, mode="sampled", draws=50, encoding={"sampled_coverage": True}),
+        "sampled12": dict(inputs=text, mode="sampled", draws=12, encoding={"sampled_coverage": True}),
         "samples": dict(inputs=(str(files["prompts"]),), mode="sample", prompt_field="prompt", n=1, temperature=1.0,
                         max_new_tokens=scale.completion_tokens, max_seq_len=None, batch_tokens=16384),
         "eval": dict(inputs=(str(files["heldout"]),), mode="topk", k=k_ref),

@@ -62,8 +62,9 @@ class GenerateConfig:
     draw_logprobs: bool = False
     """sampled mode: store each drawn id's teacher logprob at T = 1 too (~1 B
     per distinct id); the tail-bucket loss (--tail tail) then weighs the
-    drawn ids by them instead of by their counts. Every sampled set stores
-    the teacher's mass on the drawn ids per position (coverage, ~1 B)."""
+    drawn ids by them instead of by their counts (measured worse: docs/
+    results.md). The tail bucket needs the teacher's mass on the drawn ids:
+    --encoding sampled_coverage=true (~1 B per position)."""
     max_seq_len: int | None = None
     """Longest window scored at once; longer documents are split into windows.
     Default: the teacher's context length, at most 2048."""

@@ -209,8 +209,6 @@ def resolve(cfg: GenerateConfig, tokenizer) -> GenerateConfig:
         raise ValueError(f"--k {cfg.k} is larger than the teacher's vocabulary ({vocab})")
     if cfg.truncates and not cfg.encoding.get("variable_k"):
         cfg = dataclasses.replace(cfg, encoding={**cfg.encoding, "variable_k": True})
-    if cfg.mode == "sampled" and "sampled_coverage" not in cfg.encoding:   # what a tail bucket needs, ~1 B/position
-        cfg = dataclasses.replace(cfg, encoding={**cfg.encoding, "sampled_coverage": True})
     return cfg
 
 

@@ -113,9 +113,9 @@ def train(cfg: TrainConfig) -> dict:
     if readers[0].kind == "sampled" and cfg.loss == "kd" and cfg.tail == "tail":
         for r in readers:
             if not r.encoding.sampled_coverage:
-                raise FormatError(f"--tail tail: {r.dir} holds sampled labels written before format 2.2, without the "
-                                  "teacher's mass on the drawn ids; regenerate them, or train without --tail (the "
-                                  "unbiased estimator)")
+                raise FormatError(f"--tail tail: {r.dir} holds sampled labels without the teacher's mass on the drawn "
+                                  "ids (written before format 2.2, or without --encoding sampled_coverage=true); "
+                                  "regenerate them with it, or train without --tail (the unbiased estimator)")
     if cfg.loss == "opd":
         for r in readers:
             check_on_policy_sampling(r.manifest, str(r.dir))

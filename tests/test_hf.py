@@ -32,7 +32,8 @@ def sampled_labels(tiny_teacher, corpus, tmp_path_factory):
     from labelgen.generate import run
     out = tmp_path_factory.mktemp("sampled") / "s"
     run(GenerateConfig(teacher=tiny_teacher, inputs=(str(corpus / "docs.jsonl"),), out=str(out), mode="sampled",
-                       draws=20, max_seq_len=64, rows_per_shard=8, progress=False, device="cpu"))
+                       draws=20, max_seq_len=64, rows_per_shard=8, progress=False, device="cpu",
+                       encoding={"sampled_coverage": True}))   # the tail-bucket case needs it
     return out
 
 

@@ -145,7 +145,7 @@ def test_sampled_sets_record_the_mass_on_the_drawn_ids_and_train_with_a_tail_buc
     from student_train.train import train
     run(GenerateConfig(teacher=tiny_teacher, inputs=(str(corpus / "docs.jsonl"),), out=str(tmp_path / "s"),
                        mode="sampled", draws=12, max_seq_len=64, rows_per_shard=8, progress=False, device="cpu",
-                       draw_logprobs=True))
+                       draw_logprobs=True, encoding={"sampled_coverage": True}))
     m = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert m["format_version"] == "2.2" and m["encoding"]["sampled_coverage"]
     model = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
@@ -190,5 +190,5 @@ def test_a_sampled_set_written_before_format_2_2_still_trains_and_refuses_the_ta
                   warmup_steps=1, eval_every=2, eval_batches=2, save_every=0, progress=False, device="cpu")
     train(TrainConfig(labels=(str(old),), out=str(tmp_path / "estimator"), **common))
     assert np.isfinite(json.loads(open(tmp_path / "estimator" / "metrics.jsonl").readlines()[-1])["eval_kl"])
-    with pytest.raises(FormatError, match="written before format 2.2"):
+    with pytest.raises(FormatError, match="without the teacher's mass on the drawn ids"):
         train(TrainConfig(labels=(str(old),), out=str(tmp_path / "tail"), tail="tail", **common))
