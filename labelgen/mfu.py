@@ -1,9 +1,9 @@
 """Model FLOPs utilisation of a labelling run: the teacher's forward FLOPs,
 counted from its config, over the time taken and the devices' dense peak.
 
-    meter = FlopMeter.of(config, devices=1, peak_tflops=None)   # peak: from the GPU's name
-    meter.add(lengths)            # every sequence the teacher ran, whole
-    meter.summary(seconds)        # {"flops_per_token", "peak_tflops", "mfu", ...}
+    meter = meter_for(cfg, teacher)   # a generate run's: FlopMeter.of(hf_config, devices, peak TFLOP/s)
+    meter.add(lengths)                # every sequence the teacher ran, whole
+    meter.summary(tokens, seconds)    # {"teacher_flops", "flops_per_token", "peak_tflops", "mfu"}
 
 FLOPs per sequence of L tokens: 2 x (every weight matrix of the layers and
 the LM head) x L, plus causal attention, 4 x heads x head_dim per (query,
