@@ -37,9 +37,9 @@ class KDConfig:
     total mass on the top-k); renorm: renormalised top-k only; target: the
     missing mass given to the actual next token (student_train.losses).
     Sampled labels: tail is the drawn ids plus a bucket for the teacher's
-    mass outside them (sets made with --encoding sampled_coverage=true). None:
-    tail for top-k labels, the
-    unbiased estimator (cross-entropy on the draws) for sampled labels."""
+    mass outside them (sets made with --encoding sampled_coverage=true).
+    None: tail for top-k labels, the unbiased estimator (cross-entropy on the
+    draws) for sampled labels."""
     temperature: float = 1.0
     beta: float = 0.5
     """JSD mixing weight."""
