@@ -108,7 +108,6 @@ def write_seeds(args, teacher: str, scale, runs: dict, labels: dict, results: di
              "the reference's, seed-matched; **>2 SE** where its mean exceeds twice its standard error.", "",
              "| student | seeds | bytes/position | held-out CE | KL to teacher | ECE | recovered | Δ CE vs reference |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    table = {}
     for name, (_, _, bytes_of) in runs.items():
         got = results[name]
         if not got:
@@ -136,10 +135,13 @@ def write_seeds(args, teacher: str, scale, runs: dict, labels: dict, results: di
         bytes_cell = f"{bpp['bytes_per_position']:.1f}" if bpp and bpp.get("bytes_per_position") else "—"
         lines.append(f"| {name} | {len(seeds)} | {bytes_cell} | {cells['eval_ce']} | {cells['eval_kl']} | "
                      f"{cells['eval_ece']} | {rec_cell} | {delta_cell} |")
-        table[name] = {"seeds": seeds, "stat": stat, "recovered": rec, "delta": delta}
+    lines += ["", "Bytes are the label sets' own: the sampled sets here carry the coverage column the tail bucket needs "
+              "(`--encoding sampled_coverage=true`, about 1 B/position over the default layout)."]
+    if any(len(results[name]) < len(SEEDS) for name in runs):
+        lines += ["", f"Rows with fewer than {len(SEEDS)} seeds: the run was cut there; the same command finishes them "
+                      "(finished stages are cached)."]
     lines.append("")
     report = Path(args.out) / "results.md"
     replace_section(report, SEEDS_MARK, "\n".join(lines))
-    (Path(args.out) / "results_seeds.json").write_text(json.dumps(table, indent=1))
     log(f"seeds table: {sum(len(r) for r in results.values())} students")
     return report
