@@ -64,12 +64,25 @@ def generate_args(teacher: str, corpus: Path, out: Path, *extra: str) -> list[st
             "--max-seq-len", "64", "--rows-per-shard", "8", "--no-progress", "--device", "cpu", *extra]
 
 
+# The teacher made slower, so the run is still going when the test's poll sees its first shards and signals it,
+# however fast the machine (the hf backend got faster than the poll on a busy machine: it finished first).
+SLOW_TEACHER = """
+import time
+from labelgen.backends import hf
+_score = hf.HFTeacher.score
+def score(self, windows, k):
+    time.sleep(0.05)
+    return _score(self, windows, k)
+hf.HFTeacher.score = score
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1])
 def test_ctrl_c_stops_generation_within_seconds_and_resume_continues(tiny_teacher, tmp_path, sig):
     """Ctrl-C exits 130; a preemption signal (SIGTERM, SIGUSR1) exits 75, which job scripts requeue on."""
     corpus, out = big_corpus(tmp_path / "docs.jsonl"), tmp_path / "out"
-    proc = labelgen(*generate_args(tiny_teacher, corpus, out))
+    proc = labelgen(*generate_args(tiny_teacher, corpus, out), prelude=SLOW_TEACHER)
     wait_for(lambda: len(shards(out)) >= 2, proc)
     proc.send_signal(sig)
     code, err = ended(proc)
