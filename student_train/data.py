@@ -297,7 +297,7 @@ class LabelStream(torch.utils.data.IterableDataset):
         columns, rows = pieces[0] if len(pieces) == 1 else (
             concat_columns([take_rows(c, r) for c, r in pieces]), None)
         if self.cross is not None:
-            return self.cross.collate(columns, rows, self.k, self.vocab_limit)
+            return self.cross.collate(columns, rows, self.k, self.vocab_limit, self.proposal_temperature)
         batch = collate(columns, self.kind, rows, self.k, self.vocab_limit, self.proposal_temperature)
         if self.byte_lengths is not None:
             lengths = torch.from_numpy(self.byte_lengths)

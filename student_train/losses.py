@@ -200,8 +200,8 @@ def sampled_tail_terms(logits: torch.Tensor, ids: torch.Tensor, weights: torch.T
     valid = weights > 0
     if logprobs is not None:
         share = torch.softmax(logprobs.float().masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0)
-    else:
-        share = weights.float()
+    else:   # renormalised: a cross-tokenizer batch's weights sum to the share of the draws with a student token
+        share = weights.float() / weights.float().sum(-1, keepdim=True).clamp(min=1e-30)
     inside = (coverage.float().unsqueeze(-1) * share).log().masked_fill(~valid, float("-inf"))
     return topk_kd_terms(logits, ids, inside, coverage, mask, kind=kind, tail="tail", beta=beta, lse=lse)
 

@@ -50,26 +50,25 @@ def step_terms(z: torch.Tensor, rows: dict, *, cfg: LossConfig, alpha: float, n:
         kd = opd_terms(z, rows, cfg, lse, out, n)
     elif cfg.loss != "kd":
         kd = torch.zeros_like(ce)
-    elif "sampled_ids" in rows and cfg.tail == "tail":   # the drawn ids + a bucket for the rest
-        kd = losses.sampled_tail_terms(z, rows["sampled_ids"], rows["sampled_weights"], rows["sampled_coverage"], mask,
-                                       rows.get("sampled_logprobs"), kind=cfg.kd_kind, beta=cfg.beta, lse=shared)
-    elif "sampled_ids" in rows:
-        kd = losses.sampled_kd_terms(z, rows["sampled_ids"], rows["sampled_weights"], mask,
-                                     temperature=cfg.temperature, lse=shared)
-    elif "kd_mask" not in rows:
-        kd = losses.topk_kd_terms(z, rows["topk_ids"], rows["topk_logprobs"], rows["coverage"], mask,
-                                  kind=cfg.kd_kind, tail=cfg.topk_tail, temperature=cfg.temperature, beta=cfg.beta,
-                                  lse=shared, targets=targets)
     else:
-        # Cross-tokenizer batches label only the positions aligned with a teacher position (kd_mask). KD stands
-        # in for CE only where it exists: an unlabelled position keeps its CE at full weight in the kd term, so
-        # alpha * ce + (1 - alpha) * kd is alpha * CE + (1 - alpha) * KD where labelled and CE elsewhere. (Mixed
-        # over every position, alpha = 0.5 halved the only signal of the positions inside teacher tokens: their
-        # held-out CE went from 2.77 to 4.22 nats and KD ended worse than CE only.)
-        labelled = rows["kd_mask"]
-        kd = losses.topk_kd_terms(z, rows["topk_ids"], rows["topk_logprobs"], rows["coverage"], labelled,
-                                  kind=cfg.kd_kind, tail=cfg.topk_tail, temperature=cfg.temperature, beta=cfg.beta,
-                                  lse=shared, targets=targets) + losses.counted(ce, mask & ~labelled)
+        labelled = rows.get("kd_mask", mask)   # cross-tokenizer batches: the positions aligned with a teacher one
+        if "sampled_ids" in rows and cfg.tail == "tail":   # the drawn ids + a bucket for the rest
+            kd = losses.sampled_tail_terms(z, rows["sampled_ids"], rows["sampled_weights"], rows["sampled_coverage"],
+                                           labelled, rows.get("sampled_logprobs"), kind=cfg.kd_kind, beta=cfg.beta,
+                                           lse=shared)
+        elif "sampled_ids" in rows:
+            kd = losses.sampled_kd_terms(z, rows["sampled_ids"], rows["sampled_weights"], labelled,
+                                         temperature=cfg.temperature, lse=shared)
+        else:
+            kd = losses.topk_kd_terms(z, rows["topk_ids"], rows["topk_logprobs"], rows["coverage"], labelled,
+                                      kind=cfg.kd_kind, tail=cfg.topk_tail, temperature=cfg.temperature,
+                                      beta=cfg.beta, lse=shared, targets=targets)
+        if "kd_mask" in rows:
+            # KD stands in for CE only where it exists: an unlabelled position keeps its CE at full weight in the
+            # kd term, so alpha * ce + (1 - alpha) * kd is alpha * CE + (1 - alpha) * KD where labelled and CE
+            # elsewhere. (Mixed over every position, alpha = 0.5 halved the only signal of the positions inside
+            # teacher tokens: their held-out CE went from 2.77 to 4.22 nats and KD ended worse than CE only.)
+            kd = kd + losses.counted(ce, mask & ~labelled)
     out["kd"] = kd.sum() / n
     out["objective"] = mix(out["ce"], out["kd"], alpha)
     return out

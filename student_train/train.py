@@ -29,9 +29,9 @@ def check_loss_fits_labels(cfg: TrainConfig, kind: str, stored_k: int) -> int:
     if cfg.loss == "opd" and kind != "scored":
         raise FormatError(f"--loss opd needs scored labels (the student's completions scored by the teacher: "
                           f"labelgen generate --mode score); {cfg.labels[0]} holds {kind}")
-    if cfg.student_tokenizer and kind not in ("topk", "tokens"):
-        raise FormatError(f"--student-tokenizer: cross-tokenizer training reads topk labels (or tokens, for CE); "
-                          f"{cfg.labels[0]} holds {kind}")
+    if cfg.student_tokenizer and kind not in ("topk", "sampled", "tokens"):
+        raise FormatError(f"--student-tokenizer: cross-tokenizer training reads topk or sampled labels (or tokens, "
+                          f"for CE); {cfg.labels[0]} holds {kind}")
     if cfg.loss == "sft" and kind not in ("samples", "scored"):
         raise FormatError(f"--loss sft needs samples or scored labels (completions); {cfg.labels[0]} holds {kind}")
     k = cfg.k or stored_k

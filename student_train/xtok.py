@@ -9,13 +9,15 @@ GOLD (TRL's `GOLDTrainer`) and DSKD's observation that most tokens share
 boundaries:
 
 * a student position is *aligned* when the token it predicts starts at the
-  same byte as a teacher token: the teacher's top-k at the position
-  predicting that token is its label;
+  same byte as a teacher token: the teacher's top-k (or drawn ids, for
+  sampled labels) at the position predicting that token is its label;
 * each teacher candidate is mapped to the student token that begins its
   string (the first token of the candidate's text tokenized alone);
   candidates mapping to the same student token have their mass merged, and
   candidates with no text (special tokens) or no student token go to the
-  tail bucket (1 - kept mass) as does everything outside the top-k;
+  tail bucket (1 - kept mass) as does everything outside the top-k (a
+  drawn id with no student token: dropped by the sampled estimator, its
+  share of the drawn mass in the sampled tail bucket);
 * unaligned positions — the student predicts a token that starts inside a
   teacher token — get no KD term; CE on the actual next token covers every
   position (the fallback; ULD-style sorted-probability matching there is
@@ -195,15 +197,15 @@ class CrossTokenizer:
         label = np.asarray([at.get(int(b), -1) for b in s_start[1:len(ids)]], np.int64)
         return np.asarray(ids, np.int64), lengths, label
 
-    def collate(self, columns: dict, rows: np.ndarray | None, k: int | None, vocab_limit: int | None) -> dict:
-        """A student batch from decoded topk (or tokens) label columns: the
-        student's ids and CE targets over every position, KD labels (merged
-        onto student ids) where a position is aligned (`kd_mask`), and
-        `target_bytes` for bits per byte."""
+    def collate(self, columns: dict, rows: np.ndarray | None, k: int | None, vocab_limit: int | None,
+                proposal_temperature: float = 1.0) -> dict:
+        """A student batch from decoded topk, sampled (or tokens) label
+        columns: the student's ids and CE targets over every position, KD
+        labels (merged onto student ids) where a position is aligned
+        (`kd_mask`), and `target_bytes` for bits per byte."""
         tokens, t_off = columns[fmt.INPUT_IDS]
         if rows is None:
             rows = np.arange(len(t_off) - 1)
-        has_topk = fmt.TOPK_IDS in columns
         windows = []
         for r in rows:
             w = self.window(tokens[t_off[r]:t_off[r + 1]])
@@ -223,44 +225,106 @@ class CrossTokenizer:
         out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn),
                "targets": torch.from_numpy(ids[:, 1:].copy()), "mask": torch.from_numpy(mask),
                "target_bytes": torch.from_numpy(target_bytes)}
-        if not has_topk:
-            return out
+        if fmt.TOPK_IDS in columns:
+            out.update(self._topk(columns, rows, windows, mask, k, vocab_limit))
+        elif fmt.SAMPLED_IDS in columns:
+            out.update(self._sampled(columns, rows, windows, mask, vocab_limit, proposal_temperature))
+        return out
+
+    def _merge(self, teacher_ids: np.ndarray, values: list[np.ndarray], vocab_limit: int | None):
+        """Teacher candidates [n, K] with probability-like `values` [n, K]
+        (0 = empty slot) -> (student ids [n, K], the values summed over the
+        candidates landing on each student id, whether each slot holds one).
+        Candidates without a student token are dropped."""
+        mapped = self.map[teacher_ids]
+        keep = (mapped >= 0) & (values[0] > 0)
+        if vocab_limit is not None:
+            keep &= mapped < vocab_limit
+        # Sort by (position, id), sum each run.
+        none = np.iinfo(np.int64).max
+        key = np.where(keep, mapped, none)
+        order = np.argsort(key, axis=1, kind="stable")
+        key = np.take_along_axis(key, order, 1)
+        first = np.ones(key.shape, bool)
+        first[:, 1:] = key[:, 1:] != key[:, :-1]
+        first &= key != none
+        slot = np.cumsum(first, axis=1) - 1
+        rr, cc = np.nonzero(key != none)
+        merged = []
+        for v in values:
+            v = np.take_along_axis(np.where(keep, v, 0.0), order, 1)
+            m = np.zeros(key.shape, np.float64)
+            np.add.at(m, (rr, slot[rr, cc]), v[rr, cc])
+            merged.append(m)
+        present = np.arange(key.shape[1])[None, :] < first.sum(1)[:, None]
+        ids_here = np.zeros(key.shape, np.int64)
+        ids_here[np.nonzero(first)[0], slot[first]] = key[first]
+        return ids_here, merged, present
+
+    def _topk(self, columns: dict, rows: np.ndarray, windows: list, mask: np.ndarray, k: int | None,
+              vocab_limit: int | None) -> dict:
+        """The teacher's top-k at each aligned position, merged onto student ids; the rest of its mass, the tail."""
         (top_ids, p_off), (top_lp, _) = (columns[fmt.TOPK_IDS], columns[fmt.TOPK_LOGPROBS])
         cover = columns[fmt.COVERAGE][0]
+        B, T1 = mask.shape
         K = k or top_ids.shape[1]
-        sids = np.zeros((B, T - 1, K), np.int64)
-        slp = np.full((B, T - 1, K), -np.inf, np.float32)
-        cov = np.zeros((B, T - 1), np.float32)
-        kd_mask = np.zeros((B, T - 1), bool)
+        sids = np.zeros((B, T1, K), np.int64)
+        slp = np.full((B, T1, K), -np.inf, np.float32)
+        cov = np.zeros((B, T1), np.float32)
+        kd_mask = np.zeros((B, T1), bool)
         for i, (r, (_, _, label)) in enumerate(zip(rows, windows)):
             s = np.flatnonzero(label >= 0)
             if not s.size:
                 continue
             pos = p_off[r] + label[s]                                   # the teacher's positions, flat
-            mapped = self.map[top_ids[pos, :K]]
-            p = np.exp(top_lp[pos, :K].astype(np.float64))
-            keep = (mapped >= 0) & (p > 0)
-            if vocab_limit is not None:
-                keep &= mapped < vocab_limit
-            # Merge candidates landing on one student token: sort by (position, id), sum each run.
-            key = np.where(keep, mapped, np.iinfo(np.int64).max)
-            order = np.argsort(key, axis=1, kind="stable")
-            key, p = np.take_along_axis(key, order, 1), np.take_along_axis(np.where(keep, p, 0.0), order, 1)
-            first = np.ones(key.shape, bool)
-            first[:, 1:] = key[:, 1:] != key[:, :-1]
-            first &= key != np.iinfo(np.int64).max
-            slot = np.cumsum(first, axis=1) - 1
-            rr, cc = np.nonzero(key != np.iinfo(np.int64).max)
-            merged = np.zeros(key.shape, np.float64)
-            np.add.at(merged, (rr, slot[rr, cc]), p[rr, cc])
-            n_slots = first.sum(1)
-            present = np.arange(K)[None, :] < n_slots[:, None]
-            ids_here = np.zeros(key.shape, np.int64)
-            ids_here[np.nonzero(first)[0], slot[first]] = key[first]
+            ids_here, (merged,), present = self._merge(top_ids[pos, :K], [np.exp(top_lp[pos, :K].astype(np.float64))],
+                                                       vocab_limit)
             sids[i, s] = ids_here
             slp[i, s] = np.where(present, np.log(np.maximum(merged, 1e-300)), -np.inf)
             cov[i, s] = np.minimum(merged.sum(1), cover[pos]).astype(np.float32)
             kd_mask[i, s] = mask[i, s]
-        out.update(topk_ids=torch.from_numpy(sids), topk_logprobs=torch.from_numpy(slp),
-                   coverage=torch.from_numpy(cov), kd_mask=torch.from_numpy(kd_mask))
+        return dict(topk_ids=torch.from_numpy(sids), topk_logprobs=torch.from_numpy(slp),
+                    coverage=torch.from_numpy(cov), kd_mask=torch.from_numpy(kd_mask))
+
+    def _sampled(self, columns: dict, rows: np.ndarray, windows: list, mask: np.ndarray, vocab_limit: int | None,
+                 proposal_temperature: float) -> dict:
+        """The teacher's drawn ids at each aligned position, their empirical
+        probabilities summed onto student ids (ids without a student token
+        dropped: the estimator then puts no weight where the student has no
+        token); with the set's coverage column, the teacher's mass on the kept
+        ids for the tail bucket (exact from stored logprobs, else the coverage
+        times the kept share of the draws)."""
+        from student_train.data import collate
+        t = collate(columns, "sampled", rows, None, None, proposal_temperature)   # [B, teacher positions, M]
+        t_ids, t_w = t["sampled_ids"].numpy(), t["sampled_weights"].numpy().astype(np.float64)
+        t_lp = t["sampled_logprobs"].numpy() if "sampled_logprobs" in t else None
+        t_cov = t["sampled_coverage"].numpy() if "sampled_coverage" in t else None
+        B, T1 = mask.shape
+        M = t_ids.shape[-1]
+        sids = np.zeros((B, T1, M), np.int64)
+        sw = np.zeros((B, T1, M), np.float32)
+        slp = np.full((B, T1, M), -np.inf, np.float32) if t_lp is not None else None
+        cov = np.ones((B, T1), np.float32) if t_cov is not None else None
+        kd_mask = np.zeros((B, T1), bool)
+        for i, (_, _, label) in enumerate(windows):
+            s = np.flatnonzero(label >= 0)
+            if not s.size:
+                continue
+            tp = label[s]                                               # the teacher's positions in row i
+            values = [t_w[i, tp]] + ([np.exp(t_lp[i, tp].astype(np.float64))] if t_lp is not None else [])
+            ids_here, merged, present = self._merge(t_ids[i, tp], values, vocab_limit)
+            sids[i, s] = ids_here
+            sw[i, s] = merged[0]
+            if slp is not None:
+                slp[i, s] = np.where(present, np.log(np.maximum(merged[1], 1e-300)), -np.inf)
+            if cov is not None:
+                cov[i, s] = np.minimum(merged[1].sum(1), t_cov[i, tp]) if t_lp is not None \
+                    else t_cov[i, tp] * np.minimum(merged[0].sum(1), 1.0)
+            kd_mask[i, s] = mask[i, s]
+        out = dict(sampled_ids=torch.from_numpy(sids), sampled_weights=torch.from_numpy(sw),
+                   kd_mask=torch.from_numpy(kd_mask))
+        if slp is not None:
+            out["sampled_logprobs"] = torch.from_numpy(slp)
+        if cov is not None:
+            out["sampled_coverage"] = torch.from_numpy(cov)
         return out

@@ -90,6 +90,102 @@ def test_merged_labels_keep_the_mass_of_candidates_that_meet_on_one_student_toke
     assert batch["target_bytes"][0].tolist() == [1, 2, 4, 2]
 
 
+def sampled_columns(t_ids: np.ndarray, cand: list[int], counts: list[int], coverage: float,
+                    logprobs: np.ndarray | None = None) -> dict:
+    """One row of sampled labels drawing the same ids at every position."""
+    from labelgen import format as fmt
+    P, n = len(t_ids) - 1, len(cand)
+    return {fmt.INPUT_IDS: (t_ids, np.array([0, len(t_ids)])),
+            fmt.SAMPLED_IDS: (np.tile(cand, P), np.array([0, P * n])),
+            fmt.SAMPLED_COUNTS: (np.tile(counts, P), np.array([0, P * n])),
+            fmt.SAMPLED_LENGTHS: (np.full(P, n), np.array([0, P])),
+            fmt.SAMPLED_LOGPROBS: (np.tile(logprobs, P).astype(np.float32) if logprobs is not None
+                                   else np.zeros(0, np.float32), np.array([0, 0 if logprobs is None else P * n])),
+            fmt.COVERAGE: (np.full(P, coverage, np.float32), np.array([0, P]))}
+
+
+def test_merged_sampled_labels_keep_the_weight_of_draws_that_meet_on_one_student_token():
+    """Draws of "ld" and "l" add up on the student's "l"; a draw of <s> has
+    no student token: its weight is dropped (the estimator), and for the tail
+    bucket its share of the teacher's mass on the drawn ids goes to the
+    bucket (by counts), or its exact mass where the set stores logprobs."""
+    x = CrossTokenizer(TEACHER, STUDENT)
+    t_ids = np.asarray([TEACHER.bos_token_id] + TEACHER("hello hello", add_special_tokens=False)["input_ids"])
+    cand = [TEACHER.convert_tokens_to_ids(t) for t in ("Ġhello", "ld", "l", "<s>")]
+    p = np.array([0.5, 0.2, 0.1, 0.05])   # the teacher's exact probabilities of the drawn ids
+    batch = x.collate(sampled_columns(t_ids, cand, [6, 2, 1, 1], p.sum()), None, None, None)
+    assert batch["kd_mask"][0].tolist() == [False, False, True, False]   # only "Ġhel" meets a teacher boundary
+
+    def at(b, key):
+        return {STUDENT.convert_ids_to_tokens(int(i)): float(v)
+                for i, v, w in zip(b["sampled_ids"][0, 2], b[key][0, 2], b["sampled_weights"][0, 2]) if w > 0}
+    assert at(batch, "sampled_weights") == pytest.approx({"Ġhel": 0.6, "l": 0.3})
+    assert "sampled_logprobs" not in batch
+    assert batch["sampled_coverage"][0, 2].item() == pytest.approx(0.85 * 0.9)
+    exact = x.collate(sampled_columns(t_ids, cand, [6, 2, 1, 1], p.sum(), np.log(p)), None, None, None)
+    assert {k: np.exp(v) for k, v in at(exact, "sampled_logprobs").items()} == pytest.approx({"Ġhel": 0.5, "l": 0.3})
+    assert exact["sampled_coverage"][0, 2].item() == pytest.approx(0.8)
+
+
+def test_with_the_same_tokenizer_cross_tokenizer_sampled_batches_are_the_plain_ones(tiny_teacher, corpus, tmp_path):
+    from labelgen.config import GenerateConfig
+    from labelgen.generate import run
+    from student_train.data import LabelStream, open_label_sets
+    from student_train.vocab import load_tokenizer_for
+    run(GenerateConfig(teacher=tiny_teacher, inputs=(str(corpus / "docs.jsonl"),), out=str(tmp_path / "s"),
+                       mode="sampled", draws=12, max_seq_len=64, rows_per_shard=8, progress=False, device="cpu",
+                       encoding={"sampled_coverage": True}))
+    readers = open_label_sets([str(tmp_path / "s")])
+    tok = load_tokenizer_for(None, readers[0].dir)
+    plain = next(iter(LabelStream(readers, 8, shuffle=False)))[0]
+    x = CrossTokenizer(tok, tok)
+    cross = next(iter(LabelStream(readers, 8, shuffle=False, cross=x)))[0]
+    checked = 0
+    for i in range(8):
+        for s in np.flatnonzero(cross["kd_mask"][i].numpy()):
+            t = np.flatnonzero(plain["targets"][i].numpy() == int(cross["targets"][i, s]))
+
+            def drawn(b, j, mapped=False):   # mapped: through the candidate map, as the student sees them
+                out = {}
+                for a, w in zip(b["sampled_ids"][i, j].tolist(), b["sampled_weights"][i, j].tolist()):
+                    a = int(x.map[a]) if mapped else a
+                    if w > 0 and a >= 0:
+                        out[a] = out.get(a, 0.0) + w
+                return out
+            got = drawn(cross, s)
+            match = [u for u in t if drawn(plain, u, mapped=True) == pytest.approx(got)]
+            assert match, (i, s)
+            cov = cross["sampled_coverage"][i, s].item()
+            assert any(cov == pytest.approx(plain["sampled_coverage"][i, u].item() * sum(got.values()), rel=1e-5)
+                       for u in match)
+            checked += 1
+    assert checked >= 0.95 * plain["mask"].sum().item() - 8
+
+
+def test_a_student_with_its_own_tokenizer_trains_from_sampled_labels(tiny_teacher, corpus, student_config,
+                                                                     topk_labels, tmp_path):
+    """The estimator and the tail bucket, from the command line."""
+    from typer.testing import CliRunner
+    from labelgen.config import GenerateConfig
+    from labelgen.demo import train_tokenizer
+    from labelgen.generate import run
+    from student_train.cli import app
+    run(GenerateConfig(teacher=tiny_teacher, inputs=(str(corpus / "docs.jsonl"),), out=str(tmp_path / "s"),
+                       mode="sampled", draws=12, max_seq_len=64, rows_per_shard=8, progress=False, device="cpu",
+                       encoding={"sampled_coverage": True}))
+    texts = [json.loads(line)["text"] for line in open(corpus / "docs.jsonl")]
+    train_tokenizer(texts[::-1], 384).save_pretrained(tmp_path / "tok")
+    common = ["train", "--labels", str(tmp_path / "s"), "--eval-labels", str(topk_labels), "--max-steps", "8",
+              "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "8", "--eval-batches", "4",
+              "--save-every", "0", "--log-every", "1", "--no-progress", "--device", "cpu", "--student-config",
+              student_config, "--student-tokenizer", str(tmp_path / "tok")]
+    for name, extra in (("estimator", []), ("tail", ["--tail", "tail"])):
+        r = CliRunner().invoke(app, common + ["--out", str(tmp_path / name)] + extra)
+        assert r.exit_code == 0, r.output
+        m = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+        assert m[-1]["eval_bpb"] < m[0]["eval_bpb"] and m[-1]["kd"] > 0, name
+
+
 def test_a_window_of_special_tokens_only_gives_an_empty_row():
     from labelgen import format as fmt
     x = CrossTokenizer(TEACHER, STUDENT)
