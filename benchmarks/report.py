@@ -31,7 +31,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from report_teacher import SECTION_ORDER, plot_bytes_vs_gain, replace_section   # noqa: E402  (benchmarks/ is on sys.path)
+from report_teacher import SECTION_ORDER, completed, plot_bytes_vs_gain, replace_section   # noqa: E402  (benchmarks/ is on sys.path)
 
 STUDENT = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 2,
            "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 1024,
@@ -159,8 +159,8 @@ def train_students(labels: dict, runs: dict, eval_labels: Path, teacher: str, te
         run_dir = out / slug(name)
         t0 = time.time()
         label_set = kw["labels"]
-        train(TrainConfig(labels=(str(labels[label_set]["dir"]),), out=str(run_dir), **common,
-                          **{k: v for k, v in kw.items() if k != "labels"}))
+        completed(train(TrainConfig(labels=(str(labels[label_set]["dir"]),), out=str(run_dir), **common,
+                                    **{k: v for k, v in kw.items() if k != "labels"})), f"student {name}")
         results[name] = {"dir": run_dir, "seconds": time.time() - t0, "label_set": label_set}
         log(f"student {name}: {final_metrics(run_dir)}")
     co = dict(inputs=(str(text),), eval_input=(str(heldout),), student_config=str(out / "student.json"),
@@ -176,7 +176,7 @@ def train_students(labels: dict, runs: dict, eval_labels: Path, teacher: str, te
     for name, kw in online.items():
         run_dir = out / slug(name)
         t0 = time.time()
-        codistill(CodistillConfig(out=str(run_dir), **co, **kw))
+        completed(codistill(CodistillConfig(out=str(run_dir), **co, **kw)), f"student {name}")
         ckpt = run_dir / f"step_{scale.student_steps:06d}" / "student"
         results[name] = {"dir": run_dir, "seconds": time.time() - t0, "label_set": None,
                          "final": eval_checkpoint(ckpt, eval_labels, scale)}
@@ -356,12 +356,12 @@ def cross_tokenizer(teacher: str, texts: list[str], label_text: Path, heldout: P
         for method, kw in (("CE only", dict(loss="ce")), ("top-64 KD, alpha 0.5", dict(loss="kd", alpha=0.5))):
             out = work / "students" / slug(f"{tok_name} {method}")
             t0 = time.time()
-            train(TrainConfig(labels=(str(labels),), eval_labels=(str(work / "eval_labels"),),
-                              student_config=str(work / "student.json"), student_tokenizer=str(tok_dir), out=str(out),
-                              max_steps=scale.student_steps, batch_size=scale.batch_size, lr=3e-3,
-                              warmup_steps=max(1, scale.student_steps // 20), eval_every=scale.student_steps,
-                              eval_batches=scale.eval_batches, save_every=0, log_every=max(1, scale.student_steps // 10),
-                              progress=False, device="cpu", **kw))
+            completed(train(TrainConfig(
+                labels=(str(labels),), eval_labels=(str(work / "eval_labels"),), student_config=str(work / "student.json"),
+                student_tokenizer=str(tok_dir), out=str(out), max_steps=scale.student_steps, batch_size=scale.batch_size,
+                lr=3e-3, warmup_steps=max(1, scale.student_steps // 20), eval_every=scale.student_steps,
+                eval_batches=scale.eval_batches, save_every=0, log_every=max(1, scale.student_steps // 10),
+                progress=False, device="cpu", **kw)), f"student {tok_name} {method}")
             last = [json.loads(line) for line in open(out / "metrics.jsonl")][-1]
             results[(tok_name, method)] = last
             log(f"cross-tokenizer {tok_name} / {method}: bpb {last['eval_bpb']:.4f} ({time.time() - t0:.0f} s)")

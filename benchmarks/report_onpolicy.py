@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from labelgen import fsutil
-from report_teacher import Stages, log
+from report_teacher import Stages, completed, log
 
 MODULES = ("os", "os.path", "json", "re", "math", "random", "itertools", "functools", "collections", "datetime",
            "time", "string", "textwrap", "shutil", "pathlib", "subprocess", "statistics", "heapq", "bisect", "copy",
@@ -171,7 +171,7 @@ def run_method(name: str, kw: dict, teacher: str, student: str, files: dict, wor
         check_out(cfg)
         shutil.copytree(shared, out / "initial")
     t0 = time.time()
-    r = run_rounds(cfg)
+    r = completed(run_rounds(cfg), f"rounds in {cfg.out}")
     return {"config": cfg.to_dict(), "initial": r["initial"], "rounds": r["rounds"], "seconds": time.time() - t0}
 
 
@@ -258,7 +258,7 @@ def main() -> None:
         from student_train.rounds import run_rounds
         cfg = rounds_config(args.teacher, student["dir"], files["warm"], work / "warm", scale, sampler="teacher",
                             loss="kd", rounds=1, n=1, max_steps=scale.warm_steps, lr=scale.warm_lr)
-        r = run_rounds(cfg)
+        r = completed(run_rounds(cfg), "warm-up")
         return {"student": r["student"], "steps": scale.warm_steps, "prompts": scale.warm_prompts,
                 "round": r["rounds"][0]}
     warm = stages("warm-up", warm_up)

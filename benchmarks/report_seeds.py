@@ -1,6 +1,7 @@
 """Three seeds of the methods the real-teacher report has to tell apart:
 CE only, the top-4096 reference, sampled N = 12 and N = 50 with and without
-the tail bucket (and N = 12's bucket shared by exact logprobs), top-64
+the tail bucket (and N = 12's bucket shared by exact logprobs), N = 20 and
+24 (the most draws near 16 B/position), top-64
 (target) and (tail). Mean +- sd of held-out CE, KL, ECE and the recovered
 share of the seed-matched reference gain, and whether each method's
 difference to the reference exceeds 2 standard errors.
@@ -38,6 +39,8 @@ def seed_methods(k_ref: int) -> dict:
         "sampled KD (N=12) + tail bucket": ("sampled12", dict(loss="kd", tail="tail"), "sampled12"),
         "sampled KD (N=12) + tail bucket, exact logprobs": ("sampled12 (logprobs)", dict(loss="kd", tail="tail"),
                                                             "sampled12 (logprobs)"),
+        "sampled KD (N=20)": ("sampled20", dict(loss="kd"), "sampled20"),
+        "sampled KD (N=24)": ("sampled24", dict(loss="kd"), "sampled24"),
         "sampled KD (N=50)": ("sampled50", dict(loss="kd"), "sampled50"),
         "sampled KD (N=50) + tail bucket": ("sampled50", dict(loss="kd", tail="tail"), "sampled50"),
         "top-64 KD (target)": (ref, dict(loss="kd", k=64, tail="target"), "top64 (bytes)"),
@@ -97,21 +100,92 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
     return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float("nan"))
 
 
+def coverage_bytes(labels: dict) -> dict:
+    """Label set -> its coverage column's compressed bytes per position (sets that have one)."""
+    from labelgen.inspection import inspect
+    out = {}
+    for name, info in labels.items():
+        if info and name.startswith("sampled"):
+            col = inspect(info["dir"])["bytes_by_column"].get("coverage", 0)
+            if col:
+                out[name] = col / info["positions"]
+    return out
+
+
+def needed_bytes(info: dict, kw: dict) -> float:
+    """Bytes per position a method needs: a sampled set's coverage column counts only for the tail bucket."""
+    if kw.get("tail") == "tail" or not Path(info["dir"]).name.startswith("sampled"):
+        return info["bytes_per_position"]
+    return info["bytes_per_position"] - coverage_bytes({"sampled": info}).get("sampled", 0.0)
+
+
+BUDGET, WITHIN = 16.0, 5.0   # the goal: sampled labels at <= 16 B/position within 5 % of the reference gain
+
+
+def goal(summary: dict) -> str:
+    """The goal's paragraph, from the measured rows: reached or not, what 3
+    seeds resolve here, and what the tail bucket did."""
+    head = (f"**Goal: sampled labels at ≤ {BUDGET:.0f} B/position within {WITHIN:.0f} % of the reference gain "
+            f"(mean of {len(SEEDS)} seeds).** ")
+    sampled = {n: v for n, v in summary.items() if n.startswith("sampled")}
+    fits = {n: v for n, v in sampled.items() if v[0] <= BUDGET}
+    if not fits:
+        return head + "No sampled row within the budget has been run yet."
+
+    def delta(v):   # mean and standard error of the seed-matched Δ CE
+        d, sd = mean_sd(v[3])
+        return d, sd / math.sqrt(len(v[3])) if len(v[3]) > 1 else float("nan")
+
+    name, v = max(fits.items(), key=lambda x: x[1][1])
+    d, se = delta(v)
+    said = f"{name} at {v[0]:.1f} B recovers {v[1]:.0f} ± {v[2]:.0f} % (held-out CE {d:+.3f} ± {se:.3f} nats from the reference)"
+    if v[1] >= 100 - WITHIN:
+        return head + f"Reached: {said}."
+    text = head + f"Not reached: the best within it, {said}."
+    ses = [sd / math.sqrt(len(v[3])) for v in sampled.values() for sd in [v[2]] if len(v[3]) > 1]
+    if ses:
+        close = [n for n, v in sampled.items() if len(v[3]) > 1 and abs(delta(v)[0]) <= 2 * delta(v)[1]]
+        behind = [n for n, v in sampled.items() if len(v[3]) > 1 and delta(v)[0] > 2 * delta(v)[1]]
+        best_se = v[2] / math.sqrt(len(v[3])) if len(v[3]) > 1 else float("inf")
+        text += (f" With {len(SEEDS)} seeds the standard error of a sampled row's recovered share is "
+                 f"{min(ses):.0f}-{max(ses):.0f} points here (one seed of a method moves it by up to "
+                 f"{max(max(v[4]) - min(v[4]) for v in sampled.values()):.0f})"
+                 + (f", so {WITHIN:.0f} points is below what this run length resolves" if 2 * best_se > WITHIN else "")
+                 + ". Within 2 standard errors of the reference: "
+                 + (", ".join(f"{n} ({sampled[n][0]:.1f} B)" for n in close) or "none")
+                 + "; measurably behind it: " + (", ".join(f"{n} ({sampled[n][0]:.1f} B)" for n in behind) or "none")
+                 + ".")
+    text += (" The estimator is unbiased at every N: what more draws buy is a smaller variance per step, which "
+             "AdamW's per-coordinate step turns into direction (*What Adam does with each gradient*, above).")
+    tails = [(n, n + " + tail bucket") for n in sampled if n + " + tail bucket" in sampled]
+    if tails:
+        helped = [n for n, t in tails if sampled[t][1] > sampled[n][1]]
+        text += (" The tail bucket " + ("helped " + ", ".join(helped) if helped else "helped neither")
+                 + ": " + "; ".join(f"{n} {sampled[n][1]:.0f} % without it, {sampled[t][1]:.0f} % with it"
+                                    for n, t in tails) + ".")
+    return text
+
+
 def write_seeds(args, teacher: str, scale, runs: dict, labels: dict, results: dict) -> Path:
     ref = f"reference: top-{scale.reference_k} KD (tail)"
     base = results["CE only"]
     lines = [f"## Three seeds: sampled labels with and without a tail bucket ({Path(teacher).name})", "",
              f"Produced by `{args.command}` on {os.cpu_count()} CPU cores: the report's students (same teacher, text, "
              "student and steps as above), each method with seeds " + ", ".join(map(str, SEEDS)) + " (the student's "
-             "initialisation and batch order). Recovered: (CE only - method) / (CE only - reference) in held-out CE, "
+             "initialisation and batch order). Seed 0 is this command's own student (the stage the full report shares); "
+             "where the table above comes from an earlier run of the report its seed-0 rows can differ from these: at "
+             "this run length a change in the code's arithmetic moves a student as a seed does. "
+             "Recovered: (CE only - method) / (CE only - reference) in held-out CE, "
              "per seed against the same seed's CE-only and reference students. Δ CE: the method's held-out CE minus "
              "the reference's, seed-matched; **>2 SE** where its mean exceeds twice its standard error.", "",
-             "| student | seeds | bytes/position | held-out CE | KL to teacher | ECE | recovered | Δ CE vs reference |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| student | seeds | bytes/position | held-out CE | KL to teacher | ECE | recovered | per seed | "
+             "Δ CE vs reference |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    summary: dict = {}   # name -> (bytes/position, recovered mean, sd, seed-matched Δ CE, recovered per seed)
     for name, (_, _, bytes_of) in runs.items():
         got = results[name]
         if not got:
-            lines.append(f"| {name} | 0 | | not run yet | | | | |")
+            lines.append(f"| {name} | 0 | | not run yet | | | | | |")
             continue
         seeds = sorted(got)
         stat = {key: mean_sd([got[s][key] for s in seeds]) for key in ("eval_ce", "eval_kl", "eval_ece")
@@ -121,6 +195,9 @@ def write_seeds(args, teacher: str, scale, runs: dict, labels: dict, results: di
                for s in matched if base[s]["eval_ce"] - results[ref][s]["eval_ce"] > 1e-3]
         delta = [got[s]["eval_ce"] - results[ref][s]["eval_ce"] for s in matched]
         bpp = labels.get(bytes_of, {}) if bytes_of else {}
+        bytes_pp = needed_bytes(bpp, runs[name][1]) if bpp and bpp.get("bytes_per_position") else None
+        if bytes_pp is not None and rec:
+            summary[name] = (bytes_pp, *(100 * v for v in mean_sd(rec)), delta, [100 * v for v in rec])
         def cell(m, sd, spec, unit=""):   # one seed: no spread to show
             return f"{m:{spec}}{unit}" if math.isnan(sd) else f"{m:{spec}} ± {sd:{spec}}{unit}"
         cells = {key: cell(*stat[key], spec) if key in stat else "—"
@@ -132,11 +209,14 @@ def write_seeds(args, teacher: str, scale, runs: dict, labels: dict, results: di
             delta_cell = f"{d:+.3f} ± {se:.3f}" + (" **>2 SE**" if abs(d) > 2 * se else "")
         else:
             delta_cell = "—"
-        bytes_cell = f"{bpp['bytes_per_position']:.1f}" if bpp and bpp.get("bytes_per_position") else "—"
+        bytes_cell = f"{bytes_pp:.1f}" if bytes_pp is not None else "—"
         lines.append(f"| {name} | {len(seeds)} | {bytes_cell} | {cells['eval_ce']} | {cells['eval_kl']} | "
-                     f"{cells['eval_ece']} | {rec_cell} | {delta_cell} |")
-    lines += ["", "Bytes are the label sets' own: the sampled sets here carry the coverage column the tail bucket needs "
-              "(`--encoding sampled_coverage=true`, about 1 B/position over the default layout)."]
+                     f"{cells['eval_ece']} | {rec_cell} | {' / '.join(f'{100 * v:.0f}' for v in rec)} | {delta_cell} |")
+    lines += ["", "Bytes/position are what each method needs stored: the sampled sets here carry the coverage column "
+              "the tail bucket reads (`--encoding sampled_coverage=true`); the rows that do not read it count the set "
+              "without that column (its compressed bytes, measured in the set, taken off: "
+              + ", ".join(f"{n} {b:.2f} B" for n, b in coverage_bytes(labels).items()) + ")."]
+    lines += ["", goal(summary)]
     if any(len(results[name]) < len(SEEDS) for name in runs):
         lines += ["", f"Rows with fewer than {len(SEEDS)} seeds: the run was cut there; the same command finishes them "
                       "(finished stages are cached)."]

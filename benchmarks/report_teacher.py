@@ -135,6 +135,8 @@ def label_specs(files: dict, scale: RealScale) -> dict:
         # with the teacher's mass on the drawn ids (+1 B/position), which the tail-bucket rows (--seeds) need
         "sampled50": dict(inputs=text, mode="sampled", draws=50, encoding={"sampled_coverage": True}),
         "sampled12": dict(inputs=text, mode="sampled", draws=12, encoding={"sampled_coverage": True}),
+        "sampled20": dict(inputs=text, mode="sampled", draws=20, encoding={"sampled_coverage": True}),   # --seeds
+        "sampled24": dict(inputs=text, mode="sampled", draws=24, encoding={"sampled_coverage": True}),   # --seeds
         "samples": dict(inputs=(str(files["prompts"]),), mode="sample", prompt_field="prompt", n=1, temperature=1.0,
                         max_new_tokens=scale.completion_tokens, max_seq_len=None, batch_tokens=16384),
         "eval": dict(inputs=(str(files["heldout"]),), mode="topk", k=k_ref),
@@ -183,17 +185,27 @@ def methods(k_ref: int) -> dict:
     return runs
 
 
+def completed(result: dict, what: str) -> dict:
+    """A training run's result, or the report's exit when a signal stopped it
+    early (the run keeps its checkpoint; no stage records a partial student)."""
+    if result.get("stopped_by"):
+        raise SystemExit(f"{what}: stopped by {result['stopped_by']} at step {result.get('step')}; "
+                         "rerun the same command to resume")
+    return result
+
+
 def train_student(labels: dict, label_set: str, kw: dict, out: Path, eval_dir: str, scale: RealScale,
                   student_json: Path) -> dict:
     """One student, resumable from its last checkpoint; its final evaluation."""
     from student_train.config import TrainConfig
     from student_train.train import train
     steps = scale.student_steps
-    train(TrainConfig(labels=(labels[label_set]["dir"],), out=str(out), student_config=str(student_json),
-                      max_steps=steps, batch_size=scale.batch_size, lr=3e-3, warmup_steps=max(1, steps // 20),
-                      eval_labels=(eval_dir,), eval_every=max(1, steps // 5), eval_batches=scale.eval_batches,
-                      save_every=max(1, steps // 4), log_every=max(1, steps // 10), progress=False, device="cpu",
-                      resume=True, **kw))
+    completed(train(TrainConfig(labels=(labels[label_set]["dir"],), out=str(out), student_config=str(student_json),
+                                max_steps=steps, batch_size=scale.batch_size, lr=3e-3, warmup_steps=max(1, steps // 20),
+                                eval_labels=(eval_dir,), eval_every=max(1, steps // 5),
+                                eval_batches=scale.eval_batches, save_every=max(1, steps // 4),
+                                log_every=max(1, steps // 10), progress=False, device="cpu", resume=True, **kw)),
+              f"student {out.name}")
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     evals = [r for r in rows if "eval_ce" in r]
     from student_train.checkpoint import latest_checkpoint
@@ -566,7 +578,8 @@ def write_section(args, teacher: str, scale: RealScale, split: dict, labels: dic
         f"against the teacher's top-{scale.reference_k} there.",
         f"* **Students**: Llama, {STUDENT['num_hidden_layers']} layers of width {STUDENT['hidden_size']}, tied embeddings, "
         f"the teacher's tokenizer; every method {scale.student_steps} steps of {scale.batch_size} windows of "
-        f"{scale.max_seq_len} tokens (~{epochs:.1f} passes over the labelled text), lr 3e-3, the same seed.",
+        f"{scale.max_seq_len} tokens (~{epochs:.1f} passes over the labelled text), lr 3e-3, the same seed (seed 0: this table is one seed; "
+        "the methods the choice turns on have three seeds, mean ± sd, in the next section).",
         f"* **Reference** (stands for full KD): KD on the stored top-{scale.reference_k} with the tail bucket; top-"
         f"{scale.reference_k} holds a mean {ref_set['coverage_mean']:.4f} of the teacher's mass on this text "
         f"(p5 {ref_set['coverage_p5']:.3f}). **Recovered** is a method's share of the reference's held-out CE gain "
