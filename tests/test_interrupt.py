@@ -27,8 +27,11 @@ def big_corpus(path: Path, docs: int = 200) -> Path:
 
 
 def labelgen(*args: str, prelude: str = "") -> subprocess.Popen:
-    """`labelgen ARGS` as its own process (after `prelude`, Python run first in it)."""
-    code = f"{prelude}\nimport sys\nfrom labelgen.cli import app\nsys.argv = ['labelgen', *sys.argv[1:]]\napp()"
+    """`labelgen ARGS` as its own process (after `prelude`, Python run first in it), with Ctrl-C's SIGINT
+    handled as in a terminal: a test run started in the background by a non-interactive shell (`make test &`,
+    a CI runner) passes SIGINT on ignored, and Python then leaves it ignored -- the job ran to the end, exit 0."""
+    code = (f"{prelude}\nimport signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "from labelgen.cli import app\nsys.argv = ['labelgen', *sys.argv[1:]]\napp()")
     return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -65,7 +68,7 @@ def generate_args(teacher: str, corpus: Path, out: Path, *extra: str) -> list[st
 
 
 # The teacher made slower, so the run is still going when the test's poll sees its first shards and signals it,
-# however fast the machine (the hf backend got faster than the poll on a busy machine: it finished first).
+# however fast the machine.
 SLOW_TEACHER = """
 import time
 from labelgen.backends import hf
