@@ -414,8 +414,9 @@ def tail_study(teacher: str, students: dict, eval_dir: str, scale: RealScale) ->
 def cross_tokenizer_runs(labels: dict, other_text: list[str], eval_dir: str, work: Path, scale: RealScale,
                          student_json: Path, stage) -> dict:
     """The student with its own byte-level BPE (V = 2,000, trained on other
-    files of the corpus), CE only and top-64 KD at alpha 0.5 from the same
-    labels, in held-out bits per byte; the aligned share of its positions."""
+    files of the corpus), CE only, top-64 KD and sampled KD (N = 12) at
+    alpha 0.5 from the same labels, in held-out bits per byte; the aligned
+    share of its positions."""
     from labelgen.demo import train_tokenizer
     from student_train.data import LabelStream, open_label_sets
     from student_train.vocab import load_tokenizer_for
@@ -425,10 +426,12 @@ def cross_tokenizer_runs(labels: dict, other_text: list[str], eval_dir: str, wor
         train_tokenizer(other_text, 2000).save_pretrained(own)
     ref = labels[f"top{scale.reference_k}"]["dir"]
     out = {}
-    for method, kw in (("CE only", dict(loss="ce")), ("top-64 KD (tail), alpha=0.5", dict(loss="kd", k=64, alpha=0.5))):
+    for method, label_dir, kw in (("CE only", ref, dict(loss="ce")),
+                                  ("top-64 KD (tail), alpha=0.5", ref, dict(loss="kd", k=64, alpha=0.5)),
+                                  ("sampled KD (N=12), alpha=0.5", labels["sampled12"]["dir"], dict(loss="kd", alpha=0.5))):
         name = f"own tokenizer: {method}"
-        out[name] = stage(name, lambda kw=kw, name=name: train_student(
-            {"ref": {"dir": ref}}, "ref", {**kw, "student_tokenizer": str(own)}, work / "students" / slug(name),
+        out[name] = stage(name, lambda label_dir=label_dir, kw=kw, name=name: train_student(
+            {"set": {"dir": label_dir}}, "set", {**kw, "student_tokenizer": str(own)}, work / "students" / slug(name),
             eval_dir, scale, student_json))
 
     def aligned_share():
@@ -624,7 +627,12 @@ def write_section(args, teacher: str, scale: RealScale, split: dict, labels: dic
               f"| teacher's (V = {teacher_info['vocab']:,}) | CE only | {finals['CE only']['eval_bpb']:.4f} | |",
               f"| teacher's | top-64 KD (tail), alpha 0.5 | {same_kd['eval_bpb']:.4f} | {same_gain:+.4f} |",
               f"| own (V = {cross['alignment']['vocab']:,}) | CE only | {own_ce['eval_bpb']:.4f} | |",
-              f"| own | top-64 KD (tail), alpha 0.5 | {own_kd['eval_bpb']:.4f} | {own_gain:+.4f} |", ""]
+              f"| own | top-64 KD (tail), alpha 0.5 | {own_kd['eval_bpb']:.4f} | {own_gain:+.4f} |"]
+    own_s12 = cross.get("own tokenizer: sampled KD (N=12), alpha=0.5")
+    if own_s12:
+        lines.append(f"| own | sampled KD (N=12), alpha 0.5 | {own_s12['final']['eval_bpb']:.4f} | "
+                     f"{own_ce['eval_bpb'] - own_s12['final']['eval_bpb']:+.4f} |")
+    lines.append("")
     lines += ["**Gradients against full KD** at the CE-only student's final weights, on the first "
               f"{scale.grad_batches} batches of the sampled label sets: the teacher run online gives the "
               "full-vocabulary KD gradient of the same batch; stored sampled labels are set beside fresh draws of the "

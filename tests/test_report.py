@@ -50,7 +50,7 @@ def test_real_teacher_report_has_every_method_keeps_other_sections_and_resumes_f
             assert float(cells[2]) > 0, cells           # bytes/position of a label set this run wrote
     assert "| reference: top-256 KD (tail) |" in md and "100% |" in md.split("| reference: top-256 KD (tail) |")[1].split("\n")[0]
     assert len([l for l in md.splitlines() if re.match(r"\| .* \| 0\.[59] \|", l)]) == 4
-    assert "| own (V = " in md and "sampled N=12, stored labels" in md and "sampled N=50, fresh draws" in md
+    assert "| own (V = " in md and "| own | sampled KD (N=12), alpha 0.5 |" in md and "sampled N=12, stored labels" in md and "sampled N=50, fresh draws" in md
     # the studies of the sampled gap: a second seed, Adam's update directions, CE by the teacher's rank
     assert "| sampled KD (N=50) | " in md.split("**Run to run.**")[1].split("\n\n")[1]
     assert re.search(r"\| sampled N=50 \| [01]\.\d{3} \| -?[01]\.\d{3} \|", md)
