@@ -435,3 +435,23 @@ def test_sampled_ids_round_trip_through_the_id_table(tmp_path, rng):
             np.testing.assert_array_equal(ia, ib[order])
             np.testing.assert_array_equal(ca, cb[order])
             assert np.abs(la - lb[order]).max() <= Encoding().u8_range / 510 + 1e-6
+
+
+def test_row_groups_close_at_a_bound_on_their_values_as_well_as_their_rows(tmp_path, rng, monkeypatch):
+    """Wide rows (large k, long windows) make smaller row groups, so what a reader decodes at
+    once stays bounded; the rows read back are the rows written."""
+    from labelgen.shards import writer
+    k, V = 16, 500
+    rows = [topk_row(rng, f"ex{i}", 40, V, k) for i in range(20)]
+    per_row = writer._values(rows[0])
+    assert per_row >= 2 * 39 * k   # ids and logprobs of 39 positions, at least
+    monkeypatch.setattr(writer, "ROW_GROUP_VALUES", 3 * per_row)
+    write_set(tmp_path / "l", rows, k, V, encoding=Encoding(row_group_rows=128))
+    [shard] = sorted((tmp_path / "l").glob("shard-*.parquet"))
+    md = pq.ParquetFile(shard).metadata
+    assert [md.row_group(i).num_rows for i in range(md.num_row_groups)] == [3, 3, 3, 3, 3, 3, 2]
+    out = list(ShardReader(tmp_path / "l", verify=True).rows())
+    assert [r["example_id"] for r in out] == [r["example_id"] for r in rows]
+    for a, b in zip(rows, out):
+        np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+        assert_same_entries(a["topk_ids"], a["topk_logprobs"], b["topk_ids"], b["topk_logprobs"], Encoding())

@@ -31,6 +31,15 @@ from labelgen import fsutil, storage
 from labelgen.format import Encoding, FormatError
 from labelgen.rundir import DIRECTORY, RunDir
 
+# A row group also closes at this many values in its rows' arrays (ids, logprobs, counts, input ids), so what a
+# reader decodes at once stays near 100 MB however large k and the windows are: 128 rows of a top-4096 set of
+# 256-token windows hold 117M entries, and streaming one such shard peaked at 9.5 GB (17 GB for ten).
+ROW_GROUP_VALUES = 8 << 20
+
+
+def _values(row: dict) -> int:
+    return sum(v.size if isinstance(v, np.ndarray) else len(v) for v in row.values() if isinstance(v, (np.ndarray, list)))
+
 
 @dataclass
 class ShardInfo:
@@ -113,7 +122,7 @@ class _HashingFile(io.RawIOBase):
 
 class ShardFile:
     """One shard, written atomically. Rows are buffered into row groups of
-    `encoding.row_group_rows`; `close()` renames the finished file into place
+    `encoding.row_group_rows` (fewer where they reach ROW_GROUP_VALUES); `close()` renames the finished file into place
     and returns its ShardInfo; `abort()` (or an exception inside `with`)
     removes the temporary file."""
 
@@ -132,13 +141,15 @@ class ShardFile:
         # from it and goes into the footer.
         self._writer: pq.ParquetWriter | None = None
         self._buf: list[dict] = []
+        self._buf_values = 0
         self.rows = 0
         self.positions = 0
         self.row_groups = 0
 
     def write(self, row: dict) -> None:
         self._buf.append(row)
-        if len(self._buf) >= self.enc.row_group_rows:
+        self._buf_values += _values(row)
+        if len(self._buf) >= self.enc.row_group_rows or self._buf_values >= ROW_GROUP_VALUES:
             self._flush()
 
     @property
@@ -163,7 +174,7 @@ class ShardFile:
         if self._writer is None:
             self._open()
         if self._buf:
-            rows, self._buf = self._buf, []
+            rows, self._buf, self._buf_values = self._buf, [], 0
             args = (self.kind, rows, self.k, self.vocab_size, self.enc, self.id_map)
             if self.encoder is None:
                 self._write(fmt.encode_rows(*args))
