@@ -136,17 +136,18 @@ def goal(summary: dict) -> str:
         d, sd = mean_sd(v[3])
         return d, sd / math.sqrt(len(v[3])) if len(v[3]) > 1 else float("nan")
 
-    name, v = max(fits.items(), key=lambda x: x[1][1])
-    d, se = delta(v)
-    said = f"{name} at {v[0]:.1f} B recovers {v[1]:.0f} ± {v[2]:.0f} % (held-out CE {d:+.3f} ± {se:.3f} nats from the reference)"
-    if v[1] >= 100 - WITHIN:
+    name, best = max(fits.items(), key=lambda x: x[1][1])
+    d, se = delta(best)
+    said = (f"{name} at {best[0]:.1f} B recovers {best[1]:.0f} ± {best[2]:.0f} % (held-out CE {d:+.3f} ± {se:.3f} nats "
+            "from the reference)")
+    if best[1] >= 100 - WITHIN:
         return head + f"Reached: {said}."
     text = head + f"Not reached: the best within it, {said}."
-    ses = [sd / math.sqrt(len(v[3])) for v in sampled.values() for sd in [v[2]] if len(v[3]) > 1]
+    ses = [v[2] / math.sqrt(len(v[3])) for v in sampled.values() if len(v[3]) > 1]   # recovered share's SE
     if ses:
         close = [n for n, v in sampled.items() if len(v[3]) > 1 and abs(delta(v)[0]) <= 2 * delta(v)[1]]
         behind = [n for n, v in sampled.items() if len(v[3]) > 1 and delta(v)[0] > 2 * delta(v)[1]]
-        best_se = v[2] / math.sqrt(len(v[3])) if len(v[3]) > 1 else float("inf")
+        best_se = best[2] / math.sqrt(len(best[3])) if len(best[3]) > 1 else float("inf")
         text += (f" With {len(SEEDS)} seeds the standard error of a sampled row's recovered share is "
                  f"{min(ses):.0f}-{max(ses):.0f} points here (one seed of a method moves it by up to "
                  f"{max(max(v[4]) - min(v[4]) for v in sampled.values()):.0f})"
@@ -160,7 +161,7 @@ def goal(summary: dict) -> str:
     tails = [(n, n + " + tail bucket") for n in sampled if n + " + tail bucket" in sampled]
     if tails:
         helped = [n for n, t in tails if sampled[t][1] > sampled[n][1]]
-        text += (" The tail bucket " + ("helped " + ", ".join(helped) if helped else "helped neither")
+        text += (" The tail bucket " + ("helped " + ", ".join(helped) if helped else "did not help")
                  + ": " + "; ".join(f"{n} {sampled[n][1]:.0f} % without it, {sampled[t][1]:.0f} % with it"
                                     for n, t in tails) + ".")
     return text
