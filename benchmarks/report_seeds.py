@@ -112,11 +112,10 @@ def coverage_bytes(labels: dict) -> dict:
     return out
 
 
-def needed_bytes(info: dict, kw: dict) -> float:
-    """Bytes per position a method needs: a sampled set's coverage column counts only for the tail bucket."""
-    if kw.get("tail") == "tail" or not Path(info["dir"]).name.startswith("sampled"):
-        return info["bytes_per_position"]
-    return info["bytes_per_position"] - coverage_bytes({"sampled": info}).get("sampled", 0.0)
+def needed_bytes(info: dict, kw: dict, coverage_pp: float) -> float:
+    """Bytes per position a method needs: a sampled set's coverage column (`coverage_pp`) counts only for the
+    tail bucket."""
+    return info["bytes_per_position"] - (0.0 if kw.get("tail") == "tail" else coverage_pp)
 
 
 BUDGET, WITHIN = 16.0, 5.0   # the goal: sampled labels at <= 16 B/position within 5 % of the reference gain
@@ -182,6 +181,7 @@ def write_seeds(args, teacher: str, scale, runs: dict, labels: dict, results: di
              "| student | seeds | bytes/position | held-out CE | KL to teacher | ECE | recovered | per seed | "
              "Δ CE vs reference |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    cov_pp = coverage_bytes(labels)   # label set -> its coverage column's bytes per position
     summary: dict = {}   # name -> (bytes/position, recovered mean, sd, seed-matched Δ CE, recovered per seed)
     for name, (_, _, bytes_of) in runs.items():
         got = results[name]
@@ -196,7 +196,8 @@ def write_seeds(args, teacher: str, scale, runs: dict, labels: dict, results: di
                for s in matched if base[s]["eval_ce"] - results[ref][s]["eval_ce"] > 1e-3]
         delta = [got[s]["eval_ce"] - results[ref][s]["eval_ce"] for s in matched]
         bpp = labels.get(bytes_of, {}) if bytes_of else {}
-        bytes_pp = needed_bytes(bpp, runs[name][1]) if bpp and bpp.get("bytes_per_position") else None
+        bytes_pp = needed_bytes(bpp, runs[name][1], cov_pp.get(bytes_of, 0.0)) \
+            if bpp and bpp.get("bytes_per_position") else None
         if bytes_pp is not None and rec:
             summary[name] = (bytes_pp, *(100 * v for v in mean_sd(rec)), delta, [100 * v for v in rec])
         def cell(m, sd, spec, unit=""):   # one seed: no spread to show
@@ -216,7 +217,7 @@ def write_seeds(args, teacher: str, scale, runs: dict, labels: dict, results: di
     lines += ["", "Bytes/position are what each method needs stored: the sampled sets here carry the coverage column "
               "the tail bucket reads (`--encoding sampled_coverage=true`); the rows that do not read it count the set "
               "without that column (its compressed bytes, measured in the set, taken off: "
-              + ", ".join(f"{n} {b:.2f} B" for n, b in coverage_bytes(labels).items()) + ")."]
+              + ", ".join(f"{n} {b:.2f} B" for n, b in cov_pp.items()) + ")."]
     lines += ["", goal(summary)]
     if any(len(results[name]) < len(SEEDS) for name in runs):
         lines += ["", f"Rows with fewer than {len(SEEDS)} seeds: the run was cut there; the same command finishes them "
