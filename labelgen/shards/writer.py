@@ -33,7 +33,7 @@ from labelgen.rundir import DIRECTORY, RunDir
 
 # A row group also closes at this many values in its rows' arrays (ids, logprobs, counts, input ids), so what a
 # reader decodes at once stays near 100 MB however large k and the windows are: 128 rows of a top-4096 set of
-# 256-token windows hold 117M entries, and streaming one such shard peaked at 9.5 GB (17 GB for ten).
+# 256-token windows hold 117M entries, and streaming ten such shards peaked at 17.3 GB (1.3 GB with this bound).
 ROW_GROUP_VALUES = 8 << 20
 
 
@@ -122,9 +122,10 @@ class _HashingFile(io.RawIOBase):
 
 class ShardFile:
     """One shard, written atomically. Rows are buffered into row groups of
-    `encoding.row_group_rows` (fewer where they reach ROW_GROUP_VALUES); `close()` renames the finished file into place
-    and returns its ShardInfo; `abort()` (or an exception inside `with`)
-    removes the temporary file."""
+    `encoding.row_group_rows` (fewer where they reach ROW_GROUP_VALUES);
+    `close()` renames the finished file into place and returns its
+    ShardInfo; `abort()` (or an exception inside `with`) removes the
+    temporary file."""
 
     def __init__(self, path: Path, kind: str, k: int, vocab_size: int, enc: Encoding, extra_meta: dict | None = None,
                  encoder: Executor | None = None, in_flight: int = 2):
