@@ -48,23 +48,53 @@ def test_the_lr_schedule_ends_at_the_end_of_the_run_under_gradient_accumulation(
         assert sched["last_epoch"] == 3 and sched["_last_lr"][0] == pytest.approx(0.1 * lr), name
 
 
-def test_accumulated_micro_batches_weigh_by_their_tokens(tiny_teacher, corpus, student_config, tmp_path):
-    """Two batches of 2 rows accumulated step the student exactly like one
-    batch of the same 4 rows: each counts by its target tokens, not as half
-    of the step."""
-    from safetensors.torch import load_file
+def test_accumulated_micro_batches_weigh_by_their_tokens(tiny_teacher, corpus, student_config, tmp_path, monkeypatch):
+    """Two micro-batches of 2 rows accumulated give the student the gradient
+    of one batch of the same 4 rows: each counts by its target tokens, not as
+    half of the step. Compared on the first step's gradient, before AdamW's
+    per-coordinate division turns fp32 rounding in another summation order
+    into differences of the learning rate's size on near-zero weights; and
+    checked to tell token weighting from equal weighting of the micro-batches
+    (the same contributions averaged per micro-batch are far from it)."""
+    import student_train.codistill as co
+    import student_train.runtime as runtime
     docs = [json.loads(line) for line in open(corpus / "docs.jsonl")]
     with open(tmp_path / "short.jsonl", "w") as f:   # one window per document, every one a different length
         for i, d in enumerate(docs):
             f.write(json.dumps({"text": d["text"][: 40 + 9 * i]}) + "\n")
-    common = dict(teacher_lr=0.0, kd="full", save_every=0, warmup_steps=1, inputs=(str(tmp_path / "short.jsonl"),))
-    codistill(ccfg(tiny_teacher, corpus, student_config, tmp_path / "whole", batch_size=4, max_steps=4, **common))
-    codistill(ccfg(tiny_teacher, corpus, student_config, tmp_path / "split", batch_size=2, max_steps=4,
-                   grad_accum=2, **common))
-    whole = load_file(tmp_path / "whole" / "step_000004" / "student" / "model.safetensors")
-    split = load_file(tmp_path / "split" / "step_000004" / "student" / "model.safetensors")
-    for name in whole:
-        torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-6)
+    seen = {"micro": [], "step": []}
+
+    def flat_grads(model):
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().double().flatten()
+                          for p in model.parameters()])
+
+    def spy_micro_step(models, batch, alpha, backward, **kw):
+        before = flat_grads(models["student"])
+        out = micro_step(models, batch, alpha, backward, **kw)
+        seen["micro"].append((int(batch["mask"].sum()), flat_grads(models["student"]) - before))
+        return out
+
+    def spy_token_mean(models, total, d):
+        to_token_mean(models, total, d)
+        seen["step"].append(flat_grads(models[0]))
+
+    micro_step, to_token_mean = co.micro_step, runtime.to_token_mean
+    monkeypatch.setattr(co, "micro_step", spy_micro_step)
+    monkeypatch.setattr(runtime, "to_token_mean", spy_token_mean)
+    common = dict(teacher_lr=0.0, kd="full", save_every=0, warmup_steps=1, max_steps=1,
+                  inputs=(str(tmp_path / "short.jsonl"),))
+    codistill(ccfg(tiny_teacher, corpus, student_config, tmp_path / "whole", batch_size=4, **common))
+    (whole,), seen["step"] = seen["step"], []
+    seen["micro"] = []
+    codistill(ccfg(tiny_teacher, corpus, student_config, tmp_path / "split", batch_size=2, grad_accum=2, **common))
+    (split,), ((n1, g1), (n2, g2)) = seen["step"], seen["micro"]
+    assert n1 != n2   # micro-batches of different token counts: the weighting matters
+
+    def off(g) -> float:
+        return float((g - whole).norm() / whole.norm())
+    assert off(split) < 1e-4   # fp32 sums in another order: ~1e-7
+    assert off((g1 + g2) / (n1 + n2)) < 1e-4
+    assert off((g1 / n1 + g2 / n2) / 2) > 1e-2   # weighing the micro-batches equally would fail the check above
 
 
 def test_with_alpha_one_the_student_follows_a_plain_ce_run(tiny_teacher, corpus, student_config, tmp_path):
@@ -135,7 +165,8 @@ def test_fsdp_two_process_codistill_resumes_to_the_same_losses(tiny_teacher, cor
     full = metrics(tmp_path / "full_logits")
     for key in ("loss", "ce", "teacher_ce"):
         assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-5), key
-        assert [r[key] for r in a] == pytest.approx([r[key] for r in full], rel=1e-5), key
+        # another summation order after optimizer steps: fp32 differs by CPU kernel, so 1e-4 (exact above: a resume)
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in full], rel=1e-4), key
     d = a[-1]["weight_digests"]
     assert len(d) == 4 and d[0] == d[1] and d[2] == d[3]
     assert (tmp_path / "straight" / "step_000004" / "teacher" / "model.safetensors").is_file()

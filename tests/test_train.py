@@ -121,7 +121,9 @@ def test_fsdp_two_process_run_resumes_to_the_same_losses(topk_labels, student_co
     torchrun(tmp_path / "full_logits", 29528, "--head-chunk-mb", "0")   # the model's full logits: the same losses
     a, b = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5)
-    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in metrics(tmp_path / "full_logits")], rel=1e-5)
+    # The full logits sum in another order: after optimizer steps fp32 differs by CPU kernel (AVX2 vs AVX512), so
+    # this compares at 1e-4 (a wrong chunked loss is off by far more); the resumed run above is exact by construction.
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in metrics(tmp_path / "full_logits")], rel=1e-4)
     assert a[-1]["weight_digests"][0] == a[-1]["weight_digests"][1]
     from transformers import AutoModelForCausalLM
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "step_000006").num_parameters() > 0
