@@ -89,15 +89,26 @@ class BucketShards:
             storage.upload_file(local, self.remote / name)
             self.record[index] = {"shard": {**info.to_dict(), "name": name}, "skipped": counts.get("skipped", 0),
                                   "input_sha256": counts.get("input_sha256")}
-            self.rd.check_held()
-            storage.write_bytes(self.progress, json.dumps({"config_hash": self.cfg.output_hash(),
-                                                           "attempt": self.attempt, "shards": self.record}).encode())
+            self._save()
             storage.delete(local)
 
-    def finish(self, written: dict[int, ShardInfo]) -> dict[int, ShardInfo]:
-        """Wait for the uploads; every shard of this worker, by index, under its object's name."""
+    def _save(self) -> None:
+        self.rd.check_held()
+        storage.write_bytes(self.progress, json.dumps({"config_hash": self.cfg.output_hash(),
+                                                       "attempt": self.attempt, "shards": self.record}).encode())
+
+    def finish(self, written: dict[int, ShardInfo], total: int) -> dict[int, ShardInfo]:
+        """Wait for the uploads; every shard of this worker, by index, under
+        its object's name. Recorded shards at or past the input's end (`total`
+        shards: the input shrank since they were written) leave the record,
+        then their objects go, so the set holds what a fresh run writes."""
         put_to(self.queue, None, self.thread)
         self.thread.join_checked()
+        stale = {i: self.record.pop(i) for i in sorted(self.record) if i >= total}
+        if stale:
+            self._save()
+            for entry in stale.values():
+                storage.delete(self.remote / entry["shard"]["name"])
         return {i: ShardInfo(**e["shard"]) for i, e in self.record.items()}
 
     def stop(self) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from labelgen import format as fmt
 from labelgen import storage
 from labelgen.format import FormatError
+from labelgen.resume import inputs_digest
 from labelgen.rundir import GENERATE, RunDir
 
 
@@ -26,22 +27,38 @@ def finalize(label_dir: Path | str) -> dict:
         return _finalize(rd)
 
 
-def unfinished_workers(label_dir: Path | str) -> tuple[list[int], int]:
-    """(indices of the workers of the run in `label_dir` that have not written
-    their partial manifest, how many workers the run has); reads only."""
-    out = storage.location(label_dir)
+def _run_record(out) -> dict:
     try:
         run = json.loads(storage.read_text(out / fmt.RUN_FILE))
-        n, config_hash = int(run["config"]["num_workers"]), run["config_hash"]
+        int(run["config"]["num_workers"]), run["config_hash"]
     except (OSError, ValueError, KeyError, TypeError):
         raise FormatError(f"{out}: no generation run here ({fmt.RUN_FILE} missing or unreadable)") from None
+    return run
+
+
+def _current(part: dict, run: dict) -> bool:
+    """A worker's partial manifest belongs to the run recorded in run.json:
+    its config, and the inputs the run last started from (a part written
+    before `--inputs-changed` may list shards of records since deleted)."""
+    made_from = (part.get("worker") or {}).get("inputs_sha256")
+    return part.get("config_hash") == run["config_hash"] and \
+        (made_from is None or "inputs" not in run or made_from == inputs_digest(run["inputs"]))
+
+
+def unfinished_workers(label_dir: Path | str) -> tuple[list[int], int]:
+    """(indices of the workers of the run in `label_dir` that have not written
+    their partial manifest for this run and its inputs, how many workers the
+    run has); reads only."""
+    out = storage.location(label_dir)
+    run = _run_record(out)
+    n = int(run["config"]["num_workers"])
     done = set()
     for i in range(n):
         try:
             part = json.loads(storage.read_text(out / fmt.partial_manifest_name(i, n)))
         except (OSError, ValueError):
             continue
-        if part.get("config_hash") == config_hash:
+        if isinstance(part, dict) and _current(part, run):
             done.add(i)
     return sorted(set(range(n)) - done), n
 
@@ -70,6 +87,12 @@ def _finalize(rd: RunDir) -> dict:
     missing_workers = sorted(set(range(n)) - seen)
     if missing_workers:
         raise FormatError(f"{out}: no manifest from worker(s) {', '.join(map(str, missing_workers))} of {n}; rerun them with --resume")
+    run = _run_record(out)
+    stale = sorted(p["worker"]["index"] for p in parts if not _current(p, run))
+    if stale:
+        raise FormatError(f"{out}: worker(s) {', '.join(map(str, stale))} finished before the inputs changed (their "
+                          f"manifests describe other input records than {fmt.RUN_FILE}); rerun them with --resume "
+                          "--inputs-changed")
     total = max(p["worker"]["total_shards"] for p in parts)
     shards = {fmt.shard_index(s["name"]): s for p in parts for s in p["shards"]}
     missing = [fmt.shard_name(i) for i in range(total) if i not in shards]

@@ -37,7 +37,7 @@ from labelgen.inputs import InputError, expand_paths
 from labelgen.mfu import meter_for
 from labelgen.pipeline import Progress, StageThread, get_from, put_to, take
 from labelgen.reader import read_shards, samples_input
-from labelgen.resume import compare, complete_manifest, identity, input_identity, owned_tmp
+from labelgen.resume import compare, complete_manifest, identity, input_identity, inputs_digest, owned_tmp
 from labelgen.rundir import GENERATE, RunDir, canonical_path
 from labelgen.shards import ShardFile, ShardInfo, build_manifest
 
@@ -104,7 +104,8 @@ def _run(cfg: GenerateConfig, teacher: Teacher | None, group) -> dict:
         # Finished before from the same inputs (with --inputs-changed each shard is checked against its records).
         if previous and not cfg.inputs_changed and (done := complete_manifest(rd.where, name)) is not None:
             return {**done, "summary": {"seconds": 0.0, "teacher_tokens": 0, "tokens_per_second": 0.0, "complete": True}}
-        storage.delete(rd.where / name)   # a manifest that may no longer describe the set goes first
+        for stale in {name, fmt.MANIFEST_NAME}:   # a manifest that may no longer describe the set goes first
+            storage.delete(rd.where / stale)
         rd.record(identity(cfg, inputs))
         rd.prepare_staging(owned_tmp(cfg))
         sink = rd.shards(cfg)
@@ -129,7 +130,8 @@ def _generate(cfg: GenerateConfig, teacher: Teacher, tokenizer, files: list[Path
     enc = Encoding(**cfg.encoding)
     id_bound = max(teacher.logits_size, teacher.vocab_size)
     t0 = time.time()
-    progress = Progress(cfg, sum(size for size, _ in input_identity(files).values()))
+    inputs = input_identity(files)
+    progress = Progress(cfg, sum(size for size, _ in inputs.values()))
 
     work_q: queue.Queue = queue.Queue(maxsize=2)
     write_q: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
@@ -176,7 +178,7 @@ def _generate(cfg: GenerateConfig, teacher: Teacher, tokenizer, files: list[Path
             progress.update(work.examples, 0, work.input_bytes)
         put_to(write_q, None, writer)
         writer.join_checked()
-        shards.update(sink.finish(writer.result))
+        shards.update(sink.finish(writer.result, total_shards))
     except BaseException:
         writer.stop()
         reader.stop()
@@ -187,7 +189,7 @@ def _generate(cfg: GenerateConfig, teacher: Teacher, tokenizer, files: list[Path
     if cfg.num_workers == 1 and not any(s.rows for s in shards.values()):
         raise InputError(f"{', '.join(cfg.inputs)}: all {counts['skipped']} input record(s) were bad and skipped "
                          "(--skip-bad); nothing to label, no label set written")
-    manifest = _manifest(cfg, out, teacher, tokenizer, enc, id_bound, shards, counts, total_shards, sampled_by)
+    manifest = _manifest(cfg, out, teacher, tokenizer, enc, id_bound, shards, counts, total_shards, inputs, sampled_by)
     manifest = sink.publish(manifest, name)
     elapsed = time.time() - t0
     manifest["summary"] = {"seconds": round(elapsed, 2), "teacher_tokens": progress.tokens,
@@ -212,7 +214,7 @@ def resolve(cfg: GenerateConfig, tokenizer) -> GenerateConfig:
     return cfg
 
 
-def _manifest(cfg, out, teacher: Teacher, tokenizer, enc, id_bound, shards, counts, total_shards,
+def _manifest(cfg, out, teacher: Teacher, tokenizer, enc, id_bound, shards, counts, total_shards, inputs: dict,
               sampled_by: dict | None = None) -> dict:
     """The manifest (a worker's partial manifest with several workers); worker 0 saves the tokenizer beside the shards."""
     config_file = Path(cfg.teacher) / "config.json"
@@ -241,7 +243,9 @@ def _manifest(cfg, out, teacher: Teacher, tokenizer, enc, id_bound, shards, coun
                               "seed_rule": "sha256(seed, example_id, window_offset)[:8] & (2**63-1), one stream per window"}
     manifest = build_manifest(cfg.kind, cfg.entries, id_bound, enc, ordered, header)
     if cfg.num_workers > 1:
-        manifest["worker"] = {"index": cfg.worker_index, "num_workers": cfg.num_workers, "total_shards": total_shards}
+        # The inputs it was made from: finalize refuses a worker's part made before the inputs changed.
+        manifest["worker"] = {"index": cfg.worker_index, "num_workers": cfg.num_workers, "total_shards": total_shards,
+                              "inputs_sha256": inputs_digest(inputs)}
     return manifest
 
 # ---------------------------------------------------------------- writer

@@ -19,6 +19,13 @@ def input_identity(files: list[Path]) -> dict[str, list[int]]:
     return {str(p): [(st := p.stat()).st_size, st.st_mtime_ns] for p in files}
 
 
+def inputs_digest(inputs: dict) -> str:
+    """One hash of a run's input identity (input_identity)."""
+    import hashlib
+    import json
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
 def identity(cfg: GenerateConfig, inputs: dict) -> dict:
     """The run's identity record (run.json)."""
     return {"config_hash": cfg.output_hash(), "format_version": fmt.FORMAT_VERSION, "config": cfg.to_dict(),
@@ -91,7 +98,14 @@ class LocalShards:
     def closed(self, index: int, info: ShardInfo, counts: dict) -> None:
         """A shard the writer finished: already in place."""
 
-    def finish(self, written: dict[int, ShardInfo]) -> dict[int, ShardInfo]:
+    def finish(self, written: dict[int, ShardInfo], total: int) -> dict[int, ShardInfo]:
+        """The shards written now; this worker's shard files at or past the
+        input's end (`total` shards: the input shrank since they were
+        written) are deleted, so the directory holds what a fresh run writes."""
+        for path in storage.list_dir(self.out, "shard-*" + fmt.SHARD_SUFFIX):
+            index = fmt.shard_index(path.name)
+            if index is not None and index >= total and index % self.cfg.num_workers == self.cfg.worker_index:
+                storage.delete(path)
         return written
 
     def stop(self) -> None:
