@@ -110,14 +110,21 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def clear_directory(path: Path, only) -> None:
-    """Delete the entries of `path` whose names `only` accepts, and not the
-    directory itself: it may be a symlink to where the user keeps labels, and
-    its lock must stay on the inode other runs find."""
+def clear_directory(path: Path, only, descend=lambda name: False, prefix: str = "") -> None:
+    """Delete the entries of `path` whose names (relative to the directory
+    first given, '/'-separated) `only` accepts, and not the directory itself:
+    it may be a symlink to where the user keeps labels, and its lock must stay
+    on the inode other runs find. A subdirectory `descend` accepts is entered
+    instead (its accepted entries go; it goes once empty)."""
     for child in Path(path).iterdir():
-        if not only(child.name):
+        name = prefix + child.name
+        if child.is_dir() and not child.is_symlink() and descend(name):
+            clear_directory(child, only, descend, name + "/")
+            if not any(child.iterdir()):
+                child.rmdir()
+        elif not only(name):
             continue
-        if child.is_dir() and not child.is_symlink():
+        elif child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
         else:
             child.unlink()
@@ -154,27 +161,37 @@ def _flock(path: Path, shared: bool, what: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def run_lock(directory: Path, worker: tuple[int, int] | None = None) -> Iterator[None]:
+def run_lock(directory: Path, worker: tuple[int, int] | None = None, refused: tuple = ()) -> Iterator[None]:
     """Hold `directory` (created if missing) for one run: exclusively, or, for
     worker (index, count) of a data-parallel run, shared with the other workers
     plus exclusively for that worker. A second run on the directory (another
     config, a finalize, an import, the same worker twice) is refused at once,
     naming the holder. flock: released when the holder exits however it
     exits, so a run killed with -9 leaves no stale lock; on a network
-    filesystem it needs flock support (NFSv4; Lustre mounted with -o flock)."""
+    filesystem it needs flock support (NFSv4; Lustre mounted with -o flock).
+    A body raising one of `refused` (the output is not this run's to take)
+    leaves no lock file this call created."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise FormatError(f"{directory}: exists and is not a directory")
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
+    made = []   # the lock files this call created
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_flock(directory / RUN_LOCK, shared=worker is not None and worker[1] > 1,
-                                   what=str(directory)))
+        locks = [(directory / RUN_LOCK, worker is not None and worker[1] > 1, str(directory))]
         if worker is not None and worker[1] > 1:
-            stack.enter_context(_flock(directory / f"labelgen.worker-{worker[0]}-of-{worker[1]}{LOCK_SUFFIX}",
-                                       shared=False, what=f"{directory} (worker {worker[0]} of {worker[1]})"))
+            locks.append((directory / f"labelgen.worker-{worker[0]}-of-{worker[1]}{LOCK_SUFFIX}", False,
+                          f"{directory} (worker {worker[0]} of {worker[1]})"))
+        for path, shared, what in locks:
+            existed = path.exists()
+            stack.enter_context(_flock(path, shared=shared, what=what))
+            made += [] if existed else [path]
         try:
             yield
+        except refused:
+            for path in made:   # unlinked while held: nothing else was given this output
+                path.unlink(missing_ok=True)
+            raise
         except BaseException:
             # A run that failed before writing anything leaves no directory it made.
             if created and all(is_lock_file(p) for p in directory.iterdir()):

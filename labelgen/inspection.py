@@ -86,6 +86,8 @@ def _check_rows(d: dict, reader: ShardReader):
         bad = np.flatnonzero(values.reshape(len(values), -1).max(axis=1) >= V) if values.size else []
         if len(bad):
             yield _row_of(off, bad[0]), f"{col} has an id >= vocab_size {V}"
+    if reader.kind == "sampled":
+        yield from _check_sampled(d, reader)
     if reader.kind not in fmt.TOPK_KINDS:
         return
     lp, off = d[fmt.TOPK_LOGPROBS]
@@ -132,6 +134,30 @@ def _check_rows(d: dict, reader: ShardReader):
         bad = np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1))
         if len(bad):
             yield _row_of(off, bad[0]), problem
+
+
+def _check_sampled(d: dict, reader: ShardReader):
+    """A sampled set's coverage (the teacher's mass on each position's drawn
+    ids, 2.2) against the drawn ids' stored logprobs, where it has both: the
+    same mass, within the two codecs' errors."""
+    if fmt.COVERAGE not in d or fmt.SAMPLED_LOGPROBS not in d:
+        return
+    (lp, _), (lengths, off) = d[fmt.SAMPLED_LOGPROBS], d[fmt.SAMPLED_LENGTHS]
+    cov = d[fmt.COVERAGE][0].astype(np.float64)
+    if lp.size != int(lengths.sum()) or not len(lengths):
+        return   # drawn without their logprobs: nothing to compare
+    if ((cov < 0) | (cov > 1) | np.isnan(cov)).any():
+        yield _row_of(off, int(np.flatnonzero((cov < 0) | (cov > 1) | np.isnan(cov))[0])), "coverage outside [0, 1]"
+        return
+    enc = reader.encoding
+    mass = np.add.reduceat(np.exp(lp.astype(np.float64)), np.cumsum(lengths) - lengths)
+    err = enc.u8_range / 510   # the drawn ids' logprobs: u8 codes down to -u8_range
+    t = fmt.TAIL_SQRT_STEP if enc.position_codec == "quantized" else 0.0
+    slack = 1e-5 + lengths * math.exp(-enc.u8_range) + t * np.sqrt(np.clip(1 - cov, 0, 1)) + t * t / 4
+    bad = np.flatnonzero((mass > cov * math.exp(err) + slack) | (mass < cov * math.exp(-err) - slack))
+    if len(bad):
+        yield _row_of(off, int(bad[0])), (f"coverage differs from the sum of exp(drawn ids' logprobs) by more than the "
+                                          f"codecs' error ({err:.3g} nats)")
 
 
 # ---------------------------------------------------------------- inspect

@@ -7,13 +7,17 @@
 The holder keeps an object beside the output: created only if absent
 (If-None-Match), renewed every ttl/6 by a thread (If-Match on its own
 version), deleted on exit. A run finding a fresh one refuses at once; one not
-renewed for two periods is waited for until it expires, then taken over.
+renewed for two periods is waited for until it expires, then taken over. A
+lease is never trusted past its ttl (at most MAX_TTL) as this host sees it:
+one renewed "in the future" (a host with a fast clock, or an object written
+by hand) expires once it stays unchanged that long.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import secrets
 import socket
@@ -26,6 +30,7 @@ from labelgen.errors import FormatError
 from labelgen.storage import StorePath
 
 LEASE_SUFFIX = ".lease"
+MAX_TTL = 3600.0   # the longest a lease is honoured unrenewed, whatever its object says
 
 
 def lease_name(worker: int, num_workers: int) -> str:
@@ -40,9 +45,12 @@ def lease_seconds() -> float:
 def _lease_info(data: bytes) -> dict:
     try:
         info = json.loads(data)
-        return {**info, "renewed": float(info["renewed"]), "ttl": float(info["ttl"])}
+        renewed, ttl = float(info["renewed"]), float(info["ttl"])
     except (ValueError, KeyError, TypeError):
         return {}   # unreadable: expired
+    if not (math.isfinite(renewed) and math.isfinite(ttl) and ttl > 0):
+        return {}
+    return {**info, "renewed": renewed, "ttl": min(ttl, MAX_TTL)}
 
 
 def _machine() -> str:
@@ -96,7 +104,7 @@ class Lease:
         return json.dumps({**self._me, "renewed": time.time()}).encode()
 
     def __enter__(self) -> "Lease":
-        seen_stale = None
+        first: tuple[str, float] | None = None   # the version first found, and when (this host's clock)
         while self.tag is None:
             with contextlib.suppress(storage.AlreadyExists):
                 self.tag = storage.write_bytes(self.path, self._body(), if_absent=True)
@@ -105,34 +113,59 @@ class Lease:
             if got is None:
                 continue   # released meanwhile
             info, tag = _lease_info(got[0]), got[1]
-            age = time.time() - info.get("renewed", 0.0)
-            if age >= info.get("ttl", 0.0) or _dead_here(info):
+            now = time.time()
+            renewed = first is not None and tag != first[0]   # its holder renewed it while this run watched
+            first = first if first is not None and not renewed else (tag, now)
+            ttl = info.get("ttl", 0.0)
+            age = now - info.get("renewed", 0.0)   # < 0: renewed "in the future" by its own clock
+            unchanged = now - first[1]
+            if not -ttl < age < ttl or unchanged >= ttl or _dead_here(info):   # a ttl ahead: no clock is that far off
                 with contextlib.suppress(storage.AlreadyExists):
                     self.tag = storage.write_bytes(self.path, self._body(), if_match=tag)
                 continue
-            if age < info["ttl"] / 3 or (seen_stale is not None and tag != seen_stale):
+            when = f"renewed {age:.0f}s ago" if age >= 0 else f"renewed {-age:.0f}s in the future by its host's clock"
+            if renewed or (unchanged == 0 and 0 <= age < ttl / 3):   # renewed while watched, or fresh when found
                 raise FormatError(f"{self.path.parent}: in use by another labelgen run ({_holder(info)}; lease "
-                                  f"{self.path.name} renewed {age:.0f}s ago); wait for it to end or stop it, then rerun")
-            seen_stale = tag   # not renewed for two periods: its holder is likely gone; wait for the lease to run out
-            time.sleep(min(info["ttl"] - age, info["ttl"] / 6) + 0.05)
+                                  f"{self.path.name} {when}); wait for it to end or stop it, then rerun")
+            # Not renewed for two periods (its holder is likely gone), or not to be trusted: wait for it to run out.
+            left = ttl - max(age, unchanged)
+            if unchanged == 0:
+                print(f"{self.path.parent}: waiting up to {left:.0f}s for the lease of another labelgen run to "
+                      f"expire ({_holder(info)}; lease {self.path.name} {when})", file=sys.stderr, flush=True)
+            time.sleep(min(left, ttl / 6) + 0.05)
         self._thread.start()
         return self
 
     def _renew(self) -> None:
+        renewed = time.time()
         while not self._stop.wait(self.ttl / 6):
             try:
                 self.tag = storage.write_bytes(self.path, self._body(), if_match=self.tag)
+                renewed = time.time()
             except storage.AlreadyExists:
-                got = storage.read_versioned(self.path)
-                self.lost = _holder(_lease_info(got[0])) if got else "its lease was deleted"
+                self.lost = self._what_happened(time.time() - renewed)
                 return
             except OSError:
                 continue   # the store did not answer: try again at the next period, within the lease
 
+    def _what_happened(self, unrenewed: float) -> str:
+        """Why this run's lease object is no longer its own, in words."""
+        try:
+            got = storage.read_versioned(self.path)
+        except OSError:
+            return "its lease object changed"
+        if got is None:
+            return f"its lease object {self.path.name} was deleted"
+        info = _lease_info(got[0])
+        if not info:
+            return f"its lease object {self.path.name} was overwritten with something that is not a lease"
+        late = f" after this run had not renewed it for {unrenewed:.0f}s" if unrenewed >= self.ttl else ""
+        return f"another labelgen run took it over ({_holder(info)}){late}"
+
     def check(self) -> None:
         if self.lost is not None:
-            raise FormatError(f"{self.path.parent}: another run took this output over ({self.lost}) after this "
-                              "one stopped renewing its lease; this run stops without committing")
+            raise FormatError(f"{self.path.parent}: this run lost its hold on the output: {self.lost}; it stops "
+                              "without committing")
 
     def __exit__(self, *exc):
         self._stop.set()
@@ -146,6 +179,7 @@ def live_holder(obj: StorePath) -> str | None:
     """Who holds the lease object `obj` ('pid N on HOST: command'), or None when it has expired or its holder is gone."""
     got = storage.read_versioned(obj)
     info = _lease_info(got[0]) if got else {}
-    if got and time.time() - info.get("renewed", 0) < info.get("ttl", 0) and not _dead_here(info):
+    ttl = info.get("ttl", 0)
+    if got and -ttl < time.time() - info.get("renewed", 0) < ttl and not _dead_here(info):
         return _holder(info)
     return None

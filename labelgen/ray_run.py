@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import socket
 import time
 from dataclasses import dataclass
 
+from labelgen import bounded
 from labelgen.config import GenerateConfig
 from labelgen.errors import FormatError
 from labelgen.inputs import InputError
@@ -61,6 +63,38 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
                          "(`ray start --head`) or pass --ray auto (this node's cluster) or --ray local") from None
 
 
+class _NotInMainThread(logging.Filter):
+    """Ray's warning that it set no SIGTERM handler: `_connect` keeps labelgen's on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
+def _connect(ray, ray_cfg: RayConfig) -> None:
+    """ray.init, in a thread the main thread waits on (bounded.call): a signal
+    still stops the run (ray.init in the main thread would also replace
+    labelgen's SIGTERM handler with one exiting 15, not 75), and a cluster
+    address must connect within the store deadline: a port that answers TCP
+    but is no Ray cluster's keeps ray.init retrying for minutes."""
+    _check_reachable(ray_cfg.address)
+    kw = dict(log_to_driver=False, configure_logging=False)
+    if ray_cfg.address == "local":   # starting an instance here may take long on a busy machine: no deadline
+        kw.update(include_dashboard=False, object_store_memory=ray_cfg.object_store_mb << 20)
+    else:
+        kw["address"] = ray_cfg.address
+    limit = None if ray_cfg.address == "local" else bounded.deadline()
+    quiet = _NotInMainThread()
+    logging.getLogger("ray._private.worker").addFilter(quiet)
+    try:
+        bounded.call(ray.init, limit=limit, **kw)
+    except TimeoutError:
+        raise ValueError(f"--ray {ray_cfg.address}: something answers there but no Ray cluster connected in "
+                         f"{limit:.0f} s ($LABELGEN_STORE_TIMEOUT); pass a Ray head's address (`ray start --head` "
+                         "prints it; port 6379 by default), --ray auto (this node's cluster) or --ray local") from None
+    finally:
+        logging.getLogger("ray._private.worker").removeFilter(quiet)
+
+
 def _unit(cfg: GenerateConfig) -> dict:
     """One unit, in a Ray worker process: the worker's run; its partial manifest's counts."""
     from labelgen.generate import run
@@ -91,12 +125,7 @@ def run_on_ray(cfg: GenerateConfig, ray_cfg: RayConfig) -> dict:
     from labelgen.finalize import finalize
     n = cfg.num_workers
     if not ray.is_initialized():
-        _check_reachable(ray_cfg.address)
-        if ray_cfg.address == "local":
-            ray.init(include_dashboard=False, object_store_memory=ray_cfg.object_store_mb << 20,
-                     log_to_driver=False, configure_logging=False)
-        else:
-            ray.init(address=ray_cfg.address, log_to_driver=False, configure_logging=False)
+        _connect(ray, ray_cfg)
     task = ray.remote(num_cpus=ray_cfg.cpus_per_unit, num_gpus=ray_cfg.gpus_per_unit,
                       max_retries=ray_cfg.retries, retry_exceptions=False)(_unit)
     units = {task.remote(dataclasses.replace(cfg, worker_index=i, resume=True, progress=False, overwrite=False)): i

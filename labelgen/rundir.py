@@ -44,6 +44,10 @@ from labelgen.lease import LEASE_SUFFIX, Lease, lease_name, live_holder
 from labelgen.storage import StorePath
 
 
+class OutputRefused(ValueError):
+    """The output holds no run of this kind (foreign files): refused, and left as it was found."""
+
+
 @dataclass(frozen=True)
 class RunKind:
     """What runs of one command write directly in their output."""
@@ -64,13 +68,21 @@ class RunKind:
     local_only: bool = False
 
     def owns(self, name: str) -> bool:
+        """`name` (a path relative to the output, '/'-separated) is this kind's
+        to write: a file it writes, or a directory it writes files into."""
         base = re.sub(r"(\.\d+)?" + re.escape(fsutil.TMP_SUFFIX) + "$", "", name).lstrip(".") \
             if name.endswith(fsutil.TMP_SUFFIX) else name
-        return _bookkeeping(name) or any(fnmatch.fnmatchcase(base, p) for p in self.owned)
+        return _bookkeeping(name) or self.shares(name) or any(fnmatch.fnmatchcase(base, p) for p in self.owned)
+
+    def shares(self, name: str) -> bool:
+        """`name` is a directory this kind writes some files into (owned as
+        'dir/pattern'), not all of it: --overwrite deletes only those files."""
+        return any(p.startswith(name.rstrip("/") + "/") for p in self.owned)
 
 
 _SHARDS = ("shard-*" + fmt.SHARD_SUFFIX,)
-LABELS = RunKind("label set", _SHARDS + (fmt.MANIFEST_NAME, fmt.TOKENIZER_DIR, fmt.RUN_FILE),
+_TOKENIZER = tuple(f"{fmt.TOKENIZER_DIR}/{name}" for name in fmt.TOKENIZER_FILES)
+LABELS = RunKind("label set", _SHARDS + (fmt.MANIFEST_NAME, fmt.RUN_FILE) + _TOKENIZER,
                  marker=(fmt.MANIFEST_NAME, fmt.RUN_FILE) + _SHARDS, harmless=(), unit="shard",
                  unit_pattern=_SHARDS[0], record=fmt.RUN_FILE, resumable=False)
 # What the library's ShardWriter is given: a directory it may empty when told to (exist="overwrite").
@@ -146,7 +158,7 @@ class RunDir:
     def __enter__(self) -> "RunDir":
         if self.main:
             with self._stack as stack:
-                stack.enter_context(fsutil.run_lock(self.local, self.worker))
+                stack.enter_context(fsutil.run_lock(self.local, self.worker, refused=(OutputRefused,)))
                 if self.remote:
                     i, n = self.worker or (0, 1)
                     self.lease = stack.enter_context(Lease(self.remote / lease_name(i, n)))
@@ -183,9 +195,9 @@ class RunDir:
         if foreign and (overwrite or not any(_matches(n, self.kind.marker) for n in content)):
             more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
             if overwrite:
-                raise ValueError(f"--overwrite: {self} holds {foreign[0]}{more}, which no labelgen run wrote; "
+                raise OutputRefused(f"--overwrite: {self} holds {foreign[0]}{more}, which no labelgen run wrote; "
                                  "--overwrite deletes only what labelgen wrote: move it away or choose another --out")
-            raise ValueError(f"--out: {self} is not empty and holds no labelgen run ({foreign[0]}{more}); choose "
+            raise OutputRefused(f"--out: {self} is not empty and holds no labelgen run ({foreign[0]}{more}); choose "
                              "another --out (pass --resume to continue a run or --overwrite to replace one; neither "
                              "touches files labelgen did not write)")
         if overwrite:
@@ -228,15 +240,19 @@ class RunDir:
         storage.write_bytes(self.where / self.kind.record, json.dumps(identity, indent=2).encode())
 
     def clear(self) -> None:
-        """Delete what runs of this kind wrote here (the lock and lease stay)."""
+        """Delete what runs of this kind wrote here (the lock and lease stay;
+        so do files a user put into a directory the kind shares with them)."""
         def ours(name: str) -> bool:
-            return self.kind.owns(name) and not _bookkeeping(name)
+            top = name.split("/")[0]
+            if self.kind.shares(top):
+                return "/" in name and self.kind.owns(name)
+            return self.kind.owns(top) and not _bookkeeping(top)
         if self.remote:
             for obj in storage.list_tree(self.remote):
-                if ours(obj.key[len(self.remote.key):].lstrip("/").split("/")[0]):
+                if ours(obj.key[len(self.remote.key):].lstrip("/")):
                     storage.delete(obj)
         else:
-            fsutil.clear_directory(self.local, only=ours)
+            fsutil.clear_directory(self.local, only=ours, descend=self.kind.shares)
 
     def exists(self) -> bool:
         return self.where.is_dir()

@@ -75,7 +75,9 @@ def filesystem(scheme: str):
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kw["region"] = region
-    return bounded.Filesystem(pafs.S3FileSystem(**kw))
+    # Its socket timeouts: a write (a progress record, a shard part) to a store that stopped answering fails too.
+    return bounded.Filesystem(pafs.S3FileSystem(connect_timeout=bounded.deadline(), request_timeout=bounded.deadline(),
+                                                **kw))
 
 
 @dataclass(frozen=True)
@@ -299,7 +301,7 @@ def write_bytes(path, data: bytes, if_absent: bool = False, if_match: str | None
         import botocore.exceptions
         try:
             cond = {"IfNoneMatch": "*"} if if_absent else {"IfMatch": if_match}
-            return _boto3_client().put_object(Bucket=path.bucket, Key=path.key, Body=data, **cond)["ETag"]
+            return _s3_request(path, "put_object", Body=data, **cond)["ETag"]
         except botocore.exceptions.ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict",
                                                            "NoSuchKey", "404"):
@@ -309,9 +311,11 @@ def write_bytes(path, data: bytes, if_absent: bool = False, if_match: str | None
         raise AlreadyExists(f"{path}: already exists")
     if if_match is not None and (read_versioned(path) or (None, None))[1] != if_match:
         raise AlreadyExists(f"{path}: changed or gone")
-    try:
+    def put() -> None:
         with filesystem(path.scheme).open_output_stream(path._fs_path) as out:
             out.write(data)
+    try:   # a small object (a record, a manifest): written within the deadline, like a metadata call
+        bounded.call(put, limit=bounded.deadline())
     except OSError as e:
         raise _failed(path, e) from None
     return hashlib.sha256(data).hexdigest()
@@ -322,13 +326,17 @@ def read_versioned(path: "StorePath") -> tuple[bytes, str] | None:
     when it does not exist. The tag is S3's ETag through boto3, else a hash."""
     if path.scheme == "s3" and _boto3_client() is not None:
         import botocore.exceptions
-        try:
+        def get() -> tuple[bytes, str]:
             got = _boto3_client().get_object(Bucket=path.bucket, Key=path.key)
+            return got["Body"].read(), got["ETag"]   # the body too: it streams from the same connection
+        try:
+            return bounded.call(get, limit=bounded.deadline())
         except botocore.exceptions.ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
             raise _failed(path, e) from None
-        return got["Body"].read(), got["ETag"]
+        except (OSError, botocore.exceptions.BotoCoreError) as e:   # no answer in time, no connection
+            raise _failed(path, e) from None
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -338,14 +346,33 @@ def read_versioned(path: "StorePath") -> tuple[bytes, str] | None:
 
 @functools.lru_cache(maxsize=None)
 def _boto3_client():
-    """An S3 client configured like pyarrow's (the same environment), or None without boto3."""
+    """An S3 client configured like pyarrow's (the same environment and
+    deadline), or None without boto3. Its own timeouts and retries are bounded
+    too: the lease's renewal thread calls it directly (bounded.py)."""
     try:
         import boto3
+        from botocore.config import Config
     except ImportError:
         return None
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    return boto3.client("s3", endpoint_url=endpoint or None, region_name=region or None)
+    limit = bounded.deadline()
+    return boto3.client("s3", endpoint_url=endpoint or None, region_name=region or None,
+                        config=Config(connect_timeout=limit, read_timeout=limit,
+                                      retries={"total_max_attempts": 2, "mode": "standard"}))
+
+
+def _s3_request(path: "StorePath", method: str, **kwargs):
+    """One boto3 request about `path`, within the store deadline and stopped by a signal (bounded.call);
+    a request without an answer in time fails naming the object."""
+    from botocore.exceptions import BotoCoreError, ClientError
+    try:
+        return bounded.call(getattr(_boto3_client(), method), Bucket=path.bucket, Key=path.key,
+                            limit=bounded.deadline(), **kwargs)
+    except ClientError:
+        raise   # the store answered: the caller reads its error code
+    except (OSError, BotoCoreError) as e:   # no answer in time, no connection
+        raise _failed(path, e) from None
 
 
 def delete(path, if_match: str | None = None) -> None:
@@ -356,7 +383,7 @@ def delete(path, if_match: str | None = None) -> None:
     elif if_match is not None and path.scheme == "s3" and _boto3_client() is not None:
         import botocore.exceptions
         with contextlib.suppress(botocore.exceptions.ClientError):   # gone, or no longer that version
-            _boto3_client().delete_object(Bucket=path.bucket, Key=path.key, IfMatch=if_match)
+            _s3_request(path, "delete_object", IfMatch=if_match)
     elif if_match is None or (read_versioned(path) or (None, None))[1] == if_match:
         with contextlib.suppress(FileNotFoundError):
             filesystem(path.scheme).delete_file(path._fs_path)

@@ -21,8 +21,10 @@ from student_train.config import CodistillConfig, RoundsConfig, TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train a student LLM on label shards written by `labelgen generate`.")
-# A preemption signal is read by the training loop, which checkpoints first (runtime.fit).
-cli_errors = clikit.cli_errors("student-train", raise_on_preemption=False)
+# A preemption signal stops a command at once (exit 75) until its training loop starts; the loop (runtime.fit)
+# then reads it into a flag of its own and stops after the step in progress, with a checkpoint of that step.
+cli_errors = clikit.cli_errors("student-train", raise_on_preemption=True)
+ON_STOP = "rerun the same command with --resume to continue from its last checkpoint"
 
 
 def finish(result: dict, done: str) -> None:
@@ -48,7 +50,7 @@ def finish(result: dict, done: str) -> None:
 
 @app.command("train")
 @clikit.show_defaults(TrainConfig)
-@cli_errors
+@cli_errors(on_stop=ON_STOP)
 def train_cmd(
     config: Optional[Path] = typer.Argument(None, help="YAML/JSON config file; flags override its keys"),
     labels: Optional[List[str]] = typer.Option(None, "--labels", help="label directory (repeatable)"),
@@ -108,7 +110,7 @@ def train_cmd(
 
 @app.command("codistill")
 @clikit.show_defaults(CodistillConfig)
-@cli_errors
+@cli_errors(on_stop=ON_STOP)
 def codistill_cmd(
     config: Optional[Path] = typer.Argument(None, help="YAML/JSON config file; flags override its keys"),
     input: Optional[List[str]] = typer.Option(None, "--input", help="raw text file or directory (repeatable)"),

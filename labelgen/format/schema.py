@@ -22,6 +22,11 @@ READABLE_MAJOR_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 RUN_FILE = "run.json"         # a run's config and inputs, written first: resume and export read it
 TOKENIZER_DIR = "tokenizer"   # the labels' tokenizer, saved beside the shards
+# The files a HF tokenizer's save_pretrained writes (fast, sentencepiece and tiktoken tokenizers): what of
+# TOKENIZER_DIR is labelgen's; anything else a user put there is left alone by --overwrite.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json",
+                   "*.model", "*.tiktoken", "additional_chat_templates/*.jinja")
 SHARD_SUFFIX = ".parquet"
 FILE_META_KEY = b"labelgen"
 COUNTS_META_KEY = b"labelgen_counts"
