@@ -160,7 +160,7 @@ class Lease:
         if not info:
             return f"its lease object {self.path.name} was overwritten with something that is not a lease"
         late = f" after this run had not renewed it for {unrenewed:.0f}s" if unrenewed >= self.ttl else ""
-        return f"another labelgen run took it over ({_holder(info)}){late}"
+        return f"another run took this output over ({_holder(info)}){late}"
 
     def check(self) -> None:
         if self.lost is not None:

@@ -78,7 +78,7 @@ class KDConfig:
         if not 0 <= self.beta <= 1:
             _bad("--beta", f"must be in [0, 1], got {self.beta}")
         if self.head_chunk_mb is not None and not (math.isfinite(self.head_chunk_mb) and self.head_chunk_mb >= 0):
-            _bad("--head-chunk-mb", f"must be a number >= 0 (0: the model's full logits), got {self.head_chunk_mb}")
+            _bad("--head-chunk-mb", f"must be >= 0 (0: the model's full logits), got {self.head_chunk_mb}")
 
 
 @dataclass(frozen=True, kw_only=True)

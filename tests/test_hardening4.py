@@ -317,7 +317,7 @@ def test_a_lost_lease_says_what_happened_to_it(how, s3, monkeypatch):
             lease.check()
     said = {"deleted": "its lease object labelgen.lease was deleted",
             "garbage": "its lease object labelgen.lease was overwritten with something that is not a lease",
-            "taken": "another labelgen run took it over (pid 1 on elsewhere: labelgen x)"}[how]
+            "taken": "another run took this output over (pid 1 on elsewhere: labelgen x)"}[how]
     assert f"this run lost its hold on the output: {said}; it stops without committing" in str(e.value)
     assert "stopped renewing" not in str(e.value)
 
@@ -351,8 +351,8 @@ def test_head_chunk_mb_must_be_a_finite_number_and_nothing_is_written(value, top
                         "--student-config", student_config, "--out", str(out), "--head-chunk-mb", value,
                         "--no-progress", "--device", "cpu"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 2, r.stderr
-    assert one_line_error(r.stderr, "student-train").startswith("student-train: error: --head-chunk-mb: must be a "
-                                                                "number >= 0"), r.stderr
+    assert one_line_error(r.stderr, "student-train") == "student-train: error: --head-chunk-mb: must be >= 0 (0: the " \
+                                                         f"model's full logits), got {float(value)}", r.stderr
     assert not out.exists()
 
 
