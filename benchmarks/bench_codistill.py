@@ -24,7 +24,7 @@ import torch
 
 
 def setup(work: Path, args):
-    from labelgen.demo import read_corpus, train_tokenizer
+    from labelgen.tools.demo import read_corpus, train_tokenizer
     from student_train.codistill import tokenize_corpus
     from student_train.config import CodistillConfig
     if not (work / "tok" / "tokenizer.json").is_file():

@@ -37,7 +37,7 @@ import torch
 
 def make_corpus(path: Path, tokens_target: int, tokenizer) -> None:
     """JSONL of stdlib source, about tokens_target tokens."""
-    from labelgen.demo import read_corpus
+    from labelgen.tools.demo import read_corpus
     n = 0
     with open(path, "w") as f:
         for t in read_corpus(None, 64 << 20):
@@ -61,7 +61,7 @@ SHAPES = {
 def random_teacher(out: Path, size: str) -> Path:
     """A randomly initialised bf16 teacher of a real shape (SHAPES), with the demo tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-    from labelgen.demo import DemoTeacherConfig, read_corpus, train_tokenizer
+    from labelgen.tools.demo import DemoTeacherConfig, read_corpus, train_tokenizer
     qwen = size.startswith("qwen")
     cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if qwen else (LlamaConfig, LlamaForCausalLM)
     cfg = cls(vocab_size=151936, max_position_embeddings=32768 if qwen else 4096, tie_word_embeddings=False,
@@ -76,7 +76,7 @@ def random_teacher(out: Path, size: str) -> Path:
 
 
 def windows_of(corpus: Path, tokenizer, seq_len: int) -> list[np.ndarray]:
-    from labelgen.reader import windows
+    from labelgen.generate.work import windows
     out = []
     for line in open(corpus):
         ids = np.asarray(tokenizer(json.loads(line)["text"])["input_ids"])
@@ -90,8 +90,8 @@ def bare_loop(teacher: str, wins: list[np.ndarray], k: int, batch_tokens: int, d
     """(a): the simplest thing a person would write, batched the same way,
     timed from loading the model (startup) or after one warm-up batch."""
     from transformers import AutoModelForCausalLM
-    from labelgen.batches import topk_batches
-    from labelgen.config import GenerateConfig
+    from labelgen.generate.requests import topk_batches
+    from labelgen.generate.config import GenerateConfig
     cfg = GenerateConfig(teacher=teacher, inputs=("x",), out="x", k=k, max_seq_len=max(len(w) for w in wins),
                          batch_tokens=batch_tokens)
     batches = list(topk_batches([("x", 0, w) for w in wins], cfg))
@@ -124,7 +124,7 @@ def bare_loop(teacher: str, wins: list[np.ndarray], k: int, batch_tokens: int, d
 def pipeline(teacher: str, corpus: Path, out: Path, backend: str, k: int, seq_len: int, batch_tokens: int,
              mode: str = "topk", engine: dict | None = None, teacher_obj=None, **kw) -> float:
     """End to end through labelgen.generate.run, with an already loaded teacher if given."""
-    from labelgen.config import GenerateConfig
+    from labelgen.generate.config import GenerateConfig
     from labelgen.generate import run
     cfg = GenerateConfig(teacher=teacher, inputs=(str(corpus),), out=str(out), backend=backend, k=k, mode=mode,
                          max_seq_len=seq_len, batch_tokens=batch_tokens, rows_per_shard=64, progress=False,
@@ -147,7 +147,7 @@ def vllm_direct_topk(llm, wins: list[np.ndarray], k: int) -> float:
 def vllm_direct_sample(llm, prompts_ids: list[list[int]], n: int, max_new: int) -> float:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
-    from labelgen.batches import derive_seed
+    from labelgen.generate.requests import derive_seed
     reqs, params = [], []
     for i, ids in enumerate(prompts_ids):
         for j in range(n):
@@ -163,7 +163,7 @@ def vllm_direct_sample(llm, prompts_ids: list[list[int]], n: int, max_new: int) 
 def bucket_report(teacher: str, tok, corpus: Path, work: Path, wins, args) -> None:
     """The same run to local disk and to s3://bench/gen, alternating; median tokens/s of each."""
     from bench_loader import start_moto
-    from labelgen import storage
+    from labelgen.store import storage
     from labelgen.backends.hf import HFTeacher
     _, server = start_moto("bench")
     storage.filesystem.cache_clear()
@@ -241,7 +241,7 @@ def measure(teacher: str, work: Path, args, label: str | None = None) -> None:
         vllm_rows(teacher, tok, corpus, work, wins, args, device, rows)
     # MFU of each row from the same FLOP count labelgen reports (labelgen/mfu.py), on the device's bf16 peak.
     from transformers import AutoConfig
-    from labelgen.mfu import FlopMeter, peak_tflops
+    from labelgen.generate.mfu import FlopMeter, peak_tflops
     peak = peak_tflops(torch.cuda.get_device_name()) if device == "cuda" else None
     meter = FlopMeter.of(AutoConfig.from_pretrained(teacher), 1, peak)
     meter.add([len(w) for w in wins])

@@ -193,7 +193,7 @@ def build_labels(work: Path, vocab: int, seq: int) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from labelgen.demo import read_corpus, token_stream, train_tokenizer
+    from labelgen.tools.demo import read_corpus, token_stream, train_tokenizer
     teacher = work / "teacher"
     texts = read_corpus(None, 600_000)
     if not (work / "docs.jsonl").is_file():

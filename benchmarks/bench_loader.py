@@ -36,8 +36,8 @@ STUDENT = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 688, 
 
 
 def make_labels(teacher: str, out: Path) -> Path:
-    from labelgen.config import GenerateConfig
-    from labelgen.demo import read_corpus
+    from labelgen.generate.config import GenerateConfig
+    from labelgen.tools.demo import read_corpus
     from labelgen.generate import run
     corpus = out.parent / "corpus.jsonl"
     with open(corpus, "w") as f:
@@ -81,7 +81,7 @@ def loader_rate(label_dir: Path, batch_size: int, num_workers: int, checksums: b
 def cross_loader_rate(label_dir: Path, batch_size: int, student_tokenizer: str | None, work: Path):
     """Loader rate re-tokenizing for another tokenizer, and the seconds its candidate map took."""
     from transformers import AutoTokenizer
-    from labelgen.demo import read_corpus, train_tokenizer
+    from labelgen.tools.demo import read_corpus, train_tokenizer
     from student_train.vocab import load_tokenizer_for
     from student_train.xtok import CrossTokenizer
     if student_tokenizer is None:

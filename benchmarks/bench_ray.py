@@ -29,11 +29,11 @@ def main():
     ap.add_argument("--docs", type=int, default=80, help="stdlib files labelled (first 3,000 characters of each)")
     args = ap.parse_args()
     import ray
-    from labelgen.config import GenerateConfig
-    from labelgen.demo import read_corpus
-    from labelgen.finalize import finalize
+    from labelgen.generate.config import GenerateConfig
+    from labelgen.tools.demo import read_corpus
+    from labelgen.generate.finalize import finalize
     from labelgen.generate import run
-    from labelgen.ray_run import RayConfig, run_on_ray
+    from labelgen.generate.ray_units import RayConfig, run_on_ray
     work = Path(tempfile.mkdtemp(prefix="bench_ray_"))
     inputs = work / "docs.jsonl"
     inputs.write_text("".join(json.dumps({"text": t[:3000]}) + "\n" for t in read_corpus(None, 4_000_000)[: args.docs]))

@@ -27,9 +27,9 @@ def main():
     args = ap.parse_args()
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
-    from labelgen.config import GenerateConfig
+    from labelgen.generate.config import GenerateConfig
     from labelgen.generate import run
-    from labelgen.inspection import inspect
+    from labelgen.tools.inspection import inspect
     scale = QUICK if args.quick else FULL
     work = Path(tempfile.mkdtemp(prefix="bench_sampled_"))
     _, text, heldout = split_corpus(args.corpus, scale, work)

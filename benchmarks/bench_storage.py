@@ -51,8 +51,8 @@ from pathlib import Path
 import numpy as np
 
 from labelgen.format import Encoding
-from labelgen.inspection import inspect
 from labelgen.shards import ShardReader, ShardWriter
+from labelgen.tools.inspection import inspect
 
 LAYOUTS = {
     "labelgen 2.0 default: sorted, sqrt u8, frequency ids, quantized coverage/target": Encoding(),
@@ -89,7 +89,7 @@ def measure_distillkit(rows: list[dict], k: int, vocab: int, checkout: str) -> d
 def corpus_texts(which: str) -> list[str]:
     """code: the standard library's .py files; prose: its reference documentation."""
     if which == "code":
-        from labelgen.demo import read_corpus
+        from labelgen.tools.demo import read_corpus
         return read_corpus(None, 8 << 20)
     from pydoc_data.topics import topics
     return [topics[name] for name in sorted(topics)]
@@ -296,7 +296,7 @@ def full_plogp(teacher, windows) -> np.ndarray:
 
 def report_truncation(title: str, rows: list[dict], plogp: np.ndarray, k: int, vocab: int) -> None:
     """Bytes and fidelity to the full distribution of fixed k against adaptive truncation."""
-    from labelgen.batches import truncate
+    from labelgen.generate.requests import truncate
     positions = len(plogp)
     print(f"\n### {title}: adaptive truncation, V = {vocab:,}, cap k = {k}, {positions:,} positions\n")
     print("| setting | entries/position | B/position | mean kept mass | mean KL(full ‖ kept + uniform tail) |")

@@ -61,7 +61,7 @@ def log(msg: str) -> None:
 
 def split_corpus(paths: list[str] | None, scale: Scale, work: Path) -> tuple[list[str], Path, Path]:
     """(teacher training texts, label JSONL, held-out JSONL): files in sorted order, the last 5% held out."""
-    from labelgen.demo import read_corpus
+    from labelgen.tools.demo import read_corpus
     texts = read_corpus(paths, scale.corpus_bytes)
     n_eval = max(2, len(texts) // 20)
     train, held = texts[:-n_eval], texts[-n_eval:]
@@ -90,7 +90,7 @@ def label_sets(text: Path, prompts: Path, scale: Scale) -> dict:
 
 def make_labels(teacher: str, sets: dict, out: Path, scale: Scale) -> dict:
     """The label sets `sets` (name -> GenerateConfig settings). Returns name -> {dir, manifest with summary}."""
-    from labelgen.config import GenerateConfig
+    from labelgen.generate.config import GenerateConfig
     from labelgen.generate import run
     common = dict(teacher=teacher, max_seq_len=scale.max_seq_len, batch_tokens=4096, rows_per_shard=64,
                   progress=False, device="cpu")
@@ -207,7 +207,7 @@ def write_report(labels: dict, students: dict, teacher_info: dict, scale: Scale,
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from labelgen.inspection import inspect
+    from labelgen.tools.inspection import inspect
     out_dir.mkdir(parents=True, exist_ok=True)
     finals = {name: r.get("final") or final_metrics(r["dir"]) for name, r in students.items()}
     base, upper = finals["CE only"]["eval_ce"], finals["online full KD (frozen teacher)"]["eval_ce"]
@@ -334,8 +334,8 @@ def cross_tokenizer(teacher: str, texts: list[str], label_text: Path, heldout: P
     other files, another vocabulary size), each with CE only and with top-64
     KD (alpha 0.5; cross-tokenizer KD where boundaries meet), compared in
     held-out bits per byte. Writes its section into OUT/results.md."""
-    from labelgen.config import GenerateConfig
-    from labelgen.demo import train_tokenizer
+    from labelgen.generate.config import GenerateConfig
+    from labelgen.tools.demo import train_tokenizer
     from labelgen.generate import run
     from student_train.config import TrainConfig
     from student_train.data import LabelStream, open_label_sets
@@ -433,7 +433,7 @@ def main():
     import tempfile
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
-    from labelgen.demo import DemoTeacherConfig, build_demo_teacher
+    from labelgen.tools.demo import DemoTeacherConfig, build_demo_teacher
     hf_logging.disable_progress_bar()
     work = Path(args.work or tempfile.mkdtemp(prefix="labelgen_report_"))
     if work.exists():
@@ -457,7 +457,7 @@ def main():
         return
     sets = label_sets(label_text, work / "prompts.jsonl", scale)
     labels = make_labels(teacher, {n: sets[n] for n in REPORT_LABELS}, work / "labels", scale)
-    from labelgen.config import GenerateConfig
+    from labelgen.generate.config import GenerateConfig
     from labelgen.generate import run
     run(GenerateConfig(teacher=teacher, inputs=(str(heldout),), out=str(work / "eval_labels"), k=64,
                        max_seq_len=scale.max_seq_len, progress=False, device="cpu"))

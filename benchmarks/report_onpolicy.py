@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from labelgen import fsutil
+from labelgen.store import fsutil
 from report_teacher import Stages, completed, log
 
 MODULES = ("os", "os.path", "json", "re", "math", "random", "itertools", "functools", "collections", "datetime",

@@ -102,7 +102,7 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 
 def coverage_bytes(labels: dict) -> dict:
     """Label set -> its coverage column's compressed bytes per position (sets that have one)."""
-    from labelgen.inspection import inspect
+    from labelgen.tools.inspection import inspect
     out = {}
     for name, info in labels.items():
         if info and name.startswith("sampled"):

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from labelgen import fsutil
+from labelgen.store import fsutil
 
 STUDENT = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 2,
            "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 1024,
@@ -104,7 +104,7 @@ def split_text(scale: RealScale, work: Path) -> dict:
     """Python's standard library source: the last 5% of files held out (the
     first heldout_docs of them are the evaluation text), the first
     label_docs files labelled, prompts from the starts of training files."""
-    from labelgen.demo import read_corpus
+    from labelgen.tools.demo import read_corpus
     texts = read_corpus(None, 6 << 20)
     n_held = max(2, len(texts) // 20)
     train, held = texts[:-n_held], texts[-n_held:]
@@ -143,9 +143,9 @@ def label_specs(files: dict, scale: RealScale) -> dict:
 
 
 def make_label_set(teacher: str, out: Path, kw: dict, scale: RealScale) -> dict:
-    from labelgen.config import GenerateConfig
+    from labelgen.generate.config import GenerateConfig
     from labelgen.generate import run
-    from labelgen.inspection import inspect
+    from labelgen.tools.inspection import inspect
     summary = {}
     if not (out / "manifest.json").is_file():
         summary = run(GenerateConfig(**{**dict(teacher=teacher, out=str(out), max_seq_len=scale.max_seq_len, batch_tokens=4096,
@@ -416,7 +416,7 @@ def cross_tokenizer_runs(labels: dict, other_text: list[str], eval_dir: str, wor
     files of the corpus), CE only, top-64 KD and sampled KD (N = 12) at
     alpha 0.5 from the same labels, in held-out bits per byte; the aligned
     share of its positions."""
-    from labelgen.demo import train_tokenizer
+    from labelgen.tools.demo import train_tokenizer
     from student_train.data import LabelStream, open_label_sets
     from student_train.vocab import load_tokenizer_for
     from student_train.xtok import CrossTokenizer

@@ -18,7 +18,7 @@ from typing import List, Optional
 import typer
 
 from labelgen import clikit
-from labelgen.config import GenerateConfig
+from labelgen.generate.config import GenerateConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Teacher labels for LLM distillation: generate, validate and inspect label shards.")
@@ -33,7 +33,7 @@ def validate(label_dir: str = typer.Argument(..., help="label set directory, or 
              as_json: bool = typer.Option(False, "--json", help="print a JSON report"),
              max_problems: int = typer.Option(20, help="stop listing after this many problems")):
     """Check a label set: manifest vs files, checksums, schema, ids, logprobs, coverage."""
-    from labelgen.inspection import validate as run
+    from labelgen.tools.inspection import validate as run
     r = run(label_dir, max_problems)
     if as_json:
         clikit.print_json(r)
@@ -53,7 +53,7 @@ def inspect(label_dir: str = typer.Argument(..., help="label set directory, or a
             as_json: bool = typer.Option(False, "--json", help="print JSON"),
             plot: Optional[Path] = typer.Option(None, help="write a coverage histogram PNG (needs matplotlib)")):
     """Sizes, bytes per position/entry, compression ratios and top-k coverage."""
-    from labelgen.inspection import format_inspect, inspect as run, plot_inspect
+    from labelgen.tools.inspection import format_inspect, inspect as run, plot_inspect
     r = run(label_dir)
     typer.echo(json.dumps(r, indent=2) if as_json else format_inspect(r))
     if plot:
@@ -68,7 +68,7 @@ def estimate(tokens: float = typer.Option(..., help="tokens in the corpus, e.g. 
              from_dir: Optional[str] = typer.Option(None, "--from", help="measure bytes per entry from this label set (a directory or URI)"),
              as_json: bool = typer.Option(False, "--json")):
     """Storage of full-vocabulary soft labels against top-k labels."""
-    from labelgen.inspection import estimate as run, format_estimate
+    from labelgen.tools.inspection import estimate as run, format_estimate
     r = run(tokens, vocab, k, from_dir)
     typer.echo(json.dumps(r, indent=2) if as_json else format_estimate(r))
 
@@ -179,7 +179,7 @@ def generate(
                          "or use vLLM's tensor parallelism in the units (--backend vllm --engine tensor_parallel_size=N "
                          "--ray-gpus N)")
     if ray is not None:
-        from labelgen.ray_run import RayConfig, run_on_ray
+        from labelgen.generate.ray_units import RayConfig, run_on_ray
         m = run_on_ray(cfg, RayConfig(address=ray, gpus_per_unit=ray_gpus, cpus_per_unit=ray_cpus, retries=ray_retries))
         typer.echo(f"wrote {m['counts']['rows']:,} rows ({m['counts']['positions']:,} positions) in {len(m['shards'])} "
                    f"shards to {cfg.out} from {cfg.num_workers} Ray units in {m['summary']['seconds']:.1f}s; manifest written")
@@ -205,14 +205,14 @@ def finalize(label_dir: str = typer.Argument(..., help="label directory (or s3:/
                                                                   "Slurm --array= list, and write nothing")):
     """Merge the workers' partial manifests into manifest.json (fails if any slice is missing)."""
     if missing:
-        from labelgen.finalize import slurm_array, unfinished_workers
+        from labelgen.generate.finalize import slurm_array, unfinished_workers
         left, n = unfinished_workers(label_dir)
         typer.echo(f"{len(left)} of {n} workers have not finished" + (": resubmit them with --array=" if left else ""),
                    err=True)
         if left:
             typer.echo(slurm_array(left))
         return
-    from labelgen.finalize import finalize as run
+    from labelgen.generate.finalize import finalize as run
     m = run(label_dir)
     typer.echo(f"{label_dir}: {len(m['shards'])} shards, {m['counts']['rows']:,} rows; manifest written")
 
@@ -228,7 +228,7 @@ def export(label_dir: str = typer.Argument(..., help="top-k label set made with 
     per-token {"token": "token_id:N", "logprob": x} lists that Axolotl's KD plugin reads."""
     if to != "axolotl":
         raise ValueError(f"--to: unknown target {to!r} (known: axolotl)")
-    from labelgen.export import export_axolotl
+    from labelgen.tools.export import export_axolotl
     stats = export_axolotl(label_dir, out, inputs)
     typer.echo(f"wrote {stats['rows']:,} conversations ({stats['tokens']:,} tokens) to {out}")
 
@@ -242,7 +242,7 @@ def import_cmd(inputs: List[str] = typer.Argument(..., help="JSONL (or .jsonl.zs
                rows_per_shard: int = typer.Option(1000, help="sequences per shard"),
                overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty --out")):
     """Turn teacher logprobs saved from vLLM (prompt_token_ids + prompt_logprobs per line) into a top-k label set."""
-    from labelgen.vllm_import import import_prompt_logprobs
+    from labelgen.tools.import_logprobs import import_prompt_logprobs
     m = import_prompt_logprobs(inputs, out, tokenizer, k, overwrite=overwrite, rows_per_shard=rows_per_shard,
                                log=lambda msg: typer.echo(msg, err=True))
     typer.echo(f"wrote {m['counts']['rows']:,} rows ({m['counts']['positions']:,} positions, k={k}) to {out}")
@@ -253,7 +253,7 @@ def import_cmd(inputs: List[str] = typer.Argument(..., help="JSONL (or .jsonl.zs
 def convert_gguf(gguf_file: Path = typer.Argument(..., help="a .gguf model file (llama.cpp format)"),
                  out: Path = typer.Argument(..., help="HF model directory to write (must not exist, or be empty)")):
     """Dequantize a GGUF model into an HF directory usable as --teacher (needs labelgen[gguf])."""
-    from labelgen.gguf import convert_gguf as run
+    from labelgen.tools.gguf import convert_gguf as run
     run(gguf_file, out, log=lambda m: typer.echo(m, err=True))
     typer.echo(f"teacher saved to {out}")
 
@@ -265,7 +265,7 @@ def demo_teacher(out: Path = typer.Argument(..., help="where to save the teacher
                  steps: Optional[int] = typer.Option(None, help="training steps"),
                  seed: Optional[int] = typer.Option(None)):
     """Build and briefly train a small Llama-style teacher locally (no downloads)."""
-    from labelgen.demo import DemoTeacherConfig, build_demo_teacher
+    from labelgen.tools.demo import DemoTeacherConfig, build_demo_teacher
     cfg = DemoTeacherConfig(**{k: v for k, v in dict(steps=steps, seed=seed).items() if v is not None})
     build_demo_teacher(out, corpus, cfg, log=lambda m: typer.echo(m, err=True))
     typer.echo(f"teacher saved to {out}")

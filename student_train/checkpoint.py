@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from labelgen import fsutil, storage
-from labelgen.rundir import CHECKPOINT_RE
+from labelgen.run.rundir import CHECKPOINT_RE
+from labelgen.store import fsutil, storage
 
 
 def checkpoint_dir(out: Path, step: int) -> Path:

@@ -50,7 +50,7 @@ def shared_tokenizer(cfg: CodistillConfig):
 
 def tokenize_corpus(inputs: tuple[str, ...], out: Path, tokenizer_dir: str, cfg: CodistillConfig) -> Path:
     """Tokenize raw text into a `tokens` label set once; later runs reuse it."""
-    from labelgen.config import GenerateConfig
+    from labelgen.generate.config import GenerateConfig
     from labelgen.generate import run
     if not (out / fmt.MANIFEST_NAME).is_file():
         run(GenerateConfig(teacher=tokenizer_dir, inputs=tuple(inputs), out=str(out), mode="tokens",

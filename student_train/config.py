@@ -10,7 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from labelgen.config import config_from_sources
+from labelgen.settings import config_from_sources
 from student_train.losses import KD_KINDS, TAILS, alpha_at, check_tail
 
 DTYPES = ("auto", "float32", "bfloat16")

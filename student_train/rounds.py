@@ -32,8 +32,9 @@ import time
 from pathlib import Path
 
 from labelgen import format as fmt
-from labelgen import stopping, storage
-from labelgen.rundir import ROUNDS, Mismatch, RunDir
+from labelgen import stopping
+from labelgen.run.rundir import ROUNDS, Mismatch, RunDir
+from labelgen.store import storage
 from student_train.checkpoint import checkpoint_dir
 from student_train.config import RoundsConfig
 
@@ -51,7 +52,7 @@ def log(msg: str) -> None:
 
 def _generate(cfg: RoundsConfig, out: Path, **kw) -> tuple[dict, float]:
     """A label set in `out`, made once: (its manifest, the seconds it took when made)."""
-    from labelgen.config import GenerateConfig
+    from labelgen.generate.config import GenerateConfig
     from labelgen.generate import run
     if (out / fmt.MANIFEST_NAME).is_file():   # made by an earlier run of the command: its time is not known here
         return fmt.read_manifest(out), 0.0
@@ -76,7 +77,7 @@ def _score(cfg: RoundsConfig, samples: Path, out: Path, round_index: int):
 
 def on_policy_figures(scored: Path) -> dict:
     """The sampler's reverse KL to the teacher and both logprobs, per completion token, from a scored set."""
-    from labelgen.inspection import inspect
+    from labelgen.tools.inspection import inspect
     r = inspect(scored)
     return {"reverse_kl": r["reverse_kl"], "teacher_logprob": r["teacher_logprob_mean"],
             "student_logprob": r["sampler_logprob_mean"], "tokens": r["positions"]}

@@ -26,9 +26,9 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from labelgen import fsutil, storage
-from labelgen.rundir import TRAIN, RunDir
+from labelgen.run.rundir import TRAIN, RunDir
 from labelgen.stopping import StopFlag
+from labelgen.store import fsutil, storage
 from student_train import losses
 from student_train.checkpoint import latest_checkpoint, load_states, load_weights, save_checkpoint
 from student_train.data import LabelStream, LoaderState, take_batches

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from labelgen import format as fmt
-from labelgen import storage
 from labelgen.format import FormatError
+from labelgen.store import storage
 
 
 def load_tokenizer_for(student: str | None, label_dir: Path, option: str | None = None):

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from labelgen import format as fmt
-from labelgen import fsutil, storage
+from labelgen.store import fsutil, storage
 
 
 @lru_cache(maxsize=1)

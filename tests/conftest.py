@@ -23,7 +23,7 @@ TINY = dict(vocab_size=512, hidden_size=128, layers=2, heads=2, seq_len=64, batc
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory):
     """A 2-layer Llama (head_dim 64) and BPE tokenizer trained briefly on stdlib source."""
-    from labelgen.demo import DemoTeacherConfig, build_demo_teacher
+    from labelgen.tools.demo import DemoTeacherConfig, build_demo_teacher
     return str(build_demo_teacher(tmp_path_factory.mktemp("teacher"), None, DemoTeacherConfig(**TINY), log=None))
 
 
@@ -31,7 +31,7 @@ def tiny_teacher(tmp_path_factory):
 def corpus(tmp_path_factory):
     """JSONL documents of Python source (long ones get split into windows) and prompts."""
     import json
-    from labelgen.demo import read_corpus
+    from labelgen.tools.demo import read_corpus
     d = tmp_path_factory.mktemp("corpus")
     texts = read_corpus(None, 2_000_000)
     with open(d / "docs.jsonl", "w") as f:
@@ -57,7 +57,7 @@ def vllm_teacher(tiny_teacher):
 @pytest.fixture(scope="session")
 def topk_labels(tiny_teacher, corpus, tmp_path_factory):
     """Top-16 labels of the tiny teacher over the corpus: 6 shards, small row groups."""
-    from labelgen.config import GenerateConfig
+    from labelgen.generate.config import GenerateConfig
     from labelgen.generate import run
     out = tmp_path_factory.mktemp("labels") / "topk"
     run(GenerateConfig(teacher=tiny_teacher, inputs=(str(corpus / "docs.jsonl"),), out=str(out), k=16, max_seq_len=64,
@@ -83,7 +83,7 @@ def s3(tmp_path_factory):
     import socket
     import boto3
     from moto import server as moto_server
-    from labelgen import storage
+    from labelgen.store import storage
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from labelgen import storage
+from labelgen.store import storage
 
 from helpers import BUCKET
 
@@ -118,7 +118,7 @@ def test_two_workers_write_to_a_bucket_one_killed_and_resumed_then_finalize_vali
 
 def test_a_single_worker_writes_a_label_set_to_the_bucket_and_refuses_what_it_should(s3, tiny_teacher, corpus,
                                                                                     tmp_path):
-    from labelgen.config import GenerateConfig
+    from labelgen.generate.config import GenerateConfig
     from labelgen.generate import run
     uri = f"s3://{BUCKET}/single/topk"
 

@@ -66,7 +66,7 @@ def test_every_config_field_has_a_flag_whose_help_shows_its_default():
     import dataclasses
     import re
 
-    from labelgen.config import GenerateConfig
+    from labelgen.generate.config import GenerateConfig
     from student_train.cli import app as student_app
     from student_train.config import CodistillConfig, TrainConfig
     for cli, command, cls in ((app, "generate", GenerateConfig), (student_app, "train", TrainConfig),

@@ -6,8 +6,8 @@ import pytest
 import torch
 from helpers import torchrun_student_train
 
-from labelgen.config import GenerateConfig
 from labelgen.generate import run as generate
+from labelgen.generate.config import GenerateConfig
 from student_train.codistill import codistill
 from student_train.config import CodistillConfig, TrainConfig
 from student_train.train import train
@@ -184,7 +184,7 @@ def test_bad_codistill_settings_fail_before_the_first_step(tiny_teacher, corpus,
 
 
 def test_mismatched_tokenizers_are_refused(tiny_teacher, corpus, student_config, tmp_path):
-    from labelgen.demo import train_tokenizer
+    from labelgen.tools.demo import train_tokenizer
     train_tokenizer(["something else entirely " * 30], 300).save_pretrained(tmp_path / "tok")
     with pytest.raises(ValueError, match=r"different tokenizers \(differ in: vocabulary size"):
         codistill(ccfg(tiny_teacher, corpus, student_config, tmp_path / "x", tokenizer=str(tmp_path / "tok")))
@@ -195,7 +195,7 @@ def test_codistilled_student_beats_a_ce_only_student_of_the_same_budget(tmp_path
     """A 2-layer teacher trained alongside a 1-layer student on 300 steps of
     stdlib source: the student's held-out CE ends lower than with CE alone,
     for each of two seeds (measured margin ~0.05 nats; asserted > 0.01)."""
-    from labelgen.demo import read_corpus, train_tokenizer
+    from labelgen.tools.demo import read_corpus, train_tokenizer
     texts = read_corpus(None, 400_000)
     train_tokenizer(texts, 512).save_pretrained(tmp_path / "tok")
     for name, part in (("train", texts[:-5]), ("eval", texts[-5:])):

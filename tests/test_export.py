@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from labelgen.cli import app
-from labelgen.config import GenerateConfig
 from labelgen.generate import run
+from labelgen.generate.config import GenerateConfig
 from labelgen.shards import ShardReader
 
 runner = CliRunner()

@@ -13,9 +13,9 @@ import pytest
 
 from helpers import assert_stored_coverage, assert_stored_target_logprob, topk_row
 from labelgen import format as fmt
-from labelgen import storage
 from labelgen.format import Encoding, FormatError
 from labelgen.shards import ShardReader, ShardWriter
+from labelgen.store import storage
 
 
 def write_set(path, rows, k, vocab, **kw):
@@ -120,7 +120,7 @@ def test_adaptively_truncated_rows_keep_just_their_entries(tmp_path, rng, order,
             assert_same_entries(a["topk_ids"][p:p + 1, :n], a["topk_logprobs"][p:p + 1, :n],
                                 b["topk_ids"][p:p + 1, :n], b["topk_logprobs"][p:p + 1, :n], enc)
         assert_position_columns_within_documented_error(a, b, enc)
-    from labelgen.inspection import inspect, validate
+    from labelgen.tools.inspection import inspect, validate
     assert validate(tmp_path / "l")["problems"] == []
     r = inspect(tmp_path / "l")
     assert r["entries_per_position"] == pytest.approx(stored / r["positions"])
@@ -210,7 +210,7 @@ def test_writer_refuses_a_non_empty_directory_unless_told(tmp_path, rng):
 
 
 def test_validate_accepts_a_good_set_and_detects_sha256_mismatch(tmp_path, rng):
-    from labelgen.inspection import validate
+    from labelgen.tools.inspection import validate
     write_set(tmp_path / "l", [topk_row(rng, f"e{i}", 30, 300, 8) for i in range(10)], 8, 300)
     assert validate(tmp_path / "l")["ok"]
     shard = tmp_path / "l" / "shard-000000.parquet"
@@ -223,7 +223,7 @@ def test_validate_accepts_a_good_set_and_detects_sha256_mismatch(tmp_path, rng):
 
 
 def test_truncated_shard_is_named_by_reader_and_validate(tmp_path, rng):
-    from labelgen.inspection import validate
+    from labelgen.tools.inspection import validate
     write_set(tmp_path / "l", [topk_row(rng, f"e{i}", 30, 300, 8) for i in range(10)], 8, 300)
     shard = tmp_path / "l" / "shard-000000.parquet"
     shard.write_bytes(shard.read_bytes()[:-100])
@@ -233,7 +233,7 @@ def test_truncated_shard_is_named_by_reader_and_validate(tmp_path, rng):
 
 
 def test_validate_finds_logical_faults_by_file_and_row(tmp_path, rng):
-    from labelgen.inspection import validate
+    from labelgen.tools.inspection import validate
     rows = [topk_row(rng, f"e{i}", 12, 300, 8) for i in range(6)]
     rows[4]["coverage"] = rows[4]["coverage"] * 0.5  # inconsistent with its logprobs
     write_set(tmp_path / "l", rows, 8, 300)
@@ -244,7 +244,7 @@ def test_validate_finds_logical_faults_by_file_and_row(tmp_path, rng):
 def test_validate_bounds_the_coverage_error_by_the_entries_a_position_keeps(tmp_path, rng):
     """variable_k: one kept entry of p = 0.3 cannot add up to coverage 0.312
     (the codec's bound for one entry is ~0.008; for all k = 8 it would be ~0.016)."""
-    from labelgen.inspection import validate
+    from labelgen.tools.inspection import validate
     rows = [topk_row(rng, f"e{i}", 12, 300, 8) for i in range(3)]
     rows[1]["topk_logprobs"][5] = [np.log(0.3)] + [-np.inf] * 7
     rows[1]["coverage"][5] = 0.312
@@ -254,7 +254,7 @@ def test_validate_bounds_the_coverage_error_by_the_entries_a_position_keeps(tmp_
 
 
 def test_foreign_and_extra_files_are_reported(tmp_path, rng):
-    from labelgen.inspection import validate
+    from labelgen.tools.inspection import validate
     write_set(tmp_path / "l", [topk_row(rng, "a", 5, 100, 2)], 2, 100)
     pq.write_table(pa.table({"x": [1, 2]}), tmp_path / "l" / "stray.parquet")
     problems = validate(tmp_path / "l")["problems"]
@@ -302,7 +302,7 @@ def test_inspect_numbers_match_hand_computed_values(tmp_path):
     row = {"example_id": "a", "input_ids": np.array([1, 2, 3, 4, 5]), "topk_ids": np.array([[1, 2]] * 4),
            "topk_logprobs": lps, "coverage": np.exp(lps.astype(np.float64)).sum(1),
            "target_logprob": lps[:, 0], "target_rank": np.array([0, 1, 2, 5])}
-    from labelgen.inspection import inspect
+    from labelgen.tools.inspection import inspect
     write_set(tmp_path / "l", [row], k, V)
     r = inspect(tmp_path / "l")
     size = (tmp_path / "l" / "shard-000000.parquet").stat().st_size
@@ -324,7 +324,7 @@ def test_inspect_numbers_match_hand_computed_values(tmp_path):
 
 
 def test_estimate_shows_the_5e17_byte_figure():
-    from labelgen.inspection import estimate, format_estimate
+    from labelgen.tools.inspection import estimate, format_estimate
     e = estimate(5e12, 100_000, 64)
     assert e["bytes"]["full_fp8"] == 5e17
     assert e["bytes"]["full_bf16"] == 1e18
@@ -334,7 +334,7 @@ def test_estimate_shows_the_5e17_byte_figure():
 
 
 def test_estimate_from_a_label_set_uses_its_measured_bytes(tmp_path, rng):
-    from labelgen.inspection import estimate, inspect
+    from labelgen.tools.inspection import estimate, inspect
     write_set(tmp_path / "l", [topk_row(rng, f"e{i}", 30, 300, 8) for i in range(5)], 8, 300)
     e = estimate(1e9, 300, 8, tmp_path / "l")
     assert e["topk_bytes_per_entry"] == pytest.approx(inspect(tmp_path / "l")["bytes_per_entry"])

@@ -9,16 +9,16 @@ import torch
 from typer.testing import CliRunner
 
 from labelgen.cli import app
-from labelgen.config import GenerateConfig
+from labelgen.generate.config import GenerateConfig
 from helpers import assert_stored_coverage, assert_stored_target_logprob
 from labelgen.format import Encoding
 from test_format import assert_same_entries
-from labelgen.batches import derive_seed
-from labelgen.finalize import finalize
 from labelgen.generate import run
-from labelgen.reader import windows
-from labelgen.inspection import validate
+from labelgen.generate.finalize import finalize
+from labelgen.generate.requests import derive_seed
+from labelgen.generate.work import windows
 from labelgen.shards import ShardReader
+from labelgen.tools.inspection import validate
 
 runner = CliRunner()
 
@@ -169,7 +169,7 @@ def test_the_progress_bar_measures_input_bytes_read_in_the_one_pass(corpus, tmp_
     import pyarrow as pa
     import pyarrow.parquet as pq
     import zstandard
-    from labelgen.inputs import ReadPosition, expand_paths, read_records
+    from labelgen.generate.inputs import ReadPosition, expand_paths, read_records
     raw = (corpus / "docs.jsonl").read_bytes()
     (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
     pq.write_table(pa.Table.from_pylist([json.loads(line) for line in raw.decode().splitlines()]), tmp_path / "b.parquet")
@@ -182,7 +182,7 @@ def test_the_progress_bar_measures_input_bytes_read_in_the_one_pass(corpus, tmp_
     assert len(seen) == 3 * len(raw.decode().splitlines()) + 1
     assert seen == sorted(seen) and 0 < seen[0] and position.bytes == sum(f.stat().st_size for f in files)
     # The generation bar ends full.
-    from labelgen.pipeline import Progress
+    from labelgen.generate.pipeline import Progress
     bar = Progress(GenerateConfig(teacher="t", inputs=("x",), out="o", progress=True), position.bytes)
     bar.update(3, 100, position.bytes)
     assert bar.bar.n == bar.bar.total == position.bytes

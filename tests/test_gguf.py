@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from labelgen.config import GenerateConfig
 from labelgen.generate import run
-from labelgen.gguf import convert_gguf
-from labelgen.inspection import inspect, validate
+from labelgen.generate.config import GenerateConfig
 from labelgen.shards import ShardReader
+from labelgen.tools.gguf import convert_gguf
+from labelgen.tools.inspection import inspect, validate
 
 
 def test_convert_gguf_refuses_a_file_that_is_not_gguf(tmp_path):

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("module", ["labelgen.fsutil", "student_train.runtime", "student_train.checkpoint",
+@pytest.mark.parametrize("module", ["labelgen.store.fsutil", "student_train.runtime", "student_train.checkpoint",
                                     "labelgen.format", "labelgen.shards", "student_train.hf"])
 def test_every_module_imports_first_without_a_circular_import(module):
     r = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True)

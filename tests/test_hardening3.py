@@ -52,7 +52,7 @@ def test_training_refuses_a_manifest_whose_row_counts_disagree_with_its_shards(t
 
 FULL_DISK_AT_WRITE = """
 import errno
-from labelgen import fsutil
+from labelgen.store import fsutil
 _create, written = fsutil.create_fresh, [0]
 class Full:
     def __init__(self, f): self.f = f
@@ -219,7 +219,7 @@ BOMB_BYTES = 96 << 20   # above the 64 MiB a row group may always hold: refused 
 @pytest.fixture(scope="module")
 def every_kind(tiny_teacher, corpus, tmp_path_factory):
     """A small label set of every record kind, made by `labelgen generate`."""
-    from labelgen.config import GenerateConfig
+    from labelgen.generate.config import GenerateConfig
     from labelgen.generate import run
     d = tmp_path_factory.mktemp("kinds")
     docs, prompts = (str(corpus / "docs.jsonl"),), (str(corpus / "prompts.jsonl"),)
@@ -239,7 +239,7 @@ def bombs(src, dst):
     each with a consistent manifest. Yields (name, directory)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from labelgen import storage
+    from labelgen.store import storage
     table = pq.read_table(src / "shard-000000.parquet")
     for i, field in enumerate(table.schema):
         t = field.type
@@ -258,7 +258,7 @@ def bombs(src, dst):
 
 def _rewritten(src, d, table, row_group_size):
     import pyarrow.parquet as pq
-    from labelgen import storage
+    from labelgen.store import storage
     shutil.copytree(src, d, ignore=shutil.ignore_patterns("*.lock"))
     shard = d / "shard-000000.parquet"
     footer = {k: v for k, v in (pq.ParquetFile(shard).metadata.metadata or {}).items() if k != b"ARROW:schema"}
@@ -277,7 +277,7 @@ def _rewritten(src, d, table, row_group_size):
 PROBE = """
 import json, sys
 from labelgen.format import FormatError
-from labelgen.inspection import inspect, validate
+from labelgen.tools.inspection import inspect, validate
 from student_train.data import LabelStream, open_label_sets
 seen = {}
 for d in sys.argv[1:]:

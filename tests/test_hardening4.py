@@ -8,7 +8,6 @@ checked against the drawn ids' logprobs; a full disk while checkpointing."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -16,11 +15,11 @@ import numpy as np
 import pytest
 
 from labelgen import format as fmt
-from labelgen.config import GenerateConfig
-from labelgen.finalize import finalize
 from labelgen.generate import run as generate
-from labelgen.inspection import validate
+from labelgen.generate.config import GenerateConfig
+from labelgen.generate.finalize import finalize
 from labelgen.shards import ShardReader
+from labelgen.tools.inspection import validate
 
 from helpers import BUCKET
 
@@ -105,7 +104,7 @@ def test_resume_with_inputs_changed_equals_a_fresh_run_on_the_new_input(change, 
 
 
 def test_finalize_refuses_a_worker_that_finished_before_the_inputs_changed(records, tiny_teacher, tmp_path):
-    from labelgen.finalize import unfinished_workers
+    from labelgen.generate.finalize import unfinished_workers
     inp, out = tmp_path / "in.jsonl", tmp_path / "labels"
     write_jsonl(inp, records)
     gen(tiny_teacher, inp, out, 2)
@@ -196,7 +195,7 @@ def test_the_lease_renewal_thread_gives_up_on_a_silent_store_within_its_deadline
     in slices): botocore's own timeouts and retries bound it."""
     import threading
     import time
-    from labelgen import storage
+    from labelgen.store import storage
     port, _ = silent_server
     for key, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
                        "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1", "LABELGEN_STORE_TIMEOUT": "1"}.items():
@@ -255,7 +254,7 @@ def test_a_port_that_answers_but_is_no_ray_cluster_is_one_line_and_a_signal_exit
 
 @pytest.mark.parametrize("store", ["local", "s3"])
 def test_overwrite_spares_a_foreign_file_inside_the_tokenizer_directory(store, records, tiny_teacher, tmp_path, request):
-    from labelgen import storage
+    from labelgen.store import storage
     inp = tmp_path / "in.jsonl"
     write_jsonl(inp, records[:3])
     out = f"s3://{BUCKET}/spare" if store == "s3" and request.getfixturevalue("s3") else str(tmp_path / "labels")
@@ -279,8 +278,8 @@ def lease_object(renewed: float, ttl: float, **extra) -> bytes:
 
 def test_a_lease_from_the_future_or_with_a_huge_ttl_does_not_hold_a_prefix_forever(s3, capfd):
     import time
-    from labelgen import storage
-    from labelgen.lease import Lease
+    from labelgen.store import storage
+    from labelgen.run.lease import Lease
     where = storage.location(f"s3://{BUCKET}/future/labelgen.lease")
     for renewed, ttl in ((time.time() + 1e12, 60.0), (time.time() - 4000, 1e12)):   # far future; ttl over MAX_TTL
         storage.write_bytes(where, lease_object(renewed, ttl))
@@ -301,8 +300,8 @@ def test_a_lease_from_the_future_or_with_a_huge_ttl_does_not_hold_a_prefix_forev
 @pytest.mark.parametrize("how", ["deleted", "garbage", "taken"])
 def test_a_lost_lease_says_what_happened_to_it(how, s3, monkeypatch):
     import time
-    from labelgen import storage
-    from labelgen.lease import Lease
+    from labelgen.store import storage
+    from labelgen.run.lease import Lease
     where = storage.location(f"s3://{BUCKET}/lost-{how}/labelgen.lease")
     with Lease(where, ttl=0.6) as lease:   # renewed every 0.1 s
         if how == "deleted":

@@ -28,7 +28,7 @@ def student_and_tokenizer(labels, student_config):
 
 @pytest.fixture(scope="module")
 def sampled_labels(tiny_teacher, corpus, tmp_path_factory):
-    from labelgen.config import GenerateConfig
+    from labelgen.generate.config import GenerateConfig
     from labelgen.generate import run
     out = tmp_path_factory.mktemp("sampled") / "s"
     run(GenerateConfig(teacher=tiny_teacher, inputs=(str(corpus / "docs.jsonl"),), out=str(out), mode="sampled",
@@ -40,7 +40,7 @@ def sampled_labels(tiny_teacher, corpus, tmp_path_factory):
 @pytest.fixture(scope="module")
 def scored_labels(tiny_teacher, corpus, tmp_path_factory):
     """The tiny teacher's completions of the prompts, scored by itself (--mode score)."""
-    from labelgen.config import GenerateConfig
+    from labelgen.generate.config import GenerateConfig
     from labelgen.generate import run
     d = tmp_path_factory.mktemp("scored")
     run(GenerateConfig(teacher=tiny_teacher, inputs=(str(corpus / "prompts.jsonl"),), out=str(d / "samples"),
@@ -147,7 +147,7 @@ def test_an_eval_label_set_of_another_kind_is_batched_as_its_own(topk_labels, sa
 
 def test_the_labels_must_fit_the_students_tokenizer(topk_labels, student_config, tmp_path):
     from transformers import TrainingArguments
-    from labelgen.demo import train_tokenizer
+    from labelgen.tools.demo import train_tokenizer
     from labelgen.format import FormatError
     model, _ = student_and_tokenizer(topk_labels, student_config)
     other = train_tokenizer(["something else entirely " * 30], 300)

@@ -12,11 +12,11 @@ from helpers import topk_row
 from typer.testing import CliRunner
 
 from labelgen import format as fmt
-from labelgen import storage
 from labelgen.cli import app
 from labelgen.format import Encoding, FormatError
-from labelgen.inspection import inspect, validate
 from labelgen.shards import ShardReader, ShardWriter
+from labelgen.store import storage
+from labelgen.tools.inspection import inspect, validate
 
 K, V = 8, 700
 runner = CliRunner()

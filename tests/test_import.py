@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 from labelgen.cli import app
 from helpers import assert_stored_coverage, assert_stored_target_logprob
 from labelgen.format import Encoding
-from labelgen.inspection import validate
 from labelgen.shards import ShardReader
+from labelgen.tools.inspection import validate
 
 runner = CliRunner()
 K = 8
@@ -171,8 +171,8 @@ def test_hostile_lines_give_one_line_not_a_traceback(vllm_dump, tiny_teacher, tm
     assert "nested too deeply" in refused_at(import_lines(tiny_teacher, tmp_path, [clean, deep]), "bad.jsonl:2")
     wide = mutate(clean, lambda o: position(o).update({str(100_000 + i): -50.0 for i in range(70_000)}))
     assert "more than any vLLM record holds" in refused_at(import_lines(tiny_teacher, tmp_path, [clean, wide]), "bad.jsonl:2")
-    import labelgen.inputs
-    monkeypatch.setattr(labelgen.inputs, "MAX_LINE_BYTES", 1 << 20)
+    import labelgen.generate.inputs
+    monkeypatch.setattr(labelgen.generate.inputs, "MAX_LINE_BYTES", 1 << 20)
     long = mutate(clean, lambda o: o.update(pad="x" * (3 << 20)))
     error = refused_at(import_lines(tiny_teacher, tmp_path, [clean, long, clean]), "bad.jsonl:2")
     assert "line longer than 1 MiB" in error

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from labelgen.inspection import validate
+from labelgen.tools.inspection import validate
 
 
 def big_corpus(path: Path, docs: int = 200) -> Path:
-    from labelgen.demo import read_corpus
+    from labelgen.tools.demo import read_corpus
     text = "\n".join(read_corpus(None, 2_000_000))
     with open(path, "w") as f:
         for i in range(docs):
@@ -154,7 +154,7 @@ def test_a_lock_left_by_a_killed_run_does_not_block_a_resume(tiny_teacher, corpu
                                "with fsutil.run_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)",
                                str(out)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
-    from labelgen.fsutil import run_lock
+    from labelgen.store.fsutil import run_lock
     from labelgen.format import FormatError
     with pytest.raises(FormatError, match=rf"in use by another labelgen run \(pid {holder.pid} on "):
         with run_lock(out):
@@ -166,9 +166,9 @@ def test_a_lock_left_by_a_killed_run_does_not_block_a_resume(tiny_teacher, corpu
 
 
 def test_finalize_and_a_second_copy_of_a_worker_are_refused_while_a_worker_runs(tmp_path):
-    from labelgen.fsutil import run_lock
+    from labelgen.store.fsutil import run_lock
     from labelgen.format import FormatError
-    from labelgen.finalize import finalize
+    from labelgen.generate.finalize import finalize
     with run_lock(tmp_path, (0, 2)):
         with run_lock(tmp_path, (1, 2)):   # the other worker of the run shares the directory
             pass
@@ -207,7 +207,7 @@ def test_an_import_stopped_by_sigterm_keeps_nothing_and_the_same_command_then_co
 def test_an_import_into_a_label_set_another_run_holds_is_refused(tiny_teacher, tmp_path):
     from typer.testing import CliRunner
     from labelgen.cli import app
-    from labelgen.fsutil import run_lock
+    from labelgen.store.fsutil import run_lock
     (tmp_path / "x.jsonl").write_text("{}\n")
     with run_lock(tmp_path / "l"):
         r = CliRunner().invoke(app, ["import", str(tmp_path / "x.jsonl"), "--tokenizer", tiny_teacher, "--k", "4",

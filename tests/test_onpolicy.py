@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from labelgen import format as fmt
-from labelgen.config import GenerateConfig
 from labelgen.format import FormatError
 from labelgen.generate import run
-from labelgen.inputs import InputError
-from labelgen.inspection import inspect, validate
+from labelgen.generate.config import GenerateConfig
+from labelgen.generate.inputs import InputError
 from labelgen.shards import ShardReader, ShardWriter
+from labelgen.tools.inspection import inspect, validate
 from student_train.data import collate, columns_from_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,7 +72,7 @@ def test_scored_rows_with_more_positions_than_their_completion_can_hold_are_refu
 def test_a_forged_scored_row_whose_positions_do_not_fit_its_ids_is_refused_before_a_batch(rng, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from labelgen import storage
+    from labelgen.store import storage
     d, enc = tmp_path / "l", fmt.Encoding(id_map="none")
     with ShardWriter(d, "scored", 4, 300, encoding=enc) as w:
         w.write(scored_row(rng, "a", 4, 2, 300, 4))
@@ -116,7 +116,7 @@ def test_score_mode_labels_each_completion_token_and_a_model_scoring_itself_has_
         np.testing.assert_allclose(row["target_logprob"], s["completion_logprobs"], atol=1 / 128 + 1e-4)
     info = inspect(tmp_path / "scored")
     assert abs(info["reverse_kl"]) < 0.005 and info["teacher_logprob_mean"] < -0.1
-    from labelgen.inspection import format_inspect
+    from labelgen.tools.inspection import format_inspect
     assert "completions of round(s) 3" in format_inspect(info) and "reverse KL to the teacher" in format_inspect(info)
 
 

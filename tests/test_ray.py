@@ -27,7 +27,7 @@ def ray_cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def many_docs(tmp_path_factory):
     """Enough text that a unit takes a few seconds: a unit can be killed mid-shard."""
-    from labelgen.demo import read_corpus
+    from labelgen.tools.demo import read_corpus
     path = tmp_path_factory.mktemp("ray_corpus") / "docs.jsonl"
     path.write_text("".join(json.dumps({"id": f"d{i}", "text": t[:2500]}) + "\n"
                             for i, t in enumerate(read_corpus(None, 3_000_000)[:150])))
@@ -35,7 +35,7 @@ def many_docs(tmp_path_factory):
 
 
 def config(teacher, inputs, out, n, **kw):
-    from labelgen.config import GenerateConfig
+    from labelgen.generate.config import GenerateConfig
     # Teacher batches of 8 windows and row groups of 8 rows: a shard in progress is on disk as .tmp from its
     # first batch to its last (with one big batch per shard it would exist only while being written out).
     return GenerateConfig(teacher=teacher, inputs=(str(inputs),), out=str(out), k=8, max_seq_len=64, rows_per_shard=5,
@@ -54,7 +54,7 @@ def rows(label_dir):
 @pytest.fixture(scope="module")
 def by_hand(tiny_teacher, many_docs, tmp_path_factory):
     """The same 3 units run one after another with --worker i/3, then finalize."""
-    from labelgen.finalize import finalize
+    from labelgen.generate.finalize import finalize
     from labelgen.generate import run
     out = tmp_path_factory.mktemp("by_hand") / "labels"
     for i in range(3):
@@ -64,17 +64,17 @@ def by_hand(tiny_teacher, many_docs, tmp_path_factory):
 
 
 def test_units_on_ray_equal_the_units_run_by_hand(ray_cluster, tiny_teacher, many_docs, by_hand, tmp_path):
-    from labelgen.ray_run import RayConfig, run_on_ray
+    from labelgen.generate.ray_units import RayConfig, run_on_ray
     m = run_on_ray(config(tiny_teacher, many_docs, tmp_path / "labels", 3), RayConfig(address="auto"))
     assert m["counts"]["rows"] == json.loads((by_hand / "manifest.json").read_text())["counts"]["rows"]
     assert rows(tmp_path / "labels") == rows(by_hand)
-    from labelgen.inspection import validate
+    from labelgen.tools.inspection import validate
     assert validate(tmp_path / "labels")["ok"]
 
 
 def test_a_unit_killed_mid_shard_is_rerun_by_ray_and_resumes_to_the_same_set(ray_cluster, tiny_teacher, many_docs,
                                                                                by_hand, tmp_path):
-    from labelgen.ray_run import RayConfig, run_on_ray
+    from labelgen.generate.ray_units import RayConfig, run_on_ray
     out = tmp_path / "labels"
     result, killed = {}, []
 

@@ -13,13 +13,13 @@ import time
 import pytest
 
 from labelgen import format as fmt
-from labelgen import storage
+from labelgen.store import storage
 
 from helpers import BUCKET
 
 
 def gen_config(teacher, corpus, out, **kw):
-    from labelgen.config import GenerateConfig
+    from labelgen.generate.config import GenerateConfig
     return GenerateConfig(**{**dict(teacher=teacher, inputs=(str(corpus / "docs.jsonl"),), out=str(out), k=4,
                                     max_seq_len=64, rows_per_shard=6, progress=False, device="cpu"), **kw})
 
@@ -116,7 +116,7 @@ def test_two_hosts_on_one_bucket_prefix_the_second_is_refused_and_the_first_fini
 
 
 def test_a_lease_is_refused_while_fresh_and_taken_over_once_expired(s3, monkeypatch):
-    from labelgen.rundir import Lease
+    from labelgen.run.rundir import Lease
     monkeypatch.setenv("LABELGEN_LEASE_SECONDS", "1.5")
     path = storage.location(f"s3://{BUCKET}/leases/labelgen.lease")
     other = {"holder": "x", "host": "elsewhere", "machine": "elsewhere", "pid": 1, "command": "labelgen generate"}
@@ -155,7 +155,7 @@ def test_a_bucket_training_run_keeps_only_its_newest_checkpoint_in_staging_and_n
 
 
 def test_score_mode_reads_its_samples_from_a_bucket_as_from_disk_and_resumes(s3, tiny_teacher, corpus, tmp_path):
-    from labelgen.config import GenerateConfig
+    from labelgen.generate.config import GenerateConfig
     from labelgen.generate import run
     from helpers import upload
     run(GenerateConfig(teacher=tiny_teacher, inputs=(str(corpus / "prompts.jsonl"),), out=str(tmp_path / "samples"),

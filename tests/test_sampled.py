@@ -10,10 +10,10 @@ import torch
 from helpers import assert_stored_coverage
 from labelgen.backends.hf import _distinct
 from labelgen.errors import FormatError
-from labelgen.config import GenerateConfig
 from labelgen.generate import run
-from labelgen.inspection import inspect, validate
+from labelgen.generate.config import GenerateConfig
 from labelgen.shards import ShardReader
+from labelgen.tools.inspection import inspect, validate
 from student_train.data import collate, columns_from_rows
 from student_train.losses import full_kd, sampled_kd, topk_kd
 

@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from labelgen import storage
 from labelgen.format import FormatError
+from labelgen.store import storage
 
 from helpers import BUCKET, upload
 
@@ -26,7 +26,7 @@ def test_a_uri_is_a_store_path_and_a_name_cannot_climb_out():
 
 
 def test_inspect_validate_and_the_loader_read_a_label_set_from_the_bucket_as_from_disk(s3, topk_labels):
-    from labelgen.inspection import inspect, validate
+    from labelgen.tools.inspection import inspect, validate
     from student_train.data import LabelStream, open_label_sets
     uri = upload(s3["client"], topk_labels, "read/topk")
     local, remote = inspect(topk_labels), inspect(uri)

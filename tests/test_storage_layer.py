@@ -1,6 +1,6 @@
 """One storage layer: label sets, manifests, run files, metrics and
 checkpoints are opened, renamed, listed and removed only through
-labelgen/storage.py (and fsutil.py, its local-disk half)."""
+labelgen/store/storage.py (and fsutil.py, its local-disk half)."""
 
 import re
 from pathlib import Path
@@ -8,8 +8,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # Modules that touch the user's own files, not label sets or runs: input corpora,
 # config files, the demo teacher and GGUF conversion.
-OTHERS = {"labelgen/storage.py", "labelgen/fsutil.py", "labelgen/inputs.py", "labelgen/config.py",
-          "labelgen/demo.py", "labelgen/gguf.py"}
+OTHERS = {"labelgen/store/storage.py", "labelgen/store/fsutil.py", "labelgen/generate/inputs.py", "labelgen/settings.py",
+          "labelgen/tools/demo.py", "labelgen/tools/gguf.py"}
 DIRECT = re.compile(r"(?<![\w.])open\(|\.rename\(|os\.replace\(|\.iterdir\(|\.glob\(|\.rglob\(|\.unlink\(|"
                     r"\.write_text\(|\.read_text\(|\.write_bytes\(|\.read_bytes\(|rmtree\(|os\.listdir\(|scandir\(|"
                     r"\.mkdir\(")
@@ -27,4 +27,4 @@ def test_no_module_but_the_storage_layer_opens_renames_or_lists_files():
                 if not code[: m.start() + 1].rstrip().endswith("storage.") and \
                         not re.search(r"storage\.\w+$", code[: m.start() + 1]):
                     found.append(f"{rel}:{n}: {line.strip()}")
-    assert not found, "file I/O outside labelgen/storage.py:\n" + "\n".join(found)
+    assert not found, "file I/O outside labelgen/store/storage.py:\n" + "\n".join(found)

@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 
 from helpers import torchrun
 from labelgen.cli import app
-from labelgen.config import GenerateConfig
 from labelgen.format import TAIL_SQRT_STEP, TARGET_LOGPROB_STEP, Encoding
 from labelgen.generate import run
+from labelgen.generate.config import GenerateConfig
 from labelgen.shards import ShardReader
 
 runner = CliRunner()
@@ -89,7 +89,7 @@ def test_tensor_parallel_is_refused_where_it_cannot_run(tiny_teacher, corpus, tm
 
 def test_flops_per_token_follow_the_config_and_the_summary_names_the_mfu(tiny_teacher, corpus, tmp_path):
     from transformers import AutoConfig, LlamaConfig
-    from labelgen.mfu import FlopMeter, matmul_weights, peak_tflops
+    from labelgen.generate.mfu import FlopMeter, matmul_weights, peak_tflops
     cfg = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     per_layer = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 160           # q, k and v (2 kv heads), o, gated MLP

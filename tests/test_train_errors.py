@@ -63,7 +63,7 @@ def test_corrupted_shard_is_found_with_verify(topk_labels, student_config, tmp_p
 
 
 def test_tokenizer_mismatch_is_refused_saying_what_differs(topk_labels, tmp_path):
-    from labelgen.demo import DemoTeacherConfig, build_model, train_tokenizer
+    from labelgen.tools.demo import DemoTeacherConfig, build_model, train_tokenizer
     tok = train_tokenizer(["completely different text " * 50, "zebra quartz " * 40], 300)
     model = build_model(DemoTeacherConfig(vocab_size=300, hidden_size=64, layers=1, heads=1), len(tok))
     model.save_pretrained(tmp_path / "student")

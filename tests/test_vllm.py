@@ -9,7 +9,7 @@ from labelgen.backends.hf import HFTeacher
 from helpers import assert_stored_target_logprob
 from labelgen.format import Encoding, TARGET_LOGPROB_STEP
 from labelgen.generate import run
-from labelgen.inspection import validate
+from labelgen.tools.inspection import validate
 from test_generate import assert_same_rows, cfg, rows_of
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]

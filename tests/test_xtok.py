@@ -128,7 +128,7 @@ def test_merged_sampled_labels_keep_the_weight_of_draws_that_meet_on_one_student
 
 
 def test_with_the_same_tokenizer_cross_tokenizer_sampled_batches_are_the_plain_ones(tiny_teacher, corpus, tmp_path):
-    from labelgen.config import GenerateConfig
+    from labelgen.generate.config import GenerateConfig
     from labelgen.generate import run
     from student_train.data import LabelStream, open_label_sets
     from student_train.vocab import load_tokenizer_for
@@ -166,8 +166,8 @@ def test_a_student_with_its_own_tokenizer_trains_from_sampled_labels(tiny_teache
                                                                      topk_labels, tmp_path):
     """The estimator and the tail bucket, from the command line."""
     from typer.testing import CliRunner
-    from labelgen.config import GenerateConfig
-    from labelgen.demo import train_tokenizer
+    from labelgen.generate.config import GenerateConfig
+    from labelgen.tools.demo import train_tokenizer
     from labelgen.generate import run
     from student_train.cli import app
     run(GenerateConfig(teacher=tiny_teacher, inputs=(str(corpus / "docs.jsonl"),), out=str(tmp_path / "s"),
@@ -222,7 +222,7 @@ def test_a_student_with_its_own_tokenizer_trains_from_the_labels_and_reports_bit
         topk_labels, corpus, student_config, tmp_path):
     """From the command line; the flag is named where a mismatched tokenizer is refused."""
     from typer.testing import CliRunner
-    from labelgen.demo import train_tokenizer
+    from labelgen.tools.demo import train_tokenizer
     from student_train.cli import app
     texts = [json.loads(line)["text"] for line in open(corpus / "docs.jsonl")]
     train_tokenizer(texts[::-1], 384).save_pretrained(tmp_path / "tok")   # other data, other size
@@ -249,7 +249,7 @@ def test_a_student_with_its_own_tokenizer_trains_from_the_labels_and_reports_bit
 def test_the_trainer_api_distills_across_tokenizers_with_the_same_batches_and_loss(topk_labels, corpus,
                                                                                   student_config, tmp_path):
     from transformers import AutoTokenizer, TrainingArguments
-    from labelgen.demo import train_tokenizer
+    from labelgen.tools.demo import train_tokenizer
     from student_train.config import TrainConfig
     from student_train.data import LabelStream, open_label_sets
     from student_train.hf import DistillLoss, DistillTrainer, LabelDataset

@@ -11,6 +11,7 @@ vLLM is imported only inside its backend, so everything else runs without it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -64,8 +65,32 @@ class Teacher(Protocol):
     def close(self) -> None: ...
 
 
+def model_config(path: str):
+    """The model's HF config, or None for a tokenizer-only directory."""
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(path, trust_remote_code=False) if (Path(path) / "config.json").is_file() else None
+
+
+class TokenizerOnly:
+    """The teacher of `--mode tokens`: a tokenizer and a context length, no model."""
+
+    def __init__(self, path: str, tokenizer):
+        mcfg = model_config(path)
+        self.vocab_size = len(tokenizer)
+        self.logits_size = int(getattr(mcfg, "vocab_size", 0) or self.vocab_size)
+        self.max_positions = int(getattr(mcfg, "max_position_embeddings", 0) or 1 << 30)
+
+    def info(self) -> dict:
+        return {"backend": "none (tokens only)"}
+
+    def close(self) -> None:
+        pass
+
+
 def load_teacher(cfg, tokenizer, group=None) -> Teacher:
-    """The backend cfg names; `group`: the tensor-parallel group (--tp) of an hf teacher."""
+    """The backend cfg names (none for --mode tokens); `group`: the tensor-parallel group (--tp) of an hf teacher."""
+    if cfg.mode == "tokens":
+        return TokenizerOnly(cfg.teacher, tokenizer)
     if cfg.backend == "hf":
         from labelgen.backends.hf import HFTeacher
         return HFTeacher(cfg.teacher, tokenizer, dtype=cfg.dtype, device=cfg.device, group=group)

@@ -12,7 +12,7 @@ from typing import Any
 from labelgen.format.codec import MAX_VOCAB
 from labelgen.format.schema import (FORMAT_NAME, KINDS, MANIFEST_NAME, SHARD_SUFFIX, Encoding, FormatError,
                                     check_version)
-from labelgen import storage
+from labelgen.store import storage
 
 
 def dataset_fingerprint(manifest: dict) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from labelgen.errors import FormatError  # noqa: F401  (raised by every format module)
-from labelgen.fsutil import TMP_SUFFIX  # noqa: F401
+from labelgen.store.fsutil import TMP_SUFFIX  # noqa: F401
 
 FORMAT_NAME = "labelgen"
 FORMAT_VERSION = "2.2"   # 2.1: the scored kind; 2.2: sampled sets may carry coverage (Encoding.sampled_coverage)

@@ -15,8 +15,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from labelgen import format as fmt
-from labelgen import storage
 from labelgen.format import Encoding, FormatError
+from labelgen.store import storage
 
 
 def max_row_group_bytes() -> int:

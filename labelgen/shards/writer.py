@@ -27,9 +27,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from labelgen import format as fmt
-from labelgen import fsutil, storage
 from labelgen.format import Encoding, FormatError
-from labelgen.rundir import DIRECTORY, RunDir
+from labelgen.run.rundir import DIRECTORY, RunDir
+from labelgen.store import fsutil, storage
 
 # A row group also closes at this many values in its rows' arrays (ids, logprobs, counts, input ids), so what a
 # reader decodes at once stays near 100 MB however large k and the windows are: 128 rows of a top-4096 set of

@@ -54,7 +54,7 @@ def stdlib_dir() -> Path:
 def read_corpus(paths: list[str] | None, max_bytes: int, suffixes=(".py",)) -> list[str]:
     """Texts of the files under `paths` (default: the standard library's .py
     files), in sorted order, up to max_bytes; unreadable files are skipped."""
-    from labelgen.inputs import expand_paths
+    from labelgen.generate.inputs import expand_paths
     files = expand_paths([str(stdlib_dir())]) if not paths else expand_paths(paths)
     if not paths:
         files = [f for f in files if f.suffix in suffixes and "test" not in f.parts and "site-packages" not in f.parts]

@@ -22,12 +22,12 @@ import queue
 import secrets
 
 from labelgen import format as fmt
-from labelgen import storage
-from labelgen.config import GenerateConfig
 from labelgen.format.manifest import check_shard_entry
-from labelgen.pipeline import StageThread, put_to, take
-from labelgen.resume import same_slice
+from labelgen.generate.config import GenerateConfig
+from labelgen.generate.pipeline import StageThread, put_to, take
+from labelgen.generate.resume import same_slice
 from labelgen.shards import ShardInfo
+from labelgen.store import storage
 
 QUEUE_DEPTH = 2
 

@@ -8,11 +8,9 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
-
-import yaml
 
 from labelgen.format import Encoding
+from labelgen.settings import config_from_sources
 
 MODES = ("topk", "sampled", "sample", "greedy", "tokens", "score")
 BACKENDS = ("hf", "vllm")
@@ -228,31 +226,3 @@ class GenerateConfig:
     @classmethod
     def from_sources(cls, config_file: str | None, overrides: dict) -> "GenerateConfig":
         return config_from_sources(cls, config_file, overrides, tuple_fields=("inputs",))
-
-
-def config_from_sources(cls, config_file: str | None, overrides: dict, tuple_fields=()):
-    """A config dataclass from a YAML/JSON file's keys, then the flags that
-    were given (None means not given). Unknown keys and missing required
-    settings are errors naming the file or the flag."""
-    d: dict = {}
-    if config_file:
-        path = Path(config_file)
-        try:
-            d = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ValueError(f"{path}: cannot read config ({e})") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: a config file must hold a mapping of settings")
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)}")
-    d.update({k: v for k, v in overrides.items() if v is not None and v != ()})
-    missing = [f.name for f in dataclasses.fields(cls)
-               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in d]
-    if missing:
-        flag = "input" if missing[0] == "inputs" else missing[0].replace("_", "-")
-        raise ValueError(f"--{flag}: required (flag or config key {missing[0]!r})")
-    for name in tuple_fields:
-        if name in d:
-            d[name] = tuple(d[name]) if isinstance(d[name], (list, tuple)) else (d[name],)
-    return cls(**d)

@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import Callable
 
 from labelgen import format as fmt
-from labelgen import fsutil, storage
 from labelgen.errors import FormatError
-from labelgen.lease import LEASE_SUFFIX, Lease, lease_name, live_holder
-from labelgen.storage import StorePath
+from labelgen.run.lease import LEASE_SUFFIX, Lease, lease_name, live_holder
+from labelgen.store import fsutil, storage
+from labelgen.store.storage import StorePath
 
 
 class OutputRefused(ValueError):
@@ -291,9 +291,9 @@ class RunDir:
         of those it finishes (locally: in place; in a bucket: uploaded from
         staging, recorded in the worker's progress record, manifest last)."""
         if self.remote:
-            from labelgen.bucket_run import BucketShards
+            from labelgen.generate.sinks import BucketShards
             return BucketShards(cfg, self)
-        from labelgen.resume import LocalShards
+        from labelgen.generate.resume import LocalShards
         return LocalShards(cfg, self)
 
     def prepare_staging(self, owns_tmp=None) -> None:

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from labelgen import format as fmt
-from labelgen import fsutil, storage
 from labelgen.format import FormatError
-from labelgen.inputs import FieldSpec, InputError, expand_paths, read_records
+from labelgen.generate.inputs import FieldSpec, InputError, expand_paths, read_records
 from labelgen.shards import ShardReader
+from labelgen.store import fsutil, storage
 
 
 def stitch(windows: list[dict]) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:

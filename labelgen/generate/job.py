@@ -27,19 +27,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from labelgen import format as fmt
-from labelgen import fsutil, storage
-from labelgen.backends import Teacher, load_teacher
-from labelgen.batches import (TokenizerOnly, draw_batch, model_config, sample_batch, sample_batches, score_batch,
-                              score_completions, topk_batches, truncate, windows_only)
-from labelgen.config import DEFAULT_MAX_SEQ_LEN, GenerateConfig
+from labelgen.backends import Teacher, load_teacher, model_config
 from labelgen.format import Encoding
-from labelgen.inputs import InputError, expand_paths
-from labelgen.mfu import meter_for
-from labelgen.pipeline import Progress, StageThread, get_from, put_to, take
-from labelgen.reader import read_shards, samples_input
-from labelgen.resume import compare, complete_manifest, identity, input_identity, inputs_digest, owned_tmp
-from labelgen.rundir import GENERATE, RunDir, canonical_path
+from labelgen.generate.config import DEFAULT_MAX_SEQ_LEN, GenerateConfig
+from labelgen.generate.inputs import InputError, expand_paths
+from labelgen.generate.mfu import meter_for
+from labelgen.generate.pipeline import Progress, StageThread, get_from, put_to, take
+from labelgen.generate.requests import (draw_batch, sample_batch, sample_batches, score_batch, score_completions,
+                                        topk_batches, truncate, windows_only)
+from labelgen.generate.resume import compare, complete_manifest, identity, input_identity, inputs_digest, owned_tmp
+from labelgen.generate.work import read_shards, samples_input
+from labelgen.run.rundir import GENERATE, RunDir, canonical_path
 from labelgen.shards import ShardFile, ShardInfo, build_manifest
+from labelgen.store import fsutil, storage
 
 QUEUE_DEPTH = 4
 
@@ -109,8 +109,6 @@ def _run(cfg: GenerateConfig, teacher: Teacher | None, group) -> dict:
         rd.record(identity(cfg, inputs))
         rd.prepare_staging(owned_tmp(cfg))
         sink = rd.shards(cfg)
-        if teacher is None and cfg.mode == "tokens":
-            teacher = TokenizerOnly(cfg.teacher, tokenizer)
         own = teacher is None
         teacher = load_teacher(cfg, tokenizer, group) if own else teacher
         try:

@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 from labelgen import format as fmt
-from labelgen import storage
 from labelgen.format import FormatError
-from labelgen.resume import inputs_digest
-from labelgen.rundir import GENERATE, RunDir
+from labelgen.generate.resume import inputs_digest
+from labelgen.run.rundir import GENERATE, RunDir
+from labelgen.store import storage
 
 
 def finalize(label_dir: Path | str) -> dict:

@@ -93,7 +93,7 @@ def meter_for(cfg, teacher) -> FlopMeter | None:
     None where no model runs (--mode tokens). The peak is --peak-tflops, or
     the table's for a GPU running the teacher in bf16/fp16; on a CPU, or a GPU
     the table lacks, the run reports tokens/s only."""
-    from labelgen.batches import model_config
+    from labelgen.backends import model_config
     mcfg = None if cfg.mode == "tokens" else model_config(cfg.teacher)
     if mcfg is None:
         return None

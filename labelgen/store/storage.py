@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from labelgen import bounded
 from labelgen.errors import FormatError
+from labelgen.store import bounded
 
 SCHEMES = ("s3", "gs")
 
@@ -219,7 +219,7 @@ def local_dir(path, max_bytes: int = 256 << 20) -> Path:
         return Path(path)
     dest = cache_root() / "objects" / hashlib.sha256(str(path).encode()).hexdigest()[:16]
     dest.mkdir(parents=True, exist_ok=True)
-    from labelgen.fsutil import atomic_write_bytes
+    from labelgen.store.fsutil import atomic_write_bytes
     total = 0
     for obj in path.iterdir():
         if not obj.name or not obj.is_file():
@@ -273,7 +273,7 @@ def download_tree(remote: StorePath, local: Path) -> None:
 
 def download_file(remote: StorePath, local: Path) -> None:
     """One object to a local file, written through a tmp file."""
-    from labelgen.fsutil import atomic_writer
+    from labelgen.store.fsutil import atomic_writer
     local.parent.mkdir(parents=True, exist_ok=True)
     with open_input(remote) as src, atomic_writer(local) as out:
         while chunk := src.read(1 << 20):
@@ -291,7 +291,7 @@ def write_bytes(path, data: bytes, if_absent: bool = False, if_match: str | None
     on S3 by a conditional PUT through boto3 (the `s3` extra: of two writers one
     wins), else by a check first (callers hold the run's lock locally)."""
     if not isinstance(path, StorePath):
-        from labelgen.fsutil import atomic_write_bytes
+        from labelgen.store.fsutil import atomic_write_bytes
         if if_absent and Path(path).exists():
             raise AlreadyExists(f"{path}: already exists")
         atomic_write_bytes(Path(path), data)

@@ -8,10 +8,10 @@ import re
 from pathlib import Path
 
 from labelgen import format as fmt
-from labelgen import storage
-from labelgen.config import EXECUTION_ONLY, GenerateConfig
-from labelgen.rundir import Mismatch
+from labelgen.generate.config import EXECUTION_ONLY, GenerateConfig
+from labelgen.run.rundir import Mismatch
 from labelgen.shards import ShardInfo, shard_counts, shard_info_from_file
+from labelgen.store import storage
 
 
 def input_identity(files: list[Path]) -> dict[str, list[int]]:

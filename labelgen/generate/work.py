@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from labelgen import format as fmt
-from labelgen.config import GenerateConfig
-from labelgen.inputs import FieldSpec, InputError, ReadPosition, Record, read_records
-from labelgen.pipeline import offer
+from labelgen.generate.config import GenerateConfig
+from labelgen.generate.inputs import FieldSpec, InputError, ReadPosition, Record, read_records
+from labelgen.generate.pipeline import offer
 from labelgen.shards import ShardReader
 
 

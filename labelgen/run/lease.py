@@ -25,9 +25,9 @@ import sys
 import threading
 import time
 
-from labelgen import storage
 from labelgen.errors import FormatError
-from labelgen.storage import StorePath
+from labelgen.store import storage
+from labelgen.store.storage import StorePath
 
 LEASE_SUFFIX = ".lease"
 MAX_TTL = 3600.0   # the longest a lease is honoured unrenewed, whatever its object says

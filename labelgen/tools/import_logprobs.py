@@ -24,8 +24,8 @@ import numpy as np
 
 from labelgen import format as fmt
 from labelgen.format import FormatError
-from labelgen.inputs import InputError, expand_paths, file_kind, jsonl_lines, parse_json
-from labelgen.rundir import LABELS, RunDir
+from labelgen.generate.inputs import InputError, expand_paths, file_kind, jsonl_lines, parse_json
+from labelgen.run.rundir import LABELS, RunDir
 from labelgen.shards import ShardWriter
 
 # vLLM returns the top n (max_logprobs, 20 by default) plus the actual token;

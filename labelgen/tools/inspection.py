@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from labelgen import format as fmt
-from labelgen import storage
 from labelgen.format import FormatError
 from labelgen.shards import ShardReader
+from labelgen.store import storage
 
 # Coverage percentiles come from a fixed histogram, so memory stays bounded
 # however many positions a label set has; the bin width bounds their error.

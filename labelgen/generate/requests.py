@@ -4,13 +4,12 @@ into sampling requests, and the rows each answer becomes."""
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
 
 from labelgen import format as fmt
 from labelgen.backends import SampleRequest, Teacher
-from labelgen.config import GenerateConfig
+from labelgen.generate.config import GenerateConfig
 
 
 def derive_seed(seed: int, example_id: str, sample_index: int) -> int:
@@ -19,12 +18,6 @@ def derive_seed(seed: int, example_id: str, sample_index: int) -> int:
     write near-identical text for every prompt)."""
     h = hashlib.sha256(f"{seed}\0{example_id}\0{sample_index}".encode()).digest()
     return int.from_bytes(h[:8], "little") & (2**63 - 1)
-
-
-def model_config(path: str):
-    """The model's HF config, or None for a tokenizer-only directory."""
-    from transformers import AutoConfig
-    return AutoConfig.from_pretrained(path, trust_remote_code=False) if (Path(path) / "config.json").is_file() else None
 
 
 def topk_batches(items: list, cfg: GenerateConfig):
@@ -97,22 +90,6 @@ def draw_batch(teacher: Teacher, batch: list, cfg: GenerateConfig) -> tuple[list
 def windows_only(batch: list) -> tuple[list[dict], list[int]]:
     rows = [{fmt.EXAMPLE_ID: ex, fmt.WINDOW_OFFSET: off, fmt.INPUT_IDS: w} for ex, off, w in batch]
     return rows, [len(w) for _, _, w in batch]
-
-
-class TokenizerOnly:
-    """The teacher of `--mode tokens`: a tokenizer and a context length, no model."""
-
-    def __init__(self, path: str, tokenizer):
-        mcfg = model_config(path)
-        self.vocab_size = len(tokenizer)
-        self.logits_size = int(getattr(mcfg, "vocab_size", 0) or self.vocab_size)
-        self.max_positions = int(getattr(mcfg, "max_position_embeddings", 0) or 1 << 30)
-
-    def info(self) -> dict:
-        return {"backend": "none (tokens only)"}
-
-    def close(self) -> None:
-        pass
 
 
 def sample_batches(items: list, cfg: GenerateConfig):

@@ -7,7 +7,7 @@ import queue
 import threading
 import time
 
-from labelgen.config import GenerateConfig
+from labelgen.generate.config import GenerateConfig
 
 
 class StageThread(threading.Thread):

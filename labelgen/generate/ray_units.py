@@ -22,10 +22,10 @@ import socket
 import time
 from dataclasses import dataclass
 
-from labelgen import bounded
-from labelgen.config import GenerateConfig
 from labelgen.errors import FormatError
-from labelgen.inputs import InputError
+from labelgen.generate.config import GenerateConfig
+from labelgen.generate.inputs import InputError
+from labelgen.store import bounded
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def run_on_ray(cfg: GenerateConfig, ray_cfg: RayConfig) -> dict:
         import ray
     except ImportError:
         raise ValueError("--ray: Ray is not installed; pip install 'labelgen[ray]'") from None
-    from labelgen.finalize import finalize
+    from labelgen.generate.finalize import finalize
     n = cfg.num_workers
     if not ray.is_initialized():
         _connect(ray, ray_cfg)
