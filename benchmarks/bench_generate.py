@@ -201,7 +201,6 @@ def main():
     ap.add_argument("--bucket", action="store_true", help="only generation to a bucket against local disk (moto S3 server)")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers import AutoTokenizer
     work = Path(tempfile.mkdtemp(prefix="bench_generate_"))
     if not args.random_teacher:
         return measure(args.teacher, work, args)
@@ -246,7 +245,7 @@ def measure(teacher: str, work: Path, args, label: str | None = None) -> None:
     meter = FlopMeter.of(AutoConfig.from_pretrained(teacher), 1, peak)
     meter.add([len(w) for w in wins])
     per_token = meter.flops / n_tokens
-    print(f"| run | tokens/s | MFU |\n|---|---:|---:|")
+    print("| run | tokens/s | MFU |\n|---|---:|---:|")
     for name, v in rows.items():
         mfu = f"{v * per_token / meter.peak:.1%}" if meter.peak else "-"
         print(f"| {name} | {v:,.0f} | {mfu} |")

@@ -31,7 +31,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from report_teacher import SECTION_ORDER, completed, plot_bytes_vs_gain, replace_section   # noqa: E402  (benchmarks/ is on sys.path)
+from report_kit import SECTION_ORDER, completed, plot_bytes_vs_gain, replace_section   # noqa: E402  (benchmarks/ is on sys.path)
 
 STUDENT = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 2,
            "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 1024,
@@ -390,7 +390,6 @@ def cross_tokenizer(teacher: str, texts: list[str], label_text: Path, heldout: P
               "starts where a teacher token starts (the rest learn from CE only).", ""]
     report = Path(args.out) / "results.md"
     report.parent.mkdir(parents=True, exist_ok=True)
-    text = report.read_text() if report.is_file() else ""
     replace_section(report, CROSS_MARK, "\n".join(lines))
     return report
 
@@ -418,11 +417,14 @@ def main():
                     help="CE weights mixed into every KD run (alpha*CE + (1-alpha)*KD)")
     args = ap.parse_args()
     if (args.smollm2 or args.teacher) and not args.cross_tokenizer:
-        import report_teacher
+        from report_kit import prepare
+        from report_seeds import run_seeds
+        from report_teacher import run_report
         args.command = "bash jobs/report.sh " + ("--smollm2" if args.smollm2 else f"--teacher {args.teacher}") \
             + (" --quick" if args.quick else "") + (f" --student-steps {args.student_steps}" if args.student_steps else "") \
             + (" --seeds" if args.seeds else "")
-        report_teacher.main(args)
+        teacher, work = prepare(args)
+        log(f"wrote {(run_seeds if args.seeds else run_report)(args, teacher, work)}")
         return
     args.command = "bash jobs/report.sh" + (" --quick" if args.quick else "") + (f" --teacher {args.teacher}" if args.teacher else "") \
         + (" --cross-tokenizer" if args.cross_tokenizer else "")

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from labelgen.store import fsutil
-from report_teacher import Stages, completed, log
+from report_kit import Stages, completed, log
 
 MODULES = ("os", "os.path", "json", "re", "math", "random", "itertools", "functools", "collections", "datetime",
            "time", "string", "textwrap", "shutil", "pathlib", "subprocess", "statistics", "heapq", "bisect", "copy",

@@ -9,7 +9,7 @@ difference to the reference exceeds 2 standard errors.
     bash jobs/report.sh --smollm2 --seeds               # resumable; shares the report's cache
     bash jobs/report.sh --smollm2 --seeds --cached-only # the table from the stages finished so far
 
-Stages are the report's own (benchmarks/report_teacher.py: same names, same
+Stages are the report's own (benchmarks/report_kit.py: same names, same
 work directory): a student of seed 0 is the report's student, seed 1 its
 run-to-run student; the full report reuses them. Students run seed by seed
 (every method's seed 0, then seed 1, ...), the sampled-label questions first,
@@ -23,8 +23,8 @@ import math
 import os
 from pathlib import Path
 
-from report_teacher import (FULL, QUICK, SEEDS_MARK, STUDENT, Stages, label_specs, log, make_label_set, replace_section,
-                            slug, split_text, train_student)
+from report_kit import (FULL, QUICK, SEEDS_MARK, STUDENT, Stages, label_specs, log, make_label_set, replace_section, slug,
+                        split_text, train_student)
 
 SEEDS = (0, 1, 2)
 

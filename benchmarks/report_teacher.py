@@ -21,151 +21,21 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from labelgen.store import fsutil
-
-STUDENT = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 2,
-           "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 1024,
-           "tie_word_embeddings": True}
-REAL_MARK = "<!-- real-teacher section: bash jobs/report.sh --smollm2 -->"
-SEEDS_MARK = "<!-- seeds section: bash jobs/report.sh --smollm2 --seeds (benchmarks/report_seeds.py) -->"
+from report_kit import (QUICK, FULL, REAL_MARK, STUDENT, RealScale, Stages, label_specs, make_label_set, plot_bytes_vs_gain,
+                        replace_section, slug, split_text, train_student)
+from report_studies import CROSS_STAGES, cross_tokenizer_runs, gradient_study, optimizer_study, tail_study
 
 
-@dataclass(frozen=True)
-class RealScale:
-    label_docs: int = 50
-    """Training files labelled (each cut to label_chars): ~40k positions."""
-    label_chars: int = 4000
-    heldout_docs: int = 8
-    prompts: int = 96
-    """Prompts (the first prompt_chars of training files) the teacher completes for SFT."""
-    prompt_chars: int = 240
-    completion_tokens: int = 192
-    byte_docs: int = 8
-    """Files labelled directly at k = 8 and 64 to measure their bytes and teacher time."""
-    reference_k: int = 4096
-    student_steps: int = 100
-    batch_size: int = 8
-    max_seq_len: int = 256
-    eval_batches: int = 3
-    grad_batches: int = 4
-
-
-FULL = RealScale()
-QUICK = RealScale(label_docs=4, label_chars=1500, heldout_docs=2, prompts=4, completion_tokens=16, byte_docs=2,
-                  reference_k=256, student_steps=4, eval_batches=1, grad_batches=1)
-
-
-def log(msg: str) -> None:
-    print(f"[report {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
-
-
-class Stages:
-    """Stages cached as JSON in WORK/stages/: a finished stage is read back,
-    not redone; each one prints what runs and how many are left."""
-
-    def __init__(self, work: Path, total: int):
-        self.dir, self.total, self.done, self.t0 = work / "stages", total, 0, time.time()
-        self.seconds = 0.0   # what the stages took when they ran, cached ones included
-        self.dir.mkdir(parents=True, exist_ok=True)
-
-    def __call__(self, name: str, fn, cached_only: bool = False) -> dict | None:
-        """The stage's result; with cached_only, None for a stage not finished before."""
-        self.done += 1
-        path = self.dir / f"{slug(name)}.json"
-        where = f"[stage {self.done}/{self.total}, {(time.time() - self.t0) / 60:.1f} min in]"
-        if path.is_file():
-            log(f"{where} {name}: cached")
-            result = json.loads(path.read_text())
-            self.seconds += result.get("seconds") or 0.0
-            return result
-        if cached_only:
-            return None
-        log(f"{where} {name}: running ({self.total - self.done} stages after it)")
-        t0 = time.time()
-        result = {**fn(), "seconds": None}
-        result["seconds"] = time.time() - t0
-        fsutil.atomic_write_bytes(path, json.dumps(result, indent=1).encode())
-        log(f"{where} {name}: done in {result['seconds'] / 60:.1f} min")
-        self.seconds += result["seconds"]
-        return result
-
-
-def split_text(scale: RealScale, work: Path) -> dict:
-    """Python's standard library source: the last 5% of files held out (the
-    first heldout_docs of them are the evaluation text), the first
-    label_docs files labelled, prompts from the starts of training files."""
-    from labelgen.tools.demo import read_corpus
-    texts = read_corpus(None, 6 << 20)
-    n_held = max(2, len(texts) // 20)
-    train, held = texts[:-n_held], texts[-n_held:]
-    files = {"text": work / "labels_text.jsonl", "bytes_text": work / "bytes_text.jsonl",
-             "heldout": work / "heldout.jsonl", "prompts": work / "prompts.jsonl"}
-    jl = lambda rows: "".join(json.dumps(r) + "\n" for r in rows)   # noqa: E731
-    contents = {"text": jl({"text": t[: scale.label_chars]} for t in train[: scale.label_docs]),
-                "bytes_text": jl({"text": t[: scale.label_chars]} for t in train[: scale.byte_docs]),
-                "heldout": jl({"text": t[: scale.label_chars]} for t in held[: scale.heldout_docs]),
-                "prompts": jl({"prompt": t[: scale.prompt_chars]} for t in train[: scale.prompts])}
-    for name, body in contents.items():
-        # Unchanged files keep their modification time, so a resumed label set accepts them.
-        if not files[name].is_file() or files[name].read_text() != body:
-            fsutil.atomic_write_bytes(files[name], body.encode())
-    return {"files": files, "train_docs": len(train), "heldout_docs": scale.heldout_docs, "all_heldout": n_held,
-            "other_text": train[scale.label_docs:]}
-
-
-def label_specs(files: dict, scale: RealScale) -> dict:
-    """GenerateConfig settings of every label set, by name."""
-    text, k_ref = (str(files["text"]),), scale.reference_k
-    return {
-        "tokens": dict(inputs=text, mode="tokens"),
-        f"top{k_ref}": dict(inputs=text, mode="topk", k=k_ref),
-        "top64 (bytes)": dict(inputs=(str(files["bytes_text"]),), mode="topk", k=64),
-        "top8 (bytes)": dict(inputs=(str(files["bytes_text"]),), mode="topk", k=8),
-        "min-prob 1e-3": dict(inputs=text, mode="topk", k=k_ref // 4, min_prob=1e-3),   # p >= 1e-3: at most 1,000
-        # with the teacher's mass on the drawn ids (+1 B/position), which the tail-bucket rows (--seeds) need;
-        # N = 20 and 24 are --seeds' only
-        **{f"sampled{n}": dict(inputs=text, mode="sampled", draws=n, encoding={"sampled_coverage": True})
-           for n in (50, 12, 20, 24)},
-        "samples": dict(inputs=(str(files["prompts"]),), mode="sample", prompt_field="prompt", n=1, temperature=1.0,
-                        max_new_tokens=scale.completion_tokens, max_seq_len=None, batch_tokens=16384),
-        "eval": dict(inputs=(str(files["heldout"]),), mode="topk", k=k_ref),
-    }
-
-
-def make_label_set(teacher: str, out: Path, kw: dict, scale: RealScale) -> dict:
-    from labelgen.generate.config import GenerateConfig
-    from labelgen.generate import run
-    from labelgen.tools.inspection import inspect
-    summary = {}
-    if not (out / "manifest.json").is_file():
-        summary = run(GenerateConfig(**{**dict(teacher=teacher, out=str(out), max_seq_len=scale.max_seq_len, batch_tokens=4096,
-                                     rows_per_shard=64, progress=False, device="cpu", resume=True), **kw})).get("summary", {})
-    m = json.loads((out / "manifest.json").read_text())
-    info = inspect(str(out))
-    keep = ("bytes", "bytes_per_position", "coverage_mean", "coverage_p5", "target_in_topk", "unique_per_position",
-            "entries_per_position")
-    return {"dir": str(out), "positions": m["counts"]["positions"], "rows": m["counts"]["rows"],
-            "teacher_seconds": summary.get("seconds") if m["mode"] != "tokens" else None,
-            **{k: (float(info[k]) if info.get(k) is not None else None) for k in keep}}
+SWEPT, SWEEP_ALPHAS = 2, (0.5, 0.9)   # CE mixed into the best stored-label methods, at these weights
 
 
 def SEEDED(k_ref: int) -> tuple[str, ...]:
     return ("CE only", "sampled KD (N=50)", f"reference: top-{k_ref} KD (tail)")
 
-
 def TAIL_STUDENTS(k_ref: int) -> tuple[str, ...]:
     return ("CE only", "sampled KD (N=50)", "sampled KD (N=12)", "top-64 KD (target)", f"reference: top-{k_ref} KD (tail)")
-
 
 def methods(k_ref: int) -> dict:
     """The students at alpha = 0: name -> (label set, TrainConfig settings, label set whose bytes it stands for)."""
@@ -183,266 +53,6 @@ def methods(k_ref: int) -> dict:
     runs[f"reference: top-{k_ref} KD (tail)"] = (ref, dict(loss="kd", tail="tail"), ref)
     return runs
 
-
-def completed(result: dict, what: str) -> dict:
-    """A training run's result, or the report's exit when a signal stopped it
-    early (the run keeps its checkpoint; no stage records a partial student)."""
-    if result.get("stopped_by"):
-        raise SystemExit(f"{what}: stopped by {result['stopped_by']} at step {result.get('step')}; "
-                         "rerun the same command to resume")
-    return result
-
-
-def train_student(labels: dict, label_set: str, kw: dict, out: Path, eval_dir: str, scale: RealScale,
-                  student_json: Path) -> dict:
-    """One student, resumable from its last checkpoint; its final evaluation."""
-    from student_train.config import TrainConfig
-    from student_train.train import train
-    steps = scale.student_steps
-    completed(train(TrainConfig(labels=(labels[label_set]["dir"],), out=str(out), student_config=str(student_json),
-                                max_steps=steps, batch_size=scale.batch_size, lr=3e-3, warmup_steps=max(1, steps // 20),
-                                eval_labels=(eval_dir,), eval_every=max(1, steps // 5),
-                                eval_batches=scale.eval_batches, save_every=max(1, steps // 4),
-                                log_every=max(1, steps // 10), progress=False, device="cpu", resume=True, **kw)),
-              f"student {out.name}")
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    evals = [r for r in rows if "eval_ce" in r]
-    from student_train.checkpoint import latest_checkpoint
-    last = latest_checkpoint(out)
-    for old in out.glob("step_*"):   # keep the final checkpoint only
-        if old != last:
-            shutil.rmtree(old)
-    return {"final": {k: v for k, v in evals[-1].items() if k.startswith("eval_")},
-            "curve": [(r["step"], r["eval_ce"]) for r in evals], "checkpoint": str(last),
-            "tokens_per_s": sum(r.get("tokens_per_s", 0) for r in rows) / max(1, sum("tokens_per_s" in r for r in rows))}
-
-
-def gradient_study(teacher: str, student_ckpt: str, labels: dict, scale: RealScale) -> dict:
-    """Cosine and norm ratio between each stored-label KD gradient and the
-    full-vocabulary KD gradient (the teacher run online on the same batch), at
-    a trained student's weights: the stored sampled labels beside fresh draws
-    of the same N from the teacher's logits (a pipeline bug would separate
-    them), and top-64 with each tail handling."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from student_train import losses
-    from student_train.data import LabelStream, open_label_sets, take_batches
-    from student_train.head import full_logits
-    torch.manual_seed(0)
-    student = AutoModelForCausalLM.from_pretrained(student_ckpt, dtype=torch.float32)
-    teach = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
-    params = [p for p in student.parameters() if p.requires_grad]
-
-    def grad(loss):
-        g = torch.autograd.grad(loss, params, retain_graph=True)
-        return torch.cat([x.flatten() for x in g])
-
-    sums: dict[str, list] = {}
-    for n in (12, 50):
-        stream = LabelStream(open_label_sets([labels[f"sampled{n}"]["dir"]]), scale.batch_size, shuffle=False, max_epochs=1)
-        for batch in take_batches(stream, scale.grad_batches):
-            with torch.no_grad():
-                t_logits = full_logits(teach, batch)[..., : student.config.vocab_size].float()
-            logits = full_logits(student, batch)
-            mask = batch["mask"]
-            full = grad(losses.full_kd(logits, t_logits, mask))
-            draws = torch.multinomial(torch.softmax(t_logits, -1).reshape(-1, t_logits.shape[-1]), n, replacement=True)
-            draws = draws.reshape(*t_logits.shape[:2], n)
-            found = {f"sampled N={n}, stored labels": grad(losses.sampled_kd(logits, batch["sampled_ids"],
-                                                                             batch["sampled_weights"], mask)),
-                     f"sampled N={n}, fresh draws": grad(losses.sampled_kd(logits, draws, torch.full(draws.shape, 1.0 / n),
-                                                                           mask))}
-            if n == 50:   # top-64 from the same teacher logits
-                lp = torch.log_softmax(t_logits, -1)
-                top = lp.topk(64, dim=-1)
-                cov = top.values.exp().sum(-1)
-                for tail in ("tail", "renorm", "target"):
-                    found[f"top-64 ({tail})"] = grad(losses.topk_kd(logits, top.indices, top.values, cov, mask,
-                                                                    tail=tail, targets=batch["targets"]))
-            for name, g in found.items():
-                cos = float(torch.nn.functional.cosine_similarity(g, full, dim=0))
-                s = sums.setdefault(name, [0.0, 0.0, 0, torch.zeros_like(full), torch.zeros_like(full)])
-                s[0] += cos
-                s[1] += float(g.norm() / full.norm())
-                s[2] += 1
-                s[3] += g
-                s[4] += full
-    out = {}
-    for name, (cos, ratio, count, g_sum, full_sum) in sums.items():
-        out[name] = {"cosine": cos / count, "angle_deg": math.degrees(math.acos(max(-1.0, min(1.0, cos / count)))),
-                     "norm_ratio": ratio / count, "batches": count,
-                     "cosine_of_summed": float(torch.nn.functional.cosine_similarity(g_sum, full_sum, dim=0))}
-    return {"study": out}
-
-
-def adam_direction(grads: list, betas=(0.9, 0.95), eps=1e-8):
-    """The update direction AdamW takes after these gradients (bias-corrected
-    m / (sqrt(v) + eps), weight decay aside), from zero moments."""
-    import torch
-    m = torch.zeros_like(grads[0])
-    v = torch.zeros_like(grads[0])
-    for g in grads:
-        m.mul_(betas[0]).add_(g, alpha=1 - betas[0])
-        v.mul_(betas[1]).addcmul_(g, g, value=1 - betas[1])
-    t = len(grads)
-    return (m / (1 - betas[0] ** t)) / ((v / (1 - betas[1] ** t)).sqrt() + eps)
-
-
-def optimizer_study(teacher: str, student_ckpt: str, labels: dict, scale: RealScale) -> dict:
-    """What Adam does with each loss's gradients: at a trained student's
-    weights, over the same batches, the cosine between the update direction
-    AdamW would take (m / sqrt(v)) for each stored-label loss and for online
-    full-vocabulary KD, beside the raw gradients' cosine; split into the
-    tied embedding's rows of tokens some draw of N = 50 held in these batches
-    (or an actual next token), the rows of tokens no draw held, and the rest
-    of the model. Adam gives every coordinate a step of about lr whatever its
-    gradient's size, so rows whose gradient is tiny but consistent count as
-    much as the head's."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from student_train import losses
-    from student_train.data import LabelStream, open_label_sets, take_batches
-    from student_train.head import full_logits
-    torch.manual_seed(0)
-    student = AutoModelForCausalLM.from_pretrained(student_ckpt, dtype=torch.float32)
-    teach = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
-    names = [n for n, p in student.named_parameters() if p.requires_grad]
-    params = [p for p in student.parameters() if p.requires_grad]
-    emb = student.get_input_embeddings().weight
-    k_ref = scale.reference_k
-    streams = [LabelStream(open_label_sets([labels[f"sampled{n}"]["dir"]]), scale.batch_size, shuffle=False, max_epochs=1)
-               for n in (50, 12)]
-    grads: dict[str, list] = {}
-    drawn = torch.zeros(emb.shape[0], dtype=torch.bool)
-    for b50, b12 in zip(take_batches(streams[0], 2 * scale.grad_batches), take_batches(streams[1], 2 * scale.grad_batches)):
-        if not torch.equal(b50["input_ids"], b12["input_ids"]):
-            raise RuntimeError("the two sampled label sets do not hold the same windows in the same order")
-        with torch.no_grad():
-            t_logits = full_logits(teach, b50)[..., : emb.shape[0]].float()
-        logits = full_logits(student, b50)
-        mask = b50["mask"]
-        lp = torch.log_softmax(t_logits, -1)
-        found = {"full KD (online)": losses.full_kd(logits, t_logits, mask)}
-        for k, tail in ((k_ref, "tail"), (64, "target"), (64, "tail")):
-            top = lp.topk(k, dim=-1)
-            found[f"top-{k} ({tail})"] = losses.topk_kd(logits, top.indices, top.values, top.values.exp().sum(-1), mask,
-                                                       tail=tail, targets=b50["targets"])
-        for n, b in ((50, b50), (12, b12)):
-            found[f"sampled N={n}"] = losses.sampled_kd(logits, b["sampled_ids"], b["sampled_weights"], mask)
-        found["CE"] = losses.cross_entropy(logits, b50["targets"], mask)
-        m = mask.unsqueeze(-1) & (b50["sampled_weights"] > 0)
-        drawn[b50["sampled_ids"][m]] = True
-        drawn[b50["targets"][mask].clamp(min=0)] = True
-        for name, loss in found.items():
-            g = torch.autograd.grad(loss, params, retain_graph=True)
-            grads.setdefault(name, []).append(torch.cat([x.flatten() for x in g]))
-    # Which coordinates of the flat vector are which rows of the tied embedding.
-    offset, emb_at = 0, None
-    for n, p in zip(names, params):
-        if p is emb:
-            emb_at = offset
-        offset += p.numel()
-    width = emb.shape[1]
-    parts = {"all": torch.ones(offset, dtype=torch.bool)}
-    in_emb = torch.zeros(offset, dtype=torch.bool)
-    in_emb[emb_at: emb_at + emb.numel()] = True
-    rows = torch.zeros(offset, dtype=torch.bool)
-    rows[emb_at: emb_at + emb.numel()] = drawn.repeat_interleave(width)
-    parts["embedding rows drawn"] = rows
-    parts["embedding rows never drawn"] = in_emb & ~rows
-    parts["rest of the model"] = ~in_emb
-
-    def cos(a, b):
-        return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
-    full = grads["full KD (online)"]
-    full_u = adam_direction(full)
-    full_g = torch.stack(full).sum(0)
-    out = {}
-    for name, gs in grads.items():
-        u, g = adam_direction(gs), torch.stack(gs).sum(0)
-        out[name] = {part: {"grad_cosine": cos(g[sel], full_g[sel]), "update_cosine": cos(u[sel], full_u[sel]),
-                            "update_share": float(u[sel].pow(2).sum() / u.pow(2).sum()),
-                            "grad_share": float(g[sel].pow(2).sum() / g.pow(2).sum())}
-                     for part, sel in parts.items()}
-    return {"study": out, "batches": len(full), "rows_drawn": int(drawn.sum()), "vocab": int(emb.shape[0]),
-            "params": offset, "embedding_params": int(emb.numel())}
-
-
-def tail_study(teacher: str, students: dict, eval_dir: str, scale: RealScale) -> dict:
-    """Where each student's held-out CE goes: positions bucketed by the
-    teacher's rank of the actual next token (0, 1-15, 16-255, 256+), the
-    student's mean CE in each, and the mass student and teacher put outside
-    the teacher's top-64 (log-mean)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from student_train.data import LabelStream, open_label_sets, take_batches
-    from student_train.head import full_logits
-    teach = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
-    models = {name: AutoModelForCausalLM.from_pretrained(s["checkpoint"], dtype=torch.float32).eval()
-              for name, s in students.items()}
-    edges = ((0, 1), (1, 16), (16, 256), (256, None))
-    bucket_name = [f"{lo}" if hi == lo + 1 else (f"{lo}+" if hi is None else f"{lo}-{hi - 1}") for lo, hi in edges]
-    sums = {name: {"ce": [0.0] * len(edges), "tail_mass": 0.0} for name in [*models, "teacher"]}
-    counts, positions = [0] * len(edges), 0
-    stream = LabelStream(open_label_sets([eval_dir]), scale.batch_size, shuffle=False, max_epochs=1)
-    with torch.no_grad():
-        for batch in take_batches(stream, 1 << 30):
-            mask, y = batch["mask"], batch["targets"].clamp(min=0)
-            t = full_logits(teach, batch).float()
-            v = min(t.shape[-1], next(iter(models.values())).config.vocab_size)
-            t = torch.log_softmax(t[..., :v], -1)
-            rank = (t > t.gather(-1, y.unsqueeze(-1))).sum(-1)
-            top = t.topk(64, dim=-1).indices
-            for name, model in [*models.items(), ("teacher", None)]:
-                lp = t if model is None else torch.log_softmax(full_logits(model, batch).float()[..., :v], -1)
-                ce = -lp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-                inside = lp.gather(-1, top).exp().sum(-1)
-                sums[name]["tail_mass"] += float((1 - inside).clamp(min=1e-12).log()[mask].sum())
-                for i, (lo, hi) in enumerate(edges):
-                    sel = mask & (rank >= lo) & (rank < hi if hi is not None else True)
-                    sums[name]["ce"][i] += float(ce[sel].sum())
-            for i, (lo, hi) in enumerate(edges):
-                counts[i] += int((mask & (rank >= lo) & (rank < hi if hi is not None else True)).sum())
-            positions += int(mask.sum())
-    return {"buckets": bucket_name, "share": [c / positions for c in counts], "positions": positions,
-            "students": {name: {"ce": [s / max(c, 1) for s, c in zip(d["ce"], counts)],
-                                "ce_contribution": [s / positions for s in d["ce"]],
-                                "log_tail_mass": d["tail_mass"] / positions} for name, d in sums.items()}}
-
-
-def cross_tokenizer_runs(labels: dict, other_text: list[str], eval_dir: str, work: Path, scale: RealScale,
-                         student_json: Path, stage) -> dict:
-    """The student with its own byte-level BPE (V = 2,000, trained on other
-    files of the corpus), CE only, top-64 KD and sampled KD (N = 12) at
-    alpha 0.5 from the same labels, in held-out bits per byte; the aligned
-    share of its positions."""
-    from labelgen.tools.demo import train_tokenizer
-    from student_train.data import LabelStream, open_label_sets
-    from student_train.vocab import load_tokenizer_for
-    from student_train.xtok import CrossTokenizer
-    own = work / "student_tokenizer"
-    if not (own / "tokenizer.json").is_file():
-        train_tokenizer(other_text, 2000).save_pretrained(own)
-    ref = labels[f"top{scale.reference_k}"]["dir"]
-    out = {}
-    for method, label_dir, kw in (("CE only", ref, dict(loss="ce")),
-                                  ("top-64 KD (tail), alpha=0.5", ref, dict(loss="kd", k=64, alpha=0.5)),
-                                  ("sampled KD (N=12), alpha=0.5", labels["sampled12"]["dir"], dict(loss="kd", alpha=0.5))):
-        name = f"own tokenizer: {method}"
-        out[name] = stage(name, lambda label_dir=label_dir, kw=kw, name=name: train_student(
-            {"set": {"dir": label_dir}}, "set", {**kw, "student_tokenizer": str(own)}, work / "students" / slug(name),
-            eval_dir, scale, student_json))
-
-    def aligned_share():
-        x = CrossTokenizer(load_tokenizer_for(None, Path(ref)), load_tokenizer_for(None, own, "--student-tokenizer"))
-        aligned = counted = 0
-        for batch, _ in LabelStream(open_label_sets([eval_dir]), 8, shuffle=False, max_epochs=1, cross=x, k=64):
-            aligned, counted = aligned + int(batch["kd_mask"].sum()), counted + int(batch["mask"].sum())
-        return {"aligned": aligned / max(counted, 1), "vocab": len(load_tokenizer_for(None, own, "--student-tokenizer"))}
-    out["alignment"] = stage("own tokenizer: aligned positions", aligned_share)
-    return out
-
-
 def run_report(args, teacher: str, work: Path) -> Path:
     scale = QUICK if args.quick else FULL
     if args.student_steps:
@@ -450,9 +60,11 @@ def run_report(args, teacher: str, work: Path) -> Path:
         scale = dataclasses.replace(scale, student_steps=args.student_steps)
     ref = f"top{scale.reference_k}"
     runs = methods(scale.reference_k)
-    stage = Stages(work, total=len(label_specs(dict.fromkeys(("text", "bytes_text", "heldout", "prompts"), ""), scale)) + len(runs) + 4 + 3 + 1 + 2 + 2 + 3)
     split = split_text(scale, work)
     specs = label_specs(split["files"], scale)
+    single = ("student: teacher's tokenizer", "gradient study", "optimizer study", "tail study", "teacher summary")
+    stage = Stages(work, total=len(specs) + len(runs) + SWEPT * len(SWEEP_ALPHAS) + CROSS_STAGES
+                   + len(SEEDED(scale.reference_k)) + len(single))
     labels = {name: stage(f"labels: {name}", lambda name=name, kw=kw: make_label_set(teacher, work / "labels" / slug(name), kw, scale))
               for name, kw in specs.items()}
     student_json = work / "student.json"
@@ -466,9 +78,9 @@ def run_report(args, teacher: str, work: Path) -> Path:
     # CE mixed in for the two best stored-label methods (by held-out CE at alpha = 0).
     ranked = sorted((n for n in runs if runs[n][1].get("loss") == "kd" and not n.startswith("reference")),
                     key=lambda n: students[n]["final"]["eval_ce"])
-    for name in ranked[:2]:
+    for name in ranked[:SWEPT]:
         label_set, kw, _ = runs[name]
-        for alpha in (0.5, 0.9):
+        for alpha in SWEEP_ALPHAS:
             swept = f"{name}, alpha={alpha:g}"
             students[swept] = stage(f"student: {swept}", lambda label_set=label_set, kw=kw, swept=swept, alpha=alpha:
                                     train_student(labels, label_set, {**kw, "alpha": alpha},
@@ -495,7 +107,6 @@ def run_report(args, teacher: str, work: Path) -> Path:
     return write_section(args, teacher, scale, split, labels, runs, students, cross, studies, teacher_info,
                          stage.seconds)
 
-
 def teacher_summary(teacher: str, eval_dir: str, scale: RealScale) -> dict:
     """The teacher's own held-out CE (on the evaluation windows), size and vocabulary."""
     import torch
@@ -508,26 +119,6 @@ def teacher_summary(teacher: str, eval_dir: str, scale: RealScale) -> dict:
     metrics = evaluate({"student": model}, score, take_batches(stream, scale.eval_batches), Dist(), "float32")
     return {"params": sum(p.numel() for p in model.parameters()), "vocab": model.config.vocab_size,
             "eval_ce": metrics["eval_ce"], "eval_ece": metrics.get("eval_ece"), "eval_bpb": metrics.get("eval_bpb")}
-
-
-SECTION_ORDER = (REAL_MARK, SEEDS_MARK, "<!-- toy section: bash jobs/report.sh -->",
-                 "<!-- cross-tokenizer section: bash jobs/report.sh --cross-tokenizer -->")
-
-
-def replace_section(report: Path, mark: str, body: str) -> None:
-    """Write `body` as results.md's section `mark`, keeping the others, in SECTION_ORDER."""
-    text = report.read_text() if report.is_file() else ""
-    sections, current = {}, SECTION_ORDER[1]   # text before any mark is the toy report
-    for line in text.splitlines(keepends=True):
-        if line.strip() in SECTION_ORDER:
-            current = line.strip()
-        else:
-            sections[current] = sections.get(current, "") + line
-    sections[mark] = body.rstrip("\n") + "\n\n"
-    report.parent.mkdir(parents=True, exist_ok=True)
-    fsutil.atomic_write_bytes(report, "".join(m + "\n" + sections[m] for m in SECTION_ORDER
-                                              if sections.get(m, "").strip()).encode())
-
 
 def write_section(args, teacher: str, scale: RealScale, split: dict, labels: dict, runs: dict, students: dict,
                   cross: dict, studies: dict, teacher_info: dict, elapsed: float) -> Path:
@@ -665,7 +256,6 @@ def write_section(args, teacher: str, scale: RealScale, split: dict, labels: dic
                        f"Storage against student quality ({Path(teacher).name} teacher)")
     return report
 
-
 def study_lines(studies: dict, finals: dict, ref_name: str, recovered, scale: RealScale) -> list[str]:
     """The run-to-run spread, the optimizer study and the tail study, as markdown."""
     seeded, opt, tail = studies["seeded"], studies["optimizer"], studies["tail"]
@@ -732,56 +322,3 @@ def study_lines(studies: dict, finals: dict, ref_name: str, recovered, scale: Re
               + ": the students here are far from the teacher (they put most of their mass outside its top-64), "
               "and what separates the methods is how fast they learn the teacher's head."]
     return lines + [""]
-
-
-def plot_bytes_vs_gain(points: list[tuple[str, float | None, float | None]], path: Path, ylabel: str, title: str) -> None:
-    """(method, bytes per position, share of the gain recovered) as a labelled scatter, bytes on a log axis."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    floor = -0.5   # methods far worse than CE only (renormalised top-k) would squash the others into a line
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    clipped = 0
-    for method, x, y in points:
-        if x is not None and y is not None:
-            if y >= floor:
-                ax.scatter(x, y)
-                ax.annotate(method, (x, y), fontsize=6)
-                continue
-            ax.scatter(x, floor, marker="v")   # labels stacked upwards so they do not overlap
-            ax.annotate(f"{method} ({y:.0%}, off the axis)", (x, floor), xytext=(4, 4 + 9 * clipped),
-                        textcoords="offset points", fontsize=6)
-            clipped += 1
-    ax.set_ylim(bottom=floor - 0.05)
-    ax.set_xscale("log")
-    ax.set_xlabel("label bytes per position")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def main(args) -> None:
-    """Entry from report.py: fetch SmolLM2 if asked, then run (resumable) in the work directory."""
-    import os
-    import subprocess
-    import sys
-    name = "smollm2" if args.smollm2 else Path(args.teacher).name
-    work = Path(args.work or Path(tempfile.gettempdir()) / f"labelgen-report-{slug(name)}{'-quick' if args.quick else ''}")
-    if args.fresh and work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    teacher = args.teacher
-    if args.smollm2:
-        teacher = str(work / "SmolLM2-135M-Instruct")
-        subprocess.run(["bash", "jobs/fetch_smollm2.sh", teacher], check=True,
-                       env={**os.environ, "BIN": str(Path(sys.executable).parent)})
-    log(f"work directory {work} (rerun the same command to resume; --fresh starts over)")
-    if getattr(args, "seeds", False):
-        from report_seeds import run_seeds
-        report = run_seeds(args, teacher, work)
-    else:
-        report = run_report(args, teacher, work)
-    log(f"wrote {report}")
-

@@ -38,6 +38,8 @@ def test_real_teacher_report_has_every_method_keeps_other_sections_and_resumes_f
            "--work", str(work)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
+    numbers = re.findall(r"\[stage (\d+)/(\d+),", r.stdout)   # the total is the stages it runs
+    assert numbers[-1][0] == numbers[-1][1] == str(len({n for n, _ in numbers})), numbers[-1]
     md = (docs / "results.md").read_text()
     methods = ["CE only", "SFT on teacher completions", "top-8 KD (tail)", "top-8 KD (renorm)", "top-8 KD (target)",
                "top-64 KD (tail)", "top-64 KD (renorm)", "top-64 KD (target)", "min-prob 1e-3 KD (tail)",
@@ -65,7 +67,7 @@ def test_real_teacher_report_has_every_method_keeps_other_sections_and_resumes_f
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert [l.split("] ", 2)[2] for l in r.stdout.splitlines() if "running" in l] == \
-        ["student: sampled KD (N=12): running (16 stages after it)"]
+        ["student: sampled KD (N=12): running (17 stages after it)"]
     md = (docs / "results.md").read_text()
     assert md.count("# Results: what a student keeps") == 1 and md.count("| sampled KD (N=12) |") == 2   # method, tail tables
 
@@ -98,7 +100,7 @@ def test_a_student_stopped_by_a_signal_ends_the_report_and_is_not_cached_as_done
     return; the report must exit there, not cache the partial student as its
     result (a cut run once left a 34-step student in the 100-step table)."""
     monkeypatch.syspath_prepend("benchmarks")
-    from report_teacher import Stages, completed
+    from report_kit import Stages, completed
     stages = Stages(tmp_path, total=2)
     stopped = {"step": 34, "out": "x", "stopped_by": "SIGTERM", "world": 1}
     with pytest.raises(SystemExit, match="student x: stopped by SIGTERM at step 34; rerun the same command"):
