@@ -18,6 +18,7 @@ from typing import List, Optional
 import typer
 
 from labelgen import clikit
+from labelgen.errors import OptionError
 from labelgen.generate.config import GenerateConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -81,7 +82,7 @@ def _kv(pairs: list[str] | None, option: str) -> dict | None:
     for p in pairs:
         key, sep, value = p.partition("=")
         if not sep or not key:
-            raise ValueError(f"{option}: expected KEY=VALUE, got {p!r}")
+            raise OptionError(f"{option}: expected KEY=VALUE, got {p!r}")
         try:
             out[key] = json.loads(value)
         except ValueError:
@@ -156,8 +157,6 @@ def generate(
 ):
     """Run a teacher over inputs and write label shards (top-k soft labels or completions)."""
     params = dict(locals())
-    if ray is not None and worker_index is not None:
-        raise ValueError("--worker-index: not with --ray, which runs every unit")
 
     def resolved(torchrun_workers: bool) -> GenerateConfig:
         env_workers, env_index = _worker_from_env(torchrun_workers)
@@ -174,10 +173,6 @@ def generate(
     if dry_run:
         clikit.print_json(cfg.to_dict())
         return
-    if ray is not None and cfg.tp > 1:
-        raise ValueError("--tp: not with --ray (a Ray unit is one process): launch torchrun per node (a Slurm array), "
-                         "or use vLLM's tensor parallelism in the units (--backend vllm --engine tensor_parallel_size=N "
-                         "--ray-gpus N)")
     if ray is not None:
         from labelgen.generate.ray_units import RayConfig, run_on_ray
         m = run_on_ray(cfg, RayConfig(address=ray, gpus_per_unit=ray_gpus, cpus_per_unit=ray_cpus, retries=ray_retries))
@@ -227,7 +222,7 @@ def export(label_dir: str = typer.Argument(..., help="top-k label set made with 
     """Write top-k labels of chat conversations for another trainer: --to axolotl writes the messages plus
     per-token {"token": "token_id:N", "logprob": x} lists that Axolotl's KD plugin reads."""
     if to != "axolotl":
-        raise ValueError(f"--to: unknown target {to!r} (known: axolotl)")
+        raise OptionError(f"--to: unknown target {to!r} (known: axolotl)")
     from labelgen.tools.export import export_axolotl
     stats = export_axolotl(label_dir, out, inputs)
     typer.echo(f"wrote {stats['rows']:,} conversations ({stats['tokens']:,} tokens) to {out}")
@@ -251,10 +246,11 @@ def import_cmd(inputs: List[str] = typer.Argument(..., help="JSONL (or .jsonl.zs
 @app.command("convert-gguf")
 @cli_errors
 def convert_gguf(gguf_file: Path = typer.Argument(..., help="a .gguf model file (llama.cpp format)"),
-                 out: Path = typer.Argument(..., help="HF model directory to write (must not exist, or be empty)")):
+                 out: Path = typer.Argument(..., help="HF model directory to write (must not exist, or be empty)"),
+                 overwrite: bool = typer.Option(False, "--overwrite", help="replace the model labelgen wrote in OUT")):
     """Dequantize a GGUF model into an HF directory usable as --teacher (needs labelgen[gguf])."""
     from labelgen.tools.gguf import convert_gguf as run
-    run(gguf_file, out, log=lambda m: typer.echo(m, err=True))
+    run(gguf_file, out, log=lambda m: typer.echo(m, err=True), overwrite=overwrite)
     typer.echo(f"teacher saved to {out}")
 
 
@@ -263,11 +259,12 @@ def convert_gguf(gguf_file: Path = typer.Argument(..., help="a .gguf model file 
 def demo_teacher(out: Path = typer.Argument(..., help="where to save the teacher (HF format)"),
                  corpus: Optional[List[str]] = typer.Option(None, help="text files/directories (default: Python's stdlib source)"),
                  steps: Optional[int] = typer.Option(None, help="training steps"),
-                 seed: Optional[int] = typer.Option(None)):
+                 seed: Optional[int] = typer.Option(None),
+                 overwrite: bool = typer.Option(False, "--overwrite", help="replace the model labelgen wrote in OUT")):
     """Build and briefly train a small Llama-style teacher locally (no downloads)."""
     from labelgen.tools.demo import DemoTeacherConfig, build_demo_teacher
     cfg = DemoTeacherConfig(**{k: v for k, v in dict(steps=steps, seed=seed).items() if v is not None})
-    build_demo_teacher(out, corpus, cfg, log=lambda m: typer.echo(m, err=True))
+    build_demo_teacher(out, corpus, cfg, log=lambda m: typer.echo(m, err=True), overwrite=overwrite)
     typer.echo(f"teacher saved to {out}")
 
 

@@ -14,15 +14,16 @@ from inspect import signature
 import typer
 
 from labelgen import stopping
-from labelgen.errors import FormatError
+from labelgen.errors import LabelgenError, one_line
 
 
 def cli_errors(program: str, raise_on_preemption: bool):
-    """The decorator `program`'s commands are wrapped in: expected failures
-    become one line on stderr and exit code 2; Ctrl-C one line and 130; with
-    `raise_on_preemption` a preemption signal one line and PREEMPTED_EXIT
-    (labelgen.stopping; student-train's loop reads its own flag instead), each
-    followed by the command's `on_stop` (what was kept)."""
+    """The decorator `program`'s commands are wrapped in: a LabelgenError
+    becomes its one line on stderr and its exit code; a system's error (a
+    full disk, a missing file) or a value a library refused one line and 2;
+    Ctrl-C one line and 130; with `raise_on_preemption` a preemption signal
+    one line and PREEMPTED_EXIT (labelgen.stopping; a training loop reads its
+    own flag instead), each followed by the command's `on_stop` (what was kept)."""
     def decorate(fn=None, *, on_stop: str = ""):
         if fn is None:
             return functools.partial(decorate, on_stop=on_stop)
@@ -32,12 +33,15 @@ def cli_errors(program: str, raise_on_preemption: bool):
             try:
                 with stopping.raise_on_preemption() if raise_on_preemption else contextlib.nullcontext():
                     return fn(*args, **kwargs)
-            except (FormatError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+            except LabelgenError as e:
                 typer.echo(f"{program}: error: {e}", err=True)
+                raise typer.Exit(e.exit_code)
+            except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+                typer.echo(f"{program}: error: {one_line(e)}", err=True)
                 raise typer.Exit(2)
             except OSError as e:   # a full disk, an I/O error: the system's words, without a traceback
                 where = f"{e.filename}: " if e.filename else ""
-                typer.echo(f"{program}: error: {where}{e.strerror or ' '.join(str(e).split())}", err=True)
+                typer.echo(f"{program}: error: {where}{e.strerror or one_line(e)}", err=True)
                 raise typer.Exit(2)
             except KeyboardInterrupt as e:
                 preempted = isinstance(e, stopping.Preempted)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from labelgen.errors import OptionError
+
 
 def config_from_sources(cls, config_file: str | None, overrides: dict, tuple_fields=()):
     """A config dataclass from a YAML/JSON file's keys, then the flags that
@@ -20,18 +22,18 @@ def config_from_sources(cls, config_file: str | None, overrides: dict, tuple_fie
         try:
             d = yaml.safe_load(path.read_text()) or {}
         except (OSError, yaml.YAMLError) as e:
-            raise ValueError(f"{path}: cannot read config ({e})") from None
+            raise OptionError(f"{path}: cannot read config ({e})") from None
         if not isinstance(d, dict):
-            raise ValueError(f"{path}: a config file must hold a mapping of settings")
+            raise OptionError(f"{path}: a config file must hold a mapping of settings")
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+            raise OptionError(f"{path}: unknown setting(s) {', '.join(unknown)}")
     d.update({k: v for k, v in overrides.items() if v is not None and v != ()})
     missing = [f.name for f in dataclasses.fields(cls)
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in d]
     if missing:
         flag = "input" if missing[0] == "inputs" else missing[0].replace("_", "-")
-        raise ValueError(f"--{flag}: required (flag or config key {missing[0]!r})")
+        raise OptionError(f"--{flag}: required (flag or config key {missing[0]!r})")
     for name in tuple_fields:
         if name in d:
             d[name] = tuple(d[name]) if isinstance(d[name], (list, tuple)) else (d[name],)

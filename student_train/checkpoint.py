@@ -7,22 +7,76 @@ unpickled on load: torch.load(weights_only=True) and JSON only."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 
-from labelgen.run.rundir import CHECKPOINT_RE
+from labelgen.errors import FormatError, one_line
+from labelgen.run.rundir import RunDir
 from labelgen.store import fsutil, storage
+
+CHECKPOINTS = "step_*"                        # a training run's checkpoints: OUT/step_NNNNNN/
+CHECKPOINT_RE = re.compile(r"^step_(\d{6,})$")
+META = "meta.json"                            # written last: a checkpoint counts once it is there
 
 
 def checkpoint_dir(out: Path, step: int) -> Path:
     return Path(out) / f"step_{step:06d}"
 
 
+def complete(ckpt) -> bool:
+    """The checkpoint directory (local or in a bucket) is whole: its meta.json, written last, is there."""
+    return (ckpt / META).is_file()
+
+
+def steps(out) -> list[tuple[int, Path]]:
+    """(step, directory) of the checkpoint directories in `out`, whole or not, by step."""
+    return sorted((int(m.group(1)), p) for p in storage.list_dir(out, CHECKPOINTS) if (m := CHECKPOINT_RE.match(p.name)))
+
+
 def latest_checkpoint(out: Path) -> Path | None:
-    found = [(int(m.group(1)), p) for p in storage.list_dir(out, "step_*")
-             if (m := CHECKPOINT_RE.match(p.name)) and (p / "meta.json").is_file()]
-    return max(found)[1] if found else None
+    whole = [p for _, p in steps(out) if complete(p)]
+    return whole[-1] if whole else None
+
+
+def pull(rd: RunDir, resume: bool, files: tuple[str, ...]) -> None:
+    """Where a training run starts: a bucket run's staging directory starts
+    empty, and a resumed one (on any machine) from the bucket's last whole
+    checkpoint and `files`."""
+    if not rd.main:
+        return
+    storage.make_dir(rd.local)
+    if rd.remote:
+        rd.empty_staging()
+    if not (rd.remote and resume):
+        return
+    found = []
+    for obj in storage.list_tree(rd.remote):   # one listing, not a request per checkpoint
+        parts = obj.key[len(rd.remote.key):].strip("/").split("/")
+        if len(parts) == 2 and parts[1] == META and (m := CHECKPOINT_RE.match(parts[0])):
+            found.append(int(m.group(1)))
+    if found:
+        name = checkpoint_dir(Path(), max(found)).name
+        storage.download_tree(rd.remote / name, rd.local / name)
+        for f in files:
+            if (rd.remote / f).is_file():
+                storage.download_file(rd.remote / f, rd.local / f)
+
+
+def push(rd: RunDir, ckpt: Path, files: tuple[str, ...], keep: int = 1) -> None:
+    """A saved checkpoint to the bucket (meta.json last: until it is there the
+    checkpoint does not count), then `files`; the staging directory then keeps
+    only the newest `keep` checkpoints (a spot node's disk stays small)."""
+    if not rd.remote:
+        return
+    rd.check_held()
+    storage.upload_tree(ckpt, rd.remote / ckpt.name, last=META)
+    for f in files:
+        if (rd.local / f).is_file():
+            storage.upload_file(rd.local / f, rd.remote / f)
+    for _, old in steps(rd.local)[:-keep]:   # by step, not by name: step_1000000 sorts before step_999999
+        storage.remove_tree(old)
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -60,7 +114,7 @@ def save_checkpoint(out: Path, step: int, models: dict, optimizers: dict, schedu
             storage.write_bytes(where / "scheduler.json", json.dumps(schedulers[name].state_dict(), default=float).encode())
         torch.save(rng_state(), tmp / "rng.pt")
         storage.write_bytes(tmp / "loader.json", json.dumps(loader_state).encode())
-        storage.write_bytes(tmp / "meta.json", json.dumps({**meta, "step": step}, indent=2, default=str).encode())
+        storage.write_bytes(tmp / META, json.dumps({**meta, "step": step}, indent=2, default=str).encode())
         fsutil.fsync_tree(tmp)   # what the libraries wrote (weights, optimizer state)
     except BaseException as e:
         storage.remove_tree(tmp)   # no half checkpoint: resume takes the last whole one
@@ -85,9 +139,9 @@ def _load_tensors(path: Path):
     try:
         return torch.load(path, weights_only=True)
     except FileNotFoundError:
-        raise ValueError(f"{path}: missing from the checkpoint") from None
+        raise FormatError(f"{path}: missing from the checkpoint") from None
     except Exception:   # UnpicklingError for foreign objects, RuntimeError for a damaged file
-        raise ValueError(f"{path}: not a plain tensor file (damaged, or holds objects that would need "
+        raise FormatError(f"{path}: not a plain tensor file (damaged, or holds objects that would need "
                          "unpickling code, which labelgen refuses)") from None
 
 
@@ -95,7 +149,7 @@ def _load_json(path: Path):
     try:
         return json.loads(storage.read_text(path, 64 << 20))
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable checkpoint file ({e})") from None
+        raise FormatError(f"{path}: unreadable checkpoint file ({e})") from None
 
 
 def load_weights(path: Path, models: dict) -> None:
@@ -108,12 +162,12 @@ def load_weights(path: Path, models: dict) -> None:
             try:
                 state.update(load_file(f))
             except Exception as e:  # safetensors' own error type: a truncated or damaged file
-                raise ValueError(f"{f}: unreadable weights ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+                raise FormatError(f"{f}: unreadable weights ({one_line(e)})") from None
         missing, unexpected = model.load_state_dict(state, strict=False)
         # Tied embeddings are saved once; everything else must be there.
         missing = [m for m in missing if not (getattr(model.config, "tie_word_embeddings", False) and "lm_head" in m)]
         if missing or unexpected:
-            raise ValueError(f"{where}: checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise FormatError(f"{where}: checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def load_states(path: Path, optimizers: dict, schedulers: dict, fsdp_models: dict | None = None) -> tuple[dict, dict]:
@@ -129,5 +183,5 @@ def load_states(path: Path, optimizers: dict, schedulers: dict, fsdp_models: dic
             opt.load_state_dict(state)
         schedulers[name].load_state_dict(_load_json(where / "scheduler.json"))
     set_rng_state(_load_tensors(path / "rng.pt"))
-    return _load_json(path / "meta.json"), _load_json(path / "loader.json")
+    return _load_json(path / META), _load_json(path / "loader.json")
 

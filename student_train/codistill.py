@@ -21,12 +21,16 @@ import torch
 import torch.distributed as dist
 
 from labelgen import format as fmt
+from labelgen.errors import OptionError
 from labelgen.format import FormatError
 from student_train import head, losses
 from student_train.config import CodistillConfig
 from student_train.data import LabelStream, open_label_sets
 from student_train.objective import mix
-from student_train.runtime import Run, build_model, fit, run_dir, setup_distributed
+from student_train.runtime import Run, build_model, fit, run_dir, setup_distributed, training_run
+
+DATA, EVAL_DATA = "data", "eval_data"   # the tokenized corpus (a tokens label set) and its held-out part
+CODISTILL = training_run("co-distillation run", DATA, EVAL_DATA)
 
 
 def shared_tokenizer(cfg: CodistillConfig):
@@ -37,13 +41,13 @@ def shared_tokenizer(cfg: CodistillConfig):
         if where and any((Path(where) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
             found[name] = (where, AutoTokenizer.from_pretrained(where, trust_remote_code=False))
     if not found:
-        raise ValueError("--tokenizer: no tokenizer found; pass --tokenizer DIR")
+        raise OptionError("--tokenizer: no tokenizer found; pass --tokenizer DIR")
     (first, (path, tok)), *others = found.items()
     fp = fmt.tokenizer_fingerprint(tok)
     for name, (other_path, other) in others:
         ofp = fmt.tokenizer_fingerprint(other)
         if ofp["fingerprint"] != fp["fingerprint"]:
-            raise ValueError(f"{name} {other_path} and {first} {path} have different tokenizers "
+            raise OptionError(f"{name} {other_path} and {first} {path} have different tokenizers "
                              f"(differ in: {fmt.tokenizer_difference(fp, ofp)})")
     return path, tok
 
@@ -67,7 +71,7 @@ def check_widths(teacher, student, tokenizer) -> int:
     for name, model in (("teacher", teacher), ("student", student)):
         width = model.get_output_embeddings().weight.shape[0]
         if width < n:
-            raise ValueError(f"--{name}: its logits are {width} wide but the shared tokenizer has {n} tokens")
+            raise OptionError(f"--{name}: its logits are {width} wide but the shared tokenizer has {n} tokens")
     return n
 
 
@@ -150,20 +154,20 @@ def codistill(cfg: CodistillConfig) -> dict:
     teacher = build_model(cfg.teacher, cfg.teacher_config, tokenizer, cfg.seed + 1)
     student = build_model(cfg.student, cfg.student_config, tokenizer, cfg.seed)
     n_vocab = check_widths(teacher, student, tokenizer)
-    with run_dir(cfg, d) as (rd, ckpt):
+    with run_dir(cfg, d, CODISTILL) as (rd, ckpt):
         out = rd.local
         if d.main:
-            tokenize_corpus(cfg.inputs, out / "data", tok_dir, cfg)
+            tokenize_corpus(cfg.inputs, out / DATA, tok_dir, cfg)
             if cfg.eval_input:
-                tokenize_corpus(cfg.eval_input, out / "eval_data", tok_dir, cfg)
+                tokenize_corpus(cfg.eval_input, out / EVAL_DATA, tok_dir, cfg)
         if dist.is_initialized():
             dist.barrier()
-        readers = open_label_sets([str(out / "data")])
+        readers = open_label_sets([str(out / DATA)])
         stream = LabelStream(readers, cfg.batch_size, seed=cfg.seed, group_units=cfg.group_units, rank=d.rank,
                              world_size=d.world)
         eval_stream = None
         if cfg.eval_input:
-            eval_stream = LabelStream(open_label_sets([str(out / "eval_data")]), cfg.batch_size, shuffle=False,
+            eval_stream = LabelStream(open_label_sets([str(out / EVAL_DATA)]), cfg.batch_size, shuffle=False,
                                       rank=d.rank, world_size=d.world)
         fingerprint = readers[0].manifest["fingerprint"]
 

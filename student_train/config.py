@@ -10,6 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from labelgen.errors import OptionError
 from labelgen.settings import config_from_sources
 from student_train.losses import KD_KINDS, TAILS, alpha_at, check_tail
 
@@ -25,7 +26,7 @@ OPD_FORWARD_KL = 0.0
 
 
 def _bad(option, msg):
-    raise ValueError(f"{option}: {msg}")
+    raise OptionError(f"{option}: {msg}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -162,7 +163,7 @@ class LoopConfig:
         super().__post_init__()
 
         def bad(option, msg):
-            raise ValueError(f"{option}: {msg}")
+            raise OptionError(f"{option}: {msg}")
         for name in ("max_steps", "batch_size", "grad_accum", "eval_batches", "log_every", "group_units"):
             if getattr(self, name) < 1:
                 bad(f"--{name.replace('_', '-')}", f"must be >= 1, got {getattr(self, name)}")
@@ -274,7 +275,7 @@ class CodistillConfig(LoopConfig, KDConfig):
         super().__post_init__()
 
         def bad(option, msg):
-            raise ValueError(f"{option}: {msg}")
+            raise OptionError(f"{option}: {msg}")
         if not self.inputs:
             bad("--input", "at least one input file or directory is required")
         if (self.teacher is None) == (self.teacher_config is None):
@@ -373,7 +374,7 @@ class RoundsConfig(LoopConfig, LossConfig):
 
     def __post_init__(self):
         def bad(option, msg):
-            raise ValueError(f"{option}: {msg}")
+            raise OptionError(f"{option}: {msg}")
         if self.loss not in ROUND_LOSSES:
             bad("--loss", f"must be one of {', '.join(ROUND_LOSSES)}, got {self.loss!r}")
         super().__post_init__()

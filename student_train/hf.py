@@ -31,7 +31,7 @@ from labelgen.stopping import StopFlag
 from student_train.config import LossConfig
 from student_train.data import LabelStream, collate, columns_from_rows, open_label_sets
 from student_train.losses import ECE_BINS, expected_calibration_error
-from student_train.objective import loss_step
+from student_train.objective import check_labels, loss_step
 from student_train.vocab import check_vocabulary, check_width_against_labels, load_tokenizer_for
 
 
@@ -75,10 +75,13 @@ class LabelDataset(torch.utils.data.IterableDataset):
         """Examples per epoch (so Trainer can count epochs: num_train_epochs works)."""
         return sum(r.manifest["counts"]["rows"] for r in self.stream.readers)
 
-    def fit_to(self, model, tokenizer=None) -> None:
+    def fit_to(self, model, tokenizer=None, loss: LossConfig | None = None) -> None:
         """Check the labels against the student (its tokenizer, if given, must
         be the labels', or with student_tokenizer that one; its logits must
-        cover the vocabulary) and drop label ids beyond its logits."""
+        cover the vocabulary) and the loss (objective.check_labels), and drop
+        label ids beyond its logits."""
+        if loss is not None:
+            check_labels(loss, self.stream.readers, k=self.stream.k, cross=self.stream.cross is not None)
         width = model.get_output_embeddings().weight.shape[0]
         cross = self.stream.cross
         if cross is not None and tokenizer is not None and \
@@ -148,7 +151,7 @@ class DistillTrainer(Trainer):
         evals = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
         for d in (self.train_dataset, *evals):
             if isinstance(d, LabelDataset):
-                d.fit_to(self.model, self.processing_class)
+                d.fit_to(self.model, self.processing_class, self.distill)
         self._calibration: torch.Tensor | None = None   # while evaluating: [gaps x tokens..., tokens]
         self._preemption = _StopOnPreemption(self)
         self.add_callback(self._preemption)
@@ -176,7 +179,7 @@ class DistillTrainer(Trainer):
         if not (isinstance(ds, LabelDataset) and isinstance(self.data_collator, LabelCollator)):
             return super().get_eval_dataloader(eval_dataset)
         if ds is eval_dataset:   # passed to this call: __init__ has not checked it
-            ds.fit_to(self.model, self.processing_class)
+            ds.fit_to(self.model, self.processing_class, self.distill)
         train_collator, self.data_collator = self.data_collator, ds.collator()
         try:
             return super().get_eval_dataloader(eval_dataset)

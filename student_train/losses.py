@@ -37,6 +37,8 @@ import math
 
 import torch
 
+from labelgen.errors import OptionError
+
 KD_KINDS = ("forward", "reverse", "jsd")   # divergences (record kinds are labelgen.format.KINDS)
 TAILS = ("renorm", "tail", "target")
 # Bytes of fp32 logits processed at once by the full-vocabulary reductions.
@@ -124,12 +126,12 @@ def topk_kd_terms(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: t
     targets [B,T] the actual next tokens (tail="target" only).
     """
     if kind not in KD_KINDS:
-        raise ValueError(f"kind must be one of {KD_KINDS}")
+        raise OptionError(f"kind must be one of {KD_KINDS}")
     problem = check_tail(tail, kind, temperature)
     if problem:
-        raise ValueError("{}: {}".format(*problem))
+        raise OptionError("{}: {}".format(*problem))
     if tail == "target" and targets is None:
-        raise ValueError("tail='target' needs the actual next tokens (targets)")
+        raise OptionError("tail='target' needs the actual next tokens (targets)")
     t_lp = topk_logprobs.float()
     s = logits.gather(-1, topk_ids).float() / temperature                   # [B,T,K]
     # Empty slots (adaptive truncation, padded vocabulary) are not part of the

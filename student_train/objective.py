@@ -1,8 +1,8 @@
 """The objective: a student's logits on one batch -> its loss (CE, top-k or
 sampled KD, the on-policy policy gradient, their alpha mix), under the
-settings of a LossConfig. `student-train train` (train.py) and
-transformers.Trainer (hf.py) compute it here, so the same batch gives the
-same loss through both. The logits come a chunk of positions at a time
+settings of a LossConfig, and the one check that labels can feed that loss
+(`check_labels`). `student-train train` (train.py) and transformers.Trainer
+(hf.py) compute it here, so the same batch gives the same loss through both. The logits come a chunk of positions at a time
 (head.py): every quantity is a sum over the chunk's positions divided by the
 batch's counted positions, so the chunks' totals are the batch's means."""
 
@@ -12,9 +12,61 @@ import functools
 
 import torch
 
-from labelgen.format import FormatError
+from labelgen import format as fmt
+from labelgen.errors import FormatError, OptionError
 from student_train import head, losses
 from student_train.config import LossConfig
+
+
+def check_labels(cfg: LossConfig, readers: list, *, k: int | None = None, cross: bool = False) -> int:
+    """The one check of label sets against the loss, before anything trains
+    (student-train train and rounds, DistillTrainer's LabelDatasets): a loss
+    the labels cannot feed fails in one line naming both. `readers` are the
+    sets' ShardReaders (one kind); `k` the entries asked for (top-k kinds);
+    `cross` a student with its own tokenizer. Returns the entries per position
+    the loss reads."""
+    first = readers[0]
+    kind, stored, where = first.kind, first.k, str(first.dir)
+    if cfg.loss == "kd" and kind not in ("topk", "sampled", "scored"):
+        raise FormatError(f"--loss kd needs topk, sampled or scored labels; {where} holds {kind} "
+                          f"(use --loss {'sft' if kind == 'samples' else 'ce'})")
+    if cfg.loss == "opd" and kind != "scored":
+        raise FormatError(f"--loss opd needs scored labels (the student's completions scored by the teacher: "
+                          f"labelgen generate --mode score); {where} holds {kind}")
+    if cfg.loss == "sft" and kind not in ("samples", "scored"):
+        raise FormatError(f"--loss sft needs samples or scored labels (completions); {where} holds {kind}")
+    if cross and kind not in ("topk", "sampled", "tokens"):
+        raise FormatError(f"--student-tokenizer: cross-tokenizer training reads topk or sampled labels (or tokens, "
+                          f"for CE); {where} holds {kind}")
+    if k and kind == "sampled":
+        raise FormatError("--k applies to topk labels; sampled labels are used as drawn")
+    if k and kind in fmt.TOPK_KINDS and k > stored:
+        raise FormatError(f"--k {k} is larger than the {stored} entries the labels hold")
+    if kind in fmt.TOPK_KINDS and cfg.loss in ("kd", "opd") \
+            and (problem := losses.check_tail(cfg.topk_tail, cfg.kd_kind, cfg.temperature)):
+        raise OptionError("{}: {}".format(*problem))
+    if kind == "sampled" and cfg.loss == "kd" and cfg.tail not in (None, "tail"):
+        raise FormatError(f"--tail {cfg.tail}: sampled labels take --tail tail (the drawn ids plus a bucket for the "
+                          "teacher's mass outside them) or no --tail (the unbiased estimator)")
+    for r in readers:
+        if kind == "sampled" and cfg.loss == "kd" and cfg.tail == "tail" and not r.encoding.sampled_coverage:
+            raise FormatError(f"--tail tail: {r.dir} holds sampled labels without the teacher's mass on the drawn "
+                              "ids (written before format 2.2, or without --encoding sampled_coverage=true); "
+                              "regenerate them with it, or train without --tail (the unbiased estimator)")
+        if cfg.loss == "opd":
+            _check_on_policy_sampling(r.manifest, str(r.dir))
+    return k or stored
+
+
+def _check_on_policy_sampling(manifest: dict, where: str) -> None:
+    """opd's importance ratio takes the stored sampling logprob for the
+    probability the token was drawn with: true for temperature 1 and top-p 1
+    (the samples' logprobs are untempered), not otherwise."""
+    sampling = ((manifest.get("scored") or {}).get("samples") or {}).get("sampling") or {}
+    if sampling.get("temperature", 1.0) != 1.0 or sampling.get("top_p", 1.0) != 1.0:
+        raise FormatError(f"--loss opd: {where} scores completions drawn at temperature {sampling.get('temperature')}, "
+                          f"top-p {sampling.get('top_p')}; their stored logprobs are not the probabilities they were "
+                          "drawn with, so the importance ratio would be wrong: sample at --temperature 1 --top-p 1")
 
 
 def mix(ce: torch.Tensor, kd: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -80,8 +132,6 @@ def opd_terms(z: torch.Tensor, rows: dict, cfg: LossConfig, lse: torch.Tensor, o
     position: the reverse-KL policy gradient against the sampling-time
     logprobs (clipped), plus cfg.opd_forward_kl x forward KL on the teacher's
     top-k + tail. Its statistics (sums / n) go into `out`."""
-    if "sampling_logprob" not in rows:
-        raise FormatError("--loss opd needs scored labels (teacher_logprob and sampling_logprob per completion token)")
     terms = losses.on_policy_terms(z, rows["targets"], rows["teacher_logprob"], rows["sampling_logprob"],
                                    rows["mask"], clip=cfg.opd_clip, lse=lse)
     pg = terms["policy_gradient"]

@@ -33,12 +33,21 @@ from pathlib import Path
 
 from labelgen import format as fmt
 from labelgen import stopping
-from labelgen.run.rundir import ROUNDS, Mismatch, RunDir
+from labelgen.errors import OptionError
+from labelgen.run.rundir import Mismatch, RunDir, RunKind
 from labelgen.store import storage
-from student_train.checkpoint import checkpoint_dir
+from student_train.checkpoint import checkpoint_dir, complete
 from student_train.config import RoundsConfig
 
 LOG_FILE = "rounds.jsonl"
+RECORD, INITIAL = "rounds.json", "initial"   # the config (a rerun under another is refused); the student before round 0
+ROUND_DIRS = "round-*"
+ROUNDS = RunKind("rounds run", (RECORD, LOG_FILE, INITIAL, ROUND_DIRS), marker=(RECORD,), harmless=(RECORD,),
+                 unit="round", unit_pattern=ROUND_DIRS, record=RECORD, local_only=True)
+
+
+def round_dir(out: Path, r: int) -> Path:
+    return out / f"round-{r:03d}"
 # Settings that change where or how fast the rounds run, not what they make: a rerun may change them.
 EXECUTION_ONLY = ("progress", "overwrite", "resume", "device", "num_workers", "batch_tokens", "skip_bad")
 # Settings rounds.json did not record before they existed, at the default they then had.
@@ -99,7 +108,7 @@ def _train(cfg: RoundsConfig, labels: Path, student: str, out: Path) -> tuple[st
     from its metrics log), or (None, {stopped_by}) when a preemption signal stopped it."""
     from student_train.train import train
     final = checkpoint_dir(out, cfg.max_steps)
-    if not (final / "meta.json").is_file():
+    if not complete(final):
         result = train(cfg.train_config(str(labels), student, str(out)))
         if result["stopped_by"]:
             return None, result
@@ -124,7 +133,7 @@ def compare(mine: dict, out: Path):
 
 def run_rounds(cfg: RoundsConfig) -> dict:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("student-train rounds runs as one process (it samples, scores and trains in turn); "
+        raise OptionError("student-train rounds runs as one process (it samples, scores and trains in turn); "
                          "not under torchrun")
     with RunDir(cfg.out, ROUNDS) as rd:
         claim(rd, cfg)
@@ -147,12 +156,12 @@ def check_out(cfg: RoundsConfig) -> Path:
 
 def _run_rounds(cfg: RoundsConfig, out: Path) -> dict:
     student, done = cfg.student, []
-    initial = held_out_figures(cfg, student, out / "initial")
+    initial = held_out_figures(cfg, student, out / INITIAL)
     if initial:
         log(f"start: reverse KL {initial['reverse_kl']:.4f}, teacher logprob {initial['teacher_logprob']:.4f} "
             f"on {initial['tokens']:,} held-out completion tokens")
     for r in range(cfg.rounds):
-        where = out / f"round-{r:03d}"
+        where = round_dir(out, r)
         record_file = where / "round.json"
         if record_file.is_file():   # a finished round: its student is its training run's last checkpoint
             done.append(json.loads(storage.read_text(record_file, 1 << 20)))

@@ -26,10 +26,12 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from labelgen.run.rundir import TRAIN, RunDir
+from labelgen.errors import OptionError, one_line
+from labelgen.run.rundir import RunDir, RunKind
 from labelgen.stopping import StopFlag
 from labelgen.store import fsutil, storage
 from student_train import losses
+from student_train import checkpoint
 from student_train.checkpoint import latest_checkpoint, load_states, load_weights, save_checkpoint
 from student_train.data import LabelStream, LoaderState, take_batches
 
@@ -67,29 +69,25 @@ def setup_distributed(device: str) -> Dist:
     return Dist(int(os.environ.get("RANK", "0")), world, local, dev)
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
 def build_model(path: str | None, config_file: str | None, tokenizer, seed: int):
     """An HF causal LM from a directory, or built from scratch from a config JSON."""
     from transformers import AutoConfig, AutoModelForCausalLM
     if path:
         if not (Path(path) / "config.json").is_file():
-            raise ValueError(f"--student: {path} is not a model directory (no config.json)")
+            raise OptionError(f"--student: {path} is not a model directory (no config.json)")
         try:
             return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
         except Exception as e:  # missing, partial or corrupt weights
-            raise ValueError(f"--student: cannot load the model in {path} ({_first_line(e)})") from None
+            raise OptionError(f"--student: cannot load the model in {path} ({one_line(e)})") from None
     try:
         d = json.loads(storage.read_text(config_file, 1 << 20))
     except (OSError, ValueError) as e:
-        raise ValueError(f"--student-config: cannot read {config_file} ({e})") from None
+        raise OptionError(f"--student-config: cannot read {config_file} ({e})") from None
     if "model_type" not in d:
-        raise ValueError(f"--student-config: {config_file} has no model_type (e.g. \"llama\")")
+        raise OptionError(f"--student-config: {config_file} has no model_type (e.g. \"llama\")")
     d.setdefault("vocab_size", len(tokenizer))
     if d["vocab_size"] < len(tokenizer):
-        raise ValueError(f"--student-config: vocab_size {d['vocab_size']} is smaller than the tokenizer's {len(tokenizer)}")
+        raise OptionError(f"--student-config: vocab_size {d['vocab_size']} is smaller than the tokenizer's {len(tokenizer)}")
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         d.setdefault(key, getattr(tokenizer, key))
     torch.manual_seed(seed)
@@ -139,20 +137,27 @@ def autocast(d: Dist, dtype: str):
     return contextlib.nullcontext()
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def training_run(name: str, *also: str) -> RunKind:
+    """What a training command writes in its output: checkpoints, the metrics
+    log, and `also` (the names the command itself writes there)."""
+    return RunKind(name, (checkpoint.CHECKPOINTS, METRICS_FILE) + also, marker=(checkpoint.CHECKPOINTS,),
+                   harmless=(METRICS_FILE,), unit="checkpoint", unit_pattern=checkpoint.CHECKPOINTS)
+
+
 @contextlib.contextmanager
-def run_dir(cfg, d: Dist):
+def run_dir(cfg, d: Dist, kind: RunKind):
     """The run's output (a directory or a bucket prefix staged locally:
-    labelgen/rundir.py), held by rank 0 for the whole run; yields it and the
-    checkpoint to resume from (None when the run starts afresh)."""
-    with RunDir(cfg.out, TRAIN, main=d.main) as rd:
+    labelgen/run/rundir.py), held by rank 0 for the whole run; yields it and
+    the checkpoint to resume from (None when the run starts afresh)."""
+    with RunDir(cfg.out, kind, main=d.main) as rd:
         rd.claim(cfg.resume, cfg.overwrite)
-        rd.pull_checkpoint(cfg.resume, (METRICS_FILE,))
+        checkpoint.pull(rd, cfg.resume, (METRICS_FILE,))
         if dist.is_initialized():
             dist.barrier()
         yield rd, latest_checkpoint(rd.local) if cfg.resume else None
-
-
-METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLog:
@@ -185,7 +190,7 @@ def _step_of(line: str, path: Path, torn_ok: bool = False) -> int | None:
     except (ValueError, KeyError, TypeError):
         if torn_ok:
             return None
-        raise ValueError(f"{path}: not a metrics log (a line without a step); move it away to resume") from None
+        raise OptionError(f"{path}: not a metrics log (a line without a step); move it away to resume") from None
 
 
 def gather_loader_state(state: LoaderState) -> dict:
@@ -383,7 +388,7 @@ def fit(cfg, d: Dist, run: Run, rd: RunDir, ckpt: Path | None) -> dict:
                 loader_state = gather_loader_state(tracker)
                 if d.main:
                     saved = save_checkpoint(out, step, run.models, opts, scheds, run.tokenizer, loader_state, run.meta, full)
-                    rd.push_checkpoint(saved, (METRICS_FILE,))
+                    checkpoint.push(rd, saved, (METRICS_FILE,))
                 if dist.is_initialized():
                     dist.barrier()
             if stop:

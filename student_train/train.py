@@ -17,46 +17,12 @@ from labelgen.format import FormatError
 from student_train import head, losses
 from student_train.config import TrainConfig
 from student_train.data import LabelStream, holdout_split, open_label_sets
-from student_train.objective import loss_step
-from student_train.runtime import Run, build_model, fit, run_dir, setup_distributed
+from student_train.objective import check_labels, loss_step
+from student_train.runtime import Run, build_model, fit, run_dir, setup_distributed, training_run
 from student_train.vocab import check_vocabulary, check_width, load_tokenizer_for, token_byte_lengths
+from student_train.xtok import CANDIDATE_MAPS
 
-
-def check_loss_fits_labels(cfg: TrainConfig, kind: str, stored_k: int) -> int:
-    if cfg.loss == "kd" and kind not in ("topk", "sampled", "scored"):
-        raise FormatError(f"--loss kd needs topk, sampled or scored labels; {cfg.labels[0]} holds {kind} "
-                          f"(use --loss {'sft' if kind == 'samples' else 'ce'})")
-    if cfg.loss == "opd" and kind != "scored":
-        raise FormatError(f"--loss opd needs scored labels (the student's completions scored by the teacher: "
-                          f"labelgen generate --mode score); {cfg.labels[0]} holds {kind}")
-    if cfg.student_tokenizer and kind not in ("topk", "sampled", "tokens"):
-        raise FormatError(f"--student-tokenizer: cross-tokenizer training reads topk or sampled labels (or tokens, "
-                          f"for CE); {cfg.labels[0]} holds {kind}")
-    if cfg.loss == "sft" and kind not in ("samples", "scored"):
-        raise FormatError(f"--loss sft needs samples or scored labels (completions); {cfg.labels[0]} holds {kind}")
-    k = cfg.k or stored_k
-    if cfg.k and kind == "sampled":
-        raise FormatError("--k applies to topk labels; sampled labels are used as drawn")
-    if kind in fmt.TOPK_KINDS and cfg.loss in ("kd", "opd") \
-            and (problem := losses.check_tail(cfg.topk_tail, cfg.kd_kind, cfg.temperature)):
-        raise ValueError("{}: {}".format(*problem))
-    if kind == "sampled" and cfg.loss == "kd" and cfg.tail not in (None, "tail"):
-        raise FormatError(f"--tail {cfg.tail}: sampled labels take --tail tail (the drawn ids plus a bucket for the "
-                          "teacher's mass outside them) or no --tail (the unbiased estimator)")
-    if kind in fmt.TOPK_KINDS and k > stored_k:
-        raise FormatError(f"--k {k} is larger than the {stored_k} entries the labels hold")
-    return k
-
-
-def check_on_policy_sampling(manifest: dict, where: str) -> None:
-    """opd's importance ratio takes the stored sampling logprob for the
-    probability the token was drawn with: true for temperature 1 and top-p 1
-    (the samples' logprobs are untempered), not otherwise."""
-    sampling = ((manifest.get("scored") or {}).get("samples") or {}).get("sampling") or {}
-    if sampling.get("temperature", 1.0) != 1.0 or sampling.get("top_p", 1.0) != 1.0:
-        raise FormatError(f"--loss opd: {where} scores completions drawn at temperature {sampling.get('temperature')}, "
-                          f"top-p {sampling.get('top_p')}; their stored logprobs are not the probabilities they were "
-                          "drawn with, so the importance ratio would be wrong: sample at --temperature 1 --top-p 1")
+TRAIN = training_run("training run", *CANDIDATE_MAPS)
 
 
 # ---------------------------------------------------------------- one micro-batch, one held-out batch
@@ -109,16 +75,7 @@ def train(cfg: TrainConfig) -> dict:
     manifest = readers[0].manifest
     if sum(r.manifest["counts"]["positions"] for r in readers) == 0:
         raise FormatError(f"--labels: {', '.join(cfg.labels)} hold no positions to train on (empty, or every completion is empty)")
-    k = check_loss_fits_labels(cfg, readers[0].kind, readers[0].k)
-    if readers[0].kind == "sampled" and cfg.loss == "kd" and cfg.tail == "tail":
-        for r in readers:
-            if not r.encoding.sampled_coverage:
-                raise FormatError(f"--tail tail: {r.dir} holds sampled labels without the teacher's mass on the drawn "
-                                  "ids (written before format 2.2, or without --encoding sampled_coverage=true); "
-                                  "regenerate them with it, or train without --tail (the unbiased estimator)")
-    if cfg.loss == "opd":
-        for r in readers:
-            check_on_policy_sampling(r.manifest, str(r.dir))
+    k = check_labels(cfg, readers, k=cfg.k, cross=bool(cfg.student_tokenizer))
     cross = None
     if cfg.student_tokenizer:   # cross-tokenizer: the student reads its own tokenization of the labelled text
         tokenizer = load_tokenizer_for(None, Path(cfg.student_tokenizer), "--student-tokenizer")
@@ -128,7 +85,7 @@ def train(cfg: TrainConfig) -> dict:
         tokenizer = load_tokenizer_for(cfg.student, readers[0].dir)
         model = build_model(cfg.student, cfg.student_config, tokenizer, cfg.seed)
         width = check_vocabulary(manifest, tokenizer, model, str(readers[0].dir))
-    with run_dir(cfg, d) as (rd, ckpt):
+    with run_dir(cfg, d, TRAIN) as (rd, ckpt):
         if cfg.student_tokenizer:
             from student_train.xtok import CrossTokenizer
             cross = CrossTokenizer(load_tokenizer_for(None, readers[0].dir), tokenizer, rd.local if d.main else None)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 
 from labelgen import format as fmt
+from labelgen.errors import one_line
 from labelgen.store import fsutil, storage
 
 
@@ -110,6 +112,7 @@ def candidate_map(teacher_bytes: list[bytes], student, student_bytes: list[bytes
 
 
 MAX_NPY_HEADER = 10_000 + 16   # numpy's bound on the header it parses, plus the magic and the length field
+CANDIDATE_MAPS = ("candidate_map-*.npy", "candidate_map-*.sha256")   # what a cross-tokenizer run caches in its --out
 
 
 def _map_digest(key: str, data: bytes) -> str:
@@ -129,25 +132,31 @@ def load_candidate_map(path: Path, key: str, teacher_vocab: int, student_vocab: 
     its hash for this tokenizer pair, int64, one entry per teacher token
     (checked in the header, before anything is allocated), values in
     [-1, student vocabulary). A cache beside a run is not trusted blindly:
-    wrong values would train silently on wrong targets."""
+    wrong values would train silently on wrong targets; one refused is
+    said in a warning (it is rebuilt)."""
+    def refused(why: str) -> None:
+        warnings.warn(f"{path}: {why}; the candidate map is rebuilt", RuntimeWarning, stacklevel=3)
     try:
         data = storage.read_head(path, MAX_NPY_HEADER + 8 * teacher_vocab)
+    except FileNotFoundError:
+        return None   # not cached yet
+    try:
         f = io.BytesIO(data)
         read_header = {(1, 0): np.lib.format.read_array_header_1_0,
                        (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(f))
         if read_header is None:
-            return None
+            return refused("not an .npy file of a version numpy writes")
         shape, fortran, dtype = read_header(f)
         if dtype != np.dtype("<i8") or fortran or shape != (teacher_vocab,):
-            return None
+            return refused(f"holds {dtype} {shape}, not int64 ({teacher_vocab},)")
         data = data[:f.tell() + 8 * teacher_vocab]   # the header and the array, no more
         if storage.read_text(path.with_suffix(".sha256"), 1024).strip() != _map_digest(key, data):
-            return None
+            return refused("its hash does not match")
         mapping = np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception:   # a damaged header surfaces as any error of numpy's parser (SyntaxError, TokenError, ...)
-        return None
+    except Exception as e:   # a damaged header surfaces as any error of numpy's parser (SyntaxError, TokenError, ...)
+        return refused(f"unreadable ({one_line(e, 200)})")
     if mapping.shape != (teacher_vocab,) or mapping.size and (mapping.min() < -1 or mapping.max() >= student_vocab):
-        return None
+        return refused("ids outside the student's vocabulary")
     return mapping
 
 
@@ -160,7 +169,7 @@ class CrossTokenizer:
         self.student_bytes = token_bytes(student_tokenizer)
         key = hashlib.sha256((fmt.tokenizer_fingerprint(teacher_tokenizer)["fingerprint"] + "\0"
                               + fmt.tokenizer_fingerprint(student_tokenizer)["fingerprint"]).encode()).hexdigest()[:16]
-        cached = Path(cache_dir) / f"candidate_map-{key}.npy" if cache_dir else None
+        cached = Path(cache_dir) / CANDIDATE_MAPS[0].replace("*", key) if cache_dir else None
         self.map = load_candidate_map(cached, key, len(self.teacher_bytes), len(self.student_bytes)) if cached else None
         if self.map is None:
             self.map = candidate_map(self.teacher_bytes, student_tokenizer, self.student_bytes)

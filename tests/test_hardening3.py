@@ -239,7 +239,6 @@ def bombs(src, dst):
     each with a consistent manifest. Yields (name, directory)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from labelgen.store import storage
     table = pq.read_table(src / "shard-000000.parquet")
     for i, field in enumerate(table.schema):
         t = field.type

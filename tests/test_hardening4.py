@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from labelgen import format as fmt
+from labelgen.errors import InUse
 from labelgen.generate import run as generate
 from labelgen.generate.config import GenerateConfig
 from labelgen.generate.finalize import finalize
@@ -312,7 +313,7 @@ def test_a_lost_lease_says_what_happened_to_it(how, s3, monkeypatch):
             if lease.lost:
                 break
             time.sleep(0.05)
-        with pytest.raises(fmt.FormatError) as e:
+        with pytest.raises(InUse) as e:
             lease.check()
     said = {"deleted": "its lease object labelgen.lease was deleted",
             "garbage": "its lease object labelgen.lease was overwritten with something that is not a lease",

@@ -90,7 +90,6 @@ def test_the_same_batch_gives_the_same_loss_through_student_train_and_trainer(to
 
 def test_trainer_evaluation_reports_the_same_calibration_error_as_student_train(topk_labels, student_config, tmp_path):
     from transformers import TrainingArguments
-    from student_train.losses import expected_calibration_error
     from student_train.runtime import Dist, evaluate
     from student_train.train import score
     model, tok = student_and_tokenizer(topk_labels, student_config)
@@ -264,3 +263,25 @@ def test_the_documented_script_checkpoints_and_exits_75_on_sigterm_and_then_resu
     assert 3 <= state["global_step"] == steps[-1] == trained < 300, (steps, trained)   # the last step is saved
     run_script(script, topk_labels, tmp_path / "student", tmp_path / "run", steps[-1] + 3)   # resumes from it
     assert (tmp_path / "run" / f"checkpoint-{steps[-1] + 3}").is_dir()
+
+
+def test_distill_trainer_refuses_labels_its_loss_cannot_use_in_one_line(tiny_teacher, corpus, student_config,
+                                                                        tmp_path):
+    """The default loss (top-k KD) on a tokens label set: the same one line as
+    `student-train train` gives, naming the label kind and the loss (it was a
+    KeyError: 'topk_ids' at the first step)."""
+    from transformers import TrainingArguments
+    from labelgen.errors import FormatError
+    from labelgen.generate import GenerateConfig, run
+    labels = tmp_path / "tokens"
+    run(GenerateConfig(teacher=tiny_teacher, inputs=(str(corpus / "docs.jsonl"),), out=str(labels), mode="tokens",
+                       max_seq_len=64, progress=False))
+    model, tok = student_and_tokenizer(labels, student_config)
+    args = TrainingArguments(str(tmp_path / "out"), max_steps=1, report_to=[], use_cpu=True)
+    with pytest.raises(FormatError) as e:
+        DistillTrainer(model=model, args=args, train_dataset=LabelDataset(str(labels)), loss=DistillLoss())
+    assert str(e.value) == f"--loss kd needs topk, sampled or scored labels; {labels} holds tokens (use --loss ce)"
+    r = subprocess.run([sys.executable, "-m", "student_train.cli", "train", "--labels", str(labels), "--student-config",
+                        student_config, "--out", str(tmp_path / "cli"), "--no-progress", "--device", "cpu"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == f"student-train: error: {e.value}", r.stderr

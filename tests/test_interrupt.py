@@ -155,8 +155,8 @@ def test_a_lock_left_by_a_killed_run_does_not_block_a_resume(tiny_teacher, corpu
                                str(out)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     from labelgen.store.fsutil import run_lock
-    from labelgen.format import FormatError
-    with pytest.raises(FormatError, match=rf"in use by another labelgen run \(pid {holder.pid} on "):
+    from labelgen.errors import InUse
+    with pytest.raises(InUse, match=rf"in use by another labelgen run \(pid {holder.pid} on "):
         with run_lock(out):
             pass
     holder.kill()
@@ -167,15 +167,15 @@ def test_a_lock_left_by_a_killed_run_does_not_block_a_resume(tiny_teacher, corpu
 
 def test_finalize_and_a_second_copy_of_a_worker_are_refused_while_a_worker_runs(tmp_path):
     from labelgen.store.fsutil import run_lock
-    from labelgen.format import FormatError
+    from labelgen.errors import InUse
     from labelgen.generate.finalize import finalize
     with run_lock(tmp_path, (0, 2)):
         with run_lock(tmp_path, (1, 2)):   # the other worker of the run shares the directory
             pass
-        with pytest.raises(FormatError, match=r"worker 0 of 2\): in use by another labelgen run"):
+        with pytest.raises(InUse, match=r"worker 0 of 2\): in use by another labelgen run"):
             with run_lock(tmp_path, (0, 2)):
                 pass
-        with pytest.raises(FormatError, match="in use by another labelgen run"):
+        with pytest.raises(InUse, match="in use by another labelgen run"):
             finalize(tmp_path)
 
 

@@ -153,7 +153,8 @@ def test_opd_loss_is_the_policy_gradient_plus_weighted_forward_kl_and_needs_scor
     from student_train import losses
     from student_train.config import TrainConfig
     from student_train.objective import step_terms
-    from student_train.train import check_loss_fits_labels
+    from types import SimpleNamespace
+    from student_train.objective import check_labels
     rows = [scored_row(rng, "a", 3, 4, 50, 4)]
     batch = collate(columns_from_rows(rows), "scored")
     logits = torch.randn(1, 6, 50, requires_grad=True)
@@ -169,7 +170,7 @@ def test_opd_loss_is_the_policy_gradient_plus_weighted_forward_kl_and_needs_scor
     only = step_terms(logits, batch, cfg=TrainConfig(**kw, opd_forward_kl=0.0), alpha=0.0, n=n)["kd"]
     assert only.item() == pytest.approx(pg.item(), rel=1e-6)
     with pytest.raises(FormatError, match="--loss opd needs scored labels"):
-        check_loss_fits_labels(TrainConfig(**kw), "topk", 8)
+        check_labels(TrainConfig(**kw), [SimpleNamespace(kind="topk", k=8, dir="l", manifest={})])
     with pytest.raises(ValueError, match="--opd-clip: must be in"):
         TrainConfig(**kw, opd_clip=1.5)
 

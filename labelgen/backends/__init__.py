@@ -16,6 +16,33 @@ from typing import Protocol
 
 import numpy as np
 
+from labelgen import format as fmt
+from labelgen.run.rundir import RunDir, RunKind
+from labelgen.store import fsutil, storage
+
+MODEL_CONFIG = "config.json"   # written last: a directory holding it is a whole model to every loader
+# An HF teacher directory, as labelgen writes one (convert-gguf, demo-teacher): replaced with --overwrite.
+MODEL_DIR = RunKind("model directory", (MODEL_CONFIG, "generation_config.json", "model.safetensors", "model-*.safetensors",
+                                        "model.safetensors.index.json") + fmt.TOKENIZER_FILES,
+                    marker=(MODEL_CONFIG,), harmless=(), unit="file", unit_pattern="*", resumable=False, local_only=True)
+
+
+def save_model(rd: RunDir, model, tokenizer) -> Path:
+    """An HF model and its tokenizer into the run directory `rd` (MODEL_DIR):
+    saved beside it first, then moved in with config.json last, so a stopped
+    save never leaves a directory that looks like a whole model."""
+    tmp = rd.local.with_name(f".{rd.local.name}.saving")
+    storage.remove_tree(tmp)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        fsutil.fsync_tree(tmp)
+        for f in sorted(storage.list_dir(tmp), key=lambda p: p.name == MODEL_CONFIG):
+            fsutil.commit_file(f, rd.local / f.name)
+    finally:
+        storage.remove_tree(tmp)
+    return rd.local
+
 
 @dataclass
 class TopK:

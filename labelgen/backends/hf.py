@@ -10,11 +10,14 @@ request (Gumbel-max), so a completion depends only on its own seed.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
 from labelgen.backends import Completion, Sampled, SampleRequest, TopK
 from labelgen.backends.tensor_parallel import DRAW, LOAD, SCORE
+from labelgen.errors import OptionError, one_line
 
 # Bytes of fp32 logits materialised at once by the chunked head. On CPU a
 # small chunk is what matters: a large allocation is fresh, page-faulted
@@ -47,8 +50,7 @@ def load_model(path: str, dtype: torch.dtype):
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
     except Exception as e:  # OSError, ValueError, safetensors errors, torch errors: all mean unusable weights
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"--teacher: cannot load the model in {path} ({first})") from None
+        raise OptionError(f"--teacher: cannot load the model in {path} ({one_line(e)})") from None
 
 
 class HFTeacher:
@@ -272,18 +274,24 @@ def _row_stats(logits: torch.Tensor, tgt_logit: torch.Tensor) -> tuple[torch.Ten
 
 
 def _compiled(fn):
-    """torch.compile(fn) where it works; fn itself otherwise."""
+    """torch.compile(fn) where it works; fn itself otherwise (said once, as a warning: it runs slower)."""
+    def eager(e: Exception):
+        warnings.warn(f"torch.compile of {fn.__name__} failed ({one_line(e, 200)}); it runs eagerly (slower)",
+                      RuntimeWarning, stacklevel=3)
+        return fn
     try:
         compiled = torch.compile(fn, dynamic=True)
-    except Exception:
-        return fn
+    except Exception as e:   # whatever the compiler stack raises (no toolchain, unsupported platform)
+        return eager(e)
 
     def call(*args):
         nonlocal compiled
         try:
             return compiled(*args)
-        except Exception:   # no compiler toolchain, unsupported platform: stay eager
-            compiled = fn
+        except Exception as e:   # compiling happens at the first call: the same failures
+            if compiled is fn:
+                raise
+            compiled = eager(e)
             return fn(*args)
     return call
 

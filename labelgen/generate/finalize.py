@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 
 from labelgen import format as fmt
-from labelgen.format import FormatError
+from labelgen.errors import FormatError, InUse
 from labelgen.generate.resume import inputs_digest
-from labelgen.run.rundir import GENERATE, RunDir
+from labelgen.generate.sinks import GENERATE, PARTIAL_MANIFESTS, commit_manifest
+from labelgen.run.rundir import RunDir
 from labelgen.store import storage
 
 
@@ -23,7 +24,9 @@ def finalize(label_dir: Path | str) -> dict:
     if not rd.exists():
         raise FormatError(f"{rd}: no such label directory")
     with rd:
-        rd.refuse_live_workers()
+        for lease, holder in rd.other_holders()[:1]:
+            raise InUse(f"{rd}: a worker still runs ({holder}; lease {lease}); finalize once every worker has "
+                              "ended")
         return _finalize(rd)
 
 
@@ -76,7 +79,7 @@ def slurm_array(indices: list[int]) -> str:
 
 def _finalize(rd: RunDir) -> dict:
     out = rd.where
-    partials = storage.list_dir(out, "manifest.worker-*-of-*.json")
+    partials = storage.list_dir(out, PARTIAL_MANIFESTS)
     if not partials:
         raise FormatError(f"{out}: no partial manifests (manifest.worker-*.json); did the workers finish?")
     parts = [json.loads(storage.read_text(p)) for p in partials]
@@ -107,4 +110,4 @@ def _finalize(rd: RunDir) -> dict:
                           "skipped as bad); nothing to finalize")
     merged["counts"]["positions"] = sum(s["positions"] for s in merged["shards"])
     merged["config"] = {**merged["config"], "num_workers": n, "worker_index": None}
-    return rd.commit_manifest(merged)
+    return commit_manifest(rd, merged)

@@ -16,13 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from labelgen.errors import LabelgenError
+
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 # One JSONL line is one record: bounded so that a damaged or hostile file
 # (no newlines, one giant value) fails on its line instead of exhausting memory.
 MAX_LINE_BYTES = 256 << 20
 
 
-class InputError(ValueError):
+class InputError(LabelgenError, ValueError):
     """A bad input record or file; the message starts with file:line."""
 
 

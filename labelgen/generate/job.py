@@ -28,6 +28,7 @@ from pathlib import Path
 
 from labelgen import format as fmt
 from labelgen.backends import Teacher, load_teacher, model_config
+from labelgen.errors import OptionError
 from labelgen.format import Encoding
 from labelgen.generate.config import DEFAULT_MAX_SEQ_LEN, GenerateConfig
 from labelgen.generate.inputs import InputError, expand_paths
@@ -36,8 +37,9 @@ from labelgen.generate.pipeline import Progress, StageThread, get_from, put_to, 
 from labelgen.generate.requests import (draw_batch, sample_batch, sample_batches, score_batch, score_completions,
                                         topk_batches, truncate, windows_only)
 from labelgen.generate.resume import compare, complete_manifest, identity, input_identity, inputs_digest, owned_tmp
+from labelgen.generate.sinks import GENERATE, sink_for
 from labelgen.generate.work import read_shards, samples_input
-from labelgen.run.rundir import GENERATE, RunDir, canonical_path
+from labelgen.run.rundir import RunDir, canonical_path
 from labelgen.shards import ShardFile, ShardInfo, build_manifest
 from labelgen.store import fsutil, storage
 
@@ -48,16 +50,16 @@ def load_tokenizer(path: str, need_model: bool = True):
     from transformers import AutoTokenizer
     p = Path(path)
     if p.suffix == ".gguf" and p.is_file():
-        raise ValueError(f"--teacher: {path} is a GGUF file; convert it once with `labelgen convert-gguf {path} DIR` "
+        raise OptionError(f"--teacher: {path} is a GGUF file; convert it once with `labelgen convert-gguf {path} DIR` "
                          "and pass --teacher DIR")
     if need_model and not (p / "config.json").is_file():
-        raise ValueError(f"--teacher: {path} is not a model directory (no config.json)")
+        raise OptionError(f"--teacher: {path} is not a model directory (no config.json)")
     if not need_model and not any((p / f).is_file() for f in ("config.json", "tokenizer.json", "tokenizer_config.json")):
-        raise ValueError(f"--teacher: {path} holds neither a model nor a tokenizer")
+        raise OptionError(f"--teacher: {path} holds neither a model nor a tokenizer")
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as e:
-        raise ValueError(f"--teacher: cannot load the tokenizer from {path} ({e})") from None
+        raise OptionError(f"--teacher: cannot load the tokenizer from {path} ({e})") from None
 
 
 def run(cfg: GenerateConfig, teacher: Teacher | None = None) -> dict:
@@ -108,7 +110,7 @@ def _run(cfg: GenerateConfig, teacher: Teacher | None, group) -> dict:
             storage.delete(rd.where / stale)
         rd.record(identity(cfg, inputs))
         rd.prepare_staging(owned_tmp(cfg))
-        sink = rd.shards(cfg)
+        sink = sink_for(rd, cfg)
         own = teacher is None
         teacher = load_teacher(cfg, tokenizer, group) if own else teacher
         try:
@@ -204,9 +206,9 @@ def resolve(cfg: GenerateConfig, tokenizer) -> GenerateConfig:
     if cfg.max_seq_len is None:
         cfg = dataclasses.replace(cfg, max_seq_len=min(DEFAULT_MAX_SEQ_LEN, positions))
     if cfg.windowed and cfg.max_seq_len > positions:
-        raise ValueError(f"--max-seq-len {cfg.max_seq_len} exceeds the teacher's {positions} positions")
+        raise OptionError(f"--max-seq-len {cfg.max_seq_len} exceeds the teacher's {positions} positions")
     if cfg.mode in ("topk", "score") and cfg.k > vocab:
-        raise ValueError(f"--k {cfg.k} is larger than the teacher's vocabulary ({vocab})")
+        raise OptionError(f"--k {cfg.k} is larger than the teacher's vocabulary ({vocab})")
     if cfg.truncates and not cfg.encoding.get("variable_k"):
         cfg = dataclasses.replace(cfg, encoding={**cfg.encoding, "variable_k": True})
     return cfg

@@ -22,7 +22,7 @@ import socket
 import time
 from dataclasses import dataclass
 
-from labelgen.errors import FormatError
+from labelgen.errors import LabelgenError, OptionError
 from labelgen.generate.config import GenerateConfig
 from labelgen.generate.inputs import InputError
 from labelgen.store import bounded
@@ -44,9 +44,9 @@ class RayConfig:
 
     def __post_init__(self):
         if self.gpus_per_unit < 0 or self.cpus_per_unit <= 0:
-            raise ValueError("--ray-gpus/--ray-cpus: per-unit resources must be >= 0 (GPUs) and > 0 (CPUs)")
+            raise OptionError("--ray-gpus/--ray-cpus: per-unit resources must be >= 0 (GPUs) and > 0 (CPUs)")
         if self.retries < 0:
-            raise ValueError(f"--ray-retries: must be >= 0, got {self.retries}")
+            raise OptionError(f"--ray-retries: must be >= 0, got {self.retries}")
 
 
 def _check_reachable(address: str, timeout: float = 10.0) -> None:
@@ -59,7 +59,7 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
             pass
     except (OSError, ValueError) as e:
-        raise ValueError(f"--ray {address}: no Ray cluster answers there ({e.strerror or e}); start one "
+        raise OptionError(f"--ray {address}: no Ray cluster answers there ({e.strerror or e}); start one "
                          "(`ray start --head`) or pass --ray auto (this node's cluster) or --ray local") from None
 
 
@@ -88,7 +88,7 @@ def _connect(ray, ray_cfg: RayConfig) -> None:
     try:
         bounded.call(ray.init, limit=limit, **kw)
     except TimeoutError:
-        raise ValueError(f"--ray {ray_cfg.address}: something answers there but no Ray cluster connected in "
+        raise OptionError(f"--ray {ray_cfg.address}: something answers there but no Ray cluster connected in "
                          f"{limit:.0f} s ($LABELGEN_STORE_TIMEOUT); pass a Ray head's address (`ray start --head` "
                          "prints it; port 6379 by default), --ray auto (this node's cluster) or --ray local") from None
     finally:
@@ -102,7 +102,7 @@ def _unit(cfg: GenerateConfig) -> dict:
     return {"counts": m["counts"], "summary": m.get("summary", {})}
 
 
-class UnitFailed(FormatError):
+class UnitFailed(LabelgenError):
     """A unit ended with an error a retry cannot fix."""
 
 
@@ -116,12 +116,23 @@ def _what_to_do(cause: BaseException, lines: list[str]) -> str:
     return "; fix it and rerun the same command (finished units are kept)"
 
 
+def check_engine(cfg: GenerateConfig) -> None:
+    """What a Ray run refuses in a config: Ray runs every unit (no worker index of its own), one process each."""
+    if cfg.worker_index != 0:
+        raise OptionError("--worker-index: not with --ray, which runs every unit")
+    if cfg.tp > 1:
+        raise OptionError("--tp: not with --ray (a Ray unit is one process): launch torchrun per node (a Slurm array), "
+                         "or use vLLM's tensor parallelism in the units (--backend vllm --engine tensor_parallel_size=N "
+                         "--ray-gpus N)")
+
+
 def run_on_ray(cfg: GenerateConfig, ray_cfg: RayConfig) -> dict:
     """Run cfg's num_workers units as Ray tasks, then finalize. Returns the manifest."""
+    check_engine(cfg)
     try:
         import ray
     except ImportError:
-        raise ValueError("--ray: Ray is not installed; pip install 'labelgen[ray]'") from None
+        raise OptionError("--ray: Ray is not installed; pip install 'labelgen[ray]'") from None
     from labelgen.generate.finalize import finalize
     n = cfg.num_workers
     if not ray.is_initialized():
@@ -160,7 +171,7 @@ def run_on_ray(cfg: GenerateConfig, ray_cfg: RayConfig) -> dict:
         for ref in pending:
             ray.cancel(ref, force=True)
         for ref in pending:   # fetched, so Ray does not print their errors as unhandled tracebacks at exit
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(ray.exceptions.RayError):   # cancelled, as asked: the error raised is the one above
                 ray.get(ref, timeout=30)
         raise
     finally:

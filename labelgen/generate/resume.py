@@ -10,7 +10,6 @@ from pathlib import Path
 from labelgen import format as fmt
 from labelgen.generate.config import EXECUTION_ONLY, GenerateConfig
 from labelgen.run.rundir import Mismatch
-from labelgen.shards import ShardInfo, shard_counts, shard_info_from_file
 from labelgen.store import storage
 
 
@@ -69,50 +68,6 @@ def same_slice(recorded: str | None, digest: str, cfg: GenerateConfig) -> bool:
     matches; one without (written before digests were kept) counts while the
     inputs are unchanged (not with --inputs-changed)."""
     return recorded == digest if recorded is not None else not cfg.inputs_changed
-
-
-class LocalShards:
-    """This worker's shards in a local directory: finished are those under
-    their final name that this config made from the same input records;
-    they are committed in place (ShardFile renames them), the manifest last."""
-
-    def __init__(self, cfg: GenerateConfig, rd):
-        self.out, self.cfg, self.rd = rd.local, cfg, rd
-
-    def done(self, index: int, digest: str) -> bool:
-        path = self.out / fmt.shard_name(index)
-        if not path.is_file():
-            return False
-        import pyarrow.parquet as pq
-        try:
-            meta = fmt.read_file_metadata(pq.read_schema(path).metadata, str(path))
-        except Exception:
-            return False
-        return meta.get("config_hash") == self.cfg.output_hash() and same_slice(meta.get("input_sha256"), digest, self.cfg)
-
-    def info(self, index: int) -> tuple[ShardInfo, int]:
-        """(its ShardInfo, how many input records it skipped as bad: in its footer)."""
-        path = self.out / fmt.shard_name(index)
-        return shard_info_from_file(path, self.cfg.kind), shard_counts(path).get("skipped", 0)
-
-    def closed(self, index: int, info: ShardInfo, counts: dict) -> None:
-        """A shard the writer finished: already in place."""
-
-    def finish(self, written: dict[int, ShardInfo], total: int) -> dict[int, ShardInfo]:
-        """The shards written now; this worker's shard files at or past the
-        input's end (`total` shards: the input shrank since they were
-        written) are deleted, so the directory holds what a fresh run writes."""
-        for path in storage.list_dir(self.out, "shard-*" + fmt.SHARD_SUFFIX):
-            index = fmt.shard_index(path.name)
-            if index is not None and index >= total and index % self.cfg.num_workers == self.cfg.worker_index:
-                storage.delete(path)
-        return written
-
-    def stop(self) -> None:
-        pass
-
-    def publish(self, manifest: dict, name: str) -> dict:
-        return self.rd.commit_manifest(manifest, name)
 
 
 def complete_manifest(where, name: str) -> dict | None:

@@ -1,7 +1,14 @@
-"""The shards of a generation run whose --out is a bucket (s3://, gs://): the
-run directory's (rundir.py) commit order for them.
+"""Where a generation worker's finished shards go, and in which order: its
+sink (`sink_for`) knows which shards are finished and commits those it
+finishes, the manifest last (`commit_manifest`). GENERATE is what a
+generation run writes in its output (the run directory reads it).
 
-The pipeline works as on local disk, in a staging directory of its own
+In a directory (LocalShards) a shard is committed by its writer's rename;
+finished are the shards under their final name that this config made from
+the same input records.
+
+In a bucket (s3://, gs://; BucketShards) the pipeline works as on local
+disk, in a staging directory of its own
 (RunDir.local: one per output URI and worker); each finished shard is
 uploaded by a thread of its own while the teacher goes on, then removed from
 the staging directory. Object stores have no rename, so the object is named
@@ -22,18 +29,102 @@ import queue
 import secrets
 
 from labelgen import format as fmt
+from labelgen.errors import FormatError
 from labelgen.format.manifest import check_shard_entry
 from labelgen.generate.config import GenerateConfig
 from labelgen.generate.pipeline import StageThread, put_to, take
 from labelgen.generate.resume import same_slice
-from labelgen.shards import ShardInfo
+from labelgen.run.rundir import RunDir, RunKind
+from labelgen.shards import ShardInfo, shard_counts, shard_info_from_file
 from labelgen.store import storage
 
 QUEUE_DEPTH = 2
+PARTIAL_MANIFESTS = "manifest.worker-*-of-*.json"
+PROGRESS_RECORDS = "progress.worker-*-of-*.json"
+GENERATE = RunKind("generation run", fmt.LABEL_SET_FILES + (PARTIAL_MANIFESTS, PROGRESS_RECORDS),
+                   marker=(fmt.RUN_FILE,), harmless=(fmt.RUN_FILE,), unit="finished shard", unit_pattern=fmt.SHARD_GLOB,
+                   record=fmt.RUN_FILE)
 
 
 def progress_name(worker: int, num_workers: int) -> str:
     return f"progress.worker-{worker:04d}-of-{num_workers:04d}.json"
+
+
+def sink_for(rd: RunDir, cfg: GenerateConfig) -> "LocalShards | BucketShards":
+    """This worker's shard sink in the run directory `rd`: its bucket, or the directory itself."""
+    return BucketShards(cfg, rd) if rd.remote else LocalShards(cfg, rd)
+
+
+def commit_manifest(rd: RunDir, manifest: dict, name: str = fmt.MANIFEST_NAME) -> dict:
+    """A generation run's last write: manifest.json (or a worker's partial
+    manifest `name`). In a bucket manifest.json is created only if absent (of
+    two finalizers one wins; finalizing the same set again changes nothing),
+    then the shard objects it does not list (stopped attempts') are deleted."""
+    rd.check_held()
+    if name != fmt.MANIFEST_NAME or not rd.remote:
+        return fmt.write_manifest(rd.where, manifest, name)
+    try:
+        written = fmt.write_manifest(rd.remote, manifest, if_absent=True)
+    except storage.AlreadyExists:
+        written = fmt.read_manifest(rd.remote)
+        if written.get("fingerprint") != fmt.dataset_fingerprint(manifest):
+            raise FormatError(f"{rd.remote / fmt.MANIFEST_NAME}: already exists and lists other shards (another "
+                              "finalize won, or the run was finalized before); validate it, or delete it to "
+                              "finalize again") from None
+    listed = {s["name"] for s in written["shards"]}
+    for obj in storage.list_dir(rd.remote, fmt.SHARD_GLOB):
+        if obj.name not in listed:
+            storage.delete(obj)
+    return written
+
+
+class LocalShards:
+    """This worker's shards in a local directory: finished are those under
+    their final name that this config made from the same input records;
+    they are committed in place (ShardFile renames them), the manifest last."""
+
+    def __init__(self, cfg: GenerateConfig, rd: RunDir):
+        self.out, self.cfg, self.rd = rd.local, cfg, rd
+
+    def done(self, index: int, digest: str) -> bool:
+        path = self.out / fmt.shard_name(index)
+        if not path.is_file():
+            return False
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        try:
+            meta = fmt.read_file_metadata(pq.read_schema(path).metadata, str(path))
+        except PermissionError:
+            raise   # not a damaged shard: the run cannot read its own output
+        except (OSError, pa.ArrowException, FormatError):
+            return False   # cut short, damaged, or not a labelgen shard: redone
+        return meta.get("config_hash") == self.cfg.output_hash() and same_slice(meta.get("input_sha256"), digest, self.cfg)
+
+    def info(self, index: int) -> tuple[ShardInfo, int]:
+        """(its ShardInfo, how many input records it skipped as bad: in its footer)."""
+        path = self.out / fmt.shard_name(index)
+        return shard_info_from_file(path, self.cfg.kind), shard_counts(path).get("skipped", 0)
+
+    def closed(self, index: int, info: ShardInfo, counts: dict) -> None:
+        """A shard the writer finished: already in place."""
+
+    def finish(self, written: dict[int, ShardInfo], total: int) -> dict[int, ShardInfo]:
+        """The shards written now; this worker's shard files at or past the
+        input's end (`total` shards: the input shrank since they were
+        written) are deleted, so the directory holds what a fresh run writes."""
+        for path in storage.list_dir(self.out, "shard-*" + fmt.SHARD_SUFFIX):
+            index = fmt.shard_index(path.name)
+            if index is not None and index >= total and index % self.cfg.num_workers == self.cfg.worker_index:
+                storage.delete(path)
+        return written
+
+    def stop(self) -> None:
+        pass
+
+    def publish(self, manifest: dict, name: str) -> dict:
+        return commit_manifest(self.rd, manifest, name)
+
+
 
 
 class BucketShards:
@@ -120,4 +211,4 @@ class BucketShards:
         then the shard objects it does not list are deleted."""
         if self.cfg.worker_index == 0:
             storage.upload_tree(self.local / fmt.TOKENIZER_DIR, self.remote / fmt.TOKENIZER_DIR)
-        return self.rd.commit_manifest(manifest, name)
+        return commit_manifest(self.rd, manifest, name)

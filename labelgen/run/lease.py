@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 
-from labelgen.errors import FormatError
+from labelgen.errors import InUse
 from labelgen.store import storage
 from labelgen.store.storage import StorePath
 
@@ -125,7 +125,7 @@ class Lease:
                 continue
             when = f"renewed {age:.0f}s ago" if age >= 0 else f"renewed {-age:.0f}s in the future by its host's clock"
             if renewed or (unchanged == 0 and 0 <= age < ttl / 3):   # renewed while watched, or fresh when found
-                raise FormatError(f"{self.path.parent}: in use by another labelgen run ({_holder(info)}; lease "
+                raise InUse(f"{self.path.parent}: in use by another labelgen run ({_holder(info)}; lease "
                                   f"{self.path.name} {when}); wait for it to end or stop it, then rerun")
             # Not renewed for two periods (its holder is likely gone), or not to be trusted: wait for it to run out.
             left = ttl - max(age, unchanged)
@@ -164,7 +164,7 @@ class Lease:
 
     def check(self) -> None:
         if self.lost is not None:
-            raise FormatError(f"{self.path.parent}: this run lost its hold on the output: {self.lost}; it stops "
+            raise InUse(f"{self.path.parent}: this run lost its hold on the output: {self.lost}; it stops "
                               "without committing")
 
     def __exit__(self, *exc):

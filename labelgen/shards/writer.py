@@ -27,8 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from labelgen import format as fmt
+from labelgen.errors import OptionError
 from labelgen.format import Encoding, FormatError
-from labelgen.run.rundir import DIRECTORY, RunDir
 from labelgen.store import fsutil, storage
 
 # A row group also closes at this many values in its rows' arrays (ids, logprobs, counts, input ids), so what a
@@ -220,8 +220,8 @@ class ShardFile:
             if self._writer is not None:
                 self._writer.close()
                 self._file.close()
-        except Exception:
-            pass
+        except (OSError, pa.ArrowException):
+            pass   # the error being handled (a full disk, say) fails the close too: the tmp file goes anyway
         storage.delete(self.tmp)
 
     def __enter__(self) -> "ShardFile":
@@ -247,8 +247,13 @@ class ShardWriter:
         self.out_dir, self.kind, self.k, self.vocab_size, self.enc = Path(out_dir), kind, k, vocab_size, encoding
         self.header, self.max_rows, self.max_bytes = header or {}, max_rows, max_bytes
         if exist not in ("error", "overwrite"):
-            raise ValueError(f"exist must be error or overwrite, got {exist!r}")
-        RunDir(self.out_dir, DIRECTORY).claim(resume=False, overwrite=exist == "overwrite")
+            raise OptionError(f"exist must be error or overwrite, got {exist!r}")
+        held = [p for p in storage.list_dir(self.out_dir) if not fsutil.is_lock_file(p)]   # the lock: its caller's
+        if held and exist != "overwrite":
+            raise FormatError(f"{self.out_dir}: output directory is not empty ({held[0].name}); pass exist='overwrite' "
+                              "to replace what it holds")
+        if held:
+            fsutil.clear_directory(self.out_dir, only=lambda name: not name.endswith(fsutil.LOCK_SUFFIX))
         storage.make_dir(self.out_dir)
         self.shards: list[ShardInfo] = []
         self._file: ShardFile | None = None

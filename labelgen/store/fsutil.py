@@ -2,7 +2,7 @@
 (a fresh tmp + fsync + rename + fsync of the directory), refusing to write
 through symlinks, and the flock by which a run holds its output directory
 (rundir.py takes it; buckets use a lease instead). The lowest layer: it
-imports nothing else of labelgen's but its error."""
+imports nothing else of labelgen's but its errors."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from labelgen.errors import FormatError
+from labelgen.errors import InUse, OutputRefused
 
 TMP_SUFFIX = ".tmp"
 LOCK_SUFFIX = ".lock"
@@ -43,7 +43,7 @@ def atomic_writer(path: Path, text: bool = False) -> Iterator:
     path = Path(path)
     refuse_symlink(path)
     if path.is_dir():
-        raise FormatError(f"{path}: is a directory; name a file to write")
+        raise OutputRefused(f"{path}: is a directory; name a file to write")
     # Unique to the process: two workers writing the same file (run.json) must not remove each other's tmp.
     tmp = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
     f = create_fresh(tmp, text)
@@ -99,7 +99,7 @@ def refuse_symlink(path: Path) -> None:
     """Outputs are written inside their directory: a symlink planted in their
     place (pointing anywhere) is refused, not written through."""
     if Path(path).is_symlink():
-        raise FormatError(f"{path}: is a symlink; refusing to write through it (remove it and rerun)")
+        raise OutputRefused(f"{path}: is a symlink; refusing to write through it (remove it and rerun)")
 
 
 def fsync_dir(path: Path) -> None:
@@ -148,7 +148,7 @@ def _flock(path: Path, shared: bool, what: str) -> Iterator[None]:
                 holder = f"pid {h['pid']} on {h['host']} since {h['since']}: {h['command']}"
             except (ValueError, KeyError, TypeError):
                 holder = holder[:200] or "another process"
-            raise FormatError(f"{what}: in use by another labelgen run ({holder}); wait for it to end or stop it, "
+            raise InUse(f"{what}: in use by another labelgen run ({holder}); wait for it to end or stop it, "
                               "then rerun") from None
         info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -173,7 +173,7 @@ def run_lock(directory: Path, worker: tuple[int, int] | None = None, refused: tu
     leaves no lock file this call created."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
-        raise FormatError(f"{directory}: exists and is not a directory")
+        raise OutputRefused(f"{directory}: exists and is not a directory")
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     made = []   # the lock files this call created

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from labelgen.errors import FormatError
+from labelgen.errors import FormatError, LabelgenError, OptionError
 from labelgen.store import bounded
 
 SCHEMES = ("s3", "gs")
@@ -36,10 +36,10 @@ def location(where) -> "Path | StorePath":
         return Path(where)
     scheme = where.split("://", 1)[0].lower()
     if scheme not in SCHEMES:
-        raise ValueError(f"{where}: unsupported URI scheme {scheme!r}; use a local path, s3:// or gs://")
+        raise OptionError(f"{where}: unsupported URI scheme {scheme!r}; use a local path, s3:// or gs://")
     parsed = urlparse(where)
     if not parsed.netloc:
-        raise ValueError(f"{where}: no bucket in the URI")
+        raise OptionError(f"{where}: no bucket in the URI")
     return StorePath(scheme, parsed.netloc, posixpath.normpath("/" + parsed.path).lstrip("/").rstrip("/"))
 
 
@@ -280,7 +280,7 @@ def download_file(remote: StorePath, local: Path) -> None:
             out.write(chunk)
 
 
-class AlreadyExists(FormatError):
+class AlreadyExists(LabelgenError):
     """A conditional write found the object there (if_absent), or not as expected (if_match)."""
 
 

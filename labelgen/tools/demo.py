@@ -18,6 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from labelgen.backends import MODEL_DIR, save_model
+from labelgen.errors import OptionError
+from labelgen.run.rundir import RunDir
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -42,9 +46,9 @@ class DemoTeacherConfig:
 
     def __post_init__(self):
         if self.hidden_size % self.heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of heads {self.heads}")
+            raise OptionError(f"hidden_size {self.hidden_size} is not a multiple of heads {self.heads}")
         if self.steps < 0 or self.vocab_size < 300:
-            raise ValueError("steps must be >= 0 and vocab_size >= 300 (byte-level BPE needs 256 base tokens)")
+            raise OptionError("steps must be >= 0 and vocab_size >= 300 (byte-level BPE needs 256 base tokens)")
 
 
 def stdlib_dir() -> Path:
@@ -70,7 +74,7 @@ def read_corpus(paths: list[str] | None, max_bytes: int, suffixes=(".py",)) -> l
         if total >= max_bytes:
             break
     if not texts:
-        raise ValueError(f"--corpus: no readable UTF-8 text under {paths}")
+        raise OptionError(f"--corpus: no readable UTF-8 text under {paths}")
     return texts
 
 
@@ -107,9 +111,16 @@ def token_stream(texts: list[str], tokenizer) -> np.ndarray:
 
 
 def build_demo_teacher(out: Path | str, corpus: list[str] | None = None, cfg: DemoTeacherConfig = DemoTeacherConfig(),
-                       log=print) -> Path:
-    """Train tokenizer + model, save both in HF format under `out`."""
-    out = Path(out)
+                       log=print, overwrite: bool = False) -> Path:
+    """Train tokenizer + model, save both in HF format under `out` (a run
+    directory: a non-empty one is refused unless `overwrite` and it holds a
+    model labelgen wrote)."""
+    with RunDir(out, MODEL_DIR) as rd:
+        rd.claim(resume=False, overwrite=overwrite)
+        return _build(rd, corpus, cfg, log)
+
+
+def _build(rd: RunDir, corpus: list[str] | None, cfg: DemoTeacherConfig, log) -> Path:
     texts = read_corpus(corpus, cfg.corpus_bytes)
     tok = train_tokenizer(texts, cfg.vocab_size)
     stream = token_stream(texts, tok)
@@ -133,7 +144,4 @@ def build_demo_teacher(out: Path | str, corpus: list[str] | None = None, cfg: De
         if log and (step % 50 == 0 or step == cfg.steps - 1):
             log(f"demo teacher step {step + 1}/{cfg.steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
     model.eval()
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return save_model(rd, model, tok)

@@ -13,23 +13,32 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from labelgen.backends import MODEL_DIR, save_model
+from labelgen.errors import OptionError
+from labelgen.run.rundir import RunDir
+from labelgen.store import storage
 
-def convert_gguf(gguf_file: Path | str, out: Path | str, log=lambda msg: None) -> Path:
-    """Dequantize `gguf_file` into an HF model directory `out` (created; must
-    not exist, or be empty). Returns `out`."""
-    gguf_file, out = Path(gguf_file), Path(out)
+
+def convert_gguf(gguf_file: Path | str, out: Path | str, log=lambda msg: None, overwrite: bool = False) -> Path:
+    """Dequantize `gguf_file` into an HF model directory `out` (a run
+    directory: a non-empty one is refused unless `overwrite` and it holds a
+    model labelgen wrote). Returns `out`."""
+    gguf_file = Path(gguf_file)
     if not gguf_file.is_file():
-        raise ValueError(f"{gguf_file}: no such GGUF file")
-    with open(gguf_file, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ValueError(f"{gguf_file}: not a GGUF file (no GGUF magic bytes)")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out}: exists and is not an empty directory")
+        raise OptionError(f"{gguf_file}: no such GGUF file")
+    if storage.read_head(gguf_file, 4) != b"GGUF":
+        raise OptionError(f"{gguf_file}: not a GGUF file (no GGUF magic bytes)")
+    with RunDir(out, MODEL_DIR) as rd:
+        rd.claim(resume=False, overwrite=overwrite)
+        return _convert(gguf_file, rd, log)
+
+
+def _convert(gguf_file: Path, rd: RunDir, log) -> Path:
     try:
         import accelerate  # noqa: F401  (transformers needs both to read GGUF)
         import gguf  # noqa: F401
     except ImportError:
-        raise ValueError("reading GGUF needs the gguf and accelerate packages: pip install 'labelgen[gguf]'") from None
+        raise OptionError("reading GGUF needs the gguf and accelerate packages: pip install 'labelgen[gguf]'") from None
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -41,7 +50,7 @@ def convert_gguf(gguf_file: Path | str, out: Path | str, log=lambda msg: None) -
         loaded = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32,
                                                       trust_remote_code=False)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise ValueError(f"{gguf_file}: transformers cannot load this GGUF model ({e})") from None
+        raise OptionError(f"{gguf_file}: transformers cannot load this GGUF model ({e})") from None
     config = loaded.config.to_dict()
     config.pop("quantization_config", None)   # the weights are float now; a plain checkpoint needs no gguf
     plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
@@ -49,16 +58,9 @@ def convert_gguf(gguf_file: Path | str, out: Path | str, log=lambda msg: None) -
     tied = getattr(plain.config, "tie_word_embeddings", False)
     missing = [m for m in missing if not (tied and "lm_head" in m)]
     if missing or unexpected:
-        raise ValueError(f"{gguf_file}: dequantized weights do not fit the model "
+        raise OptionError(f"{gguf_file}: dequantized weights do not fit the model "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    tmp = out.with_name(out.name + ".tmp")
-    import shutil
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
+    out = save_model(rd, plain, tokenizer)
     log(f"saved {sum(p.numel() for p in plain.parameters()) / 1e6:.0f}M parameters, "
         f"vocabulary {len(tokenizer):,}, to {out}")
     return out

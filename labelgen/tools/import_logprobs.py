@@ -23,15 +23,20 @@ from pathlib import Path
 import numpy as np
 
 from labelgen import format as fmt
+from labelgen.errors import OptionError
 from labelgen.format import FormatError
 from labelgen.generate.inputs import InputError, expand_paths, file_kind, jsonl_lines, parse_json
-from labelgen.run.rundir import LABELS, RunDir
+from labelgen.run.rundir import RunDir, RunKind
 from labelgen.shards import ShardWriter
 
 # vLLM returns the top n (max_logprobs, 20 by default) plus the actual token;
 # past the format's own bound on k a position is not a vLLM record.
 MAX_ENTRIES = 65_537
 MASS_SLACK = 1e-3      # float error in the teacher's logprobs; more mass than 1 + this is not a distribution
+
+# What an import writes: a label set, replaced with --overwrite (an import does not resume).
+LABELS = RunKind("label set", fmt.LABEL_SET_FILES, marker=(fmt.MANIFEST_NAME, fmt.RUN_FILE, fmt.SHARD_GLOB), harmless=(),
+                 unit="shard", unit_pattern=fmt.SHARD_GLOB, record=fmt.RUN_FILE, resumable=False)
 
 
 def _entries(pos: dict, where: str, vocab: int) -> tuple[np.ndarray, np.ndarray, dict[int, int]]:
@@ -116,12 +121,12 @@ def import_prompt_logprobs(inputs: list[str], out: str | Path, tokenizer_dir: st
     that an import left without its manifest (kill -9) is started over."""
     from transformers import AutoTokenizer
     if k < 1:
-        raise ValueError(f"--k: must be >= 1, got {k}")
+        raise OptionError(f"--k: must be >= 1, got {k}")
     files = expand_paths(inputs)
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
     except (OSError, ValueError) as e:
-        raise ValueError(f"--tokenizer: cannot load {tokenizer_dir} ({fmt.one_line(e)})") from None
+        raise OptionError(f"--tokenizer: cannot load {tokenizer_dir} ({fmt.one_line(e)})") from None
     header = {"teacher": {"source": "vLLM prompt_logprobs", "inputs": [str(p) for p in files]},
               "tokenizer": fmt.tokenizer_fingerprint(tokenizer), "counts": {}}
     vocab = max(len(tokenizer), getattr(tokenizer, "vocab_size", 0) or 0)
