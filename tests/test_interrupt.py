@@ -150,7 +150,7 @@ def test_a_second_run_on_the_same_label_set_is_refused_naming_the_first(tiny_tea
 
 def test_a_lock_left_by_a_killed_run_does_not_block_a_resume(tiny_teacher, corpus, tmp_path):
     out = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom labelgen import fsutil\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom labelgen.store import fsutil\n"
                                "with fsutil.run_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)",
                                str(out)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
