@@ -5,7 +5,10 @@ sets are shuffled with (seed, epoch) and dealt to consumers — one consumer
 per (DDP rank, DataLoader worker) — by stride, so consumers never overlap and
 together miss nothing. A consumer reads `group_units` units at a time, shuffles
 their rows with (seed, epoch, consumer, group) and cuts batches: memory is
-bounded by that group, never by the dataset.
+bounded by that group, never by the dataset. The plan is arrays (UnitPlan):
+cumulative row-group counts per shard, and a keyed permutation that each
+consumer evaluates at its own positions only, so a million-shard set costs a
+consumer a few tens of MB, not a list of every row group.
 
 Every batch comes with the consumer's position after it, (epoch, group, row).
 The training loop keeps the latest position of each consumer (LoaderState);
@@ -27,12 +30,14 @@ from labelgen.shards import ShardReader
 
 def open_label_sets(dirs: list[str], verify: bool = False, checksums: bool = True) -> list[ShardReader]:
     """Readers for label dirs that can be trained on together (same kind and
-    tokenizer). verify: sha256 of every shard first; checksums: footer hash
-    and page CRC32 as they are read (see ShardReader)."""
+    tokenizer), at a cost of a few store requests whatever their size (the
+    manifest and its shard table): each shard's size, footer hash and page
+    CRC32s are checked when it is read (checksums), and verify=True checks
+    every shard's size and sha256 first (a request and a full read each)."""
     if not dirs:
         raise FormatError("--labels: at least one label directory is required")
     readers = [ShardReader(d, verify=verify, checksums=checksums) for d in dirs]
-    for r in readers:
+    for r in readers if verify else ():
         r.check_files()
     first = readers[0]
     for r in readers[1:]:
@@ -205,6 +210,65 @@ def collate(columns: dict, kind: str, rows: np.ndarray | None = None, k: int | N
     return out
 
 
+class UnitPlan:
+    """The loader's work list as arrays. The units (row groups) of the
+    selected shards are numbered 0..U-1 in set, shard, row-group order;
+    `unit(u)` maps numbers back to (set, shard, row group) by a binary search
+    over cumulative counts. An epoch's order is a keyed permutation of
+    [0, U): a 4-round Feistel network over the next even power of two,
+    walking values >= U on through it, keyed by (seed, epoch), so position p
+    of the order is computed alone and a consumer computes only its own."""
+
+    ROUNDS = 4
+
+    def __init__(self, readers: list[ShardReader], selection: list[tuple[int, int, int]]):
+        """`selection`: (set, first shard, end shard) ranges of the sets' shards, in order."""
+        sets, shards, counts = [], [], []
+        for d, start, stop in selection:
+            groups = readers[d].shards.column("row_groups")[start:stop]
+            unknown = np.flatnonzero(groups < 0)   # written before the manifest counted them: read each footer
+            groups = groups.copy() if len(unknown) else groups
+            for i in unknown:
+                groups[i] = readers[d].open_shard(readers[d].shards[int(start + i)]).num_row_groups
+            sets.append(np.full(stop - start, d, np.int32))
+            shards.append(np.arange(start, stop, dtype=np.int64))
+            counts.append(groups)
+        self.set = np.concatenate(sets) if sets else np.zeros(0, np.int32)
+        self.shard = np.concatenate(shards) if shards else np.zeros(0, np.int64)
+        self.first = np.concatenate([[0], np.cumsum(np.concatenate(counts) if counts else [])]).astype(np.int64)
+        self.size = int(self.first[-1])
+        self.half = max(1, (max(self.size - 1, 1).bit_length() + 1) // 2)   # the permutation's domain: 4^half >= U
+
+    def unit(self, u: np.ndarray) -> list[tuple[int, int, int]]:
+        """(set, shard, row group) of the units numbered u."""
+        i = np.searchsorted(self.first, u, side="right") - 1
+        return list(zip(self.set[i].tolist(), self.shard[i].tolist(), (u - self.first[i]).tolist()))
+
+    def order(self, positions: np.ndarray, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+        """The units at `positions` of epoch `epoch`'s order (the identity without shuffle)."""
+        positions = np.asarray(positions, np.uint64)
+        if not shuffle:
+            return positions.astype(np.int64)
+        keys = np.random.default_rng([seed, epoch]).integers(0, 1 << 62, self.ROUNDS, dtype=np.uint64)
+        out = self._feistel(positions, keys)
+        walking = out >= self.size
+        while walking.any():   # out of [0, U): on through the permutation until inside (a bijection of [0, U))
+            out[walking] = self._feistel(out[walking], keys)
+            walking = out >= self.size
+        return out.astype(np.int64)
+
+    def _feistel(self, x: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        mask = np.uint64((1 << self.half) - 1)
+        left, right = x >> np.uint64(self.half), x & mask
+        with np.errstate(over="ignore"):   # the round function (splitmix64's finalizer) wraps in uint64 on purpose
+            for k in keys:
+                z = right ^ k
+                z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+                z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+                left, right = right, left ^ ((z ^ (z >> np.uint64(31))) & mask)
+        return (left << np.uint64(self.half)) | right
+
+
 @dataclass
 class LoaderState:
     """Positions of every consumer, kept by the training loop from the batches it receives."""
@@ -234,11 +298,13 @@ class LabelStream(torch.utils.data.IterableDataset):
 
     def __init__(self, readers: list[ShardReader], batch_size: int, *, seed: int = 0, shuffle: bool = True,
                  group_units: int = 4, rank: int = 0, world_size: int = 1, max_epochs: int | None = None,
-                 k: int | None = None, vocab_limit: int | None = None, shards: list[tuple[int, int]] | None = None,
+                 k: int | None = None, vocab_limit: int | None = None, shards: list[tuple[int, int, int]] | None = None,
                  cross=None, byte_lengths: np.ndarray | None = None):
-        """`byte_lengths`: bytes of each token id; batches then carry
-        `target_bytes` (cross-tokenizer batches always do), so evaluation
-        reports bits per byte, a unit that compares across tokenizers."""
+        """`shards`: (set, first shard, end shard) ranges to read (default:
+        every shard of every set; holdout_split makes them). `byte_lengths`:
+        bytes of each token id; batches then carry `target_bytes`
+        (cross-tokenizer batches always do), so evaluation reports bits per
+        byte, a unit that compares across tokenizers."""
         self.readers, self.batch_size, self.seed, self.shuffle = readers, batch_size, seed, shuffle
         self.byte_lengths = byte_lengths
         self.group_units, self.rank, self.world_size, self.max_epochs = group_units, rank, world_size, max_epochs
@@ -250,18 +316,13 @@ class LabelStream(torch.utils.data.IterableDataset):
         self.columns = [c for c in fmt.record_kind(self.kind).loader_columns if c in names]
         # Entry order matters only when k keeps a rank prefix of what is stored.
         self.rank_order = k is not None and k < readers[0].k
-        selected = shards if shards is not None else [(d, s) for d, r in enumerate(readers) for s in range(len(r.shards))]
-        self.units = [(d, s, g) for d, s in selected for g in range(self._row_groups(d, s))]
-        if not self.units:
+        self.plan = UnitPlan(readers, shards if shards is not None else [(d, 0, len(r.shards)) for d, r in enumerate(readers)])
+        if not self.plan.size:
             where = ", ".join(str(r.dir) for r in readers)
             raise FormatError(f"{where}: {'the label set is empty' if shards is None else 'the selected shards are empty'} "
                               "(0 rows); nothing to read")
         self.start = LoaderState()
         self._open: tuple = (None, None)   # (dir, shard) -> its open ParquetFile, the last one read
-
-    def _row_groups(self, d: int, s: int) -> int:
-        shard = self.readers[d].shards[s]
-        return shard["row_groups"] if "row_groups" in shard else self.readers[d].open_shard(shard).num_row_groups
 
     def load_state_dict(self, state: dict) -> None:
         self.start = LoaderState.from_dict(state)
@@ -276,11 +337,13 @@ class LabelStream(torch.utils.data.IterableDataset):
         local = (worker + offset) % num_local
         return self.rank * num_local + local, self.world_size * num_local, local, num_local
 
-    def consumer_units(self, epoch: int, slot: int, n_slots: int) -> list[tuple[int, int, int]]:
-        order = np.arange(len(self.units))
-        if self.shuffle:
-            np.random.default_rng([self.seed, epoch]).shuffle(order)
-        return [self.units[i] for i in order[slot::n_slots]]
+    def consumer_units(self, epoch: int, slot: int, n_slots: int, first: int = 0,
+                       count: int | None = None) -> list[tuple[int, int, int]]:
+        """(set, shard, row group) of this consumer's units `first`.. (`count` of them, default all) in
+        `epoch`: positions slot, slot + n_slots, ... of the epoch's order."""
+        total = max(0, -(-(self.plan.size - slot) // n_slots))
+        j = np.arange(first, total if count is None else min(total, first + count), dtype=np.int64)
+        return self.plan.unit(self.plan.order(slot + n_slots * j, self.seed, epoch, self.shuffle))
 
     def _columns(self, units) -> dict:
         """The decoded columns of `units`, joined."""
@@ -306,12 +369,12 @@ class LabelStream(torch.utils.data.IterableDataset):
 
     def _groups(self, epoch: int, slot: int, n_slots: int, first: int = 0):
         """(index, columns, row order) of this consumer's shuffle groups in `epoch`, from group `first`."""
-        if len(self.units) < n_slots:
-            raise FormatError(f"{len(self.units)} row groups cannot feed {n_slots} consumers "
+        if self.plan.size < n_slots:
+            raise FormatError(f"{self.plan.size} row groups cannot feed {n_slots} consumers "
                               f"(ranks x DataLoader workers); use fewer workers or more, smaller row groups")
-        units = self.consumer_units(epoch, slot, n_slots)
-        for gi in range(first, -(-len(units) // self.group_units)):
-            columns = self._columns(units[gi * self.group_units:(gi + 1) * self.group_units])
+        mine = -(-(self.plan.size - slot) // n_slots)   # this consumer's units this epoch
+        for gi in range(first, -(-mine // self.group_units)):
+            columns = self._columns(self.consumer_units(epoch, slot, n_slots, gi * self.group_units, self.group_units))
             order = np.arange(len(next(iter(columns.values()))[1]) - 1)
             if self.shuffle:
                 np.random.default_rng([self.seed, epoch, slot, gi]).shuffle(order)
@@ -351,11 +414,17 @@ def take_batches(stream: LabelStream, n: int):
     return (batch for batch, _ in itertools.islice(iter(torch.utils.data.DataLoader(stream, batch_size=None)), n))
 
 
-def holdout_split(readers: list[ShardReader], holdout: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """(train shards, eval shards): the last `holdout` shards of the last label set are held out."""
-    all_shards = [(d, s) for d, r in enumerate(readers) for s in range(len(r.shards))]
-    if holdout <= 0:
-        return all_shards, []
-    if holdout >= len(all_shards):
-        raise FormatError(f"--eval-holdout {holdout} leaves no training shards (the labels have {len(all_shards)})")
-    return all_shards[:-holdout], all_shards[-holdout:]
+def holdout_split(readers: list[ShardReader], holdout: int) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+    """(train shards, eval shards) as (set, first shard, end shard) ranges: the
+    last `holdout` shards of the sets, taken in order, are held out."""
+    total = sum(len(r.shards) for r in readers)
+    if holdout >= total and holdout > 0:
+        raise FormatError(f"--eval-holdout {holdout} leaves no training shards (the labels have {total})")
+    train, held, left = [], [], total - max(holdout, 0)   # shards still to give to training
+    for d, r in enumerate(readers):
+        n = len(r.shards)
+        cut = min(n, max(left, 0))
+        train += [(d, 0, cut)] if cut else []
+        held += [(d, cut, n)] if cut < n else []
+        left -= n
+    return train, held

@@ -78,18 +78,12 @@ def student_config(tmp_path_factory):
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory):
     """A moto S3 server on localhost (its in-process mock does not reach
-    pyarrow's C++ client) and the environment that points pyarrow and boto3 at it."""
-    import logging
-    import socket
+    pyarrow's C++ client) and the environment that points pyarrow and boto3
+    at it; "requests" lists (method, path) of every request it answers."""
     import boto3
-    from moto import server as moto_server
     from labelgen.store import storage
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)   # one line per request otherwise
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
+    server = helpers.MotoServer()
+    port = server.port
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
            "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}
     mp = pytest.MonkeyPatch()
@@ -100,7 +94,7 @@ def s3(tmp_path_factory):
     storage._boto3_client.cache_clear()
     client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1")
     client.create_bucket(Bucket=helpers.BUCKET)
-    yield {"client": client, "env": env}
+    yield {"client": client, "env": env, "requests": server.requests}
     storage.filesystem.cache_clear()
     storage._boto3_client.cache_clear()
     mp.undo()

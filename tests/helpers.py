@@ -71,3 +71,30 @@ def upload(client, local_dir, prefix) -> str:
         if p.is_file() and not p.name.endswith(".lock"):
             client.upload_file(str(p), BUCKET, f"{prefix}/{p.relative_to(local_dir)}")
     return f"s3://{BUCKET}/{prefix}"
+
+
+class MotoServer:
+    """moto's S3 server on loopback, in a thread, counting what it is asked:
+    `requests` lists (method, path) of every request (a WSGI middleware round
+    moto's app, as its ThreadedMotoServer serves it)."""
+
+    def __init__(self):
+        import logging
+        import threading
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+        from werkzeug.serving import make_server
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)   # one line per request otherwise
+        self.requests: list[tuple[str, str]] = []
+        app = DomainDispatcherApplication(create_backend_app)
+
+        def counting(environ, start_response):
+            self.requests.append((environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")))
+            return app(environ, start_response)
+        self._server = make_server("127.0.0.1", 0, counting, True, request_handler=MotoRequestHandler)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._thread.join()

@@ -45,12 +45,18 @@ def test_unknown_format_version(topk_labels, student_config, tmp_path):
     assert_one_line_error(run_train(d, student_config, tmp_path / "o"), r"format version 9.0 is not supported; this labelgen reads 1.x, 2.x")
 
 
-def test_truncated_shard_is_found_before_the_first_step(topk_labels, student_config, tmp_path):
+def test_truncated_shard_is_found_when_read_and_with_verify_before_the_first_step(topk_labels, student_config, tmp_path):
+    """Start-up asks the store for the manifest only (a million shards are not
+    stat'ed by every rank); a shard is checked when the loader opens it, and
+    --verify checks every one first."""
     d = copy_labels(topk_labels, tmp_path / "l")
     last = sorted(d.glob("shard-*.parquet"))[-1]
     last.write_bytes(last.read_bytes()[:-10])
-    assert_one_line_error(run_train(d, student_config, tmp_path / "o"), r"shard-000005.parquet: .* \(truncated or replaced\)")
-    assert not (tmp_path / "o" / "metrics.jsonl").exists()
+    assert_one_line_error(run_train(d, student_config, tmp_path / "o", "--max-steps", "50"),
+                          r"shard-000005.parquet: .* \(truncated or replaced\)")
+    assert_one_line_error(run_train(d, student_config, tmp_path / "v", "--verify"),
+                          r"shard-000005.parquet: .* \(truncated or replaced\)")
+    assert not (tmp_path / "v" / "metrics.jsonl").exists()
 
 
 def test_corrupted_shard_is_found_with_verify(topk_labels, student_config, tmp_path):

@@ -18,6 +18,7 @@ from labelgen.store.fsutil import TMP_SUFFIX  # noqa: F401
 
 FORMAT_NAME = "labelgen"
 FORMAT_VERSION = "2.2"   # 2.1: the scored kind; 2.2: sampled sets may carry coverage (Encoding.sampled_coverage)
+SHARD_TABLE_VERSION = "2.3"   # a manifest of more shards than manifest.SHARD_TABLE_MIN lists them in a Parquet table
 READABLE_MAJOR_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 RUN_FILE = "run.json"         # a run's config and inputs, written first: resume and export read it
@@ -29,8 +30,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "*.model", "*.tiktoken", "additional_chat_templates/*.jinja")
 SHARD_SUFFIX = ".parquet"
 SHARD_GLOB = "shard-*" + SHARD_SUFFIX
+SHARD_TABLE_PREFIX = "manifest.shards-"   # a large set's shard entries (2.3: format/manifest.py), + hash + suffix
+SHARD_TABLE_GLOB = SHARD_TABLE_PREFIX + "*" + SHARD_SUFFIX
 # Every name a label set consists of (fnmatch patterns; 'dir/name' inside a directory it shares with others).
-LABEL_SET_FILES = (SHARD_GLOB, MANIFEST_NAME, RUN_FILE) + tuple(f"{TOKENIZER_DIR}/{name}" for name in TOKENIZER_FILES)
+LABEL_SET_FILES = (SHARD_GLOB, SHARD_TABLE_GLOB, MANIFEST_NAME, RUN_FILE) + tuple(f"{TOKENIZER_DIR}/{name}" for name in TOKENIZER_FILES)
 FILE_META_KEY = b"labelgen"
 COUNTS_META_KEY = b"labelgen_counts"
 ID_TABLE_KEY = "id_table"   # in a shard's labelgen metadata: its id renumbering (1.2, 1.3)

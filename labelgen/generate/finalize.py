@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from labelgen import format as fmt
 from labelgen.errors import FormatError, InUse
 from labelgen.generate.resume import inputs_digest
@@ -82,7 +86,14 @@ def _finalize(rd: RunDir) -> dict:
     partials = storage.list_dir(out, PARTIAL_MANIFESTS)
     if not partials:
         raise FormatError(f"{out}: no partial manifests (manifest.worker-*.json); did the workers finish?")
-    parts = [json.loads(storage.read_text(p)) for p in partials]
+    # Each part read once; its shard list kept column-wise (a million entries as dicts would be gigabytes).
+    parts, tables = [], []
+    for path in partials:
+        part = json.loads(storage.read_text(path))
+        table = fmt.ShardTable.from_entries(part.pop("shards"), str(path)).table
+        tables.append(table.append_column("index", pa.array([fmt.shard_index(x) for x in
+                                                             table.column("name").to_pylist()], pa.int64())))
+        parts.append(part)
     n = parts[0]["worker"]["num_workers"]
     if any(p["worker"]["num_workers"] != n or p["config_hash"] != parts[0]["config_hash"] for p in parts):
         raise FormatError(f"{out}: partial manifests come from different runs (worker counts or configs differ)")
@@ -97,17 +108,24 @@ def _finalize(rd: RunDir) -> dict:
                           f"manifests describe other input records than {fmt.RUN_FILE}); rerun them with --resume "
                           "--inputs-changed")
     total = max(p["worker"]["total_shards"] for p in parts)
-    shards = {fmt.shard_index(s["name"]): s for p in parts for s in p["shards"]}
-    missing = [fmt.shard_name(i) for i in range(total) if i not in shards]
+    table = pa.concat_tables(tables)
+    table = table.take(pc.sort_indices(table.column("index")))
+    index = pc.fill_null(table.column("index"), -1).to_numpy()   # -1: a name that is no generated shard's
+    have = np.zeros(total, bool)
+    have[index[(index >= 0) & (index < total)]] = True
+    missing = [fmt.shard_name(int(i)) for i in np.flatnonzero(~have)[:6]]
     if missing:
         raise FormatError(f"{out}: shard(s) missing: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if len(index) != total:   # a shard listed by two workers, or past the end
+        raise FormatError(f"{out}: the workers' manifests list {len(index)} shards for {total}; rerun the workers with "
+                          "--resume")
     merged = {k: v for k, v in parts[0].items() if k not in ("worker", "fingerprint")}
-    merged["shards"] = [shards[i] for i in range(total)]
+    merged["shards"] = fmt.ShardTable(table.drop_columns(["index"]))
     merged["counts"] = {k: sum(p["counts"].get(k, 0) for p in parts) for k in parts[0]["counts"]}
-    merged["counts"]["rows"] = sum(s["rows"] for s in merged["shards"])
+    merged["counts"]["rows"] = int(merged["shards"].column("rows").sum())
     if not merged["counts"]["rows"]:
         raise FormatError(f"{out}: the workers labelled no rows ({merged['counts'].get('skipped', 0)} input records "
                           "skipped as bad); nothing to finalize")
-    merged["counts"]["positions"] = sum(s["positions"] for s in merged["shards"])
+    merged["counts"]["positions"] = int(merged["shards"].column("positions").sum())
     merged["config"] = {**merged["config"], "num_workers": n, "worker_index": None}
     return commit_manifest(rd, merged)

@@ -75,7 +75,8 @@ def complete_manifest(where, name: str) -> dict | None:
     and every shard it lists is there at its recorded size; else None."""
     import json
     try:
-        manifest = json.loads(storage.read_text(where / name, 1 << 28))
+        manifest = fmt.read_manifest(where) if name == fmt.MANIFEST_NAME else \
+            json.loads(storage.read_text(where / name, 1 << 28))
         for s in manifest["shards"]:
             if (where / s["name"]).stat().st_size != s["bytes"]:
                 return None

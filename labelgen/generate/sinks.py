@@ -61,19 +61,27 @@ def commit_manifest(rd: RunDir, manifest: dict, name: str = fmt.MANIFEST_NAME) -
     two finalizers one wins; finalizing the same set again changes nothing),
     then the shard objects it does not list (stopped attempts') are deleted."""
     rd.check_held()
-    if name != fmt.MANIFEST_NAME or not rd.remote:
+    if name != fmt.MANIFEST_NAME:
         return fmt.write_manifest(rd.where, manifest, name)
-    try:
-        written = fmt.write_manifest(rd.remote, manifest, if_absent=True)
-    except storage.AlreadyExists:
-        written = fmt.read_manifest(rd.remote)
-        if written.get("fingerprint") != fmt.dataset_fingerprint(manifest):
-            raise FormatError(f"{rd.remote / fmt.MANIFEST_NAME}: already exists and lists other shards (another "
-                              "finalize won, or the run was finalized before); validate it, or delete it to "
-                              "finalize again") from None
-    listed = {s["name"] for s in written["shards"]}
-    for obj in storage.list_dir(rd.remote, fmt.SHARD_GLOB):
-        if obj.name not in listed:
+    if not rd.remote:
+        written = fmt.write_manifest(rd.where, manifest)
+    else:
+        try:
+            written = fmt.write_manifest(rd.remote, manifest, if_absent=True)
+        except storage.AlreadyExists:
+            written = fmt.read_manifest(rd.remote)
+            if written.get("fingerprint") != fmt.dataset_fingerprint(manifest):
+                raise FormatError(f"{rd.remote / fmt.MANIFEST_NAME}: already exists and lists other shards (another "
+                                  "finalize won, or the run was finalized before); validate it, or delete it to "
+                                  "finalize again") from None
+        listed = set(written["shards"].names if isinstance(written["shards"], fmt.ShardTable) else
+                     (s["name"] for s in written["shards"]))
+        for obj in storage.list_dir(rd.remote, fmt.SHARD_GLOB):
+            if obj.name not in listed:   # a stopped attempt's
+                storage.delete(obj)
+    table = (written.get("shard_table") or {}).get("name")
+    for obj in storage.list_dir(rd.where, fmt.SHARD_TABLE_GLOB):
+        if obj.name != table:   # an earlier finalize's, or a losing finalizer's
             storage.delete(obj)
     return written
 

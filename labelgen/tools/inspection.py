@@ -40,9 +40,12 @@ def validate(label_dir: Path | str, max_problems: int = 20) -> dict:
         add(where, None, str(e).removeprefix(f"{where}: "))
         return {"ok": False, "problems": problems, "shards": 0, "rows": 0}
 
-    listed = {s["name"] for s in reader.shards}
+    table = reader.manifest.get("shard_table")
+    listed = set(reader.shards.names) | ({table["name"]} if table else set())
     for extra in [p.name for p in storage.list_dir(label_dir, "*" + fmt.SHARD_SUFFIX) if p.name not in listed]:
         add(label_dir / extra, None, "shard file not listed in the manifest")
+    if table and storage.sha256_file(label_dir / table["name"]) != table["sha256"]:
+        add(label_dir / table["name"], None, "sha256 does not match the manifest (corrupted)")
     rows_checked = 0
     for si, shard in enumerate(reader.shards):
         path = label_dir / shard["name"]
