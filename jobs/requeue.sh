@@ -1,9 +1,11 @@
 # Sourced by the Slurm scripts after they start their command in the background:
 # passes a preemption warning (SIGUSR1 from `--signal=B:USR1@T`, or SIGTERM) on
 # with `forward_signal` (default: SIGUSR1 to the command; a script may define its
-# own first), waits for the command, and requeues the job when it stopped for
+# own first), waits for the command, and requeues this job when it stopped for
 # preemption: a warning came, or it exited 75 (labelgen.stopping.PREEMPTED_EXIT:
-# everything finished is kept, the same command resumes).
+# everything finished is kept, the same command resumes). An array task requeues
+# itself only (ARRAYJOB_TASK): the last task's SLURM_JOB_ID is the array's own id,
+# and requeueing that id requeues every task of the array.
 pid=$!
 declare -F forward_signal >/dev/null || forward_signal() { kill -USR1 "$pid" 2>/dev/null; }
 preempted=0
@@ -14,7 +16,8 @@ while kill -0 "$pid" 2>/dev/null; do
     rc=$?
 done
 if { [ "$rc" -eq 75 ] || [ "$preempted" -eq 1 ]; } && [ -n "${SLURM_JOB_ID:-}" ]; then
-    echo "stopped for preemption (exit $rc): requeueing job $SLURM_JOB_ID" >&2
-    scontrol requeue "$SLURM_JOB_ID"
+    me=${SLURM_ARRAY_TASK_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
+    echo "stopped for preemption (exit $rc): requeueing job ${me:-$SLURM_JOB_ID}" >&2
+    scontrol requeue "${me:-$SLURM_JOB_ID}"
 fi
 exit "$rc"

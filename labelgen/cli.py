@@ -90,13 +90,18 @@ def _kv(pairs: list[str] | None, option: str) -> dict | None:
     return out
 
 
-def _worker_from_env(torchrun: bool = True) -> tuple[int | None, int | None]:
+def _worker_from_env(torchrun: bool = True, out: str | None = None) -> tuple[int | None, int | None]:
     """(num_workers, worker_index) from a Slurm array or torchrun, if present
-    (`torchrun` False: its ranks are one tensor-parallel teacher, not workers)."""
+    (`torchrun` False: its ranks are one tensor-parallel teacher, not workers).
+    An array task is the worker its task id names (submit --array=0-N-1); the
+    number of workers is the one the run in `out` recorded, so a resubmission
+    of its missing tasks (--array=3,5: SLURM_ARRAY_TASK_COUNT 2) keeps it,
+    else the array's highest task id + 1."""
     env = os.environ
-    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        first = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-        return int(env["SLURM_ARRAY_TASK_COUNT"]), int(env["SLURM_ARRAY_TASK_ID"]) - first
+    if "SLURM_ARRAY_TASK_ID" in env:
+        from labelgen.generate.resume import recorded_workers
+        task = int(env["SLURM_ARRAY_TASK_ID"])
+        return (recorded_workers(out) if out else None) or int(env.get("SLURM_ARRAY_TASK_MAX", task)) + 1, task
     if torchrun and "RANK" in env and "WORLD_SIZE" in env:
         return int(env["WORLD_SIZE"]), int(env["RANK"])
     return None, None
@@ -158,8 +163,8 @@ def generate(
     """Run a teacher over inputs and write label shards (top-k soft labels or completions)."""
     params = dict(locals())
 
-    def resolved(torchrun_workers: bool) -> GenerateConfig:
-        env_workers, env_index = _worker_from_env(torchrun_workers)
+    def resolved(torchrun_workers: bool, out_dir: str | None = None) -> GenerateConfig:
+        env_workers, env_index = _worker_from_env(torchrun_workers, out_dir)
         if ray is not None:   # every unit is run from here: the Slurm/torchrun environment does not pick one
             env_workers, env_index = 1, 0
         overrides = clikit.overrides(GenerateConfig, params, inputs=input, engine=_kv(engine, "--engine"),
@@ -168,8 +173,9 @@ def generate(
                                      worker_index=worker_index if worker_index is not None else env_index)
         return GenerateConfig.from_sources(str(config) if config else None, overrides)
     cfg = resolved(torchrun_workers=False)
-    if cfg.tp == 1:   # with --tp torchrun's ranks are the tensor-parallel teacher's; else data-parallel workers
-        cfg = resolved(torchrun_workers=True)
+    # With --tp torchrun's ranks are the tensor-parallel teacher's, else data-parallel workers; a Slurm array
+    # task reads the worker count of the run it resumes.
+    cfg = resolved(torchrun_workers=cfg.tp == 1, out_dir=cfg.out)
     if dry_run:
         clikit.print_json(cfg.to_dict())
         return

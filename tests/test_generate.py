@@ -286,6 +286,19 @@ def test_slurm_array_variables_pick_the_worker(tmp_path, monkeypatch):
     assert (d["num_workers"], d["worker_index"]) == (4, 3)
 
 
+def test_a_resubmitted_array_task_keeps_the_run_s_worker_count(tmp_path, monkeypatch):
+    """`sbatch --array=$(labelgen finalize OUT --missing)` resubmits task 2 alone: Slurm says 1 task (2 of 2..2);
+    the run in OUT says 4 workers, and the task is worker 2 of them."""
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "run.json").write_text(json.dumps({"config": {"num_workers": 4}}))
+    for key, value in {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "1", "SLURM_ARRAY_TASK_MIN": "2",
+                       "SLURM_ARRAY_TASK_MAX": "2"}.items():
+        monkeypatch.setenv(key, value)
+    r = runner.invoke(app, ["generate", "--teacher", "t", "--input", "a", "--out", str(tmp_path / "o"), "--dry-run"])
+    d = json.loads(r.stdout)
+    assert (d["num_workers"], d["worker_index"]) == (4, 2), r.output
+
+
 def test_blocked_topk_equals_torch_topk():
     from labelgen.backends.hf import _row_stats, _topk_blocked
     torch.manual_seed(0)

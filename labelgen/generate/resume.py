@@ -18,6 +18,15 @@ def input_identity(files: list[Path]) -> dict[str, list[int]]:
     return {str(p): [(st := p.stat()).st_size, st.st_mtime_ns] for p in files}
 
 
+def recorded_workers(out) -> int | None:
+    """How many data-parallel workers the generation run recorded in `out` (its run.json) has, if one is there."""
+    import json
+    try:
+        return int(json.loads(storage.read_text(storage.location(out) / fmt.RUN_FILE, 1 << 24))["config"]["num_workers"])
+    except (OSError, ValueError, KeyError, TypeError, fmt.FormatError):
+        return None
+
+
 def inputs_digest(inputs: dict) -> str:
     """One hash of a run's input identity (input_identity)."""
     import hashlib

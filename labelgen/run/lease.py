@@ -88,8 +88,10 @@ class Lease:
     say) is waited for until it expires, then taken over (If-Match on the
     expired version, so of two takers one wins); at once if its holder ran on
     this machine and its process is gone. Clocks of the hosts must
-    agree to well within the lease (NTP does). Without boto3 (the s3 extra)
-    and on gs://, the conditions are checks before the writes."""
+    agree to well within the lease (NTP does). The conditions are the
+    store's own: S3's If-None-Match/If-Match through boto3 (the s3 extra),
+    GCS's ifGenerationMatch through google-cloud-storage (the gcs extra);
+    without them, checks before the writes."""
 
     def __init__(self, path: StorePath, ttl: float | None = None):
         self.path, self.ttl = path, ttl or lease_seconds()

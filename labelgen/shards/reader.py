@@ -85,7 +85,7 @@ class ShardReader:
         self._id_map: tuple = (None, None)   # (shard name, IdMap) of the last shard read
 
     @property
-    def shards(self) -> list[dict]:
+    def shards(self) -> "fmt.ShardTable":
         return self.manifest["shards"]
 
     def shard_path(self, shard: dict) -> Path:
@@ -103,7 +103,8 @@ class ShardReader:
 
     def check_files(self) -> None:
         """Every listed shard exists with its manifest size (and sha256 with
-        verify=True): a training job fails before its first step, not hours in."""
+        verify=True): a request per shard (and a full read), so callers ask for
+        it (--verify); reading a shard checks it anyway."""
         for shard in self.shards:
             path = self.shard_path(shard)
             if self.verify and storage.sha256_file(path) != shard["sha256"]:
@@ -232,8 +233,11 @@ class ShardReader:
         """Decoded row groups, one at a time."""
         for si, shard in enumerate(self.shards):
             pf = self.open_shard(shard)
-            for rg in range(pf.num_row_groups):
-                yield self.read_row_group(si, rg, columns, pf)
+            try:
+                for rg in range(pf.num_row_groups):
+                    yield self.read_row_group(si, rg, columns, pf)
+            finally:   # its file (an object's open stream, in a bucket) goes at once, not when collected
+                pf.close(force=True)
 
     def rows(self, columns: list[str] | None = None, as_torch: bool = False) -> Iterator[dict[str, Any]]:
         """Rows as dicts of numpy arrays (or torch tensors with as_torch)."""

@@ -66,7 +66,11 @@ def filesystem(scheme: str):
     import datetime
     import pyarrow.fs as pafs
     if scheme == "gs":
-        return bounded.Filesystem(pafs.GcsFileSystem(retry_time_limit=datetime.timedelta(seconds=15)))
+        kw = {}
+        if emulator := os.environ.get("STORAGE_EMULATOR_HOST"):   # a GCS API of one's own (fake-gcs-server, ...)
+            u = urlparse(emulator if "://" in emulator else "http://" + emulator)
+            kw.update(endpoint_override=u.netloc, scheme=u.scheme, anonymous=True)
+        return bounded.Filesystem(pafs.GcsFileSystem(retry_time_limit=datetime.timedelta(seconds=15), **kw))
     kw = {}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
@@ -143,9 +147,17 @@ class StorePath:
         return _Stat(int(info.size or 0), int(info.mtime_ns or 0))
 
     def iterdir(self):
+        """The objects and prefixes directly under this prefix, from one recursive listing: a store's own
+        directory entries are not to be relied on (pyarrow lists GCS prefixes only where the store returns
+        them as objects, which fake-gcs-server does not; a training run's step_*/ would be missed)."""
         from pyarrow.fs import FileSelector
-        for info in filesystem(self.scheme).get_file_info(FileSelector(self._fs_path, allow_not_found=True)):
-            yield StorePath(self.scheme, self.bucket, info.path.split("/", 1)[1] if "/" in info.path else "")
+        base, seen = self._fs_path.rstrip("/") + "/", set()
+        for info in filesystem(self.scheme).get_file_info(FileSelector(self._fs_path, recursive=True,
+                                                                       allow_not_found=True)):
+            child = info.path[len(base):].split("/", 1)[0] if info.path.startswith(base) else ""
+            if child and child not in seen:
+                seen.add(child)
+                yield StorePath(self.scheme, self.bucket, posixpath.join(self.key, child))
 
     def read_bytes(self) -> bytes:
         with open_input(self) as f:
@@ -185,8 +197,8 @@ def read_head(path, max_bytes: int) -> bytes:
 def footer_sha256(path) -> str:
     """sha256 of a Parquet file's footer (its metadata, length and magic)."""
     with open_input(path) as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
+        # An object's file knows its size; seeking to its end is a read past it, which GCS answers 416.
+        size = f.size() if hasattr(f, "size") else f.seek(0, os.SEEK_END)
         if size < 12:
             raise FormatError(f"{path}: {size} bytes, too short for Parquet")
         f.seek(size - 8)
@@ -289,7 +301,9 @@ def write_bytes(path, data: bytes, if_absent: bool = False, if_match: str | None
     absent); returns an object's version tag. It fails (AlreadyExists) with
     `if_absent` where `path` exists, with `if_match` unless its tag is that one:
     on S3 by a conditional PUT through boto3 (the `s3` extra: of two writers one
-    wins), else by a check first (callers hold the run's lock locally)."""
+    wins), on GCS by a precondition on the object's generation through
+    google-cloud-storage (the `gcs` extra: ifGenerationMatch, 0 to create),
+    else by a check first (callers hold the run's lock locally)."""
     if not isinstance(path, StorePath):
         from labelgen.store.fsutil import atomic_write_bytes
         if if_absent and Path(path).exists():
@@ -307,6 +321,17 @@ def write_bytes(path, data: bytes, if_absent: bool = False, if_match: str | None
                                                            "NoSuchKey", "404"):
                 raise AlreadyExists(f"{path}: {'already exists' if if_absent else 'changed or gone'}") from None
             raise _failed(path, e) from None
+    if conditional and path.scheme == "gs" and _gcs_available():
+        from google.api_core.exceptions import NotFound, PreconditionFailed
+
+        def put(blob):
+            blob.upload_from_string(data, if_generation_match=0 if if_absent else int(if_match),
+                                    timeout=bounded.deadline())
+            return str(blob.generation)
+        try:
+            return _gcs_request(path, put)
+        except (PreconditionFailed, NotFound):
+            raise AlreadyExists(f"{path}: {'already exists' if if_absent else 'changed or gone'}") from None
     if if_absent and path.exists():
         raise AlreadyExists(f"{path}: already exists")
     if if_match is not None and (read_versioned(path) or (None, None))[1] != if_match:
@@ -323,7 +348,8 @@ def write_bytes(path, data: bytes, if_absent: bool = False, if_match: str | None
 
 def read_versioned(path: "StorePath") -> tuple[bytes, str] | None:
     """(an object's bytes, its version tag for write_bytes' if_match), or None
-    when it does not exist. The tag is S3's ETag through boto3, else a hash."""
+    when it does not exist. The tag is S3's ETag through boto3, GCS's
+    generation through google-cloud-storage, else a hash."""
     if path.scheme == "s3" and _boto3_client() is not None:
         import botocore.exceptions
         def get() -> tuple[bytes, str]:
@@ -337,6 +363,16 @@ def read_versioned(path: "StorePath") -> tuple[bytes, str] | None:
             raise _failed(path, e) from None
         except (OSError, botocore.exceptions.BotoCoreError) as e:   # no answer in time, no connection
             raise _failed(path, e) from None
+    if path.scheme == "gs" and _gcs_available():
+        from google.api_core.exceptions import NotFound
+
+        def get(blob):
+            data = blob.download_as_bytes(timeout=bounded.deadline())
+            return data, str(blob.generation)   # the generation of the bytes downloaded (its response's header)
+        try:
+            return _gcs_request(path, get)
+        except NotFound:
+            return None
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -375,6 +411,40 @@ def _s3_request(path: "StorePath", method: str, **kwargs):
         raise _failed(path, e) from None
 
 
+@functools.lru_cache(maxsize=None)
+def _gcs_available() -> bool:
+    """google-cloud-storage (the `gcs` extra) is installed: gs://'s conditional requests go through it."""
+    try:
+        import google.cloud.storage  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _gcs_client():
+    """A Cloud Storage client: Google's default credentials, or the emulator
+    $STORAGE_EMULATOR_HOST names, anonymously, as pyarrow's client then is."""
+    from google.cloud import storage as gcs
+    if emulator := os.environ.get("STORAGE_EMULATOR_HOST"):
+        from google.auth.credentials import AnonymousCredentials
+        return gcs.Client(project="labelgen", credentials=AnonymousCredentials(), client_options={"api_endpoint": emulator})
+    return gcs.Client()
+
+
+def _gcs_request(path: "StorePath", fn):
+    """fn(the blob at `path`), within the store deadline and stopped by a signal (bounded.call);
+    a precondition or a missing object is the caller's to read, any other failure one line naming the object."""
+    from google.api_core.exceptions import GoogleAPIError, NotFound, PreconditionFailed
+    from google.auth.exceptions import GoogleAuthError
+    try:
+        return bounded.call(lambda: fn(_gcs_client().bucket(path.bucket).blob(path.key)), limit=bounded.deadline())
+    except (PreconditionFailed, NotFound):
+        raise
+    except (OSError, GoogleAPIError, GoogleAuthError) as e:
+        raise _failed(path, e) from None
+
+
 def delete(path, if_match: str | None = None) -> None:
     """Remove one file or object (missing is fine); with `if_match`, an object
     only while its version tag is that one (a lease released by its holder)."""
@@ -384,6 +454,10 @@ def delete(path, if_match: str | None = None) -> None:
         import botocore.exceptions
         with contextlib.suppress(botocore.exceptions.ClientError):   # gone, or no longer that version
             _s3_request(path, "delete_object", IfMatch=if_match)
+    elif if_match is not None and path.scheme == "gs" and _gcs_available():
+        from google.api_core.exceptions import NotFound, PreconditionFailed
+        with contextlib.suppress(NotFound, PreconditionFailed):   # gone, or no longer that generation
+            _gcs_request(path, lambda blob: blob.delete(if_generation_match=int(if_match), timeout=bounded.deadline()))
     elif if_match is None or (read_versioned(path) or (None, None))[1] == if_match:
         with contextlib.suppress(FileNotFoundError):
             filesystem(path.scheme).delete_file(path._fs_path)
