@@ -25,4 +25,6 @@ shift 3
 labelgen generate --teacher "$TEACHER" --input "$INPUT" --out "$OUT" --resume --no-progress "$@" &
 # sbatch runs a copy of this script from its spool: requeue.sh is beside the script that was submitted (an
 # array's last task shares its id with the array, which scontrol then shows whole: its first Command line).
-source "$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p' | head -n 1)")/requeue.sh"
+here=$(dirname "$(scontrol show job "${SLURM_JOB_ID:-}" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p' | head -n 1)")
+[ -f "$here/requeue.sh" ] || here=$(dirname "$0")   # run by hand, outside Slurm: beside this script
+source "$here/requeue.sh"

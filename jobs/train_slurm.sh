@@ -28,4 +28,6 @@ srun torchrun --nnodes "$SLURM_NNODES" --nproc-per-node "${GPUS_PER_NODE:-${SLUR
     --rdzv-id "$SLURM_JOB_ID" --rdzv-backend c10d --rdzv-endpoint "$HEAD:${MASTER_PORT:-29500}" \
     -m student_train.cli train "$@" --resume &
 # sbatch runs a copy of this script from its spool: requeue.sh is beside the script that was submitted.
-source "$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p' | head -n 1)")/requeue.sh"
+here=$(dirname "$(scontrol show job "${SLURM_JOB_ID:-}" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p' | head -n 1)")
+[ -f "$here/requeue.sh" ] || here=$(dirname "$0")   # run by hand, outside Slurm: beside this script
+source "$here/requeue.sh"

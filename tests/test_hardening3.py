@@ -152,7 +152,9 @@ def silent_metadata_server(tmp_path):
                 return
     threading.Thread(target=serve, daemon=True).start()
     env = {k: v for k, v in os.environ.items() if k != "GOOGLE_APPLICATION_CREDENTIALS"}
-    env.update(GCE_METADATA_ROOT=f"127.0.0.1:{server.getsockname()[1]}", CLOUDSDK_CONFIG=str(tmp_path / "gcloud"))
+    where = f"127.0.0.1:{server.getsockname()[1]}"   # pyarrow's client reads the first, google-auth the other two
+    env.update(GCE_METADATA_ROOT=where, GCE_METADATA_HOST=where, GCE_METADATA_IP=where,
+               CLOUDSDK_CONFIG=str(tmp_path / "gcloud"))
     yield env, accepted
     server.close()
     for c in accepted:
