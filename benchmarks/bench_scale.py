@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+LINKS_PER_COPY = 60_000
 RANK, WORLD, WORKERS = 17, 1024, 4
 VOCAB, K, SEQ, ROWS = 32_000, 64, 256, 8
 
@@ -91,8 +92,12 @@ def write_old(base: dict, out: Path, n: int) -> None:
 
 def local_set(base_file: Path, base: dict, out: Path, n: int, old: bool) -> Path:
     out.mkdir(parents=True)
-    for name in names(n):
-        os.link(base_file, out / name)
+    source = base_file
+    for i, name in enumerate(names(n)):
+        if i % LINKS_PER_COPY == 0 and i:   # ext4 allows 65,000 links to one file: a fresh copy now and then
+            source = out.parent / f"{out.name}.base-{i}"
+            shutil.copyfile(base_file, source)
+        os.link(source, out / name)
     (write_old if old else write_new)(base, out, n)
     return out
 
