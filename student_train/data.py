@@ -36,7 +36,7 @@ def open_label_sets(dirs: list[str], verify: bool = False, checksums: bool = Tru
     every shard's size and sha256 first (a request and a full read each)."""
     if not dirs:
         raise FormatError("--labels: at least one label directory is required")
-    readers = [ShardReader(d, verify=verify, checksums=checksums) for d in dirs]
+    readers = [ShardReader(d, verify=verify, checksums=checksums, file_hashes=False) for d in dirs]
     for r in readers if verify else ():
         r.check_files()
     first = readers[0]

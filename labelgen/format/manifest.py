@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Iterator
 
-from labelgen.errors import one_line
+from labelgen.errors import LabelgenError, OptionError, one_line
 from labelgen.format.codec import MAX_VOCAB
 from labelgen.format.schema import (FORMAT_NAME, KINDS, MANIFEST_NAME, SHARD_SUFFIX, SHARD_TABLE_PREFIX,
                                     SHARD_TABLE_VERSION, Encoding, FormatError, check_version)
@@ -72,10 +72,12 @@ class ShardTable(Sequence):
         return cls(pa.table(columns, schema=_schema()))
 
     @classmethod
-    def read(cls, path, count: int, footer_sha256: str | None, where: str) -> "ShardTable":
+    def read(cls, path, count: int, footer_sha256: str | None, where: str, file_hashes: bool = True) -> "ShardTable":
         """A shard table file, its footer checked against the manifest's hash
         and its pages against their CRC32 as they are read, then its entries
-        (all of them at once, column-wise)."""
+        (all of them at once, column-wise). Without `file_hashes` the shards'
+        whole-file sha256 stays unread (a third of the table: what only
+        --verify and validate compare; opening a shard checks its footer hash)."""
         import pyarrow.compute as pc
         if footer_sha256 is not None and storage.footer_sha256(path) != footer_sha256:
             raise FormatError(f"{path}: shard table's Parquet footer does not match the manifest's hash (corrupted)")
@@ -85,7 +87,7 @@ class ShardTable(Sequence):
             if pf.metadata.num_rows != count or not pf.schema_arrow.equals(_schema()):
                 raise FormatError(f"{path}: {pf.metadata.num_rows} entries, or columns other than a shard table's; "
                                   f"the manifest says {count}")
-            table = pf.read()
+            table = pf.read([c for c in _schema().names if file_hashes or c != "sha256"], use_threads=False)
         except FormatError:
             raise
         except Exception as e:   # a damaged table surfaces as any error of the parser
@@ -99,7 +101,7 @@ class ShardTable(Sequence):
             column = table.column(c)
             if column.null_count or (len(column) and pc.min(column).as_py() < 0):
                 raise FormatError(f"{where}: a shard's {c} is missing or negative")
-        if table.column("sha256").null_count:
+        if file_hashes and table.column("sha256").null_count:
             raise FormatError(f"{where}: a shard's sha256 is missing")
         return cls(table)
 
@@ -112,16 +114,12 @@ class ShardTable(Sequence):
         if not -len(self) <= i < len(self):
             raise IndexError(i)
         row = {c: self.table.column(c)[i].as_py() for c in self.table.column_names}
-        for c in _HASHES:
-            row[c] = row[c].hex() if row[c] is not None else None
-        return {k: v for k, v in row.items() if v is not None}
+        return _entry(row)
 
     def __iter__(self) -> Iterator[dict]:
         for batch in self.table.to_batches(max_chunksize=4096):
             for row in batch.to_pylist():
-                for c in _HASHES:
-                    row[c] = row[c].hex() if row[c] is not None else None
-                yield {k: v for k, v in row.items() if v is not None}
+                yield _entry(row)
 
     def column(self, name: str):
         """Counts as an int64 numpy array (a missing row_groups is -1); names and hashes as Arrow."""
@@ -139,10 +137,20 @@ class ShardTable(Sequence):
         """The table as a Parquet file (zstd, page checksums): the same bytes for the same entries."""
         import pyarrow as pa
         import pyarrow.parquet as pq
+        if not self.table.schema.equals(_schema()):
+            raise ValueError("a shard table read without its file hashes is not written back")
         sink = pa.BufferOutputStream()
         pq.write_table(self.table, sink, compression="zstd", row_group_size=_TABLE_ROW_GROUP,
                        write_page_checksum=True, write_statistics=False)
         return sink.getvalue().to_pybytes()
+
+
+def _entry(row: dict) -> dict:
+    """A table row as a manifest entry: hashes as hex, unrecorded (or unread) fields left out."""
+    for c in _HASHES:
+        if row.get(c) is not None:
+            row[c] = row[c].hex()
+    return {k: v for k, v in row.items() if v is not None}
 
 
 def _span(s: slice, n: int) -> tuple[int, int]:
@@ -211,14 +219,28 @@ def write_manifest(out_dir, manifest: dict, name: str = MANIFEST_NAME, if_absent
     return {**head, "shards": shards if isinstance(shards, ShardTable) else ShardTable.from_entries(list(shards), name)}
 
 
-def read_manifest(label_dir: Path | str) -> dict:
+def _not_a_label_set(label_dir, path) -> LabelgenError:
+    """Why `label_dir` has no manifest, saying what to pass instead: a wrong path is the user's (OptionError), a
+    directory without its manifest an unfinished or damaged set (FormatError)."""
+    if label_dir.is_file():
+        if label_dir.name.endswith(SHARD_SUFFIX):
+            return OptionError(f"{label_dir}: a shard file, not a label set: pass the directory it is in "
+                               f"({label_dir.parent})")
+        return OptionError(f"{label_dir}: a file, not a label set: pass the directory `labelgen generate --out` wrote")
+    if not label_dir.is_dir():
+        return OptionError(f"{label_dir}: no such label set (nothing at that path)")
+    return FormatError(f"{path}: no manifest; not a complete label set (the job did not finish, or run "
+                       "`labelgen finalize` after all workers)")
+
+
+def read_manifest(label_dir: Path | str, file_hashes: bool = True) -> dict:
     """A label set's manifest, checked; its "shards" are a ShardTable (from
-    the inline list, or from the shard table it names)."""
+    the inline list, or from the shard table it names; without
+    `file_hashes`, a shard table's entries lack the whole-file sha256)."""
     label_dir = storage.location(label_dir)
     path = label_dir / MANIFEST_NAME
     if not path.is_file():
-        hint = " (the job did not finish, or run `labelgen finalize` after all workers)" if label_dir.is_dir() else ""
-        raise FormatError(f"{path}: no manifest; not a complete label set{hint}")
+        raise _not_a_label_set(label_dir, path)
     try:
         m = json.loads(storage.read_text(path, MAX_HEAD_BYTES))
     except (ValueError, UnicodeDecodeError) as e:
@@ -247,7 +269,7 @@ def read_manifest(label_dir: Path | str) -> dict:
                 or not isinstance(t.get("sha256"), str) or not isinstance(t.get("footer_sha256"), str):
             raise FormatError(f"{path}: shard_table must name a {SHARD_TABLE_PREFIX}*{SHARD_SUFFIX} file beside it, "
                               "with its count and hashes")
-        m["shards"] = ShardTable.read(label_dir / t["name"], t["count"], t["footer_sha256"], str(path))
+        m["shards"] = ShardTable.read(label_dir / t["name"], t["count"], t["footer_sha256"], str(path), file_hashes)
     else:
         m["shards"] = ShardTable.from_entries(m["shards"], str(path))
     return m

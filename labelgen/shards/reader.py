@@ -75,9 +75,11 @@ class ShardReader:
     checks each shard's footer against the manifest's hash and every data
     page it decodes against the page's CRC32."""
 
-    def __init__(self, label_dir: Path | str, verify: bool = False, checksums: bool = True):
+    def __init__(self, label_dir: Path | str, verify: bool = False, checksums: bool = True,
+                 file_hashes: bool = True):
         self.dir = storage.location(label_dir)   # a local Path, or a StorePath for s3:// and gs://
-        self.manifest = fmt.read_manifest(self.dir)
+        # file_hashes=False: a training reader (no --verify) holds no shard's whole-file sha256 (read_manifest)
+        self.manifest = fmt.read_manifest(self.dir, file_hashes or verify)
         m = self.manifest
         self.kind, self.k, self.vocab_size = m["kind"], int(m["k"]), int(m["vocab_size"])
         self.encoding = Encoding.from_dict(m["encoding"])
