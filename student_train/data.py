@@ -223,26 +223,26 @@ class UnitPlan:
 
     def __init__(self, readers: list[ShardReader], selection: list[tuple[int, int, int]]):
         """`selection`: (set, first shard, end shard) ranges of the sets' shards, in order."""
-        sets, shards, counts = [], [], []
-        for d, start, stop in selection:
-            groups = readers[d].shards.column("row_groups")[start:stop]
+        self.ranges = np.array([(d, start) for d, start, _ in selection], np.int64).reshape(-1, 2)
+        self.range_first = np.cumsum([0] + [stop - start for _, start, stop in selection])   # each range's first shard
+        self.first = np.zeros(int(self.range_first[-1]) + 1, np.int64)   # each selected shard's first unit, and U
+        for r, (d, start, stop) in enumerate(selection):
+            groups = readers[d].shards[start:stop].column("row_groups")
             unknown = np.flatnonzero(groups < 0)   # written before the manifest counted them: read each footer
             groups = groups.copy() if len(unknown) else groups
             for i in unknown:
                 groups[i] = readers[d].open_shard(readers[d].shards[int(start + i)]).num_row_groups
-            sets.append(np.full(stop - start, d, np.int32))
-            shards.append(np.arange(start, stop, dtype=np.int64))
-            counts.append(groups)
-        self.set = np.concatenate(sets) if sets else np.zeros(0, np.int32)
-        self.shard = np.concatenate(shards) if shards else np.zeros(0, np.int64)
-        self.first = np.concatenate([[0], np.cumsum(np.concatenate(counts) if counts else [])]).astype(np.int64)
+            self.first[self.range_first[r] + 1:self.range_first[r + 1] + 1] = groups
+        np.cumsum(self.first, out=self.first)
         self.size = int(self.first[-1])
         self.half = max(1, (max(self.size - 1, 1).bit_length() + 1) // 2)   # the permutation's domain: 4^half >= U
 
     def unit(self, u: np.ndarray) -> list[tuple[int, int, int]]:
         """(set, shard, row group) of the units numbered u."""
-        i = np.searchsorted(self.first, u, side="right") - 1
-        return list(zip(self.set[i].tolist(), self.shard[i].tolist(), (u - self.first[i]).tolist()))
+        i = np.searchsorted(self.first, u, side="right") - 1   # the selected shard
+        r = np.searchsorted(self.range_first, i, side="right") - 1   # its range: (set, first shard)
+        d, shard = self.ranges[r, 0], self.ranges[r, 1] + i - self.range_first[r]
+        return list(zip(d.tolist(), shard.tolist(), (u - self.first[i]).tolist()))
 
     def order(self, positions: np.ndarray, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
         """The units at `positions` of epoch `epoch`'s order (the identity without shuffle)."""
