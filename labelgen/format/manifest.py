@@ -123,7 +123,11 @@ class ShardTable(Sequence):
 
     def column(self, name: str):
         """Counts as an int64 numpy array (a missing row_groups is -1); names and hashes as Arrow."""
-        column = self.table.column(name).combine_chunks()
+        column = self.table.column(name)
+        if name in _INTS and not column.null_count:   # the chunks' buffers viewed, copied once into one array
+            import numpy as np
+            return np.concatenate([c.to_numpy() for c in column.chunks]) if column.num_chunks else np.zeros(0, np.int64)
+        column = column.combine_chunks()
         return column.fill_null(-1).to_numpy() if name in _INTS else column
 
     @property
