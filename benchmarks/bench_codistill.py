@@ -40,7 +40,7 @@ def setup(work: Path, args):
                                                    "num_attention_heads": max(1, args.student_hidden // 64)}))
     cfg = CodistillConfig(inputs=(str(work / "corpus.jsonl"),), out=str(work / "run"), tokenizer=str(work / "tok"),
                           teacher_config=str(work / "teacher.json"), student_config=str(work / "student.json"),
-                          batch_size=args.batch_size, max_seq_len=args.seq_len, alpha=0.5, kd=args.kd, device=args.device)
+                          batch_size=args.batch_size, max_seq_len=args.seq_len, ce_weight=0.5, kd=args.kd, device=args.device)
     tokenize_corpus(cfg.inputs, work / "data", str(work / "tok"), cfg)
     return cfg
 

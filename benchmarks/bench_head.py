@@ -140,7 +140,7 @@ def one(args) -> dict:
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         with amp:
-            out = loss_step(model, batch, cfg, alpha=cfg.alpha_at(0))
+            out = loss_step(model, batch, cfg, alpha=cfg.ce_weight_at(0))
         out["objective"].backward()
         opt.step()
         if cuda:

@@ -185,7 +185,7 @@ def student_rate(label_dir: Path, loss: str, batch_size: int, steps: int) -> tup
     for i in range(steps + 2):
         batch, _ = next(it)
         t0 = time.perf_counter()
-        micro_step({"student": model}, batch, cfg.alpha_at(i), lambda objective: objective.backward(), cfg=cfg)
+        micro_step({"student": model}, batch, cfg.ce_weight_at(i), lambda objective: objective.backward(), cfg=cfg)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if i >= 2:   # warm-up steps excluded

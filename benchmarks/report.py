@@ -134,7 +134,7 @@ def alpha_sweep(runs: dict, alphas: list[float]) -> dict:
     out = dict(runs)
     for name, kw in runs.items():
         if kw.get("loss") == "kd":
-            out.update({f"{name}, alpha={a:g}": {**kw, "alpha": a} for a in alphas if a != 0})
+            out.update({f"{name}, alpha={a:g}": {**kw, "ce_weight": a} for a in alphas if a != 0})
     return out
 
 
@@ -168,11 +168,11 @@ def train_students(labels: dict, runs: dict, eval_labels: Path, teacher: str, te
               student_lr=3e-3, warmup_steps=max(1, scale.student_steps // 20), eval_every=every,
               eval_batches=scale.eval_batches, save_every=scale.student_steps, log_every=every, progress=False,
               device="cpu")
-    online = {"online full KD (frozen teacher)": dict(teacher=teacher, teacher_lr=0.0, alpha=0.0, kd="full")}
+    online = {"online full KD (frozen teacher)": dict(teacher=teacher, teacher_lr=0.0, ce_weight=0.0, kd="full")}
     if teacher_arch:
         online["co-distillation from scratch"] = dict(
-            teacher_config=str(out / "teacher_arch.json"), tokenizer=teacher, teacher_lr=3e-3, alpha=0.5,
-            alpha_warmup_steps=scale.student_steps // 5, alpha_ramp_steps=scale.student_steps // 5)
+            teacher_config=str(out / "teacher_arch.json"), tokenizer=teacher, teacher_lr=3e-3, ce_weight=0.5,
+            ce_weight_warmup_steps=scale.student_steps // 5, ce_weight_ramp_steps=scale.student_steps // 5)
     for name, kw in online.items():
         run_dir = out / slug(name)
         t0 = time.time()
@@ -353,7 +353,7 @@ def cross_tokenizer(teacher: str, texts: list[str], label_text: Path, heldout: P
     tokenizers = {"teacher's": labels / "tokenizer", "own": own}
     results = {}
     for tok_name, tok_dir in tokenizers.items():
-        for method, kw in (("CE only", dict(loss="ce")), ("top-64 KD, alpha 0.5", dict(loss="kd", alpha=0.5))):
+        for method, kw in (("CE only", dict(loss="ce")), ("top-64 KD, alpha 0.5", dict(loss="kd", ce_weight=0.5))):
             out = work / "students" / slug(f"{tok_name} {method}")
             t0 = time.time()
             completed(train(TrainConfig(

@@ -201,8 +201,8 @@ def tail_study(teacher: str, students: dict, eval_dir: str, scale: RealScale) ->
                                 "log_tail_mass": d["tail_mass"] / positions} for name, d in sums.items()}}
 
 CROSS_METHODS = (("CE only", "reference", dict(loss="ce")),
-                 ("top-64 KD (tail), alpha=0.5", "reference", dict(loss="kd", k=64, alpha=0.5)),
-                 ("sampled KD (N=12), alpha=0.5", "sampled12", dict(loss="kd", alpha=0.5)))
+                 ("top-64 KD (tail), alpha=0.5", "reference", dict(loss="kd", k=64, ce_weight=0.5)),
+                 ("sampled KD (N=12), alpha=0.5", "sampled12", dict(loss="kd", ce_weight=0.5)))
 CROSS_STAGES = len(CROSS_METHODS) + 1   # and the share of aligned positions
 
 

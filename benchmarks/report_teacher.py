@@ -83,12 +83,12 @@ def run_report(args, teacher: str, work: Path) -> Path:
         for alpha in SWEEP_ALPHAS:
             swept = f"{name}, alpha={alpha:g}"
             students[swept] = stage(f"student: {swept}", lambda label_set=label_set, kw=kw, swept=swept, alpha=alpha:
-                                    train_student(labels, label_set, {**kw, "alpha": alpha},
+                                    train_student(labels, label_set, {**kw, "ce_weight": alpha},
                                                   work / "students" / slug(swept), eval_dir, scale, student_json))
     cross = cross_tokenizer_runs(labels, split["other_text"], eval_dir, work, scale, student_json, stage)
     same = "top-64 KD (tail), alpha=0.5"
     cross[f"teacher's tokenizer: {same}"] = stage(   # cached when the sweep ran it
-        f"student: {same}", lambda: train_student(labels, ref, dict(loss="kd", k=64, tail="tail", alpha=0.5),
+        f"student: {same}", lambda: train_student(labels, ref, dict(loss="kd", k=64, tail="tail", ce_weight=0.5),
                                                   work / "students" / slug(same), eval_dir, scale, student_json))
     grads = stage("gradient study", lambda: gradient_study(teacher, students["CE only"]["checkpoint"], labels, scale))
     optimizer = stage("optimizer study", lambda: optimizer_study(teacher, students["CE only"]["checkpoint"],

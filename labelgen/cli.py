@@ -28,6 +28,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 cli_errors = clikit.cli_errors("labelgen", raise_on_preemption=True)
 
 
+@app.callback()
+def _main(version: bool = clikit.version_option("labelgen")) -> None:
+    pass
+
+
 @app.command()
 @cli_errors
 def validate(label_dir: str = typer.Argument(..., help="label set directory, or an s3:// or gs:// URI"),
@@ -63,15 +68,26 @@ def inspect(label_dir: str = typer.Argument(..., help="label set directory, or a
 
 @app.command()
 @cli_errors
-def estimate(tokens: float = typer.Option(..., help="tokens in the corpus, e.g. 5e12"),
-             vocab: int = typer.Option(..., help="vocabulary size"),
-             k: int = typer.Option(64, help="top-k entries per position"),
-             from_dir: Optional[str] = typer.Option(None, "--from", help="measure bytes per entry from this label set (a directory or URI)"),
-             as_json: bool = typer.Option(False, "--json")):
-    """Storage of full-vocabulary soft labels against top-k labels."""
+def estimate(label_dir: Optional[str] = typer.Argument(None, help="a top-k or sampled label set made with the "
+                                                      "settings to plan for (a directory or URI): bytes measured on it"),
+             tokens: float = typer.Option(..., help="tokens in the corpus, e.g. 5e12"),
+             vocab: Optional[int] = typer.Option(None, help="the teacher's vocabulary size (default: the label "
+                                                 "set's; required without one)"),
+             k: Optional[int] = typer.Option(None, help="top-k entries per position (default: the label set's, "
+                                             "else 64)"),
+             full: bool = typer.Option(False, "--full", help="also print full-vocabulary storage (fp32, bf16, fp8)"),
+             as_json: bool = typer.Option(False, "--json", help="print JSON"),
+             from_dir: Optional[str] = typer.Option(None, "--from", hidden=True)):
+    """Storage for a corpus: bytes per position measured on a small label set, times the tokens."""
+    from labelgen.settings import renamed_note
     from labelgen.tools.inspection import estimate as run, format_estimate
-    r = run(tokens, vocab, k, from_dir)
-    typer.echo(json.dumps(r, indent=2) if as_json else format_estimate(r))
+    if from_dir is not None:
+        if label_dir is not None:
+            raise OptionError("--from: the old way to pass the label set: pass it once, as LABEL_DIR")
+        renamed_note("", "--from DIR", "the argument LABEL_DIR (as in validate and inspect)")
+        label_dir = from_dir
+    r = run(tokens, vocab, k, label_dir)
+    typer.echo(json.dumps(r, indent=2) if as_json else format_estimate(r, full))
 
 
 def _kv(pairs: list[str] | None, option: str) -> dict | None:
@@ -107,36 +123,55 @@ def _worker_from_env(torchrun: bool = True, out: str | None = None) -> tuple[int
     return None, None
 
 
+GENERATE_PANELS = {
+    "Input": "input text_field prompt_field messages_field id_field skip_bad max_seq_len stride",
+    "Teacher": "teacher backend dtype device tp engine batch_tokens peak_tflops",
+    "Labels": "mode k keep_mass min_prob draws proposal_temperature draw_logprobs n temperature top_p max_new_tokens "
+              "seed round",
+    "Output": "out rows_per_shard encoding resume overwrite inputs_changed",
+    "Run": "num_workers worker_index ray ray_gpus ray_cpus ray_retries progress dry_run",
+}
+
+
 @app.command()
-@clikit.show_defaults(GenerateConfig)
+@clikit.show_defaults(GenerateConfig, GENERATE_PANELS, input="inputs")
 @cli_errors(on_stop="finished shards are kept: rerun the same command with --resume to continue")
 def generate(
     config: Optional[Path] = typer.Argument(None, help="YAML/JSON config file; flags override its keys"),
-    teacher: Optional[str] = typer.Option(None, help="teacher model directory (HF format)"),
-    input: Optional[List[str]] = typer.Option(None, "--input", help="input file or directory (repeatable)"),
+    teacher: Optional[str] = typer.Option(None, help="teacher model directory (HF format; a hub model: "
+                                          "`huggingface-cli download ORG/NAME --local-dir DIR` first)"),
+    input: Optional[List[str]] = typer.Option(None, "--input", help="JSONL, .jsonl.zst, Parquet or text file, or a "
+                                              "directory of them (repeatable)"),
     out: Optional[str] = typer.Option(None, help="output label directory, or an s3:// gs:// URI"),
-    mode: Optional[str] = typer.Option(None, help="topk | sampled | sample | greedy | tokens | score (--input: a samples label set)"),
-    backend: Optional[str] = typer.Option(None, help="hf | vllm"),
+    mode: Optional[str] = typer.Option(None, help="topk | sampled (hf backend) | sample (completions) | greedy | "
+                                       "tokens | score (--input: a samples label set)"),
+    backend: Optional[str] = typer.Option(None, help="hf (transformers: every mode) | vllm (topk, sample, greedy, "
+                                          "tokens, score)"),
     k: Optional[int] = typer.Option(None, help="top-k entries per position (the cap under adaptive truncation)"),
     keep_mass: Optional[float] = typer.Option(None, help="adaptive truncation: keep a position's entries until they hold this mass (1: all k)"),
     min_prob: Optional[float] = typer.Option(None, help="adaptive truncation: drop entries below this probability (the top-1 is always kept)"),
-    draws: Optional[int] = typer.Option(None, help="sampled mode: draws per position"),
+    draws: Optional[int] = typer.Option(None, help="sampled mode: draws per position (docs/choosing.md: 12 the "
+                                        "budget pick at 11 B, 20-50 not told apart from full KD)"),
     proposal_temperature: Optional[float] = typer.Option(None, help="sampled mode: draw from softmax(logits / T)"),
     draw_logprobs: Optional[bool] = typer.Option(None, "--draw-logprobs", help="sampled mode: store the drawn ids' "
                                                  "teacher logprobs at T = 1 too (~1 B per id)"),
-    max_seq_len: Optional[int] = typer.Option(None, help="window length in tokens"),
-    stride: Optional[int] = typer.Option(None, help="tokens between window starts"),
+    max_seq_len: Optional[int] = typer.Option(None, help="window length in tokens (default: the teacher's context, "
+                                              "at most 2048)"),
+    stride: Optional[int] = typer.Option(None, help="tokens between window starts (default: max-seq-len - 1, "
+                                         "windows that share one token)"),
     batch_tokens: Optional[int] = typer.Option(None, help="padded tokens per teacher batch"),
-    n: Optional[int] = typer.Option(None, help="completions per prompt"),
-    temperature: Optional[float] = typer.Option(None),
-    top_p: Optional[float] = typer.Option(None),
-    max_new_tokens: Optional[int] = typer.Option(None),
-    seed: Optional[int] = typer.Option(None),
+    n: Optional[int] = typer.Option(None, help="sample mode: completions per prompt"),
+    temperature: Optional[float] = typer.Option(None, help="sample mode: the teacher's sampling temperature"),
+    top_p: Optional[float] = typer.Option(None, help="sample mode: nucleus sampling's probability mass"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="sample and greedy modes: tokens per completion at most"),
+    seed: Optional[int] = typer.Option(None, help="seeds sampling and draws (a rerun writes the same labels)"),
     round: Optional[int] = typer.Option(None, "--round", help="score mode: the on-policy round the completions come from"),
-    text_field: Optional[str] = typer.Option(None),
-    prompt_field: Optional[str] = typer.Option(None),
-    messages_field: Optional[str] = typer.Option(None),
-    id_field: Optional[str] = typer.Option(None),
+    text_field: Optional[str] = typer.Option(None, help="the input records' field holding the text to label"),
+    prompt_field: Optional[str] = typer.Option(None, help="sample/greedy modes: the field holding a plain prompt"),
+    messages_field: Optional[str] = typer.Option(None, help="the field holding chat messages, rendered with the "
+                                                 "teacher's chat template"),
+    id_field: Optional[str] = typer.Option(None, help="the field holding a record id kept with its labels "
+                                           "(default: file:line)"),
     rows_per_shard: Optional[int] = typer.Option(None, help="input records per shard"),
     dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16"),
     device: Optional[str] = typer.Option(None, help="hf backend: auto | cpu | cuda[:N]"),
@@ -152,13 +187,15 @@ def generate(
                                                   "the finished shards whose input records are unchanged"),
     num_workers: Optional[int] = typer.Option(None, help="data-parallel workers (default: Slurm array / WORLD_SIZE)"),
     worker_index: Optional[int] = typer.Option(None, help="this worker (default: Slurm array task / RANK)"),
-    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress"),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="a progress bar on stderr"),
     ray: Optional[str] = typer.Option(None, "--ray", help="run the --num-workers units as Ray tasks, then finalize: "
                                       "local (a Ray instance on this machine), auto (this node's cluster) or an address"),
     ray_gpus: float = typer.Option(0.0, "--ray-gpus", help="GPUs per unit (with --ray)"),
     ray_cpus: float = typer.Option(1.0, "--ray-cpus", help="CPUs per unit (with --ray)"),
     ray_retries: int = typer.Option(3, "--ray-retries", help="reruns of a unit whose process or node died (with --ray)"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and exit"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="check everything the job checks before loading the teacher "
+                                 "(inputs, teacher directory, options against the teacher and backend), print the "
+                                 "resolved config and exit"),
 ):
     """Run a teacher over inputs and write label shards (top-k soft labels or completions)."""
     params = dict(locals())
@@ -176,8 +213,12 @@ def generate(
     # With --tp torchrun's ranks are the tensor-parallel teacher's, else data-parallel workers; a Slurm array
     # task reads the worker count of the run it resumes.
     cfg = resolved(torchrun_workers=cfg.tp == 1, out_dir=cfg.out)
-    if dry_run:
-        clikit.print_json(cfg.to_dict())
+    if dry_run:   # what the job refuses before it loads the teacher, refused now (a queued GPU job would waste its slot)
+        from labelgen.generate.job import preflight
+        if ray is not None:
+            from labelgen.generate.ray_units import check_engine
+            check_engine(cfg)
+        clikit.print_json(preflight(cfg)[0].to_dict())
         return
     if ray is not None:
         from labelgen.generate.ray_units import RayConfig, run_on_ray
@@ -265,7 +306,7 @@ def convert_gguf(gguf_file: Path = typer.Argument(..., help="a .gguf model file 
 def demo_teacher(out: Path = typer.Argument(..., help="where to save the teacher (HF format)"),
                  corpus: Optional[List[str]] = typer.Option(None, help="text files/directories (default: Python's stdlib source)"),
                  steps: Optional[int] = typer.Option(None, help="training steps"),
-                 seed: Optional[int] = typer.Option(None),
+                 seed: Optional[int] = typer.Option(None, help="seeds the teacher's initialisation and training"),
                  overwrite: bool = typer.Option(False, "--overwrite", help="replace the model labelgen wrote in OUT")):
     """Build and briefly train a small Llama-style teacher locally (no downloads)."""
     from labelgen.tools.demo import DemoTeacherConfig, build_demo_teacher

@@ -14,7 +14,8 @@ from inspect import signature
 import typer
 
 from labelgen import stopping
-from labelgen.errors import LabelgenError, one_line
+from labelgen.errors import LabelgenError, OptionError, one_line
+from labelgen.settings import renamed_note
 
 
 def cli_errors(program: str, raise_on_preemption: bool):
@@ -52,14 +53,20 @@ def cli_errors(program: str, raise_on_preemption: bool):
     return decorate
 
 
-def show_defaults(cls):
+def show_defaults(cls, panels: dict[str, str] | None = None, **fields_of: str):
     """Show each option's default, read from the config dataclass `cls`, in
-    --help (the flags themselves default to None so a config file can fill them)."""
+    --help (the flags themselves default to None so a config file can fill
+    them); a setting without a default is marked required. `panels` maps a
+    help panel's title to the parameters it groups (space-separated);
+    `fields_of` names the field of a parameter spelled otherwise (input="inputs")."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    panel_of = {name: title for title, names in (panels or {}).items() for name in names.split()}
 
     def decorate(fn):
         for name, param in signature(fn).parameters.items():
-            info, f = param.default, fields.get(name)
+            info, f = param.default, fields.get(fields_of.get(name, name))
+            if isinstance(info, typer.models.ParameterInfo) and name in panel_of:
+                info.rich_help_panel = panel_of[name]
             if not isinstance(info, typer.models.OptionInfo) or f is None or info.default is not None:
                 continue
             if f.default is not dataclasses.MISSING:
@@ -67,18 +74,45 @@ def show_defaults(cls):
             elif f.default_factory is not dataclasses.MISSING:
                 value = f.default_factory()
             else:
-                value = "required"
+                info.help, info.show_default = f"{info.help} (required: this flag or the config file's key)", False
+                continue
             info.show_default = "none" if value is None or value == () or value == {} else str(value)
         return fn
     return decorate
 
 
-def overrides(cls, params: dict, **renamed) -> dict:
+def overrides(cls, params: dict, old_names: dict | None = None, **renamed) -> dict:
     """The settings a command's flags give for config dataclass `cls`: its
     parameters named like a field, plus `renamed` (field=value) for those
-    spelled otherwise (--input for inputs); None means not given."""
+    spelled otherwise (--input for inputs); None means not given.
+    `old_names` maps a hidden parameter kept under a setting's old name to
+    the new one: given, it counts as the new flag, with a one-line note."""
     names = {f.name for f in dataclasses.fields(cls)}
-    return {**{k: v for k, v in params.items() if k in names}, **renamed}
+    out = {**{k: v for k, v in params.items() if k in names}, **renamed}
+    for old, new in (old_names or {}).items():
+        if params.get(old) is not None:
+            flag_old, flag_new = (f"--{n.replace('_', '-')}" for n in (old, new))
+            if out.get(new) is not None:
+                raise OptionError(f"{flag_old}: the old name of {flag_new}: pass one of the two")
+            renamed_note("", flag_old, flag_new)
+            out[new] = params[old]
+    return out
+
+
+def version_option(program: str):
+    """A --version option for `program`'s Typer app callback: the package and the label format it writes."""
+    def show(value: bool) -> None:
+        if value:
+            from importlib.metadata import PackageNotFoundError, version
+            from labelgen.format.schema import FORMAT_VERSION, SHARD_TABLE_VERSION
+            try:
+                mine = version("labelgen")
+            except PackageNotFoundError:
+                mine = "(not installed: run from a checkout)"
+            typer.echo(f"{program} {mine} (label format {FORMAT_VERSION}; {SHARD_TABLE_VERSION} past "
+                       f"10,000 shards)")
+            raise typer.Exit()
+    return typer.Option(False, "--version", callback=show, is_eager=True, help="print the version and exit")
 
 
 def print_json(obj) -> None:

@@ -5,6 +5,7 @@ first, then the flags that were given."""
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import yaml
@@ -12,10 +13,17 @@ import yaml
 from labelgen.errors import OptionError
 
 
-def config_from_sources(cls, config_file: str | None, overrides: dict, tuple_fields=()):
+def renamed_note(where: str, old: str, new: str) -> None:
+    """One line on stderr for a setting spelled as before a rename: it still works, for one release."""
+    print(f"note: {where}{old} is now {new}; the old name is read until the next release", file=sys.stderr)
+
+
+def config_from_sources(cls, config_file: str | None, overrides: dict, tuple_fields=(), renamed=None):
     """A config dataclass from a YAML/JSON file's keys, then the flags that
     were given (None means not given). Unknown keys and missing required
-    settings are errors naming the file or the flag."""
+    settings are errors naming the file or the flag. `renamed` maps a
+    setting's old name to its new one: a file's old key is read under the
+    new name with a one-line note."""
     d: dict = {}
     if config_file:
         path = Path(config_file)
@@ -25,6 +33,12 @@ def config_from_sources(cls, config_file: str | None, overrides: dict, tuple_fie
             raise OptionError(f"{path}: cannot read config ({e})") from None
         if not isinstance(d, dict):
             raise OptionError(f"{path}: a config file must hold a mapping of settings")
+        for old, new in (renamed or {}).items():
+            if old in d:
+                if new in d:
+                    raise OptionError(f"{path}: {old!r} is the old name of {new!r}: keep one of the two keys")
+                renamed_note(f"{path}: setting ", repr(old), repr(new))
+                d[new] = d.pop(old)
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise OptionError(f"{path}: unknown setting(s) {', '.join(unknown)}")

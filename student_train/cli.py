@@ -17,7 +17,7 @@ import typer
 
 from labelgen import clikit
 from labelgen.stopping import PREEMPTED_EXIT
-from student_train.config import CodistillConfig, RoundsConfig, TrainConfig
+from student_train.config import CodistillConfig, RoundsConfig, TrainConfig, renamed_for
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train a student LLM on label shards written by `labelgen generate`.")
@@ -25,6 +25,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 # then reads it into a flag of its own and stops after the step in progress, with a checkpoint of that step.
 cli_errors = clikit.cli_errors("student-train", raise_on_preemption=True)
 ON_STOP = "rerun the same command with --resume to continue from its last checkpoint"
+
+
+@app.callback()
+def _main(version: bool = clikit.version_option("student-train")) -> None:
+    pass
 
 
 def finish(result: dict, done: str) -> None:
@@ -63,42 +68,50 @@ def train_cmd(
     max_steps: Optional[int] = typer.Option(None, help="optimizer steps"),
     loss: Optional[str] = typer.Option(None, help="kd | ce | sft | opd (on-policy: scored labels)"),
     kd_kind: Optional[str] = typer.Option(None, help="forward | reverse | jsd"),
-    tail: Optional[str] = typer.Option(None, help="renorm | tail | target (the missing mass on the actual next token); "
-                                       "sampled labels: tail (a bucket for the teacher's mass outside the drawn ids) "
-                                       "or none (the unbiased estimator)"),
-    temperature: Optional[float] = typer.Option(None),
+    tail: Optional[str] = typer.Option(None, help="top-k labels: tail (the default: a bucket for the missing mass) | "
+                                       "target (the missing mass on the actual next token; ahead in docs/choosing.md) "
+                                       "| renorm; sampled labels: none (the default: the unbiased estimator) or tail "
+                                       "(a bucket for the teacher's mass outside the drawn ids)"),
+    kd_temperature: Optional[float] = typer.Option(None, help="KD temperature T: both distributions softened by T, "
+                                                "the loss scaled by T^2 (top-k labels need --tail renorm for T != 1)"),
     beta: Optional[float] = typer.Option(None, help="JSD mixing weight"),
     head_chunk_mb: Optional[float] = typer.Option(None, help="MiB of student logits made at a time (0: all at once)"),
     k: Optional[int] = typer.Option(None, help="use the first k stored top-k entries"),
-    alpha: Optional[float] = typer.Option(None, help="weight of CE on actual tokens (kd loss)"),
-    alpha_end: Optional[float] = typer.Option(None, help="alpha moves linearly to this value over the run"),
+    ce_weight: Optional[float] = typer.Option(None, help="kd loss: ce_weight x CE on the actual tokens + (1 - ce_weight) "
+                                              "x KD (Axolotl's kd_alpha 0.9 is --ce-weight 0.1)"),
+    ce_weight_end: Optional[float] = typer.Option(None, help="--ce-weight moves linearly to this value over the run"),
     opd_forward_kl: Optional[float] = typer.Option(None, help="opd: weight of forward KL on the teacher's top-k"),
     opd_clip: Optional[float] = typer.Option(None, help="opd: importance ratio clipped to [1 - clip, 1 + clip]"),
-    lr: Optional[float] = typer.Option(None),
-    warmup_steps: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None, help="peak learning rate (AdamW; train's default suits a student "
+                                       "from scratch, rounds' a pretrained one)"),
+    warmup_steps: Optional[int] = typer.Option(None, help="linear learning-rate warm-up steps before the cosine decay"),
     batch_size: Optional[int] = typer.Option(None, help="rows per micro-batch per rank"),
     grad_accum: Optional[int] = typer.Option(None, help="micro-batches per optimizer step"),
     min_lr_ratio: Optional[float] = typer.Option(None, help="cosine decay ends at lr x this"),
-    weight_decay: Optional[float] = typer.Option(None),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay"),
     grad_clip: Optional[float] = typer.Option(None, help="max gradient norm (0: no clipping)"),
     group_units: Optional[int] = typer.Option(None, help="row groups shuffled together (the shuffle buffer)"),
     dtype: Optional[str] = typer.Option(None, help="auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16"),
-    eval_every: Optional[int] = typer.Option(None),
-    eval_batches: Optional[int] = typer.Option(None),
-    save_every: Optional[int] = typer.Option(None),
-    log_every: Optional[int] = typer.Option(None),
-    num_workers: Optional[int] = typer.Option(None, help="DataLoader workers per rank"),
-    seed: Optional[int] = typer.Option(None),
-    device: Optional[str] = typer.Option(None),
+    eval_every: Optional[int] = typer.Option(None, help="evaluate every this many steps (0: never)"),
+    eval_batches: Optional[int] = typer.Option(None, help="batches per evaluation"),
+    save_every: Optional[int] = typer.Option(None, help="checkpoint every this many steps (0: at the end only)"),
+    log_every: Optional[int] = typer.Option(None, help="a metrics.jsonl record every this many steps"),
+    loader_workers: Optional[int] = typer.Option(None, help="DataLoader worker processes per rank"),
+    seed: Optional[int] = typer.Option(None, help="seeds initialisation, shuffling and sampling"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda[:N] (under torchrun: cuda:LOCAL_RANK)"),
     fsdp: Optional[bool] = typer.Option(None, "--fsdp", help="shard the student with FSDP"),
     verify: Optional[bool] = typer.Option(None, "--verify", help="check shard checksums first"),
     resume: Optional[bool] = typer.Option(None, "--resume", help="continue from the latest checkpoint in --out"),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="start over in a non-empty --out"),
-    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress"),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="a progress bar on stderr"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and exit"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", hidden=True),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", hidden=True),
+    alpha: Optional[float] = typer.Option(None, "--alpha", hidden=True),
+    alpha_end: Optional[float] = typer.Option(None, "--alpha-end", hidden=True),
 ):
     """Fit a student to top-k soft labels (kd), actual tokens (ce), completions (sft) or its own scored completions (opd)."""
-    overrides = clikit.overrides(TrainConfig, locals())
+    overrides = clikit.overrides(TrainConfig, locals(), old_names=renamed_for(TrainConfig))
     cfg = TrainConfig.from_sources(str(config) if config else None, overrides)
     if dry_run:
         typer.echo(json.dumps(cfg.to_dict(), indent=2))
@@ -123,44 +136,52 @@ def codistill_cmd(
     out: Optional[str] = typer.Option(None, help="run directory"),
     max_steps: Optional[int] = typer.Option(None, help="optimizer steps"),
     batch_size: Optional[int] = typer.Option(None, help="rows per micro-batch per rank"),
-    max_seq_len: Optional[int] = typer.Option(None),
-    alpha: Optional[float] = typer.Option(None, help="target CE weight of the student's loss"),
-    alpha_warmup_steps: Optional[int] = typer.Option(None, help="alpha = 1 for these first steps"),
-    alpha_ramp_steps: Optional[int] = typer.Option(None, help="then ramp to --alpha over these steps"),
-    alpha_schedule: Optional[str] = typer.Option(None, help="linear | cosine"),
+    max_seq_len: Optional[int] = typer.Option(None, help="window length in tokens"),
+    ce_weight: Optional[float] = typer.Option(None, help="the student's loss: ce_weight x CE + (1 - ce_weight) x KD, "
+                                              "after the warm-up and ramp below"),
+    ce_weight_warmup_steps: Optional[int] = typer.Option(None, help="CE only (weight 1) for these first steps"),
+    ce_weight_ramp_steps: Optional[int] = typer.Option(None, help="then from 1 to --ce-weight over these steps"),
+    ce_weight_schedule: Optional[str] = typer.Option(None, help="the ramp's shape: linear | cosine"),
     kd: Optional[str] = typer.Option(None, help="full | topk"),
-    k: Optional[int] = typer.Option(None),
+    k: Optional[int] = typer.Option(None, help="top-k entries of the teacher compared with --kd topk"),
     kd_kind: Optional[str] = typer.Option(None, help="forward | reverse | jsd"),
-    temperature: Optional[float] = typer.Option(None),
+    kd_temperature: Optional[float] = typer.Option(None, help="KD temperature T: both distributions softened by T, "
+                                                "the loss scaled by T^2 (top-k labels need --tail renorm for T != 1)"),
     teacher_lr: Optional[float] = typer.Option(None, help="0 freezes the teacher"),
-    student_lr: Optional[float] = typer.Option(None),
+    student_lr: Optional[float] = typer.Option(None, help="the student's peak learning rate"),
     grad_accum: Optional[int] = typer.Option(None, help="batches per optimizer step (both models)"),
-    warmup_steps: Optional[int] = typer.Option(None),
+    warmup_steps: Optional[int] = typer.Option(None, help="linear learning-rate warm-up steps before the cosine decay"),
     text_field: Optional[str] = typer.Option(None, help="JSONL/Parquet field holding the text"),
     rows_per_shard: Optional[int] = typer.Option(None, help="input records per tokenized shard"),
     tail: Optional[str] = typer.Option(None, help="renorm | tail | target (--kd topk)"),
     beta: Optional[float] = typer.Option(None, help="JSD mixing weight"),
     head_chunk_mb: Optional[float] = typer.Option(None, help="MiB of student logits made at a time (0: all at once)"),
     min_lr_ratio: Optional[float] = typer.Option(None, help="cosine decay ends at lr x this"),
-    weight_decay: Optional[float] = typer.Option(None),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay"),
     grad_clip: Optional[float] = typer.Option(None, help="max gradient norm (0: no clipping)"),
     group_units: Optional[int] = typer.Option(None, help="row groups shuffled together (the shuffle buffer)"),
     dtype: Optional[str] = typer.Option(None, help="auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16"),
-    num_workers: Optional[int] = typer.Option(None, help="DataLoader workers per rank"),
-    eval_every: Optional[int] = typer.Option(None),
-    eval_batches: Optional[int] = typer.Option(None),
-    save_every: Optional[int] = typer.Option(None),
-    log_every: Optional[int] = typer.Option(None),
-    seed: Optional[int] = typer.Option(None),
-    device: Optional[str] = typer.Option(None),
+    loader_workers: Optional[int] = typer.Option(None, help="DataLoader worker processes per rank"),
+    eval_every: Optional[int] = typer.Option(None, help="evaluate every this many steps (0: never)"),
+    eval_batches: Optional[int] = typer.Option(None, help="batches per evaluation"),
+    save_every: Optional[int] = typer.Option(None, help="checkpoint every this many steps (0: at the end only)"),
+    log_every: Optional[int] = typer.Option(None, help="a metrics.jsonl record every this many steps"),
+    seed: Optional[int] = typer.Option(None, help="seeds initialisation, shuffling and sampling"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda[:N] (under torchrun: cuda:LOCAL_RANK)"),
     fsdp: Optional[bool] = typer.Option(None, "--fsdp", help="shard the trained models with FSDP"),
     resume: Optional[bool] = typer.Option(None, "--resume", help="continue from the latest checkpoint in --out"),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="start over in a non-empty --out"),
-    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress"),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="a progress bar on stderr"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and exit"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", hidden=True),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", hidden=True),
+    alpha: Optional[float] = typer.Option(None, "--alpha", hidden=True),
+    alpha_warmup_steps: Optional[int] = typer.Option(None, "--alpha-warmup-steps", hidden=True),
+    alpha_ramp_steps: Optional[int] = typer.Option(None, "--alpha-ramp-steps", hidden=True),
+    alpha_schedule: Optional[str] = typer.Option(None, "--alpha-schedule", hidden=True),
 ):
     """Train a teacher and a student together: the teacher on CE, the student on CE + the teacher's live soft labels."""
-    overrides = clikit.overrides(CodistillConfig, locals(), inputs=input)
+    overrides = clikit.overrides(CodistillConfig, locals(), old_names=renamed_for(CodistillConfig), inputs=input)
     cfg = CodistillConfig.from_sources(str(config) if config else None, overrides)
     if dry_run:
         typer.echo(json.dumps(cfg.to_dict(), indent=2))
@@ -185,32 +206,33 @@ def rounds_cmd(
     loss: Optional[str] = typer.Option(None, help="opd | kd | sft"),
     n: Optional[int] = typer.Option(None, help="completions per prompt per round"),
     eval_n: Optional[int] = typer.Option(None, help="completions per held-out prompt"),
-    max_new_tokens: Optional[int] = typer.Option(None),
+    max_new_tokens: Optional[int] = typer.Option(None, help="tokens per completion at most"),
     k: Optional[int] = typer.Option(None, help="top-k the teacher keeps per completion token"),
-    prompt_field: Optional[str] = typer.Option(None),
-    messages_field: Optional[str] = typer.Option(None),
-    id_field: Optional[str] = typer.Option(None),
+    prompt_field: Optional[str] = typer.Option(None, help="the prompt records' field holding a plain prompt"),
+    messages_field: Optional[str] = typer.Option(None, help="the field holding chat messages (chat template)"),
+    id_field: Optional[str] = typer.Option(None, help="the field holding a prompt id (default: file:line)"),
     max_steps: Optional[int] = typer.Option(None, help="optimizer steps per round"),
     batch_size: Optional[int] = typer.Option(None, help="completions per micro-batch"),
-    grad_accum: Optional[int] = typer.Option(None),
-    lr: Optional[float] = typer.Option(None),
+    grad_accum: Optional[int] = typer.Option(None, help="micro-batches per optimizer step"),
+    lr: Optional[float] = typer.Option(None, help="peak learning rate (AdamW; train's default suits a student "
+                                       "from scratch, rounds' a pretrained one)"),
     opd_forward_kl: Optional[float] = typer.Option(None, help="opd: weight of forward KL on the teacher's top-k"),
     opd_clip: Optional[float] = typer.Option(None, help="opd: importance ratio clipped to [1 - clip, 1 + clip]"),
     head_chunk_mb: Optional[float] = typer.Option(None, help="MiB of student logits made at a time (0: all at once)"),
     tail: Optional[str] = typer.Option(None, help="tail | renorm | target (the forward-KL support)"),
-    warmup_steps: Optional[int] = typer.Option(None),
-    min_lr_ratio: Optional[float] = typer.Option(None),
-    weight_decay: Optional[float] = typer.Option(None),
-    grad_clip: Optional[float] = typer.Option(None),
+    warmup_steps: Optional[int] = typer.Option(None, help="linear learning-rate warm-up steps before the cosine decay"),
+    min_lr_ratio: Optional[float] = typer.Option(None, help="cosine decay ends at lr x this"),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay"),
+    grad_clip: Optional[float] = typer.Option(None, help="max gradient norm (0: no clipping)"),
     backend: Optional[str] = typer.Option(None, help="sampling and scoring: hf | vllm"),
     batch_tokens: Optional[int] = typer.Option(None, help="padded tokens per generation batch"),
     skip_bad: Optional[bool] = typer.Option(None, "--skip-bad", help="skip bad prompt records and count them"),
-    log_every: Optional[int] = typer.Option(None),
-    seed: Optional[int] = typer.Option(None),
-    device: Optional[str] = typer.Option(None),
+    log_every: Optional[int] = typer.Option(None, help="a metrics.jsonl record every this many steps"),
+    seed: Optional[int] = typer.Option(None, help="seeds initialisation, shuffling and sampling"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda[:N] (under torchrun: cuda:LOCAL_RANK)"),
     dtype: Optional[str] = typer.Option(None, help="training: auto | float32 | bfloat16"),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="start over in a non-empty --out"),
-    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress"),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="a progress bar on stderr"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and exit"),
 ):
     """On-policy distillation in batch rounds: the student writes, the teacher scores offline, the student trains."""

@@ -80,12 +80,12 @@ def kd_terms(s_logits: torch.Tensor, t_logits: torch.Tensor, mask: torch.Tensor,
     """Per position: the training stage's losses against the teacher's live
     distribution, all of it (full) or its top-k only (as offline labels would keep)."""
     if cfg.kd == "full":
-        return losses.full_kd_terms(s_logits, t_logits, mask, kind=cfg.kd_kind, temperature=cfg.temperature,
+        return losses.full_kd_terms(s_logits, t_logits, mask, kind=cfg.kd_kind, temperature=cfg.kd_temperature,
                                     beta=cfg.beta)
     t_lp = torch.log_softmax(t_logits.float(), dim=-1)
     top = t_lp.topk(cfg.k, dim=-1)
     return losses.topk_kd_terms(s_logits, top.indices, top.values, top.values.exp().sum(-1), mask, kind=cfg.kd_kind,
-                                tail=cfg.topk_tail, temperature=cfg.temperature, beta=cfg.beta, targets=targets)
+                                tail=cfg.topk_tail, temperature=cfg.kd_temperature, beta=cfg.beta, targets=targets)
 
 
 def teacher_pass(teacher, batch: dict, cfg: CodistillConfig, n_vocab: int) -> tuple[dict, dict]:

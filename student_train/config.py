@@ -12,12 +12,24 @@ from dataclasses import dataclass
 
 from labelgen.errors import OptionError
 from labelgen.settings import config_from_sources
-from student_train.losses import KD_KINDS, TAILS, alpha_at, check_tail
+from student_train.losses import KD_KINDS, TAILS, check_tail, ramp
 
 DTYPES = ("auto", "float32", "bfloat16")
 LOSSES = ("kd", "ce", "sft", "opd")
-ALPHA_SCHEDULES = ("linear", "cosine")
+CE_WEIGHT_SCHEDULES = ("linear", "cosine")
 KD_SUPPORTS = ("full", "topk")
+# Settings renamed so that one name means one thing in both command lines (--temperature samples in
+# `labelgen generate`, --num-workers are generate's data-parallel workers, and Axolotl's kd_alpha weighs KD
+# where our alpha weighed CE). The old names are read, with a one-line note, until the next release.
+RENAMED = {"temperature": "kd_temperature", "alpha": "ce_weight", "alpha_end": "ce_weight_end",
+           "alpha_warmup_steps": "ce_weight_warmup_steps", "alpha_ramp_steps": "ce_weight_ramp_steps",
+           "alpha_schedule": "ce_weight_schedule", "num_workers": "loader_workers"}
+
+
+def renamed_for(cls) -> dict[str, str]:
+    """The old names of config class `cls`'s settings (RENAMED, where `cls` has the new name)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {old: new for old, new in RENAMED.items() if new in names}
 # The forward-KL weight beside on-policy distillation's policy gradient. On SmolLM2-135M-Instruct's pruned
 # student (docs/results.md, on-policy rounds) the reverse-KL gradient alone ended lower in held-out reverse KL
 # than with forward KL at weight 1 (1.34 vs 1.41 after 4 rounds, 1.33 vs 1.40 over rounds 2-4), and higher in
@@ -42,7 +54,9 @@ class KDConfig:
     mass outside them (sets made with --encoding sampled_coverage=true).
     None: tail for top-k labels, the unbiased estimator (cross-entropy on the
     draws) for sampled labels."""
-    temperature: float = 1.0
+    kd_temperature: float = 1.0
+    """KD at temperature T: both distributions softened by T, the loss scaled by T^2 (--tail renorm or
+    sampled labels; the tail supports need T = 1)."""
     beta: float = 0.5
     """JSD mixing weight."""
     head_chunk_mb: float | None = None
@@ -69,12 +83,13 @@ class KDConfig:
     def __post_init__(self):
         if self.kd_kind not in KD_KINDS:
             _bad("--kd-kind", f"must be one of {', '.join(KD_KINDS)}, got {self.kd_kind!r}")
-        if self.temperature <= 0:
-            _bad("--temperature", f"must be > 0, got {self.temperature}")
+        if self.kd_temperature <= 0:
+            _bad("--kd-temperature", f"must be > 0, got {self.kd_temperature}")
         if self.tail is not None and self.tail not in TAILS:
             _bad("--tail", f"must be one of {', '.join(TAILS)}, got {self.tail!r}")
         known = self.tail is not None or not self.labels_decide_tail
-        if self.topk_support and known and (problem := check_tail(self.topk_tail, self.kd_kind, self.temperature)):
+        if self.topk_support and known and (problem := check_tail(self.topk_tail, self.kd_kind, self.kd_temperature,
+                                                                       self.tail is not None)):
             _bad(*problem)
         if not 0 <= self.beta <= 1:
             _bad("--beta", f"must be in [0, 1], got {self.beta}")
@@ -89,16 +104,17 @@ class LossConfig(KDConfig):
     settings, and DistillLoss (transformers.Trainer) is this class."""
     labels_decide_tail = True
     loss: str = "kd"
-    """kd: alpha*CE + (1-alpha)*top-k KD (topk, sampled or scored labels). ce:
+    """kd: ce_weight*CE + (1-ce_weight)*KD (topk, sampled or scored labels). ce:
     CE on the actual tokens (topk or tokens labels). sft: CE on completions,
     prompt masked (samples or scored labels). opd: on-policy distillation on
     the student's own scored completions (scored labels): the per-token
     reverse-KL policy gradient plus opd_forward_kl x forward KL on the
     teacher's top-k."""
-    alpha: float = 0.0
-    """Weight of CE on actual tokens in the kd loss."""
-    alpha_end: float | None = None
-    """If set, alpha moves linearly to this value over the run."""
+    ce_weight: float = 0.0
+    """Weight of CE on the actual tokens in the kd loss: ce_weight*CE + (1-ce_weight)*KD. Axolotl's kd_alpha
+    and DistillKit's alpha weigh the KD term: their 0.9 is this 0.1 (docs/training.md)."""
+    ce_weight_end: float | None = None
+    """If set, ce_weight moves linearly to this value over the run."""
     opd_forward_kl: float = OPD_FORWARD_KL
     """opd: weight of the forward KL on the teacher's top-k + tail beside the reverse-KL policy gradient."""
     opd_clip: float = 0.2
@@ -108,7 +124,7 @@ class LossConfig(KDConfig):
         super().__post_init__()
         if self.loss not in LOSSES:
             _bad("--loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        for name in ("alpha", "alpha_end"):
+        for name in ("ce_weight", "ce_weight_end"):
             v = getattr(self, name)
             if v is not None and not 0 <= v <= 1:
                 _bad(f"--{name.replace('_', '-')}", f"must be in [0, 1], got {v}")
@@ -117,12 +133,12 @@ class LossConfig(KDConfig):
         if not 0 < self.opd_clip < 1:
             _bad("--opd-clip", f"must be in (0, 1), got {self.opd_clip}")
 
-    def alpha_at(self, step: int, max_steps: int = 0) -> float:
-        """CE weight at `step` of a run of `max_steps` (0: unknown, alpha stays): 1 for ce/sft, 0 for opd
-        (CE is only measured); for kd alpha, or linear to alpha_end over the run."""
+    def ce_weight_at(self, step: int, max_steps: int = 0) -> float:
+        """CE weight at `step` of a run of `max_steps` (0: unknown, it stays): 1 for ce/sft, 0 for opd (CE
+        is only measured); for kd ce_weight, or linear to ce_weight_end over the run."""
         if self.loss != "kd":
             return 0.0 if self.loss == "opd" else 1.0
-        return alpha_at(step, self.alpha, self.alpha_end if max_steps > 1 else None, 0, max_steps - 1)
+        return ramp(step, self.ce_weight, self.ce_weight_end if max_steps > 1 else None, 0, max_steps - 1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,8 +164,8 @@ class LoopConfig:
     seed: int = 0
     group_units: int = 4
     """Row groups shuffled together: the shuffle buffer, in row groups."""
-    num_workers: int = 0
-    """DataLoader worker processes per rank."""
+    loader_workers: int = 0
+    """DataLoader worker processes per rank (label reading and collation beside the training loop)."""
     dtype: str = "auto"
     """auto: bf16 autocast on GPU, fp32 on CPU."""
     device: str = "auto"
@@ -167,7 +183,7 @@ class LoopConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "eval_batches", "log_every", "group_units"):
             if getattr(self, name) < 1:
                 bad(f"--{name.replace('_', '-')}", f"must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "save_every", "warmup_steps", "num_workers"):
+        for name in ("eval_every", "save_every", "warmup_steps", "loader_workers"):
             if getattr(self, name) < 0:
                 bad(f"--{name.replace('_', '-')}", f"must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -221,8 +237,8 @@ class TrainConfig(LoopConfig, LossConfig):
         if self.eval_labels and self.eval_holdout:
             _bad("--eval-labels/--eval-holdout", "pass one, not both")
 
-    def alpha_at(self, step: int, max_steps: int | None = None) -> float:
-        return super().alpha_at(step, self.max_steps if max_steps is None else max_steps)
+    def ce_weight_at(self, step: int, max_steps: int | None = None) -> float:
+        return super().ce_weight_at(step, self.max_steps if max_steps is None else max_steps)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -231,7 +247,8 @@ class TrainConfig(LoopConfig, LossConfig):
 
     @classmethod
     def from_sources(cls, config_file: str | None, overrides: dict) -> "TrainConfig":
-        return config_from_sources(cls, config_file, overrides, tuple_fields=("labels", "eval_labels"))
+        return config_from_sources(cls, config_file, overrides, tuple_fields=("labels", "eval_labels"),
+                                   renamed=renamed_for(cls))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -252,13 +269,13 @@ class CodistillConfig(LoopConfig, KDConfig):
     text_field: str = "text"
     max_seq_len: int = 256
     rows_per_shard: int = 1000
-    alpha: float = 0.5
-    """Target weight of CE in the student's loss alpha*CE + (1-alpha)*KD."""
-    alpha_warmup_steps: int = 0
-    """alpha = 1 for these first steps (the teacher's labels are noise early)."""
-    alpha_ramp_steps: int = 0
-    """Then alpha moves from 1 to --alpha over these steps."""
-    alpha_schedule: str = "linear"
+    ce_weight: float = 0.5
+    """Target weight of CE in the student's loss ce_weight*CE + (1-ce_weight)*KD."""
+    ce_weight_warmup_steps: int = 0
+    """ce_weight = 1 for these first steps (the teacher's labels are noise early)."""
+    ce_weight_ramp_steps: int = 0
+    """Then ce_weight moves from 1 to --ce-weight over these steps."""
+    ce_weight_schedule: str = "linear"
     kd: str = "full"
     """full: KD against the teacher's whole distribution. topk: only its top-k
     (comparable with offline labels of that k)."""
@@ -284,15 +301,16 @@ class CodistillConfig(LoopConfig, KDConfig):
             bad("--student/--student-config", "pass exactly one")
         if self.teacher is None and self.student is None and self.tokenizer is None:
             bad("--tokenizer", "required when both models are built from configs")
-        if not 0 <= self.alpha <= 1:
-            bad("--alpha", f"must be in [0, 1], got {self.alpha}")
-        if self.alpha_warmup_steps < 0 or self.alpha_ramp_steps < 0:
-            bad("--alpha-warmup-steps/--alpha-ramp-steps", "must be >= 0")
-        if self.alpha_warmup_steps + self.alpha_ramp_steps > self.max_steps:
-            bad("--alpha-warmup-steps", f"the alpha schedule ({self.alpha_warmup_steps} + {self.alpha_ramp_steps} steps) "
+        if not 0 <= self.ce_weight <= 1:
+            bad("--ce-weight", f"must be in [0, 1], got {self.ce_weight}")
+        if self.ce_weight_warmup_steps < 0 or self.ce_weight_ramp_steps < 0:
+            bad("--ce-weight-warmup-steps/--ce-weight-ramp-steps", "must be >= 0")
+        if self.ce_weight_warmup_steps + self.ce_weight_ramp_steps > self.max_steps:
+            bad("--ce-weight-warmup-steps", f"the CE weight's schedule ({self.ce_weight_warmup_steps} + "
+                                            f"{self.ce_weight_ramp_steps} steps) "
                                         f"is longer than the run (--max-steps {self.max_steps})")
-        if self.alpha_schedule not in ALPHA_SCHEDULES:
-            bad("--alpha-schedule", f"must be one of {', '.join(ALPHA_SCHEDULES)}")
+        if self.ce_weight_schedule not in CE_WEIGHT_SCHEDULES:
+            bad("--ce-weight-schedule", f"must be one of {', '.join(CE_WEIGHT_SCHEDULES)}")
         if self.kd not in KD_SUPPORTS:
             bad("--kd", f"must be one of {', '.join(KD_SUPPORTS)}")
         for name in ("k", "max_seq_len", "rows_per_shard"):
@@ -301,9 +319,11 @@ class CodistillConfig(LoopConfig, KDConfig):
         if self.teacher_lr < 0 or self.student_lr <= 0:
             bad("--teacher-lr/--student-lr", "the student's must be > 0, the teacher's >= 0 (0 freezes it)")
 
-    def alpha_at(self, step: int) -> float:
-        """CE weight at `step`: 1 for alpha_warmup_steps, then linear or cosine to alpha over alpha_ramp_steps."""
-        return alpha_at(step, 1.0, self.alpha, self.alpha_warmup_steps, self.alpha_ramp_steps, self.alpha_schedule)
+    def ce_weight_at(self, step: int) -> float:
+        """CE weight at `step`: 1 for ce_weight_warmup_steps, then linear or cosine to ce_weight over
+        ce_weight_ramp_steps."""
+        return ramp(step, 1.0, self.ce_weight, self.ce_weight_warmup_steps, self.ce_weight_ramp_steps,
+                    self.ce_weight_schedule)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -312,7 +332,8 @@ class CodistillConfig(LoopConfig, KDConfig):
 
     @classmethod
     def from_sources(cls, config_file: str | None, overrides: dict) -> "CodistillConfig":
-        return config_from_sources(cls, config_file, overrides, tuple_fields=("inputs", "eval_input"))
+        return config_from_sources(cls, config_file, overrides, tuple_fields=("inputs", "eval_input"),
+                                   renamed=renamed_for(cls))
 
 
 SAMPLERS = ("student", "teacher")
@@ -406,4 +427,5 @@ class RoundsConfig(LoopConfig, LossConfig):
 
     @classmethod
     def from_sources(cls, config_file: str | None, overrides: dict) -> "RoundsConfig":
-        return config_from_sources(cls, config_file, overrides, tuple_fields=("prompts", "eval_prompts"))
+        return config_from_sources(cls, config_file, overrides, tuple_fields=("prompts", "eval_prompts"),
+                                   renamed=renamed_for(cls))

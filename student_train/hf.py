@@ -4,7 +4,7 @@ already use, with your LoRA, DeepSpeed/FSDP settings and logging.
     from student_train.hf import DistillLoss, DistillTrainer, LabelDataset
     data = LabelDataset("labels/")
     trainer = DistillTrainer(model=student, args=TrainingArguments("out", max_steps=1000,
-                             remove_unused_columns=False), train_dataset=data, loss=DistillLoss(alpha=0.1))
+                             remove_unused_columns=False), train_dataset=data, loss=DistillLoss(ce_weight=0.1))
     trainer.train()
 
 `LabelDataset` streams a label set one example at a time (row groups are
@@ -14,7 +14,7 @@ loads a whole label set. Its `collator()` pads examples into the batch
 tensors student-train uses, plus `labels` so Trainer weighs accumulated
 micro-batches by their counted tokens. `DistillTrainer.compute_loss` is
 student-train's loss of one micro-batch (top-k KD with tail bucket, sampled
-KD, CE/SFT, the CE mix alpha, temperature): the same batch gives the same
+KD, CE/SFT, the CE weight, the KD temperature): the same batch gives the same
 loss through both (tested). docs/trainer.md has a complete script.
 """
 
@@ -30,15 +30,16 @@ from labelgen.format import FormatError
 from labelgen.stopping import StopFlag
 from student_train.config import LossConfig
 from student_train.data import LabelStream, collate, columns_from_rows, open_label_sets
-from student_train.losses import ECE_BINS, expected_calibration_error
-from student_train.objective import check_labels, loss_step
+from student_train.losses import CALIBRATION_PREFIX, expected_calibration_error
+from student_train.objective import check_labels, loss_step, score
 from student_train.vocab import check_vocabulary, check_width_against_labels, load_tokenizer_for
 
 
 DistillLoss = LossConfig
-"""The loss settings of `student-train train` (loss, alpha, alpha_end, kd_kind,
-tail, temperature, beta, opd_forward_kl, opd_clip), for DistillTrainer:
-alpha_at(step, max_steps) follows alpha_end over Trainer's max_steps."""
+"""The loss settings of `student-train train` (loss, ce_weight, ce_weight_end,
+kd_kind, tail, kd_temperature, beta, opd_forward_kl, opd_clip), for
+DistillTrainer: ce_weight_at(step, max_steps) follows ce_weight_end over
+Trainer's max_steps."""
 
 
 class LabelDataset(torch.utils.data.IterableDataset):
@@ -152,7 +153,7 @@ class DistillTrainer(Trainer):
         for d in (self.train_dataset, *evals):
             if isinstance(d, LabelDataset):
                 d.fit_to(self.model, self.processing_class, self.distill)
-        self._calibration: torch.Tensor | None = None   # while evaluating: [gaps x tokens..., tokens]
+        self._held_out: dict | None = None   # while evaluating: score()'s sums weighted by counted tokens
         self._preemption = _StopOnPreemption(self)
         self.add_callback(self._preemption)
         self.stopped_by: str | None = None
@@ -187,26 +188,38 @@ class DistillTrainer(Trainer):
             self.data_collator = train_collator
 
     def evaluation_loop(self, *args, **kwargs):
-        """Trainer's evaluation, plus `eval_ece`: the student's expected
-        calibration error (15 bins of its top-1 probability, against the
-        actual next token), from the bins compute_loss adds up as it goes."""
-        self._calibration = torch.zeros(ECE_BINS + 1, dtype=torch.float64, device=self.args.device)
+        """Trainer's evaluation (eval_loss: the training objective), plus
+        student-train's held-out metrics over the same batches, averaged over
+        the counted positions of every rank: eval_ce (CE on the actual next
+        tokens), for top-k labels eval_kl (KL(teacher || student) over the
+        top-k plus the tail bucket) and eval_top1 (agreement with the
+        teacher's top-1), and eval_ece (expected calibration error of the
+        student's top-1, 15 bins)."""
+        self._held_out = {}
         try:
             output = super().evaluation_loop(*args, **kwargs)
-            total = self.accelerator.reduce(self._calibration, "sum")   # [gaps x tokens..., tokens] of every rank
+            names = sorted(self._held_out)
+            sums = torch.stack([self._held_out[k] for k in names]).to(self.args.device) if names else None
+            sums = self.accelerator.reduce(sums, "sum").tolist() if names else []   # every rank's
         finally:
-            self._calibration = None
+            self._held_out = None
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
-        output.metrics[f"{prefix}_ece"] = expected_calibration_error(total[:-1] / total[-1].clamp(min=1))
+        means = {k: v / max(dict(zip(names, sums))["tokens"], 1) for k, v in zip(names, sums) if k != "tokens"}
+        gaps = [means.pop(k) for k in sorted(means) if k.startswith(CALIBRATION_PREFIX)]
+        output.metrics.update({f"{prefix}_{k}": v for k, v in means.items()})
+        if gaps:
+            output.metrics[f"{prefix}_ece"] = expected_calibration_error(gaps)
         return output
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        alpha = self.distill.alpha_at(self.state.global_step, self.state.max_steps)
-        out = loss_step(model, inputs, self.distill, alpha, calibration=self._calibration is not None)
-        if self._calibration is not None:   # evaluating: the bins of eval_ece
-            tokens = inputs["mask"].sum().double().reshape(1)
-            gaps = out["calibration"].double()
-            self._calibration += torch.cat([gaps * tokens, tokens]).to(self._calibration.device)
+        if self._held_out is not None:   # evaluating: student-train's held-out score of this batch too
+            with torch.no_grad():
+                held = score({"student": model}, inputs, head_chunk_mb=self.distill.head_chunk_mb)
+            tokens = inputs["mask"].sum().double()
+            for k, v in {**held, "tokens": torch.ones(())}.items():
+                self._held_out[k] = self._held_out.get(k, 0) + torch.as_tensor(v).detach().double().cpu() * tokens.cpu()
+        alpha = self.distill.ce_weight_at(self.state.global_step, self.state.max_steps)
+        out = loss_step(model, inputs, self.distill, alpha)
         loss, ce, kd = out["objective"], out["ce"], out["kd"]
         if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
             # Trainer then treats the loss as scaled for accumulation: weigh

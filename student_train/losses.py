@@ -95,12 +95,16 @@ def _divergence(logp: torch.Tensor, logq: torch.Tensor, kind: str, beta: float) 
     return beta * kl_pm + (1 - beta) * kl_qm
 
 
-def check_tail(tail: str, kind: str, temperature: float) -> tuple[str, str] | None:
-    """(option, what is wrong) with this support, kind and temperature, or None."""
+def check_tail(tail: str, kind: str, temperature: float, tail_given: bool = True) -> tuple[str, str] | None:
+    """(option, what is wrong and the way out) with this support, kind and temperature, or None;
+    `tail_given`: the user chose `tail` (else it is the default for top-k labels)."""
     if tail not in TAILS:
         return "--tail", f"must be one of {', '.join(TAILS)}, got {tail!r}"
     if tail != "renorm" and temperature != 1.0:
-        return "--temperature", f"must be 1 with --tail {tail} (the shape of the missing mass is unknown)"
+        chosen = f"--tail {tail}" if tail_given else f"--tail {tail} (the default for top-k labels)"
+        return "--kd-temperature", (f"{temperature:g} cannot soften the mass outside the top k under {chosen}, whose "
+                                    "shape is unknown: pass --tail renorm to soften the top k alone, or leave "
+                                    "--kd-temperature at 1")
     if tail == "target" and kind == "reverse":
         return "--kd-kind", "must be forward or jsd with --tail target (reverse KL is undefined where the teacher puts 0)"
     return None
@@ -302,10 +306,10 @@ def expected_calibration_error(gaps) -> float:
     return float(sum(abs(float(g)) for g in gaps))
 
 
-def alpha_at(step: int, start: float, end: float | None, ramp_start: int = 0, ramp_steps: int = 0,
-             shape: str = "linear") -> float:
-    """CE weight α(step): `start` until ramp_start, then linear (or cosine)
-    to `end` over ramp_steps steps, then `end`. end=None: constant."""
+def ramp(step: int, start: float, end: float | None, ramp_start: int = 0, ramp_steps: int = 0,
+         shape: str = "linear") -> float:
+    """A weight at `step` (the CE weight of both trainers): `start` until ramp_start, then linear (or
+    cosine) to `end` over ramp_steps steps, then `end`. end=None: constant."""
     if end is None or step < ramp_start:
         return start
     frac = min(1.0, (step - ramp_start) / ramp_steps) if ramp_steps else 1.0

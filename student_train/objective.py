@@ -1,8 +1,10 @@
 """The objective: a student's logits on one batch -> its loss (CE, top-k or
-sampled KD, the on-policy policy gradient, their alpha mix), under the
-settings of a LossConfig, and the one check that labels can feed that loss
-(`check_labels`). `student-train train` (train.py) and transformers.Trainer
-(hf.py) compute it here, so the same batch gives the same loss through both. The logits come a chunk of positions at a time
+sampled KD, the on-policy policy gradient, their CE-weighted mix), under the
+settings of a LossConfig, the one check that labels can feed that loss
+(`check_labels`), and the held-out score (`score`: CE, KL to the teacher,
+top-1 agreement, calibration). `student-train train` (train.py),
+transformers.Trainer (hf.py) and TRL (trl.py) compute them here, so the same
+batch gives the same loss and metrics through each. The logits come a chunk of positions at a time
 (head.py): every quantity is a sum over the chunk's positions divided by the
 batch's counted positions, so the chunks' totals are the batch's means."""
 
@@ -43,7 +45,7 @@ def check_labels(cfg: LossConfig, readers: list, *, k: int | None = None, cross:
     if k and kind in fmt.TOPK_KINDS and k > stored:
         raise FormatError(f"--k {k} is larger than the {stored} entries the labels hold")
     if kind in fmt.TOPK_KINDS and cfg.loss in ("kd", "opd") \
-            and (problem := losses.check_tail(cfg.topk_tail, cfg.kd_kind, cfg.temperature)):
+            and (problem := losses.check_tail(cfg.topk_tail, cfg.kd_kind, cfg.kd_temperature, cfg.tail is not None)):
         raise OptionError("{}: {}".format(*problem))
     if kind == "sampled" and cfg.loss == "kd" and cfg.tail not in (None, "tail"):
         raise FormatError(f"--tail {cfg.tail}: sampled labels take --tail tail (the drawn ids plus a bucket for the "
@@ -97,7 +99,7 @@ def step_terms(z: torch.Tensor, rows: dict, *, cfg: LossConfig, alpha: float, n:
     out = {"ce": ce.sum() / n}
     if calibration:
         out["calibration"] = losses.calibration_sums(z.detach(), targets, mask, lse.detach()) / n
-    shared = lse if cfg.temperature == 1.0 else None
+    shared = lse if cfg.kd_temperature == 1.0 else None
     if cfg.loss == "opd":
         kd = opd_terms(z, rows, cfg, lse, out, n)
     elif cfg.loss != "kd":
@@ -110,10 +112,10 @@ def step_terms(z: torch.Tensor, rows: dict, *, cfg: LossConfig, alpha: float, n:
                                            lse=shared)
         elif "sampled_ids" in rows:
             kd = losses.sampled_kd_terms(z, rows["sampled_ids"], rows["sampled_weights"], labelled,
-                                         temperature=cfg.temperature, lse=shared)
+                                         temperature=cfg.kd_temperature, lse=shared)
         else:
             kd = losses.topk_kd_terms(z, rows["topk_ids"], rows["topk_logprobs"], rows["coverage"], labelled,
-                                      kind=cfg.kd_kind, tail=cfg.topk_tail, temperature=cfg.temperature,
+                                      kind=cfg.kd_kind, tail=cfg.topk_tail, temperature=cfg.kd_temperature,
                                       beta=cfg.beta, lse=shared, targets=targets)
         if "kd_mask" in rows:
             # KD stands in for CE only where it exists: an unlabelled position keeps its CE at full weight in the
@@ -142,3 +144,32 @@ def opd_terms(z: torch.Tensor, rows: dict, cfg: LossConfig, lse: torch.Tensor, o
                                    kind="forward", tail=cfg.topk_tail, lse=lse, targets=rows["targets"])
     out["forward_kl"] = forward.detach().sum() / n
     return pg + cfg.opd_forward_kl * forward
+
+
+def score(models: dict, batch: dict, *, head_chunk_mb: float | None = None) -> dict:
+    """Held-out CE on actual tokens and the calibration bins (eval_ece); for
+    topk labels also KL(teacher||student) over the top-k plus tail bucket and
+    top-1 agreement with the teacher."""
+    out = head.run(models["student"], batch, functools.partial(held_out_terms, n=batch["mask"].sum().clamp(min=1),
+                                                               n_kd=batch.get("kd_mask", batch["mask"]).sum().clamp(min=1)),
+                   head_chunk_mb)
+    out.pop("objective")
+    out.update(losses.calibration_metrics(out.pop("calibration")))
+    if "target_bytes" in batch:   # bytes per counted token: with ce, bits per byte (runtime.evaluate)
+        out["bytes"] = losses.masked_mean(batch["target_bytes"], batch["mask"])
+    return out
+
+
+def held_out_terms(z, rows: dict, *, n, n_kd) -> dict:
+    """score's quantities on the logits z [..., V] of some positions: sums / the batch's counted positions
+    (n; n_kd for the teacher comparisons, counted where labelled)."""
+    mask, targets = rows["mask"], rows["targets"]
+    lse = losses.logsumexp_chunked(z)
+    ce = losses.cross_entropy_terms(z, targets, mask, lse=lse).sum() / n
+    out = {"objective": ce, "ce": ce, "calibration": losses.calibration_sums(z, targets, mask, lse) / n}
+    if "topk_ids" in rows:
+        kd_mask = rows.get("kd_mask", mask)
+        out["kl"] = losses.topk_kd_terms(z, rows["topk_ids"], rows["topk_logprobs"], rows["coverage"],
+                                         kd_mask, tail="tail", lse=lse).sum() / n_kd
+        out["top1"] = losses.topk_agreement_terms(z, rows["topk_ids"], rows["topk_logprobs"], kd_mask).sum() / n_kd
+    return out

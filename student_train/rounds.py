@@ -37,7 +37,7 @@ from labelgen.errors import OptionError
 from labelgen.run.rundir import Mismatch, RunDir, RunKind
 from labelgen.store import storage
 from student_train.checkpoint import checkpoint_dir, complete
-from student_train.config import RoundsConfig
+from student_train.config import RoundsConfig, renamed_for
 
 LOG_FILE = "rounds.jsonl"
 RECORD, INITIAL = "rounds.json", "initial"   # the config (a rerun under another is refused); the student before round 0
@@ -49,9 +49,10 @@ ROUNDS = RunKind("rounds run", (RECORD, LOG_FILE, INITIAL, ROUND_DIRS), marker=(
 def round_dir(out: Path, r: int) -> Path:
     return out / f"round-{r:03d}"
 # Settings that change where or how fast the rounds run, not what they make: a rerun may change them.
-EXECUTION_ONLY = ("progress", "overwrite", "resume", "device", "num_workers", "batch_tokens", "skip_bad")
+EXECUTION_ONLY = ("progress", "overwrite", "resume", "device", "loader_workers", "batch_tokens", "skip_bad")
 # Settings rounds.json did not record before they existed, at the default they then had.
-ADDED_LATER = {"alpha": 0.0, "alpha_end": None}
+ADDED_LATER = {"ce_weight": 0.0, "ce_weight_end": None}
+OLD_NAMES = renamed_for(RoundsConfig)   # a record written before a setting's rename
 EVAL_SEED = 7919   # the held-out completions of every round and every run share their seeds
 
 
@@ -124,6 +125,8 @@ def compare(mine: dict, out: Path):
     """Why the rounds run recorded in `out` is not this one (a Mismatch), or None."""
     def why(previous: dict) -> Mismatch | None:
         # A setting added since the record was written counts at its default.
+        # A setting renamed since counts under its new name.
+        previous = {OLD_NAMES.get(k, k): v for k, v in previous.items()}
         theirs = {**ADDED_LATER, **{k: v for k, v in previous.items() if k not in EXECUTION_ONLY}}
         changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         return Mismatch("--out", f"{out} holds rounds run with other settings (changed: {', '.join(changed)})",

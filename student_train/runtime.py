@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from labelgen.backends import not_a_model
 from labelgen.errors import OptionError, one_line
 from labelgen.run.rundir import RunDir, RunKind
 from labelgen.stopping import StopFlag
@@ -74,7 +75,7 @@ def build_model(path: str | None, config_file: str | None, tokenizer, seed: int)
     from transformers import AutoConfig, AutoModelForCausalLM
     if path:
         if not (Path(path) / "config.json").is_file():
-            raise OptionError(f"--student: {path} is not a model directory (no config.json)")
+            raise not_a_model("--student", path)
         try:
             return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
         except Exception as e:  # missing, partial or corrupt weights
@@ -315,8 +316,8 @@ def fit(cfg, d: Dist, run: Run, rd: RunDir, ckpt: Path | None) -> dict:
         step = int(meta["step"])
         run.stream.load_state_dict(loader_state)
     log = MetricsLog(out / METRICS_FILE, d.main, step if ckpt is not None else None)
-    batches = iter(torch.utils.data.DataLoader(run.stream, batch_size=None, num_workers=cfg.num_workers,
-                                               persistent_workers=cfg.num_workers > 0))
+    batches = iter(torch.utils.data.DataLoader(run.stream, batch_size=None, num_workers=cfg.loader_workers,
+                                               persistent_workers=cfg.loader_workers > 0))
     tracker = LoaderState()
 
     def held_out() -> dict:
@@ -333,7 +334,7 @@ def fit(cfg, d: Dist, run: Run, rd: RunDir, ckpt: Path | None) -> dict:
     stop = False
     with StopFlag() as preempt:
         while step < cfg.max_steps:
-            alpha = cfg.alpha_at(step)
+            alpha = cfg.ce_weight_at(step)
             for name in trained:
                 opts[name].zero_grad(set_to_none=True)
             sums, step_tokens = {}, 0   # metric sums stay on the device: no sync per micro-step
@@ -370,7 +371,7 @@ def fit(cfg, d: Dist, run: Run, rd: RunDir, ckpt: Path | None) -> dict:
             last = step == cfg.max_steps
             evaluating = run.eval_stream is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or last)
             if step % cfg.log_every == 0 or evaluating or last:
-                record = {"step": step, **{k: float(v) / max(step_tokens, 1) for k, v in sums.items()}, "alpha": alpha,
+                record = {"step": step, **{k: float(v) / max(step_tokens, 1) for k, v in sums.items()}, "ce_weight": alpha,
                           **{("lr" if name == "student" else f"{name}_lr"): scheds[name].get_last_lr()[0]
                              for name in trained},
                           "tokens_per_s": tokens * d.world / max(time.time() - t0, 1e-9)}

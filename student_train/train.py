@@ -1,8 +1,8 @@
 """Train a student on label shards: `student-train train --labels DIR ...`.
 
 Reads top to bottom: what the labels need of the loss, one micro-batch (its
-objective is objective.py's; the student's fit to the labels, vocab.py's), the
-held-out score, then `train`: open the labels, build the student and hand both
+objective and the held-out score are objective.py's; the student's fit to the
+labels, vocab.py's), then `train`: open the labels, build the student and hand both
 to the shared loop (`runtime.fit`: gradient accumulation, DDP/FSDP under torchrun,
 logging, evaluation, checkpoints and exact resume).
 """
@@ -14,10 +14,9 @@ from pathlib import Path
 
 from labelgen import format as fmt
 from labelgen.format import FormatError
-from student_train import head, losses
 from student_train.config import TrainConfig
 from student_train.data import LabelStream, holdout_split, open_label_sets
-from student_train.objective import check_labels, loss_step
+from student_train.objective import check_labels, loss_step, score
 from student_train.runtime import Run, build_model, fit, run_dir, setup_distributed, training_run
 from student_train.vocab import check_vocabulary, check_width, load_tokenizer_for, token_byte_lengths
 from student_train.xtok import CANDIDATE_MAPS
@@ -33,35 +32,6 @@ def micro_step(models: dict, batch: dict, alpha: float, backward, *, cfg: TrainC
     out = loss_step(models["student"], batch, cfg, alpha)
     backward(out["objective"])
     return {"loss": out.pop("objective"), **out}
-
-
-def score(models: dict, batch: dict, *, head_chunk_mb: float | None = None) -> dict:
-    """Held-out CE on actual tokens and the calibration bins (eval_ece); for
-    topk labels also KL(teacher||student) over the top-k plus tail bucket and
-    top-1 agreement with the teacher."""
-    out = head.run(models["student"], batch, functools.partial(held_out_terms, n=batch["mask"].sum().clamp(min=1),
-                                                               n_kd=batch.get("kd_mask", batch["mask"]).sum().clamp(min=1)),
-                   head_chunk_mb)
-    out.pop("objective")
-    out.update(losses.calibration_metrics(out.pop("calibration")))
-    if "target_bytes" in batch:   # bytes per counted token: with ce, bits per byte (runtime.evaluate)
-        out["bytes"] = losses.masked_mean(batch["target_bytes"], batch["mask"])
-    return out
-
-
-def held_out_terms(z, rows: dict, *, n, n_kd) -> dict:
-    """score's quantities on the logits z [..., V] of some positions: sums / the batch's counted positions
-    (n; n_kd for the teacher comparisons, counted where labelled)."""
-    mask, targets = rows["mask"], rows["targets"]
-    lse = losses.logsumexp_chunked(z)
-    ce = losses.cross_entropy_terms(z, targets, mask, lse=lse).sum() / n
-    out = {"objective": ce, "ce": ce, "calibration": losses.calibration_sums(z, targets, mask, lse) / n}
-    if "topk_ids" in rows:
-        kd_mask = rows.get("kd_mask", mask)
-        out["kl"] = losses.topk_kd_terms(z, rows["topk_ids"], rows["topk_logprobs"], rows["coverage"],
-                                         kd_mask, tail="tail", lse=lse).sum() / n_kd
-        out["top1"] = losses.topk_agreement_terms(z, rows["topk_ids"], rows["topk_logprobs"], kd_mask).sum() / n_kd
-    return out
 
 
 # ---------------------------------------------------------------- the command

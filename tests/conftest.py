@@ -99,3 +99,28 @@ def s3(tmp_path_factory):
     storage._boto3_client.cache_clear()
     mp.undo()
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def sampled_labels(tiny_teacher, corpus, tmp_path_factory):
+    from labelgen.generate.config import GenerateConfig
+    from labelgen.generate import run
+    out = tmp_path_factory.mktemp("sampled") / "s"
+    run(GenerateConfig(teacher=tiny_teacher, inputs=(str(corpus / "docs.jsonl"),), out=str(out), mode="sampled",
+                       draws=20, max_seq_len=64, rows_per_shard=8, progress=False, device="cpu",
+                       encoding={"sampled_coverage": True}))   # the tail-bucket case needs it
+    return out
+
+
+@pytest.fixture(scope="session")
+def scored_labels(tiny_teacher, corpus, tmp_path_factory):
+    """The tiny teacher's completions of the prompts, scored by itself (--mode score)."""
+    from labelgen.generate.config import GenerateConfig
+    from labelgen.generate import run
+    d = tmp_path_factory.mktemp("scored")
+    run(GenerateConfig(teacher=tiny_teacher, inputs=(str(corpus / "prompts.jsonl"),), out=str(d / "samples"),
+                       mode="sample", prompt_field="prompt", n=2, max_new_tokens=8, temperature=1.0, top_p=1.0,
+                       progress=False, device="cpu"))
+    run(GenerateConfig(teacher=tiny_teacher, inputs=(str(d / "samples"),), out=str(d / "s"), mode="score", k=8,
+                       progress=False, device="cpu"))
+    return d / "s"

@@ -26,13 +26,13 @@ def ccfg(tiny_teacher, corpus, student_config, out, **kw):
 
 
 def test_alpha_is_one_during_warmup_then_ramps_to_the_target():
-    cfg = CodistillConfig(inputs=("x",), out="o", teacher="t", student="s", max_steps=20, alpha=0.2,
-                          alpha_warmup_steps=5, alpha_ramp_steps=10)
-    assert [cfg.alpha_at(s) for s in (0, 4)] == [1.0, 1.0]
-    assert cfg.alpha_at(10) == pytest.approx(0.6)
-    assert cfg.alpha_at(15) == cfg.alpha_at(19) == pytest.approx(0.2)
-    cos = CodistillConfig(**{**cfg.__dict__, "alpha_schedule": "cosine"})
-    assert cos.alpha_at(10) == pytest.approx(0.6) and cos.alpha_at(7) > cfg.alpha_at(7)
+    cfg = CodistillConfig(inputs=("x",), out="o", teacher="t", student="s", max_steps=20, ce_weight=0.2,
+                          ce_weight_warmup_steps=5, ce_weight_ramp_steps=10)
+    assert [cfg.ce_weight_at(s) for s in (0, 4)] == [1.0, 1.0]
+    assert cfg.ce_weight_at(10) == pytest.approx(0.6)
+    assert cfg.ce_weight_at(15) == cfg.ce_weight_at(19) == pytest.approx(0.2)
+    cos = CodistillConfig(**{**cfg.__dict__, "ce_weight_schedule": "cosine"})
+    assert cos.ce_weight_at(10) == pytest.approx(0.6) and cos.ce_weight_at(7) > cfg.ce_weight_at(7)
 
 
 def test_the_lr_schedule_ends_at_the_end_of_the_run_under_gradient_accumulation(tiny_teacher, corpus, student_config,
@@ -58,10 +58,13 @@ def test_accumulated_micro_batches_weigh_by_their_tokens(tiny_teacher, corpus, s
     (the same contributions averaged per micro-batch are far from it)."""
     import student_train.codistill as co
     import student_train.runtime as runtime
-    docs = [json.loads(line) for line in open(corpus / "docs.jsonl")]
-    with open(tmp_path / "short.jsonl", "w") as f:   # one window per document, every one a different length
-        for i, d in enumerate(docs):
-            f.write(json.dumps({"text": d["text"][: 40 + 9 * i]}) + "\n")
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    text = json.loads(open(corpus / "docs.jsonl").readline())["text"]
+    with open(tmp_path / "short.jsonl", "w") as f:   # 4 one-window documents of about 5, 10, 20 and 40 tokens:
+        for want in (5, 10, 20, 40):                 # however 2 + 2 of them pair up, the halves differ in tokens
+            end = next(e for e in range(1, len(text)) if len(tok(text[:e])["input_ids"]) >= want)
+            f.write(json.dumps({"text": text[:end]}) + "\n")
     seen = {"micro": [], "step": []}
 
     def flat_grads(model):
@@ -98,7 +101,7 @@ def test_accumulated_micro_batches_weigh_by_their_tokens(tiny_teacher, corpus, s
 
 
 def test_with_alpha_one_the_student_follows_a_plain_ce_run(tiny_teacher, corpus, student_config, tmp_path):
-    codistill(ccfg(tiny_teacher, corpus, student_config, tmp_path / "co", alpha=1.0))
+    codistill(ccfg(tiny_teacher, corpus, student_config, tmp_path / "co", ce_weight=1.0))
     train(TrainConfig(labels=(str(tmp_path / "co" / "data"),), student_config=student_config, out=str(tmp_path / "ce"),
                       loss="ce", max_steps=8, batch_size=4, lr=3e-3, warmup_steps=2, eval_every=0, save_every=0,
                       log_every=1, progress=False, device="cpu"))
@@ -109,13 +112,13 @@ def test_with_alpha_one_the_student_follows_a_plain_ce_run(tiny_teacher, corpus,
 
 def test_a_frozen_pretrained_teacher_gives_online_kd_equal_to_offline_full_labels(tiny_teacher, corpus, student_config,
                                                                                   tmp_path):
-    codistill(ccfg(tiny_teacher, corpus, student_config, tmp_path / "co", alpha=0.5, teacher_lr=0.0, kd="full"))
+    codistill(ccfg(tiny_teacher, corpus, student_config, tmp_path / "co", ce_weight=0.5, teacher_lr=0.0, kd="full"))
     # Offline: the same windows labelled with all 512 logprobs, exactly (f32, rank order).
     generate(GenerateConfig(teacher=tiny_teacher, inputs=(str(corpus / "docs.jsonl"),), out=str(tmp_path / "labels"),
                             k=512, max_seq_len=64, rows_per_shard=4, progress=False, device="cpu",
                             encoding={"id_order": "rank", "logprob_codec": "f32"}))
     train(TrainConfig(labels=(str(tmp_path / "labels"),), student_config=student_config, out=str(tmp_path / "kd"),
-                      loss="kd", alpha=0.5, max_steps=8, batch_size=4, lr=3e-3, warmup_steps=2, eval_every=0,
+                      loss="kd", ce_weight=0.5, max_steps=8, batch_size=4, lr=3e-3, warmup_steps=2, eval_every=0,
                       save_every=0, log_every=1, progress=False, device="cpu"))
     co, kd = metrics(tmp_path / "co"), metrics(tmp_path / "kd")
     assert [r["ce"] for r in co] == pytest.approx([r["ce"] for r in kd], rel=1e-4)
@@ -128,7 +131,7 @@ def test_a_frozen_pretrained_teacher_gives_online_kd_equal_to_offline_full_label
 
 
 def test_resume_reproduces_an_uninterrupted_codistill_run(tiny_teacher, corpus, student_config, tmp_path):
-    c = dict(alpha=0.5, alpha_warmup_steps=2, alpha_ramp_steps=2, teacher_config=None)
+    c = dict(ce_weight=0.5, ce_weight_warmup_steps=2, ce_weight_ramp_steps=2, teacher_config=None)
     codistill(ccfg(tiny_teacher, corpus, student_config, tmp_path / "a", **c))
     codistill(ccfg(tiny_teacher, corpus, student_config, tmp_path / "b", **c))
     shutil.rmtree(tmp_path / "b" / "step_000008")
@@ -143,7 +146,7 @@ def test_resume_reproduces_an_uninterrupted_codistill_run(tiny_teacher, corpus, 
 def test_two_process_torchrun_codistill_ends_with_identical_weights(tiny_teacher, corpus, student_config, tmp_path):
     torchrun_student_train(29519, "codistill", "--input", str(corpus / "docs.jsonl"), "--teacher", tiny_teacher,
                            "--student-config", student_config, "--out", str(tmp_path / "ddp"), "--max-steps", "4",
-                           "--batch-size", "2", "--max-seq-len", "64", "--alpha", "0.5", "--save-every", "4")
+                           "--batch-size", "2", "--max-seq-len", "64", "--ce-weight", "0.5", "--save-every", "4")
     d = metrics(tmp_path / "ddp")[-1]["weight_digests"]
     assert len(d) == 4 and d[0] == d[1] and d[2] == d[3]
 
@@ -154,7 +157,7 @@ def test_fsdp_two_process_codistill_resumes_to_the_same_losses(tiny_teacher, cor
     def torchrun(out, port, *extra):
         torchrun_student_train(port, "codistill", "--input", str(corpus / "docs.jsonl"), "--teacher", tiny_teacher,
                                "--student-config", student_config, "--out", str(out), "--max-steps", "4",
-                               "--batch-size", "2", "--max-seq-len", "64", "--alpha", "0.5", "--save-every", "2",
+                               "--batch-size", "2", "--max-seq-len", "64", "--ce-weight", "0.5", "--save-every", "2",
                                "--log-every", "1", "--fsdp", *extra)
     torchrun(tmp_path / "straight", 29524, "--head-chunk-mb", "0.05")   # 25 positions a chunk: several per batch
     torchrun(tmp_path / "resumed", 29525, "--head-chunk-mb", "0.05")
@@ -173,8 +176,8 @@ def test_fsdp_two_process_codistill_resumes_to_the_same_losses(tiny_teacher, cor
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(alpha=1.5), r"--alpha: must be in \[0, 1\]"),
-    (dict(alpha_warmup_steps=6, alpha_ramp_steps=6), r"the alpha schedule \(6 \+ 6 steps\) is longer than the run"),
+    (dict(ce_weight=1.5), r"--ce-weight: must be in \[0, 1\]"),
+    (dict(ce_weight_warmup_steps=6, ce_weight_ramp_steps=6), r"the CE weight's schedule \(6 \+ 6 steps\) is longer than the run"),
     (dict(teacher=None, teacher_config="t.json"), r"--tokenizer: required when both models are built from configs"),
     (dict(grad_clip=-1.0), r"--grad-clip: must be >= 0"),
 ])
@@ -209,7 +212,7 @@ def test_codistilled_student_beats_a_ce_only_student_of_the_same_budget(tmp_path
     gains = []
     for seed in (0, 1):
         ce = {}
-        for name, kw in (("ce_only", dict(alpha=1.0)), ("codistill", dict(alpha=0.5, alpha_warmup_steps=60, alpha_ramp_steps=60))):
+        for name, kw in (("ce_only", dict(ce_weight=1.0)), ("codistill", dict(ce_weight=0.5, ce_weight_warmup_steps=60, ce_weight_ramp_steps=60))):
             out = tmp_path / f"{name}{seed}"
             codistill(CodistillConfig(inputs=(str(tmp_path / "train.jsonl"),), eval_input=(str(tmp_path / "eval.jsonl"),),
                                       tokenizer=str(tmp_path / "tok"), teacher_config=str(tmp_path / "teacher.json"),

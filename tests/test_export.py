@@ -156,5 +156,5 @@ def test_export_and_estimate_read_the_label_set_from_a_bucket(s3, chat_labels, c
         r = runner.invoke(app, ["export", where, "--to", "axolotl", str(tmp_path / out), "--input", str(chats)])
         assert r.exit_code == 0, r.output
     assert (tmp_path / "bucket.jsonl").read_bytes() == (tmp_path / "local.jsonl").read_bytes()
-    r = runner.invoke(app, ["estimate", "--tokens", "1e9", "--vocab", "512", "--k", "4", "--from", uri, "--json"])
+    r = runner.invoke(app, ["estimate", uri, "--tokens", "1e9", "--vocab", "512", "--k", "4", "--json"])
     assert r.exit_code == 0 and f"measured from {uri}" in r.output, r.output

@@ -13,6 +13,7 @@ import pytest
 
 from helpers import assert_stored_coverage, assert_stored_target_logprob, topk_row
 from labelgen import format as fmt
+from labelgen.errors import OptionError
 from labelgen.format import Encoding, FormatError
 from labelgen.shards import ShardReader, ShardWriter
 from labelgen.store import storage
@@ -323,22 +324,53 @@ def test_inspect_numbers_match_hand_computed_values(tmp_path):
     assert r["target_in_topk"] == pytest.approx(0.5)
 
 
-def test_estimate_shows_the_5e17_byte_figure():
+def test_estimate_shows_the_5e17_byte_figure_when_asked():
     from labelgen.tools.inspection import estimate, format_estimate
     e = estimate(5e12, 100_000, 64)
     assert e["bytes"]["full_fp8"] == 5e17
     assert e["bytes"]["full_bf16"] == 1e18
     # uint32 ids (100k > 65536) + uint16 gap, plus 12 bytes per position.
-    assert e["bytes"]["topk"] == pytest.approx(5e12 * (64 * 6 + 12))
-    assert "500,000,000 GB" in format_estimate(e)
+    assert e["bytes"]["labels"] == pytest.approx(5e12 * (64 * 6 + 12))
+    assert "500,000,000 GB" in format_estimate(e, full=True)
+    assert "full vocabulary (" not in format_estimate(e) and "--full" in format_estimate(e)   # one line, not three
 
 
-def test_estimate_from_a_label_set_uses_its_measured_bytes(tmp_path, rng):
+def test_estimate_from_a_label_set_uses_its_measured_bytes_and_says_what_it_scaled(tmp_path, rng):
     from labelgen.tools.inspection import estimate, inspect
     write_set(tmp_path / "l", [topk_row(rng, f"e{i}", 30, 300, 8) for i in range(5)], 8, 300)
-    e = estimate(1e9, 300, 8, tmp_path / "l")
-    assert e["topk_bytes_per_entry"] == pytest.approx(inspect(tmp_path / "l")["bytes_per_entry"])
-    assert e["bytes"]["topk"] == pytest.approx(1e9 * 8 * e["topk_bytes_per_entry"])
+    measured = inspect(tmp_path / "l")
+    e = estimate(1e9, None, None, tmp_path / "l")   # k and V from the set: nothing scaled
+    assert (e["k"], e["vocab"], e["warnings"]) == (8, 300, [])
+    assert e["bytes"]["labels"] == pytest.approx(1e9 * measured["bytes_per_position"])
+    e = estimate(1e9, 300, 4, tmp_path / "l")
+    assert e["bytes_per_position"] == pytest.approx(measured["bytes_per_position"] / 2)
+    assert len(e["warnings"]) == 1 and "measured at k=8: k=4 scaled by bytes per entry" in e["warnings"][0]
+    e = estimate(1e9, 152_064, None, tmp_path / "l")   # uint16 ids measured, uint32 ids planned
+    assert e["bytes_per_position"] == pytest.approx(measured["bytes_per_position"] + 2 * 8)
+    assert "measured at V=300: ids of V=152,064 take +2 B each" in e["warnings"][0]
+    with pytest.raises(OptionError, match="--k 16: .* holds top-8; a larger k cannot be read from it"):
+        estimate(1e9, None, 16, tmp_path / "l")
+
+
+def test_estimate_measures_sampled_sets_by_their_distinct_ids(tmp_path, rng):
+    from labelgen.tools.inspection import estimate, inspect
+    V, draws = 300, 12
+    with ShardWriter(tmp_path / "s", "sampled", draws, V) as w:
+        for i in range(6):
+            lengths = rng.integers(1, draws + 1, 9)
+            ids = np.concatenate([np.sort(rng.choice(V, n, replace=False)) for n in lengths])
+            counts = np.concatenate([[draws - n + 1] + [1] * (n - 1) for n in lengths])   # N draws per position
+            w.write({"example_id": f"s{i}", "input_ids": rng.integers(0, V, 10), "sampled_lengths": lengths,
+                     "sampled_ids": ids, "sampled_counts": counts,
+                     "sampled_logprobs": -rng.random(ids.size) * 5})
+    measured = inspect(tmp_path / "s")
+    e = estimate(5e12, None, None, tmp_path / "s")
+    assert e["k"] == draws and e["bytes"]["labels"] == pytest.approx(5e12 * measured["bytes_per_position"])
+    assert "12 draws" in e["source"]
+    e = estimate(5e12, 70_000, None, tmp_path / "s")   # ids grow by 2 B per distinct id
+    assert e["bytes_per_position"] == pytest.approx(measured["bytes_per_position"] + 2 * measured["unique_per_position"])
+    with pytest.raises(OptionError, match="--k 50: .* holds 12 draws per position"):
+        estimate(5e12, None, 50, tmp_path / "s")
 
 
 def test_ids_are_renumbered_by_how_often_the_first_row_group_proposes_them(tmp_path, rng):

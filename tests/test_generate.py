@@ -225,6 +225,14 @@ def test_finalize_missing_lists_the_unfinished_workers_as_a_slurm_array_and_writ
     assert r.exit_code == 2 and "no generation run here" in r.stderr
 
 
+def test_finalize_missing_on_a_finished_single_worker_run_resubmits_nothing(topk_labels):
+    """A one-worker run writes manifest.json itself and no partial manifest: nothing is left to run."""
+    from typer.testing import CliRunner
+    from labelgen.cli import app
+    r = CliRunner().invoke(app, ["finalize", str(topk_labels), "--missing"])
+    assert r.exit_code == 0 and r.stdout == "" and r.stderr.strip() == "0 of 1 workers have not finished", r.output
+
+
 def test_resume_after_kill_writes_each_row_once(tiny_teacher, corpus, tmp_path):
     args = [sys.executable, "-m", "labelgen.cli", "generate", "--teacher", tiny_teacher,
             "--input", str(corpus / "docs.jsonl"), "--out", str(tmp_path / "killed"), "--k", "16",
@@ -269,24 +277,26 @@ def test_a_run_hashed_before_adaptive_truncation_existed_still_resumes(tmp_path)
     assert cfg("t", ["in.jsonl"], tmp_path / "l", keep_mass=0.9).output_hash() != c.output_hash()
 
 
-def test_dry_run_prints_the_resolved_config_from_file_and_flags(tmp_path):
-    (tmp_path / "gen.yaml").write_text("teacher: t\ninputs: [a.jsonl]\nout: o\nk: 8\n")
+def test_dry_run_prints_the_resolved_config_from_file_and_flags(tiny_teacher, corpus, tmp_path):
+    docs = str(corpus / "docs.jsonl")
+    (tmp_path / "gen.yaml").write_text(f"teacher: {tiny_teacher}\ninputs: [{docs}]\nout: o\nk: 8\n")
     r = runner.invoke(app, ["generate", str(tmp_path / "gen.yaml"), "--k", "32", "--dry-run", "--engine", "tensor_parallel_size=2"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
-    assert d["k"] == 32 and d["inputs"] == ["a.jsonl"] and d["engine"] == {"tensor_parallel_size": 2} and d["mode"] == "topk"
+    assert d["k"] == 32 and d["inputs"] == [docs] and d["engine"] == {"tensor_parallel_size": 2} and d["mode"] == "topk"
+    assert d["max_seq_len"] == 512   # resolved against the teacher (its context, under the 2048 cap)
 
 
-def test_slurm_array_variables_pick_the_worker(tmp_path, monkeypatch):
+def test_slurm_array_variables_pick_the_worker(tiny_teacher, corpus, tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "0")
-    r = runner.invoke(app, ["generate", "--teacher", "t", "--input", "a", "--out", "o", "--dry-run"])
+    r = runner.invoke(app, ["generate", "--teacher", tiny_teacher, "--input", str(corpus), "--out", "o", "--dry-run"])
     d = json.loads(r.stdout)
     assert (d["num_workers"], d["worker_index"]) == (4, 3)
 
 
-def test_a_resubmitted_array_task_keeps_the_run_s_worker_count(tmp_path, monkeypatch):
+def test_a_resubmitted_array_task_keeps_the_run_s_worker_count(tiny_teacher, corpus, tmp_path, monkeypatch):
     """`sbatch --array=$(labelgen finalize OUT --missing)` resubmits task 2 alone: Slurm says 1 task (2 of 2..2);
     the run in OUT says 4 workers, and the task is worker 2 of them."""
     (tmp_path / "o").mkdir()
@@ -294,7 +304,8 @@ def test_a_resubmitted_array_task_keeps_the_run_s_worker_count(tmp_path, monkeyp
     for key, value in {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "1", "SLURM_ARRAY_TASK_MIN": "2",
                        "SLURM_ARRAY_TASK_MAX": "2"}.items():
         monkeypatch.setenv(key, value)
-    r = runner.invoke(app, ["generate", "--teacher", "t", "--input", "a", "--out", str(tmp_path / "o"), "--dry-run"])
+    r = runner.invoke(app, ["generate", "--teacher", tiny_teacher, "--input", str(corpus), "--out", str(tmp_path / "o"),
+                            "--dry-run"])
     d = json.loads(r.stdout)
     assert (d["num_workers"], d["worker_index"]) == (4, 2), r.output
 

@@ -50,7 +50,10 @@ def test_bad_input_fails_with_one_line_naming_file_and_line(tiny_teacher, bad_in
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--teacher", "/no/such/teacher"], r"--teacher: /no/such/teacher is not a model directory"),
+    (["--teacher", "/no/such/teacher"], r"--teacher: /no/such/teacher: no such directory"),
+    (["--teacher", "HuggingFaceTB/SmolLM2-135M"], r"--teacher: HuggingFaceTB/SmolLM2-135M is no directory here; .*"
+                                                  r"`huggingface-cli download HuggingFaceTB/SmolLM2-135M --local-dir DIR` "
+                                                  r"once, then --teacher DIR"),
     (["--k", "1000"], r"--k 1000 is larger than the teacher's vocabulary \(512\)"),
     (["--mode", "beam"], r"--mode: must be one of topk, sampled, sample, greedy, tokens"),
     (["--top-p", "0"], r"--top-p: must be in \(0, 1\]"),
@@ -225,3 +228,35 @@ def test_overwrite_through_a_symlinked_out_replaces_the_labels_and_keeps_the_lin
     assert r.exit_code == 0 and "Traceback" not in r.output, r.output
     assert (tmp_path / "out").is_symlink()
     assert json.loads((tmp_path / "disk" / "manifest.json").read_text())["k"] == 4
+
+
+@pytest.fixture(scope="module")
+def samples_set(tiny_teacher, corpus, tmp_path_factory):
+    from labelgen.generate import GenerateConfig, run
+    out = tmp_path_factory.mktemp("samples") / "s"
+    run(GenerateConfig(teacher=tiny_teacher, inputs=(str(corpus / "prompts.jsonl"),), out=str(out), mode="sample",
+                       prompt_field="prompt", n=1, max_new_tokens=4, progress=False, device="cpu"))
+    return out
+
+
+# What a job refuses before it loads its teacher, by mode and backend: --dry-run refuses the same, in the same line.
+REFUSED = {("sampled", "vllm"): "--mode sampled needs --backend hf"}
+
+
+@pytest.mark.parametrize("backend", ["hf", "vllm"])
+@pytest.mark.parametrize("mode", ["topk", "sampled", "sample", "greedy", "tokens", "score"])
+def test_dry_run_refuses_what_the_job_would_refuse_before_loading_its_teacher(mode, backend, tiny_teacher, corpus,
+                                                                               samples_set, tmp_path):
+    inputs = {"score": str(samples_set), "sample": str(corpus / "prompts.jsonl"),
+              "greedy": str(corpus / "prompts.jsonl")}.get(mode, str(corpus / "docs.jsonl"))
+    args = ["generate", "--teacher", tiny_teacher, "--input", inputs, "--out", str(tmp_path / "o"), "--mode", mode,
+            "--backend", backend, "--no-progress", "--device", "cpu"]
+    args += ["--prompt-field", "prompt"] if mode in ("sample", "greedy") else []
+    r = runner.invoke(app, [*args, "--dry-run"])
+    if (mode, backend) in REFUSED:
+        assert r.exit_code == 2 and REFUSED[mode, backend] in r.output, r.output
+        job = runner.invoke(app, args)   # the real job: the same line, and nothing written
+        assert job.exit_code == 2 and r.stderr == job.stderr and not (tmp_path / "o").exists(), job.output
+    else:
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["max_seq_len"] is not None

@@ -24,7 +24,7 @@ def test_the_trainer_page_says_how_to_install_what_its_script_needs_and_the_extr
     import tomllib
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    assert "pip install 'labelgen[trainer]'" in (root / "docs" / "trainer.md").read_text()
+    assert "pip install -e '.[trainer]'" in (root / "docs" / "trainer.md").read_text()
     extra = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]["trainer"]
     ours = next(r for r in extra if r.startswith("accelerate"))
     theirs = next(r for r in importlib.metadata.requires("transformers") if r.startswith("accelerate"))

@@ -26,38 +26,13 @@ def student_and_tokenizer(labels, student_config):
     return build_model(None, student_config, tok, 0), tok
 
 
-@pytest.fixture(scope="module")
-def sampled_labels(tiny_teacher, corpus, tmp_path_factory):
-    from labelgen.generate.config import GenerateConfig
-    from labelgen.generate import run
-    out = tmp_path_factory.mktemp("sampled") / "s"
-    run(GenerateConfig(teacher=tiny_teacher, inputs=(str(corpus / "docs.jsonl"),), out=str(out), mode="sampled",
-                       draws=20, max_seq_len=64, rows_per_shard=8, progress=False, device="cpu",
-                       encoding={"sampled_coverage": True}))   # the tail-bucket case needs it
-    return out
-
-
-@pytest.fixture(scope="module")
-def scored_labels(tiny_teacher, corpus, tmp_path_factory):
-    """The tiny teacher's completions of the prompts, scored by itself (--mode score)."""
-    from labelgen.generate.config import GenerateConfig
-    from labelgen.generate import run
-    d = tmp_path_factory.mktemp("scored")
-    run(GenerateConfig(teacher=tiny_teacher, inputs=(str(corpus / "prompts.jsonl"),), out=str(d / "samples"),
-                       mode="sample", prompt_field="prompt", n=2, max_new_tokens=8, temperature=1.0, top_p=1.0,
-                       progress=False, device="cpu"))
-    run(GenerateConfig(teacher=tiny_teacher, inputs=(str(d / "samples"),), out=str(d / "s"), mode="score", k=8,
-                       progress=False, device="cpu"))
-    return d / "s"
-
-
 @pytest.mark.parametrize("labels, loss", [
     ("scored", dict(loss="opd", opd_forward_kl=0.5)),
-    ("topk", dict(tail="tail", alpha=0.0)),
-    ("topk", dict(tail="target", alpha=0.0)),
-    ("topk", dict(tail="renorm", alpha=0.3, temperature=2.0, kd_kind="jsd")),
-    ("sampled", dict(alpha=0.5)),
-    ("sampled", dict(tail="tail", alpha=0.2)),   # the drawn ids + a bucket for the teacher's rest (format 2.2)
+    ("topk", dict(tail="tail", ce_weight=0.0)),
+    ("topk", dict(tail="target", ce_weight=0.0)),
+    ("topk", dict(tail="renorm", ce_weight=0.3, kd_temperature=2.0, kd_kind="jsd")),
+    ("sampled", dict(ce_weight=0.5)),
+    ("sampled", dict(tail="tail", ce_weight=0.2)),   # the drawn ids + a bucket for the teacher's rest (format 2.2)
     ("topk", dict(loss="ce")),
 ])
 def test_the_same_batch_gives_the_same_loss_through_student_train_and_trainer(topk_labels, sampled_labels, scored_labels,
@@ -76,7 +51,7 @@ def test_the_same_batch_gives_the_same_loss_through_student_train_and_trainer(to
     n = int(batch["mask"].sum())
     assert int((hf_batch["labels"] != -100).sum()) == n   # what Trainer counts as the batch's tokens
     cfg = TrainConfig(labels=(str(labels),), out="unused", student_config=student_config, **loss)
-    alpha = cfg.alpha_at(0)
+    alpha = cfg.ce_weight_at(0)
     with torch.no_grad():
         ours = micro_step({"student": model}, batch, alpha, lambda objective: None, cfg=cfg)["loss"]
         theirs = trainer.compute_loss(model, hf_batch)
@@ -88,7 +63,7 @@ def test_the_same_batch_gives_the_same_loss_through_student_train_and_trainer(to
         assert 0 < trainer.evaluate(LabelDataset(str(labels), shuffle=False))["eval_loss"] < 20
 
 
-def test_trainer_evaluation_reports_the_same_calibration_error_as_student_train(topk_labels, student_config, tmp_path):
+def test_trainer_evaluation_reports_student_train_s_held_out_metrics(topk_labels, student_config, tmp_path):
     from transformers import TrainingArguments
     from student_train.runtime import Dist, evaluate
     from student_train.train import score
@@ -100,19 +75,20 @@ def test_trainer_evaluation_reports_the_same_calibration_error_as_student_train(
     batches = list(trainer.get_eval_dataloader(held_out))   # the batches Trainer evaluated, uneven token counts
     assert len(batches) > 2
     ours = evaluate({"student": model}, score, batches, Dist(0, 1, 0, torch.device("cpu")), "float32")
-    assert 0 < metrics["eval_ece"] < 1
-    assert metrics["eval_ece"] == pytest.approx(ours["eval_ece"], rel=1e-6)
-    assert not [k for k in ours if "gap" in k]   # the bins are folded into eval_ece
+    assert 0 < metrics["eval_ece"] < 1 and 0 < metrics["eval_kl"] and 0 < metrics["eval_top1"] < 1
+    for name in ("eval_ce", "eval_kl", "eval_top1", "eval_ece"):
+        assert metrics[name] == pytest.approx(ours[name], rel=1e-6), name
+    assert not [k for k in {**ours, **metrics} if "gap" in k]   # the bins are folded into eval_ece
 
 
 def test_alpha_moves_to_alpha_end_over_the_trainers_run_as_in_student_train(topk_labels, student_config, tmp_path):
     from transformers import TrainingArguments
     from student_train.objective import loss_step
-    loss = DistillLoss(alpha=0.0, alpha_end=1.0)
-    cfg = TrainConfig(labels=(str(topk_labels),), out="unused", student_config=student_config, alpha=0.0,
-                      alpha_end=1.0, max_steps=5)
-    assert [loss.alpha_at(s, 5) for s in range(5)] == [cfg.alpha_at(s) for s in range(5)] == [0, 0.25, 0.5, 0.75, 1]
-    assert loss.alpha_at(3) == 0.0   # no run length known: alpha stays
+    loss = DistillLoss(ce_weight=0.0, ce_weight_end=1.0)
+    cfg = TrainConfig(labels=(str(topk_labels),), out="unused", student_config=student_config, ce_weight=0.0,
+                      ce_weight_end=1.0, max_steps=5)
+    assert [loss.ce_weight_at(s, 5) for s in range(5)] == [cfg.ce_weight_at(s) for s in range(5)] == [0, 0.25, 0.5, 0.75, 1]
+    assert loss.ce_weight_at(3) == 0.0   # no run length known: alpha stays
     model, tok = student_and_tokenizer(topk_labels, student_config)
     data = LabelDataset(str(topk_labels), shuffle=False)
     trainer = DistillTrainer(model=model, args=TrainingArguments(str(tmp_path), max_steps=5, report_to=[], use_cpu=True),
@@ -199,7 +175,7 @@ def losses(out, step):
 
 def kd_on_first_batch(model, labels, student_config) -> float:
     batch, _ = next(iter(LabelStream(open_label_sets([str(labels)]), 8, shuffle=False)))
-    cfg = TrainConfig(labels=(str(labels),), out="unused", student_config=student_config, alpha=0.1)
+    cfg = TrainConfig(labels=(str(labels),), out="unused", student_config=student_config, ce_weight=0.1)
     with torch.no_grad():
         return micro_step({"student": model.eval()}, batch, 0.1, lambda objective: None, cfg=cfg)["loss"].item()
 

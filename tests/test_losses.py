@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from student_train.losses import alpha_at, cross_entropy, full_kd, topk_kd
+from student_train.losses import ramp, cross_entropy, full_kd, topk_kd
 
 
 def rand_case(B=2, T=5, V=11, K=4, seed=0):
@@ -116,15 +116,15 @@ def test_empty_slots_count_on_neither_side():
 
 def test_tail_refuses_a_temperature():
     student, _, ids, lp, cov, mask = rand_case()
-    with pytest.raises(ValueError, match="--temperature: must be 1 with --tail tail"):
+    with pytest.raises(ValueError, match="--kd-temperature: 2 cannot soften the mass outside the top k under --tail tail, "):
         topk_kd(student, ids, lp, cov, mask, tail="tail", temperature=2.0)
 
 
 def test_alpha_schedule_is_linear_from_start_to_end():
-    assert alpha_at(0, 1.0, 0.0, 0, 10) == 1.0
-    assert alpha_at(5, 1.0, 0.0, 0, 10) == pytest.approx(0.5)
-    assert alpha_at(10, 1.0, 0.0, 0, 10) == 0.0
-    assert alpha_at(7, 0.3, None, 0, 10) == 0.3
+    assert ramp(0, 1.0, 0.0, 0, 10) == 1.0
+    assert ramp(5, 1.0, 0.0, 0, 10) == pytest.approx(0.5)
+    assert ramp(10, 1.0, 0.0, 0, 10) == 0.0
+    assert ramp(7, 0.3, None, 0, 10) == 0.3
 
 
 class FixedLogits(torch.nn.Module):
@@ -168,8 +168,8 @@ def test_the_missing_mass_on_the_actual_token_matches_a_hand_computed_kl_in_both
     direct = topk_kd(torch.tensor([z[:2]]), batch["topk_ids"], batch["topk_logprobs"], batch["coverage"],
                      batch["mask"], tail="target", targets=batch["targets"])
     assert direct.item() == pytest.approx(expected, rel=1e-5)
-    cfg = TrainConfig(labels=("l",), student_config="s.json", out="o", tail="target", alpha=0.0)
-    for settings in (cfg, DistillLoss(loss="kd", tail="target", alpha=0.0)):   # student-train, the Trainer API
+    cfg = TrainConfig(labels=("l",), student_config="s.json", out="o", tail="target", ce_weight=0.0)
+    for settings in (cfg, DistillLoss(loss="kd", tail="target", ce_weight=0.0)):   # student-train, the Trainer API
         model = FixedLogits([z])
         kd = loss_step(model, batch, settings, alpha=0.0)["kd"]
         assert kd.item() == pytest.approx(expected, rel=1e-5), type(settings).__name__
@@ -187,7 +187,7 @@ def test_target_tail_refuses_reverse_kl_a_temperature_and_missing_targets():
     student, _, ids, lp, cov, mask = rand_case()
     with pytest.raises(ValueError, match="--kd-kind: must be forward or jsd with --tail target"):
         TrainConfig(labels=("l",), student_config="s.json", out="o", tail="target", kd_kind="reverse")
-    with pytest.raises(ValueError, match="--temperature: must be 1 with --tail target"):
+    with pytest.raises(ValueError, match="--kd-temperature: 2 cannot soften .* under --tail target, .* pass --tail renorm"):
         topk_kd(student, ids, lp, cov, mask, tail="target", temperature=2.0, targets=ids[..., 0])
     with pytest.raises(ValueError, match="needs the actual next tokens"):
         topk_kd(student, ids, lp, cov, mask, tail="target")

@@ -216,3 +216,36 @@ def test_train_slurm_warned_checkpoints_requeues_and_resumes_to_the_uninterrupte
     resumed, straight = losses(tmp_path / "slurm"), losses(tmp_path / "straight")
     assert [s for s, _ in resumed] == [s for s, _ in straight] == list(range(1, 31))
     assert [l for _, l in resumed] == pytest.approx([l for _, l in straight], rel=1e-5)
+
+
+def test_the_readme_cluster_recipe_runs_as_written(slurm, tiny_teacher, corpus, tmp_path):
+    """README.md's "On a GPU cluster" block, run by bash under the real Slurm as a user would paste it: the
+    teacher, corpus and bucket swapped for a tiny teacher, a corpus file and a directory, FLAGS for a CPU node's,
+    the scripts' GPU defaults overridden, 2 tasks instead of 64. The dry run, the array and the finalize that
+    waits for it (--dependency=afterok) leave a complete set equal to one process; --missing then says so."""
+    block = (ROOT / "README.md").read_text().split("## On a GPU cluster")[1].split("```bash\n")[1].split("```")[0]
+    out = tmp_path / "labels"
+    swap = {"/models/qwen2.5-7b": tiny_teacher, "corpus/": str(corpus / "docs.jsonl"), "s3://bucket/labels": str(out),
+            "jobs/generate_slurm_array.sh": str(JOBS / "generate_slurm_array.sh"), "--array=0-63": "--array=0-1",
+            "sbatch ": "sbatch " + " ".join(CPU) + " "}
+    lines = []
+    for line in block.splitlines():
+        if line.startswith("huggingface-cli") or "--missing" in line:   # the teacher is on disk; --missing: below
+            continue
+        if line.startswith("FLAGS="):
+            line = f'FLAGS="{" ".join(FLAGS)} --rows-per-shard 2"'
+        for a, b in swap.items():
+            line = line.replace(a, b)
+        lines.append(line)
+    assert any("--dry-run" in line for line in lines) and any("--dependency=afterok:$jid" in line for line in lines)
+    (tmp_path / "recipe.sh").write_text("set -euo pipefail\n" + "\n".join(lines) + "\necho \"array $jid\"\n")
+    r = subprocess.run(["bash", str(tmp_path / "recipe.sh")], capture_output=True, text=True, env=slurm, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(r.stdout[:r.stdout.index("\n}") + 2])["num_workers"] == 1   # the dry run's config, first
+    job = re.search(r"^array (\d+)$", r.stdout, re.M).group(1)
+    wait_for(lambda: (out / "manifest.json").is_file(), 900, "the finalize job")
+    assert all(f["JobState"] == "COMPLETED" for f in finished(slurm, job).values())
+    assert label_rows(out) == single_run(tiny_teacher, corpus / "docs.jsonl", tmp_path / "one", 2)
+    assert sorted(p.name for p in tmp_path.glob("labelgen-*.out")) == [f"labelgen-{job}_{t}.out" for t in (0, 1)]
+    r = labelgen(slurm, "finalize", str(out), "--missing")
+    assert r.returncode == 0 and r.stdout == "" and "0 of 2 workers have not finished" in r.stderr, r.stderr

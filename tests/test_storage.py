@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from labelgen.errors import OptionError
 from labelgen.format import FormatError
 from labelgen.store import storage
 
@@ -88,11 +89,11 @@ def test_a_damaged_or_incomplete_set_in_the_bucket_is_one_clear_error_naming_the
     s3["client"].put_object(Bucket=BUCKET, Key=f"bad/topk/{first}", Body=b"PAR1 truncated")
     with pytest.raises(FormatError, match=f"^{uri}/{first}: 14 bytes, manifest says"):
         ShardReader(uri).check_files()
-    with pytest.raises(FormatError, match=f"^s3://{BUCKET}/nothing/here/manifest.json: no manifest"):
+    with pytest.raises(OptionError, match=f"^s3://{BUCKET}/nothing/here: no such label set"):
         ShardReader(f"s3://{BUCKET}/nothing/here")
     r = subprocess.run([sys.executable, "-m", "labelgen.cli", "inspect", f"s3://{BUCKET}/nothing/here"],
                        capture_output=True, text=True)
-    assert r.returncode != 0 and "no manifest" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.returncode == 2 and "no such label set" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_student_train_writes_its_run_to_a_bucket_and_a_new_machine_resumes_from_it(s3, topk_labels, student_config,

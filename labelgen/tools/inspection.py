@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from labelgen import format as fmt
+from labelgen.errors import OptionError
 from labelgen.format import FormatError
 from labelgen.shards import ShardReader
 from labelgen.store import storage
@@ -319,7 +320,7 @@ def plot_inspect(r: dict, path: Path | str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise FormatError("--plot needs matplotlib: pip install 'labelgen[plot]'") from None
+        raise FormatError("--plot needs matplotlib: pip install -e '.[plot]' in the labelgen checkout") from None
     if r["kind"] not in fmt.TOPK_KINDS:
         raise FormatError("--plot draws the top-k coverage histogram; this label set holds samples")
     h = np.asarray(r["coverage_histogram"], dtype=float)
@@ -336,34 +337,61 @@ def plot_inspect(r: dict, path: Path | str) -> None:
 # ---------------------------------------------------------------- estimate
 
 
-def estimate(tokens: float, vocab: int, k: int, from_dir: Path | str | None = None) -> dict:
-    """Storage of full-vocabulary soft labels against top-k labels."""
-    if tokens <= 0 or vocab <= 0 or k <= 0:
-        raise FormatError("--tokens, --vocab and --k must be positive")
-    if k > vocab:
-        raise FormatError(f"--k {k} is larger than --vocab {vocab}")
+def estimate(tokens: float, vocab: int | None = None, k: int | None = None,
+             from_dir: Path | str | None = None) -> dict:
+    """Storage of a label set for `tokens` tokens: per position as measured on
+    the label set `from_dir` (top-k, adaptive top-k or sampled), scaled to
+    another k or vocabulary with a warning saying how; without one, the
+    format's uncompressed top-k layout (an upper bound). Full-vocabulary
+    storage beside it, for comparison."""
+    if tokens <= 0 or (vocab is not None and vocab <= 0) or (k is not None and k <= 0):
+        raise OptionError("--tokens, --vocab and --k must be positive")
+    warnings: list[str] = []
     if from_dir is not None:
-        measured = inspect(from_dir)
-        if measured["kind"] != "topk":
-            raise FormatError(f"{from_dir}: holds {measured['kind']} labels; --from needs topk labels")
-        per_entry = measured["bytes_per_entry"]
-        if measured["encoding"].get("variable_k"):   # stores fewer than k entries: scale per position
-            per_entry = measured["bytes_per_position"] / k
-        source = f"measured from {from_dir} (k={measured['k']}, {measured['entries_per_position']:.1f} entries/position)"
+        m = inspect(from_dir)
+        if m["kind"] not in (*fmt.TOPK_KINDS, "sampled"):
+            raise OptionError(f"{from_dir}: holds {m['kind']} labels; estimate measures top-k and sampled sets")
+        vocab = vocab or m["vocab_size"]
+        per_position = m["bytes_per_position"]
+        if m["kind"] == "sampled":
+            k = k or m["draws"]
+            entries = m["unique_per_position"]   # one id and one count per distinct drawn id
+            if k != m["draws"]:
+                raise OptionError(f"--k {k}: {from_dir} holds {m['draws']} draws per position; the distinct ids of "
+                                  "another N are not known from it: measure a set made with --draws N")
+            what = f"{m['draws']} draws, {entries:.1f} distinct ids/position"
+        else:
+            k = k or m["k"]
+            entries = m["entries_per_position"]
+            what = f"k={m['k']}, {entries:.1f} entries/position"
+            if k != m["k"]:
+                if k > m["k"]:
+                    raise OptionError(f"--k {k}: {from_dir} holds top-{m['k']}; a larger k cannot be read from it")
+                warnings.append(f"measured at k={m['k']}: k={k} scaled by bytes per entry, which grow as k shrinks "
+                                f"(fewer, larger logprob gaps): measure a set made with --k {k}")
+                per_position *= k / m["k"]
+                entries *= k / m["k"]
+        grow = fmt.id_dtype(vocab).itemsize - fmt.id_dtype(m["vocab_size"]).itemsize
+        if grow:
+            warnings.append(f"measured at V={m['vocab_size']:,}: ids of V={vocab:,} take {grow:+d} B each before "
+                            "compression, added per stored id (an upper bound)")
+            per_position += grow * entries
+        source = f"measured from {from_dir} ({what})"
     else:
+        if vocab is None:
+            raise OptionError("--vocab: required without a label set to measure")
+        k = k or 64
+        if k > vocab:
+            raise OptionError(f"--k {k} is larger than --vocab {vocab}")
         # Uncompressed size of this format's layout: id + uint16 gap per entry,
         # coverage, target logprob and rank (3 x 4 bytes) per position.
-        per_entry = fmt.id_dtype(vocab).itemsize + 2 + 12 / k
-        source = "uncompressed layout (an upper bound; use --from DIR for a measured figure)"
-    rows = {
-        "full_fp32": tokens * vocab * 4,
-        "full_bf16": tokens * vocab * 2,
-        "full_fp8": tokens * vocab * 1,
-        "topk": tokens * k * per_entry,
-    }
-    return {"tokens": tokens, "vocab": vocab, "k": k, "topk_bytes_per_entry": per_entry,
-            "topk_bytes_per_position": per_entry * k, "source": source, "bytes": rows,
-            "topk_vs_full_fp8": rows["full_fp8"] / rows["topk"]}
+        per_position = k * (fmt.id_dtype(vocab).itemsize + 2) + 12
+        source = ("the uncompressed top-k layout: an upper bound, about 3-4x what zstd stores; pass a label set "
+                  "made with these settings for a measured figure")
+    rows = {"labels": tokens * per_position, "full_fp32": tokens * vocab * 4, "full_bf16": tokens * vocab * 2,
+            "full_fp8": tokens * vocab * 1}
+    return {"tokens": tokens, "vocab": vocab, "k": k, "bytes_per_position": per_position, "source": source,
+            "warnings": warnings, "bytes": rows, "labels_vs_full_fp8": rows["full_fp8"] / rows["labels"]}
 
 
 def human_bytes(n: float) -> str:
@@ -374,12 +402,17 @@ def human_bytes(n: float) -> str:
     return f"{n} B"
 
 
-def format_estimate(e: dict) -> str:
-    lines = [f"{e['tokens']:.3g} tokens, vocabulary {e['vocab']:,}, k={e['k']}"]
-    for name, label in (("full_fp32", "full vocabulary, fp32"), ("full_bf16", "full vocabulary, bf16"),
-                        ("full_fp8", "full vocabulary, fp8"), ("topk", f"top-{e['k']} (this format)")):
-        b = e["bytes"][name]
-        lines.append(f"  {label:<28}{b:>14.3e} B  {human_bytes(b):>12}  ({b / 1e9:,.0f} GB)")
-    lines.append(f"  top-k at {e['topk_bytes_per_entry']:.3f} B/entry, {e['source']}; "
-                 f"{e['topk_vs_full_fp8']:,.0f}x smaller than fp8 full labels")
+def format_estimate(e: dict, full: bool = False) -> str:
+    """The estimate as lines; the full-vocabulary rows with `full`."""
+    b = e["bytes"]["labels"]
+    lines = [f"{e['tokens']:.3g} tokens at {e['bytes_per_position']:.2f} B/position: {human_bytes(b)} "
+             f"({b:.3e} B); {e['source']}"]
+    lines += [f"  warning: {w}" for w in e["warnings"]]
+    if full:
+        for name, label in (("full_fp32", "fp32"), ("full_bf16", "bf16"), ("full_fp8", "fp8")):
+            lines.append(f"  full vocabulary ({e['vocab']:,}), {label}: {human_bytes(e['bytes'][name])} "
+                         f"({e['bytes'][name] / 1e9:,.0f} GB)")
+    else:
+        lines.append(f"  {e['labels_vs_full_fp8']:,.0f}x smaller than full-vocabulary labels at 1 B per probability "
+                     "(--full for the full-vocabulary rows)")
     return "\n".join(lines)
