@@ -12,9 +12,10 @@ export HF_HUB_OFFLINE := 1
 
 env: $(VENV)/.installed
 
-# What some tests run beside the project: a real Slurm (slurm-wlm, munge). Installed where apt-get can (root);
-# elsewhere those tests skip, each saying what to install.
-SYSTEM_PACKAGES := slurm-wlm munge
+# What some tests run beside the project: a real Slurm (slurm-wlm, munge) and a headless browser for
+# `inspect --html`'s page (chromium, chromium-driver). Installed where apt-get can (root); elsewhere those tests
+# skip, each saying what to install.
+SYSTEM_PACKAGES := slurm-wlm munge chromium chromium-driver
 system:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

@@ -20,6 +20,7 @@ CORPUS=$(cd "$DEMO/corpus" && pwd)
     --out "$DEMO/labels" --mode topk --k 64 --max-seq-len 256 --batch-tokens 4096 --rows-per-shard 4 --overwrite
 "$BIN/labelgen" validate "$DEMO/labels"
 "$BIN/labelgen" inspect "$DEMO/labels"
+"$BIN/labelgen" inspect "$DEMO/labels" --html "$DEMO/labels.html"   # open it in a browser: every token's top-64
 "$BIN/student-train" train --labels "$DEMO/labels" --eval-holdout 1 --student-config jobs/student_tiny.json \
     --out "$DEMO/student" --max-steps 60 --loss kd --lr 3e-3 --batch-size 4 --eval-every 20 --eval-batches 4 \
     --save-every 60 --overwrite

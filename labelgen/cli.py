@@ -57,9 +57,17 @@ def validate(label_dir: str = typer.Argument(..., help="label set directory, or 
 @cli_errors
 def inspect(label_dir: str = typer.Argument(..., help="label set directory, or an s3:// or gs:// URI"),
             as_json: bool = typer.Option(False, "--json", help="print JSON"),
-            plot: Optional[Path] = typer.Option(None, help="write a coverage histogram PNG (needs matplotlib)")):
-    """Sizes, bytes per position/entry, compression ratios and top-k coverage."""
+            plot: Optional[Path] = typer.Option(None, help="write a coverage histogram PNG (needs matplotlib)"),
+            html: Optional[Path] = typer.Option(None, help="write one self-contained HTML page: sizes, coverage and "
+                                                "an example browser with each token's stored labels"),
+            examples: int = typer.Option(8, help="--html: the examples the page carries (the first ones)")):
+    """Sizes, bytes per position/entry, compression ratios and top-k coverage; --html: a page to look at them."""
     from labelgen.tools.inspection import format_inspect, inspect as run, plot_inspect
+    if html:
+        from labelgen.tools.html_report import write
+        size = write(label_dir, html, examples)
+        typer.echo(f"wrote {html} ({size / 2**20:,.1f} MiB; open it in a browser, no network needed)")
+        return
     r = run(label_dir)
     typer.echo(json.dumps(r, indent=2) if as_json else format_inspect(r))
     if plot:

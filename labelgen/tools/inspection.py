@@ -198,6 +198,7 @@ def inspect(label_dir: Path | str) -> dict:
                 "scored": topk_cols + [fmt.TARGET_LOGPROB, fmt.SAMPLING_LOGPROB, fmt.ROUND]}[kind]
         # stored entries (counted below under variable_k); positions for the other kinds
         entries = 0 if variable_k else shard["positions"] * (k if topk else 1)
+        shard_in = in_topk
         for rg in range(pf.num_row_groups if cols else 0):
             d = reader.read_row_group(si, rg, cols, pf)
             if kind == "scored":
@@ -222,6 +223,8 @@ def inspect(label_dir: Path | str) -> dict:
                 for r in d[fmt.FINISH_REASON]:
                     finish[r] = finish.get(r, 0) + 1
         shards.append(_sizes(shard, entries, V))
+        if topk:   # the share of this shard's positions whose actual next token is among its stored entries
+            shards[-1]["target_in_topk"] = (in_topk - shard_in) / max(shard["positions"], 1)
     total = _sizes({"name": "total", "rows": sum(s["rows"] for s in shards),
                     "positions": sum(s["positions"] for s in shards),
                     "bytes": sum(s["bytes"] for s in shards)}, sum(s["entries"] for s in shards), V)
