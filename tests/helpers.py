@@ -3,6 +3,8 @@ logprobs) and two-process student-train runs under torchrun."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 
@@ -98,3 +100,29 @@ class MotoServer:
     def stop(self) -> None:
         self._server.shutdown()
         self._thread.join()
+
+
+@contextlib.contextmanager
+def silent_server():
+    """A TCP server on loopback that accepts connections and never answers: (its port, the connections it
+    accepted so far). A store, metadata server or Ray head that hangs."""
+    import socket
+    import threading
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    accepted = []
+
+    def serve():
+        while True:
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                return
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield server.getsockname()[1], accepted
+    finally:
+        server.close()
+        for c in accepted:
+            c.close()

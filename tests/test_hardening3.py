@@ -137,28 +137,13 @@ def test_rounds_takes_the_skip_bad_its_errors_suggest(tmp_path):
 def silent_metadata_server(tmp_path):
     """A Google metadata server on loopback that accepts connections and never
     answers: without credentials the GCS client asks it, and waits."""
-    import socket
-    import threading
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
-    accepted = []
-
-    def serve():
-        while True:
-            try:
-                accepted.append(server.accept()[0])
-            except OSError:
-                return
-    threading.Thread(target=serve, daemon=True).start()
-    env = {k: v for k, v in os.environ.items() if k != "GOOGLE_APPLICATION_CREDENTIALS"}
-    where = f"127.0.0.1:{server.getsockname()[1]}"   # pyarrow's client reads the first, google-auth the other two
-    env.update(GCE_METADATA_ROOT=where, GCE_METADATA_HOST=where, GCE_METADATA_IP=where,
-               CLOUDSDK_CONFIG=str(tmp_path / "gcloud"))
-    yield env, accepted
-    server.close()
-    for c in accepted:
-        c.close()
+    from helpers import silent_server
+    with silent_server() as (port, accepted):
+        env = {k: v for k, v in os.environ.items() if k != "GOOGLE_APPLICATION_CREDENTIALS"}
+        where = f"127.0.0.1:{port}"   # pyarrow's client reads the first, google-auth the other two
+        env.update(GCE_METADATA_ROOT=where, GCE_METADATA_HOST=where, GCE_METADATA_IP=where,
+                   CLOUDSDK_CONFIG=str(tmp_path / "gcloud"))
+        yield env, accepted
 
 
 def test_gs_without_credentials_is_one_line_within_seconds_not_a_quarter_hour(silent_metadata_server):

@@ -123,25 +123,10 @@ def test_finalize_refuses_a_worker_that_finished_before_the_inputs_changed(recor
 
 @pytest.fixture
 def silent_server():
-    """A TCP server on loopback that accepts connections and never answers."""
-    import socket
-    import threading
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(64)
-    accepted = []
-
-    def serve():
-        while True:
-            try:
-                accepted.append(server.accept()[0])
-            except OSError:
-                return
-    threading.Thread(target=serve, daemon=True).start()
-    yield server.getsockname()[1], accepted
-    server.close()
-    for c in accepted:
-        c.close()
+    """A TCP server on loopback that accepts connections and never answers (helpers.silent_server)."""
+    from helpers import silent_server as serve
+    with serve() as (port, accepted):
+        yield port, accepted
 
 
 def silent_s3_env(port: int, tmp_path, timeout: float) -> dict:
