@@ -345,9 +345,9 @@ def test_estimate_from_a_label_set_uses_its_measured_bytes_and_says_what_it_scal
     e = estimate(1e9, 300, 4, tmp_path / "l")
     assert e["bytes_per_position"] == pytest.approx(measured["bytes_per_position"] / 2)
     assert len(e["warnings"]) == 1 and "measured at k=8: k=4 scaled by bytes per entry" in e["warnings"][0]
-    e = estimate(1e9, 152_064, None, tmp_path / "l")   # uint16 ids measured, uint32 ids planned
-    assert e["bytes_per_position"] == pytest.approx(measured["bytes_per_position"] + 2 * 8)
-    assert "measured at V=300: ids of V=152,064 take +2 B each" in e["warnings"][0]
+    e = estimate(1e9, 152_064, None, tmp_path / "l")   # 8 ids a position, each log2(152064 / 300) bits more
+    assert e["bytes_per_position"] == pytest.approx(measured["bytes_per_position"] + 8 * np.log2(152_064 / 300) / 8)
+    assert "measured at V=300: ids of V=152,064 estimated at +8.99 bits each" in e["warnings"][0]
     with pytest.raises(OptionError, match="--k 16: .* holds top-8; a larger k cannot be read from it"):
         estimate(1e9, None, 16, tmp_path / "l")
 
@@ -367,8 +367,8 @@ def test_estimate_measures_sampled_sets_by_their_distinct_ids(tmp_path, rng):
     e = estimate(5e12, None, None, tmp_path / "s")
     assert e["k"] == draws and e["bytes"]["labels"] == pytest.approx(5e12 * measured["bytes_per_position"])
     assert "12 draws" in e["source"]
-    e = estimate(5e12, 70_000, None, tmp_path / "s")   # ids grow by 2 B per distinct id
-    assert e["bytes_per_position"] == pytest.approx(measured["bytes_per_position"] + 2 * measured["unique_per_position"])
+    e = estimate(5e12, 600, None, tmp_path / "s")   # one more bit per distinct id
+    assert e["bytes_per_position"] == pytest.approx(measured["bytes_per_position"] + measured["unique_per_position"] / 8)
     with pytest.raises(OptionError, match="--k 50: .* holds 12 draws per position"):
         estimate(5e12, None, 50, tmp_path / "s")
 
