@@ -56,6 +56,10 @@ class KDSFTTrainer(DistillTrainer, SFTTrainer):
         if not isinstance(train_dataset, LabelDataset):
             raise OptionError("train_dataset: KDSFTTrainer trains on a label set: pass LabelDataset(\"labels/\") "
                               f"(got {type(train_dataset).__name__})")
+        evals = eval_dataset.values() if isinstance(eval_dataset, dict) else [] if eval_dataset is None else [eval_dataset]
+        if any(not isinstance(d, LabelDataset) for d in evals):
+            raise OptionError("eval_dataset: held-out labels are a LabelDataset (or a dict of them), batched and scored "
+                              "as the training labels are")
         args = _fit_config(args if args is not None else SFTConfig("kd-sft"), train_dataset)
         kwargs.setdefault("data_collator", train_dataset.collator())
         super().__init__(model, args, train_dataset=_placeholder(), eval_dataset=eval_dataset, loss=distill, **kwargs)

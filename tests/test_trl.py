@@ -119,6 +119,14 @@ def test_a_text_dataset_is_refused_saying_what_to_pass(topk_labels, student_conf
                      processing_class=tok)
 
 
+def test_a_text_eval_set_is_refused_too(topk_labels, student_config, tmp_path):
+    from datasets import Dataset
+    model, tok = student_and_tokenizer(topk_labels, student_config)
+    with pytest.raises(OptionError, match=r"eval_dataset: held-out labels are a LabelDataset"):
+        KDSFTTrainer(model=model, args=config(tmp_path), train_dataset=LabelDataset(str(topk_labels)),
+                     eval_dataset={"text": Dataset.from_dict({"text": ["hi"]})}, processing_class=tok)
+
+
 def test_completion_only_loss_on_completions_is_what_they_train_with_anyway(scored_labels, student_config, tmp_path):
     model, tok = student_and_tokenizer(scored_labels, student_config)
     trainer = KDSFTTrainer(model=model, args=config(tmp_path, completion_only_loss=True),
