@@ -104,13 +104,14 @@ def version_option(program: str):
     def show(value: bool) -> None:
         if value:
             from importlib.metadata import PackageNotFoundError, version
+            from labelgen.format.manifest import SHARD_TABLE_MIN
             from labelgen.format.schema import FORMAT_VERSION, SHARD_TABLE_VERSION
             try:
                 mine = version("labelgen")
             except PackageNotFoundError:
                 mine = "(not installed: run from a checkout)"
             typer.echo(f"{program} {mine} (label format {FORMAT_VERSION}; {SHARD_TABLE_VERSION} past "
-                       f"10,000 shards)")
+                       f"{SHARD_TABLE_MIN:,} shards)")
             raise typer.Exit()
     return typer.Option(False, "--version", callback=show, is_eager=True, help="print the version and exit")
 

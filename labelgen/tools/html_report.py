@@ -72,15 +72,9 @@ def _example(kind: str, row: dict, id_type: str) -> dict:
     return ex
 
 
-def _token_texts(reader: ShardReader, examples: list[dict], id_type: str) -> dict[str, str]:
-    """The text of every token id the examples hold (their tokens and stored entries), decoded with the set's
-    tokenizer (no remote code): {id: text}."""
+def _token_texts(reader: ShardReader, used: set[int]) -> dict[str, str]:
+    """The text of each token id in `used`, decoded with the set's tokenizer (no remote code): {id: text}."""
     from transformers import AutoTokenizer
-    used = set()
-    for ex in examples:
-        for key in ("prompt", "tokens", "ids"):
-            if key in ex:
-                used.update(np.frombuffer(base64.b64decode(ex[key][1]), {"u16": "<u2", "u32": "<u4"}[id_type]).tolist())
     if not (reader.dir / fmt.TOKENIZER_DIR).is_dir():   # a set written without its tokenizer: ids only
         return {}
     tok = AutoTokenizer.from_pretrained(storage.local_dir(reader.dir / fmt.TOKENIZER_DIR), trust_remote_code=False)
@@ -110,14 +104,17 @@ def build(label_dir: Path | str, examples: int = DEFAULT_EXAMPLES) -> str:
                           f"{label_dir}) and is not rendered")
     reader = ShardReader(label_dir)
     id_type = "u16" if reader.vocab_size <= 1 << 16 else "u32"
-    rows = []
+    rows, used = [], set()
     for row in reader.rows():
         rows.append(_example(reader.kind, row, id_type))
+        for column in (fmt.INPUT_IDS, fmt.PROMPT_IDS, fmt.COMPLETION_IDS, fmt.TOPK_IDS, fmt.SAMPLED_IDS):
+            if column in row:   # the ids whose text the page shows: its tokens and stored entries
+                used.update(np.unique(row[column]).tolist())
         if len(rows) == examples:
             break
     summary = inspect(label_dir)
     data = {"kind": reader.kind, "identity": _identity(reader.manifest, reader), "summary": summary,
-            "prob_scale": PROB_SCALE, "examples": rows, "texts": _token_texts(reader, rows, id_type)}
+            "prob_scale": PROB_SCALE, "examples": rows, "texts": _token_texts(reader, used)}
     return render(data)
 
 
