@@ -53,12 +53,14 @@ def cli_errors(program: str, raise_on_preemption: bool):
     return decorate
 
 
-def show_defaults(cls, panels: dict[str, str] | None = None, **fields_of: str):
+def show_defaults(cls, panels: dict[str, str] | None = None, shown: dict[str, str] | None = None, **fields_of: str):
     """Show each option's default, read from the config dataclass `cls`, in
     --help (the flags themselves default to None so a config file can fill
     them); a setting without a default is marked required. `panels` maps a
     help panel's title to the parameters it groups (space-separated);
-    `fields_of` names the field of a parameter spelled otherwise (input="inputs")."""
+    `shown` words a default that the field's None stands for (it depends on
+    the labels); `fields_of` names the field of a parameter spelled
+    otherwise (input="inputs")."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     panel_of = {name: title for title, names in (panels or {}).items() for name in names.split()}
 
@@ -76,7 +78,7 @@ def show_defaults(cls, panels: dict[str, str] | None = None, **fields_of: str):
             else:
                 info.help, info.show_default = f"{info.help} (required: this flag or the config file's key)", False
                 continue
-            info.show_default = "none" if value is None or value == () or value == {} else str(value)
+            info.show_default = (shown or {}).get(name) or ("none" if value in (None, (), {}) else str(value))
         return fn
     return decorate
 

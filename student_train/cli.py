@@ -53,8 +53,11 @@ def finish(result: dict, done: str) -> None:
     raise typer.Exit(code)
 
 
+TAIL_DEFAULT = {"tail": "tail for top-k labels, none for sampled ones"}
+
+
 @app.command("train")
-@clikit.show_defaults(TrainConfig)
+@clikit.show_defaults(TrainConfig, shown=TAIL_DEFAULT)
 @cli_errors(on_stop=ON_STOP)
 def train_cmd(
     config: Optional[Path] = typer.Argument(None, help="YAML/JSON config file; flags override its keys"),
