@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import json
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from labelgen.errors import FormatError, OptionError
 from labelgen.shards import ShardReader
 from labelgen.store import storage
 
+ASSETS = Path(__file__).parent / "html"   # the page's HTML, CSS and script: package data (pyproject.toml)
 DEFAULT_EXAMPLES = 8
 PROB_SCALE = 65535   # probabilities travel as uint16 codes: p ~ code / PROB_SCALE, within 8e-6
 
@@ -123,11 +123,8 @@ def render(data: dict) -> str:
     the <script> block it sits in or open another (<, >, & and the line separators as \\u escapes)."""
     blob = json.dumps(data, ensure_ascii=True, default=_plain, separators=(",", ":"))
     blob = blob.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    assets = resources.files("labelgen.tools") / "html"
-    page = (assets / "page.html").read_text(encoding="utf-8")
-    return (page.replace("/*STYLE*/", (assets / "page.css").read_text(encoding="utf-8"))
-                .replace("/*SCRIPT*/", (assets / "page.js").read_text(encoding="utf-8"))
-                .replace("/*DATA*/", blob))
+    page, style, script = (storage.read_text(ASSETS / name) for name in ("page.html", "page.css", "page.js"))
+    return page.replace("/*STYLE*/", style).replace("/*SCRIPT*/", script).replace("/*DATA*/", blob)
 
 
 def _plain(value):
