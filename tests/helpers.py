@@ -126,3 +126,27 @@ def silent_server():
         server.close()
         for c in accepted:
             c.close()
+
+
+def wait_for(condition, proc, limit: float = 300) -> None:
+    """Poll until `condition()` holds (fails if the process `proc` ends first or the limit passes)."""
+    import time
+    end = time.monotonic() + limit
+    while not condition():
+        assert proc.poll() is None, f"ended early: {proc.communicate()}"
+        assert time.monotonic() < end, "condition never held"
+        time.sleep(0.1)
+
+
+def slow_teacher(seconds: float) -> str:
+    """Python to run before labelgen's CLI: the hf teacher sleeps `seconds` per batch, so a run is still going
+    when a test's poll sees its first output and signals it, however fast the machine."""
+    return f"""
+import time
+from labelgen.backends import hf
+_score = hf.HFTeacher.score
+def score(self, windows, k):
+    time.sleep({seconds})
+    return _score(self, windows, k)
+hf.HFTeacher.score = score
+"""

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 
+from helpers import slow_teacher, wait_for
 from labelgen.store import storage
 
 BUCKET = "gcs-labels"
@@ -141,15 +142,7 @@ def test_generate_validate_inspect_and_train_from_and_into_a_gcs_bucket(gcs, tin
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
-SLOW_TEACHER = """
-import time
-from labelgen.backends import hf
-_score = hf.HFTeacher.score
-def score(self, windows, k):
-    time.sleep(0.1)
-    return _score(self, windows, k)
-hf.HFTeacher.score = score
-"""
+SLOW_TEACHER = slow_teacher(0.1)
 
 
 def slowed(env, *args: str) -> subprocess.Popen:
@@ -161,12 +154,7 @@ def slowed(env, *args: str) -> subprocess.Popen:
 def test_killed_with_minus_9_and_resumed_into_a_gcs_bucket_equals_a_local_run(gcs, tiny_teacher, corpus, tmp_path):
     uri = f"gs://{BUCKET}/killed"
     proc = slowed(gcs, *gen_args(tiny_teacher, corpus, uri, *ONE_WINDOW))
-    progress = storage.location(f"{uri}/progress.worker-0000-of-0001.json")
-    end = time.monotonic() + 300
-    while not progress.is_file():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < end
-        time.sleep(0.1)
+    wait_for(storage.location(f"{uri}/progress.worker-0000-of-0001.json").is_file, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not storage.location(f"{uri}/manifest.json").is_file()
@@ -190,12 +178,7 @@ def test_a_second_host_on_the_same_gcs_prefix_is_refused_naming_the_first_and_on
         gcs, tiny_teacher, corpus, tmp_path):
     uri = f"gs://{BUCKET}/two-hosts"
     first = slowed({**gcs, "LABELGEN_CACHE": str(tmp_path / "host-a")}, *gen_args(tiny_teacher, corpus, uri, *ONE_WINDOW))
-    lease = storage.location(f"{uri}/labelgen.lease")
-    end = time.monotonic() + 300
-    while not lease.is_file():
-        assert first.poll() is None, first.communicate()
-        assert time.monotonic() < end
-        time.sleep(0.1)
+    wait_for(storage.location(f"{uri}/labelgen.lease").is_file, first)
     second = cli({**gcs, "LABELGEN_CACHE": str(tmp_path / "host-b")}, "labelgen",
                  *gen_args(tiny_teacher, corpus, uri, *ONE_WINDOW, "--resume"))
     assert second.returncode == 2, second.stderr

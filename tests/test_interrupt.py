@@ -9,11 +9,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from helpers import slow_teacher, wait_for
 from labelgen.tools.inspection import validate
 
 
@@ -36,13 +36,6 @@ def labelgen(*args: str, prelude: str = "") -> subprocess.Popen:
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def wait_for(condition, proc: subprocess.Popen, limit: float = 300) -> None:
-    """Poll until `condition()` holds (fails if the process ends first or the limit passes)."""
-    end = time.monotonic() + limit
-    while not condition():
-        assert proc.poll() is None, f"ended early: {proc.communicate()}"
-        assert time.monotonic() < end, "condition never held"
-        time.sleep(0.2)
 
 
 def ended(proc: subprocess.Popen, limit: float = 120) -> tuple[int, str]:
@@ -67,17 +60,7 @@ def generate_args(teacher: str, corpus: Path, out: Path, *extra: str) -> list[st
             "--max-seq-len", "64", "--rows-per-shard", "8", "--no-progress", "--device", "cpu", *extra]
 
 
-# The teacher made slower, so the run is still going when the test's poll sees its first shards and signals it,
-# however fast the machine.
-SLOW_TEACHER = """
-import time
-from labelgen.backends import hf
-_score = hf.HFTeacher.score
-def score(self, windows, k):
-    time.sleep(0.05)
-    return _score(self, windows, k)
-hf.HFTeacher.score = score
-"""
+SLOW_TEACHER = slow_teacher(0.05)
 
 
 @pytest.mark.slow
