@@ -107,12 +107,12 @@ def version_option(program: str):
         if value:
             from importlib.metadata import PackageNotFoundError, version
             from labelgen.format.manifest import SHARD_TABLE_MIN
-            from labelgen.format.schema import FORMAT_VERSION, SHARD_TABLE_VERSION
+            from labelgen.format.schema import FORMAT_VERSION
             try:
                 mine = version("labelgen")
             except PackageNotFoundError:
                 mine = "(not installed: run from a checkout)"
-            typer.echo(f"{program} {mine} (label format {FORMAT_VERSION}; {SHARD_TABLE_VERSION} past "
+            typer.echo(f"{program} {mine} (label format {FORMAT_VERSION}; the shard list in a table past "
                        f"{SHARD_TABLE_MIN:,} shards)")
             raise typer.Exit()
     return typer.Option(False, "--version", callback=show, is_eager=True, help="print the version and exit")

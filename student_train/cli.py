@@ -80,6 +80,8 @@ def train_cmd(
     beta: Optional[float] = typer.Option(None, help="JSD mixing weight"),
     head_chunk_mb: Optional[float] = typer.Option(None, help="MiB of student logits made at a time (0: all at once)"),
     k: Optional[int] = typer.Option(None, help="use the first k stored top-k entries"),
+    assistant_only: Optional[bool] = typer.Option(None, "--assistant-only", help="count only the positions that predict "
+                                                  "an assistant's token (labels made with --messages-field)"),
     ce_weight: Optional[float] = typer.Option(None, help="kd loss: ce_weight x CE on the actual tokens + (1 - ce_weight) "
                                               "x KD (Axolotl's kd_alpha 0.9 is --ce-weight 0.1)"),
     ce_weight_end: Optional[float] = typer.Option(None, help="--ce-weight moves linearly to this value over the run"),

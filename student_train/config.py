@@ -218,6 +218,12 @@ class TrainConfig(LoopConfig, LossConfig):
     """Or hold out this many shards at the end of --labels for evaluation."""
     k: int | None = None
     """Use the first k stored entries (default: all the labels hold)."""
+    assistant_only: bool = False
+    """Train and evaluate on the assistant's tokens only: a position counts
+    when the token it predicts belongs to an assistant turn (label sets
+    generated with --messages-field mark them, format 2.4; TRL calls this
+    assistant_only_loss). samples and scored labels count their completions
+    only, always."""
     lr: float = 3e-4
     verify: bool = False
     """Check every shard's sha256 before training (sizes are always checked)."""

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from labelgen import format as fmt
+from labelgen.errors import OptionError
 from labelgen.format import FormatError
 from labelgen.shards import ShardReader
 
@@ -101,7 +102,8 @@ def columns_from_rows(rows: list[dict]) -> dict:
 
 
 def collate(columns: dict, kind: str, rows: np.ndarray | None = None, k: int | None = None,
-            vocab_limit: int | None = None, proposal_temperature: float = 1.0) -> dict[str, torch.Tensor]:
+            vocab_limit: int | None = None, proposal_temperature: float = 1.0,
+            assistant_only: bool = False) -> dict[str, torch.Tensor]:
     """A padded batch of `rows` (default: all) straight from decoded list
     columns (values, offsets), with no per-row objects. Position t of a row
     predicts input_ids[t + 1].
@@ -119,7 +121,10 @@ def collate(columns: dict, kind: str, rows: np.ndarray | None = None, k: int | N
     slots) where the set stores them, and sampled_coverage [B, T-1] (the
     teacher's mass on the drawn ids) where the set has it. Label ids at or above `vocab_limit` (the
     teacher's padded vocabulary slots) are emptied: they carry no mass the
-    student could match.
+    student could match. `assistant_only` (windows of chat text, which need
+    the assistant_mask column) counts a position only when the token it
+    predicts is the assistant's; samples and scored rows count their
+    completion tokens only, always.
     """
     if rows is None:
         rows = np.arange(len(next(iter(columns.values()))[1]) - 1)
@@ -148,6 +153,16 @@ def collate(columns: dict, kind: str, rows: np.ndarray | None = None, k: int | N
     step = np.arange(T)
     attn = (step < lengths[:, None]).astype(np.int64)
     mask = (step[:-1] >= first[:, None]) & (step[:-1] < (lengths - 1)[:, None])
+    if assistant_only and kind in fmt.WINDOW_KINDS:
+        if fmt.ASSISTANT_MASK not in columns:
+            raise FormatError("assistant-only training needs labels that mark the assistant's tokens (the "
+                              f"{fmt.ASSISTANT_MASK} column of chat label sets, format 2.4)")
+        marks, m_off = columns[fmt.ASSISTANT_MASK]
+        if (m_off[rows + 1] - m_off[rows] != lengths).any():
+            raise FormatError(f"{fmt.ASSISTANT_MASK} and {fmt.INPUT_IDS} differ in length")
+        assistant = np.zeros((B, T), bool)
+        assistant[r, t] = marks[_spread(m_off, rows)[2]]
+        mask &= assistant[:, 1:]   # position t predicts token t + 1: it counts when that token is the assistant's
     out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn),
            "targets": torch.from_numpy(ids[:, 1:].copy()), "mask": torch.from_numpy(mask)}
     if kind in fmt.TOPK_KINDS:
@@ -299,12 +314,13 @@ class LabelStream(torch.utils.data.IterableDataset):
     def __init__(self, readers: list[ShardReader], batch_size: int, *, seed: int = 0, shuffle: bool = True,
                  group_units: int = 4, rank: int = 0, world_size: int = 1, max_epochs: int | None = None,
                  k: int | None = None, vocab_limit: int | None = None, shards: list[tuple[int, int, int]] | None = None,
-                 cross=None, byte_lengths: np.ndarray | None = None):
+                 cross=None, byte_lengths: np.ndarray | None = None, assistant_only: bool = False):
         """`shards`: (set, first shard, end shard) ranges to read (default:
         every shard of every set; holdout_split makes them). `byte_lengths`:
         bytes of each token id; batches then carry `target_bytes`
         (cross-tokenizer batches always do), so evaluation reports bits per
-        byte, a unit that compares across tokenizers."""
+        byte, a unit that compares across tokenizers. `assistant_only`: count
+        only the positions that predict an assistant's token (set_assistant_only)."""
         self.readers, self.batch_size, self.seed, self.shuffle = readers, batch_size, seed, shuffle
         self.byte_lengths = byte_lengths
         self.group_units, self.rank, self.world_size, self.max_epochs = group_units, rank, world_size, max_epochs
@@ -314,6 +330,8 @@ class LabelStream(torch.utils.data.IterableDataset):
         # The loader's columns that every set has (a sampled set's coverage came with format 2.2).
         names = set.intersection(*(set(fmt.schema(r.kind, r.vocab_size, r.encoding).names) for r in readers))
         self.columns = [c for c in fmt.record_kind(self.kind).loader_columns if c in names]
+        self.assistant_only = False
+        self.set_assistant_only(assistant_only)
         # Entry order matters only when k keeps a rank prefix of what is stored.
         self.rank_order = k is not None and k < readers[0].k
         self.plan = UnitPlan(readers, shards if shards is not None else [(d, 0, len(r.shards)) for d, r in enumerate(readers)])
@@ -326,6 +344,24 @@ class LabelStream(torch.utils.data.IterableDataset):
 
     def load_state_dict(self, state: dict) -> None:
         self.start = LoaderState.from_dict(state)
+
+    def set_assistant_only(self, on: bool, option: str = "--assistant-only") -> None:
+        """Count only the positions that predict an assistant's token (`option`
+        names the setting in errors). Windows of chat text need the sets'
+        assistant_mask (format 2.4); samples and scored rows count only their
+        completions anyway, so for them nothing changes."""
+        if on and self.kind in fmt.WINDOW_KINDS:
+            if self.cross is not None:
+                raise OptionError(f"{option}: a student with its own tokenizer (cross-tokenizer KD) cannot be trained "
+                                  "on the assistant's tokens only yet; train on every position, or on the labels' tokenizer")
+            for r in self.readers:
+                if not r.encoding.assistant_mask:
+                    raise FormatError(f"{option}: {r.dir} does not mark the assistant's tokens (made from text, not from "
+                                      f"--messages-field, or before format 2.4); regenerate it from the conversations "
+                                      "with --messages-field, or train on every position")
+            if fmt.ASSISTANT_MASK not in self.columns:
+                self.columns.append(fmt.ASSISTANT_MASK)
+        self.assistant_only = bool(on)
 
     def _consumer(self) -> tuple[int, int, int, int]:
         info = torch.utils.data.get_worker_info()
@@ -361,7 +397,8 @@ class LabelStream(torch.utils.data.IterableDataset):
             concat_columns([take_rows(c, r) for c, r in pieces]), None)
         if self.cross is not None:
             return self.cross.collate(columns, rows, self.k, self.vocab_limit, self.proposal_temperature)
-        batch = collate(columns, self.kind, rows, self.k, self.vocab_limit, self.proposal_temperature)
+        batch = collate(columns, self.kind, rows, self.k, self.vocab_limit, self.proposal_temperature,
+                        self.assistant_only)
         if self.byte_lengths is not None:
             lengths = torch.from_numpy(self.byte_lengths)
             batch["target_bytes"] = lengths[batch["targets"].clamp(0, len(lengths) - 1)] * batch["mask"]

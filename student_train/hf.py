@@ -47,12 +47,14 @@ class LabelDataset(torch.utils.data.IterableDataset):
     one dict of arrays each, for trainers that batch examples themselves.
     `k` keeps the first k stored entries of topk labels; `student_tokenizer`
     (a tokenizer other than the labels') turns on cross-tokenizer KD: the
-    examples are re-tokenized for the student (student_train.xtok). Every process
+    examples are re-tokenized for the student (student_train.xtok);
+    `assistant_only` counts only the positions that predict an assistant's
+    token (chat label sets, format 2.4). Every process
     yields the whole stream: accelerate (under Trainer) splits or
     dispatches the batches across ranks; DataLoader workers share it."""
 
     def __init__(self, labels: str | list[str], *, k: int | None = None, seed: int = 0, shuffle: bool = True,
-                 group_units: int = 4, verify: bool = False, student_tokenizer=None):
+                 group_units: int = 4, verify: bool = False, student_tokenizer=None, assistant_only: bool = False):
         readers = open_label_sets([labels] if isinstance(labels, str) else list(labels), verify)
         if k is not None and readers[0].kind in fmt.TOPK_KINDS and not 1 <= k <= readers[0].k:
             raise FormatError(f"k={k}: the labels hold {readers[0].k} entries per position")
@@ -62,7 +64,8 @@ class LabelDataset(torch.utils.data.IterableDataset):
             if isinstance(student_tokenizer, (str, Path)):
                 student_tokenizer = load_tokenizer_for(None, Path(student_tokenizer), "student_tokenizer")
             cross = CrossTokenizer(load_tokenizer_for(None, readers[0].dir), student_tokenizer)
-        self.stream = LabelStream(readers, 1, seed=seed, shuffle=shuffle, group_units=group_units, k=k, cross=cross)
+        self.stream = LabelStream(readers, 1, seed=seed, shuffle=shuffle, group_units=group_units, k=k, cross=cross,
+                                  assistant_only=assistant_only)
         self.epoch = 0
 
     @property
@@ -113,7 +116,7 @@ class LabelCollator:
         s = self.dataset.stream
         columns = columns_from_rows(examples)
         batch = s.cross.collate(columns, None, s.k, s.vocab_limit, s.proposal_temperature) if s.cross is not None else \
-            collate(columns, s.kind, None, s.k, s.vocab_limit, s.proposal_temperature)
+            collate(columns, s.kind, None, s.k, s.vocab_limit, s.proposal_temperature, s.assistant_only)
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         labels[:, 0] = -100
         labels[:, 1:] = labels[:, 1:].masked_fill(~batch["mask"], -100)

@@ -371,7 +371,8 @@ def fit(cfg, d: Dist, run: Run, rd: RunDir, ckpt: Path | None) -> dict:
             last = step == cfg.max_steps
             evaluating = run.eval_stream is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or last)
             if step % cfg.log_every == 0 or evaluating or last:
-                record = {"step": step, **{k: float(v) / max(step_tokens, 1) for k, v in sums.items()}, "ce_weight": alpha,
+                record = {"step": step, **{k: float(v) / max(step_tokens, 1) for k, v in sums.items()},
+                          "tokens": int(total), "ce_weight": alpha,
                           **{("lr" if name == "student" else f"{name}_lr"): scheds[name].get_last_lr()[0]
                              for name in trained},
                           "tokens_per_s": tokens * d.world / max(time.time() - t0, 1e-9)}

@@ -61,7 +61,8 @@ def train(cfg: TrainConfig) -> dict:
             cross = CrossTokenizer(load_tokenizer_for(None, readers[0].dir), tokenizer, rd.local if d.main else None)
         train_shards, eval_shards = holdout_split(readers, cfg.eval_holdout)
         stream = LabelStream(readers, cfg.batch_size, seed=cfg.seed, group_units=cfg.group_units, rank=d.rank,
-                             world_size=d.world, k=k, vocab_limit=width, shards=train_shards, cross=cross)
+                             world_size=d.world, k=k, vocab_limit=width, shards=train_shards, cross=cross,
+                             assistant_only=cfg.assistant_only)
         eval_stream = None
         if cfg.eval_labels or eval_shards:
             eval_readers = open_label_sets(list(cfg.eval_labels), cfg.verify) if cfg.eval_labels else readers
@@ -72,7 +73,8 @@ def train(cfg: TrainConfig) -> dict:
                     raise FormatError(f"--eval-labels: {r.dir} was made with another tokenizer than --labels")
             eval_stream = LabelStream(eval_readers, cfg.batch_size, shuffle=False, rank=d.rank, world_size=d.world,
                                       k=None, vocab_limit=width, shards=None if cfg.eval_labels else eval_shards,
-                                      cross=cross, byte_lengths=None if cross else token_byte_lengths(tokenizer, width))
+                                      cross=cross, byte_lengths=None if cross else token_byte_lengths(tokenizer, width),
+                                      assistant_only=cfg.assistant_only)
         fingerprints = [r.manifest["fingerprint"] for r in readers]
 
         def check_resume(meta: dict, ckpt: Path) -> None:

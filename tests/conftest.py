@@ -124,3 +124,34 @@ def scored_labels(tiny_teacher, corpus, tmp_path_factory):
     run(GenerateConfig(teacher=tiny_teacher, inputs=(str(d / "samples"),), out=str(d / "s"), mode="score", k=8,
                        progress=False, device="cpu"))
     return d / "s"
+
+
+@pytest.fixture(scope="session")
+def chats(tmp_path_factory):
+    """12 two-turn conversations (user, assistant, user, assistant) of stdlib source, in a messages field."""
+    import json
+    from labelgen.tools.demo import read_corpus
+    source, at = "".join(read_corpus(None, 100_000)), 0
+    path = tmp_path_factory.mktemp("chats") / "chats.jsonl"
+    with open(path, "w") as f:
+        for i in range(12):
+            turns = []
+            for j in range(4):   # turns of 30 to 170 characters
+                turns.append(source[at:at + 30 + 10 * i + 7 * j])
+                at += len(turns[-1])
+            f.write(json.dumps({"id": f"chat{i}", "messages": [
+                {"role": role, "content": turn} for role, turn in zip(("user", "assistant") * 2, turns)]}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_labels(tiny_teacher, chats, tmp_path_factory):
+    """Top-16 labels of the tiny teacher over the two-turn chats, windows of 64 tokens: they mark the assistant's
+    tokens (format 2.4)."""
+    from labelgen.generate.config import GenerateConfig
+    from labelgen.generate import run
+    out = tmp_path_factory.mktemp("chat_labels") / "topk"
+    run(GenerateConfig(teacher=tiny_teacher, inputs=(str(chats),), out=str(out), k=16, max_seq_len=64,
+                       messages_field="messages", id_field="id", rows_per_shard=4, progress=False,
+                       encoding={"row_group_rows": 4}, device="cpu"))
+    return out

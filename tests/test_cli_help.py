@@ -6,6 +6,7 @@ import pytest
 import typer.main
 from typer.testing import CliRunner
 
+from labelgen import format as fmt
 from labelgen.cli import app as labelgen_app
 from student_train.cli import app as student_app
 
@@ -39,7 +40,7 @@ def test_required_settings_are_marked_and_generate_groups_its_options_in_panels(
 @pytest.mark.parametrize("program", APPS)
 def test_version(program):
     r = CliRunner().invoke(APPS[program], ["--version"])
-    assert r.exit_code == 0 and r.output.startswith(f"{program} ") and "label format 2.2" in r.output, r.output
+    assert r.exit_code == 0 and r.output.startswith(f"{program} ") and f"label format {fmt.FORMAT_VERSION}" in r.output, r.output
 
 
 def test_renamed_options_are_hidden_from_help_but_the_new_names_are_shown():

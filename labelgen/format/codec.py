@@ -11,7 +11,7 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow as pa
 
-from labelgen.format.schema import (COMPLETION, COMPLETION_IDS, COMPLETION_LOGPROBS, COVERAGE, EXAMPLE_ID,
+from labelgen.format.schema import (ASSISTANT_MASK, COMPLETION, COMPLETION_IDS, COMPLETION_LOGPROBS, COVERAGE, EXAMPLE_ID,
                                     FINISH_REASON, INPUT_IDS, LOGPROB_FLOOR, POSITIVE_TOLERANCE, PROMPT,
                                     PROMPT_IDS, ROUND, SAMPLED_COUNTS, SAMPLED_IDS, SAMPLED_LENGTHS,
                                     SAMPLED_LOGPROBS, SAMPLE_INDEX, SAMPLING_LOGPROB, SEED, TAIL_SQRT_STEP, TARGET_LOGPROB,
@@ -164,6 +164,25 @@ def _check_ids(ex, name, ids, vocab_size):
         _fail(ex, f"{name} has ids outside [0, {vocab_size}) (min {ids.min()}, max {ids.max()})")
 
 
+def _assistant_mask(sch: pa.Schema, rows: list[dict]) -> dict[str, pa.Array]:
+    """The assistant_mask column of window rows where the schema has one
+    (Encoding.assistant_mask, 2.4): one bool per input id, else nothing."""
+    if ASSISTANT_MASK not in sch.names:
+        return {}
+    masks = []
+    for r in rows:
+        ex, m = r.get(EXAMPLE_ID), r.get(ASSISTANT_MASK)
+        if m is None:
+            _fail(ex, "assistant_mask is missing (this encoding marks which input ids are the assistant's)")
+        m, n = np.asarray(m).reshape(-1), np.asarray(r[INPUT_IDS]).size
+        if m.size != n:
+            _fail(ex, f"assistant_mask has {m.size} entries for {n} input ids (one per input id)")
+        if m.dtype != bool and not (m.dtype.kind in "iu" and np.isin(m, (0, 1)).all()):
+            _fail(ex, "assistant_mask must hold booleans (or 0/1)")
+        masks.append(m.astype(bool))
+    return {ASSISTANT_MASK: _list_array(np.concatenate(masks), (m.size for m in masks), pa.bool_())}
+
+
 def encode_topk_rows(sch: pa.Schema, rows: list[dict], k: int, vocab_size: int, enc: Encoding,
                      id_map: IdMap | None = None) -> pa.RecordBatch:
     """Validate and encode topk rows (see module docstring) into one batch.
@@ -173,9 +192,11 @@ def encode_topk_rows(sch: pa.Schema, rows: list[dict], k: int, vocab_size: int, 
     coverage [L-1], target_logprob [L-1], target_rank [L-1]. `id_map`
     renumbers the stored top-k ids (required when enc.id_map is frequency).
     With enc.variable_k, entries whose logprob is -inf are dropped (the top-1
-    of every position must be kept; their ids are not looked at).
+    of every position must be kept; their ids are not looked at). With
+    enc.assistant_mask, also assistant_mask [L] (bool).
     """
     cols = _topk_columns(sch, rows, k, vocab_size, enc, id_map, scored=False)
+    cols.update(_assistant_mask(sch, rows))
     cols[EXAMPLE_ID] = pa.array([r[EXAMPLE_ID] for r in rows], pa.string())
     cols[WINDOW_OFFSET] = pa.array([int(r.get(WINDOW_OFFSET, 0)) for r in rows], pa.int64())
     return pa.RecordBatch.from_arrays([cols[f.name] for f in sch], schema=sch)
@@ -330,7 +351,8 @@ def encode_samples_rows(sch: pa.Schema, rows: list[dict], k: int, vocab_size: in
 
 def encode_tokens_rows(sch: pa.Schema, rows: list[dict], k: int, vocab_size: int, enc: Encoding,
                        id_map: IdMap | None = None) -> pa.RecordBatch:
-    """Validate and encode tokens rows: example_id, window_offset, input_ids (>= 2 ids)."""
+    """Validate and encode tokens rows: example_id, window_offset, input_ids (>= 2 ids), and with
+    enc.assistant_mask assistant_mask (one bool per input id)."""
     arrays = []
     for r in rows:
         ex = r.get(EXAMPLE_ID)
@@ -341,11 +363,11 @@ def encode_tokens_rows(sch: pa.Schema, rows: list[dict], k: int, vocab_size: int
             _fail(ex, f"needs at least 2 input ids, got {inp.size}")
         _check_ids(ex, INPUT_IDS, inp, vocab_size)
         arrays.append(inp)
-    return pa.RecordBatch.from_arrays([
-        pa.array([r[EXAMPLE_ID] for r in rows], pa.string()),
-        pa.array([int(r.get(WINDOW_OFFSET, 0)) for r in rows], pa.int64()),
-        _list_array(np.concatenate(arrays), (a.size for a in arrays), sch.field(INPUT_IDS).type.value_type),
-    ], schema=sch)
+    cols = {EXAMPLE_ID: pa.array([r[EXAMPLE_ID] for r in rows], pa.string()),
+            WINDOW_OFFSET: pa.array([int(r.get(WINDOW_OFFSET, 0)) for r in rows], pa.int64()),
+            INPUT_IDS: _list_array(np.concatenate(arrays), (a.size for a in arrays), sch.field(INPUT_IDS).type.value_type),
+            **_assistant_mask(sch, rows)}
+    return pa.RecordBatch.from_arrays([cols[f.name] for f in sch], schema=sch)
 
 
 def encode_sampled_rows(sch: pa.Schema, rows: list[dict], draws: int, vocab_size: int, enc: Encoding,
@@ -354,8 +376,8 @@ def encode_sampled_rows(sch: pa.Schema, rows: list[dict], draws: int, vocab_size
     input_ids [L], sampled_lengths [L-1], sampled_ids and sampled_counts
     [sum of lengths] (per position ascending ids, counts summing to `draws`),
     sampled_logprobs [same] or empty, and with enc.sampled_coverage
-    coverage [L-1] (the teacher's mass on each position's distinct ids).
-    `id_map` renumbers the stored ids (required when enc.id_map is
+    coverage [L-1] (the teacher's mass on each position's distinct ids),
+    with enc.assistant_mask assistant_mask [L] (bool). `id_map` renumbers the stored ids (required when enc.id_map is
     frequency); each position is stored in ascending order of its
     renumbered ids."""
     _check_id_map(enc, id_map)
@@ -406,12 +428,12 @@ def encode_sampled_rows(sch: pa.Schema, rows: list[dict], draws: int, vocab_size
             cols[COVERAGE].append(encode_coverage(cov, enc))
     names = (INPUT_IDS, SAMPLED_IDS, SAMPLED_COUNTS, SAMPLED_LENGTHS, SAMPLED_LOGPROBS) \
         + ((COVERAGE,) if enc.sampled_coverage else ())
-    return pa.RecordBatch.from_arrays(
-        [pa.array([r[EXAMPLE_ID] for r in rows], pa.string()),
-         pa.array([int(r.get(WINDOW_OFFSET, 0)) for r in rows], pa.int64())]
-        + [_list_array(np.concatenate(cols[c]), (a.size for a in cols[c]), sch.field(c).type.value_type)
-           for c in names],
-        schema=sch)
+    arrays = {c: _list_array(np.concatenate(cols[c]), (a.size for a in cols[c]), sch.field(c).type.value_type)
+              for c in names}
+    arrays.update({EXAMPLE_ID: pa.array([r[EXAMPLE_ID] for r in rows], pa.string()),
+                   WINDOW_OFFSET: pa.array([int(r.get(WINDOW_OFFSET, 0)) for r in rows], pa.int64()),
+                   **_assistant_mask(sch, rows)})
+    return pa.RecordBatch.from_arrays([arrays[f.name] for f in sch], schema=sch)
 
 
 def _flat(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -487,6 +509,8 @@ def decode_batch(batch: pa.RecordBatch | pa.Table, kind: str, k: int, enc: Encod
             values = (decode_coverage if name == COVERAGE else decode_target_logprob)(values, enc)
         elif name == SAMPLED_LOGPROBS:
             values = decode_logprobs(values[None, :], Encoding(logprob_codec="u8", u8_range=enc.u8_range))[0]
+        elif name == ASSISTANT_MASK:
+            values = values.astype(bool, copy=False)
         else:
             values = values.astype(np.float32, copy=False)
         out[name] = (values, offsets)

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from labelgen.format import codec
-from labelgen.format.schema import (COMPLETION, COMPLETION_IDS, COMPLETION_LOGPROBS, COVERAGE, EXAMPLE_ID,
+from labelgen.format.schema import (ASSISTANT_MASK, COMPLETION, COMPLETION_IDS, COMPLETION_LOGPROBS, COVERAGE, EXAMPLE_ID,
                                     FINISH_REASON, INPUT_IDS, KINDS, PROMPT, PROMPT_IDS, ROUND, SAMPLE_INDEX, SAMPLING_LOGPROB,
                                     SAMPLED_COUNTS, SAMPLED_IDS, SAMPLED_LENGTHS, SAMPLED_LOGPROBS, SEED,
                                     TARGET_LOGPROB, TARGET_RANK, TOPK_IDS, TOPK_KINDS, TOPK_LENGTHS, TOPK_LOGPROBS,
@@ -45,8 +45,11 @@ class RecordKind:
         return n - batch.num_rows if self.name == "tokens" else n
 
 
-def _windows(ids: pa.DataType, *rest) -> list:
-    return [(EXAMPLE_ID, pa.string()), (WINDOW_OFFSET, pa.int64()), (INPUT_IDS, ids), *rest]
+def _windows(ids: pa.DataType, enc: Encoding, *rest) -> list:
+    """A window kind's columns: the window, its label columns, and with enc.assistant_mask (2.4) which of its
+    ids are the assistant's."""
+    mask = [(ASSISTANT_MASK, pa.list_(pa.bool_()))] if enc.assistant_mask else []
+    return [(EXAMPLE_ID, pa.string()), (WINDOW_OFFSET, pa.int64()), (INPUT_IDS, ids), *rest, *mask]
 
 
 def _topk_per_position(ids: pa.DataType, enc: Encoding) -> list:
@@ -64,7 +67,7 @@ def _topk_split(enc: Encoding) -> tuple[str, ...]:
 TABLE = {k.name: k for k in (
     RecordKind(
         "topk",
-        columns=lambda ids, enc: _windows(ids, *_topk_per_position(ids, enc)),
+        columns=lambda ids, enc: _windows(ids, enc, *_topk_per_position(ids, enc)),
         encode=codec.encode_topk_rows,
         position_column=COVERAGE,
         loader_columns=(INPUT_IDS, TOPK_IDS, TOPK_LOGPROBS, COVERAGE),
@@ -85,7 +88,7 @@ TABLE = {k.name: k for k in (
         statistics_columns=(EXAMPLE_ID, SAMPLE_INDEX)),
     RecordKind(
         "tokens",
-        columns=lambda ids, enc: _windows(ids),
+        columns=lambda ids, enc: _windows(ids, enc),
         encode=codec.encode_tokens_rows,
         position_column=INPUT_IDS,
         loader_columns=(INPUT_IDS,),
@@ -93,7 +96,7 @@ TABLE = {k.name: k for k in (
     RecordKind(
         "sampled",
         columns=lambda ids, enc: _windows(
-            ids, (SAMPLED_IDS, ids), (SAMPLED_COUNTS, pa.list_(pa.uint8())), (SAMPLED_LENGTHS, pa.list_(pa.uint8())),
+            ids, enc, (SAMPLED_IDS, ids), (SAMPLED_COUNTS, pa.list_(pa.uint8())), (SAMPLED_LENGTHS, pa.list_(pa.uint8())),
             (SAMPLED_LOGPROBS, pa.list_(pa.uint8())),
             *([(COVERAGE, pa.list_(pa.from_numpy_dtype(position_dtype(COVERAGE, enc))))] if enc.sampled_coverage else [])),
         encode=codec.encode_sampled_rows,

@@ -17,7 +17,8 @@ from labelgen.errors import FormatError, one_line  # noqa: F401  (raised by ever
 from labelgen.store.fsutil import TMP_SUFFIX  # noqa: F401
 
 FORMAT_NAME = "labelgen"
-FORMAT_VERSION = "2.2"   # 2.1: the scored kind; 2.2: sampled sets may carry coverage (Encoding.sampled_coverage)
+FORMAT_VERSION = "2.4"   # 2.1: the scored kind; 2.2: sampled sets may carry coverage (Encoding.sampled_coverage);
+#                           2.4: windows of chat text may carry assistant_mask (Encoding.assistant_mask)
 SHARD_TABLE_VERSION = "2.3"   # a manifest of more shards than manifest.SHARD_TABLE_MIN lists them in a Parquet table
 READABLE_MAJOR_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
@@ -43,6 +44,8 @@ ID_TABLE_FOOTER_KEY = b"labelgen_id_table"
 
 KINDS = ("topk", "samples", "tokens", "sampled", "scored")
 TOPK_KINDS = ("topk", "scored")   # the kinds that store a teacher's top-k per position
+WINDOW_KINDS = ("topk", "tokens", "sampled")   # rows are windows of text: they may mark the assistant's tokens
+COMPLETION_KINDS = ("samples", "scored")        # rows are completions: only their completion tokens are labelled
 
 # Column names. Per-position columns of a topk row hold L-1 entries for a
 # window of L input ids: position t predicts input_ids[t + 1].
@@ -55,6 +58,7 @@ COVERAGE = "coverage"
 TARGET_LOGPROB = "target_logprob"
 TARGET_RANK = "target_rank"
 TOPK_LENGTHS = "topk_lengths"          # entries kept per position (variable_k only, 1.3)
+ASSISTANT_MASK = "assistant_mask"      # per input id: part of an assistant turn (Encoding.assistant_mask, 2.4)
 
 SAMPLE_INDEX = "sample_index"
 PROMPT = "prompt"
@@ -143,6 +147,14 @@ class Encoding:
     probability mass on the position's distinct drawn ids, stored as topk's
     coverage is (position_codec); what the tail-bucket loss needs. Sets
     written before 2.2 have none."""
+    assistant_mask: bool = False
+    """Windows of chat text (topk, tokens and sampled kinds, 2.4): an
+    assistant_mask column of one bool per input id, true where the token
+    belongs to an assistant turn as the chat template renders it (its
+    content and end of turn, after the generation prompt). Training with
+    --assistant-only (TRL: assistant_only_loss) counts a position only when
+    the token it predicts is the assistant's. `labelgen generate` writes it
+    for --messages-field input; sets written before 2.4 have none."""
 
     def __post_init__(self):
         if self.logprob_codec not in LOGPROB_CODECS:
@@ -165,7 +177,7 @@ class Encoding:
             raise FormatError(f"id_map_size must be in [1, 2^20], got {self.id_map_size}")
         if not 1 <= self.zstd_level <= 22:
             raise FormatError(f"zstd_level must be in [1, 22], got {self.zstd_level}")
-        for name in ("variable_k", "sampled_coverage"):
+        for name in ("variable_k", "sampled_coverage", "assistant_mask"):
             if not isinstance(getattr(self, name), bool):
                 raise FormatError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.variable_k and self.logprob_codec == "gap":

@@ -82,7 +82,10 @@ class GenerateConfig:
     text_field: str = "text"
     prompt_field: str | None = None
     messages_field: str | None = None
-    """A list of {role, content} rendered with the teacher's chat template."""
+    """A list of {role, content} rendered with the teacher's chat template.
+    Windowed modes (topk, sampled, tokens) then mark which input ids are the
+    assistant's (an assistant_mask column, format 2.4; off with --encoding
+    assistant_mask=false), for training on the assistant's tokens only."""
     id_field: str | None = None
     """Field holding a stable example id; default file:line."""
     rows_per_shard: int = 1000
@@ -183,6 +186,9 @@ class GenerateConfig:
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             bad("--peak-tflops", f"must be > 0, got {self.peak_tflops}")
         Encoding(**self.encoding)  # fails early with a message naming the field
+        if self.encoding.get("assistant_mask") and not (self.windowed and self.messages_field):
+            bad("--encoding", "assistant_mask marks the assistant's turns of conversations: it needs --messages-field "
+                              "and --mode topk, sampled or tokens")
 
     @property
     def window_stride(self) -> int:

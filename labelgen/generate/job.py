@@ -223,6 +223,12 @@ def resolve(cfg: GenerateConfig, tokenizer) -> GenerateConfig:
         raise OptionError(f"--k {cfg.k} is larger than the teacher's vocabulary ({vocab})")
     if cfg.truncates and not cfg.encoding.get("variable_k"):
         cfg = dataclasses.replace(cfg, encoding={**cfg.encoding, "variable_k": True})
+    if cfg.windowed and cfg.messages_field and "assistant_mask" not in cfg.encoding:   # conversations: mark the assistant's tokens
+        cfg = dataclasses.replace(cfg, encoding={**cfg.encoding, "assistant_mask": True})
+    if cfg.encoding.get("assistant_mask") and not getattr(tokenizer, "is_fast", False):
+        raise OptionError(f"--messages-field: finding the assistant's tokens needs a fast tokenizer (character offsets); "
+                          f"{cfg.teacher}'s is a slow one: save it as a fast tokenizer, or pass --encoding "
+                          "assistant_mask=false to label without the mask")
     return cfg
 
 

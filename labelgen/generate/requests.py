@@ -52,12 +52,18 @@ def truncate(logprobs: np.ndarray, coverage: np.ndarray, keep_mass: float,
 # Each mode's step returns (rows, the length of every sequence the teacher ran).
 
 
+def window_row(item: tuple) -> dict:
+    """A window item (example_id, offset, ids, assistant mask or None) as the columns its row starts with."""
+    ex, off, w, mask = item
+    return {fmt.EXAMPLE_ID: ex, fmt.WINDOW_OFFSET: off, fmt.INPUT_IDS: w,
+            **({} if mask is None else {fmt.ASSISTANT_MASK: mask})}
+
+
 def score_batch(teacher: Teacher, batch: list, cfg: GenerateConfig) -> tuple[list[dict], list[int]]:
-    labels = teacher.score([w for _, _, w in batch], cfg.k)
-    rows = [{fmt.EXAMPLE_ID: ex, fmt.WINDOW_OFFSET: off, fmt.INPUT_IDS: w, fmt.TOPK_IDS: t.ids,
-             fmt.TOPK_LOGPROBS: t.logprobs, fmt.COVERAGE: t.coverage, fmt.TARGET_LOGPROB: t.target_logprob,
-             fmt.TARGET_RANK: t.target_rank} for (ex, off, w), t in zip(batch, labels)]
-    return rows, [len(w) for _, _, w in batch]
+    labels = teacher.score([item[2] for item in batch], cfg.k)
+    rows = [{**window_row(item), fmt.TOPK_IDS: t.ids, fmt.TOPK_LOGPROBS: t.logprobs, fmt.COVERAGE: t.coverage,
+             fmt.TARGET_LOGPROB: t.target_logprob, fmt.TARGET_RANK: t.target_rank} for item, t in zip(batch, labels)]
+    return rows, [len(item[2]) for item in batch]
 
 
 def score_completions(teacher: Teacher, batch: list, cfg: GenerateConfig) -> tuple[list[dict], list[int]]:
@@ -76,20 +82,18 @@ def score_completions(teacher: Teacher, batch: list, cfg: GenerateConfig) -> tup
 
 
 def draw_batch(teacher: Teacher, batch: list, cfg: GenerateConfig) -> tuple[list[dict], list[int]]:
-    seeds = [derive_seed(cfg.seed, ex, off) for ex, off, _ in batch]
-    labels = teacher.draw([w for _, _, w in batch], cfg.draws, cfg.proposal_temperature, seeds)
+    seeds = [derive_seed(cfg.seed, ex, off) for ex, off, _, _ in batch]
+    labels = teacher.draw([item[2] for item in batch], cfg.draws, cfg.proposal_temperature, seeds)
     # The drawn ids' logprobs are stored for a tempered proposal's importance weights, or when asked for.
     keep_logprobs = cfg.proposal_temperature != 1.0 or cfg.draw_logprobs
-    rows = [{fmt.EXAMPLE_ID: ex, fmt.WINDOW_OFFSET: off, fmt.INPUT_IDS: w, fmt.SAMPLED_IDS: s.ids,
-             fmt.SAMPLED_COUNTS: s.counts, fmt.SAMPLED_LENGTHS: s.lengths,
+    rows = [{**window_row(item), fmt.SAMPLED_IDS: s.ids, fmt.SAMPLED_COUNTS: s.counts, fmt.SAMPLED_LENGTHS: s.lengths,
              fmt.SAMPLED_LOGPROBS: s.logprobs if keep_logprobs else s.logprobs[:0], fmt.COVERAGE: s.coverage}
-            for (ex, off, w), s in zip(batch, labels)]
-    return rows, [len(w) for _, _, w in batch]
+            for item, s in zip(batch, labels)]
+    return rows, [len(item[2]) for item in batch]
 
 
 def windows_only(batch: list) -> tuple[list[dict], list[int]]:
-    rows = [{fmt.EXAMPLE_ID: ex, fmt.WINDOW_OFFSET: off, fmt.INPUT_IDS: w} for ex, off, w in batch]
-    return rows, [len(w) for _, _, w in batch]
+    return [window_row(item) for item in batch], [len(item[2]) for item in batch]
 
 
 def sample_batches(items: list, cfg: GenerateConfig):

@@ -33,7 +33,8 @@ def windows(ids: np.ndarray, size: int, stride: int) -> list[tuple[int, np.ndarr
 @dataclass
 class ShardWork:
     index: int
-    items: list = field(default_factory=list)   # topk: (example_id, offset, ids); samples: (example_id, prompt, ids);
+    items: list = field(default_factory=list)   # windows: (example_id, offset, ids, assistant mask or None);
+    #                                             samples: (example_id, prompt, ids);
     #                                             score: (example_id, sample_index, ids, prompt length, sampling logprobs)
     examples: int = 0
     skipped: int = 0
@@ -101,11 +102,15 @@ def prepare(work: ShardWork, records: list, tokenizer, cfg: GenerateConfig, max_
     if cfg.mode == "score":
         return prepare_completions(work, records, cfg, max_positions)
     good = [r for r in records if not isinstance(r, InputError)]
-    ids_of = dict(zip(map(id, good), tokenize_batch(good, tokenizer, generation_prompt=not cfg.windowed)))
+    tokenized = tokenize_batch(good, tokenizer, generation_prompt=not cfg.windowed,
+                               assistant_mask=bool(cfg.encoding.get("assistant_mask")))
+    ids_of = dict(zip(map(id, good), tokenized))
     for rec in records:
         try:
             if isinstance(rec, InputError):
                 raise rec
+            if isinstance(ids_of[id(rec)], InputError):
+                raise ids_of[id(rec)]
             work.items.extend(items_of(rec, ids_of[id(rec)], cfg, max_positions))
         except InputError as e:
             if not cfg.skip_bad:
@@ -114,34 +119,93 @@ def prepare(work: ShardWork, records: list, tokenizer, cfg: GenerateConfig, max_
     return work
 
 
-def tokenize_batch(records: list[Record], tokenizer, generation_prompt: bool) -> list[tuple[str, list[int]]]:
-    """(text the teacher sees, its ids) per record; chat messages are rendered
-    with the tokenizer's template (which brings its own special tokens), with
-    the assistant's generation prompt appended when the teacher is to answer
-    (sampling modes) and as they stand when the conversation is scored."""
-    texts, plain = [], []
+def tokenize_batch(records: list[Record], tokenizer, generation_prompt: bool,
+                   assistant_mask: bool = False) -> list[tuple[str, list[int], np.ndarray | None] | InputError]:
+    """(text the teacher sees, its ids, which ids are the assistant's) per
+    record, or the record's InputError. Chat messages are rendered with the
+    tokenizer's template (which brings its own special tokens), with the
+    assistant's generation prompt appended when the teacher is to answer
+    (sampling modes) and as they stand when the conversation is scored;
+    with `assistant_mask` a scored conversation's assistant turns are found
+    (chat_turns) and mapped to its tokens by their character offsets."""
+    texts, plain, spans = [], [], []
     for rec in records:
         if rec.messages is not None:
             if not getattr(tokenizer, "chat_template", None):
                 raise InputError(f"{rec.where}: --messages-field needs a chat template and the teacher's tokenizer has none")
-            texts.append(tokenizer.apply_chat_template(rec.messages, tokenize=False, add_generation_prompt=generation_prompt))
+            try:
+                text, turns = chat_turns(tokenizer, rec) if assistant_mask else \
+                    (tokenizer.apply_chat_template(rec.messages, tokenize=False, add_generation_prompt=generation_prompt), None)
+            except InputError as e:
+                text, turns = e, None
+            texts.append(text)
+            spans.append(turns)
         else:
             texts.append(rec.text if rec.text is not None else rec.prompt)
+            spans.append(None)
         plain.append(rec.messages is None)
-    if not texts:
-        return []
-    with_specials = tokenizer(texts)["input_ids"] if any(plain) else [None] * len(texts)
-    without = tokenizer(texts, add_special_tokens=False)["input_ids"] if not all(plain) else [None] * len(texts)
-    return [(t, a if p else b) for t, p, a, b in zip(texts, plain, with_specials, without)]
+    rendered = [t for t in texts if not isinstance(t, InputError)]
+    if not rendered:
+        return texts
+    chat = [t for t, p in zip(texts, plain) if not p and not isinstance(t, InputError)]
+    with_specials = iter(tokenizer([t for t, p in zip(texts, plain) if p])["input_ids"] if any(plain) else [])
+    without = tokenizer(chat, add_special_tokens=False, return_offsets_mapping=assistant_mask) if chat else {}
+    without_ids, offsets = iter(without.get("input_ids", [])), iter(without.get("offset_mapping", []))
+    out = []
+    for text, p, turns in zip(texts, plain, spans):
+        if isinstance(text, InputError):
+            out.append(text)
+            continue
+        ids = next(with_specials) if p else next(without_ids)
+        mask = None
+        if assistant_mask and not p:
+            at = np.asarray(next(offsets), np.int64).reshape(-1, 2)
+            start, end = at[:, 0], np.maximum(at[:, 1], at[:, 0] + 1)   # a token without characters: its start
+            mask = np.zeros(len(ids), bool)
+            for a, b in turns:   # a token counts when its characters overlap an assistant turn
+                mask |= (start < b) & (end > a)
+        out.append((text, ids, mask))
+    return out
 
 
-def items_of(rec: Record, text_ids: tuple[str, list[int]], cfg: GenerateConfig, max_positions: int) -> list[tuple]:
-    text, ids = text_ids
+def chat_turns(tokenizer, rec: Record) -> tuple[str, list[tuple[int, int]]]:
+    """A conversation as the chat template renders it, and the character
+    spans of its assistant turns: each from the end of the generation prompt
+    before it (the conversation so far rendered with add_generation_prompt)
+    to the end of the conversation rendered through it, so a turn is what
+    the model would write when asked: its content and end-of-turn tokens.
+    A template that renders a conversation's start other than as the start
+    of the whole (one that rewrites earlier turns) is an InputError."""
+    def render(messages: list, prompt: bool) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+
+    text, spans = render(rec.messages, False), []
+    off = "; pass --encoding assistant_mask=false to label without marking the assistant's tokens"
+    for i, message in enumerate(rec.messages):
+        if message.get("role") != "assistant":
+            continue
+        try:
+            before, through = render(rec.messages[:i], True), render(rec.messages[:i + 1], False)
+        except Exception as e:  # a template may refuse a conversation's start (e.g. one that must open with a user turn)
+            raise InputError(f"{rec.where}: the chat template cannot render the conversation before message {i} "
+                             f"({fmt.one_line(e)}), so its assistant turn cannot be told apart{off}") from None
+        if not (through.startswith(before) and text.startswith(through)):
+            raise InputError(f"{rec.where}: the chat template renders the conversation through message {i} otherwise "
+                             f"than as the start of the whole (it rewrites earlier turns), so the assistant's tokens "
+                             f"cannot be told apart{off}")
+        spans.append((len(before), len(through)))
+    return text, spans
+
+
+def items_of(rec: Record, tokenized: tuple[str, list[int], np.ndarray | None], cfg: GenerateConfig,
+             max_positions: int) -> list[tuple]:
+    text, ids, mask = tokenized
     if cfg.windowed:
         if len(ids) < 2:
             raise InputError(f"{rec.where}: text has {len(ids)} token(s); at least 2 are needed to predict one")
         arr = np.asarray(ids, dtype=np.int64)
-        return [(rec.example_id, off, w) for off, w in windows(arr, cfg.max_seq_len, cfg.window_stride)]
+        return [(rec.example_id, off, w, None if mask is None else mask[off:off + len(w)])
+                for off, w in windows(arr, cfg.max_seq_len, cfg.window_stride)]
     if len(ids) + cfg.max_new_tokens > max_positions:
         raise InputError(f"{rec.where}: prompt has {len(ids)} tokens; with --max-new-tokens {cfg.max_new_tokens} "
                          f"that exceeds the teacher's {max_positions} positions")

@@ -202,6 +202,8 @@ class ShardReader:
         tokens = counts.get(fmt.INPUT_IDS)
         if tokens is not None and seq and tokens > rows * seq:
             raise FormatError(f"{where}: {tokens} input ids in {rows} rows, more than max_seq_len {seq} allows")
+        if fmt.ASSISTANT_MASK in counts and tokens is not None and counts[fmt.ASSISTANT_MASK] != tokens:
+            raise FormatError(f"{where}: {fmt.ASSISTANT_MASK} holds {counts[fmt.ASSISTANT_MASK]} values for {tokens} input ids")
         if self.kind in fmt.TOPK_KINDS:
             positions = counts[fmt.COVERAGE]
             # topk: one position per input id after the first; scored: at most that (completion tokens only)

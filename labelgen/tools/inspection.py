@@ -185,6 +185,8 @@ def inspect(label_dir: Path | str) -> dict:
     cov_sum, in_topk, finish = 0.0, 0, {}
     sampler_lp, teacher_lp, rounds = 0.0, 0.0, set()   # scored: the sampler's and the teacher's logprobs
     unique_sum, unique_hist = 0, np.zeros(256, dtype=np.int64)
+    chat = kind in fmt.WINDOW_KINDS and reader.encoding.assistant_mask
+    assistant = 0   # chat windows: positions whose target is the assistant's (what --assistant-only counts)
     by_column: dict[str, int] = {}
     for si, shard in enumerate(reader.shards):
         pf = reader.open_shard(shard)
@@ -195,12 +197,16 @@ def inspect(label_dir: Path | str) -> dict:
                 by_column[name] = by_column.get(name, 0) + md.column(j).total_compressed_size
         topk_cols = [fmt.COVERAGE, fmt.TARGET_RANK] + ([fmt.TOPK_LENGTHS] if variable_k else [])
         cols = {"topk": topk_cols, "samples": [fmt.FINISH_REASON], "tokens": [], "sampled": [fmt.SAMPLED_LENGTHS],
-                "scored": topk_cols + [fmt.TARGET_LOGPROB, fmt.SAMPLING_LOGPROB, fmt.ROUND]}[kind]
+                "scored": topk_cols + [fmt.TARGET_LOGPROB, fmt.SAMPLING_LOGPROB, fmt.ROUND]}[kind] \
+            + ([fmt.ASSISTANT_MASK] if chat else [])
         # stored entries (counted below under variable_k); positions for the other kinds
         entries = 0 if variable_k else shard["positions"] * (k if topk else 1)
         shard_in = in_topk
         for rg in range(pf.num_row_groups if cols else 0):
             d = reader.read_row_group(si, rg, cols, pf)
+            if chat:   # position t predicts input id t + 1: a row's first mark is no position's target
+                marks, offsets = d[fmt.ASSISTANT_MASK]
+                assistant += int(marks.sum()) - int(marks[offsets[:-1]].sum())
             if kind == "scored":
                 sampler_lp += float(d[fmt.SAMPLING_LOGPROB][0].astype(np.float64).sum())
                 teacher_lp += float(d[fmt.TARGET_LOGPROB][0].astype(np.float64).sum())
@@ -254,6 +260,8 @@ def inspect(label_dir: Path | str) -> dict:
                     "bytes_per_unique_id": total["bytes"] / max(unique_sum, 1)})
     elif kind == "samples":
         out["finish_reasons"] = finish
+    if chat:
+        out["assistant_positions"] = assistant
     if kind == "scored":
         n = max(total["positions"], 1)
         # E_y~sampler[log p_sampler(y) - log p_teacher(y)]: the sampler's reverse KL to the teacher, per token
@@ -293,6 +301,9 @@ def format_inspect(r: dict) -> str:
     unit = "token" if r["kind"] == "samples" else "position"
     lines.append(f"B/{unit} by column: " + ", ".join(f"{c} {b / max(r['positions'], 1):.2f}"
                                                      for c, b in r["bytes_by_column"].items()))
+    if "assistant_positions" in r:
+        lines.append(f"assistant's tokens (what --assistant-only counts): {r['assistant_positions']:,} positions, "
+                     f"{r['assistant_positions'] / max(r['positions'], 1):.1%}")
     if r["kind"] == "scored":
         lines.append(f"completions of round(s) {', '.join(map(str, r['rounds']))}: teacher logprob "
                      f"{r['teacher_logprob_mean']:.3f}, sampler logprob {r['sampler_logprob_mean']:.3f} nats per token; "
