@@ -19,8 +19,9 @@ dataset it does not do here (docs/trl.md): the stored token ids are the
 labels' positions, so its tokenizing, truncation (`max_length`) and chat
 templating are skipped, and what would change them is refused in one line:
 `packing`, `padding_free`, `completion_only_loss` on labels that hold no
-completions, `assistant_only_loss` on labels that do not mark the
-assistant's tokens. The loss, its eval metrics (eval_ce, eval_kl,
+completions. `assistant_only_loss` counts only the positions that predict
+an assistant's token, as marked in chat label sets (format 2.4; labels
+without the marks are refused in one line). The loss, its eval metrics (eval_ce, eval_kl,
 eval_top1, eval_ece) and preemption handling are DistillTrainer's (hf.py):
 the same batch gives the same loss through `student-train`, Trainer and TRL.
 """
@@ -29,13 +30,11 @@ from __future__ import annotations
 
 from trl import SFTConfig, SFTTrainer
 
+from labelgen import format as fmt
 from labelgen.errors import OptionError
 from student_train.hf import DistillLoss, DistillTrainer, LabelDataset
 
 __all__ = ["DistillLoss", "KDSFTTrainer", "LabelDataset"]
-
-# The label kinds whose rows are completions (the prompt's positions never count): completion-only by construction.
-COMPLETION_KINDS = ("samples", "scored")
 
 
 def _placeholder():
@@ -60,11 +59,13 @@ class KDSFTTrainer(DistillTrainer, SFTTrainer):
         if any(not isinstance(d, LabelDataset) for d in evals):
             raise OptionError("eval_dataset: held-out labels are a LabelDataset (or a dict of them), batched and scored "
                               "as the training labels are")
-        args = _fit_config(args if args is not None else SFTConfig("kd-sft"), train_dataset)
+        args = _fit_config(args if args is not None else SFTConfig("kd-sft"), train_dataset, list(evals))
         kwargs.setdefault("data_collator", train_dataset.collator())
         super().__init__(model, args, train_dataset=_placeholder(), eval_dataset=eval_dataset, loss=distill, **kwargs)
         self.train_dataset = train_dataset
         train_dataset.fit_to(self.model, self.processing_class, self.distill)
+        # Off while SFTTrainer was built (it would prepare a conversational dataset); what holds is said again.
+        self.args.assistant_only_loss = train_dataset.stream.assistant_only
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """DistillTrainer's loss; in training its parts logged as TRL logs its
@@ -81,9 +82,11 @@ class KDSFTTrainer(DistillTrainer, SFTTrainer):
         return (loss, parts) if return_outputs else loss
 
 
-def _fit_config(args: SFTConfig, data: LabelDataset) -> SFTConfig:
+def _fit_config(args: SFTConfig, data: LabelDataset, evals: list[LabelDataset]) -> SFTConfig:
     """`args` with what would rewrite the stored ids turned off, refusing
-    what cannot hold on label rows (one line each, naming the option)."""
+    what cannot hold on label rows (one line each, naming the option);
+    assistant_only_loss is handed to the label sets (their assistant marks
+    decide which positions count, in training and evaluation)."""
     if not isinstance(args, SFTConfig):   # TrainingArguments: as SFTTrainer converts them
         args = SFTConfig(**{**args.to_dict(), "hub_token": args.hub_token})
     kind = data.stream.kind
@@ -93,12 +96,14 @@ def _fit_config(args: SFTConfig, data: LabelDataset) -> SFTConfig:
     if args.padding_free:
         raise OptionError("padding_free: the label batches are padded windows with their label tensors; leave "
                           "padding_free=False")
-    if args.completion_only_loss and kind not in COMPLETION_KINDS:
+    if args.completion_only_loss and kind not in fmt.COMPLETION_KINDS:
         raise OptionError(f"completion_only_loss: {kind} labels hold no completions (only samples and scored labels "
-                          "do, whose loss counts their completion tokens already)")
-    if args.assistant_only_loss:
-        raise OptionError(f"assistant_only_loss: label sets do not mark the assistant's tokens yet, so every labelled "
-                          f"position of {data.stream.readers[0].dir} counts; leave assistant_only_loss=False")
+                          "do, whose loss counts their completion tokens already); for labels of chat text, "
+                          "assistant_only_loss=True counts the assistant's tokens only")
+    if args.assistant_only_loss:   # the label sets' marks decide (SFTTrainer's own would want messages and a template)
+        for d in (data, *evals):
+            d.stream.set_assistant_only(True, "assistant_only_loss")
+        args.assistant_only_loss = False
     args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}   # the ids stay as stored
     args.remove_unused_columns = False   # the label tensors are the loss's inputs, not the model's
     args.completion_only_loss = False    # the collator's mask decides what counts

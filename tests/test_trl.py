@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("trl", reason="pip install -e '.[trl]'")
 from trl import SFTConfig
 
-from labelgen.errors import OptionError
+from labelgen.errors import LabelgenError, OptionError
 from student_train.config import TrainConfig
 from student_train.runtime import build_model
 from student_train.train import micro_step
@@ -100,14 +100,39 @@ def test_evaluation_reports_student_train_s_held_out_metrics(topk_labels, sample
     (dict(packing=True), "packing: label rows are teacher windows whose labels are aligned to their own positions"),
     (dict(padding_free=True), "padding_free: the label batches are padded windows"),
     (dict(completion_only_loss=True), "completion_only_loss: topk labels hold no completions"),
-    (dict(assistant_only_loss=True), "assistant_only_loss: label sets do not mark the assistant's tokens yet"),
+    (dict(assistant_only_loss=True), "does not mark the assistant's tokens (made from text, not from --messages-field"),
 ])
 def test_sft_options_that_would_rewrite_the_stored_positions_are_refused_in_one_line(topk_labels, student_config,
                                                                                        tmp_path, option, message):
     model, tok = student_and_tokenizer(topk_labels, student_config)
-    with pytest.raises(OptionError, match=re.escape(message)):
+    with pytest.raises(LabelgenError, match=re.escape(message)):
         KDSFTTrainer(model=model, args=config(tmp_path, **option), train_dataset=LabelDataset(str(topk_labels)),
                      processing_class=tok)
+
+
+def test_assistant_only_loss_counts_the_assistant_s_tokens_of_chat_labels_as_student_train_does(
+        chat_labels, student_config, tmp_path):
+    model, tok = student_and_tokenizer(chat_labels, student_config)
+    data, held_out = LabelDataset(str(chat_labels), shuffle=False), LabelDataset(str(chat_labels), shuffle=False)
+    trainer = KDSFTTrainer(model=model, args=config(tmp_path, assistant_only_loss=True, eval_strategy="steps",
+                                                    eval_steps=2, per_device_eval_batch_size=4),
+                           train_dataset=data, eval_dataset=held_out, processing_class=tok, distill=DistillLoss(tail="tail"))
+    assert trainer.args.assistant_only_loss and data.stream.assistant_only and held_out.stream.assistant_only
+    examples = [e for _, e in zip(range(4), data)]
+    batch = trainer.data_collator(examples)
+    marks = [torch.as_tensor(e["assistant_mask"][1:]) for e in examples]   # position t predicts token t + 1
+    for i, m in enumerate(marks):
+        assert (batch["mask"][i, :len(m)] == m).all() and not batch["mask"][i, len(m):].any()
+        assert ((batch["labels"][i, 1:] != -100) == batch["mask"][i]).all()
+    assert 0 < int(batch["mask"].sum()) < int(batch["attention_mask"][:, 1:].sum())
+    cfg = TrainConfig(labels=(str(chat_labels),), out="unused", student_config=student_config, tail="tail",
+                      assistant_only=True)
+    with torch.no_grad():
+        ours = micro_step({"student": model}, batch, 0.0, lambda objective: None, cfg=cfg)["loss"]
+        theirs = trainer.compute_loss(model, batch)
+    assert theirs.item() == pytest.approx(ours.item(), rel=1e-6, abs=1e-6)
+    trainer.train()
+    assert trainer.state.global_step == 2 and "eval_kl" in trainer.state.log_history[-2]
 
 
 def test_a_text_dataset_is_refused_saying_what_to_pass(topk_labels, student_config, tmp_path):
