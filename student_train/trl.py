@@ -28,6 +28,8 @@ the same batch gives the same loss through `student-train`, Trainer and TRL.
 
 from __future__ import annotations
 
+import copy
+
 from trl import SFTConfig, SFTTrainer
 
 from labelgen import format as fmt
@@ -89,6 +91,8 @@ def _fit_config(args: SFTConfig, data: LabelDataset, evals: list[LabelDataset]) 
     decide which positions count, in training and evaluation)."""
     if not isinstance(args, SFTConfig):   # TrainingArguments: as SFTTrainer converts them
         args = SFTConfig(**{**args.to_dict(), "hub_token": args.hub_token})
+    else:   # the caller's config stays as written (it may build a plain SFTTrainer next)
+        args = copy.copy(args)
     kind = data.stream.kind
     if args.packing or args.eval_packing:
         raise OptionError("packing: label rows are teacher windows whose labels are aligned to their own positions; "

@@ -50,9 +50,11 @@ def test_the_same_batch_gives_the_same_loss_through_trl_and_student_train(topk_l
     where = {"topk": topk_labels, "sampled": sampled_labels}[labels]
     model, tok = student_and_tokenizer(where, student_config)
     data = LabelDataset(str(where), shuffle=False)
-    trainer = KDSFTTrainer(model=model, args=config(tmp_path), train_dataset=data, processing_class=tok,
+    args = config(tmp_path)
+    trainer = KDSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
                            distill=DistillLoss(**loss))
     assert trainer.train_dataset is data and trainer.args.dataset_kwargs["skip_prepare_dataset"]
+    assert not (args.dataset_kwargs or {}).get("skip_prepare_dataset") and args.remove_unused_columns
     batch = trainer.data_collator([e for _, e in zip(range(4), data)])
     cfg = TrainConfig(labels=(str(where),), out="unused", student_config=student_config, **loss)
     with torch.no_grad():
