@@ -213,6 +213,30 @@ def test_resume_refuses_a_run_begun_by_a_labelgen_writing_another_format(tiny_te
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
+def test_resume_finishes_a_run_begun_by_the_release_before_whose_shards_this_one_writes_alike(
+        tiny_teacher, corpus, tmp_path, chats):
+    """2.2 and 2.3 wrote the shards 2.4 writes (2.4 added only chat marks): a run one of them began is finished
+    to the set an uninterrupted run makes; a chat run, whose shards would now carry marks, is still refused."""
+    assert gen(tiny_teacher, tmp_path, "--input", str(corpus / "docs.jsonl"), "--rows-per-shard", "4").exit_code == 0
+    whole = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert len(whole["shards"]) > 1
+    (tmp_path / "out" / "manifest.json").unlink()
+    (tmp_path / "out" / whole["shards"][-1]["name"]).unlink()
+    run_file = tmp_path / "out" / "run.json"
+    run_file.write_text(json.dumps({**json.loads(run_file.read_text()), "format_version": "2.2"}))
+    r = gen(tiny_teacher, tmp_path, "--input", str(corpus / "docs.jsonl"), "--rows-per-shard", "4", "--resume")
+    assert r.exit_code == 0, r.output
+    resumed = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert resumed["fingerprint"] == whole["fingerprint"] and resumed["format_version"] == fmt.FORMAT_VERSION
+    chat = ["--input", str(chats), "--messages-field", "messages", "--out", str(tmp_path / "chat")]
+    assert gen(tiny_teacher, tmp_path, *chat).exit_code == 0
+    (tmp_path / "chat" / "manifest.json").unlink()
+    run_file = tmp_path / "chat" / "run.json"
+    run_file.write_text(json.dumps({**json.loads(run_file.read_text()), "format_version": "2.3"}))
+    r = gen(tiny_teacher, tmp_path, *chat, "--resume")
+    assert r.exit_code == 2 and "started by a labelgen writing format 2.3" in r.stderr, r.output
+
+
 def test_skip_bad_with_every_record_bad_is_an_error_not_an_empty_label_set(tiny_teacher, bad_inputs, tmp_path):
     (tmp_path / "all_bad.jsonl").write_text("{not json\n" + json.dumps({"body": "x"}) + "\n")
     r = gen(tiny_teacher, tmp_path, "--input", str(tmp_path / "all_bad.jsonl"), "--skip-bad")

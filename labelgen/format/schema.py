@@ -20,6 +20,9 @@ FORMAT_NAME = "labelgen"
 FORMAT_VERSION = "2.4"   # 2.1: the scored kind; 2.2: sampled sets may carry coverage (Encoding.sampled_coverage);
 #                           2.4: windows of chat text may carry assistant_mask (Encoding.assistant_mask)
 SHARD_TABLE_VERSION = "2.3"   # a manifest of more shards than manifest.SHARD_TABLE_MIN lists them in a Parquet table
+# Runs an earlier release began that this one may finish: it writes their shards alike (2.3 changed only the manifest
+# of large sets), except for what 2.4 added, assistant_mask, which a run begun by them does not use.
+CONTINUABLE_VERSIONS = ("2.2", "2.3")
 READABLE_MAJOR_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 RUN_FILE = "run.json"         # a run's config and inputs, written first: resume and export read it
