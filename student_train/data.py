@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from labelgen import format as fmt
-from labelgen.errors import OptionError
 from labelgen.format import FormatError
 from labelgen.shards import ShardReader
 
@@ -351,9 +350,6 @@ class LabelStream(torch.utils.data.IterableDataset):
         assistant_mask (format 2.4); samples and scored rows count only their
         completions anyway, so for them nothing changes."""
         if on and self.kind in fmt.WINDOW_KINDS:
-            if self.cross is not None:
-                raise OptionError(f"{option}: a student with its own tokenizer (cross-tokenizer KD) cannot be trained "
-                                  "on the assistant's tokens only yet; train on every position, or on the labels' tokenizer")
             for r in self.readers:
                 if not r.encoding.assistant_mask:
                     raise FormatError(f"{option}: {r.dir} does not mark the assistant's tokens (made from text, not from "
@@ -396,7 +392,8 @@ class LabelStream(torch.utils.data.IterableDataset):
         columns, rows = pieces[0] if len(pieces) == 1 else (
             concat_columns([take_rows(c, r) for c, r in pieces]), None)
         if self.cross is not None:
-            return self.cross.collate(columns, rows, self.k, self.vocab_limit, self.proposal_temperature)
+            return self.cross.collate(columns, rows, self.k, self.vocab_limit, self.proposal_temperature,
+                                      self.assistant_only)
         batch = collate(columns, self.kind, rows, self.k, self.vocab_limit, self.proposal_temperature,
                         self.assistant_only)
         if self.byte_lengths is not None:

@@ -115,7 +115,8 @@ class LabelCollator:
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         s = self.dataset.stream
         columns = columns_from_rows(examples)
-        batch = s.cross.collate(columns, None, s.k, s.vocab_limit, s.proposal_temperature) if s.cross is not None else \
+        batch = s.cross.collate(columns, None, s.k, s.vocab_limit, s.proposal_temperature, s.assistant_only) \
+            if s.cross is not None else \
             collate(columns, s.kind, None, s.k, s.vocab_limit, s.proposal_temperature, s.assistant_only)
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         labels[:, 0] = -100

@@ -176,10 +176,12 @@ class CrossTokenizer:
             if cached is not None:
                 save_candidate_map(cached, key, self.map)
 
-    def window(self, teacher_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    def window(self, teacher_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
         """(student ids, student token byte lengths, for each student position
-        the teacher position whose top-k labels it, or -1), or None when the
-        window's text does not round-trip through the student tokenizer."""
+        the teacher position whose top-k labels it, or -1, and for each
+        student token the teacher token its first byte belongs to), or None
+        when the window's text does not round-trip through the student
+        tokenizer."""
         pieces = [self.teacher_bytes[int(i)] for i in teacher_ids]
         t_start = np.concatenate([[0], np.cumsum([len(p) for p in pieces])])   # byte where teacher token j starts
         text = b"".join(pieces)
@@ -204,14 +206,19 @@ class CrossTokenizer:
         real = np.asarray([len(p) > 0 for p in pieces[1:]], bool)
         at = {int(b): t for t, b in enumerate(t_start[1:-1]) if real[t]}
         label = np.asarray([at.get(int(b), -1) for b in s_start[1:len(ids)]], np.int64)
-        return np.asarray(ids, np.int64), lengths, label
+        # The last teacher token starting at or before the byte: text-less (special) tokens come before the one
+        # with text that starts where they stand.
+        source = np.clip(np.searchsorted(t_start[:-1], s_start[:len(ids)], side="right") - 1, 0, len(pieces) - 1)
+        return np.asarray(ids, np.int64), lengths, label, source
 
     def collate(self, columns: dict, rows: np.ndarray | None, k: int | None, vocab_limit: int | None,
-                proposal_temperature: float = 1.0) -> dict:
+                proposal_temperature: float = 1.0, assistant_only: bool = False) -> dict:
         """A student batch from decoded topk, sampled (or tokens) label
         columns: the student's ids and CE targets over every position, KD
         labels (merged onto student ids) where a position is aligned
-        (`kd_mask`), and `target_bytes` for bits per byte."""
+        (`kd_mask`), and `target_bytes` for bits per byte. `assistant_only`
+        (chat labels' assistant_mask) counts a position only when the student
+        token it predicts begins inside a teacher token of the assistant's."""
         tokens, t_off = columns[fmt.INPUT_IDS]
         if rows is None:
             rows = np.arange(len(t_off) - 1)
@@ -219,17 +226,22 @@ class CrossTokenizer:
         for r in rows:
             w = self.window(tokens[t_off[r]:t_off[r + 1]])
             if w is None or len(w[0]) < 2:   # nothing to learn from: an empty row of the usual shape
-                w = (np.zeros(2, np.int64), np.zeros(2, np.int64), np.full(1, -1, np.int64))
+                w = (np.zeros(2, np.int64), np.zeros(2, np.int64), np.full(1, -1, np.int64), np.zeros(2, np.int64))
             windows.append(w)
         B, T = len(windows), max(len(w[0]) for w in windows)
         ids = np.zeros((B, T), np.int64)
         attn = np.zeros((B, T), np.int64)
         mask = np.zeros((B, T - 1), bool)
         target_bytes = np.zeros((B, T - 1), np.float32)
-        for i, (s_ids, lengths, _) in enumerate(windows):
+        marks = columns[fmt.ASSISTANT_MASK] if assistant_only else None   # present: the stream checked (set_assistant_only)
+        if marks is not None and (np.diff(marks[1])[rows] != np.diff(t_off)[rows]).any():
+            raise fmt.FormatError(f"{fmt.ASSISTANT_MASK} and {fmt.INPUT_IDS} differ in length")
+        for i, (r, (s_ids, lengths, _, source)) in enumerate(zip(rows, windows)):
             ids[i, :len(s_ids)] = s_ids
             attn[i, :len(s_ids)] = 1
             mask[i, :len(s_ids) - 1] = lengths[1:] > 0
+            if marks is not None:   # an empty row's zero lengths already count nothing
+                mask[i, :len(s_ids) - 1] &= marks[0][marks[1][r]:marks[1][r + 1]][source[1:]]
             target_bytes[i, :len(s_ids) - 1] = lengths[1:]
         out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn),
                "targets": torch.from_numpy(ids[:, 1:].copy()), "mask": torch.from_numpy(mask),
@@ -281,7 +293,7 @@ class CrossTokenizer:
         slp = np.full((B, T1, K), -np.inf, np.float32)
         cov = np.zeros((B, T1), np.float32)
         kd_mask = np.zeros((B, T1), bool)
-        for i, (r, (_, _, label)) in enumerate(zip(rows, windows)):
+        for i, (r, (_, _, label, _)) in enumerate(zip(rows, windows)):
             s = np.flatnonzero(label >= 0)
             if not s.size:
                 continue
@@ -315,7 +327,7 @@ class CrossTokenizer:
         slp = np.full((B, T1, M), -np.inf, np.float32) if t_lp is not None else None
         cov = np.ones((B, T1), np.float32) if t_cov is not None else None
         kd_mask = np.zeros((B, T1), bool)
-        for i, (_, _, label) in enumerate(windows):
+        for i, (_, _, label, _) in enumerate(windows):
             s = np.flatnonzero(label >= 0)
             if not s.size:
                 continue

@@ -111,6 +111,30 @@ def test_a_stream_with_assistant_only_masks_every_batch_by_the_marks(chat_labels
         assert (b["mask"] <= a["mask"]).all() and 0 < int(b["mask"].sum()) < int(a["mask"].sum())
 
 
+def test_a_student_with_its_own_tokenizer_counts_the_tokens_that_begin_in_the_assistant_s_text(chat_labels, chats):
+    """Across tokenizers (student_train.xtok) a student position counts when the token it predicts begins in a
+    teacher token of the assistant's: checked byte by byte against the teacher row's marks."""
+    from labelgen.tools.demo import train_tokenizer
+    from student_train.xtok import CrossTokenizer
+    texts = [m["content"] for line in open(chats) for m in json.loads(line)["messages"]]
+    x = CrossTokenizer(load_tokenizer_for(None, chat_labels), train_tokenizer(texts[::-1], 300))   # another vocabulary
+    readers = open_label_sets([str(chat_labels)])
+    (every,), (only,) = (take_batches(LabelStream(readers, 8, shuffle=False, cross=x, assistant_only=on), 1)
+                         for on in (False, True))
+    rows = list(ShardReader(chat_labels).rows())[:8]   # unshuffled: the batch's rows, in order
+    assert 0 < int(only["mask"].sum()) < int(every["mask"].sum()) and (only["kd_mask"] <= only["mask"]).all()
+    for i, row in enumerate(rows):
+        teacher = [x.teacher_bytes[int(t)] for t in row[fmt.INPUT_IDS]]
+        byte_marks = np.concatenate([np.full(len(b), m) for b, m in zip(teacher, row[fmt.ASSISTANT_MASK])])
+        lengths = np.asarray([len(x.student_bytes[int(s)]) for s in only["input_ids"][i]])
+        n = int(only["attention_mask"][i].sum())
+        assert b"".join(x.student_bytes[int(s)] for s in only["input_ids"][i, :n]) == b"".join(teacher)
+        starts = np.cumsum(lengths[:n])[:-1]   # where each target (student token 1..n-1) begins
+        expected = (lengths[1:n] > 0) & byte_marks[np.minimum(starts, len(byte_marks) - 1)]
+        assert (only["mask"][i, :n - 1].numpy() == expected).all()
+        assert (only["mask"][i, :n - 1] <= every["mask"][i, :n - 1]).all()
+
+
 def test_inspect_counts_the_positions_assistant_only_trains_on(chat_labels, topk_labels):
     from labelgen.tools.inspection import format_inspect, inspect
     r = inspect(chat_labels)
@@ -140,8 +164,6 @@ def test_sets_that_cannot_be_trained_on_the_assistant_s_tokens_are_refused_in_on
                                                                                         scored_labels):
     with pytest.raises(FormatError, match=r"--assistant-only: .* does not mark the assistant's tokens \(made from text"):
         LabelStream(open_label_sets([str(topk_labels)]), 4, assistant_only=True)
-    with pytest.raises(OptionError, match="--assistant-only: a student with its own tokenizer"):
-        LabelStream(open_label_sets([str(chat_labels)]), 4, assistant_only=True, cross=object())
     with pytest.raises(FormatError, match="assistant-only training needs labels that mark the assistant's tokens"):
         collate(columns_from_rows(list(ShardReader(topk_labels).rows())[:2]), "topk", assistant_only=True)
     # Completions are the assistant's turn already: assistant-only changes nothing there.

@@ -47,7 +47,7 @@ def test_alignment_on_hand_checked_tokenizations():
     x = CrossTokenizer(TEACHER, STUDENT)
     t_ids = [TEACHER.bos_token_id] + TEACHER("hello hello world é", add_special_tokens=False)["input_ids"]
     assert tokens(TEACHER, t_ids) == ["<s>", "hello", "Ġhello", "Ġwor", "ld", "Ġ", "Ã©"]
-    s_ids, lengths, label = x.window(np.asarray(t_ids))
+    s_ids, lengths, label, source = x.window(np.asarray(t_ids))
     assert tokens(STUDENT, s_ids) == ["he", "l", "lo", "Ġhel", "lo", "Ġworld", "Ġ", "Ã", "©"]
     assert lengths.tolist() == [2, 1, 2, 4, 2, 6, 1, 1, 1]
     # Student position s predicts student token s+1; it is labelled by the teacher position predicting the
@@ -57,6 +57,10 @@ def test_alignment_on_hand_checked_tokenizations():
     #   "Ġworld" starts with "Ġwor" (teacher position 2) and spans the teacher's "ld" too.
     #   "Ġ" starts with "Ġ" (position 4); "Ã" (byte C3) starts with "Ã©" (position 5); "©" starts inside it.
     assert label.tolist() == [-1, -1, 1, -1, 2, 4, 5, -1]
+    # The teacher token each student token's first byte belongs to (what chat marks are read through): "he", "l",
+    # "lo" begin in "hello" (1, not the text-less <s> before it), "Ġhel" and "lo" in "Ġhello", "Ġworld" in "Ġwor",
+    # "Ġ" in "Ġ", and both bytes of "é" in "Ã©".
+    assert source.tolist() == [1, 1, 1, 2, 2, 3, 5, 6, 6]
 
 
 def test_candidates_map_to_the_student_token_their_text_begins_with():
