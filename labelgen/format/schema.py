@@ -23,6 +23,11 @@ SHARD_TABLE_VERSION = "2.3"   # a manifest of more shards than manifest.SHARD_TA
 # Runs an earlier release began that this one may finish: it writes their shards alike (2.3 changed only the manifest
 # of large sets), except for what 2.4 added, assistant_mask, which a run begun by them does not use.
 CONTINUABLE_VERSIONS = ("2.2", "2.3")
+
+
+def continues(written: str, encoding: dict) -> bool:
+    """Whether shards this release writes with `encoding` may join a run begun by a labelgen writing `written`."""
+    return written == FORMAT_VERSION or (written in CONTINUABLE_VERSIONS and not encoding.get("assistant_mask"))
 READABLE_MAJOR_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 RUN_FILE = "run.json"         # a run's config and inputs, written first: resume and export read it

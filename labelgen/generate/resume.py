@@ -44,8 +44,7 @@ def compare(cfg: GenerateConfig, inputs: dict, out: str):
     """Why the run recorded in an output is not this one (a Mismatch), or None."""
     def why(previous: dict) -> Mismatch | None:
         written = previous.get("format_version", "1.3 or older")
-        if written != fmt.FORMAT_VERSION and not (written in fmt.CONTINUABLE_VERSIONS
-                                                  and not cfg.encoding.get("assistant_mask")):
+        if not fmt.continues(written, cfg.encoding):
             return Mismatch("--out", f"{out} holds a run started by a labelgen writing format {written}, this one "
                                      f"writes {fmt.FORMAT_VERSION}", "finish it with that version")
         if previous.get("config_hash") != cfg.output_hash():
