@@ -58,8 +58,9 @@ def validate(label_dir: str = typer.Argument(..., help="label set directory, or 
 def inspect(label_dir: str = typer.Argument(..., help="label set directory, or an s3:// or gs:// URI"),
             as_json: bool = typer.Option(False, "--json", help="print JSON"),
             plot: Optional[Path] = typer.Option(None, help="write a coverage histogram PNG (needs matplotlib)"),
-            html: Optional[Path] = typer.Option(None, help="write one self-contained HTML page: sizes, coverage and "
-                                                "an example browser with each token's stored labels"),
+            html: Optional[str] = typer.Option(None, help="write one self-contained HTML page (a file, or an s3:// "
+                                               "or gs:// object): sizes, coverage and an example browser with each "
+                                               "token's stored labels"),
             examples: int = typer.Option(8, help="--html: the examples the page carries (the first ones)")):
     """Sizes, bytes per position/entry, compression ratios and top-k coverage; --html: a page to look at them."""
     from labelgen.tools.inspection import format_inspect, inspect as run, plot_inspect

@@ -18,6 +18,22 @@ def renamed_note(where: str, old: str, new: str) -> None:
     print(f"note: {where}{old} is now {new}; the old name is read until the next release", file=sys.stderr)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key given twice in one mapping (YAML's spec forbids it; PyYAML would
+    keep the last silently, so a setting written twice in a long run.yaml would be half-ignored)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"setting {key!r} is given twice (lines {seen[key] + 1} and "
+                    f"{key_node.start_mark.line + 1}): keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def config_from_sources(cls, config_file: str | None, overrides: dict, tuple_fields=(), renamed=None):
     """A config dataclass from a YAML/JSON file's keys, then the flags that
     were given (None means not given). Unknown keys and missing required
@@ -28,7 +44,10 @@ def config_from_sources(cls, config_file: str | None, overrides: dict, tuple_fie
     if config_file:
         path = Path(config_file)
         try:
-            d = yaml.safe_load(path.read_text()) or {}
+            d = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}   # noqa: S506 (a SafeLoader)
+        except yaml.constructor.ConstructorError as e:
+            line = f":{e.problem_mark.line + 1}" if e.problem_mark else ""
+            raise OptionError(f"{path}{line}: {e.problem}") from None
         except (OSError, yaml.YAMLError) as e:
             raise OptionError(f"{path}: cannot read config ({e})") from None
         if not isinstance(d, dict):

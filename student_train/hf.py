@@ -92,13 +92,22 @@ class LabelDataset(torch.utils.data.IterableDataset):
                 fmt.tokenizer_fingerprint(tokenizer) != fmt.tokenizer_fingerprint(cross.student):
             raise FormatError("processing_class: not the student_tokenizer this LabelDataset re-tokenizes for")
         if cross is None and tokenizer is not None:
-            width = check_vocabulary(self.manifest, tokenizer, model, str(self.stream.readers[0].dir))
+            width = check_vocabulary(self.manifest, tokenizer, model, str(self.stream.readers[0].dir),
+                                     "build the LabelDataset with student_tokenizer=<the student's tokenizer>")
         elif cross is None:
             check_width_against_labels(self.manifest, width, str(self.stream.readers[0].dir))
         self.stream.vocab_limit = width
 
     def __iter__(self):
         return self.stream.rows(self.epoch)
+
+    def copy(self) -> "LabelDataset":
+        """The same label sets with settings of its own: what a trainer sets on its copy (assistant-only
+        marks, the student's width) leaves the caller's dataset as it was."""
+        import copy
+        other = copy.copy(self)
+        other.stream = copy.copy(self.stream)
+        return other
 
     def collator(self) -> "LabelCollator":
         return LabelCollator(self)
@@ -228,7 +237,9 @@ class DistillTrainer(Trainer):
         if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
             # Trainer then treats the loss as scaled for accumulation: weigh
             # this micro-batch by its counted tokens over all of the step's.
-            loss = loss * inputs["mask"].sum() / num_items_in_batch
+            # A micro-batch with no position to count (a window without an assistant token) contributes nothing:
+            # 0, not 0 * 0 / 0 = NaN in every weight after the step.
+            loss = loss * inputs["mask"].sum() / torch.as_tensor(num_items_in_batch).clamp(min=1)
             if self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes
         return (loss, {"ce": ce.detach(), "kd": kd.detach()}) if return_outputs else loss

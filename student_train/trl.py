@@ -61,6 +61,13 @@ class KDSFTTrainer(DistillTrainer, SFTTrainer):
         if any(not isinstance(d, LabelDataset) for d in evals):
             raise OptionError("eval_dataset: held-out labels are a LabelDataset (or a dict of them), batched and scored "
                               "as the training labels are")
+        # The trainer's own copies: assistant_only_loss switches their marks on, not the caller's datasets'.
+        train_dataset = train_dataset.copy()
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {name: d.copy() for name, d in eval_dataset.items()}
+        elif eval_dataset is not None:
+            eval_dataset = eval_dataset.copy()
+        evals = eval_dataset.values() if isinstance(eval_dataset, dict) else [] if eval_dataset is None else [eval_dataset]
         args = _fit_config(args if args is not None else SFTConfig("kd-sft"), train_dataset, list(evals))
         kwargs.setdefault("data_collator", train_dataset.collator())
         super().__init__(model, args, train_dataset=_placeholder(), eval_dataset=eval_dataset, loss=distill, **kwargs)

@@ -32,12 +32,14 @@ def load_tokenizer_for(student: str | None, label_dir: Path, option: str | None 
                       "pass --student with a tokenizer")
 
 
-def check_vocabulary(manifest: dict, tokenizer, model, where: str) -> int:
+def check_vocabulary(manifest: dict, tokenizer, model, where: str,
+                     cross_option: str = "pass --student-tokenizer DIR") -> int:
     """Refuse a student whose tokenizer differs from the labels'. Returns the
     student's logits width. Rule for padded vocabularies: the student's logits
     may be wider than the tokenizer (extra slots simply never get labels);
     label ids at or beyond the student's width — the teacher's own padding —
-    are dropped from the top-k (they carry ~0 probability)."""
+    are dropped from the top-k (they carry ~0 probability). `cross_option`
+    says how the caller's front end asks for cross-tokenizer training."""
     labels_tok = manifest.get("tokenizer")
     student_tok = fmt.tokenizer_fingerprint(tokenizer)
     if not labels_tok:
@@ -45,7 +47,7 @@ def check_vocabulary(manifest: dict, tokenizer, model, where: str) -> int:
     if labels_tok["fingerprint"] != student_tok["fingerprint"]:
         raise FormatError(f"{where}: the labels were made with a different tokenizer than the student's "
                           f"(differs in: {fmt.tokenizer_difference(labels_tok, student_tok)}); to distill across "
-                          "tokenizers pass --student-tokenizer DIR")
+                          f"tokenizers {cross_option}")
     return check_width(model, tokenizer, where)
 
 

@@ -150,3 +150,10 @@ def score(self, windows, k):
     return _score(self, windows, k)
 hf.HFTeacher.score = score
 """
+
+
+def one_line_error(stderr: str, program: str) -> str:
+    """The one `program: ...` line of a refused command's stderr (and no traceback)."""
+    lines = [line for line in stderr.splitlines() if line.startswith(f"{program}:")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]

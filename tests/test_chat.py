@@ -5,6 +5,7 @@ that predict them, and what cannot be marked or trained that way is refused
 in one line."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -62,6 +63,20 @@ def test_a_two_turn_chat_marks_the_assistant_turns_and_nothing_else(tiny_teacher
     # The demo template renders "<|role|>\ncontent\n" per message: a turn is its content and the newline ending it.
     assert marked_runs(ids, marks, tok) == ["4, said the machine.\n", "6, of course.\n"]
     assert tok.decode(ids[~marks]) == "<|user|>\nWhat is 2+2?\n<|assistant|>\n<|user|>\nAnd 3+3?\n<|assistant|>\n"
+
+
+def test_a_conversation_that_opens_with_the_assistant_marks_its_first_turn(tiny_teacher, tmp_path):
+    """A chat whose first message is the assistant's (a greeting, a system-less opener): its turn is what follows
+    the generation prompt, as for any later turn; it used to be refused as an empty conversation."""
+    opener = {"id": "c1", "messages": [{"role": "assistant", "content": "Hello, how can I help?"},
+                                       {"role": "user", "content": "Add 2 and 2."},
+                                       {"role": "assistant", "content": "4."}]}
+    generate(tiny_teacher, write_chats(tmp_path / "c.jsonl", opener), tmp_path / "labels", mode="tokens")
+    (row,) = list(ShardReader(tmp_path / "labels").rows())
+    tok = load_tokenizer_for(None, tmp_path / "labels")
+    ids, marks = row[fmt.INPUT_IDS], row[fmt.ASSISTANT_MASK]
+    assert marked_runs(ids, marks, tok) == ["Hello, how can I help?\n", "4.\n"]
+    assert tok.decode(ids[~marks]) == "<|assistant|>\n<|user|>\nAdd 2 and 2.\n<|assistant|>\n"
 
 
 def test_assistant_only_counts_exactly_the_positions_that_predict_an_assistant_token(tiny_teacher, tmp_path):
@@ -222,3 +237,30 @@ def test_a_shard_whose_marks_do_not_match_its_ids_is_refused_before_decoding(tmp
     monkeypatch.setattr(codec, "_assistant_mask", honest)
     with pytest.raises(FormatError, match=r"row group 0: assistant_mask holds 17 values for 18 input ids"):
         list(ShardReader(tmp_path / "l").rows())
+
+
+@pytest.mark.parametrize("cli", [False, True], ids=["reader", "validate"])
+def test_marks_one_short_in_a_row_and_one_long_in_the_next_are_refused_naming_shard_row_group_and_row(tmp_path,
+                                                                                                      monkeypatch, cli):
+    """Totals that agree (18 marks for 18 ids) but rows that do not: validate and the reader name the row."""
+    from labelgen.format import codec
+    from labelgen.shards import ShardWriter
+    from labelgen.tools.inspection import validate
+    import pyarrow as pa
+    enc = fmt.Encoding(assistant_mask=True)
+    honest = codec._assistant_mask
+    shift = {0: -1, 1: 1}   # row 0 one mark short, row 1 one long
+    monkeypatch.setattr(codec, "_assistant_mask", lambda sch, rows: {fmt.ASSISTANT_MASK: pa.array(
+        [list(r[fmt.ASSISTANT_MASK]) + [True] if shift.get(i) == 1 else list(r[fmt.ASSISTANT_MASK][:-1])
+         if shift.get(i) == -1 else list(r[fmt.ASSISTANT_MASK]) for i, r in enumerate(rows)], pa.list_(pa.bool_()))})
+    with ShardWriter(tmp_path / "l", "tokens", 0, 16, encoding=enc) as w:
+        for i in range(3):
+            w.write({fmt.EXAMPLE_ID: f"e{i}", fmt.INPUT_IDS: np.arange(6), fmt.ASSISTANT_MASK: np.arange(6) > 2})
+    monkeypatch.setattr(codec, "_assistant_mask", honest)
+    words = "shard-000000.parquet: row group 0: row 0: assistant_mask has 5 marks for 6 input ids (one per input id)"
+    if cli:
+        problems = validate(str(tmp_path / "l"))["problems"]
+        assert problems and words.split(": ", 1)[1] in problems[0]["problem"], problems
+    else:
+        with pytest.raises(FormatError, match=re.escape(words)):
+            list(ShardReader(tmp_path / "l").rows())

@@ -63,6 +63,32 @@ def test_the_same_batch_gives_the_same_loss_through_student_train_and_trainer(to
         assert 0 < trainer.evaluate(LabelDataset(str(labels), shuffle=False))["eval_loss"] < 20
 
 
+@pytest.mark.parametrize("front", ["DistillTrainer", "KDSFTTrainer"])
+def test_a_step_with_no_position_to_count_contributes_nothing_not_nan(topk_labels, student_config, tmp_path, front):
+    """A micro-batch whose mask counts nothing, in a step that counts nothing (num_items_in_batch 0: assistant-only
+    labels, a window without an assistant token, batch size 1): loss 0 and no gradient, not 0 * 0 / 0 = NaN in
+    every weight."""
+    from transformers import TrainingArguments
+    data = LabelDataset(str(topk_labels), shuffle=False)
+    model, tok = student_and_tokenizer(topk_labels, student_config)
+    if front == "DistillTrainer":
+        trainer = DistillTrainer(model=model, args=TrainingArguments(str(tmp_path), max_steps=1, report_to=[],
+                                                                     use_cpu=True),
+                                 train_dataset=data, processing_class=tok, loss=DistillLoss())
+    else:
+        from trl import SFTConfig
+        from student_train.trl import KDSFTTrainer
+        trainer = KDSFTTrainer(model=model, args=SFTConfig(str(tmp_path), max_steps=1, report_to=[], use_cpu=True),
+                               train_dataset=data, processing_class=tok, distill=DistillLoss())
+    batch = trainer.data_collator([e for _, e in zip(range(1), data)])
+    batch["mask"] = torch.zeros_like(batch["mask"])
+    batch["labels"] = torch.full_like(batch["labels"], -100)
+    loss = trainer.compute_loss(model, batch, num_items_in_batch=torch.tensor(0))
+    loss.backward()
+    assert loss.item() == 0
+    assert all(p.grad is None or (torch.isfinite(p.grad).all() and not p.grad.any()) for p in model.parameters())
+
+
 def test_trainer_evaluation_reports_student_train_s_held_out_metrics(topk_labels, student_config, tmp_path):
     from transformers import TrainingArguments
     from student_train.runtime import Dist, evaluate
@@ -126,9 +152,11 @@ def test_the_labels_must_fit_the_students_tokenizer(topk_labels, student_config,
     from labelgen.format import FormatError
     model, _ = student_and_tokenizer(topk_labels, student_config)
     other = train_tokenizer(["something else entirely " * 30], 300)
-    with pytest.raises(FormatError, match="different tokenizer"):
+    with pytest.raises(FormatError, match="different tokenizer") as refused:
         DistillTrainer(model=model, args=TrainingArguments(str(tmp_path), max_steps=1, report_to=[], use_cpu=True),
                        train_dataset=LabelDataset(str(topk_labels)), processing_class=other)
+    # the Python API's way to distill across tokenizers, not the command line's flag
+    assert "LabelDataset with student_tokenizer=" in str(refused.value) and "--student" not in str(refused.value)
 
 
 @pytest.mark.parametrize("width", [600, 300])
@@ -180,6 +208,7 @@ def kd_on_first_batch(model, labels, student_config) -> float:
         return micro_step({"student": model.eval()}, batch, 0.1, lambda objective: None, cfg=cfg)["loss"].item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True])
 def test_the_documented_trainer_script_trains_checkpoints_and_resumes(topk_labels, student_config, tmp_path, lora):
     """docs/trainer.md's script as written: after 9 steps the student's loss

@@ -199,8 +199,22 @@ def test_a_damaged_set_is_refused_in_one_line_and_nothing_is_written(sets, tmp_p
     with pytest.raises(FormatError, match=r"shard-000000.parquet: .*the label set fails validation"):
         write(damaged, tmp_path / "x.html")
     assert not (tmp_path / "x.html").exists()
-    with pytest.raises(OptionError, match="--examples: must be >= 1"):
+    with pytest.raises(OptionError, match="--examples: between 1 and 5,000, got 0"):
         build(sets / "topk", examples=0)
+    with pytest.raises(OptionError, match="--examples: between 1 and 5,000, got 200,000"):
+        build(sets / "topk", examples=200_000)
+
+
+def test_where_the_page_cannot_go_is_said_before_the_set_is_read(sets, tmp_path, monkeypatch):
+    """A directory, or a missing one, is one line naming --html, before validate and inspect read every shard."""
+    import labelgen.tools.inspection as inspection
+    read = []
+    monkeypatch.setattr(inspection, "validate", lambda *a, **k: read.append(a) or {"ok": True})
+    with pytest.raises(OptionError, match=r"--html: .* is a directory; name the page's file"):
+        write(sets / "topk", tmp_path)
+    with pytest.raises(OptionError, match=r"--html: .*nowhere is not a directory; create it first"):
+        write(sets / "topk", tmp_path / "nowhere" / "x.html")
+    assert not read
 
 
 def test_the_cli_writes_the_page_from_a_bucket_too(s3, sets, tmp_path):
@@ -212,6 +226,11 @@ def test_the_cli_writes_the_page_from_a_bucket_too(s3, sets, tmp_path):
     assert r.exit_code == 0 and "wrote" in r.stdout, r.output
     local = build(sets / "topk", examples=2)
     assert (tmp_path / "b.html").read_text().count('"id":') == local.count('"id":')
+    # and into a bucket: the page is an object there (it was written to a local path "s3:/...")
+    r = CliRunner().invoke(app, ["inspect", str(sets / "topk"), "--html", f"{uri}-page/labels.html", "--examples", "2"])
+    assert r.exit_code == 0, r.output
+    from labelgen.store import storage
+    assert storage.read_text(f"{uri}-page/labels.html").count('"id":') == local.count('"id":')
 
 
 @pytest.mark.slow

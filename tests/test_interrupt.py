@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -274,3 +275,28 @@ def test_the_slurm_array_script_forwards_the_warning_signal_and_requeues_on_pree
     asked = (tmp_path / "scontrol.log").read_text().splitlines()   # where the submitted script lies, then the requeue
     assert [line for line in asked if line.startswith("requeue")] == ["requeue 4242"], asked
     assert not (out / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("command_exit, requeued", [(0, False), (3, True), (75, True)])
+def test_a_warning_to_a_command_that_then_finishes_does_not_requeue_it(tmp_path, command_exit, requeued):
+    """jobs/requeue.sh with a command that ignores the warning and ends on its own: done (0) is not requeued (the
+    interrupted wait's 138 used to be taken for its status), a failure after a warning is, and 75 always is; the
+    script exits with the command's own status."""
+    root = Path(__file__).resolve().parents[1]
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    (shims / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    (shims / "scontrol").chmod(0o755)
+    ready = tmp_path / "ready"
+    job = (f"bash -c 'trap \"\" USR1; touch {ready}; sleep 2; exit {command_exit}' &\n"
+           f"forward_signal() {{ :; }}\nsource {root / 'jobs' / 'requeue.sh'}\n")
+    script = subprocess.Popen(["bash", "-c", job], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "SLURM_JOB_ID": "4242", "PATH": f"{shims}:{os.environ['PATH']}"})
+    wait_for(ready.exists, script)
+    time.sleep(0.3)   # inside requeue.sh's wait by now
+    script.send_signal(signal.SIGUSR1)
+    code, err = ended(script)
+    assert code == command_exit, err
+    log = tmp_path / "scontrol.log"
+    asked = log.read_text().splitlines() if log.exists() else []
+    assert asked == (["requeue 4242"] if requeued else []), (asked, err)

@@ -5,6 +5,7 @@ constant number of objects. SHARD_TABLE_MIN is lowered so small sets take
 the path a million-shard set takes."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -139,3 +140,99 @@ def test_start_up_asks_a_bucket_for_a_few_objects_whatever_the_shard_count(s3, t
     LabelStream(readers, 2, rank=3, world_size=4)
     assert len(readers[0].shards) == 12
     assert 1 <= len(s3["requests"]) <= 10, s3["requests"]
+
+
+def forge_table(label_dir, edit) -> dict:
+    """Rewrite a set's shard table with `edit(entries) -> entries` applied, and its manifest to match (count,
+    size, hashes, fingerprint), as a careful forger would: what is refused is the entries, not a broken hash."""
+    import hashlib
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    m = json.loads((label_dir / "manifest.json").read_text())
+    old = label_dir / m["shard_table"]["name"]
+    entries = edit(pq.read_table(old).to_pylist())
+    (label_dir / m["shard_table"]["name"]).unlink()
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(entries, schema=manifest_module._schema()), sink)
+    data = sink.getvalue().to_pybytes()
+    digest = hashlib.sha256(data).hexdigest()
+    n = int.from_bytes(data[-8:-4], "little")
+    m["shard_table"] = {"name": f"{fmt.SHARD_TABLE_PREFIX}{digest[:16]}{fmt.SHARD_SUFFIX}", "count": len(entries),
+                        "bytes": len(data), "sha256": digest, "footer_sha256": hashlib.sha256(data[-8 - n:]).hexdigest()}
+    (label_dir / m["shard_table"]["name"]).write_bytes(data)
+    m["fingerprint"] = fmt.dataset_fingerprint(m)
+    (label_dir / "manifest.json").write_text(json.dumps(m))
+    return m
+
+
+def cli_error(program: str, *args: str) -> tuple[int, str]:
+    import subprocess
+    import sys
+    from helpers import one_line_error
+    module = {"labelgen": "labelgen.cli", "student-train": "student_train.cli"}[program]
+    r = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True)
+    return r.returncode, one_line_error(r.stderr, program)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda e: [{**e[0], "row_groups": 0}] + e[1:], "rows in 0 row groups, which no writer makes"),
+    (lambda e: [{**e[0], "row_groups": 10**9}] + e[1:], "rows in 1000000000 row groups"),
+    (lambda e: [e[0], e[0]] + e[2:], "shard shard-000000.parquet is listed more than once"),
+    (lambda e: [], "the shard table lists 0 shards; a label set has at least one"),
+], ids=["no_row_groups", "huge_row_groups", "duplicated", "empty"])
+def test_a_forged_shard_table_is_refused_in_one_line_by_validate_inspect_and_train(edit, words, table_min, tiny_teacher,
+                                                                                  corpus, student_config, tmp_path):
+    gen(tiny_teacher, corpus, tmp_path / "l")
+    forge_table(tmp_path / "l", edit)
+    with pytest.raises(fmt.FormatError, match=re.escape(words)):
+        ShardReader(tmp_path / "l")
+    v = validate(str(tmp_path / "l"))
+    assert not v["ok"] and words in v["problems"][0]["problem"]
+    for program, args in (("labelgen", ("inspect", str(tmp_path / "l"))),
+                          ("student-train", ("train", "--labels", str(tmp_path / "l"), "--student-config", student_config,
+                                             "--out", str(tmp_path / "run"), "--max-steps", "1", "--no-progress"))):
+        rc, line = cli_error(program, *args)
+        assert rc != 0 and words in line, (program, line)
+
+
+def test_validate_compares_every_table_entry_with_its_file_from_the_footer(table_min, tiny_teacher, corpus, tmp_path):
+    """Entries that fit each other but not their files: a wrong positions count, a plausible wrong row-group count
+    (the loader would plan a group the file lacks)."""
+    gen(tiny_teacher, corpus, tmp_path / "l")   # shard 1: 4 windows in 2 row groups of 2
+    assert validate(str(tmp_path / "l"))["ok"]
+    m = forge_table(tmp_path / "l", lambda e: [{**e[0], "positions": e[0]["positions"] + 1},
+                                               {**e[1], "row_groups": 1}] + e[2:])
+    assert ShardReader(tmp_path / "l").shards[1]["rows"] == 4 and m["shard_table"]["count"] == 12
+    problems = {p["file"].rsplit("/", 1)[-1]: p["problem"] for p in validate(str(tmp_path / "l"))["problems"]}
+    assert problems["shard-000000.parquet"].startswith("the manifest says ") and "positions, the file holds" in \
+        problems["shard-000000.parquet"]
+    assert problems.get("shard-000001.parquet") == "the manifest says 1 row groups, the file has 2", problems
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("missing", "the shard table the manifest names is missing"),
+    ("symlink", "a symlink out of the label directory; the shard table must lie inside it"),
+    ("bytes", "bytes, the manifest says"),
+])
+def test_a_missing_moved_or_resized_shard_table_is_one_line_and_validate_exits_1(damage, words, table_min, tiny_teacher,
+                                                                                corpus, tmp_path):
+    gen(tiny_teacher, corpus, tmp_path / "l")
+    m = json.loads((tmp_path / "l" / "manifest.json").read_text())
+    table = tmp_path / "l" / m["shard_table"]["name"]
+    if damage == "missing":
+        table.unlink()
+    elif damage == "symlink":
+        outside = tmp_path / "elsewhere.parquet"
+        shutil.move(table, outside)
+        table.symlink_to(outside)
+    else:
+        m["shard_table"]["bytes"] += 1
+        (tmp_path / "l" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(fmt.FormatError, match=re.escape(words)):
+        ShardReader(tmp_path / "l")
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "labelgen.cli", "validate", str(tmp_path / "l")], capture_output=True,
+                       text=True)
+    assert r.returncode == 1 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr

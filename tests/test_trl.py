@@ -53,7 +53,8 @@ def test_the_same_batch_gives_the_same_loss_through_trl_and_student_train(topk_l
     args = config(tmp_path)
     trainer = KDSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
                            distill=DistillLoss(**loss))
-    assert trainer.train_dataset is data and trainer.args.dataset_kwargs["skip_prepare_dataset"]
+    assert trainer.train_dataset.stream.readers is data.stream.readers   # the same labels, in a copy of its own
+    assert trainer.args.dataset_kwargs["skip_prepare_dataset"]
     assert not (args.dataset_kwargs or {}).get("skip_prepare_dataset") and args.remove_unused_columns
     batch = trainer.data_collator([e for _, e in zip(range(4), data)])
     cfg = TrainConfig(labels=(str(where),), out="unused", student_config=student_config, **loss)
@@ -119,8 +120,15 @@ def test_assistant_only_loss_counts_the_assistant_s_tokens_of_chat_labels_as_stu
     trainer = KDSFTTrainer(model=model, args=config(tmp_path, assistant_only_loss=True, eval_strategy="steps",
                                                     eval_steps=2, per_device_eval_batch_size=4),
                            train_dataset=data, eval_dataset=held_out, processing_class=tok, distill=DistillLoss(tail="tail"))
-    assert trainer.args.assistant_only_loss and data.stream.assistant_only and held_out.stream.assistant_only
-    examples = [e for _, e in zip(range(4), data)]
+    mine, theirs_eval = trainer.train_dataset, trainer.eval_dataset
+    assert trainer.args.assistant_only_loss and mine.stream.assistant_only and theirs_eval.stream.assistant_only
+    # the caller's datasets stay as built: a second trainer without assistant_only_loss counts every position
+    assert not data.stream.assistant_only and not held_out.stream.assistant_only
+    plain = KDSFTTrainer(model=model, args=config(tmp_path / "plain"), train_dataset=data, processing_class=tok,
+                         distill=DistillLoss(tail="tail"))
+    every = plain.data_collator([e for _, e in zip(range(4), plain.train_dataset)])
+    assert int(every["mask"].sum()) == int(every["attention_mask"][:, 1:].sum())
+    examples = [e for _, e in zip(range(4), mine)]
     batch = trainer.data_collator(examples)
     marks = [torch.as_tensor(e["assistant_mask"][1:]) for e in examples]   # position t predicts token t + 1
     for i, m in enumerate(marks):

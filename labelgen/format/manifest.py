@@ -69,16 +69,44 @@ class ShardTable(Sequence):
                                       pa.binary(32))
             except (ValueError, TypeError, pa.ArrowInvalid):
                 raise FormatError(f"{where}: a shard's {c} is not 64 hex digits") from None
-        return cls(pa.table(columns, schema=_schema()))
+        return cls(pa.table(columns, schema=_schema()))._checked(where)
+
+    def _checked(self, where: str) -> "ShardTable":
+        """Entries that can describe files: each shard named once, and a row-group count (where recorded) that
+        fits the row count: at least one group for rows, at most one group a row."""
+        import pyarrow.compute as pc
+        names = self.table.column("name")
+        if len(names) and pc.count_distinct(names).as_py() != len(names):
+            counts = pc.value_counts(names)
+            twice = counts.field("values")[int(pc.index(pc.greater(counts.field("counts"), 1), True).as_py())]
+            raise FormatError(f"{where}: shard {twice} is listed more than once (a tampered or damaged manifest)")
+        rows, groups = self.column("rows"), self.column("row_groups")
+        bad = (groups >= 0) & (((rows > 0) & (groups < 1)) | (groups > rows))
+        if bad.any():
+            i = int(bad.argmax())
+            raise FormatError(f"{where}: shard {names[i]} has {rows[i]} rows in {groups[i]} row groups, which no "
+                              "writer makes (a tampered or damaged manifest)")
+        return self
 
     @classmethod
-    def read(cls, path, count: int, footer_sha256: str | None, where: str, file_hashes: bool = True) -> "ShardTable":
+    def read(cls, path, count: int, footer_sha256: str | None, where: str, file_hashes: bool = True,
+             size: int | None = None) -> "ShardTable":
         """A shard table file, its footer checked against the manifest's hash
         and its pages against their CRC32 as they are read, then its entries
         (all of them at once, column-wise). Without `file_hashes` the shards'
         whole-file sha256 stays unread (a third of the table: what only
         --verify and validate compare; opening a shard checks its footer hash)."""
         import pyarrow.compute as pc
+        if count < 1:
+            raise FormatError(f"{where}: the shard table lists {count} shards; a label set has at least one")
+        if path.is_symlink() and path.resolve().parent != path.parent.resolve():   # as a shard's symlink is refused
+            raise FormatError(f"{path}: a symlink out of the label directory; the shard table must lie inside it")
+        try:
+            actual = path.stat().st_size   # one request on a bucket
+        except FileNotFoundError:
+            raise FormatError(f"{path}: the shard table the manifest names is missing") from None
+        if size is not None and actual != size:
+            raise FormatError(f"{path}: {actual} bytes, the manifest says {size} (truncated or replaced)")
         if footer_sha256 is not None and storage.footer_sha256(path) != footer_sha256:
             raise FormatError(f"{path}: shard table's Parquet footer does not match the manifest's hash (corrupted)")
         try:
@@ -103,7 +131,7 @@ class ShardTable(Sequence):
                 raise FormatError(f"{where}: a shard's {c} is missing or negative")
         if file_hashes and table.column("sha256").null_count:
             raise FormatError(f"{where}: a shard's sha256 is missing")
-        return cls(table)
+        return cls(table)._checked(where)
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -273,7 +301,10 @@ def read_manifest(label_dir: Path | str, file_hashes: bool = True) -> dict:
                 or not isinstance(t.get("sha256"), str) or not isinstance(t.get("footer_sha256"), str):
             raise FormatError(f"{path}: shard_table must name a {SHARD_TABLE_PREFIX}*{SHARD_SUFFIX} file beside it, "
                               "with its count and hashes")
-        m["shards"] = ShardTable.read(label_dir / t["name"], t["count"], t["footer_sha256"], str(path), file_hashes)
+        if "bytes" in t and (not isinstance(t["bytes"], int) or t["bytes"] < 0):
+            raise FormatError(f"{path}: shard_table.bytes {t['bytes']!r} is not a non-negative integer")
+        m["shards"] = ShardTable.read(label_dir / t["name"], t["count"], t["footer_sha256"], str(path), file_hashes,
+                                      t.get("bytes"))
     else:
         m["shards"] = ShardTable.from_entries(m["shards"], str(path))
     return m

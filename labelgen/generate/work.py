@@ -185,7 +185,8 @@ def chat_turns(tokenizer, rec: Record) -> tuple[str, list[tuple[int, int]]]:
         if message.get("role") != "assistant":
             continue
         try:
-            before, through = render(rec.messages[:i], True), render(rec.messages[:i + 1], False)
+            through = render(rec.messages[:i + 1], False)
+            before = render(rec.messages[:i], True) if i else _opening_prompt(through, render)
         except Exception as e:  # a template may refuse a conversation's start (e.g. one that must open with a user turn)
             raise InputError(f"{rec.where}: the chat template cannot render the conversation before message {i} "
                              f"({fmt.one_line(e)}), so its assistant turn cannot be told apart{off}") from None
@@ -195,6 +196,18 @@ def chat_turns(tokenizer, rec: Record) -> tuple[str, list[tuple[int, int]]]:
                              f"cannot be told apart{off}")
         spans.append((len(before), len(through)))
     return text, spans
+
+
+def _opening_prompt(through: str, render) -> str:
+    """What precedes a conversation's opening assistant turn (a system preamble the template adds, and the
+    assistant's generation prompt): a conversation so far cannot be rendered with no message, so the generation
+    prompt is learnt from a one-message user turn (what add_generation_prompt adds to it) and found in `through`."""
+    probe = [{"role": "user", "content": "x"}]
+    prompt = render(probe, True)[len(render(probe, False)):]
+    at = through.find(prompt) if prompt else -1
+    if at < 0:
+        raise ValueError("the generation prompt does not open the assistant's turn")
+    return through[:at + len(prompt)]
 
 
 def items_of(rec: Record, tokenized: tuple[str, list[int], np.ndarray | None], cfg: GenerateConfig,

@@ -178,6 +178,12 @@ class ShardReader:
                 if ((positions < 1) | (positions > tokens - 1)).any():
                     row = int(np.flatnonzero((positions < 1) | (positions > tokens - 1))[0])
                     raise FormatError(f"row {row}: {positions[row]} completion positions for {tokens[row]} input ids")
+            if fmt.ASSISTANT_MASK in decoded and fmt.INPUT_IDS in decoded:   # one mark per input id, row by row
+                marks, tokens = np.diff(decoded[fmt.ASSISTANT_MASK][1]), np.diff(decoded[fmt.INPUT_IDS][1])
+                if (marks != tokens).any():
+                    row = int(np.flatnonzero(marks != tokens)[0])
+                    raise FormatError(f"row {row}: {fmt.ASSISTANT_MASK} has {marks[row]} marks for {tokens[row]} "
+                                      "input ids (one per input id)")
         except FormatError as e:
             raise FormatError(f"{where}: {e}") from None
         except Exception as e:  # damaged pages surface as checksum, decoding or shape errors

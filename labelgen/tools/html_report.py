@@ -92,11 +92,17 @@ def _identity(m: dict, reader: ShardReader) -> dict:
             "encoding": m.get("encoding"), "config": m.get("config"), "created": m.get("created")}
 
 
+MAX_EXAMPLES = 5_000
+"""The most examples a page carries: each is inline JSON (a 2.6 MB set's 200,000 windows made a 49 MB page that a
+browser could not open)."""
+
+
 def build(label_dir: Path | str, examples: int = DEFAULT_EXAMPLES) -> str:
     """The page of the label set in `label_dir` (validated first), carrying its first `examples` rows."""
     from labelgen.tools.inspection import inspect, validate
-    if examples < 1:
-        raise OptionError(f"--examples: must be >= 1, got {examples}")
+    if not 1 <= examples <= MAX_EXAMPLES:
+        raise OptionError(f"--examples: between 1 and {MAX_EXAMPLES:,}, got {examples:,} (the page carries its "
+                          "examples inline; a browser handles a few thousand windows)")
     checked = validate(label_dir, max_problems=1)
     if not checked["ok"]:
         p = checked["problems"][0]
@@ -136,9 +142,19 @@ def _plain(value):
     return str(value)
 
 
-def write(label_dir: Path | str, out: Path, examples: int = DEFAULT_EXAMPLES) -> int:
-    """Write the page to `out` (atomically); its size in bytes."""
+def write(label_dir: Path | str, out: Path | str, examples: int = DEFAULT_EXAMPLES) -> int:
+    """Write the page to `out`, a local file (atomically) or an object (s3://, gs://); its size in bytes. Where
+    it cannot go is said before anything is read."""
     from labelgen.store import fsutil
+    where = storage.location(str(out))
+    if isinstance(where, Path):
+        if where.is_dir():
+            raise OptionError(f"--html: {out} is a directory; name the page's file (e.g. {where / 'labels.html'})")
+        if not where.parent.is_dir():
+            raise OptionError(f"--html: {where.parent} is not a directory; create it first, or name a page elsewhere")
     page = build(label_dir, examples).encode("utf-8")
-    fsutil.atomic_write_bytes(Path(out), page)
+    if isinstance(where, Path):
+        fsutil.atomic_write_bytes(where, page)
+    else:
+        storage.write_bytes(where, page)
     return len(page)

@@ -62,6 +62,10 @@ def validate(label_dir: Path | str, max_problems: int = 20) -> dict:
         if not pf.schema.to_arrow_schema().remove_metadata().equals(expected):   # as written, strings undecoded
             add(path, None, "schema differs from the format's schema for this kind and vocabulary")
             continue
+        groups = shard.get("row_groups")
+        if groups is not None and groups >= 0 and groups != pf.num_row_groups:   # the loader plans with these
+            add(path, None, f"the manifest says {groups} row groups, the file has {pf.num_row_groups}")
+            continue
         row0 = 0
         for rg in range(pf.num_row_groups):
             try:
@@ -73,8 +77,18 @@ def validate(label_dir: Path | str, max_problems: int = 20) -> dict:
             for i, problem in _check_rows(d, reader):
                 add(path, row0 + i, problem)
             row0 += n
+        else:
+            if (held := _positions_in(pf, reader.kind)) != shard["positions"]:
+                add(path, None, f"the manifest says {shard['positions']} positions, the file holds {held}")
         rows_checked += row0
     return {"ok": not problems, "problems": problems, "shards": len(reader.shards), "rows": rows_checked}
+
+
+def _positions_in(pf, kind: str) -> int:
+    """The positions a shard holds, from its position column alone (read after its row groups passed the checks
+    that bound what a reader allocates)."""
+    rk = fmt.record_kind(kind)
+    return sum(rk.positions(pf.read_row_group(i, columns=[rk.position_column])) for i in range(pf.num_row_groups))
 
 
 def _row_of(offsets: np.ndarray, flat_index: int) -> int:
