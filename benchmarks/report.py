@@ -3,7 +3,8 @@ student quality for every distillation method on real text, and writes
 docs/results.md with PNG plots. Every figure comes from this run's own logs.
 
     bash jobs/report.sh            # ~40 min on 2 CPU cores
-    bash jobs/report.sh --quick    # ~5 min smoke version (run in CI)
+    bash jobs/report.sh --quick    # ~5 min smoke version
+    bash jobs/report.sh --tiny     # every stage at the smallest size, ~30 s (the test suite runs it)
     bash jobs/report.sh --teacher DIR [--alphas 0 0.5 0.9]   # a real LLM teacher (GPU advised)
     python benchmarks/report.py --corpus DIR ... --out docs/
 
@@ -53,6 +54,9 @@ class Scale:
 
 FULL = Scale(corpus_bytes=6 << 20, teacher_steps=1000, label_docs=150, label_chars=8000, student_steps=400, eval_batches=20)
 QUICK = Scale(corpus_bytes=1 << 20, teacher_steps=40, label_docs=30, label_chars=2000, student_steps=20, eval_batches=3)
+TINY = Scale(corpus_bytes=300_000, teacher_steps=8, label_docs=8, label_chars=1200, student_steps=4, eval_batches=1,
+             max_seq_len=128, batch_size=4)
+"""Every stage of the toy report once, at the smallest size that runs it (the test suite's: --tiny)."""
 
 
 def log(msg: str) -> None:
@@ -325,7 +329,7 @@ def write_report(labels: dict, students: dict, teacher_info: dict, scale: Scale,
     return report
 
 
-REAL_MARK, SEEDS_MARK, TOY_MARK, CROSS_MARK = SECTION_ORDER
+REAL_MARK, PAIRED_MARK, SEEDS_MARK, TOY_MARK, CROSS_MARK = SECTION_ORDER
 
 
 def cross_tokenizer(teacher: str, texts: list[str], label_text: Path, heldout: Path, work: Path, scale: Scale,
@@ -397,6 +401,8 @@ def cross_tokenizer(teacher: str, texts: list[str], label_text: Path, heldout: P
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the small smoke version (about 5 minutes)")
+    ap.add_argument("--tiny", action="store_true", help="the toy report's every stage at the smallest size (the test "
+                                                        "suite's; its figures mean nothing)")
     ap.add_argument("--corpus", nargs="*", help="text files or directories (default: Python's stdlib source)")
     ap.add_argument("--out", default="docs", help="where results.md and the plots go")
     ap.add_argument("--work", help="working directory (default: a fresh one under /tmp)")
@@ -407,8 +413,16 @@ def main():
     ap.add_argument("--fresh", action="store_true", help="real-teacher report: discard the cached stages in --work")
     ap.add_argument("--seeds", action="store_true", help="real-teacher report: only the three-seed study of sampled "
                                                          "labels with and without a tail bucket (report_seeds.py)")
-    ap.add_argument("--cached-only", action="store_true", help="with --seeds: write the table from the finished "
-                                                               "stages, run nothing")
+    ap.add_argument("--paired", action="store_true",
+                    help="real-teacher report: only the paired study of what to store (report_paired.py): small "
+                         "student, weak teacher, larger student; stage results mirrored to benchmarks/evidence/paired/")
+    ap.add_argument("--paired-seeds", type=int, help="with --paired: seeds per method (default 5)")
+    ap.add_argument("--paired-parts", nargs="+", choices=["small", "weak", "large"],
+                    help="with --paired: which parts to run (default all, in the order small, weak, large)")
+    ap.add_argument("--archive", help="with --paired: where finished stages are mirrored (default "
+                                      "benchmarks/evidence/paired/; --quick: inside --work)")
+    ap.add_argument("--cached-only", action="store_true", help="with --seeds or --paired: write the table from the "
+                                                               "finished stages, run nothing")
     ap.add_argument("--teacher-steps", type=int, help="override the scale's teacher training steps")
     ap.add_argument("--student-steps", type=int, help="override the scale's student steps")
     ap.add_argument("--cross-tokenizer", action="store_true",
@@ -418,19 +432,20 @@ def main():
     args = ap.parse_args()
     if (args.smollm2 or args.teacher) and not args.cross_tokenizer:
         from report_kit import prepare
+        from report_paired import run_paired
         from report_seeds import run_seeds
         from report_teacher import run_report
         args.command = "bash jobs/report.sh " + ("--smollm2" if args.smollm2 else f"--teacher {args.teacher}") \
             + (" --quick" if args.quick else "") + (f" --student-steps {args.student_steps}" if args.student_steps else "") \
-            + (" --seeds" if args.seeds else "")
+            + (" --seeds" if args.seeds else "") + (" --paired" if args.paired else "")
         teacher, work = prepare(args)
-        log(f"wrote {(run_seeds if args.seeds else run_report)(args, teacher, work)}")
+        log(f"wrote {(run_paired if args.paired else run_seeds if args.seeds else run_report)(args, teacher, work)}")
         return
-    args.command = "bash jobs/report.sh" + (" --quick" if args.quick else "") + (f" --teacher {args.teacher}" if args.teacher else "") \
+    args.command = "bash jobs/report.sh" + (" --quick" if args.quick else "") + (" --tiny" if args.tiny else "") + (f" --teacher {args.teacher}" if args.teacher else "") \
         + (" --cross-tokenizer" if args.cross_tokenizer else "")
     import dataclasses
     steps = {k: v for k, v in (("teacher_steps", args.teacher_steps), ("student_steps", args.student_steps)) if v}
-    scale = dataclasses.replace(QUICK if args.quick else FULL, **steps)
+    scale = dataclasses.replace(TINY if args.tiny else QUICK if args.quick else FULL, **steps)
     args.command += "".join(f" --{k.replace('_', '-')} {v}" for k, v in steps.items())
     import tempfile
     from transformers import AutoModelForCausalLM
@@ -444,7 +459,7 @@ def main():
     t_start = time.time()
     texts, label_text, heldout = split_corpus(args.corpus, scale, work)
     log(f"corpus: {len(texts)} training files, held-out in {heldout}")
-    tcfg = DemoTeacherConfig(steps=scale.teacher_steps, corpus_bytes=scale.corpus_bytes, batch_size=16)
+    tcfg = DemoTeacherConfig(steps=scale.teacher_steps, corpus_bytes=scale.corpus_bytes, batch_size=2 * scale.batch_size)
     if args.teacher:
         teacher = args.teacher
     else:

@@ -26,6 +26,8 @@ STUDENT = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 352, 
 
 REAL_MARK = "<!-- real-teacher section: bash jobs/report.sh --smollm2 -->"
 
+PAIRED_MARK = "<!-- paired section: bash jobs/report.sh --smollm2 --paired (benchmarks/report_paired.py) -->"
+
 SEEDS_MARK = "<!-- seeds section: bash jobs/report.sh --smollm2 --seeds (benchmarks/report_seeds.py) -->"
 
 @dataclass(frozen=True)
@@ -153,14 +155,15 @@ def completed(result: dict, what: str) -> dict:
     return result
 
 def train_student(labels: dict, label_set: str, kw: dict, out: Path, eval_dir: str, scale: RealScale,
-                  student_json: Path) -> dict:
-    """One student, resumable from its last checkpoint; its final evaluation."""
+                  student_json: Path, lr: float = 3e-3, evals: int = 5) -> dict:
+    """One student, resumable from its last checkpoint; its final evaluation and held-out curve (`evals`
+    evaluations over the run)."""
     from student_train.config import TrainConfig
     from student_train.train import train
     steps = scale.student_steps
     completed(train(TrainConfig(labels=(labels[label_set]["dir"],), out=str(out), student_config=str(student_json),
-                                max_steps=steps, batch_size=scale.batch_size, lr=3e-3, warmup_steps=max(1, steps // 20),
-                                eval_labels=(eval_dir,), eval_every=max(1, steps // 5),
+                                max_steps=steps, batch_size=scale.batch_size, lr=lr, warmup_steps=max(1, steps // 20),
+                                eval_labels=(eval_dir,), eval_every=max(1, steps // evals),
                                 eval_batches=scale.eval_batches, save_every=max(1, steps // 4),
                                 log_every=max(1, steps // 10), progress=False, device="cpu", resume=True, **kw)),
               f"student {out.name}")
@@ -175,13 +178,13 @@ def train_student(labels: dict, label_set: str, kw: dict, out: Path, eval_dir: s
             "curve": [(r["step"], r["eval_ce"]) for r in evals], "checkpoint": str(last),
             "tokens_per_s": sum(r.get("tokens_per_s", 0) for r in rows) / max(1, sum("tokens_per_s" in r for r in rows))}
 
-SECTION_ORDER = (REAL_MARK, SEEDS_MARK, "<!-- toy section: bash jobs/report.sh -->",
+SECTION_ORDER = (REAL_MARK, PAIRED_MARK, SEEDS_MARK, "<!-- toy section: bash jobs/report.sh -->",
                  "<!-- cross-tokenizer section: bash jobs/report.sh --cross-tokenizer -->")
 
 def replace_section(report: Path, mark: str, body: str) -> None:
     """Write `body` as results.md's section `mark`, keeping the others, in SECTION_ORDER."""
     text = report.read_text() if report.is_file() else ""
-    sections, current = {}, SECTION_ORDER[1]   # text before any mark is the toy report
+    sections, current = {}, SEEDS_MARK   # text before any mark (as before the paired section was added)
     for line in text.splitlines(keepends=True):
         if line.strip() in SECTION_ORDER:
             current = line.strip()
