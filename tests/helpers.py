@@ -83,7 +83,12 @@ class MotoServer:
     def __init__(self):
         import logging
         import threading
-        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+
+        from moto.moto_server.werkzeug_app import (
+            DomainDispatcherApplication,
+            MotoRequestHandler,
+            create_backend_app,
+        )
         from werkzeug.serving import make_server
         logging.getLogger("werkzeug").setLevel(logging.ERROR)   # one line per request otherwise
         self.requests: list[tuple[str, str]] = []
@@ -157,3 +162,25 @@ def one_line_error(stderr: str, program: str) -> str:
     lines = [line for line in stderr.splitlines() if line.startswith(f"{program}:")]
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
     return lines[0]
+
+
+def write_jsonl(path, rows) -> None:
+    """`rows` as JSON lines at `path`, with a modification time newer than the file's before (even within one
+    clock tick), as an edited input has."""
+    import json
+    import os
+    before = path.stat().st_mtime_ns if path.exists() else 0
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.utime(path, ns=(before + 10**9, before + 10**9))
+
+
+def generate_by_workers(teacher, inp, out, workers: int, **kw) -> None:
+    """Top-4 labels of `inp` by `workers` data-parallel workers run one after another (then finalize)."""
+    from labelgen.generate import run
+    from labelgen.generate.config import GenerateConfig
+    from labelgen.generate.finalize import finalize
+    for w in range(workers):
+        run(GenerateConfig(teacher=teacher, inputs=(str(inp),), out=str(out), k=4, max_seq_len=32, rows_per_shard=2,
+                           progress=False, device="cpu", num_workers=workers, worker_index=w, **kw))
+    if workers > 1:
+        finalize(str(out))

@@ -41,6 +41,7 @@ def rows(label_dir):
     return list(ShardReader(label_dir).rows())
 
 
+@pytest.mark.slow
 def test_two_workers_write_to_a_bucket_one_killed_and_resumed_then_finalize_validate_and_train(
         s3, tiny_teacher, corpus, student_config, tmp_path):
     client, prefix = s3["client"], "gen/topk"

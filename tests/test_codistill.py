@@ -143,6 +143,7 @@ def test_resume_reproduces_an_uninterrupted_codistill_run(tiny_teacher, corpus, 
     assert (tmp_path / "b" / "step_000008" / "teacher" / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_codistill_ends_with_identical_weights(tiny_teacher, corpus, student_config, tmp_path):
     torchrun_student_train(29519, "codistill", "--input", str(corpus / "docs.jsonl"), "--teacher", tiny_teacher,
                            "--student-config", student_config, "--out", str(tmp_path / "ddp"), "--max-steps", "4",
@@ -151,6 +152,7 @@ def test_two_process_torchrun_codistill_ends_with_identical_weights(tiny_teacher
     assert len(d) == 4 and d[0] == d[1] and d[2] == d[3]
 
 
+@pytest.mark.slow
 def test_fsdp_two_process_codistill_resumes_to_the_same_losses(tiny_teacher, corpus, student_config, tmp_path):
     """The loop train uses, with both models sharded: a run resumed from its
     step-2 checkpoint logs the losses of the uninterrupted one."""
@@ -193,33 +195,43 @@ def test_mismatched_tokenizers_are_refused(tiny_teacher, corpus, student_config,
         codistill(ccfg(tiny_teacher, corpus, student_config, tmp_path / "x", tokenizer=str(tmp_path / "tok")))
 
 
-@pytest.mark.slow
-def test_codistilled_student_beats_a_ce_only_student_of_the_same_budget(tmp_path):
-    """A 2-layer teacher trained alongside a 1-layer student on 300 steps of
-    stdlib source: the student's held-out CE ends lower than with CE alone,
-    for each of two seeds (measured margin ~0.05 nats; asserted > 0.01)."""
-    from labelgen.tools.demo import read_corpus, train_tokenizer
-    texts = read_corpus(None, 400_000)
-    train_tokenizer(texts, 512).save_pretrained(tmp_path / "tok")
-    for name, part in (("train", texts[:-5]), ("eval", texts[-5:])):
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
-    arch = dict(model_type="llama", max_position_embeddings=512)
-    (tmp_path / "teacher.json").write_text(json.dumps({**arch, "hidden_size": 128, "intermediate_size": 384,
-                                                       "num_hidden_layers": 2, "num_attention_heads": 2}))
-    (tmp_path / "student.json").write_text(json.dumps({**arch, "hidden_size": 64, "intermediate_size": 128,
-                                                       "num_hidden_layers": 1, "num_attention_heads": 1,
-                                                       "tie_word_embeddings": True}))
-    gains = []
-    for seed in (0, 1):
-        ce = {}
-        for name, kw in (("ce_only", dict(ce_weight=1.0)), ("codistill", dict(ce_weight=0.5, ce_weight_warmup_steps=60, ce_weight_ramp_steps=60))):
-            out = tmp_path / f"{name}{seed}"
-            codistill(CodistillConfig(inputs=(str(tmp_path / "train.jsonl"),), eval_input=(str(tmp_path / "eval.jsonl"),),
-                                      tokenizer=str(tmp_path / "tok"), teacher_config=str(tmp_path / "teacher.json"),
-                                      student_config=str(tmp_path / "student.json"), out=str(out), max_steps=300,
-                                      batch_size=8, max_seq_len=128, student_lr=3e-3, teacher_lr=3e-3, warmup_steps=10,
-                                      eval_every=300, eval_batches=10, save_every=0, progress=False, device="cpu",
-                                      seed=seed, **kw))
-            ce[name] = metrics(out)[-1]["eval_ce"]
-        gains.append(ce["ce_only"] - ce["codistill"])
-    assert min(gains) > 0.01, gains
+def test_one_codistill_step_trains_the_teacher_on_ce_and_the_student_on_the_mix_through_detached_teacher_logits():
+    """The co-distillation step's gradients on one batch, against each term
+    computed alone: the teacher's gradient is its own CE's (the student's loss
+    does not reach it: its logits are detached), the student's is
+    alpha * grad CE + (1 - alpha) * grad KD, and KD's part is not zero. (Whether a
+    co-distilled student ends ahead of a CE-only one is a measurement:
+    benchmarks/bench_codistill.py --quality.)"""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from student_train import losses
+    from student_train.codistill import micro_step
+    arch = dict(vocab_size=64, max_position_embeddings=32, num_attention_heads=1, num_key_value_heads=1)
+    torch.manual_seed(0)
+    models = {"teacher": LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, **arch)),
+              "student": LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                                      head_dim=32, **arch))}
+    ids = torch.randint(0, 64, (3, 12))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "targets": ids[:, 1:],
+             "mask": torch.ones(3, 11, dtype=torch.bool)}
+    cfg = CodistillConfig(inputs=("x",), out="o", teacher="t", student="s", kd="full")
+
+    def grads(model):
+        g = torch.cat([p.grad.flatten() for p in model.parameters()])
+        model.zero_grad(set_to_none=True)
+        return g
+
+    micro_step(models, batch, 0.3, lambda objective: objective.backward(), cfg=cfg, n_vocab=64)
+    teacher_g, student_g = grads(models["teacher"]), grads(models["student"])
+    n = batch["mask"].sum()
+    t_logits = models["teacher"](input_ids=ids).logits[:, :-1]
+    losses.cross_entropy(t_logits, batch["targets"], batch["mask"]).backward()
+    assert torch.allclose(teacher_g, grads(models["teacher"]), atol=1e-6)
+    s_logits = models["student"](input_ids=ids).logits[:, :-1]
+    ce = losses.cross_entropy(s_logits, batch["targets"], batch["mask"])
+    kd = losses.full_kd_terms(s_logits, t_logits.detach(), batch["mask"]).sum() / n
+    ce.backward(retain_graph=True)
+    g_ce = grads(models["student"])
+    kd.backward()
+    g_kd = grads(models["student"])
+    assert torch.allclose(student_g, 0.3 * g_ce + 0.7 * g_kd, atol=1e-6)
+    assert (student_g - 0.3 * g_ce).norm() > 1e3 * 1e-6   # KD's share is far above that tolerance

@@ -18,6 +18,8 @@ import pytest
 from helpers import slow_teacher, wait_for
 from labelgen.store import storage
 
+pytestmark = pytest.mark.integration
+
 BUCKET = "gcs-labels"
 
 

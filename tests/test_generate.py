@@ -233,6 +233,7 @@ def test_finalize_missing_on_a_finished_single_worker_run_resubmits_nothing(topk
     assert r.exit_code == 0 and r.stdout == "" and r.stderr.strip() == "0 of 1 workers have not finished", r.output
 
 
+@pytest.mark.slow
 def test_resume_after_kill_writes_each_row_once(tiny_teacher, corpus, tmp_path):
     args = [sys.executable, "-m", "labelgen.cli", "generate", "--teacher", tiny_teacher,
             "--input", str(corpus / "docs.jsonl"), "--out", str(tmp_path / "killed"), "--k", "16",

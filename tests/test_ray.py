@@ -14,6 +14,8 @@ import pytest
 
 from labelgen import format as fmt
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):

@@ -6,8 +6,8 @@ import pytest
 
 
 @pytest.mark.slow
-def test_quick_report_writes_results_and_plots_from_its_own_run(tmp_path):
-    r = subprocess.run([sys.executable, "benchmarks/report.py", "--quick", "--out", str(tmp_path / "docs"),
+def test_tiny_report_writes_results_and_plots_from_its_own_run(tmp_path):
+    r = subprocess.run([sys.executable, "benchmarks/report.py", "--tiny", "--out", str(tmp_path / "docs"),
                         "--work", str(tmp_path / "work"), "--alphas", "0", "0.5"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     md = (tmp_path / "docs" / "results.md").read_text()

@@ -83,6 +83,7 @@ def test_resume_of_a_finished_bucket_set_is_a_no_op_like_on_disk(s3, tiny_teache
         assert storage.read_text(storage.location(out) / "manifest.json") == manifest
 
 
+@pytest.mark.slow
 def test_two_hosts_on_one_bucket_prefix_the_second_is_refused_and_the_first_finishes(s3, tiny_teacher, corpus,
                                                                                     tmp_path):
     prefix = "hosts/topk"

@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 JOBS = ROOT / "jobs"
 CPU = ("--gpus-per-task=0", "--cpus-per-task=1")   # the scripts' GPU defaults, overridden as on a CPU node
 FLAGS = ("--k", "8", "--max-seq-len", "64", "--device", "cpu")
-REQUEUE_HOLD = 120   # seconds Slurm 22.05 holds a requeued job (its BeginTime): measured below, in docs/generation.md
+REQUEUE_HOLD = 120   # seconds Slurm 22.05 holds a requeued job (its StartTime): checked below, in docs/generation.md
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
 @pytest.fixture(scope="module")
@@ -110,17 +110,31 @@ def labelgen(env, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def slow_corpus(tmp_path_factory):
-    """Enough text that a task labelling it at one window per teacher step is still running when it is warned."""
+    """12 documents of ~10 windows of 64 tokens each (~120 in all; a shard each, SLOW): one window per teacher
+    step under `slowed`."""
     from labelgen.tools.demo import read_corpus
     text = "\n".join(read_corpus(None, 3_000_000))
     path = tmp_path_factory.mktemp("slow") / "docs.jsonl"
     with open(path, "w") as f:
-        for i in range(240):
-            f.write(json.dumps({"id": f"d{i}", "text": text[i * 3000:(i + 1) * 3000]}) + "\n")
+        for i in range(12):
+            f.write(json.dumps({"id": f"d{i}", "text": text[i * 1100:(i + 1) * 1100]}) + "\n")
     return path
 
 
-SLOW = ("--rows-per-shard", "4", "--batch-tokens", "64")
+@pytest.fixture(scope="module")
+def slowed(slurm, tmp_path_factory):
+    """The Slurm environment with a `labelgen` first on PATH whose hf teacher sleeps 0.3 s a batch: with one
+    window a batch (SLOW), a task lasts as many 0.3 s as it has windows, however fast the machine, so a test
+    knows it is still running when warned, and how many allocations it needs."""
+    from helpers import slow_teacher
+    d = tmp_path_factory.mktemp("slowed_bin")
+    (d / "labelgen").write_text(f"#!{sys.executable}\n{slow_teacher(0.3)}\nimport sys\nfrom labelgen.cli import app\n"
+                                "sys.argv[0] = 'labelgen'\napp()\n")
+    (d / "labelgen").chmod(0o755)
+    return {**slurm, "PATH": f"{d}{os.pathsep}{slurm['PATH']}"}
+
+
+SLOW = ("--rows-per-shard", "1", "--batch-tokens", "64")
 
 
 def test_an_array_submitted_from_anywhere_equals_one_process(slurm, tiny_teacher, corpus, tmp_path):
@@ -135,23 +149,25 @@ def test_an_array_submitted_from_anywhere_equals_one_process(slurm, tiny_teacher
     assert label_rows(out) == single_run(tiny_teacher, corpus / "docs.jsonl", tmp_path / "one", 2)
 
 
-def test_a_warned_task_exits_75_requeues_itself_alone_and_the_set_is_unchanged(slurm, tiny_teacher, slow_corpus,
+def test_a_warned_task_exits_75_requeues_itself_alone_and_the_set_is_unchanged(slowed, tiny_teacher, slow_corpus,
                                                                                tmp_path):
     """Task 1 is the array's last: its SLURM_JOB_ID is the array's own id, and requeueing that id would requeue
     (cancel) task 0 too. It is warned as Slurm warns before preemption or a time limit (USR1 to the batch
-    shell); only it requeues, Slurm holds it about two minutes (measured), it resumes from its own shards."""
+    shell); only it requeues, Slurm holds it about two minutes (its StartTime, read, not waited for: the test
+    then releases it), it resumes from its own shards."""
+    from datetime import datetime
+    slurm = slowed
     out = tmp_path / "pre"
     job = sbatch(slurm, tmp_path, "--array=0-1", *CPU, str(JOBS / "generate_slurm_array.sh"), tiny_teacher,
                  str(slow_corpus), str(out), *FLAGS, *SLOW)
     wait_for(lambda: list(out.glob("shard-00000[13579].parquet")), 600, "task 1's first shard")
     assert tasks(slurm, job).get("1", {}).get("JobState") == "RUNNING", "task 1 ended before it could be warned"
     slurm_cmd(slurm, "scancel", "--signal=USR1", "--batch", f"{job}_1")
-    warned = time.monotonic()
-    wait_for(lambda: tasks(slurm, job).get("1", {}).get("Reason") == "BeginTime", 300, "task 1 requeued")
-    again = wait_for(lambda: tasks(slurm, job).get("1", {}).get("JobState") == "RUNNING" and time.monotonic(), 600,
-                     "task 1 running again")
-    hold = again - warned
-    print(f"\nrequeued task held {hold:.0f} s before it ran again")
+    warned = time.time()
+    held = wait_for(lambda: (t := tasks(slurm, job).get("1", {})).get("Reason") == "BeginTime" and t, 300,
+                    "task 1 requeued")
+    hold = datetime.fromisoformat(held["StartTime"]).timestamp() - warned
+    print(f"\nrequeued task held until {hold:.0f} s after its warning")
     assert REQUEUE_HOLD - 10 < hold < REQUEUE_HOLD + 60, hold
     done = finished(slurm, job)
     log = (tmp_path / f"labelgen-{job}_1.out").read_text()
@@ -159,7 +175,7 @@ def test_a_warned_task_exits_75_requeues_itself_alone_and_the_set_is_unchanged(s
     assert (done["1"]["JobState"], done["1"]["Restarts"]) == ("COMPLETED", "1"), log
     assert "labelgen: stopped by SIGUSR1" in log and f"requeueing job {job}_1" in log, log
     assert labelgen(slurm, "finalize", str(out)).returncode == 0
-    assert label_rows(out) == single_run(tiny_teacher, slow_corpus, tmp_path / "one", 4, batch_tokens=64)
+    assert label_rows(out) == single_run(tiny_teacher, slow_corpus, tmp_path / "one", 1, batch_tokens=64)
 
 
 def test_a_cancelled_task_is_resubmitted_from_finalize_missing(slurm, tiny_teacher, corpus, tmp_path):
@@ -180,7 +196,9 @@ def test_a_cancelled_task_is_resubmitted_from_finalize_missing(slurm, tiny_teach
     assert label_rows(out) == single_run(tiny_teacher, corpus / "docs.jsonl", tmp_path / "one", 2)
 
 
-def test_a_time_limit_warning_stops_the_task_and_it_requeues_until_done(slurm, tiny_teacher, slow_corpus, tmp_path):
+def test_a_time_limit_warning_stops_the_task_and_it_requeues_until_done(slowed, tiny_teacher, slow_corpus, tmp_path):
+    """~120 windows at 0.3 s: the first minute-long allocation is warned 30 s in, the second finishes."""
+    slurm = slowed
     out = tmp_path / "limit"
     job = sbatch(slurm, tmp_path, "--time=1", "--signal=B:USR1@30", *CPU, str(JOBS / "generate_slurm_array.sh"),
                  tiny_teacher, str(slow_corpus), str(out), *FLAGS, *SLOW)
@@ -190,13 +208,13 @@ def test_a_time_limit_warning_stops_the_task_and_it_requeues_until_done(slurm, t
     text = log.read_text()
     assert done["JobState"] == "COMPLETED" and int(done["Restarts"]) >= 1, text
     assert "labelgen: stopped by SIGUSR1" in text and f"requeueing job {job}" in text, text
-    assert label_rows(out) == single_run(tiny_teacher, slow_corpus, tmp_path / "one", 4, batch_tokens=64)
+    assert label_rows(out) == single_run(tiny_teacher, slow_corpus, tmp_path / "one", 1, batch_tokens=64)
 
 
 def test_train_slurm_warned_checkpoints_requeues_and_resumes_to_the_uninterrupted_losses(slurm, topk_labels,
                                                                                         student_config, tmp_path):
     from helpers import torchrun_student_train
-    args = ("--labels", str(topk_labels), "--student-config", student_config, "--max-steps", "30", "--batch-size", "2",
+    args = ("--labels", str(topk_labels), "--student-config", student_config, "--max-steps", "100", "--batch-size", "2",
             "--save-every", "100", "--log-every", "1", "--eval-every", "0")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -214,7 +232,7 @@ def test_train_slurm_warned_checkpoints_requeues_and_resumes_to_the_uninterrupte
     def losses(out):
         return [(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
     resumed, straight = losses(tmp_path / "slurm"), losses(tmp_path / "straight")
-    assert [s for s, _ in resumed] == [s for s, _ in straight] == list(range(1, 31))
+    assert [s for s, _ in resumed] == [s for s, _ in straight] == list(range(1, 101))
     assert [l for _, l in resumed] == pytest.approx([l for _, l in straight], rel=1e-5)
 
 

@@ -35,6 +35,7 @@ def one_and_two(tiny_teacher, corpus, tmp_path, port, *extra):
     return rows(tmp_path / "one"), rows(tmp_path / "two")
 
 
+@pytest.mark.slow
 def test_two_tensor_parallel_ranks_give_the_top_k_labels_of_one_process(tiny_teacher, corpus, tmp_path):
     one, two = one_and_two(tiny_teacher, corpus, tmp_path, 29541, "--k", "16")
     assert [r["example_id"] for r in one] == [r["example_id"] for r in two]
@@ -59,6 +60,7 @@ def test_two_tensor_parallel_ranks_give_the_top_k_labels_of_one_process(tiny_tea
     assert swapped <= 0.01 * len(ranks)
 
 
+@pytest.mark.slow
 def test_two_tensor_parallel_ranks_give_the_sampled_labels_of_one_process(tiny_teacher, corpus, tmp_path):
     one, two = one_and_two(tiny_teacher, corpus, tmp_path, 29542, "--mode", "sampled", "--draws", "12")
     same = total = 0

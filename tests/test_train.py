@@ -91,6 +91,7 @@ def test_the_missing_mass_on_the_actual_token_trains_from_the_command_line(topk_
     assert r.exit_code == 2 and "--kd-kind: must be forward or jsd with --tail target" in r.output
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_on_gloo_ends_with_identical_weights(topk_labels, student_config, tmp_path):
     torchrun_student_train(29517, "train", "--labels", str(topk_labels), "--student-config", student_config,
                            "--out", str(tmp_path / "ddp"), "--max-steps", "6", "--batch-size", "2", "--save-every", "6",
@@ -109,6 +110,7 @@ def test_dry_run_prints_the_resolved_config(tmp_path):
     assert d["labels"] == ["a"] and d["lr"] == 0.01 and d["loss"] == "ce" and d["max_steps"] == 1000
 
 
+@pytest.mark.slow
 def test_fsdp_two_process_run_resumes_to_the_same_losses(topk_labels, student_config, tmp_path):
     def torchrun(out, port, *extra):
         torchrun_student_train(port, "train", "--labels", str(topk_labels), "--student-config", student_config,

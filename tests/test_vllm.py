@@ -12,7 +12,7 @@ from labelgen.generate import run
 from labelgen.tools.inspection import validate
 from test_generate import assert_same_rows, cfg, rows_of
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.integration]
 
 
 def test_vllm_and_hf_give_the_same_topk(tiny_teacher, vllm_teacher):

@@ -14,7 +14,7 @@ for bin in munged slurmctld slurmd sbatch; do
     command -v "$bin" >/dev/null || { echo "slurm-up.sh: $bin not found; install Debian's slurm-wlm and munge" >&2; exit 3; }
 done
 HOST=$(hostname -s)
-CPUS=$(nproc)
+CPUS=$(nproc --all)   # every core: nproc alone obeys OMP_NUM_THREADS (1 in a pytest-xdist worker)
 MEM=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 8 / 10 ))
 port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 CTLD_PORT=$(port)

@@ -1,4 +1,4 @@
-"""Hardening, round 2: imports, installs and logs that broke for unlucky users."""
+"""How labelgen installs and imports: every module imports first without a cycle, and the docs say how to install what their scripts need."""
 
 import subprocess
 import sys
