@@ -280,6 +280,8 @@ def evaluate(models: dict, score, batches, d: Dist, dtype: str) -> dict:
         m.train()
     keys = sorted(sums)
     *totals, n = all_reduce_sum([sums[k] for k in keys] + [n], d.device)
+    if n == 0:   # held-out labels that count no position (assistant-only labels of chats without an answer)
+        return {"eval_positions": 0}   # no figure: a mean over nothing is not 0.0
     out = {f"eval_{k}": v / max(n, 1) for k, v in zip(keys, totals)}
     if "eval_bytes" in out and "eval_ce" in out:   # tokenizer-independent: total nats / (ln 2 x total bytes)
         out["eval_bpb"] = out["eval_ce"] / (math.log(2) * max(out["eval_bytes"], 1e-9))
@@ -331,6 +333,7 @@ def fit(cfg, d: Dist, run: Run, rd: RunDir, ckpt: Path | None) -> dict:
         log.write({"step": 0, "loss": None, **held_out()})
 
     t0, tokens = time.time(), 0
+    counted, first_epoch = 0, None   # a whole pass over the labels that counts nothing is refused
     stop = False
     with StopFlag() as preempt:
         while step < cfg.max_steps:
@@ -341,6 +344,8 @@ def fit(cfg, d: Dist, run: Run, rd: RunDir, ckpt: Path | None) -> dict:
             for micro in range(cfg.grad_accum):
                 batch, where = next(batches)
                 tracker.update(where)
+                first_epoch = where["position"][0] if first_epoch is None else first_epoch
+                passed = where["position"][0] > first_epoch   # this rank has dealt its whole share once
                 n = int(batch["mask"].sum())   # still on the host
                 step_tokens += n
                 batch = {key: v.to(d.device, non_blocking=True) for key, v in batch.items()}
@@ -358,8 +363,15 @@ def fit(cfg, d: Dist, run: Run, rd: RunDir, ckpt: Path | None) -> dict:
             # (any of them stops every rank after this same step; a second collective per step made FSDP's
             # teardown abort now and then).
             asked = float(preempt.signal is not None)
-            total, asked = all_reduce_sum([step_tokens, asked], d.device) if d.world > 1 else (step_tokens, asked)
+            total, asked, passed_all = all_reduce_sum([step_tokens, asked, float(passed)], d.device) \
+                if d.world > 1 else (step_tokens, asked, float(passed))
             stop = asked > 0
+            counted += total
+            if counted == 0 and passed_all >= d.world:   # every rank, identically: no hang
+                raise OptionError("the training labels count no position in a whole pass over them"
+                                  + (" (--assistant-only: their conversations mark no assistant token)"
+                                     if getattr(cfg, "assistant_only", False) else "")
+                                  + "; nothing would be learnt")
             to_token_mean([wrapped[name] for name in trained], total, d)
             for name in trained:
                 if cfg.grad_clip > 0:

@@ -264,3 +264,27 @@ def test_marks_one_short_in_a_row_and_one_long_in_the_next_are_refused_naming_sh
     else:
         with pytest.raises(FormatError, match=re.escape(words)):
             list(ShardReader(tmp_path / "l").rows())
+
+
+def test_labels_where_no_position_counts_are_refused_after_one_pass_and_eval_reports_no_figure(tiny_teacher,
+                                                                                              student_config, tmp_path):
+    """Chats without an assistant turn, trained --assistant-only: a whole pass counts nothing, and the run stops in
+    one line (it trained "to step N" on nothing, exit 0, before); held out, such labels give no figure, not 0.0."""
+    lonely = [{"id": f"q{i}", "messages": [{"role": "user", "content": f"question {i}: " + "why? " * (3 + i)}]}
+              for i in range(3)]
+    generate(tiny_teacher, write_chats(tmp_path / "c.jsonl", *lonely), tmp_path / "labels", mode="topk", k=4,
+             max_seq_len=64)
+    r = CliRunner().invoke(student_app, ["train", "--labels", str(tmp_path / "labels"), "--student-config",
+                                         student_config, "--max-steps", "20", "--batch-size", "2", "--warmup-steps",
+                                         "0", "--save-every", "0", "--no-progress", "--device", "cpu",
+                                         "--assistant-only", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 2 and "count no position in a whole pass over them (--assistant-only" in r.output, r.output
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps, default=0) < 20   # stopped after the pass, not at the end of the run
+    from student_train.runtime import Dist, evaluate
+    from student_train.train import score
+    from student_train.runtime import build_model
+    model = build_model(None, student_config, load_tokenizer_for(None, tmp_path / "labels"), 0)
+    stream = LabelStream(open_label_sets([str(tmp_path / "labels")]), 2, shuffle=False, max_epochs=1,
+                         assistant_only=True)
+    assert evaluate({"student": model}, score, take_batches(stream, 4), Dist(), "float32") == {"eval_positions": 0}
