@@ -148,7 +148,7 @@ GENERATE_PANELS = {
 def generate(
     config: Optional[Path] = typer.Argument(None, help="YAML/JSON config file; flags override its keys"),
     teacher: Optional[str] = typer.Option(None, help="teacher model directory (HF format; a hub model: "
-                                          "`huggingface-cli download ORG/NAME --local-dir DIR` first)"),
+                                          "`hf download ORG/NAME --local-dir DIR` first)"),
     input: Optional[List[str]] = typer.Option(None, "--input", help="JSONL, .jsonl.zst, Parquet or text file, or a "
                                               "directory of them (repeatable)"),
     out: Optional[str] = typer.Option(None, help="output label directory, or an s3:// gs:// URI"),

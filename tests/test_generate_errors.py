@@ -52,7 +52,7 @@ def test_bad_input_fails_with_one_line_naming_file_and_line(tiny_teacher, bad_in
 @pytest.mark.parametrize("extra, message", [
     (["--teacher", "/no/such/teacher"], r"--teacher: /no/such/teacher: no such directory"),
     (["--teacher", "HuggingFaceTB/SmolLM2-135M"], r"--teacher: HuggingFaceTB/SmolLM2-135M is no directory here; .*"
-                                                  r"`huggingface-cli download HuggingFaceTB/SmolLM2-135M --local-dir DIR` "
+                                                  r"`hf download HuggingFaceTB/SmolLM2-135M --local-dir DIR` "
                                                   r"once, then --teacher DIR"),
     (["--k", "1000"], r"--k 1000 is larger than the teacher's vocabulary \(512\)"),
     (["--mode", "beam"], r"--mode: must be one of topk, sampled, sample, greedy, tokens"),

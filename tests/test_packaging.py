@@ -29,3 +29,18 @@ def test_the_trainer_page_says_how_to_install_what_its_script_needs_and_the_extr
     ours = next(r for r in extra if r.startswith("accelerate"))
     theirs = next(r for r in importlib.metadata.requires("transformers") if r.startswith("accelerate"))
     assert _minimum(ours) >= _minimum(theirs), (ours, theirs)
+
+
+def test_the_hub_download_the_docs_and_errors_name_is_a_command_the_installed_huggingface_hub_has():
+    """README's cluster recipe, --teacher's help and the hub-id error name `hf download` (huggingface_hub 1.x
+    and 2.x ship `hf`, not `huggingface-cli`), and it runs."""
+    import shutil
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    said = [p for p in (root / "README.md", root / "labelgen" / "cli.py", root / "labelgen" / "backends" / "__init__.py")
+            if "hf download" in p.read_text()]
+    assert len(said) == 3, said
+    assert not [p for p in said if "`huggingface-cli" in p.read_text()]
+    hf = shutil.which("hf", path=str(Path(sys.executable).parent)) or shutil.which("hf")
+    r = subprocess.run([hf, "download", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--local-dir" in r.stdout, r.stderr

@@ -248,7 +248,7 @@ def test_the_readme_cluster_recipe_runs_as_written(slurm, tiny_teacher, corpus, 
             "sbatch ": "sbatch " + " ".join(CPU) + " "}
     lines = []
     for line in block.splitlines():
-        if line.startswith("huggingface-cli") or "--missing" in line:   # the teacher is on disk; --missing: below
+        if line.startswith("hf download") or "--missing" in line:   # the teacher is on disk; --missing: below
             continue
         if line.startswith("FLAGS="):
             line = f'FLAGS="{" ".join(FLAGS)} --rows-per-shard 2"'

@@ -98,7 +98,7 @@ def not_a_model(option: str, path: str) -> OptionError:
     p = Path(path)
     if not p.exists() and path.count("/") == 1 and not path.startswith((".", "~")):   # ORG/NAME: a hub id
         return OptionError(f"{option}: {path} is no directory here; models load from disk only (no hub downloads "
-                           f"inside a job): `huggingface-cli download {path} --local-dir DIR` once, then "
+                           f"inside a job): `hf download {path} --local-dir DIR` once, then "
                            f"{option} DIR")
     if not p.exists():
         return OptionError(f"{option}: {path}: no such directory")
