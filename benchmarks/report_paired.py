@@ -36,7 +36,15 @@ from report_kit import (FULL, PAIRED_MARK, QUICK, STUDENT, Stages, label_specs, 
                         slug, split_text, train_student)
 ARCHIVE = Path(__file__).resolve().parent / "evidence" / "paired"
 SEEDS = 5
-ROW_GROUP_ROWS = 8   # top-4096 rows cut row groups at 8 rows (the writer's 8M values); every training set alike
+
+
+def aligned_rows(k_ref: int, max_seq_len: int) -> int:
+    """Rows a row group of every training set holds: as many full top-`k_ref` rows as stay under the writer's
+    ROW_GROUP_VALUES (ids and logprobs of every position, and the per-position columns), so the values limit never
+    cuts a group early and every set has the same row groups. (8 did not: top-4096 groups were cut at 5 rows.)"""
+    from labelgen.shards.writer import ROW_GROUP_VALUES
+    per_row = 2 * (max_seq_len - 1) * k_ref + 4 * max_seq_len
+    return max(1, min(128, (ROW_GROUP_VALUES - 1) // per_row))
 
 # The student whose body outweighs its embedding: 24 layers of 192 (d_ff 512, head_dim 64) hold 10.6M parameters
 # against a tied embedding of 49,152 x 192 = 9.4M (53 % body). Of the shapes timed on 2 cores (fwd + bwd + AdamW,
@@ -180,14 +188,14 @@ def run_paired(args, teacher: str, work: Path) -> Path:
     specs = label_specs(split["files"], scale)
     text = specs["tokens"]["inputs"]
     k_ref = scale.reference_k
-    aligned = {"encoding": {"row_group_rows": ROW_GROUP_ROWS}}
+    aligned = {"encoding": {"row_group_rows": aligned_rows(k_ref, scale.max_seq_len)}}
     sets = {"tokens": {**specs["tokens"], **aligned}, "top4096": {**specs[f"top{k_ref}"], **aligned},
             "sampled12": dict(inputs=text, mode="sampled", draws=12, **aligned),
             "sampled50": dict(inputs=text, mode="sampled", draws=50, **aligned),
             "eval": specs["eval"], "top64 (bytes)": specs["top64 (bytes)"],
             "sampled12 (bytes)": dict(inputs=specs["top64 (bytes)"]["inputs"], mode="sampled", draws=12),
             "sampled50 (bytes)": dict(inputs=specs["top64 (bytes)"]["inputs"], mode="sampled", draws=50)}
-    total = len(sets) + 2 + n_seeds * (len(METHODS) * 2 + 2 * len(MIXES) - 1)
+    total = len(sets) + 6 + n_seeds * (len(METHODS) * 2 + 2 * len(MIXES) - 1)
     stage = ArchivedStages(work, total, archive)
     labels: dict = {}
     gone = lambda r: not (Path(r["dir"]) / "manifest.json").is_file()   # noqa: E731
@@ -219,6 +227,13 @@ def run_paired(args, teacher: str, work: Path) -> Path:
             results[(part, method, seed)] = r
         return r
 
+    if not args.cached_only:   # the design's premise, checked before a student trains on it
+        digests = {name: stage(f"paired pairing: {name}", lambda name=name: {"digest": batch_digest(
+            label_set(name)["dir"], 0, scale.batch_size)})["digest"] for name in ("tokens", "top4096", "sampled12",
+                                                                                  "sampled50")}
+        if len(set(digests.values())) > 1:
+            raise SystemExit(f"the training label sets deal different batches for one seed ({digests}): their row "
+                             "groups differ, so the methods would not be paired; nothing trained")
     parts = args.paired_parts or ["small", "weak", "large"]
     # byte sets first (cheap), so the table has its bytes column whatever else is cached
     for name in ("top64 (bytes)", "sampled12 (bytes)", "sampled50 (bytes)"):
