@@ -65,7 +65,8 @@ METHODS = {   # name -> (label set, TrainConfig settings)
     "top-64 (target)": ("top4096", dict(loss="kd", k=64, tail="target")),
     "top-64 (tail)": ("top4096", dict(loss="kd", k=64, tail="tail")),
 }
-BYTES_OF = {"sampled N=12": "sampled12 (bytes)", "sampled N=50": "sampled50 (bytes)",
+BYTES_OF = {"reference: top-4096 (tail)": "top4096", "sampled N=12": "sampled12 (bytes)",
+            "sampled N=50": "sampled50 (bytes)",
             "top-64 (target)": "top64 (bytes)", "top-64 (tail)": "top64 (bytes)"}
 REF, CE = "reference: top-4096 (tail)", "CE only"
 # The comparisons the choice of what to store turns on: (a, b) reports a - b.
@@ -236,7 +237,7 @@ def run_paired(args, teacher: str, work: Path) -> Path:
                              "groups differ, so the methods would not be paired; nothing trained")
     parts = args.paired_parts or ["small", "weak", "large"]
     # byte sets first (cheap), so the table has its bytes column whatever else is cached
-    for name in ("top64 (bytes)", "sampled12 (bytes)", "sampled50 (bytes)"):
+    for name in dict.fromkeys(BYTES_OF.values()):   # the reference's is its training set's, read from its stage
         label_set(name, need=False)
     if "small" in parts:
         for seed in range(n_seeds):
@@ -347,7 +348,7 @@ def method_table(got: dict, labels: dict, n_seeds: int) -> list[str]:
         rec_ci = ci(rec) if rec else None
         vs_ref = [got[m][s]["final"]["eval_ce"] - got[REF][s]["final"]["eval_ce"] for s in seeds if s in got[REF]]
         vs_ce = [got[m][s]["final"]["eval_ce"] - got[CE][s]["final"]["eval_ce"] for s in seeds if s in got[CE]]
-        b = labels.get(BYTES_OF.get(m, "top4096" if m == REF else ""))
+        b = labels.get(BYTES_OF.get(m, ""))
         bcell = f"{b['bytes_per_position']:.1f}" if b and b.get("bytes_per_position") else "—"
         need = seeds_for(rec_ci[2], 3.0) if rec_ci and m not in (REF, CE) else None
         lines.append(f"| {m} | {len(seeds)} | {bcell} | {fmt_ci(ce_m[0], ce_m[1], '.3f')} | "
